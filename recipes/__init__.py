@@ -1,0 +1,3 @@
+# Custom torchtune recipes of the `kd` library. Run them with
+#   tune run recipes/<recipe>.py --config configs/<cfg>.yaml key=value ...
+# from the repository root (see kd_recipes_hook.py for why this package wins the `recipes` import).
