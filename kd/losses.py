@@ -1,0 +1,722 @@
+"""Distillation losses: KL family divergences, plain / chunked / fused-linear forms.
+
+Notation (per token, over the vocabulary of size V)::
+
+    p = softmax(teacher_logits / T)      # teacher, never receives gradients
+    q = softmax(student_logits / T)      # student
+
+Divergences (``DistillationLoss(kind=...)``), all computed per token and SUMMED over valid tokens:
+
+``forward_kl``
+    ``KL(p || q) = sum_v p_v (log p_v - log q_v)`` (Hinton et al. 2015, "Distilling the Knowledge in a
+    Neural Network"; word-level KD, Kim & Rush 2016 eq. 5).  Reported as the TRUE KL, so identical
+    distributions give exactly 0.  torchtune's ``ForwardKLLoss`` instead returns the soft cross-entropy
+    ``H(p, q) = -sum_v p_v log q_v = KL(p||q) + H(p)``; its gradient w.r.t. the student is identical, only
+    the reported number differs by the teacher entropy ``H(p)``.  ``soft_ce=True`` reproduces torchtune's
+    number.
+``reverse_kl``
+    ``KL(q || p) = sum_v q_v (log q_v - log p_v)`` (MiniLLM, Gu et al. 2024, eq. 1 / the token-level
+    reverse KL it optimises).
+``jsd``
+    Generalized JSD of GKD (Agarwal et al. 2024, eq. 1) in TRL's ``GKDTrainer.generalized_jsd_loss`` and
+    Liger-Kernel's ``LigerFusedLinearJSDLoss`` convention::
+
+        m = beta * p + (1 - beta) * q
+        JSD_beta = beta * KL(p || m) + (1 - beta) * KL(q || m)
+
+    with the two ends SPECIAL-CASED exactly as TRL/Liger do: ``beta == 0`` -> forward ``KL(p || q)``,
+    ``beta == 1`` -> reverse ``KL(q || p)``.  (The formula itself tends to 0 at both ends -- it is
+    O(beta) and O(1-beta) -- so the ends are a deliberate discontinuity, not a limit.  Older Liger
+    releases used ``m = beta*q + (1-beta)*p`` with the same weights; we follow the current TRL/Liger code.)
+``skew_forward_kl``
+    ``KL(p || alpha p + (1 - alpha) q)`` (DistiLLM, Ko et al. 2024, eq. 4, "alpha-SKL"); alpha=0 is
+    forward KL.
+``skew_reverse_kl``
+    ``KL(q || alpha q + (1 - alpha) p)`` (DistiLLM eq. 5, "alpha-SRKL"); alpha=0 is reverse KL.
+
+Temperature ``T`` divides both logits; the KD sum is multiplied by ``T**2`` (``scale_by_t2=True``) so the
+gradient magnitude does not shrink as ``1/T**2`` (Hinton et al. 2015, sec. 2).
+
+Conventions shared by every form:
+
+* ``labels`` are already shifted; tokens with ``labels == ignore_index`` are excluded.
+* Every loss returns the SUM over valid tokens and the valid-token count (``LossSums``); the caller divides
+  once by the (global) count.  No host syncs (``.item()``, data-dependent ``if``) in the hot path.
+* Math is done in float32 (or float64 if the input is float64, for ``gradcheck``) whatever the input dtype.
+  Masked rows are replaced by zeros BEFORE any math, so garbage/inf/NaN logits in ignored rows contribute
+  exactly 0 to the value and to the gradient.  ``0 * log 0`` is taken as 0 (``-inf`` logits are allowed,
+  e.g. a masked-off vocabulary tail), using the "double where" trick so no NaN reaches the backward.
+
+Three forms with the same numbers: ``DistillationLoss`` (plain [N, V] logits), ``ChunkedDistillationLoss``
+(lists of [B, s_i, V] chunks from torchtune's ``set_num_output_chunks``), and ``fused_linear_kd_ce``
+(hidden states + output weights, never materialising [N, V] logits).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "KINDS",
+    "LossSums",
+    "FusedKDOutput",
+    "DistillationLoss",
+    "ChunkedDistillationLoss",
+    "cross_entropy_sum",
+    "chunked_cross_entropy_sum",
+    "fused_linear_kd_ce",
+]
+
+KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
+
+# Qwen2.5 output-row counts, quoted in error messages (config.json "vocab_size"); the tokenizer itself
+# has 151,665 ids (151,643 BPE + 22 special), the rest are padding rows.
+_QWEN_SMALL_ROWS = 151_936
+_QWEN_LARGE_ROWS = 152_064
+_QWEN_TOKENIZER_IDS = 151_665
+
+
+class LossSums(NamedTuple):
+    """``loss_sum``: 0-dim float32 (float64 for float64 input) SUM over valid tokens (differentiable).
+    ``n_valid``: 0-dim int64 number of valid tokens (``labels != ignore_index``)."""
+
+    loss_sum: torch.Tensor
+    n_valid: torch.Tensor
+
+
+class FusedKDOutput(NamedTuple):
+    """Output of :func:`fused_linear_kd_ce`; every field is a 0-dim tensor.
+
+    loss_sum: ``(1 - kd_ratio) * ce_sum + kd_ratio * kd_sum`` (float32, differentiable).
+    ce_sum:   hard-label cross-entropy sum at T=1 (float32, detached).
+    kd_sum:   the configured divergence sum, incl. the ``T**2`` factor if enabled (float32, detached).
+    kl_sum:   TRUE forward ``KL(p_T || q_T)`` sum at the loss temperature, WITHOUT the ``T**2`` factor,
+              whatever the training divergence is (float32, detached; 0 if no teacher given).
+    n_valid:  number of valid tokens (int64).
+    n_agree:  valid tokens where ``argmax(teacher) == argmax(student)`` (int64; 0 if no teacher given).
+    """
+
+    loss_sum: torch.Tensor
+    ce_sum: torch.Tensor
+    kd_sum: torch.Tensor
+    kl_sum: torch.Tensor
+    n_valid: torch.Tensor
+    n_agree: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------------------
+# validation helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _vocab_mismatch_error(v_student: int, v_teacher: int) -> ValueError:
+    return ValueError(
+        f"teacher/student vocab size mismatch: student has {v_student} output rows, teacher has {v_teacher}. "
+        f"Distillation needs the same vocabulary axis. Note that Qwen2.5 models of <=3B parameters have "
+        f"{_QWEN_SMALL_ROWS} output rows while 7B/14B/32B/72B have {_QWEN_LARGE_ROWS}; both share the same "
+        f"{_QWEN_TOKENIZER_IDS} tokenizer ids, so when mixing sizes slice both logits (or output weights) to "
+        f"[..., :{_QWEN_TOKENIZER_IDS}] or use models of the same size class."
+    )
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # At least float32 (bf16/fp16 logits are upcast); float64 stays float64 so gradcheck is meaningful.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_logits_labels(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor):
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise _vocab_mismatch_error(student_logits.shape[-1], teacher_logits.shape[-1])
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits shape {tuple(student_logits.shape)} != teacher logits shape "
+            f"{tuple(teacher_logits.shape)}"
+        )
+    if tuple(labels.shape) != tuple(student_logits.shape[:-1]):
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} does not match logits shape {tuple(student_logits.shape)} "
+            f"(expected labels of shape {tuple(student_logits.shape[:-1])})"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# numerically safe per-row building blocks (inputs: log-probabilities, rows = tokens, last dim = vocab)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _kl_rows(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """Per-row ``KL(a || b) = sum_v a_v (log a_v - log b_v)`` with ``0 log 0 = 0``.
+
+    The difference is computed only where ``a > 0`` (double-where: the unselected branch is replaced by 0
+    BEFORE the product, so ``-inf - -inf = NaN`` never meets the backward's multiplications).
+    """
+    a = log_a.exp()
+    pos = a > 0
+    diff = torch.where(pos, log_a - log_b, torch.zeros((), dtype=log_a.dtype, device=log_a.device))
+    return (a * diff).sum(-1)
+
+
+def _skew_kl_rows(log_a: torch.Tensor, log_b: torch.Tensor, w_b: float) -> torch.Tensor:
+    """Per-row ``KL(a || m)`` with ``m = (1 - w_b) a + w_b b``, ``0 < w_b <= 1``.
+
+    ``log a - log m = -log(w_a + w_b e^d)`` with ``d = log b - log a`` and ``w_a = 1 - w_b``, evaluated as
+      d <= 0:  log1p(w_b * expm1(d))
+      d >  0:  d + log1p(w_a * expm1(-d))
+    which never overflows, is accurate for small |d| and is EXACTLY 0 when a == b (d == 0), so identical
+    distributions give an exact 0 divergence (a logsumexp of the mixture would leave ~1e-8 residue).
+    """
+    w_a = 1.0 - w_b
+    a = log_a.exp()
+    pos = a > 0
+    zero = torch.zeros((), dtype=log_a.dtype, device=log_a.device)
+    d = torch.where(pos, log_b - log_a, zero)  # finite or -inf (b == 0) where a > 0
+    d_neg = torch.where(d <= 0, d, zero)  # double-where: each branch only sees inputs it can handle
+    d_pos = torch.where(d > 0, d, zero)
+    log_m_over_a = torch.where(
+        d > 0,
+        d_pos + torch.log1p(w_a * torch.expm1(-d_pos)),
+        torch.log1p(w_b * torch.expm1(d_neg)),
+    )
+    return -(a * log_m_over_a).sum(-1)
+
+
+def _entropy_rows(log_a: torch.Tensor) -> torch.Tensor:
+    a = log_a.exp()
+    return -(a * torch.where(a > 0, log_a, torch.zeros((), dtype=log_a.dtype, device=log_a.device))).sum(-1)
+
+
+def _soft_ce_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Per-row ``H(p, q) = -sum_v p_v log q_v`` (torchtune ForwardKLLoss number), ``0 log 0 = 0``."""
+    p = log_p.exp()
+    return -(p * torch.where(p > 0, log_q, torch.zeros((), dtype=log_q.dtype, device=log_q.device))).sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# plain form
+# ----------------------------------------------------------------------------------------------------------
+
+
+class DistillationLoss(torch.nn.Module):
+    """Token-level KD divergence between teacher and student logits (sum over valid tokens).
+
+    Args:
+        kind: one of ``"forward_kl"``, ``"reverse_kl"``, ``"jsd"``, ``"skew_forward_kl"``,
+            ``"skew_reverse_kl"`` (see the module docstring for the formulas and paper equations).
+        temperature: ``T > 0``; both logits are divided by ``T`` before the softmax.
+        beta: generalized-JSD coefficient in ``[0, 1]`` (TRL/Liger convention, ends special-cased:
+            0 -> forward KL, 1 -> reverse KL). Only used by ``kind="jsd"``.
+        alpha: skew coefficient in ``[0, 1)`` for the DistiLLM skew KLs (0 -> plain KL).
+        scale_by_t2: multiply the divergence by ``T**2`` (Hinton et al. 2015) so gradients keep their scale.
+        soft_ce: forward KL only: report the soft cross-entropy ``-sum p log q`` (torchtune's ForwardKLLoss
+            number, = KL + H(p)) instead of the true KL. Same gradient w.r.t. the student.
+        ignore_index: label value of tokens to exclude (torchtune's CROSS_ENTROPY_IGNORE_IDX = -100).
+
+    ``forward(student_logits [N, V] (or [..., V]), teacher_logits same shape, labels [N] (or [...]))``
+    -> ``LossSums(loss_sum 0-dim float32, n_valid 0-dim int64)``. Logits may be any float dtype (bf16 ok);
+    the math runs in float32. The teacher logits are detached (the teacher never gets gradients).
+    """
+
+    def __init__(
+        self,
+        kind: str = "forward_kl",
+        temperature: float = 1.0,
+        beta: float = 0.5,
+        alpha: float = 0.1,
+        scale_by_t2: bool = True,
+        soft_ce: bool = False,
+        ignore_index: int = -100,
+    ):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"unknown distillation kind {kind!r}; valid kinds are: {', '.join(KINDS)}")
+        temperature = float(temperature)
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+        beta = float(beta)
+        if not (0.0 <= beta <= 1.0):
+            raise ValueError(f"beta must be in [0, 1], got {beta}")
+        alpha = float(alpha)
+        if not (0.0 <= alpha < 1.0):
+            raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+        if soft_ce and kind != "forward_kl":
+            raise ValueError(f"soft_ce=True only applies to kind='forward_kl', got kind={kind!r}")
+        self.kind = kind
+        self.temperature = temperature
+        self.beta = beta
+        self.alpha = alpha
+        self.scale_by_t2 = bool(scale_by_t2)
+        self.soft_ce = bool(soft_ce)
+        self.ignore_index = int(ignore_index)
+
+    def extra_repr(self) -> str:
+        return (
+            f"kind={self.kind!r}, temperature={self.temperature}, beta={self.beta}, alpha={self.alpha}, "
+            f"scale_by_t2={self.scale_by_t2}, soft_ce={self.soft_ce}, ignore_index={self.ignore_index}"
+        )
+
+    # -- core, shared by all three forms --------------------------------------------------------------
+    def _log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        # logits already in the compute dtype and masked; dividing by a Python float keeps dtype.
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return F.log_softmax(logits, dim=-1)
+
+    def _divergence_from_log_probs(self, log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+        """Per-row divergence (no T**2 factor, no masking) from student/teacher log-probs [N, V]."""
+        kind = self.kind
+        if kind == "forward_kl":
+            return _soft_ce_rows(log_p, log_q) if self.soft_ce else _kl_rows(log_p, log_q)
+        if kind == "reverse_kl":
+            return _kl_rows(log_q, log_p)
+        if kind == "jsd":
+            b = self.beta
+            if b == 0.0:  # TRL/Liger special case: forward KL
+                return _kl_rows(log_p, log_q)
+            if b == 1.0:  # TRL/Liger special case: reverse KL
+                return _kl_rows(log_q, log_p)
+            # m = b p + (1-b) q: KL(p||m) has weight (1-b) on the "other" (q); KL(q||m) has weight b on p.
+            return b * _skew_kl_rows(log_p, log_q, 1.0 - b) + (1.0 - b) * _skew_kl_rows(log_q, log_p, b)
+        if kind == "skew_forward_kl":
+            if self.alpha == 0.0:
+                return _kl_rows(log_p, log_q)
+            return _skew_kl_rows(log_p, log_q, 1.0 - self.alpha)  # m = alpha p + (1-alpha) q
+        if kind == "skew_reverse_kl":
+            if self.alpha == 0.0:
+                return _kl_rows(log_q, log_p)
+            return _skew_kl_rows(log_q, log_p, 1.0 - self.alpha)  # m = alpha q + (1-alpha) p
+        raise AssertionError(kind)
+
+    @property
+    def _t2(self) -> float:
+        return self.temperature**2 if self.scale_by_t2 else 1.0
+
+    def _rows(
+        self, student: torch.Tensor, teacher: torch.Tensor, want_true_kl: bool = False
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Per-row scaled divergence for MASKED (zeroed invalid rows), compute-dtype logits [n, V].
+
+        Returns ``(div_rows [n] incl. T**2, true_kl_rows [n] detached without T**2 or None)``.
+        """
+        log_q = self._log_probs(student)
+        log_p = self._log_probs(teacher)
+        div = self._divergence_from_log_probs(log_q, log_p)
+        t2 = self._t2
+        if t2 != 1.0:
+            div = div * t2
+        kl = None
+        if want_true_kl:
+            with torch.no_grad():
+                if self.kind == "forward_kl" and not self.soft_ce:
+                    kl = div.detach() / t2 if t2 != 1.0 else div.detach()
+                else:
+                    kl = _kl_rows(log_p.detach(), log_q.detach())
+        return div, kl
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> LossSums:
+        _check_logits_labels(student_logits, teacher_logits, labels)
+        V = student_logits.shape[-1]
+        s = student_logits.reshape(-1, V)
+        t = teacher_logits.detach().reshape(-1, V)
+        lab = labels.reshape(-1)
+        valid = lab != self.ignore_index
+        cd = _compute_dtype(s.dtype)
+        s, t = _mask_rows(s, valid, cd), _mask_rows(t, valid, cd)
+        div, _ = self._rows(s, t)
+        zero = torch.zeros((), dtype=div.dtype, device=div.device)
+        return LossSums(torch.where(valid, div, zero).sum(), valid.sum())
+
+
+def _mask_rows(x: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Upcast and zero the invalid rows (so inf/NaN there can't leak into values or gradients)."""
+    return torch.where(valid.unsqueeze(-1), x.to(dtype), torch.zeros((), dtype=dtype, device=x.device))
+
+
+def _ce_rows(logits_masked: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-row hard-label CE (T = 1) on masked compute-dtype logits; 0 on invalid rows."""
+    safe_labels = torch.where(valid, labels, torch.zeros((), dtype=labels.dtype, device=labels.device))
+    ce = F.cross_entropy(logits_masked, safe_labels, reduction="none")
+    return torch.where(valid, ce, torch.zeros((), dtype=ce.dtype, device=ce.device))
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> LossSums:
+    """Hard-label cross-entropy SUM over valid tokens (T = 1, computed in float32).
+
+    Args:
+        logits: [N, V] (or [..., V]) student logits, any float dtype.
+        labels: [N] (or [...]) int64 targets; ``ignore_index`` marks excluded tokens.
+    Returns: ``LossSums(loss_sum 0-dim float32, n_valid 0-dim int64)``.
+    """
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} does not match logits shape {tuple(logits.shape)} "
+            f"(expected labels of shape {tuple(logits.shape[:-1])})"
+        )
+    V = logits.shape[-1]
+    z = logits.reshape(-1, V)
+    lab = labels.reshape(-1)
+    valid = lab != ignore_index
+    z = _mask_rows(z, valid, _compute_dtype(z.dtype))
+    return LossSums(_ce_rows(z, lab, valid).sum(), valid.sum())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# chunked form (torchtune TransformerDecoder.set_num_output_chunks)
+# ----------------------------------------------------------------------------------------------------------
+
+ChunkList = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def _as_chunk_list(x: ChunkList) -> List[torch.Tensor]:
+    return [x] if isinstance(x, torch.Tensor) else list(x)
+
+
+def _split_labels(chunks: List[torch.Tensor], labels: torch.Tensor, what: str) -> Tuple[torch.Tensor, ...]:
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be [B, S], got shape {tuple(labels.shape)}")
+    sizes = []
+    for i, c in enumerate(chunks):
+        if c.dim() != 3:
+            raise ValueError(f"{what} chunk {i} must be [B, s_i, V], got shape {tuple(c.shape)}")
+        if c.shape[0] != labels.shape[0]:
+            raise ValueError(f"{what} chunk {i} has batch {c.shape[0]} but labels have batch {labels.shape[0]}")
+        sizes.append(c.shape[1])
+    if sum(sizes) != labels.shape[1]:
+        raise ValueError(
+            f"{what} chunk lengths {sizes} sum to {sum(sizes)} but labels have sequence length {labels.shape[1]}"
+        )
+    # Split by the ACTUAL chunk sizes: correct whether the model used .chunk (torchtune 0.6.1) or
+    # tensor_split (other versions), whose size patterns differ (e.g. S=47, n=5: 10,10,10,10,7 vs 10,10,9,9,9).
+    return labels.split(sizes, dim=1)
+
+
+class ChunkedDistillationLoss(DistillationLoss):
+    """:class:`DistillationLoss` over torchtune's chunked outputs (same constructor arguments).
+
+    ``forward(student_chunks: list of [B, s_i, V], teacher_chunks: list of [B, s_i, V] (same sizes),
+    labels [B, S] with S = sum s_i) -> LossSums``. Only one chunk is upcast to float32 at a time.
+    A single [B, S, V] tensor is accepted as a one-chunk list.
+    """
+
+    def forward(self, student_chunks: ChunkList, teacher_chunks: ChunkList, labels: torch.Tensor) -> LossSums:
+        sc, tc = _as_chunk_list(student_chunks), _as_chunk_list(teacher_chunks)
+        if len(sc) != len(tc):
+            raise ValueError(f"got {len(sc)} student chunks but {len(tc)} teacher chunks")
+        if len(sc) == 0:
+            raise ValueError("no chunks given")
+        for i, (s, t) in enumerate(zip(sc, tc)):
+            if s.shape[-1] != t.shape[-1]:
+                raise _vocab_mismatch_error(s.shape[-1], t.shape[-1])
+            if s.shape != t.shape:
+                raise ValueError(
+                    f"chunk {i}: student shape {tuple(s.shape)} != teacher shape {tuple(t.shape)}"
+                )
+        label_chunks = _split_labels(sc, labels, "student")
+        total, n = None, None
+        for s, t, lab in zip(sc, tc, label_chunks):
+            out = super().forward(s, t, lab)
+            total = out.loss_sum if total is None else total + out.loss_sum
+            n = out.n_valid if n is None else n + out.n_valid
+        return LossSums(total, n)
+
+
+def chunked_cross_entropy_sum(chunks: ChunkList, labels: torch.Tensor, ignore_index: int = -100) -> LossSums:
+    """Hard-label CE SUM over torchtune chunked logits (list of [B, s_i, V]) with labels [B, S]."""
+    cl = _as_chunk_list(chunks)
+    if len(cl) == 0:
+        raise ValueError("no chunks given")
+    total, n = None, None
+    for c, lab in zip(cl, _split_labels(cl, labels, "logits")):
+        out = cross_entropy_sum(c, lab, ignore_index)
+        total = out.loss_sum if total is None else total + out.loss_sum
+        n = out.n_valid if n is None else n + out.n_valid
+    return LossSums(total, n)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fused-linear form
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _detached_leaf(x: Optional[torch.Tensor], requires_grad: bool) -> Optional[torch.Tensor]:
+    if x is None:
+        return None
+    y = x.detach()
+    if requires_grad:
+        y.requires_grad_(True)
+    return y
+
+
+class _FusedLinearKDFunction(torch.autograd.Function):
+    """Liger-style chunked loss: the whole loss AND its gradients are computed in the forward, one token
+    chunk at a time, so only [chunk, V] logits ever exist; backward scales the stored grads."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        student_hidden,  # [N, Hs]
+        student_weight,  # [V, Hs]
+        lora_a,  # [r, Hs] or None
+        lora_b,  # [V, r] or None
+        teacher_hidden,  # [N, Ht] or None
+        labels,  # [N]
+        teacher_weight,  # [V, Ht] or None (never gets a grad)
+        teacher_logits,  # None | [N, V] tensor | list of [n_i, V] row chunks
+        lora_scale: float,
+        kd_ratio: float,
+        loss: DistillationLoss,
+        chunk_size: int,
+        bounds: List[Tuple[int, int, int, int]],  # (start, end, teacher_list_idx, offset_in_that_chunk)
+        need: Tuple[bool, bool, bool, bool],  # grads wanted for (hidden, weight, lora_a, lora_b)
+    ):
+        N, _ = student_hidden.shape
+        device = student_hidden.device
+        need_h, need_w, need_a, need_b = need
+        any_grad = any(need)
+        has_teacher = teacher_logits is not None or teacher_hidden is not None
+        ignore_index = loss.ignore_index
+        cd = _compute_dtype(student_hidden.dtype)
+        f32 = cd
+
+        # Accumulators: loss numbers and weight grads in float32 (sums over chunks); the hidden grad is
+        # row-disjoint per chunk, so it is written in place in the input dtype.
+        ce_acc = torch.zeros((), dtype=f32, device=device)
+        kd_acc = torch.zeros((), dtype=f32, device=device)
+        kl_acc = torch.zeros((), dtype=f32, device=device)
+        n_valid = torch.zeros((), dtype=torch.long, device=device)
+        n_agree = torch.zeros((), dtype=torch.long, device=device)
+        grad_h = torch.zeros_like(student_hidden) if need_h else None
+        grad_w = torch.zeros(student_weight.shape, dtype=f32, device=device) if need_w else None
+        grad_a = torch.zeros(lora_a.shape, dtype=f32, device=device) if need_a else None
+        grad_b = torch.zeros(lora_b.shape, dtype=f32, device=device) if need_b else None
+
+        W = _detached_leaf(student_weight, need_w)
+        A = _detached_leaf(lora_a, need_a)
+        B = _detached_leaf(lora_b, need_b)
+        use_ce = kd_ratio != 1.0
+        use_kd = kd_ratio != 0.0
+
+        for start, end, t_idx, t_off in bounds:
+            lab = labels[start:end]
+            valid = lab != ignore_index
+            n_valid += valid.sum()
+
+            # teacher rows for this chunk: never part of the graph
+            t = None
+            if has_teacher:
+                with torch.no_grad():
+                    if teacher_logits is None:
+                        t = F.linear(teacher_hidden[start:end], teacher_weight)
+                    elif isinstance(teacher_logits, torch.Tensor):
+                        t = teacher_logits[start:end]
+                    else:
+                        t = teacher_logits[t_idx][t_off : t_off + (end - start)]
+                    t = _mask_rows(t.detach(), valid, cd)
+
+            h = _detached_leaf(student_hidden[start:end], need_h)
+            wrt = [x for x, n in ((h, need_h), (W, need_w), (A, need_a), (B, need_b)) if n]
+            with torch.enable_grad() if any_grad else torch.no_grad():
+                z = F.linear(h, W)
+                if A is not None:
+                    # torchtune LoRALinear on the output projection: base(x) + scale * B(A(x))
+                    z = z + lora_scale * F.linear(F.linear(h, A), B)
+                zm = _mask_rows(z, valid, cd)
+
+                zero = torch.zeros((), dtype=cd, device=device)
+                ce_c = _ce_rows(zm, lab, valid).sum()
+                if t is not None:
+                    div, kl = loss._rows(zm, t, want_true_kl=True)
+                    kd_c = torch.where(valid, div, zero).sum()
+                    kl_acc += torch.where(valid, kl, zero).sum()
+                    # argmax of masked rows is 0 == 0, so count only valid rows
+                    agree = (zm.detach().argmax(-1) == t.argmax(-1)) & valid
+                    n_agree += agree.sum()
+                else:
+                    kd_c = torch.zeros((), dtype=cd, device=device)
+
+                total = None
+                if use_ce:
+                    total = (1.0 - kd_ratio) * ce_c
+                if use_kd:
+                    total = kd_ratio * kd_c if total is None else total + kd_ratio * kd_c
+                if any_grad and total is not None and total.requires_grad:
+                    grads = torch.autograd.grad(total, wrt, allow_unused=True)
+                    gi = iter(grads)
+                    if need_h:
+                        g = next(gi)
+                        if g is not None:
+                            grad_h[start:end] = g.to(grad_h.dtype)
+                    for n_, acc in ((need_w, grad_w), (need_a, grad_a), (need_b, grad_b)):
+                        if n_:
+                            g = next(gi)
+                            if g is not None:
+                                acc += g.to(f32)
+            ce_acc += ce_c.detach()
+            kd_acc += kd_c.detach()
+            # free the chunk's graph and [chunk, V] buffers before the next chunk
+            del z, zm, t, ce_c, kd_c, total
+
+        loss_sum = (1.0 - kd_ratio) * ce_acc + kd_ratio * kd_acc
+        ctx.save_for_backward(
+            *(x if x is not None else torch.empty(0) for x in (grad_h, grad_w, grad_a, grad_b))
+        )
+        ctx.need = need
+        ctx.dtypes = tuple(x.dtype if x is not None else None for x in (student_hidden, student_weight, lora_a, lora_b))
+        ctx.mark_non_differentiable(ce_acc, kd_acc, kl_acc, n_valid, n_agree)
+        return loss_sum, ce_acc, kd_acc, kl_acc, n_valid, n_agree
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused):
+        saved = ctx.saved_tensors
+        out = []
+        for g, n, dt in zip(saved, ctx.need, ctx.dtypes):
+            if not n or grad_loss is None:
+                out.append(None)
+            else:
+                # scale in float32 then return in the input's dtype
+                out.append((g.to(torch.float32 if g.dtype != torch.float64 else g.dtype) * grad_loss).to(dt))
+        return (*out, None, None, None, None, None, None, None, None, None, None)
+
+
+def fused_linear_kd_ce(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_weight: Optional[torch.Tensor] = None,
+    teacher_logits: Optional[Union[torch.Tensor, Sequence[torch.Tensor]]] = None,
+    kd_ratio: float,
+    loss: DistillationLoss,
+    chunk_size: int = 1024,
+    student_lora: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None,
+) -> FusedKDOutput:
+    """``(1 - kd_ratio) * CE_sum + kd_ratio * KD_sum`` from hidden states, never materialising [N, V].
+
+    A custom autograd Function loops over token chunks of ``chunk_size`` rows: it computes the chunk's
+    student logits ``h @ W.T (+ scale * (h @ A.T) @ B.T)`` and teacher logits (``teacher_hidden @
+    teacher_weight.T`` under no_grad, or rows of ``teacher_logits``), the CE/KD sums, and the gradients
+    w.r.t. the student inputs, accumulates them and frees the chunk (Liger-Kernel ``chunked_loss``
+    technique). Backward only multiplies the stored gradients by ``grad_output``. Peak extra memory is a
+    few [chunk_size, V] float32 buffers plus, if ``student_weight`` requires grad, a float32 [V, Hs]
+    accumulator (and [r, Hs], [V, r] for LoRA).
+
+    Args:
+        student_hidden: [N, Hs] (or [B, S, Hs], flattened) final-norm hidden states, fp32/bf16; gets a
+            grad if it requires grad.
+        student_weight: [V, Hs] output projection; gets a grad only if it requires grad (frozen in LoRA).
+        labels: [N] (or [B, S]) int64 shifted targets; ``loss.ignore_index`` marks excluded tokens.
+        teacher_hidden: [N, Ht] teacher final hidden states (any float dtype), used with ``teacher_weight``.
+        teacher_weight: [V, Ht] teacher output projection (anything ``F.linear`` accepts). No grad.
+        teacher_logits: alternative to teacher_hidden/weight: [N, V] tensor, or a list of [n_i, V] row
+            chunks whose concatenation is [N, V]. No grad.
+        kd_ratio: weight of the KD term in [0, 1]; 0 skips KD gradients (kl_sum / n_agree are still
+            reported if a teacher is given), 1 skips CE gradients.
+        loss: the :class:`DistillationLoss` (kind, temperature, T**2 scaling, ignore_index).
+        chunk_size: tokens per chunk (N need not be divisible).
+        student_lora: ``(A [r, Hs], B [V, r], scale)`` when the output projection is a torchtune LoRALinear
+            (dropout on the LoRA path must be 0 / eval); A and B get grads if they require grad.
+
+    Returns:
+        :class:`FusedKDOutput`; ``loss_sum`` differentiable, the rest detached.
+    """
+    if not isinstance(loss, DistillationLoss):
+        raise ValueError(f"loss must be a DistillationLoss, got {type(loss).__name__}")
+    kd_ratio = float(kd_ratio)
+    if not (0.0 <= kd_ratio <= 1.0):
+        raise ValueError(f"kd_ratio must be in [0, 1], got {kd_ratio}")
+    chunk_size = int(chunk_size)
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    if student_hidden.dim() < 2:
+        raise ValueError(f"student_hidden must be [N, Hs], got shape {tuple(student_hidden.shape)}")
+    Hs = student_hidden.shape[-1]
+    h2 = student_hidden.reshape(-1, Hs)
+    N = h2.shape[0]
+    if student_weight.dim() != 2 or student_weight.shape[1] != Hs:
+        raise ValueError(
+            f"student_weight must be [V, Hs={Hs}], got shape {tuple(student_weight.shape)}"
+        )
+    V = student_weight.shape[0]
+    lab = labels.reshape(-1)
+    if lab.shape[0] != N:
+        raise ValueError(f"labels have {lab.shape[0]} tokens but student_hidden has {N} rows")
+
+    if teacher_logits is not None and (teacher_hidden is not None or teacher_weight is not None):
+        raise ValueError("give either teacher_logits or teacher_hidden + teacher_weight, not both")
+    if (teacher_hidden is None) != (teacher_weight is None):
+        raise ValueError("teacher_hidden and teacher_weight must be given together")
+    bounds: List[Tuple[int, int, int, int]] = []
+    th = None
+    tl: Optional[Union[torch.Tensor, List[torch.Tensor]]] = None
+    if teacher_hidden is not None:
+        Ht = teacher_hidden.shape[-1]
+        th = teacher_hidden.detach().reshape(-1, Ht)
+        if teacher_weight.dim() != 2 or teacher_weight.shape[1] != Ht:
+            raise ValueError(f"teacher_weight must be [V, Ht={Ht}], got shape {tuple(teacher_weight.shape)}")
+        if teacher_weight.shape[0] != V:
+            raise _vocab_mismatch_error(V, teacher_weight.shape[0])
+        if th.shape[0] != N:
+            raise ValueError(f"teacher_hidden has {th.shape[0]} rows but student_hidden has {N}")
+    if teacher_logits is None:
+        for s in range(0, N, chunk_size):
+            bounds.append((s, min(s + chunk_size, N), 0, 0))
+    elif isinstance(teacher_logits, torch.Tensor):
+        if teacher_logits.shape[-1] != V:
+            raise _vocab_mismatch_error(V, teacher_logits.shape[-1])
+        tl = teacher_logits.detach().reshape(-1, V)
+        if tl.shape[0] != N:
+            raise ValueError(f"teacher_logits have {tl.shape[0]} rows but student_hidden has {N}")
+        for s in range(0, N, chunk_size):
+            bounds.append((s, min(s + chunk_size, N), 0, 0))
+    else:
+        tl = []
+        for i, c in enumerate(teacher_logits):
+            if c.dim() != 2:
+                raise ValueError(
+                    f"teacher_logits list items must be [n_i, V] row chunks of the flattened [N, V] logits; "
+                    f"item {i} has shape {tuple(c.shape)} (flatten torchtune [B, s_i, V] chunks is NOT "
+                    f"row-contiguous, concatenate/flatten first)"
+                )
+            if c.shape[-1] != V:
+                raise _vocab_mismatch_error(V, c.shape[-1])
+            tl.append(c.detach())
+        if sum(c.shape[0] for c in tl) != N:
+            raise ValueError(
+                f"teacher_logits row chunks {[c.shape[0] for c in tl]} sum to {sum(c.shape[0] for c in tl)} "
+                f"rows but student_hidden has {N}"
+            )
+        # chunk boundaries: each given row-chunk subdivided by chunk_size
+        s = 0
+        for i, c in enumerate(tl):
+            for off in range(0, c.shape[0], chunk_size):
+                e = min(off + chunk_size, c.shape[0])
+                bounds.append((s + off, s + e, i, off))
+            s += c.shape[0]
+    if kd_ratio > 0 and th is None and tl is None:
+        raise ValueError("kd_ratio > 0 needs a teacher: pass teacher_hidden + teacher_weight or teacher_logits")
+
+    A = B = None
+    scale = 0.0
+    if student_lora is not None:
+        A, B, scale = student_lora
+        scale = float(scale)
+        if A.dim() != 2 or A.shape[1] != Hs:
+            raise ValueError(f"LoRA A must be [r, Hs={Hs}], got shape {tuple(A.shape)}")
+        if B.dim() != 2 or B.shape != (V, A.shape[0]):
+            raise ValueError(f"LoRA B must be [V={V}, r={A.shape[0]}], got shape {tuple(B.shape)}")
+
+    ge = torch.is_grad_enabled()
+    need = (
+        ge and h2.requires_grad,
+        ge and student_weight.requires_grad,
+        ge and A is not None and A.requires_grad,
+        ge and B is not None and B.requires_grad,
+    )
+    out = _FusedLinearKDFunction.apply(
+        h2, student_weight, A, B, th, lab, teacher_weight, tl, scale, kd_ratio, loss, chunk_size, bounds, need
+    )
+    return FusedKDOutput(*out)
