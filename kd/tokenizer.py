@@ -62,14 +62,47 @@ def qwen2_5_special_tokens() -> List[str]:
     return list(QWEN2_5_SPECIAL_TOKENS)
 
 
-def write_special_tokens_json(path: Union[str, Path], first_id: int) -> Path:
-    """A ``tokenizer.json``-style file whose ``added_tokens`` are Qwen2.5's special tokens at
-    ``first_id, first_id+1, ...`` (readable by torchtune's ``parse_hf_tokenizer_json``)."""
+def write_special_tokens_json(
+    path: Union[str, Path],
+    first_id: int,
+    vocab_path: Optional[Union[str, Path]] = None,
+    merges_path: Optional[Union[str, Path]] = None,
+) -> Path:
+    """Write a ``tokenizer.json`` whose ``added_tokens`` are Qwen2.5's special tokens at
+    ``first_id, first_id+1, ...`` (readable by torchtune's ``parse_hf_tokenizer_json``).
+
+    With ``vocab_path``/``merges_path`` it is a complete Hugging Face ``tokenizer.json`` (byte-level
+    BPE with the Qwen2 pre-tokenizer regex), also loadable by ``tokenizers``/``transformers``;
+    without them it only holds ``added_tokens``.
+    """
     path = Path(path)
+    names = qwen2_5_special_tokens()
+    if vocab_path is not None and merges_path is not None:
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+        from torchtune.models.qwen2._tokenizer import PRETOKENIZE_REGEX
+
+        tok = Tokenizer(models.BPE.from_file(str(vocab_path), str(merges_path)))
+        if tok.get_vocab_size() != first_id:
+            raise ValueError(f"vocab has {tok.get_vocab_size()} tokens; special tokens must start at {first_id}")
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in names])
+        tmp = path.with_name(path.name + ".tmp")
+        tok.save(str(tmp))
+        got = {a["content"]: a["id"] for a in json.loads(tmp.read_text(encoding="utf-8"))["added_tokens"]}
+        if got != {t: first_id + i for i, t in enumerate(names)}:
+            raise RuntimeError(f"unexpected special token ids: {got}")
+        os.replace(tmp, path)
+        return path
     added = [
         {"id": first_id + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
          "normalized": False, "special": True}
-        for i, t in enumerate(qwen2_5_special_tokens())
+        for i, t in enumerate(names)
     ]
     path.write_text(json.dumps({"version": "1.0", "added_tokens": added}, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     return path
@@ -151,7 +184,7 @@ def train_tiny_tokenizer(out_dir: Union[str, Path] = TINY_TOKENIZER_DIR) -> Dict
     assert set(new_vocab) == set(vocab), "vocab/merges mismatch"
     (out / "vocab.json").write_text(json.dumps(new_vocab, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    write_special_tokens_json(out / "tokenizer.json", TINY_NUM_REGULAR)
+    write_special_tokens_json(out / "tokenizer.json", TINY_NUM_REGULAR, out / "vocab.json", out / "merges.txt")
     _write_tokenizer_config(out / "tokenizer_config.json", TINY_NUM_REGULAR)
     return tiny_tokenizer_files(out)
 
@@ -298,7 +331,7 @@ def qwen2_5_tokenizer_files(
     if not stamp.is_file():
         d.mkdir(parents=True, exist_ok=True)
         tiktoken_to_vocab_merges(tiktoken_path, d)
-        write_special_tokens_json(files["special_tokens"], QWEN2_5_NUM_REGULAR)
+        write_special_tokens_json(files["special_tokens"], QWEN2_5_NUM_REGULAR, files["vocab"], files["merges"])
         _write_tokenizer_config(files["tokenizer_config"], QWEN2_5_NUM_REGULAR)
         stamp.write_text(str(tiktoken_path) + "\n")
     return files
