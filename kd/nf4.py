@@ -21,6 +21,7 @@ Public API:
 - ``quantize_teacher_(model, *, fast=True, device=None, block_size=64, scaler_block_size=256) -> model``
   replaces every ``nn.Linear`` inside ``model.layers`` by ``FastNF4Linear`` layer by layer (embeddings, final norm
   and the output projection stay in their dtype); ``fast=False`` gives the stock torchao ``linear_nf4`` forward.
+- ``quantize_layer_(layer, *, fast=True)`` the same for one decoder layer (for building a teacher layer by layer).
 - ``set_fast_(model, fast: bool)`` toggles all ``FastNF4Linear`` modules of a model.
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ __all__ = [
     "dequantize_scalers",
     "linear_nf4_fast",
     "FastNF4Linear",
+    "quantize_layer_",
     "quantize_teacher_",
     "set_fast_",
     "triton_available",
@@ -96,13 +98,19 @@ if _HAS_TRITON:
         tl.store(out_ptr + o_offs, out, mask=o_offs < 2 * n_bytes)
 
 
-def _dequant_triton(w: NF4Tensor, scalers: torch.Tensor, block: int = 2048) -> torch.Tensor:
+_TRITON_CFG = {"block": 2048, "num_warps": 8}
+
+
+def _dequant_triton(w: NF4Tensor, scalers: torch.Tensor, block: Optional[int] = None,
+                    num_warps: Optional[int] = None) -> torch.Tensor:
+    block = block or _TRITON_CFG["block"]
+    num_warps = num_warps or _TRITON_CFG["num_warps"]
     q = w.quantized_data
     n_bytes = q.numel()
     out = torch.empty(w.shape, dtype=w.dtype, device=q.device)
     grid = (triton.cdiv(n_bytes, block),)
     _nf4_dequant_kernel[grid](q, scalers, w.nf4, out, n_bytes,
-                              HALF_BLOCK=w.block_size // 2, BLOCK=block, num_warps=8)
+                              HALF_BLOCK=w.block_size // 2, BLOCK=block, num_warps=num_warps)
     return out
 
 
@@ -197,6 +205,16 @@ def _swap_linears(mod: nn.Module, fast: bool, block_size: int, scaler_block_size
 
 
 @torch.no_grad()
+def quantize_layer_(layer: nn.Module, *, fast: bool = True, block_size: int = 64,
+                    scaler_block_size: int = 256) -> nn.Module:
+    """Swap every ``nn.Linear`` of one decoder layer for a ``FastNF4Linear`` (in place) and freeze the layer."""
+    _swap_linears(layer, fast, block_size, scaler_block_size)
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    return layer
+
+
+@torch.no_grad()
 def quantize_teacher_(model: nn.Module, *, fast: bool = True, device: Optional[torch.device | str] = None,
                       block_size: int = 64, scaler_block_size: int = 256) -> nn.Module:
     """Quantise a torchtune ``TransformerDecoder`` teacher to NF4 in place, layer by layer.
@@ -213,9 +231,7 @@ def quantize_teacher_(model: nn.Module, *, fast: bool = True, device: Optional[t
     for layer in layers:
         if device is not None:
             layer.to(device)
-        _swap_linears(layer, fast, block_size, scaler_block_size)
-        for p in layer.parameters():
-            p.requires_grad_(False)
+        quantize_layer_(layer, fast=fast, block_size=block_size, scaler_block_size=scaler_block_size)
         if device is not None and torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
     if device is not None:
