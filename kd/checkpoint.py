@@ -233,47 +233,28 @@ def peft_adapter_config(
     if unknown:
         raise ValueError(f"unknown torchtune target modules {unknown}; known: {sorted(TUNE_TO_HF_MODULE)}")
     hf_targets = sorted({TUNE_TO_HF_MODULE[m] for m in target_modules})
-    cfg: Dict[str, Any]
-    try:
-        from peft import LoraConfig
-
-        lc = LoraConfig(
-            r=int(rank),
-            lora_alpha=alpha,
-            target_modules=hf_targets,
-            lora_dropout=0.0,
-            bias="none",
-            use_dora=bool(use_dora),
-            task_type="CAUSAL_LM",
-            base_model_name_or_path=str(base_model_name_or_path),
-        )
-        cfg = lc.to_dict()
-    except ImportError:  # pragma: no cover - peft is part of the pinned stack
-        cfg = {"fan_in_fan_out": False, "init_lora_weights": True, "lora_dropout": 0.0, "bias": "none"}
-    cfg.update(
-        {
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "r": int(rank),
-            "lora_alpha": alpha,
-            "target_modules": hf_targets,
-            "use_dora": bool(use_dora),
-            "base_model_name_or_path": str(base_model_name_or_path),
-        }
-    )
-    # make json-serializable (peft keeps some sets / enums)
-    def _clean(v):
-        if isinstance(v, (set, frozenset)):
-            return sorted(_clean(x) for x in v)
-        if isinstance(v, (list, tuple)):
-            return [_clean(x) for x in v]
-        if isinstance(v, dict):
-            return {str(a): _clean(b) for a, b in v.items()}
-        if hasattr(v, "value") and not isinstance(v, (int, float, str, bool)):
-            return v.value
-        return v
-
-    return _clean(cfg)
+    # Plain dict (no peft import needed to write it); peft fills any other field with its default.
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": int(rank),
+        "lora_alpha": alpha,
+        "target_modules": hf_targets,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_dora": bool(use_dora),
+        "use_rslora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": True,
+        "base_model_name_or_path": str(base_model_name_or_path),
+        "revision": None,
+    }
 
 
 def _write_peft_adapter_files(
@@ -446,6 +427,9 @@ def recover_atomic_dir(final_dir: PathLike) -> bool:
         return False
     asides = sorted(final.parent.glob(f".{final.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
     for a in asides:
+        host = a.name.rsplit("-", 3)[-3] if a.name.count("-") >= 3 else ""
+        if host == _HOST and _writer_alive(a):
+            continue  # a live local writer is between its two renames: not a crash
         try:
             os.rename(a, final)
             _fsync_dir(final.parent)
@@ -525,7 +509,11 @@ def atomic_write_dir(final_dir: PathLike) -> Iterator[Path]:
             else:
                 aside = _tmp_name(final, "old")
                 os.rename(final, aside)
-                os.rename(tmp, final)
+                try:
+                    os.rename(tmp, final)
+                except BaseException:
+                    os.rename(aside, final)  # put the old version back
+                    raise
                 _fsync_dir(final.parent)
                 _rm(aside)
         else:
@@ -873,10 +861,16 @@ def save_merged_hf(
     from torchtune.modules.peft import get_merged_lora_ckpt
 
     num_heads, num_kv_heads, dim, head_dim = _decoder_dims(model)
+    rank0 = _is_rank0()
     sd: Dict[str, torch.Tensor] = {}
-    for k, v in model.state_dict().items():  # iterate on all ranks: full_tensor is collective
-        sd[_strip_wrappers(k)] = _full_cpu(v)
-    if not _is_rank0():
+    for k, v in model.state_dict().items():
+        # every rank iterates and gathers (full_tensor is collective); only rank 0 keeps a CPU copy
+        if hasattr(v, "full_tensor"):
+            v = v.full_tensor()
+        if rank0:
+            sd[_strip_wrappers(k)] = _full_cpu(v)
+        del v
+    if not rank0:
         return None
 
     base_dir = Path(base_checkpoint_dir)
@@ -885,12 +879,25 @@ def save_merged_hf(
     if dtype is None:
         ref = sd.get("tok_embeddings.weight")
         dtype = ref.dtype if ref is not None else torch.float32
-    orig_dtypes = {k: v.dtype for k, v in sd.items()}
-    sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
-    sd = get_merged_lora_ckpt(sd, rank=rank, alpha=alpha)
+
+    # merge module by module (fp32 math, torchtune's get_merged_lora_ckpt) to keep peak memory low
+    lora_modules = sorted({k[: -len(".lora_a.weight")] for k in sd if k.endswith(".lora_a.weight")})
+    for mod in lora_modules:
+        sub = {
+            f"{mod}.{n}": sd.pop(f"{mod}.{n}").float()
+            for n in ("weight", "lora_a.weight", "lora_b.weight", "magnitude")
+            if f"{mod}.{n}" in sd
+        }
+        if f"{mod}.weight" not in sub:
+            raise CheckpointError(f"LoRA module {mod} has no base weight in the state dict (quantized base?)")
+        merged = get_merged_lora_ckpt(sub, rank=rank, alpha=alpha)
+        sd[f"{mod}.weight"] = merged[f"{mod}.weight"].to(dtype)
     leftover = [k for k in sd if "lora" in k or k.endswith("magnitude")]
     if leftover:
         raise CheckpointError(f"unmerged adapter keys remain: {leftover[:5]}")
+    for k in list(sd):
+        if sd[k].is_floating_point() and sd[k].dtype != dtype:
+            sd[k] = sd[k].to(dtype)
     hf = qwen2_tune_to_hf(
         sd, num_heads=num_heads, num_kv_heads=num_kv_heads, dim=dim, head_dim=head_dim, tie_word_embeddings=tied
     )
@@ -898,10 +905,7 @@ def save_merged_hf(
         hf.pop("lm_head.weight", None)
     elif "lm_head.weight" not in hf:
         raise CheckpointError("config has tie_word_embeddings=false but the model has no output.weight")
-    hf = {
-        k: (v.to(dtype) if v.is_floating_point() else v.to(orig_dtypes.get(k, v.dtype))).contiguous()
-        for k, v in hf.items()
-    }
+    hf = {k: v.contiguous() for k, v in hf.items()}
 
     out_dir = Path(out_dir)
     with atomic_write_dir(out_dir) as tmp:
