@@ -597,3 +597,44 @@ def test_fsdp2_dtensor_gather(tmp_path):
     f = "model-00001-of-00001.safetensors"
     s1, s2 = load_file(str(o1 / f)), load_file(str(o2 / f))
     assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_dora_export_peft_and_merged(tmp_path):
+    from safetensors.torch import load_file
+    from torchtune.models.qwen2 import lora_qwen2
+    from torchtune.models.qwen2._convert_weights import qwen2_hf_to_tune
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(5)
+    base = tmp_path / "b"
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=256, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=False,
+                                 rms_norm_eps=1e-6)).save_pretrained(base)
+    targets = ["q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3"]
+    m = lora_qwen2(targets[:4], apply_lora_to_mlp=True, vocab_size=256, num_layers=1, num_heads=4, num_kv_heads=2,
+                   embed_dim=64, intermediate_dim=128, max_seq_len=64, norm_eps=1e-6, rope_base=_rope_theta(base),
+                   lora_rank=4, lora_alpha=8, use_dora=True)
+    m.load_state_dict(qwen2_hf_to_tune(load_file(str(base / "model.safetensors")), num_heads=4, num_kv_heads=2,
+                                       dim=64), strict=False)
+    for mod in m.modules():
+        if hasattr(mod, "initialize_dora_magnitude"):
+            mod.initialize_dora_magnitude()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora" in n:
+                p.normal_(0, 0.2)
+            if "magnitude" in n:
+                p.mul_(1 + 0.3 * torch.randn_like(p))
+    m.eval()
+    t = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        ref = m(t)
+    sd = ck.lora_state_dict(m)
+    assert any(k.endswith("magnitude") for k in sd)
+    a = ck.save_peft_adapter(sd, tmp_path / "a", rank=4, alpha=8, target_modules=targets,
+                             base_model_name_or_path=str(base), use_dora=True)
+    assert (_peft_logits(base, a, t) - ref).abs().max().item() < 1e-4
+    back, cfg = ck.load_peft_adapter(a)
+    assert cfg["use_dora"] is True and back.keys() == sd.keys()
+    o = ck.save_merged_hf(m, base, tmp_path / "m", rank=4, alpha=8)
+    assert (_hf_logits(AutoModelForCausalLM.from_pretrained(o), t) - ref).abs().max().item() < 1e-4
