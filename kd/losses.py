@@ -161,26 +161,31 @@ def _kl_rows(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
 
 
 def _skew_kl_rows(log_a: torch.Tensor, log_b: torch.Tensor, w_b: float) -> torch.Tensor:
-    """Per-row ``KL(a || m)`` with ``m = (1 - w_b) a + w_b b``, ``0 < w_b <= 1``.
+    """Per-row ``KL(a || m)`` with ``m = (1 - w_b) a + w_b b``, ``0 < w_b < 1``.
 
-    ``log a - log m = -log(w_a + w_b e^d)`` with ``d = log b - log a`` and ``w_a = 1 - w_b``, evaluated as
-      d <= 0:  log1p(w_b * expm1(d))
-      d >  0:  d + log1p(w_a * expm1(-d))
-    which never overflows, is accurate for small |d| and is EXACTLY 0 when a == b (d == 0), so identical
-    distributions give an exact 0 divergence (a logsumexp of the mixture would leave ~1e-8 residue).
+    ``log a - log m = -log(w_a + w_b e^d)`` with ``d = log b - log a`` and ``w_a = 1 - w_b``.  Evaluated as
+      ``log1p(u) + max(d, 0)`` with ``u = w_b expm1(d)`` (d <= 0) or ``u = w_a expm1(-d)`` (d > 0)
+    which is EXACTLY 0 for a == b (d == 0: identical distributions give an exact 0, where a logsumexp
+    of the mixture leaves ~1e-8 residue), never overflows and is accurate for small |d|. When
+    ``u < -0.5`` the ``1 + u`` would cancel (small w_a or w_b), so there we use the stable
+    ``logaddexp(log w_a, log w_b + d)`` instead. Every branch sees only inputs it can handle
+    (double-where), so no inf/NaN reaches the backward.
     """
     w_a = 1.0 - w_b
     a = log_a.exp()
     pos = a > 0
     zero = torch.zeros((), dtype=log_a.dtype, device=log_a.device)
-    d = torch.where(pos, log_b - log_a, zero)  # finite or -inf (b == 0) where a > 0
-    d_neg = torch.where(d <= 0, d, zero)  # double-where: each branch only sees inputs it can handle
+    d = torch.where(pos, log_b - log_a, zero)  # finite, or -inf where b == 0 < a
+    d_neg = torch.where(d <= 0, d, zero)
     d_pos = torch.where(d > 0, d, zero)
-    log_m_over_a = torch.where(
-        d > 0,
-        d_pos + torch.log1p(w_a * torch.expm1(-d_pos)),
-        torch.log1p(w_b * torch.expm1(d_neg)),
+    u = torch.where(d > 0, w_a * torch.expm1(-d_pos), w_b * torch.expm1(d_neg))
+    use_lae = u < -0.5
+    small = torch.log1p(torch.where(use_lae, zero, u)) + d_pos
+    lae = torch.logaddexp(
+        torch.full((), math.log(w_a), dtype=log_a.dtype, device=log_a.device),
+        math.log(w_b) + torch.where(use_lae, d, zero),
     )
+    log_m_over_a = torch.where(use_lae, lae, small)
     return -(a * log_m_over_a).sum(-1)
 
 
