@@ -9,9 +9,11 @@ Pieces (``--pieces``, comma separated):
            kd.losses.fused_linear_kd_ce; time and extra peak memory
   step     whole KD step: 72B NF4 teacher (80 layers, quantised layer by layer) + 7B LoRA r64 student,
            --batch x --seq tokens: stock (torchao linear_nf4, chunked logits, stock losses) vs kd (fast NF4,
-           hidden states only, fused loss) [+ kd with student activation checkpointing]
+           hidden states only, fused loss; variant syntax kd[:cCHUNK][:acK] = loss chunk_size, activation
+           checkpointing on the first K of 28 student layers). Recommended config: kd:c256:ac8.
 
-Random weights initialised on the GPU, no checkpoint. Run: python bench/kd_step.py --pieces all --out $OUT
+Random weights initialised on the GPU, no checkpoint. Run (see docs/benchmarks.md for the device command):
+  python bench/kd_step.py --pieces all --out $OUT
 """
 from __future__ import annotations
 
@@ -538,9 +540,9 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--head-iters", type=int, default=5)
-    ap.add_argument("--variants", default="stock,kd,kd:ac28",
+    ap.add_argument("--variants", default="stock,kd:c1024,kd:c256:ac8",
                     help="step variants: stock | kd[:acK][:cC] (K student layers checkpointed, loss chunk C)")
-    ap.add_argument("--head-chunks", default="1024")
+    ap.add_argument("--head-chunks", default="256,512,1024,2048")
     ap.add_argument("--loss-chunk", default="auto", help="fused loss chunk_size in the step (auto: from head)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()

@@ -98,7 +98,7 @@ if _HAS_TRITON:
         tl.store(out_ptr + o_offs, out, mask=o_offs < 2 * n_bytes)
 
 
-_TRITON_CFG = {"block": 2048, "num_warps": 8}
+_TRITON_CFG = {"block": 4096, "num_warps": 16}  # best of a sweep on an H200 (0.207 ms for 29568x8192)
 
 
 def _dequant_triton(w: NF4Tensor, scalers: torch.Tensor, block: Optional[int] = None,
