@@ -91,6 +91,27 @@ def test_quantize_teacher_swaps_only_decoder_linears():
     torch.testing.assert_close(y_fast, y_stock, rtol=2e-2, atol=2e-2)
 
 
+def test_fsdp2_two_ranks_cpu():
+    """FastNF4Linear under FSDP2 (2 gloo ranks): weights are DTensor(NF4Tensor) shards, output == unsharded."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(port), str(root / "bench" / "fsdp2_check.py")],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert "FSDP2 CHECK PASS" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+
+
 @gpu
 @pytest.mark.gpu
 def test_triton_dequant_bit_exact_cuda():
