@@ -160,8 +160,9 @@ def _kl_rows(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     return (a * diff).sum(-1)
 
 
-def _skew_kl_rows(log_a: torch.Tensor, log_b: torch.Tensor, w_b: float) -> torch.Tensor:
-    """Per-row ``KL(a || m)`` with ``m = (1 - w_b) a + w_b b``, ``0 < w_b < 1``.
+def _log_m_over_a(log_a: torch.Tensor, log_b: torch.Tensor, w_b: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Elementwise ``(a, log(m / a))`` with ``m = (1 - w_b) a + w_b b``, ``0 < w_b < 1``; the log-ratio is
+    0 where ``a == 0`` (those entries are always multiplied by ``a``).
 
     ``log a - log m = -log(w_a + w_b e^d)`` with ``d = log b - log a`` and ``w_a = 1 - w_b``.  Evaluated as
       ``log1p(u) + max(d, 0)`` with ``u = w_b expm1(d)`` (d <= 0) or ``u = w_a expm1(-d)`` (d > 0)
@@ -173,20 +174,26 @@ def _skew_kl_rows(log_a: torch.Tensor, log_b: torch.Tensor, w_b: float) -> torch
     """
     w_a = 1.0 - w_b
     a = log_a.exp()
-    pos = a > 0
     zero = torch.zeros((), dtype=log_a.dtype, device=log_a.device)
-    d = torch.where(pos, log_b - log_a, zero)  # finite, or -inf where b == 0 < a
-    d_neg = torch.where(d <= 0, d, zero)
+    d = torch.where(a > 0, log_b - log_a, zero)  # finite, or -inf where b == 0 < a
+    # (the `del`s keep the fused path, which runs this without a graph, at few live [n, V] buffers)
     d_pos = torch.where(d > 0, d, zero)
-    u = torch.where(d > 0, w_a * torch.expm1(-d_pos), w_b * torch.expm1(d_neg))
+    u = torch.where(d > 0, w_a * torch.expm1(-d_pos), w_b * torch.expm1(torch.where(d <= 0, d, zero)))
     use_lae = u < -0.5
     small = torch.log1p(torch.where(use_lae, zero, u)) + d_pos
+    del u, d_pos
     lae = torch.logaddexp(
         torch.full((), math.log(w_a), dtype=log_a.dtype, device=log_a.device),
         math.log(w_b) + torch.where(use_lae, d, zero),
     )
-    log_m_over_a = torch.where(use_lae, lae, small)
-    return -(a * log_m_over_a).sum(-1)
+    del d
+    return a, torch.where(use_lae, lae, small)
+
+
+def _skew_kl_rows(log_a: torch.Tensor, log_b: torch.Tensor, w_b: float) -> torch.Tensor:
+    """Per-row ``KL(a || m) = -sum_v a_v log(m_v / a_v)``, ``m = (1 - w_b) a + w_b b`` (see _log_m_over_a)."""
+    a, lr = _log_m_over_a(log_a, log_b, w_b)
+    return -(a * lr).sum(-1)
 
 
 def _entropy_rows(log_a: torch.Tensor) -> torch.Tensor:
@@ -320,6 +327,68 @@ class DistillationLoss(torch.nn.Module):
                 else:
                     kl = _kl_rows(log_p.detach(), log_q.detach())
         return div, kl
+
+    @torch.no_grad()
+    def _rows_and_grad(
+        self, student: torch.Tensor, teacher: torch.Tensor, log_q: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fused-path helper (no autograd graph, to keep only a few [n, V] buffers alive).
+
+        Inputs: masked compute-dtype logits [n, V] (and optionally the student's log_softmax(z / T)).
+        Returns ``(div_rows [n] incl. T**2, true_kl_rows [n] without T**2, d(div_rows.sum())/d student [n, V])``.
+        Values come from the same row functions as :meth:`_rows`; the gradient is analytic:
+        with ``G = dL/dlog q``, ``dL/dz = (G - q * sum_v G) / T`` (softmax Jacobian), and
+          forward KL (and soft CE): ``G = -p``
+          reverse KL:               ``G = q (log q - log p)``
+          skew forward KL:          ``G = -(1 - alpha) p q / m``,            m = alpha p + (1 - alpha) q
+          skew reverse KL:          ``G = q (log(q/m) - alpha q / m)`` (+q, cancels), m = alpha q + (1-alpha) p
+          generalized JSD:          ``G = (1 - beta) q log(q / m)``,          m = beta p + (1 - beta) q
+        """
+        if log_q is None:
+            log_q = self._log_probs(student)
+        log_p = self._log_probs(teacher)
+        zero = torch.zeros((), dtype=log_q.dtype, device=log_q.device)
+        q = log_q.exp()
+        kind, b, al = self.kind, self.beta, self.alpha
+        if kind == "jsd" and b == 0.0 or kind == "skew_forward_kl" and al == 0.0:
+            kind = "forward_kl"
+        if kind == "jsd" and b == 1.0 or kind == "skew_reverse_kl" and al == 0.0:
+            kind = "reverse_kl"
+        true_kl = _kl_rows(log_p, log_q)
+        if kind == "forward_kl":
+            div = _soft_ce_rows(log_p, log_q) if self.soft_ce else true_kl.clone()
+            G = -log_p.exp()
+        elif kind == "reverse_kl":
+            diff = torch.where(q > 0, log_q - log_p, zero)
+            G = q * diff
+            del diff
+            div = G.sum(-1)
+        elif kind == "skew_forward_kl":
+            p, lr = _log_m_over_a(log_p, log_q, 1.0 - al)  # lr = log(m / p)
+            div = -(p * lr).sum(-1)
+            # p q / m = q * exp(-lr) where p > 0, else 0
+            G = torch.where(p > 0, q * torch.exp(-lr), zero).mul_(-(1.0 - al))
+            del p, lr
+        elif kind == "skew_reverse_kl":
+            _, lr = _log_m_over_a(log_q, log_p, 1.0 - al)  # lr = log(m / q)
+            div = -(q * lr).sum(-1)
+            G = torch.where(q > 0, q * (-lr - al * torch.exp(-lr)), zero)
+            del lr
+        elif kind == "jsd":
+            p, lrp = _log_m_over_a(log_p, log_q, 1.0 - b)  # log(m / p)
+            div = b * -(p * lrp).sum(-1)
+            del p, lrp
+            _, lrq = _log_m_over_a(log_q, log_p, b)  # log(m / q)
+            G = q * lrq
+            div = div + (1.0 - b) * -G.sum(-1)
+            G.mul_(-(1.0 - b))
+            del lrq
+        else:  # pragma: no cover
+            raise AssertionError(kind)
+        # softmax Jacobian and the 1/T of z/T; T**2 factor on value and gradient
+        t2 = self._t2
+        grad = G.sub_(q * G.sum(-1, keepdim=True)).mul_(t2 / self.temperature)
+        return div * t2 if t2 != 1.0 else div, true_kl, grad
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> LossSums:
         _check_logits_labels(student_logits, teacher_logits, labels)
@@ -523,46 +592,58 @@ class _FusedLinearKDFunction(torch.autograd.Function):
 
             h = _detached_leaf(student_hidden[start:end], need_h)
             wrt = [x for x, n in ((h, need_h), (W, need_w), (A, need_a), (B, need_b)) if n]
+            # Only the projection runs under autograd (it saves h and refs to W/A/B, not [chunk, V]); the
+            # loss and d loss / d logits are computed analytically without a graph.
             with torch.enable_grad() if any_grad else torch.no_grad():
                 z = F.linear(h, W)
                 if A is not None:
                     # torchtune LoRALinear on the output projection: base(x) + scale * B(A(x))
                     z = z + lora_scale * F.linear(F.linear(h, A), B)
-                zm = _mask_rows(z, valid, cd)
-
+            with torch.no_grad():
+                zm = _mask_rows(z.detach(), valid, cd)
                 zero = torch.zeros((), dtype=cd, device=device)
-                ce_c = _ce_rows(zm, lab, valid).sum()
+                # hard-label CE at T = 1: value -log_softmax[label], grad softmax - onehot
+                lsm = F.log_softmax(zm, dim=-1)
+                safe_lab = torch.where(valid, lab, torch.zeros((), dtype=lab.dtype, device=device))
+                ce_rows = -lsm.gather(1, safe_lab.unsqueeze(1)).squeeze(1)
+                ce_c = torch.where(valid, ce_rows, zero).sum()
+                dz = None
+                if use_ce and any_grad:
+                    dz = lsm.exp()
+                    dz.scatter_add_(1, safe_lab.unsqueeze(1), torch.full_like(ce_rows, -1.0).unsqueeze(1))
+                    dz.mul_((1.0 - kd_ratio) * valid.unsqueeze(1).to(cd))
                 if t is not None:
-                    div, kl = loss._rows(zm, t, want_true_kl=True)
+                    # reuse the CE log-softmax as the KD student log-probs when T == 1
+                    div, kl, g_kd = loss._rows_and_grad(zm, t, log_q=lsm if loss.temperature == 1.0 else None)
+                    del lsm
                     kd_c = torch.where(valid, div, zero).sum()
                     kl_acc += torch.where(valid, kl, zero).sum()
-                    # argmax of masked rows is 0 == 0, so count only valid rows
-                    agree = (zm.detach().argmax(-1) == t.argmax(-1)) & valid
-                    n_agree += agree.sum()
+                    # masked rows are all-zero in both (argmax 0 == 0), so count only valid rows
+                    n_agree += ((zm.argmax(-1) == t.argmax(-1)) & valid).sum()
+                    if use_kd and any_grad:
+                        g_kd.mul_(kd_ratio * valid.unsqueeze(1).to(cd))
+                        dz = g_kd if dz is None else dz.add_(g_kd)
+                    del g_kd
                 else:
+                    del lsm
                     kd_c = torch.zeros((), dtype=cd, device=device)
-
-                total = None
-                if use_ce:
-                    total = (1.0 - kd_ratio) * ce_c
-                if use_kd:
-                    total = kd_ratio * kd_c if total is None else total + kd_ratio * kd_c
-                if any_grad and total is not None and total.requires_grad:
-                    grads = torch.autograd.grad(total, wrt, allow_unused=True)
-                    gi = iter(grads)
-                    if need_h:
+            if any_grad and dz is not None:
+                grads = torch.autograd.grad(z, wrt, grad_outputs=dz.to(z.dtype), allow_unused=True)
+                gi = iter(grads)
+                if need_h:
+                    g = next(gi)
+                    if g is not None:
+                        grad_h[start:end] = g.to(grad_h.dtype)
+                for n_, acc in ((need_w, grad_w), (need_a, grad_a), (need_b, grad_b)):
+                    if n_:
                         g = next(gi)
                         if g is not None:
-                            grad_h[start:end] = g.to(grad_h.dtype)
-                    for n_, acc in ((need_w, grad_w), (need_a, grad_a), (need_b, grad_b)):
-                        if n_:
-                            g = next(gi)
-                            if g is not None:
-                                acc += g.to(f32)
-            ce_acc += ce_c.detach()
-            kd_acc += kd_c.detach()
-            # free the chunk's graph and [chunk, V] buffers before the next chunk
-            del z, zm, t, ce_c, kd_c, total
+                            acc += g.to(f32)
+                del grads, g
+            ce_acc += ce_c
+            kd_acc += kd_c
+            # free the chunk's [chunk, V] buffers (and the projection's graph) before the next chunk
+            del z, zm, t, dz
 
         loss_sum = (1.0 - kd_ratio) * ce_acc + kd_ratio * kd_acc
         ctx.save_for_backward(
@@ -605,9 +686,12 @@ def fused_linear_kd_ce(
     student logits ``h @ W.T (+ scale * (h @ A.T) @ B.T)`` and teacher logits (``teacher_hidden @
     teacher_weight.T`` under no_grad, or rows of ``teacher_logits``), the CE/KD sums, and the gradients
     w.r.t. the student inputs, accumulates them and frees the chunk (Liger-Kernel ``chunked_loss``
-    technique). Backward only multiplies the stored gradients by ``grad_output``. Peak extra memory is a
-    few [chunk_size, V] float32 buffers plus, if ``student_weight`` requires grad, a float32 [V, Hs]
-    accumulator (and [r, Hs], [V, r] for LoRA).
+    technique). The loss gradient w.r.t. the logits is analytic (see ``DistillationLoss._rows_and_grad``);
+    only the projection goes through autograd. Backward only multiplies the stored gradients by
+    ``grad_output``. Peak extra memory does not depend on N: about 14 [chunk_size, V] float32 buffers for
+    ``jsd`` (measured on CPU: ~0.9 GiB at chunk 512 x V 32768; fewer for the plain KLs), i.e. ~8.5 GiB at
+    chunk 1024 x V 152064 -- use chunk_size 256 (~2 GiB) for Qwen2.5 vocabularies if memory is tight; plus,
+    if ``student_weight`` requires grad, a float32 [V, Hs] accumulator (and [r, Hs], [V, r] for LoRA).
 
     Args:
         student_hidden: [N, Hs] (or [B, S, Hs], flattened) final-norm hidden states, fp32/bf16; gets a
