@@ -524,3 +524,18 @@ def test_fused_bf16(kind):
     for a, b in zip(g2, g1):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=2e-2 * b.float().abs().max().item())
+
+
+@pytest.mark.parametrize("kind,kw", CASES, ids=CASE_IDS)
+def test_fused_gradcheck_float64(kind, kw):
+    """The fused Function's analytic gradients (hidden, weight, LoRA A/B) pass gradcheck in float64."""
+    h, W, A, Bm, th, tw, labels = _fused_case(dtype=torch.float64, N=7, Hs=3, Ht=4, V=6, r=2, seed=12)
+    labels[2] = -100
+    loss = DistillationLoss(kind, temperature=1.5, **kw)
+
+    def f(h_, W_, A_, B_):
+        return fused_linear_kd_ce(h_, W_, labels, teacher_hidden=th, teacher_weight=tw, kd_ratio=0.3, loss=loss,
+                                  chunk_size=3, student_lora=(A_, B_, 0.5)).loss_sum
+
+    inputs = tuple(x.clone().requires_grad_(True) for x in (h, W, A, Bm))
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5)
