@@ -1,0 +1,56 @@
+"""Shared entry-point plumbing for the recipes: config parsing and user-facing errors.
+
+torchtune's ``config.parse`` is used for ``--config <yaml> key=value ~key`` handling. Mistakes a user can
+fix (bad config, missing/mismatched checkpoint, bad data) end with a one-paragraph message and exit
+code 2 instead of a stack trace from deep inside torch; ``KD_DEBUG=1`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from typing import Callable
+
+from omegaconf import DictConfig
+
+
+def user_error_types() -> tuple:
+    from kd.checkpoint import CheckpointError as SaveError
+    from kd.config import ConfigError, DataError
+    from kd.models import CheckpointError
+
+    return (ConfigError, DataError, CheckpointError, SaveError)
+
+
+def parse_config() -> DictConfig:
+    from torchtune.config._parse import TuneRecipeArgumentParser
+    from torchtune.config._utils import _merge_yaml_and_cli_args
+
+    parser = TuneRecipeArgumentParser(formatter_class=argparse.RawDescriptionHelpFormatter)
+    yaml_args, cli_args = parser.parse_known_args()
+    bad = [a for a in cli_args if "=" not in a and not a.startswith("~")]
+    if bad:
+        raise SystemExit(f"error: overrides must look like key=value or ~key, got: {' '.join(bad)}")
+    return _merge_yaml_and_cli_args(yaml_args, cli_args)
+
+
+def run_recipe(recipe_main: Callable[[DictConfig], None]) -> int:
+    """Parse the config and run ``recipe_main``; turn user errors into a clear message (exit 2)."""
+    import logging
+
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    try:
+        cfg = parse_config()
+        recipe_main(cfg)
+    except user_error_types() as e:
+        if os.environ.get("KD_DEBUG"):
+            traceback.print_exc()
+        rank = os.environ.get("RANK", "0")
+        print(f"\nkd: error (rank {rank}): {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nkd: interrupted; resume with resume_from_checkpoint=True", file=sys.stderr)
+        return 130
+    return 0

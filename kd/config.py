@@ -1,0 +1,103 @@
+"""Config validation for the kd recipes.
+
+torchtune's ``config.parse`` accepts any key, so a typo such as ``kd_ration=0.7`` or ``batchsize: 4``
+silently trains with the default. Every recipe here declares the top-level keys it reads; anything
+else fails before a model is built, with a "did you mean" suggestion.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Iterable, Mapping, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake (unknown key, bad value, missing section)."""
+
+
+class DataError(ValueError):
+    """A user-facing data problem (missing file, bad record), raised before training starts."""
+
+
+def _suggest(key: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def check_keys(
+    cfg: Mapping[str, Any] | DictConfig,
+    known: Iterable[str],
+    *,
+    where: str = "config",
+    required: Iterable[str] = (),
+) -> None:
+    """Raise :class:`ConfigError` for keys of ``cfg`` not in ``known`` and for missing ``required`` keys."""
+    known = set(known)
+    keys = list(cfg.keys())
+    unknown = [k for k in keys if k not in known]
+    if unknown:
+        lines = [f"  - '{k}'{_suggest(str(k), known)}" for k in unknown]
+        raise ConfigError(
+            f"Unknown key(s) in {where}:\n" + "\n".join(lines) + "\n"
+            f"Valid keys are: {', '.join(sorted(known))}.\n"
+            "Remove the key (or use '~key' on the command line) or fix its spelling."
+        )
+    missing = [k for k in required if k not in cfg or cfg[k] is None]
+    if missing:
+        raise ConfigError(f"Missing required key(s) in {where}: {', '.join(missing)}.")
+
+
+def require_component(cfg: DictConfig, key: str) -> DictConfig:
+    """Return section ``key`` and check it has a ``_component_``."""
+    section = cfg.get(key)
+    if section is None:
+        raise ConfigError(f"Config section '{key}' is missing.")
+    if not isinstance(section, DictConfig) or "_component_" not in section:
+        raise ConfigError(
+            f"Config section '{key}' must be a mapping with a '_component_' entry "
+            f"(e.g. '{key}._component_=torchtune.models.qwen2_5.lora_qwen2_5_7b_instruct')."
+        )
+    return section
+
+
+def choice(cfg: DictConfig, key: str, options: Iterable[Any], default: Any) -> Any:
+    """Read ``cfg[key]`` (or ``default``) and check it is one of ``options``."""
+    options = list(options)
+    value = cfg.get(key, default)
+    if value not in options:
+        raise ConfigError(f"'{key}' must be one of {options}, got {value!r}.")
+    return value
+
+
+def number(
+    cfg: DictConfig,
+    key: str,
+    default: Any,
+    *,
+    kind: type = float,
+    min_value: Optional[float] = None,
+    max_value: Optional[float] = None,
+    allow_none: bool = False,
+) -> Any:
+    """Read a numeric key with range checks and a clear message."""
+    value = cfg.get(key, default)
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"'{key}' must be a {kind.__name__}, got {value!r}.")
+    if kind is int and not float(value).is_integer():
+        raise ConfigError(f"'{key}' must be an integer, got {value!r}.")
+    value = kind(value)
+    if min_value is not None and value < min_value:
+        raise ConfigError(f"'{key}' must be >= {min_value}, got {value}.")
+    if max_value is not None and value > max_value:
+        raise ConfigError(f"'{key}' must be <= {max_value}, got {value}.")
+    return value
+
+
+def to_container(section: Any) -> Any:
+    if isinstance(section, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(section, resolve=True)
+    return section

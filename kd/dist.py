@@ -1,0 +1,127 @@
+"""Process-group and device-mesh helpers shared by every recipe, for every world size.
+
+A recipe launched by plain ``tune run`` (no launcher environment) runs as one process without a
+process group; under ``torchrun`` / ``tune run --nnodes N --nproc_per_node M`` it initialises one with
+the backend that fits the device: NCCL for CUDA, gloo for CPU (torchtune's stock distributed KD
+recipe hard-codes NCCL and cannot run on CPU).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    world_size: int
+    rank: int
+    local_rank: int
+    local_world_size: int
+
+    @property
+    def is_rank_zero(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world_size // max(1, self.local_world_size))
+
+
+def launched_by_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    """``cuda`` / ``cpu`` / ``auto`` -> device; under a launcher, CUDA ranks get ``cuda:LOCAL_RANK``."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={name!r} was requested but CUDA is not available on this machine; "
+                "use device=cpu (or device=auto)."
+            )
+        if name == "cuda":
+            idx = int(os.environ.get("LOCAL_RANK", 0))
+            name = f"cuda:{idx}"
+        dev = torch.device(name)
+        torch.cuda.set_device(dev)
+        return dev
+    if name != "cpu":
+        raise ValueError(f"Unsupported device {name!r}: use cpu, cuda or auto.")
+    return torch.device("cpu")
+
+
+def init_distributed(device: torch.device, timeout_s: int = 1800) -> DistInfo:
+    """Initialise the process group when launched by torchrun; pick NCCL for CUDA, gloo for CPU."""
+    if launched_by_torchrun() and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {}
+        if device.type == "cuda":
+            kwargs["device_id"] = device
+        dist.init_process_group(
+            backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs
+        )
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(
+            world_size=dist.get_world_size(),
+            rank=dist.get_rank(),
+            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())),
+        )
+    return DistInfo(world_size=1, rank=0, local_rank=0, local_world_size=1)
+
+
+def build_mesh(info: DistInfo, device: torch.device, strategy: str):
+    """Device mesh for FSDP2.
+
+    ``shard``: one dimension over all ranks (FULL_SHARD across nodes).
+    ``hybrid``: 2-D (replicate across nodes, shard within a node) = HSDP; the inter-node link then
+    carries only the gradient all-reduce of the (small) LoRA parameters, never the weight gathers.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if info.world_size == 1:
+        return None
+    if strategy == "shard":
+        return init_device_mesh(device.type, (info.world_size,), mesh_dim_names=("shard",))
+    if strategy == "hybrid":
+        n_rep = info.num_nodes
+        n_shard = info.world_size // n_rep
+        if n_rep * n_shard != info.world_size:
+            raise ValueError(
+                f"fsdp_strategy=hybrid needs the same number of processes on every node "
+                f"(world_size={info.world_size}, local_world_size={info.local_world_size})."
+            )
+        return init_device_mesh(
+            device.type, (n_rep, n_shard), mesh_dim_names=("replicate", "shard")
+        )
+    raise ValueError(f"fsdp_strategy must be 'shard' or 'hybrid', got {strategy!r}.")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place SUM all-reduce when distributed; identity otherwise."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def destroy() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,395 @@
+"""Build torchtune models and load Hugging Face Qwen2 checkpoints into them layer by layer.
+
+Why not torchtune's ``FullModelHFCheckpointer.load_checkpoint``: it reads every shard into one full
+state dict before anything is converted, so a Qwen2.5-72B teacher needs ~145 GB of host memory just
+to be quantized to a ~40 GB NF4 model, and the stock single-device KD recipe reads the student twice.
+Here each decoder layer is materialised, filled from the safetensors shards (read lazily with
+``safe_open``), optionally quantized to NF4 and (under FSDP2) sharded before the next layer is read, so
+peak memory stays near the final (NF4, sharded) size plus one bf16 layer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# Linear weights inside decoder layers that the NF4 teacher quantizes (torchtune names).
+NF4_LINEAR_SUFFIXES = (
+    "attn.q_proj.weight",
+    "attn.k_proj.weight",
+    "attn.v_proj.weight",
+    "attn.output_proj.weight",
+    "mlp.w1.weight",
+    "mlp.w2.weight",
+    "mlp.w3.weight",
+)
+_CKPT_WRAPPED = "_checkpoint_wrapped_module."
+_COMPILED = "_orig_mod."
+
+
+class CheckpointError(ValueError):
+    """A missing, incomplete or mismatched model checkpoint (user-facing)."""
+
+
+def _clean(name: str) -> str:
+    return name.replace(_CKPT_WRAPPED, "").replace(_COMPILED, "")
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint discovery and validation
+# --------------------------------------------------------------------------------------------------
+def resolve_checkpoint_files(checkpoint_dir: str | Path, checkpoint_files: Any = None) -> List[Path]:
+    """The safetensors files of an HF checkpoint directory, checked to exist.
+
+    ``checkpoint_files`` may be None (use ``model.safetensors.index.json`` or ``*.safetensors``), a list of
+    names, or torchtune's ``{filename_format, max_filenames}`` mapping.
+    """
+    d = Path(checkpoint_dir)
+    if not d.is_dir():
+        raise CheckpointError(f"Checkpoint directory {str(d)!r} does not exist.")
+    if checkpoint_files is None:
+        index = d / "model.safetensors.index.json"
+        if index.is_file():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        else:
+            names = sorted(p.name for p in d.glob("*.safetensors"))
+    elif isinstance(checkpoint_files, dict) or hasattr(checkpoint_files, "filename_format"):
+        fmt = checkpoint_files["filename_format"]
+        n = int(checkpoint_files["max_filenames"])
+        names = [fmt.format(i, n) for i in range(1, n + 1)]
+    else:
+        names = [str(x) for x in checkpoint_files]
+    if not names:
+        raise CheckpointError(f"No *.safetensors files found in {str(d)!r}.")
+    paths = [d / n for n in names]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise CheckpointError(
+            f"Checkpoint shard(s) missing in {str(d)!r}: {', '.join(missing)}. "
+            "Copy the complete checkpoint (every file named in model.safetensors.index.json)."
+        )
+    return paths
+
+
+def read_hf_config(checkpoint_dir: str | Path) -> Dict[str, Any]:
+    p = Path(checkpoint_dir) / "config.json"
+    if not p.is_file():
+        raise CheckpointError(f"{str(p)!r} not found: an HF checkpoint directory needs its config.json.")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{str(p)!r} is not valid JSON: {e}") from e
+
+
+def model_dims(model: nn.Module) -> Dict[str, int]:
+    """Dimensions of a torchtune TransformerDecoder (works on meta models)."""
+    layer0 = model.layers[0]
+    attn = getattr(layer0, "_checkpoint_wrapped_module", layer0).attn
+    return {
+        "num_layers": len(model.layers),
+        "embed_dim": model.tok_embeddings.embedding_dim,
+        "vocab_size": model.tok_embeddings.num_embeddings,
+        "num_heads": attn.num_heads,
+        "num_kv_heads": attn.num_kv_heads,
+        "head_dim": attn.head_dim,
+    }
+
+
+def check_matches_hf_config(model: nn.Module, hf_cfg: Dict[str, Any], *, which: str, path: str) -> None:
+    """Fail clearly when the configured builder does not match the checkpoint's config.json."""
+    dims = model_dims(model)
+    pairs = [
+        ("num_layers", "num_hidden_layers"),
+        ("embed_dim", "hidden_size"),
+        ("vocab_size", "vocab_size"),
+        ("num_heads", "num_attention_heads"),
+        ("num_kv_heads", "num_key_value_heads"),
+    ]
+    bad = [
+        f"{ours}={dims[ours]} in the config's builder vs {theirs}={hf_cfg.get(theirs)} in {path}/config.json"
+        for ours, theirs in pairs
+        if theirs in hf_cfg and int(hf_cfg[theirs]) != dims[ours]
+    ]
+    if bad:
+        raise CheckpointError(
+            f"The {which} model builder does not match its checkpoint:\n  - " + "\n  - ".join(bad)
+            + f"\nPick the builder for this checkpoint (e.g. torchtune.models.qwen2_5.*) or fix "
+            f"{which}_checkpointer.checkpoint_dir."
+        )
+
+
+class HFCheckpointReader:
+    """Lazy, name-mapped access to the tensors of an HF Qwen2 safetensors checkpoint."""
+
+    def __init__(self, files: Sequence[Path], *, tie_word_embeddings: bool = False):
+        from safetensors import safe_open
+        from torchtune.models.convert_weights import get_mapped_key
+        from torchtune.models.qwen2._convert_weights import _FROM_HF
+
+        self._handles = {}
+        self.index: Dict[str, tuple] = {}  # torchtune name -> (file, hf name)
+        for f in files:
+            try:
+                h = safe_open(str(f), framework="pt", device="cpu")
+            except Exception as e:  # corrupt / truncated shard
+                raise CheckpointError(f"Cannot read checkpoint shard {str(f)!r}: {e}") from e
+            self._handles[str(f)] = h
+            for hf_name in h.keys():
+                if "rotary_emb.inv_freq" in hf_name:
+                    continue
+                if tie_word_embeddings and hf_name == "lm_head.weight":
+                    continue
+                try:
+                    tune_name = get_mapped_key(hf_name, _FROM_HF)
+                except Exception as e:
+                    raise CheckpointError(
+                        f"Unexpected tensor {hf_name!r} in {str(f)!r}: not a Qwen2 parameter name."
+                    ) from e
+                self.index[tune_name] = (str(f), hf_name)
+
+    def get(self, tune_name: str) -> torch.Tensor:
+        f, hf_name = self.index[tune_name]
+        return self._handles[f].get_tensor(hf_name)
+
+    def names(self) -> List[str]:
+        return list(self.index)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+def _is_nf4_target(name: str) -> bool:
+    return name.startswith("layers.") and name.endswith(NF4_LINEAR_SUFFIXES)
+
+
+def _to_nf4(t: torch.Tensor) -> torch.Tensor:
+    from torchao.dtypes.nf4tensor import to_nf4
+
+    block, scaler_block = 64, 256
+    if t.numel() % (block * scaler_block) != 0:
+        raise CheckpointError(
+            f"Cannot quantize a weight of shape {tuple(t.shape)} to NF4: its size must be divisible by "
+            f"{block}*{scaler_block} (torchao's block sizes)."
+        )
+    return to_nf4(t, block_size=block, scaler_block_size=scaler_block)
+
+
+def _fsdp_kwargs(mesh, reshard_after_forward: bool, cpu_offload: bool) -> Dict[str, Any]:
+    kw: Dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if cpu_offload:
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        kw["offload_policy"] = CPUOffloadPolicy()
+    return kw
+
+
+def _load_module(
+    module: nn.Module,
+    prefix: str,
+    reader: HFCheckpointReader,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    nf4: bool,
+    allowed_missing: Callable[[str], bool],
+) -> List[str]:
+    """Fill ``module``'s parameters (names ``prefix + local``) from the reader; return loaded names."""
+    sd: Dict[str, torch.Tensor] = {}
+    loaded = []
+    for local, p in module.named_parameters():
+        full = prefix + _clean(local)
+        if full not in reader.index:
+            if allowed_missing(full):
+                continue
+            raise CheckpointError(f"Parameter {full!r} is missing from the checkpoint.")
+        t = reader.get(full)
+        if tuple(t.shape) != tuple(p.shape):
+            raise CheckpointError(
+                f"Shape mismatch for {full!r}: checkpoint has {tuple(t.shape)}, the model expects "
+                f"{tuple(p.shape)}. Check that the model builder matches the checkpoint."
+            )
+        t = t.to(device=device, dtype=dtype)
+        if nf4 and _is_nf4_target(full):
+            t = _to_nf4(t)
+        sd[local] = t
+        loaded.append(full)
+    module.load_state_dict(sd, strict=False, assign=True)
+    return loaded
+
+
+def load_hf_into_model(
+    model: nn.Module,
+    checkpoint_dir: str | Path,
+    checkpoint_files: Any = None,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    nf4: bool = False,
+    mesh=None,
+    fsdp: bool = False,
+    reshard_after_forward: bool = True,
+    cpu_offload: bool = False,
+    trainable: Optional[Callable[[str], bool]] = None,
+    which: str = "model",
+    progress: bool = False,
+) -> nn.Module:
+    """Materialise a meta-device torchtune ``TransformerDecoder`` from an HF Qwen2 checkpoint.
+
+    Args:
+        model: built under ``torch.device("meta")`` (LoRA modules allowed; activation checkpointing may
+            already be applied).
+        checkpoint_dir / checkpoint_files: see :func:`resolve_checkpoint_files`.
+        device, dtype: where and in which dtype the weights live.
+        nf4: quantize decoder-layer linear weights to torchao ``NF4Tensor`` while loading (teacher or
+            QLoRA student base); they become frozen.
+        mesh / fsdp: shard each layer with FSDP2 ``fully_shard`` right after it is loaded, then the root.
+        trainable: predicate on parameter names (e.g. LoRA params) that keep ``requires_grad``; all other
+            parameters are frozen.
+    Returns the loaded model (same object).
+    """
+    from torch.distributed.fsdp import fully_shard
+    from torchtune.modules.peft import DoRALinear, LoRALinear
+
+    t0 = time.perf_counter()
+    files = resolve_checkpoint_files(checkpoint_dir, checkpoint_files)
+    hf_cfg = read_hf_config(checkpoint_dir)
+    check_matches_hf_config(model, hf_cfg, which=which, path=str(checkpoint_dir))
+    tied = bool(hf_cfg.get("tie_word_embeddings", False))
+    reader = HFCheckpointReader(files, tie_word_embeddings=tied)
+    trainable = trainable or (lambda n: False)
+
+    def is_adapter(name: str) -> bool:
+        return "lora_a" in name or "lora_b" in name or "magnitude" in name
+
+    fsdp_kw = _fsdp_kwargs(mesh, reshard_after_forward, cpu_offload) if fsdp else None
+    loaded: set = set()
+    n_layers = len(model.layers)
+    for i, layer in enumerate(model.layers):
+        loaded.update(
+            _load_module(
+                layer, f"layers.{i}.", reader, device=device, dtype=dtype, nf4=nf4,
+                allowed_missing=is_adapter,
+            )
+        )
+        with torch.device(device):
+            for m in layer.modules():
+                if isinstance(m, (LoRALinear, DoRALinear)):
+                    m.to_empty(device=device)
+                    for p in (m.lora_a.weight, m.lora_b.weight):
+                        p.data = p.data.to(dtype)
+                    m.initialize_parameters()
+        for name, p in layer.named_parameters():
+            p.requires_grad_(trainable(f"layers.{i}.{_clean(name)}") and p.is_floating_point())
+        if fsdp:
+            fully_shard(layer, **fsdp_kw)
+        if progress and (i + 1) % max(1, n_layers // 10) == 0:
+            log.info(f"{which}: loaded layer {i + 1}/{n_layers} ({time.perf_counter() - t0:.1f}s)")
+
+    # Remaining (root-level) parameters: embeddings, final norm, output projection.
+    for name, p in list(model.named_parameters()):
+        cname = _clean(name)
+        if cname.startswith("layers."):
+            continue
+        owner_path, _, leaf = cname.rpartition(".")
+        owner = model.get_submodule(owner_path) if owner_path else model
+        if cname in reader.index:
+            t = reader.get(cname)
+            if tuple(t.shape) != tuple(p.shape):
+                raise CheckpointError(
+                    f"Shape mismatch for {cname!r}: checkpoint has {tuple(t.shape)}, the model expects "
+                    f"{tuple(p.shape)}."
+                )
+            owner.load_state_dict({leaf: t.to(device=device, dtype=dtype)}, strict=False, assign=True)
+            loaded.add(cname)
+        elif not is_adapter(cname):
+            raise CheckpointError(f"Parameter {cname!r} is missing from {checkpoint_dir}.")
+    with torch.device(device):
+        for m in model.modules():
+            if isinstance(m, (LoRALinear, DoRALinear)) and any(
+                p.is_meta for p in m.parameters(recurse=True)
+            ):
+                m.to_empty(device=device)
+                for p in (m.lora_a.weight, m.lora_b.weight):
+                    p.data = p.data.to(dtype)
+                m.initialize_parameters()
+            if hasattr(m, "rope_init"):
+                m.rope_init()
+    for name, p in model.named_parameters():
+        if not _clean(name).startswith("layers."):
+            p.requires_grad_(trainable(_clean(name)))
+
+    unexpected = sorted(set(reader.names()) - loaded)
+    if unexpected:
+        raise CheckpointError(
+            f"{len(unexpected)} tensor(s) in {checkpoint_dir} have no place in the {which} model, "
+            f"e.g. {unexpected[:3]}. The builder does not match the checkpoint."
+        )
+    for n, b in model.named_buffers():
+        if b.is_meta:
+            raise RuntimeError(f"Buffer {n} still on the meta device after loading.")
+    if fsdp:
+        fully_shard(model, **fsdp_kw)
+    log.info(f"{which}: loaded {len(loaded)} tensors from {checkpoint_dir} in {time.perf_counter() - t0:.1f}s")
+    return model
+
+
+def build_on_meta(model_cfg, dtype: torch.dtype) -> nn.Module:
+    """Instantiate a torchtune model component on the meta device in ``dtype``."""
+    from torchtune import config as tt_config, training
+
+    with training.set_default_dtype(dtype), torch.device("meta"):
+        return tt_config.instantiate(model_cfg)
+
+
+def is_adapter_param(name: str) -> bool:
+    return any(k in name for k in ("lora_a", "lora_b", "magnitude"))
+
+
+def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Full (gathered) adapter tensors on CPU, torchtune names. Collective under FSDP: call on every rank."""
+    out = {}
+    for name, p in model.named_parameters():
+        if is_adapter_param(name):
+            t = p.detach()
+            if hasattr(t, "full_tensor"):
+                t = t.full_tensor()
+            out[_clean(name)] = t.cpu().clone()
+    return out
+
+
+def load_adapter_state_dict(model: nn.Module, sd: Dict[str, torch.Tensor]) -> None:
+    """Copy full adapter tensors into a (possibly FSDP2-sharded) model, checking names and shapes."""
+    from torch.distributed.tensor import distribute_tensor
+
+    params = {_clean(n): p for n, p in model.named_parameters() if is_adapter_param(n)}
+    missing = sorted(set(params) - set(sd))
+    extra = sorted(set(sd) - set(params))
+    if missing or extra:
+        raise CheckpointError(
+            "The adapter checkpoint does not match the model's LoRA configuration: "
+            f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
+            f"unexpected {extra[:4]}{'...' if len(extra) > 4 else ''}. "
+            "Resume with the same lora_rank / lora_attn_modules / apply_lora_to_* as the saved run."
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            full = sd[name]
+            if tuple(full.shape) != tuple(p.shape):
+                raise CheckpointError(
+                    f"Adapter tensor {name!r} has shape {tuple(full.shape)} in the checkpoint but "
+                    f"{tuple(p.shape)} in the model (different lora_rank?)."
+                )
+            full = full.to(dtype=p.dtype)
+            if hasattr(p, "device_mesh"):
+                full = distribute_tensor(full.to(p.device_mesh.device_type), p.device_mesh, p.placements)
+                p.to_local().copy_(full.to_local())
+            else:
+                p.copy_(full.to(p.device))

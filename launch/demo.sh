@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The README's main command: set up, build the tiny test-bed models (cached), and run a demo online
+# distillation on CPU: a trained tiny teacher -> a random tiny LoRA student, 40 steps.
+#   bash launch/demo.sh [key=value ...]     # overrides go to the recipe, e.g. kd_ratio=0.7
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup.sh
+. .venv/bin/activate
+export KD_TESTBED_DIR=${KD_TESTBED_DIR:-$PWD/.cache/testbed}
+python -m kd.testbed --out "$KD_TESTBED_DIR"
+tune run recipes/kd_lora.py --config configs/tiny/kd_lora.yaml "$@"

@@ -1,0 +1,811 @@
+"""Online knowledge distillation: a LoRA student trained against a live (NF4 or bf16) teacher.
+
+One recipe for every world size: a single process (``tune run recipes/kd_lora.py --config ...``), several
+processes on one node, or several nodes (``tune run --nnodes 2 --nproc_per_node 1 ...`` / ``torchrun``).
+The only branch on world size is whether models are wrapped with FSDP2 (``fully_shard``); the training
+loop, loss normalisation, gradient clipping, logging and checkpointing are the same code everywhere.
+
+Loss per optimizer step (G = gradient-accumulation micro-batches, R = ranks, N = valid tokens of all of
+them, counted and all-reduced *before* the first backward of the step):
+
+    loss = sum_{g, r} [ (1 - kd_ratio) * CE_sum(g, r) + kd_ratio * KD_sum(g, r) ] / N
+
+Each micro-batch back-propagates its own sum divided by N (times R, undoing FSDP2's gradient mean), so
+the gradient is exactly that of the global token mean, whatever batch_size x G x R split is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import resource
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
+
+from kd import dist as kdist
+from kd.config import ConfigError, DataError, check_keys, choice, number, require_component, to_container
+from kd.heads import FusedKDHead, HiddenStatesHead
+from kd.models import (
+    adapter_state_dict,
+    build_on_meta,
+    is_adapter_param,
+    load_adapter_state_dict,
+    load_hf_into_model,
+)
+
+log = logging.getLogger("kd.recipe")
+
+# Keys this recipe reads. torchtune's KD configs use the first group; the second is ours.
+TORCHTUNE_KD_KEYS = {
+    "output_dir", "model", "teacher_model", "tokenizer", "checkpointer", "teacher_checkpointer",
+    "resume_from_checkpoint", "dataset", "seed", "shuffle", "batch_size", "optimizer", "lr_scheduler",
+    "loss", "kd_loss", "kd_ratio", "epochs", "max_steps_per_epoch", "compile",
+    "gradient_accumulation_steps", "metric_logger", "log_every_n_steps", "log_peak_memory_stats",
+    "device", "dtype", "enable_activation_checkpointing", "enable_activation_offloading", "profiler",
+    "clip_grad_norm", "save_adapter_weights_only", "fsdp_cpu_offload", "fsdp_reshard_after_forward",
+    "custom_sharded_layers", "cudnn_deterministic_mode",
+}
+KD_KEYS = {
+    "teacher_quantization",  # nf4 | null (bf16/fp32 = dtype)
+    "student_quantization",  # nf4 (QLoRA base) | null
+    "loss_form",  # fused (default) | chunked
+    "fused_chunk_size",
+    "fsdp_strategy",  # shard | hybrid (HSDP: replicate across nodes, shard within)
+    "save_every_n_steps", "keep_last_n_checkpoints", "save_merged_model", "base_model_name_or_path",
+    "eval_every_n_steps", "max_eval_batches", "val_dataset", "num_workers", "progress_bar",
+    "max_seq_len_check",
+}
+CHECKPOINTER_KEYS = {
+    "_component_", "checkpoint_dir", "checkpoint_files", "output_dir", "model_type",
+    "recipe_checkpoint", "adapter_checkpoint", "safe_serialization",
+}
+
+
+class KDLoRARecipe:
+    """LoRA student + frozen teacher, fused or chunked KD+CE loss, FSDP2 for world_size > 1."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        from torchtune import training
+
+        self._validate(cfg)
+        self._device = kdist.resolve_device(cfg.get("device", "auto"))
+        self._dist = kdist.init_distributed(self._device)
+        self._dtype = training.get_dtype(cfg.get("dtype", "bf16"), device=self._device)
+        if self._dtype == torch.float16:
+            raise ConfigError("dtype=fp16 is not supported (no loss scaling); use bf16 or fp32.")
+        self.world_size, self.rank = self._dist.world_size, self._dist.rank
+        self._is_rank_zero = self._dist.is_rank_zero
+        self._fsdp = self.world_size > 1
+
+        self._output_dir = Path(cfg.output_dir)
+        self._log_every_n_steps = number(cfg, "log_every_n_steps", 1, kind=int, min_value=1)
+        self._log_peak_memory_stats = bool(cfg.get("log_peak_memory_stats", True))
+        self._kd_ratio = number(cfg, "kd_ratio", 0.5, min_value=0.0, max_value=1.0)
+        self._grad_accum = number(cfg, "gradient_accumulation_steps", 1, kind=int, min_value=1)
+        self._clip_grad_norm = number(cfg, "clip_grad_norm", 1.0, allow_none=True, min_value=0.0)
+        self._loss_form = choice(cfg, "loss_form", ["fused", "chunked"], "fused")
+        self._fused_chunk_size = number(cfg, "fused_chunk_size", 1024, kind=int, min_value=1)
+        self.total_epochs = number(cfg, "epochs", 1, kind=int, min_value=1)
+        self.max_steps_per_epoch = number(
+            cfg, "max_steps_per_epoch", None, kind=int, min_value=1, allow_none=True
+        )
+        self._save_every = number(cfg, "save_every_n_steps", None, kind=int, min_value=1, allow_none=True)
+        self._eval_every = number(cfg, "eval_every_n_steps", None, kind=int, min_value=1, allow_none=True)
+        self._max_eval_batches = number(cfg, "max_eval_batches", None, kind=int, min_value=1, allow_none=True)
+        self._resume = bool(cfg.get("resume_from_checkpoint", False))
+        self.seed = training.set_seed(
+            seed=cfg.get("seed", None), debug_mode=cfg.get("cudnn_deterministic_mode", None)
+        )
+        self.epochs_run = 0
+        self.global_step = 0
+        self._step_in_epoch = 0
+
+    # ----------------------------------------------------------------------------------------------
+    # Config validation
+    # ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _validate(cfg: DictConfig) -> None:
+        check_keys(
+            cfg,
+            TORCHTUNE_KD_KEYS | KD_KEYS,
+            where="the kd_lora config",
+            required=("model", "tokenizer", "checkpointer", "dataset", "optimizer", "output_dir"),
+        )
+        # No teacher = plain LoRA SFT (the offline-distillation path): only valid with kd_ratio=0.
+        has_teacher = cfg.get("teacher_model", None) is not None
+        if not has_teacher and float(cfg.get("kd_ratio", 0.5)) != 0.0:
+            raise ConfigError(
+                "teacher_model is not set: without a teacher this recipe trains plain LoRA SFT, which "
+                "needs kd_ratio=0 (got kd_ratio=%s)." % cfg.get("kd_ratio", 0.5)
+            )
+        if has_teacher and cfg.get("teacher_checkpointer", None) is None:
+            raise ConfigError("teacher_model is set but teacher_checkpointer is missing.")
+        for key in ("model", "teacher_model", "tokenizer", "dataset", "optimizer"):
+            if key == "dataset" and isinstance(cfg.dataset, ListConfig):
+                continue
+            if key == "teacher_model" and not has_teacher:
+                continue
+            require_component(cfg, key)
+        for key in ("checkpointer", "teacher_checkpointer"):
+            if cfg.get(key, None) is None:
+                continue
+            section = cfg[key]
+            check_keys(section, CHECKPOINTER_KEYS, where=f"'{key}'", required=("checkpoint_dir",))
+            mt = str(section.get("model_type", "QWEN2")).upper()
+            if mt not in ("QWEN2", "QWEN2_5"):
+                raise ConfigError(
+                    f"{key}.model_type={mt!r}: this recipe loads Qwen2/Qwen2.5 HF checkpoints (model_type: QWEN2)."
+                )
+            if section.get("recipe_checkpoint") or section.get("adapter_checkpoint"):
+                raise ConfigError(
+                    f"{key}.recipe_checkpoint/adapter_checkpoint are not used: resuming reads the latest "
+                    "checkpoint under output_dir. Set resume_from_checkpoint=True instead."
+                )
+        if cfg.get("enable_activation_offloading", False):
+            raise ConfigError(
+                "enable_activation_offloading=True is not supported by this recipe; use "
+                "enable_activation_checkpointing=True to save activation memory."
+            )
+        if "lora_rank" not in cfg.model:
+            raise ConfigError(
+                "model must be a torchtune LoRA builder (e.g. torchtune.models.qwen2_5.lora_qwen2_5_7b_instruct) "
+                "with lora_rank / lora_alpha / lora_attn_modules."
+            )
+
+    # ----------------------------------------------------------------------------------------------
+    # Setup
+    # ----------------------------------------------------------------------------------------------
+    def setup(self, cfg: DictConfig) -> None:
+        from torchtune import config as tt_config
+
+        self._cfg = cfg
+        # 1. metric logger and run info (rank 0 only)
+        self._setup_logging(cfg)
+        # 2. tokenizer (needed by the dataset)
+        self._tokenizer = tt_config.instantiate(cfg.tokenizer)
+        # 3. FSDP2 device mesh (None for one process)
+        self._mesh = kdist.build_mesh(self._dist, self._device, cfg.get("fsdp_strategy", "shard")) if self._fsdp else None
+        # 4. student: LoRA on a frozen base, weights streamed from the HF checkpoint
+        self._model = self._setup_student(cfg)
+        # 5. teacher: frozen, eval, NF4 or dtype, streamed and quantized layer by layer
+        self._teacher, self._teacher_head_weight = self._setup_teacher(cfg)
+        # 6. losses (KD divergence + CE) and the way they are computed (fused / chunked)
+        self._setup_loss(cfg)
+        # 7. optimizer over the adapter parameters only
+        self._optimizer = tt_config.instantiate(
+            cfg.optimizer, [p for p in self._model.parameters() if p.requires_grad]
+        )
+        # 8. data: train loader (stateful, for mid-epoch resume) and optional validation loader
+        self._train_loader = self._setup_data(cfg.dataset, shuffle=bool(cfg.get("shuffle", True)), split="train")
+        self._val_loader = self._setup_val_data(cfg)
+        steps = len(self._train_loader) // self._grad_accum
+        if steps == 0:
+            raise ConfigError(
+                f"The training set gives {len(self._train_loader)} batches per rank, fewer than "
+                f"gradient_accumulation_steps={self._grad_accum}: lower batch_size or gradient_accumulation_steps."
+            )
+        self._steps_per_epoch = min(steps, self.max_steps_per_epoch or steps)
+        # 9. LR scheduler (needs the number of steps)
+        self._lr_scheduler = None
+        if cfg.get("lr_scheduler") is not None:
+            self._lr_scheduler = tt_config.instantiate(
+                cfg.lr_scheduler, self._optimizer,
+                num_training_steps=self.total_epochs * self._steps_per_epoch, last_epoch=-1,
+            )
+        # 10. checkpoints: restore everything when resuming
+        self._setup_checkpointing(cfg)
+        # 11. profiler
+        self._profiler = self._setup_profiler(cfg.get("profiler", None))
+
+    def _setup_logging(self, cfg: DictConfig) -> None:
+        from torchtune import config as tt_config
+
+        self._metric_logger = None
+        if self._is_rank_zero:
+            self._output_dir.mkdir(parents=True, exist_ok=True)
+            if cfg.get("metric_logger") is not None:
+                self._metric_logger = tt_config.instantiate(cfg.metric_logger)
+                self._metric_logger.log_config(cfg)
+            self._metrics_file = open(self._output_dir / "metrics.jsonl", "a", buffering=1)
+        self._progress_bar = bool(cfg.get("progress_bar", True))
+
+    def _lora_info(self, cfg_model: DictConfig) -> None:
+        self._lora_rank = int(cfg_model.lora_rank)
+        self._lora_alpha = float(cfg_model.lora_alpha)
+        self._lora_attn_modules = list(cfg_model.get("lora_attn_modules", []))
+        self._apply_lora_to_mlp = bool(cfg_model.get("apply_lora_to_mlp", False))
+        self._apply_lora_to_output = bool(cfg_model.get("apply_lora_to_output", False))
+
+    def _setup_student(self, cfg: DictConfig) -> nn.Module:
+        from torchtune import modules, training
+
+        self._lora_info(cfg.model)
+        model = build_on_meta(cfg.model, self._dtype)
+        if cfg.get("enable_activation_checkpointing", False):
+            training.set_activation_checkpointing(
+                model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
+            )
+        ck = cfg.checkpointer
+        self._student_ckpt_dir = ck.checkpoint_dir
+        quant = cfg.get("student_quantization", None)
+        if quant not in (None, "nf4"):
+            raise ConfigError(f"student_quantization must be null or 'nf4', got {quant!r}.")
+        load_hf_into_model(
+            model, ck.checkpoint_dir, ck.get("checkpoint_files", None),
+            device=self._device, dtype=self._dtype, nf4=quant == "nf4",
+            mesh=self._mesh, fsdp=self._fsdp,
+            reshard_after_forward=bool(cfg.get("fsdp_reshard_after_forward", True)),
+            cpu_offload=bool(cfg.get("fsdp_cpu_offload", False)),
+            trainable=is_adapter_param, which="student", progress=self._is_rank_zero,
+        )
+        if self._loss_form == "fused":
+            model.output = FusedKDHead(model.output, chunk_size=self._fused_chunk_size)
+        if cfg.get("compile", False):
+            training.compile_model(model, verbose=self._is_rank_zero)
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self._log(f"student ready: {n_train:,} trainable (LoRA) parameters per rank")
+        return model
+
+    def _setup_teacher(self, cfg: DictConfig):
+        from torchtune import training
+
+        quant = cfg.get("teacher_quantization", None)
+        if quant not in (None, "nf4"):
+            raise ConfigError(f"teacher_quantization must be null (use dtype) or 'nf4', got {quant!r}.")
+        if cfg.get("teacher_model", None) is None:
+            self._log("no teacher_model: plain LoRA SFT (kd_ratio=0)")
+            return None, None
+        model = build_on_meta(cfg.teacher_model, self._dtype)
+        ck = cfg.teacher_checkpointer
+        head_weight = None
+        fused = self._loss_form == "fused"
+        load_hf_into_model(
+            model, ck.checkpoint_dir, ck.get("checkpoint_files", None),
+            device=self._device, dtype=self._dtype, nf4=quant == "nf4",
+            mesh=self._mesh, fsdp=False, which="teacher", progress=self._is_rank_zero,
+        )
+        if fused:
+            # Keep the projection beside the model (replicated, frozen) for the fused loss.
+            out = model.output
+            head_weight = (out.tied_module.weight if not isinstance(out, nn.Module) else out.weight).detach()
+            model.output = HiddenStatesHead()
+        if self._fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            kw = {"mesh": self._mesh, "reshard_after_forward": True}
+            for layer in model.layers:
+                fully_shard(layer, **kw)
+            fully_shard(model, **kw)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if quant == "nf4":
+            try:
+                from kd.nf4 import enable_fast_nf4  # optional fast dequantisation path
+
+                enable_fast_nf4(model)
+            except ImportError:
+                pass
+        if cfg.get("compile", False):
+            training.compile_model(model, verbose=self._is_rank_zero)
+        # Vocabulary check here so a mismatch fails before training, naming both sizes
+        # (the student is built first, in step 4 of setup).
+        s_vocab = self._model.tok_embeddings.num_embeddings
+        t_vocab = model.tok_embeddings.num_embeddings
+        if s_vocab != t_vocab:
+            raise ConfigError(
+                f"Teacher vocabulary ({t_vocab} rows) differs from the student's ({s_vocab} rows). "
+                "Qwen2.5 <=3B models have 151,936 output rows and 7B/72B 152,064: pair models of the "
+                "same family size group, or slice both to the 151,665 tokenizer ids."
+            )
+        self._log(f"teacher ready ({quant or str(self._dtype)})")
+        return model, head_weight
+
+    def _setup_loss(self, cfg: DictConfig) -> None:
+        from torchtune import config as tt_config
+        from kd.losses import DistillationLoss
+
+        loss_cfg = cfg.get("loss", None)
+        self._ignore_index = -100
+        self._num_output_chunks = 8
+        if loss_cfg is not None:
+            comp = loss_cfg.get("_component_", "")
+            known = {"torchtune.modules.loss.CEWithChunkedOutputLoss", "torch.nn.CrossEntropyLoss"}
+            if comp not in known:
+                raise ConfigError(f"loss._component_={comp!r}: use one of {sorted(known)} (CE term).")
+            check_keys(loss_cfg, {"_component_", "num_output_chunks", "ignore_index"}, where="'loss'")
+            self._ignore_index = int(loss_cfg.get("ignore_index", -100))
+            self._num_output_chunks = int(loss_cfg.get("num_output_chunks", 8))
+
+        kd_cfg = cfg.get("kd_loss", None)
+        comp = kd_cfg.get("_component_", "") if kd_cfg is not None else "kd.losses.DistillationLoss"
+        stock = {
+            "torchtune.modules.loss.ForwardKLWithChunkedOutputLoss": dict(kind="forward_kl", soft_ce=True),
+            "torchtune.modules.loss.ForwardKLLoss": dict(kind="forward_kl", soft_ce=True),
+            "torchtune.modules.loss.ReverseKLWithChunkedOutputLoss": dict(kind="reverse_kl"),
+            "torchtune.modules.loss.ReverseKLLoss": dict(kind="reverse_kl"),
+        }
+        if comp in stock:
+            # torchtune's KD losses, re-expressed as sums (same values per token); torchtune's forward
+            # "KL" is soft cross-entropy, reproduced with soft_ce=True (the logged 'kl' stays the true KL).
+            extra = to_container(kd_cfg)
+            extra.pop("_component_")
+            check_keys(extra, {"num_output_chunks", "ignore_index"}, where="'kd_loss'")
+            self._kd_loss = DistillationLoss(ignore_index=self._ignore_index, **stock[comp])
+            self._log(f"kd_loss {comp} -> kd.losses.DistillationLoss({stock[comp]})")
+        elif comp in ("kd.losses.DistillationLoss", "kd.losses.ChunkedDistillationLoss"):
+            kd_cfg = kd_cfg if kd_cfg is not None else OmegaConf.create({"_component_": comp})
+            kd_cfg = OmegaConf.merge(kd_cfg, {"_component_": "kd.losses.DistillationLoss"})
+            if "ignore_index" not in kd_cfg:
+                kd_cfg.ignore_index = self._ignore_index
+            try:
+                self._kd_loss = tt_config.instantiate(kd_cfg)
+            except TypeError as e:
+                raise ConfigError(f"Bad kd_loss options: {e}") from e
+        else:
+            raise ConfigError(
+                f"kd_loss._component_={comp!r} is not supported: use kd.losses.DistillationLoss "
+                "(kind: forward_kl | reverse_kl | jsd | skew_forward_kl | skew_reverse_kl) or torchtune's "
+                "ForwardKL/ReverseKL(WithChunkedOutput)Loss."
+            )
+        if self._loss_form == "chunked":
+            self._model.set_num_output_chunks(self._num_output_chunks)
+            if self._teacher is not None:
+                self._teacher.set_num_output_chunks(self._num_output_chunks)
+
+    def _build_dataset(self, cfg_dataset, split: Optional[str]):
+        from torchtune import config as tt_config
+        from torchtune.datasets import ConcatDataset
+
+        def one(c):
+            kwargs = {}
+            if split is not None and c.get("_component_", "").startswith("kd.data."):
+                kwargs["split"] = split
+            try:
+                return tt_config.instantiate(c, self._tokenizer, **kwargs)
+            except (ValueError, FileNotFoundError, TypeError) as e:
+                raise DataError(f"dataset ({c.get('_component_')}): {e}") from e
+
+        if isinstance(cfg_dataset, ListConfig):
+            ds = ConcatDataset([one(c) for c in cfg_dataset])
+            return ds, getattr(ds, "packed", False)
+        return one(cfg_dataset), bool(cfg_dataset.get("packed", False))
+
+    def _make_loader(self, ds, packed: bool, shuffle: bool, batch_size: int, drop_last: bool):
+        from torch.utils.data import DistributedSampler
+        from torchdata.stateful_dataloader import StatefulDataLoader
+        from torchtune.data import padded_collate_packed, padded_collate_sft
+
+        if len(ds) < self.world_size:
+            raise ConfigError(f"The dataset has {len(ds)} samples, fewer than the {self.world_size} ranks.")
+        sampler = DistributedSampler(
+            ds, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle, seed=self.seed or 0,
+            drop_last=drop_last,
+        )
+        collate = (
+            padded_collate_packed if packed
+            else partial(padded_collate_sft, padding_idx=self._tokenizer.pad_id, ignore_idx=self._ignore_index)
+        )
+        return StatefulDataLoader(
+            ds, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+            num_workers=int(self._cfg.get("num_workers", 0)), drop_last=drop_last,
+        )
+
+    def _setup_data(self, cfg_dataset, shuffle: bool, split: str):
+        bs = number(self._cfg, "batch_size", 1, kind=int, min_value=1)
+        ds, packed = self._build_dataset(cfg_dataset, split)
+        self._packed = packed
+        loader = self._make_loader(ds, packed, shuffle, bs, drop_last=True)
+        self._log(f"train data: {len(ds)} samples, {len(loader)} batches/rank of {bs}")
+        return loader
+
+    def _setup_val_data(self, cfg: DictConfig):
+        if self._eval_every is None:
+            return None
+        src = cfg.get("val_dataset", None) or cfg.dataset
+        ds, packed = self._build_dataset(src, "val" if cfg.get("val_dataset") is None else None)
+        if len(ds) == 0:
+            raise ConfigError("eval_every_n_steps is set but the validation split is empty: set dataset.val_size > 0.")
+        bs = number(cfg, "batch_size", 1, kind=int, min_value=1)
+        self._log(f"validation data: {len(ds)} samples")
+        return self._make_loader(ds, packed, shuffle=False, batch_size=bs, drop_last=False)
+
+    def _setup_checkpointing(self, cfg: DictConfig) -> None:
+        from kd.checkpoint import CheckpointManager
+
+        self._ckpt = CheckpointManager(
+            self._output_dir / "checkpoints",
+            keep_last_n=number(cfg, "keep_last_n_checkpoints", None, kind=int, min_value=1, allow_none=True),
+        )
+        self._save_merged = bool(cfg.get("save_merged_model", False))
+        self._base_name = str(cfg.get("base_model_name_or_path", None) or self._student_ckpt_dir)
+        if not self._resume:
+            return
+        latest = self._ckpt.latest()
+        if latest is None:
+            raise ConfigError(
+                f"resume_from_checkpoint=True but no checkpoint was found under {self._ckpt_dir_str()}."
+            )
+        meta, state = self._ckpt.load(latest)
+        adapter = self._ckpt.load_adapter(latest)
+        load_adapter_state_dict(self._model, adapter)
+        self._load_optimizer_state(state["optimizer"])
+        if self._lr_scheduler is not None and state.get("lr_scheduler") is not None:
+            self._lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.global_step = int(state["global_step"])
+        self.epochs_run = int(state["epoch"])
+        self._step_in_epoch = int(state["step_in_epoch"])
+        if state.get("dataloader") is not None:
+            self._train_loader.sampler.set_epoch(self.epochs_run)
+            self._train_loader.load_state_dict(state["dataloader"])
+        self._set_rng_state(state["rng"][self.rank] if self.rank < len(state["rng"]) else state["rng"][0])
+        self._log(f"resumed from {latest} at global step {self.global_step} (epoch {self.epochs_run}, "
+                  f"step {self._step_in_epoch} of the epoch)")
+
+    def _ckpt_dir_str(self) -> str:
+        return str(self._output_dir / "checkpoints")
+
+    def _setup_profiler(self, cfg_profiler: Optional[DictConfig]):
+        from torchtune import config as tt_config
+        from torchtune.training import DummyProfiler
+
+        if cfg_profiler is None or not cfg_profiler.get("enabled", False):
+            return DummyProfiler()
+        if "_component_" not in cfg_profiler:
+            cfg_profiler["_component_"] = "torchtune.training.setup_torch_profiler"
+        profiler, _ = tt_config.instantiate(cfg_profiler)
+        return profiler
+
+    # ----------------------------------------------------------------------------------------------
+    # State (optimizer, RNG) helpers
+    # ----------------------------------------------------------------------------------------------
+    def _optimizer_state(self) -> Dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        if not self._fsdp:
+            return self._optimizer.state_dict()
+        return get_optimizer_state_dict(
+            self._model, self._optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+
+    def _load_optimizer_state(self, sd: Dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        if not self._fsdp:
+            self._optimizer.load_state_dict(sd)
+            return
+        set_optimizer_state_dict(
+            self._model, self._optimizer, sd, options=StateDictOptions(full_state_dict=True)
+        )
+
+    def _rng_state(self) -> Dict[str, Any]:
+        st = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if self._device.type == "cuda":
+            st["cuda"] = torch.cuda.get_rng_state(self._device)
+        return st
+
+    def _set_rng_state(self, st: Dict[str, Any]) -> None:
+        torch.set_rng_state(st["torch"])
+        random.setstate(st["python"])
+        if self._device.type == "cuda" and "cuda" in st:
+            torch.cuda.set_rng_state(st["cuda"], self._device)
+
+    # ----------------------------------------------------------------------------------------------
+    # Loss
+    # ----------------------------------------------------------------------------------------------
+    def _shift(self, labels: torch.Tensor) -> torch.Tensor:
+        # labels[..., i] becomes the target of position i (torchtune's SFT convention).
+        pad = torch.full_like(labels[..., :1], self._ignore_index)
+        return torch.cat([labels[..., 1:], pad], dim=-1)
+
+    def _loss_step(self, batch: Dict[str, torch.Tensor], kd_ratio: float) -> Dict[str, torch.Tensor]:
+        """Forward both models on one micro-batch; return *sums* over its valid tokens.
+
+        Keys: loss (differentiable, (1-r)*CE + r*KD), ce, kd (training divergence), kl (true forward KL),
+        n_valid, n_agree (teacher/student top-1 agreement), all 0-d tensors.
+        """
+        from kd.losses import chunked_cross_entropy_sum
+
+        tokens, labels = batch["tokens"], self._shift(batch["labels"])
+        mask, input_pos = batch.get("mask", None), batch.get("input_pos", None)
+        # The teacher runs even at kd_ratio=0 (when there is one): it feeds the logged KL / agreement.
+        teacher_out = None
+        if self._teacher is not None:
+            with torch.no_grad():
+                teacher_out = self._teacher(tokens, mask=mask, input_pos=input_pos)
+        if self._loss_form == "fused":
+            self._model.output.set_targets(
+                labels=labels, kd_ratio=kd_ratio, loss=self._kd_loss,
+                teacher_hidden=None if teacher_out is None else teacher_out.to(self._dtype),
+                teacher_weight=self._teacher_head_weight,
+            )
+            loss_sum = self._model(tokens, mask=mask, input_pos=input_pos)
+            o = self._model.output.last
+            self._model.output.last = None
+            return {"loss": loss_sum, "ce": o.ce_sum, "kd": o.kd_sum, "kl": o.kl_sum,
+                    "n_valid": o.n_valid.to(torch.float32), "n_agree": o.n_agree.to(torch.float32)}
+        # chunked: [b, s_i, V] logits chunks from both models
+        s_chunks = self._model(tokens, mask=mask, input_pos=input_pos)
+        t_chunks = teacher_out
+        ce = chunked_cross_entropy_sum(s_chunks, labels, ignore_index=self._ignore_index)
+        if t_chunks is None:
+            zero = torch.zeros((), device=labels.device)
+            return {"loss": ce.loss_sum, "ce": ce.loss_sum.detach(), "kd": zero, "kl": zero,
+                    "n_valid": ce.n_valid.to(torch.float32), "n_agree": zero}
+        kd = self._chunked_kd(s_chunks, t_chunks, labels)
+        with torch.no_grad():
+            kl, agree = self._chunked_metrics(s_chunks, t_chunks, labels)
+        loss = (1.0 - kd_ratio) * ce.loss_sum + kd_ratio * kd.loss_sum
+        return {"loss": loss, "ce": ce.loss_sum.detach(), "kd": kd.loss_sum.detach(), "kl": kl,
+                "n_valid": ce.n_valid.to(torch.float32), "n_agree": agree}
+
+    def _chunked_kd(self, s_chunks, t_chunks, labels):
+        from kd.losses import ChunkedDistillationLoss
+
+        if not hasattr(self, "_chunked_kd_fn"):
+            self._chunked_kd_fn = ChunkedDistillationLoss(**self._kd_loss_kwargs())
+        return self._chunked_kd_fn(s_chunks, t_chunks, labels)
+
+    def _kd_loss_kwargs(self) -> Dict[str, Any]:
+        l = self._kd_loss
+        return {k: getattr(l, k) for k in ("kind", "temperature", "beta", "alpha", "scale_by_t2",
+                                           "soft_ce", "ignore_index") if hasattr(l, k)}
+
+    def _chunked_metrics(self, s_chunks, t_chunks, labels):
+        from kd.losses import ChunkedDistillationLoss
+
+        if not hasattr(self, "_kl_fn"):
+            kw = self._kd_loss_kwargs()
+            kw.update(kind="forward_kl", soft_ce=False, scale_by_t2=False)
+            self._kl_fn = ChunkedDistillationLoss(**kw)
+        kl = self._kl_fn(s_chunks, t_chunks, labels).loss_sum
+        agree = torch.zeros((), device=labels.device)
+        for s, t, lab in zip(s_chunks, t_chunks, labels.split([c.shape[1] for c in s_chunks], dim=1)):
+            valid = lab != self._ignore_index
+            agree += ((s.argmax(-1) == t.argmax(-1)) & valid).sum()
+        return kl, agree
+
+    # ----------------------------------------------------------------------------------------------
+    # Training
+    # ----------------------------------------------------------------------------------------------
+    def _next_micro_batches(self, it) -> Optional[List[Dict[str, torch.Tensor]]]:
+        batches = []
+        for _ in range(self._grad_accum):
+            try:
+                batches.append(next(it))
+            except StopIteration:
+                return None
+        return batches
+
+    def train(self) -> None:
+        from torchtune import training, utils
+        from tqdm import tqdm
+
+        training.cleanup_before_training() if self._device.type == "cuda" else None
+        self._optimizer.zero_grad(set_to_none=True)
+        if self._val_loader is not None and self.global_step == 0:
+            self._validate_now()  # the step-0 baseline the later validation points compare with
+        self._profiler.start()
+        for epoch in range(self.epochs_run, self.total_epochs):
+            loader = self._train_loader
+            if self._step_in_epoch == 0:
+                loader.sampler.set_epoch(epoch)
+            it = iter(loader)
+            pbar = tqdm(
+                total=self._steps_per_epoch, initial=self._step_in_epoch,
+                disable=not (self._is_rank_zero and self._progress_bar), desc=f"epoch {epoch + 1}",
+                dynamic_ncols=True,
+            )
+            t0 = time.perf_counter()
+            while self._step_in_epoch < self._steps_per_epoch:
+                micro = self._next_micro_batches(it)
+                if micro is None:
+                    break
+                for b in micro:
+                    utils.batch_to_device(b, self._device)
+                # Global valid-token count of this optimizer step, known before any backward.
+                local_n = sum((self._shift(b["labels"]) != self._ignore_index).sum() for b in micro)
+                local_tok = sum((b["tokens"] != self._tokenizer.pad_id).sum() for b in micro)
+                counts = kdist.all_reduce_sum(torch.stack([local_n, local_tok]).to(torch.float32))
+                scale = self.world_size / counts[0].clamp_min(1.0)  # undo FSDP2's mean over ranks
+                sums = None
+                for b in micro:
+                    out = self._loss_step(b, self._kd_ratio)
+                    (out["loss"] * scale).backward()
+                    vals = torch.stack([out[k].detach().float() for k in ("loss", "ce", "kd", "kl", "n_valid", "n_agree")])
+                    sums = vals if sums is None else sums + vals
+                grad_norm = None
+                if self._clip_grad_norm is not None:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(
+                        [p for p in self._model.parameters() if p.requires_grad], max_norm=self._clip_grad_norm
+                    )
+                    if hasattr(grad_norm, "full_tensor"):
+                        grad_norm = grad_norm.full_tensor()
+                self._optimizer.step()
+                self._optimizer.zero_grad(set_to_none=True)
+                if self._lr_scheduler is not None:
+                    self._lr_scheduler.step()
+                self.global_step += 1
+                self._step_in_epoch += 1
+                pbar.update(1)
+                self._profiler.step()
+
+                if self.global_step % self._log_every_n_steps == 0:
+                    sums = kdist.all_reduce_sum(sums)
+                    dt = time.perf_counter() - t0
+                    self._log_step(sums, counts, grad_norm, dt, pbar)
+                t0 = time.perf_counter()
+                if self._val_loader is not None and self.global_step % self._eval_every == 0:
+                    self._validate_now()
+                if self._save_every is not None and self.global_step % self._save_every == 0:
+                    self.save_checkpoint()
+            pbar.close()
+            self.epochs_run = epoch + 1
+            self._step_in_epoch = 0
+            self.save_checkpoint()
+        self._profiler.stop()
+        if self._save_merged:
+            self._save_merged_model()
+
+    def _log_step(self, sums, counts, grad_norm, dt: float, pbar) -> None:
+        loss, ce, kd, kl, n_valid, n_agree = sums.tolist()
+        n = max(n_valid, 1.0)
+        tokens = float(counts[1])
+        metrics = {
+            "loss": loss / n, "ce_loss": ce / n, "kd_loss": kd / n, "kl": kl / n,
+            "top1_agreement": n_agree / n,
+            "lr": self._optimizer.param_groups[0]["lr"],
+            "tokens_per_second": tokens / max(dt, 1e-9),
+            "tokens_per_second_per_gpu": tokens / max(dt, 1e-9) / self.world_size,
+            "valid_tokens": n_valid,
+        }
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        if self._log_peak_memory_stats:
+            metrics.update(self._memory_stats())
+        if self._is_rank_zero:
+            self._emit(metrics, kind="train")
+            pbar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl']:.4f}")
+
+    def _memory_stats(self) -> Dict[str, float]:
+        if self._device.type == "cuda":
+            st = {"peak_memory_alloc_gib": torch.cuda.max_memory_allocated(self._device) / 2**30,
+                  "peak_memory_reserved_gib": torch.cuda.max_memory_reserved(self._device) / 2**30}
+            torch.cuda.reset_peak_memory_stats(self._device)
+            return st
+        return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+    def _emit(self, metrics: Dict[str, float], kind: str) -> None:
+        import json
+
+        rec = {"step": self.global_step, "kind": kind, **metrics}
+        self._metrics_file.write(json.dumps(rec) + "\n")
+        if self._metric_logger is not None:
+            prefix = "" if kind == "train" else f"{kind}/"
+            self._metric_logger.log_dict({prefix + k: v for k, v in metrics.items()}, step=self.global_step)
+        msg = " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        log.info(f"[{kind}] step {self.global_step}: {msg}")
+
+    @torch.no_grad()
+    def _validate_now(self) -> None:
+        from torchtune import utils
+
+        self._model.eval()
+        sums = torch.zeros(6, device=self._device)
+        for i, b in enumerate(self._val_loader):
+            if self._max_eval_batches is not None and i >= self._max_eval_batches:
+                break
+            utils.batch_to_device(b, self._device)
+            out = self._loss_step(b, self._kd_ratio)
+            sums += torch.stack([out[k].detach().float() for k in ("loss", "ce", "kd", "kl", "n_valid", "n_agree")])
+        self._model.train()
+        sums = kdist.all_reduce_sum(sums)
+        loss, ce, kd, kl, n_valid, n_agree = sums.tolist()
+        n = max(n_valid, 1.0)
+        if self._is_rank_zero:
+            self._emit({"loss": loss / n, "ce_loss": ce / n, "kd_loss": kd / n, "kl": kl / n,
+                        "top1_agreement": n_agree / n, "valid_tokens": n_valid}, kind="val")
+
+    # ----------------------------------------------------------------------------------------------
+    # Checkpointing
+    # ----------------------------------------------------------------------------------------------
+    def _adapter_meta(self) -> Dict[str, Any]:
+        from torchtune.modules.peft import get_lora_module_names
+
+        return {
+            "rank": self._lora_rank, "alpha": self._lora_alpha,
+            "target_modules": get_lora_module_names(
+                self._lora_attn_modules, self._apply_lora_to_mlp, self._apply_lora_to_output
+            ),
+            "base_model_name_or_path": self._base_name,
+        }
+
+    def save_checkpoint(self) -> None:
+        """Adapter (PEFT format), optimizer, LR scheduler, RNG of every rank and dataloader position,
+        written atomically by rank 0; collective (every rank must call it)."""
+        import torch.distributed as dist
+
+        adapter = adapter_state_dict(self._model)  # collective under FSDP
+        opt = self._optimizer_state()  # collective under FSDP
+        rng = [self._rng_state()]
+        if self._fsdp:
+            gathered = [None] * self.world_size
+            dist.all_gather_object(gathered, rng[0])
+            rng = gathered
+        if self._is_rank_zero:
+            state = {
+                "optimizer": opt,
+                "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler is not None else None,
+                "global_step": self.global_step,
+                "epoch": self.epochs_run,
+                "step_in_epoch": self._step_in_epoch,
+                "dataloader": self._train_loader.state_dict() if self._step_in_epoch > 0 else None,
+                "rng": rng,
+                "seed": self.seed,
+                "world_size": self.world_size,
+            }
+            path = self._ckpt.save(
+                self.global_step, self.epochs_run, adapter_sd=adapter, adapter_meta=self._adapter_meta(),
+                recipe_state=state,
+            )
+            self._log(f"checkpoint saved: {path}")
+        kdist.barrier()
+
+    def _save_merged_model(self) -> None:
+        from kd.checkpoint import save_merged_hf
+
+        out = self._output_dir / "merged"
+        if isinstance(self._model.output, FusedKDHead):
+            pass  # parameters keep their names; merging reads the state dict
+        save_merged_hf(
+            self._model, self._student_ckpt_dir, out, rank=self._lora_rank, alpha=self._lora_alpha,
+        )
+        self._log(f"merged HF checkpoint written to {out}")
+
+    def cleanup(self) -> None:
+        if self._is_rank_zero:
+            if self._metric_logger is not None:
+                self._metric_logger.close()
+            self._metrics_file.close()
+        kdist.destroy()
+
+    def _log(self, msg: str) -> None:
+        if self._is_rank_zero:
+            log.info(msg)
+
+
+def _configure_logging() -> None:
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+    )
+
+
+def recipe_main(cfg: DictConfig) -> None:
+    """Entry point: ``tune run recipes/kd_lora.py --config <yaml> key=value ...``."""
+    _configure_logging()
+    recipe = KDLoRARecipe(cfg=cfg)
+    recipe.setup(cfg=cfg)
+    recipe.train()
+    recipe.cleanup()
+
+
+def main() -> int:
+    from kd.cli_util import run_recipe
+
+    return run_recipe(recipe_main)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
