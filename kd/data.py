@@ -9,7 +9,8 @@ the source file (stable across splits, usable as a key by resumable generation).
 
 Messages: system prompt, user = ``instruction + "\\n" + input`` (just ``instruction`` when input is
 empty), assistant = output; tokenized with the tokenizer's own chat template (Qwen2.5 ChatML for
-torchtune's ``Qwen2_5Tokenizer``). The loss is only on the answer and the closing ``<|im_end|>``.
+torchtune's ``Qwen2_5Tokenizer``). The loss is only on the answer and the closing ``<|im_end|>``
+(unlike torchtune's default, the ``<|im_start|>assistant\n`` header is masked too).
 
 The whole file is validated up front: bad records raise ``ValueError`` naming the file, the record
 number (0-based index, plus the line for .jsonl) and the field, or are skipped and counted with
@@ -258,6 +259,11 @@ class AlpacaKDDataset(Dataset):
         """The raw record of item ``i`` (not the sample id)."""
         return self.records[self.ids[i]]
 
+    def _assistant_header(self) -> List[int]:
+        if not hasattr(self, "_hdr"):
+            self._hdr = self.tokenizer.encode("assistant\n", add_bos=False, add_eos=False)
+        return self._hdr
+
     def __getitem__(self, i: int) -> Dict[str, Any]:
         from torchtune.data import truncate
 
@@ -266,6 +272,16 @@ class AlpacaKDDataset(Dataset):
             self.records[sid], self.system_prompt, train_on_input=self.train_on_input, output_field=self.output_field
         )
         tokens, mask = self.tokenizer.tokenize_messages(msgs, add_eos=True)
+        mask = list(mask)
+        if not self.train_on_input:
+            # torchtune leaves the assistant header ("<|im_start|>assistant\n") unmasked: mask it
+            # too, so the loss is only on the answer (+ the closing <|im_end|>).
+            first = next((j for j, m in enumerate(mask) if not m), None)
+            im_start = getattr(self.tokenizer, "im_start_id", None)
+            if first is not None and im_start is not None and tokens[first] == im_start:
+                n_hdr = 1 + len(self._assistant_header())
+                for j in range(first, min(first + n_hdr, len(mask) - 1)):
+                    mask[j] = True
         if self.max_seq_len is not None and len(tokens) > self.max_seq_len:
             tokens = truncate(tokens, self.max_seq_len, self.tokenizer.eos_id)
             mask = truncate(mask, self.max_seq_len, True)
