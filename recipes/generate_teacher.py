@@ -1,0 +1,252 @@
+"""Offline distillation, step 1: the teacher answers every prompt once (batched, resumable, data-parallel).
+
+    tune run recipes/generate_teacher.py --config configs/qwen2_5/72B_generate.yaml key=value ...
+    tune run --nnodes 2 --nproc_per_node 8 ... recipes/generate_teacher.py --config ...   (one shard per rank)
+
+Loads the teacher exactly as the KD recipe does (``kd.models.build_on_meta`` + ``load_hf_into_model``,
+``quantization: nf4`` -> NF4 weights with the ``kd.nf4`` fast linear), generates left-padded batches of
+length-sorted prompts with a KV cache (``kd.generation.generate_batch``), appends one JSON line per sample to
+``<output_dir>/parts/rank-XXXXX.jsonl`` (fsync per batch), and finally (rank 0) merges everything into
+``<output_dir>/<dataset_name>.json`` + ``dataset_info.json`` + ``summary.json``. Re-running the same command
+resumes: done ids are skipped; a torn last line from a ``kill -9`` is dropped. See docs/offline.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Dict
+
+import torch
+from omegaconf import DictConfig
+
+from kd import dist as kdist
+from kd.config import ConfigError, DataError, check_keys, choice, number, require_component
+
+log = logging.getLogger("kd.generate")
+
+KEYS = {
+    "output_dir", "model", "checkpointer", "teacher_checkpointer", "tokenizer", "source", "system_prompt",
+    "on_bad_record", "quantization", "device", "dtype", "seed", "batch_size", "max_batch_tokens",
+    "max_new_tokens", "temperature", "top_p", "top_k", "dataset_name", "merge", "allow_missing",
+    "progress_bar", "on_source_change", "max_samples", "log_level",
+}
+CHECKPOINTER_KEYS = {"_component_", "checkpoint_dir", "checkpoint_files", "output_dir", "model_type"}
+META_KEYS = ("quantization", "dtype", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "system_prompt")
+
+
+def _configure_logging(level: str = "INFO") -> None:
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO) if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout,
+    )
+
+
+def _settings(cfg: DictConfig) -> Dict:
+    from kd.data import DEFAULT_SYSTEM_PROMPT
+
+    check_keys(cfg, KEYS, where="the generate_teacher config", required=("output_dir", "model", "tokenizer", "source"))
+    require_component(cfg, "model")
+    require_component(cfg, "tokenizer")
+    ck_key = "checkpointer" if cfg.get("checkpointer") is not None else "teacher_checkpointer"
+    if cfg.get(ck_key) is None:
+        raise ConfigError("Missing 'checkpointer' section (checkpoint_dir of the teacher's HF checkpoint).")
+    check_keys(cfg[ck_key], CHECKPOINTER_KEYS, where=f"'{ck_key}'", required=("checkpoint_dir",))
+    s = {
+        "ck": cfg[ck_key],
+        "quantization": cfg.get("quantization", None),
+        "dtype": str(cfg.get("dtype", "bf16")),
+        "temperature": number(cfg, "temperature", 0.7, min_value=0.0),
+        "top_p": number(cfg, "top_p", 1.0, min_value=0.0, max_value=1.0),
+        "top_k": number(cfg, "top_k", None, kind=int, min_value=1, allow_none=True),
+        "max_new_tokens": number(cfg, "max_new_tokens", 1024, kind=int, min_value=1),
+        "seed": number(cfg, "seed", 0, kind=int, min_value=0),
+        "batch_size": number(cfg, "batch_size", 64, kind=int, min_value=1),
+        "max_batch_tokens": number(cfg, "max_batch_tokens", None, kind=int, min_value=1, allow_none=True),
+        "max_samples": number(cfg, "max_samples", None, kind=int, min_value=1, allow_none=True),
+        "system_prompt": cfg.get("system_prompt", DEFAULT_SYSTEM_PROMPT),
+        "on_bad_record": choice(cfg, "on_bad_record", ["error", "skip"], "error"),
+        "on_source_change": choice(cfg, "on_source_change", ["error", "regenerate"], "error"),
+        "dataset_name": str(cfg.get("dataset_name", "teacher_distill")),
+        "merge": bool(cfg.get("merge", True)),
+        "allow_missing": bool(cfg.get("allow_missing", False)),
+        "progress_bar": bool(cfg.get("progress_bar", True)),
+    }
+    if s["quantization"] not in (None, "nf4"):
+        raise ConfigError(f"quantization must be null (use dtype) or 'nf4', got {s['quantization']!r}.")
+    if s["top_p"] <= 0.0:
+        raise ConfigError("top_p must be in (0, 1].")
+    return s
+
+
+def _check_run_meta(out: Path, meta: Dict, is_rank_zero: bool) -> None:
+    p = out / "run.json"
+    if p.is_file():
+        old = json.loads(p.read_text())
+        diff = [f"{k}: {old.get(k)!r} -> {meta.get(k)!r}" for k in META_KEYS if old.get(k) != meta.get(k)]
+        if diff:
+            raise ConfigError(
+                f"{out} holds results generated with different settings:\n  - " + "\n  - ".join(diff)
+                + "\nUse a new output_dir (or restore the settings) so answers are not mixed."
+            )
+    elif is_rank_zero:
+        from kd.checkpoint import atomic_write_text
+
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(p, json.dumps(meta, ensure_ascii=False, indent=1, sort_keys=True) + "\n")
+
+
+def load_teacher(cfg: DictConfig, s: Dict, device: torch.device, dtype: torch.dtype):
+    from kd.generation import enable_fast_nf4, install_last_token_head
+    from kd.models import build_on_meta, load_hf_into_model
+
+    model = build_on_meta(cfg.model, dtype)
+    ck = s["ck"]
+    load_hf_into_model(
+        model, ck.checkpoint_dir, ck.get("checkpoint_files", None), device=device, dtype=dtype,
+        nf4=s["quantization"] == "nf4", which="teacher", progress=True,
+    )
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if s["quantization"] == "nf4":
+        n = enable_fast_nf4(model)
+        log.info(f"teacher: {n} NF4 linears use the kd.nf4 fast path")
+    return install_last_token_head(model)
+
+
+def recipe_main(cfg: DictConfig) -> None:
+    from torchtune import config as tt_config, training
+    from tqdm import tqdm
+
+    from kd.data import load_alpaca_records
+    from kd.generation import (
+        ResultStore, SamplingParams, generate_batch, merge_results, plan_batches, prompt_hash, prompt_tokens,
+        sample_seed, stop_token_ids, summarize,
+    )
+
+    _configure_logging(str(cfg.get("log_level", "INFO")))
+    s = _settings(cfg)
+    try:
+        device = kdist.resolve_device(cfg.get("device", "auto"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    info = kdist.init_distributed(device)
+    dtype = training.get_dtype(s["dtype"], device=device)
+    out = Path(cfg.output_dir)
+
+    # ---- data, prompts, hashes -----------------------------------------------------------------
+    try:
+        tokenizer = tt_config.instantiate(cfg.tokenizer)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"tokenizer: {e}") from e
+    try:
+        records, n_bad = load_alpaca_records(cfg.source, on_bad_record=s["on_bad_record"])
+    except (ValueError, FileNotFoundError) as e:
+        raise DataError(f"source: {e}") from e
+    if s["max_samples"]:
+        records = {i: records[i] for i in sorted(records)[: s["max_samples"]]}
+    prompts = {i: prompt_tokens(tokenizer, r, s["system_prompt"]) for i, r in records.items()}
+    hashes = {i: prompt_hash(t) for i, t in prompts.items()}
+    stop_ids = stop_token_ids(tokenizer)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else stop_ids[0]
+
+    meta = {k: s[k] for k in META_KEYS}
+    meta["source"] = str(Path(cfg.source).resolve())
+    meta["checkpoint_dir"] = str(s["ck"].checkpoint_dir)
+    _check_run_meta(out, meta, info.is_rank_zero)
+    kdist.barrier()
+
+    # ---- what is left --------------------------------------------------------------------------
+    store = ResultStore(out)
+    done, n_ignored = store.scan()
+    changed = sorted(i for i, r in done.items() if i in hashes and r.get("prompt_hash") != hashes[i])
+    if changed and s["on_source_change"] == "error":
+        raise DataError(
+            f"{len(changed)} finished sample(s) in {out} were generated from a different prompt than the "
+            f"current source (ids {changed[:10]}...): the source file, system_prompt or tokenizer changed. "
+            "Use a new output_dir, or on_source_change=regenerate to redo those samples."
+        )
+    todo = {i for i in records if i not in done or i in changed}
+    kdist.barrier()  # every rank has read the files before anyone appends
+    plan = plan_batches({i: len(t) for i, t in prompts.items()}, batch_size=s["batch_size"],
+                        max_new_tokens=s["max_new_tokens"], max_batch_tokens=s["max_batch_tokens"])
+    mine = [[i for i in b if i in todo] for k, b in enumerate(plan) if k % info.world_size == info.rank]
+    mine = [b for b in mine if b]
+    n_mine = sum(len(b) for b in mine)
+    if info.is_rank_zero:
+        log.info(f"{len(records)} prompts ({n_bad} bad records skipped), {len(records) - len(todo)} already done"
+                 f"{f', {n_ignored} torn/bad line(s) ignored' if n_ignored else ''}; {len(todo)} to generate "
+                 f"on {info.world_size} rank(s) in {len(plan)} planned batches")
+
+    # ---- generate ------------------------------------------------------------------------------
+    if n_mine:
+        model = load_teacher(cfg, s, device, dtype)
+        params = SamplingParams(temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"])
+        store.open_for_append(info.rank)
+        kill_after = int(os.environ.get("KD_GEN_KILL_AFTER_BATCHES", "0"))  # crash test hook
+        pbar = tqdm(total=n_mine, disable=not (info.is_rank_zero and s["progress_bar"]), desc="teacher",
+                    unit="sample", dynamic_ncols=True)
+        t0, n_tok, n_trunc, n_empty = time.perf_counter(), 0, 0, 0
+        try:
+            for bi, ids in enumerate(mine):
+                gens = generate_batch(
+                    model, [prompts[i] for i in ids], max_new_tokens=s["max_new_tokens"], stop_ids=stop_ids,
+                    pad_id=pad_id, params=params, seeds=[sample_seed(s["seed"], i) for i in ids],
+                    device=device, cache_dtype=dtype,
+                )
+                rows = []
+                for i, g in zip(ids, gens):
+                    text = tokenizer.decode(g.tokens, skip_special_tokens=True) if g.tokens else ""
+                    n_tok += len(g.tokens)
+                    n_trunc += g.finish == "length"
+                    n_empty += not text.strip()
+                    rows.append({"id": i, "prompt_hash": hashes[i], "output": text, "n_tokens": len(g.tokens),
+                                 "finish": g.finish})
+                store.append(rows)
+                pbar.update(len(ids))
+                dt = time.perf_counter() - t0
+                pbar.set_postfix(tok_s=f"{n_tok * info.world_size / max(dt, 1e-9):.0f}", trunc=n_trunc,
+                                 empty=n_empty)
+                if kill_after and bi + 1 >= kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            pbar.close()
+            store.close()
+        dt = time.perf_counter() - t0
+        log.info(f"rank {info.rank}: {n_mine} samples, {n_tok} tokens in {dt:.1f}s "
+                 f"({n_tok / max(dt, 1e-9):.1f} generated tokens/s on this rank); truncated {n_trunc}, empty {n_empty}")
+    kdist.barrier()
+
+    # ---- merge (rank 0) ------------------------------------------------------------------------
+    if info.is_rank_zero and s["merge"]:
+        from kd.checkpoint import atomic_write_text
+
+        results, _ = store.scan()
+        results = {i: r for i, r in results.items() if i in records}
+        path = merge_results(records, results, out, dataset_name=s["dataset_name"], hashes=hashes,
+                             allow_missing=s["allow_missing"])
+        summ = summarize({i: r for i, r in results.items() if r.get("prompt_hash") == hashes[i]})
+        atomic_write_text(out / "summary.json", json.dumps(summ, indent=1) + "\n")
+        log.info(f"merged {summ['samples']} answers into {path} (+ dataset_info.json); "
+                 f"{summ['generated_tokens']} tokens, mean {summ['mean_answer_tokens']:.1f}/answer; "
+                 f"truncated at max_new_tokens: {summ['truncated']}, empty: {summ['empty']}"
+                 + (f" (ids {summ['truncated_ids'][:10]})" if summ["truncated"] else ""))
+    kdist.barrier()
+    kdist.destroy()
+
+
+def main() -> int:
+    from kd.cli_util import run_recipe
+
+    return run_recipe(recipe_main)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
