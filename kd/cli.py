@@ -1,0 +1,86 @@
+"""``kd`` console command.
+
+    kd preflight --config CFG [key=value ...] [--nominal-gbps 25] [--bw-mb N]
+        Checks of this node (or, under torchrun, of every node): versions, code/config hashes, checkpoints,
+        memory vs the plan, disk, all-reduce bandwidth. Exit 0 = OK, 1 = a check failed, 2 = config error.
+    kd plan --config CFG [key=value ...] [--world-size N] [--nproc-per-node M] [--batch-size B]
+            [--seq-len S] [--ac-layers K] [--device-memory-gib G | --gb10] [--reserve-gib R] [--sweep]
+        Per-device peak-memory estimate of recipes/kd_lora.py for that config (kd.planner).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+
+def _plan(argv: List[str]) -> int:
+    from kd import planner
+    from kd.preflight import load_config
+
+    p = argparse.ArgumentParser(prog="kd plan", description="Estimate peak memory per device for a kd_lora config.")
+    p.add_argument("--config", required=True)
+    p.add_argument("--world-size", type=int, default=1, help="total processes (nodes x GPUs per node)")
+    p.add_argument("--nproc-per-node", type=int, default=None, help="GPUs per node (for fsdp_strategy=hybrid)")
+    p.add_argument("--batch-size", type=int, default=None, help="micro-batch per device (default: config)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: tokenizer.max_seq_len)")
+    p.add_argument("--ac-layers", type=int, default=None,
+                   help="student layers with activation checkpointing (default: all if enabled, else 0)")
+    p.add_argument("--device-memory-gib", type=float, default=None, help="memory of one device in GiB")
+    p.add_argument("--gb10", action="store_true", help="device memory = 128 GB unified (DGX Spark / GB10)")
+    p.add_argument("--reserve-gib", type=float, default=None,
+                   help="kept free for CUDA context, allocator slack and the OS (default 8 on GPU)")
+    p.add_argument("--sweep", action="store_true", help="also print the peak for batch sizes 1, 2, 4, ...")
+    args, overrides = p.parse_known_args(argv)
+    cfg = load_config(args.config, overrides)
+    mem = planner.GB10_MEMORY_GIB if args.gb10 else args.device_memory_gib
+    kw = dict(local_world_size=args.nproc_per_node or args.world_size, seq_len=args.seq_len,
+              ac_layers=args.ac_layers, device_memory_gib=mem, reserve_gib=args.reserve_gib)
+    if (args.gb10 or mem is not None) and args.reserve_gib is None:
+        kw["reserve_gib"] = 8.0
+    plan = planner.plan_from_config(cfg, args.world_size, batch_size=args.batch_size, **kw)
+    print(plan.table())
+    if args.sweep:
+        print("\nbatch sweep (same settings):")
+        b = 1
+        while b <= 64:
+            pb = planner.plan_from_config(cfg, args.world_size, batch_size=b, **kw)
+            fit = "" if pb.fits is None else ("  fits" if pb.fits else "  does not fit")
+            print(f"  batch {b:>3} x {pb.inputs.seq_len}: peak {pb.peak_gib:7.2f} GiB{fit}")
+            if pb.fits is False:
+                break
+            b *= 2
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import logging
+
+    from kd.cli_util import user_error_types
+
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    try:
+        if cmd == "plan":
+            return _plan(rest)
+        if cmd == "preflight":
+            from kd.preflight import main as preflight_main
+
+            return preflight_main(rest)
+    except user_error_types() as e:
+        if os.environ.get("KD_DEBUG"):
+            raise
+        print(f"kd {cmd}: error: {e}", file=sys.stderr)
+        return 2
+    print(f"kd: unknown command {cmd!r}; use 'kd plan' or 'kd preflight' (kd --help).", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""launch/run_node.sh end to end: two "nodes" on one host (two launcher invocations, NODE_RANK 0 and 1,
+localhost c10d rendezvous on a free port, gloo on CPU) on the tiny models.
+
+- a clean run: preflight passes on both nodes, then the recipe trains a few steps (two processes);
+- preflight refuses to start when a teacher shard is removed, when the two nodes get different configs,
+  and when the teacher and student vocab sizes differ; the message names the node and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch" / "run_node.sh"
+CFG = "configs/tiny/kd_lora.yaml"
+HOST = socket.gethostname()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_pair(testbed, tmp_path, args0, args1=None, *, env_extra=None, timeout=300):
+    """Run the launcher twice (NODE_RANK 0 and 1) in the background; return [(rc, output), ...]."""
+    port = _free_port()
+    args1 = args0 if args1 is None else args1
+    procs = []
+    for rank, args in ((0, args0), (1, args1)):
+        env = dict(os.environ, NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   KD_LOG_DIR=str(tmp_path / "logs"), KD_TESTBED_DIR=str(testbed.root),
+                   OMP_NUM_THREADS="1", KD_RDZV_TIMEOUT="120", KD_RUN_ID=f"kdtest-{port}",
+                   **(env_extra or {}))
+        env.pop("RANK", None)
+        env.pop("WORLD_SIZE", None)
+        procs.append(subprocess.Popen(
+            ["bash", str(LAUNCH), "--config", CFG, *args], cwd=REPO, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))
+    out = []
+    deadline = time.time() + timeout
+    for p in procs:
+        try:
+            o, _ = p.communicate(timeout=max(1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        out.append((p.returncode, o))
+    return out
+
+
+def _common(tmp_path):
+    return [f"output_dir={tmp_path / 'out'}", "max_steps_per_epoch=2", "epochs=1", "batch_size=2",
+            "eval_every_n_steps=null", "save_every_n_steps=null", "progress_bar=False"]
+
+
+def test_two_node_launch_trains(testbed, tmp_path):
+    res = launch_pair(testbed, tmp_path, _common(tmp_path))
+    (rc0, o0), (rc1, o1) = res
+    for rc, o in res:
+        assert "preflight OK" in o, o[-4000:]
+        assert "NCCL_DEBUG" in o or "network environment" in o
+        assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in o
+    assert "world size 2" in o0 and "all-reduce" in o0, o0[-4000:]
+    assert rc0 == 0 and rc1 == 0, f"node0 rc={rc0}\n{o0[-6000:]}\nnode1 rc={rc1}\n{o1[-6000:]}"
+    logs = sorted((tmp_path / "logs").glob("node*.log"))
+    assert {p.name.split("-")[0] for p in logs} == {"node0", "node1"}
+    metrics = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if m["kind"] == "train"] == [1, 2]
+
+
+def test_preflight_refuses_missing_shard(testbed, tmp_path):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(testbed.teacher_dir, teacher)
+    index = json.loads((teacher / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    (teacher / shard).unlink()
+    args = _common(tmp_path) + [f"teacher_checkpointer.checkpoint_dir={teacher}"]
+    res = launch_pair(testbed, tmp_path, args)
+    for rc, o in res:
+        assert rc != 0
+        assert "not starting training" in o
+        assert "Traceback" not in o, o[-3000:]
+    o0 = res[0][1]
+    for r in (0, 1):
+        assert f"FAIL [{HOST} rank {r}] teacher checkpoint: 1 shard(s)" in o0, o0[-4000:]
+    assert shard in o0 and "rsync" in o0
+
+
+def test_preflight_refuses_different_configs(testbed, tmp_path):
+    res = launch_pair(testbed, tmp_path, _common(tmp_path) + ["kd_ratio=0.5"], _common(tmp_path) + ["kd_ratio=0.7"])
+    for rc, o in res:
+        assert rc != 0 and "not starting training" in o, o[-3000:]
+    o0 = res[0][1]
+    assert "resolved config differs" in o0 and "kd_ratio: 0.7" in o0, o0[-4000:]
+
+
+def test_preflight_refuses_vocab_mismatch(testbed, tmp_path):
+    student = tmp_path / "student"
+    shutil.copytree(testbed.student_dir, student)
+    cfg = json.loads((student / "config.json").read_text())
+    cfg["vocab_size"] = 1040
+    (student / "config.json").write_text(json.dumps(cfg))
+    args = _common(tmp_path) + [f"checkpointer.checkpoint_dir={student}", "model.vocab_size=1040"]
+    res = launch_pair(testbed, tmp_path, args)
+    for rc, o in res:
+        assert rc != 0 and "not starting training" in o
+    o0 = res[0][1]
+    assert "vocab size mismatch: teacher 1024 vs student 1040" in o0, o0[-4000:]
+
+
+def test_launcher_usage_errors(tmp_path):
+    env = dict(os.environ, KD_LOG_DIR=str(tmp_path))
+    env.pop("NODE_RANK", None)
+    r = subprocess.run(["bash", str(LAUNCH), "--config", CFG], cwd=REPO, env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "NODE_RANK" in r.stderr
+    env.update(NODE_RANK="0", MASTER_ADDR="127.0.0.1")
+    r = subprocess.run(["bash", str(LAUNCH), "--config", "nope.yaml"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_wheelhouse_requirements_are_the_pins():
+    r = subprocess.run(["bash", "launch/wheelhouse.sh", "requirements"], cwd=REPO, capture_output=True, text=True,
+                       env=dict(os.environ, TORCH_SPEC="torch==2.11.0"))
+    assert r.returncode == 0, r.stderr
+    reqs = r.stdout.split()
+    assert "torch==2.11.0" in reqs and "torchtune==0.6.1" in reqs and "torchao==0.15.0" in reqs
+    assert all("==" in x for x in reqs)
