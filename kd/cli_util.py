@@ -39,8 +39,10 @@ def parse_config() -> DictConfig:
 def run_recipe(recipe_main: Callable[[DictConfig], None]) -> int:
     """Parse the config and run ``recipe_main``; turn user errors into a clear message (exit 2)."""
     import logging
+    import warnings
 
     logging.getLogger("torchao").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*set_vital.*")
     try:
         cfg = parse_config()
         recipe_main(cfg)

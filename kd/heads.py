@@ -52,6 +52,17 @@ class FusedKDHead(nn.Module):
         self._targets: Optional[Dict[str, Any]] = None
         self.last: Optional[Any] = None
 
+    def init_lora_parameters(self, device) -> None:
+        """Materialise and initialise the LoRA matrices as torchtune's LoRALinear does (A: Kaiming
+        uniform, B: zeros), leaving the loaded base weight alone."""
+        from torchtune.modules.peft.lora import _lora_a_init_params, _lora_b_init_params
+
+        if hasattr(self, "lora_a"):
+            self.lora_a.to_empty(device=device)
+            self.lora_b.to_empty(device=device)
+            _lora_a_init_params(self.lora_a)
+            _lora_b_init_params(self.lora_b)
+
     def proj_weight(self) -> torch.Tensor:
         return self._tied.tied_module.weight if self._tied is not None else self.weight
 

@@ -240,6 +240,7 @@ def load_hf_into_model(
     trainable: Optional[Callable[[str], bool]] = None,
     which: str = "model",
     progress: bool = False,
+    init_seed: Optional[int] = 0,
 ) -> nn.Module:
     """Materialise a meta-device torchtune ``TransformerDecoder`` from an HF Qwen2 checkpoint.
 
@@ -253,8 +254,26 @@ def load_hf_into_model(
         mesh / fsdp: shard each layer with FSDP2 ``fully_shard`` right after it is loaded, then the root.
         trainable: predicate on parameter names (e.g. LoRA params) that keep ``requires_grad``; all other
             parameters are frozen.
+        init_seed: seed for the LoRA initialisation, identical on every rank. torchtune seeds each rank
+            with ``seed + rank``; initialising the full LoRA matrices from that and keeping one shard per
+            rank would give a different initial adapter for every world size.
     Returns the loaded model (same object).
     """
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        if init_seed is not None:
+            torch.manual_seed(init_seed)
+        return _load_hf_into_model(
+            model, checkpoint_dir, checkpoint_files, device=device, dtype=dtype, nf4=nf4, mesh=mesh,
+            fsdp=fsdp, reshard_after_forward=reshard_after_forward, cpu_offload=cpu_offload,
+            trainable=trainable, which=which, progress=progress,
+        )
+
+
+def _load_hf_into_model(
+    model, checkpoint_dir, checkpoint_files, *, device, dtype, nf4, mesh, fsdp, reshard_after_forward,
+    cpu_offload, trainable, which, progress,
+) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
     from torchtune.modules.peft import DoRALinear, LoRALinear
 
@@ -283,8 +302,6 @@ def load_hf_into_model(
             for m in layer.modules():
                 if isinstance(m, (LoRALinear, DoRALinear)):
                     m.to_empty(device=device)
-                    for p in (m.lora_a.weight, m.lora_b.weight):
-                        p.data = p.data.to(dtype)
                     m.initialize_parameters()
         for name, p in layer.named_parameters():
             p.requires_grad_(trainable(f"layers.{i}.{_clean(name)}") and p.is_floating_point())
@@ -313,13 +330,12 @@ def load_hf_into_model(
             raise CheckpointError(f"Parameter {cname!r} is missing from {checkpoint_dir}.")
     with torch.device(device):
         for m in model.modules():
-            if isinstance(m, (LoRALinear, DoRALinear)) and any(
-                p.is_meta for p in m.parameters(recurse=True)
-            ):
+            lora_meta = hasattr(m, "lora_a") and m.lora_a.weight.is_meta
+            if isinstance(m, (LoRALinear, DoRALinear)) and lora_meta:
                 m.to_empty(device=device)
-                for p in (m.lora_a.weight, m.lora_b.weight):
-                    p.data = p.data.to(dtype)
                 m.initialize_parameters()
+            elif lora_meta and hasattr(m, "init_lora_parameters"):  # kd.heads.FusedKDHead
+                m.init_lora_parameters(device)
             if hasattr(m, "rope_init"):
                 m.rope_init()
     for name, p in model.named_parameters():
@@ -393,3 +409,25 @@ def load_adapter_state_dict(model: nn.Module, sd: Dict[str, torch.Tensor]) -> No
                 p.to_local().copy_(full.to_local())
             else:
                 p.copy_(full.to(p.device))
+
+
+def use_fast_nf4(model: nn.Module, fast: bool = True) -> int:
+    """Swap every ``nn.Linear`` holding an ``NF4Tensor`` weight for :class:`kd.nf4.FastNF4Linear`.
+
+    The weight stays the same torchao ``NF4Tensor`` parameter under the same name (FSDP2 can still shard
+    it); only the forward changes: one fast dequantisation kernel + a bf16 matmul instead of torchao's
+    ``linear_nf4`` (26x slower dequantisation, see docs/benchmarks.md). Call before ``fully_shard``.
+    Returns the number of modules swapped.
+    """
+    from torchao.dtypes.nf4tensor import NF4Tensor
+
+    from kd.nf4 import FastNF4Linear
+
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and isinstance(child.weight.data, NF4Tensor):
+                bias = child.bias.data if child.bias is not None else None
+                setattr(parent, name, FastNF4Linear(child.weight.data, bias, fast=fast))
+                n += 1
+    return n

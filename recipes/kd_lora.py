@@ -40,6 +40,7 @@ from kd.models import (
     is_adapter_param,
     load_adapter_state_dict,
     load_hf_into_model,
+    use_fast_nf4,
 )
 
 log = logging.getLogger("kd.recipe")
@@ -234,6 +235,10 @@ class KDLoRARecipe:
             training.set_activation_checkpointing(
                 model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
             )
+        if self._loss_form == "fused":
+            # Swap the head before loading/sharding, so FSDP2 manages the parameters the head holds
+            # (same names: output.weight, output.lora_a.weight, ...).
+            model.output = FusedKDHead(model.output, chunk_size=self._fused_chunk_size)
         ck = cfg.checkpointer
         self._student_ckpt_dir = ck.checkpoint_dir
         quant = cfg.get("student_quantization", None)
@@ -246,9 +251,8 @@ class KDLoRARecipe:
             reshard_after_forward=bool(cfg.get("fsdp_reshard_after_forward", True)),
             cpu_offload=bool(cfg.get("fsdp_cpu_offload", False)),
             trainable=is_adapter_param, which="student", progress=self._is_rank_zero,
+            init_seed=self.seed or 0,
         )
-        if self._loss_form == "fused":
-            model.output = FusedKDHead(model.output, chunk_size=self._fused_chunk_size)
         if cfg.get("compile", False):
             training.compile_model(model, verbose=self._is_rank_zero)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -278,6 +282,9 @@ class KDLoRARecipe:
             out = model.output
             head_weight = (out.tied_module.weight if not isinstance(out, nn.Module) else out.weight).detach()
             model.output = HiddenStatesHead()
+        if quant == "nf4":
+            n = use_fast_nf4(model)  # fast dequantisation, weights stay NF4Tensor (FSDP2-shardable)
+            self._log(f"teacher: {n} linear layers in NF4 (fast dequant path)")
         if self._fsdp:
             from torch.distributed.fsdp import fully_shard
 
@@ -288,13 +295,6 @@ class KDLoRARecipe:
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        if quant == "nf4":
-            try:
-                from kd.nf4 import enable_fast_nf4  # optional fast dequantisation path
-
-                enable_fast_nf4(model)
-            except ImportError:
-                pass
         if cfg.get("compile", False):
             training.compile_model(model, verbose=self._is_rank_zero)
         # Vocabulary check here so a mismatch fails before training, naming both sizes
