@@ -1,0 +1,296 @@
+"""Evaluate base vs distilled students (and the teacher) on a held-out split; write a Markdown report.
+
+    tune run recipes/evaluate.py --config configs/qwen2_5/7B_evaluate.yaml adapters.distilled=<run>/checkpoints/step_XXXXXXX/adapter
+
+Metrics per model, on the held-out split of ``dataset.source`` (same ``split``/``val_size``/``seed`` as training):
+  - ``ce_teacher`` / ``ppl_teacher``: mean token cross-entropy / perplexity on the TEACHER's answers (``output``)
+  - ``ce_original`` / ``ppl_original``: the same on the ORIGINAL labels (``original_output``, when the file has it)
+  - ``kl``: mean per-token KL(teacher || model) on the teacher-answer tokens (teacher logits computed live)
+  - ``top1``: fraction of those tokens where the model's argmax equals the teacher's
+Models: ``base`` (the student with its LoRA disabled), one per entry of ``adapters`` (name -> PEFT adapter dir,
+e.g. the ``adapter`` folder of a checkpoint), and ``teacher`` (``evaluate_teacher: true``; needs memory for it).
+Then every model answers ``questions`` (default: five Buddhist questions) side by side.
+Outputs ``<output_dir>/eval_report.md`` and ``<output_dir>/eval_metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from omegaconf import DictConfig
+
+from kd import dist as kdist
+from kd.config import ConfigError, DataError, check_keys, number, require_component, to_container
+
+log = logging.getLogger("kd.evaluate")
+
+DEFAULT_QUESTIONS = [
+    "《心经》中“色即是空，空即是色”的含义是什么？",
+    "什么是四圣谛？",
+    "什么是明心见性？",
+    "《金刚经》的核心思想是什么？",
+    "佛教所说的“无我”是什么意思？",
+]
+KEYS = {
+    "output_dir", "model", "checkpointer", "adapters", "teacher_model", "teacher_checkpointer",
+    "teacher_quantization", "evaluate_teacher", "tokenizer", "dataset", "batch_size", "max_samples", "questions",
+    "max_new_tokens", "temperature", "top_p", "seed", "device", "dtype",
+}
+DATASET_KEYS = {"source", "system_prompt", "split", "val_size", "seed", "max_seq_len", "on_bad_record", "_component_"}
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+
+
+def _load(model_cfg, ck, device, dtype, *, nf4=False, which="model"):
+    from kd.models import build_on_meta, load_hf_into_model
+
+    if ck is None or ck.get("checkpoint_dir") is None:
+        raise ConfigError(f"{which}: checkpointer.checkpoint_dir is missing.")
+    m = build_on_meta(model_cfg, dtype)
+    load_hf_into_model(m, ck.checkpoint_dir, ck.get("checkpoint_files", None), device=device, dtype=dtype,
+                       nf4=nf4, which=which)
+    m.eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    if nf4:
+        from kd.generation import enable_fast_nf4
+
+        enable_fast_nf4(m)
+    return m
+
+
+def _load_adapter(model, adapter_dir: str, model_cfg) -> None:
+    from kd.checkpoint import load_peft_adapter
+    from kd.models import load_adapter_state_dict
+
+    d = Path(adapter_dir)
+    if not (d / "adapter_config.json").is_file():
+        raise ConfigError(f"adapter dir {str(d)!r} has no adapter_config.json (pass a PEFT adapter folder, e.g. "
+                          "<output_dir>/checkpoints/step_XXXXXXX/adapter).")
+    sd, acfg = load_peft_adapter(d)
+    r, a = int(model_cfg.get("lora_rank", -1)), float(model_cfg.get("lora_alpha", -1))
+    if int(acfg.get("r", r)) != r or float(acfg.get("lora_alpha", a)) != a:
+        raise ConfigError(f"adapter {d}: r={acfg.get('r')}, lora_alpha={acfg.get('lora_alpha')} but the model config "
+                          f"has lora_rank={r}, lora_alpha={a}.")
+    load_adapter_state_dict(model, sd)
+
+
+def _batches(ds, batch_size: int, pad_id: int):
+    from torchtune.data import padded_collate_sft
+
+    for i in range(0, len(ds), batch_size):
+        items = [ds[j] for j in range(i, min(len(ds), i + batch_size))]
+        yield padded_collate_sft(items, padding_idx=pad_id, ignore_idx=-100)
+
+
+def _shift(labels: torch.Tensor) -> torch.Tensor:
+    return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+
+
+@torch.no_grad()
+def _metrics(models: Dict[str, Any], teacher, ds_teacher, ds_orig, batch_size, pad_id, device) -> Dict[str, Dict[str, float]]:
+    """models: name -> callable(tokens) -> logits [B, S, V] (fp32)."""
+    from kd.losses import DistillationLoss, cross_entropy_sum
+
+    kl_fn = DistillationLoss(kind="forward_kl", scale_by_t2=False)
+    sums = {n: {"ce_t": 0.0, "n_t": 0.0, "kl": 0.0, "agree": 0.0, "ce_o": 0.0, "n_o": 0.0} for n in models}
+    for b in _batches(ds_teacher, batch_size, pad_id):
+        tok, lab = b["tokens"].to(device), _shift(b["labels"]).to(device)
+        flat = lab.reshape(-1)
+        t_logits = teacher(tok).float().reshape(-1, teacher_vocab(teacher)) if teacher is not None else None
+        valid = flat != -100
+        for n, fn in models.items():
+            s = fn(tok).float()
+            s = s.reshape(-1, s.shape[-1])
+            ce = cross_entropy_sum(s, flat)
+            sums[n]["ce_t"] += float(ce.loss_sum)
+            sums[n]["n_t"] += float(ce.n_valid)
+            if t_logits is not None:
+                sums[n]["kl"] += float(kl_fn(s, t_logits, flat).loss_sum)
+                sums[n]["agree"] += float(((s.argmax(-1) == t_logits.argmax(-1)) & valid).sum())
+    if ds_orig is not None:
+        for b in _batches(ds_orig, batch_size, pad_id):
+            tok, lab = b["tokens"].to(device), _shift(b["labels"]).to(device)
+            for n, fn in models.items():
+                s = fn(tok).float()
+                ce = cross_entropy_sum(s.reshape(-1, s.shape[-1]), lab.reshape(-1))
+                sums[n]["ce_o"] += float(ce.loss_sum)
+                sums[n]["n_o"] += float(ce.n_valid)
+    out = {}
+    for n, v in sums.items():
+        r = {"ce_teacher": v["ce_t"] / max(v["n_t"], 1), "tokens_teacher": v["n_t"]}
+        r["ppl_teacher"] = math.exp(min(r["ce_teacher"], 50))
+        if teacher is not None:
+            r["kl"] = v["kl"] / max(v["n_t"], 1)
+            r["top1"] = v["agree"] / max(v["n_t"], 1)
+        if ds_orig is not None:
+            r["ce_original"] = v["ce_o"] / max(v["n_o"], 1)
+            r["ppl_original"] = math.exp(min(r["ce_original"], 50))
+        out[n] = r
+    return out
+
+
+def teacher_vocab(model) -> int:
+    return model.tok_embeddings.num_embeddings
+
+
+def _answers(model, tokenizer, questions, system_prompt, *, max_new_tokens, params, seed, device, dtype) -> List[str]:
+    from kd.generation import (
+        generate_batch, install_last_token_head, prompt_tokens, remove_last_token_head, sample_seed, stop_token_ids,
+    )
+
+    install_last_token_head(model)
+    try:
+        prompts = [prompt_tokens(tokenizer, {"instruction": q, "input": ""}, system_prompt) for q in questions]
+        gens = generate_batch(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(tokenizer),
+                              pad_id=tokenizer.pad_id, params=params, seeds=[sample_seed(seed, i) for i in range(len(prompts))],
+                              device=device, cache_dtype=dtype)
+    finally:
+        remove_last_token_head(model)
+    return [tokenizer.decode(g.tokens, skip_special_tokens=True) + (" …[truncated]" if g.finish == "length" else "")
+            for g in gens]
+
+
+def _report(path: Path, metrics, answers, questions, meta) -> None:
+    from kd.checkpoint import atomic_write_text
+
+    cols = [("ce_teacher", "CE on teacher answers"), ("ppl_teacher", "PPL (teacher ans.)"),
+            ("ce_original", "CE on original labels"), ("ppl_original", "PPL (orig.)"),
+            ("kl", "KL(teacher‖model)/token"), ("top1", "top-1 agreement")]
+    cols = [c for c in cols if any(c[0] in m for m in metrics.values())]
+    lines = ["# Offline distillation: evaluation report", "",
+             f"- data: `{meta['source']}` split `{meta['split']}` ({meta['n_samples']} samples, "
+             f"{int(next(iter(metrics.values()))['tokens_teacher'])} teacher-answer tokens)",
+             f"- models: " + ", ".join(f"`{k}` ({v})" for k, v in meta["models"].items()),
+             f"- generation: max_new_tokens={meta['max_new_tokens']}, temperature={meta['temperature']}", "",
+             "## Metrics", "", "| model | " + " | ".join(c[1] for c in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for name, m in metrics.items():
+        cells = [("—" if c not in m else (f"{m[c]:.2%}" if c == "top1" else f"{m[c]:.4f}")) for c, _ in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Lower CE/PPL/KL and higher top-1 agreement = closer to the teacher.", "", "## Answers", ""]
+    for qi, q in enumerate(questions):
+        lines += [f"### {qi + 1}. {q}", ""]
+        for name, ans in answers.items():
+            lines += [f"**{name}**:", "", "> " + ans[qi].replace("\n", "\n> "), ""]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def recipe_main(cfg: DictConfig) -> None:
+    from torchtune import config as tt_config, training
+    from torchtune.modules.peft import disable_adapter
+
+    from kd.data import DEFAULT_SYSTEM_PROMPT, AlpacaKDDataset
+    from kd.generation import SamplingParams
+
+    _configure_logging()
+    check_keys(cfg, KEYS, where="the evaluate config", required=("output_dir", "model", "checkpointer", "tokenizer", "dataset"))
+    require_component(cfg, "model")
+    require_component(cfg, "tokenizer")
+    check_keys(cfg.dataset, DATASET_KEYS, where="'dataset'", required=("source",))
+    try:
+        device = kdist.resolve_device(cfg.get("device", "auto"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    dtype = training.get_dtype(cfg.get("dtype", "bf16"), device=device)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = tt_config.instantiate(cfg.tokenizer)
+    bs = number(cfg, "batch_size", 4, kind=int, min_value=1)
+    max_new = number(cfg, "max_new_tokens", 256, kind=int, min_value=1)
+    params = SamplingParams(temperature=number(cfg, "temperature", 0.0, min_value=0.0),
+                            top_p=number(cfg, "top_p", 1.0, min_value=0.0, max_value=1.0))
+    seed = number(cfg, "seed", 0, kind=int)
+    questions = list(to_container(cfg.get("questions", None)) or DEFAULT_QUESTIONS)
+
+    # ---- data: the same held-out split twice (teacher answers / original labels) ---------------------------
+    d = cfg.dataset
+    sp = d.get("system_prompt", DEFAULT_SYSTEM_PROMPT)
+    dkw = dict(system_prompt=sp, split=d.get("split", "val"), val_size=d.get("val_size", 0.05), seed=d.get("seed", 0),
+               max_seq_len=d.get("max_seq_len", None), on_bad_record=d.get("on_bad_record", "error"))
+    try:
+        ds_t = AlpacaKDDataset(tokenizer, d.source, output_field="output", **dkw)
+        has_orig = all(isinstance(r.get("original_output"), str) and r["original_output"].strip()
+                       for r in ds_t.records.values())
+        ds_o = AlpacaKDDataset(tokenizer, d.source, output_field="original_output", **dkw) if has_orig else None
+    except (ValueError, FileNotFoundError) as e:
+        raise DataError(f"dataset: {e}") from e
+    n_max = number(cfg, "max_samples", None, kind=int, min_value=1, allow_none=True)
+    for ds in (ds_t, ds_o):
+        if ds is not None and n_max:
+            ds.ids = ds.ids[:n_max]
+    if len(ds_t) == 0:
+        raise ConfigError("the evaluation split is empty: set dataset.val_size > 0 (same as in training).")
+
+    # ---- models --------------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    student = _load(cfg.model, cfg.checkpointer, device, dtype, which="student")
+    is_lora = "lora_rank" in cfg.model
+    adapters = dict(to_container(cfg.get("adapters", None)) or {})
+    if adapters and not is_lora:
+        raise ConfigError("adapters are given but model is not a LoRA builder (use e.g. lora_qwen2_5_7b_instruct "
+                          "with the adapter's lora_rank/lora_alpha/lora_attn_modules).")
+    teacher = None
+    if bool(cfg.get("evaluate_teacher", True)) and cfg.get("teacher_model") is not None:
+        require_component(cfg, "teacher_model")
+        teacher = _load(cfg.teacher_model, cfg.get("teacher_checkpointer"), device, dtype,
+                        nf4=cfg.get("teacher_quantization", None) == "nf4", which="teacher")
+    log.info(f"models loaded in {time.perf_counter() - t0:.1f}s")
+
+    def base_fn(tok):
+        if not is_lora:
+            return student(tok)
+        with disable_adapter(student):
+            return student(tok)
+
+    # metrics: base (adapter disabled), then each adapter, then the teacher itself
+    metrics: Dict[str, Dict[str, float]] = {}
+    answers: Dict[str, List[str]] = {}
+    gen_kw = dict(max_new_tokens=max_new, params=params, seed=seed, device=device, dtype=dtype)
+    metrics.update(_metrics({"base": base_fn}, teacher, ds_t, ds_o, bs, tokenizer.pad_id, device))
+    if is_lora:
+        with disable_adapter(student):
+            answers["base"] = _answers(student, tokenizer, questions, sp, **gen_kw)
+    else:
+        answers["base"] = _answers(student, tokenizer, questions, sp, **gen_kw)
+    models_meta = {"base": str(cfg.checkpointer.checkpoint_dir)}
+    for name, adir in adapters.items():
+        _load_adapter(student, adir, cfg.model)
+        metrics.update(_metrics({name: student}, teacher, ds_t, ds_o, bs, tokenizer.pad_id, device))
+        answers[name] = _answers(student, tokenizer, questions, sp, **gen_kw)
+        models_meta[name] = f"base + adapter {adir}"
+    if teacher is not None:
+        metrics.update(_metrics({"teacher": teacher}, teacher, ds_t, ds_o, bs, tokenizer.pad_id, device))
+        answers["teacher"] = _answers(teacher, tokenizer, questions, sp, **gen_kw)
+        models_meta["teacher"] = str(cfg.teacher_checkpointer.checkpoint_dir)
+    meta = {"source": str(d.source), "split": dkw["split"], "n_samples": len(ds_t), "models": models_meta,
+            "max_new_tokens": max_new, "temperature": params.temperature}
+    from kd.checkpoint import atomic_write_text
+
+    atomic_write_text(out / "eval_metrics.json",
+                      json.dumps({"metrics": metrics, "answers": answers, "questions": questions, **meta},
+                                 ensure_ascii=False, indent=1) + "\n")
+    _report(out / "eval_report.md", metrics, answers, questions, meta)
+    for n, m in metrics.items():
+        log.info(f"{n}: " + " ".join(f"{k}={v:.4f}" for k, v in m.items() if not k.startswith("tokens")))
+    log.info(f"report: {out / 'eval_report.md'}")
+
+
+def main() -> int:
+    from kd.cli_util import run_recipe
+
+    return run_recipe(recipe_main)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
