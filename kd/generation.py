@@ -167,6 +167,62 @@ def setup_kv_caches(model: nn.Module, batch_size: int, max_len: int, dtype: torc
         model.setup_caches(batch_size=batch_size, dtype=dtype, decoder_max_seq_len=max_len)
 
 
+def _grouped_decode_forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, mask=None, input_pos=None):
+    """torchtune ``MultiHeadAttention.forward`` for ONE new token with a KV cache, without expanding the KV heads.
+
+    torchtune expands the ``n_kv`` cached heads to ``n_h`` query heads (``expand().flatten()`` = a copy of the
+    whole cache per layer per step: 8 -> 64 heads for Qwen2.5-72B). Here the ``n_h / n_kv`` query heads of a group
+    are batched against their shared K/V: ``[b, n_kv, g, d] @ [b, n_kv, d, L]``, reading the cache once.
+    Anything else (prefill, no cache, no mask) goes to the stock forward."""
+    if x.shape[1] != 1 or y is None or mask is None or self.kv_cache is None or not self.cache_enabled \
+            or not isinstance(mask, torch.Tensor):
+        return type(self).forward(self, x, y, mask=mask, input_pos=input_pos)
+    b = x.shape[0]
+    g = self.num_heads // self.num_kv_heads
+    q = self.q_proj(x).view(b, 1, self.num_heads, self.head_dim)
+    if self.pos_embeddings is not None:
+        q = self.pos_embeddings(q, input_pos=input_pos)
+    q = q.transpose(1, 2)
+    if self.q_norm is not None:
+        q = self.q_norm(q)
+    k = self.k_proj(y).view(b, 1, -1, self.head_dim)
+    v = self.v_proj(y).view(b, 1, -1, self.head_dim)
+    if self.pos_embeddings is not None:
+        k = self.pos_embeddings(k, input_pos=input_pos)
+    k, v = k.transpose(1, 2), v.transpose(1, 2)
+    if self.k_norm is not None:
+        k = self.k_norm(k)
+    k, v = self.kv_cache.update(k, v)  # [b, n_kv, L, d]
+    qg = q.reshape(b, self.num_kv_heads, g, self.head_dim)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (self.head_dim ** -0.5)  # [b, n_kv, g, L]
+    scores = scores.masked_fill(~mask[:, None, :, :], float("-inf"))  # mask [b, 1, L]
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = torch.matmul(probs, v)  # [b, n_kv, g, d]
+    out = out.reshape(b, self.num_heads, 1, self.head_dim).transpose(1, 2).reshape(b, 1, -1)
+    return self.output_proj(out)
+
+
+class grouped_decode_attention:
+    """Context manager: every torchtune ``MultiHeadAttention`` of ``model`` uses :func:`_grouped_decode_forward`."""
+
+    def __init__(self, model: nn.Module, enabled: bool = True):
+        from torchtune.modules import MultiHeadAttention
+
+        self.mods = [m for m in model.modules() if isinstance(m, MultiHeadAttention)] if enabled else []
+
+    def __enter__(self):
+        import types
+
+        for m in self.mods:
+            m.forward = types.MethodType(_grouped_decode_forward, m)
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.mods:
+            m.__dict__.pop("forward", None)
+        return False
+
+
 def enable_fast_nf4(model: nn.Module) -> int:
     """Swap every ``nn.Linear`` whose weight is a torchao ``NF4Tensor`` (as loaded by
     ``kd.models.load_hf_into_model(nf4=True)``) for :class:`kd.nf4.FastNF4Linear` (fast dequant + cuBLAS).
@@ -204,6 +260,7 @@ def generate_batch(
     device: torch.device = torch.device("cpu"),
     cache_dtype: Optional[torch.dtype] = None,
     check_every: int = 4,
+    grouped_attention: bool = True,
 ) -> List[Generation]:
     """Generate answers for a batch of prompts (token id lists) with a KV cache; rows are left-padded.
 
@@ -239,6 +296,8 @@ def generate_batch(
     key_pos = torch.arange(L, device=device)
 
     setup_kv_caches(model, B, L, cache_dtype, device)
+    gqa = grouped_decode_attention(model, enabled=grouped_attention)
+    gqa.__enter__()
     try:
         prefill_mask = get_causal_mask_from_padding_mask(pad_mask[:, :P], target_seq_len=L)
         logits = model(tok, mask=prefill_mask, input_pos=input_pos[:, :P])[:, -1]
@@ -259,6 +318,7 @@ def generate_batch(
             step_mask = ((key_pos <= q).unsqueeze(0) & pad_mask)[:, None, :]  # [B, 1, L]
             logits = model(nxt[:, None], mask=step_mask, input_pos=input_pos[:, q:q + 1])[:, -1]
     finally:
+        gqa.__exit__(None, None, None)
         teardown_kv_caches(model)
     out = out[:, :n_steps].cpu().tolist()
     stops = set(stop_t.tolist())

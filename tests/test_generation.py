@@ -179,3 +179,30 @@ def test_user_errors_are_one_line(testbed, tmp_path):
     assert r.returncode == 2 and "did you mean 'max_new_tokens'" in r.stderr and "Traceback" not in r.stderr
     r = _run(testbed, tmp_path / "x", f"source={tmp_path / 'nope.json'}")
     assert r.returncode == 2 and "data file not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_grouped_decode_attention_matches_torchtune(testbed, teacher, tiny_tokenizer):
+    """The copy-free GQA decode path (teacher: 4 query heads on 2 KV heads) gives torchtune's results."""
+    from kd.generation import grouped_decode_attention, setup_kv_caches, teardown_kv_caches
+
+    tok = tiny_tokenizer
+    ps = _prompts(testbed, tok, [1, 7, 30])
+    kw = dict(max_new_tokens=20, stop_ids=stop_token_ids(tok), pad_id=tok.pad_id)
+    a = generate_batch(teacher, ps, grouped_attention=True, **kw)
+    b = generate_batch(teacher, ps, grouped_attention=False, **kw)
+    assert [g.tokens for g in a] == [g.tokens for g in b]
+    # logits of one decode step, both paths
+    from torchtune.generation import get_causal_mask_from_padding_mask
+
+    x = torch.tensor([ps[0]])
+    L = x.shape[1] + 1
+    outs = []
+    for grouped in (False, True):
+        setup_kv_caches(teacher, 1, L, torch.float32, torch.device("cpu"))
+        with grouped_decode_attention(teacher, enabled=grouped):
+            pm = torch.ones(1, L, dtype=torch.bool)
+            teacher(x, mask=get_causal_mask_from_padding_mask(pm[:, :-1], target_seq_len=L),
+                    input_pos=torch.arange(L - 1)[None])
+            outs.append(teacher(torch.tensor([[5]]), mask=pm[:, None, :], input_pos=torch.tensor([[L - 1]])))
+        teardown_kv_caches(teacher)
+    assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-5)
