@@ -163,6 +163,7 @@ class PlanInputs:
     world_size: int = 1
     local_world_size: int = 1
     fsdp_strategy: str = "shard"
+    teacher_sharding: str = "shard"  # shard | replicate
     device_type: str = "cuda"
     optimizer: str = "AdamW"
     lora_dropout: float = 0.0
@@ -283,29 +284,34 @@ def estimate(i: PlanInputs) -> Plan:
             return numel * NF4_BYTES_PER_ELEM + math.ceil(numel / NF4_FACTOR_BLOCK) * eb
         return numel * eb
 
+    # teacher_sharding=replicate keeps a whole (frozen) teacher on every rank: no weight traffic
+    t_shard = 1 if i.teacher_sharding == "replicate" else shard
+    t_fsdp = fsdp and t_shard > 1
     # ---- teacher ------------------------------------------------------------------------------------
     t_layers = linear_bytes(t.linear, i.teacher_quant) + t.other_layer * eb
     t_root = (t.embedding + t.final_norm) * eb
     t_head = t.output * eb
     if i.loss_form == "fused" and not t.tied:
         # the recipe detaches the teacher head and keeps it replicated beside the model (not sharded)
-        t_res = t_layers / shard + t_root / shard + t_head
+        t_res = t_layers / t_shard + t_root / t_shard + t_head
         # FSDP2 never reshards the root unit after forward: embedding + final norm stay gathered
-        t_root_gathered = t_root * (1 - 1 / shard) if fsdp else 0.0
+        t_root_gathered = t_root * (1 - 1 / t_shard) if t_fsdp else 0.0
         note = "NF4 linears (torchao layout) + embedding/norms/head in dtype" if i.teacher_quant else "dtype"
     else:
-        t_res = (t_layers + t_root + t_head) / shard
-        t_root_gathered = (t_root + t_head) * (1 - 1 / shard) if fsdp else 0.0
+        t_res = (t_layers + t_root + t_head) / t_shard
+        t_root_gathered = (t_root + t_head) * (1 - 1 / t_shard) if t_fsdp else 0.0
         note = "NF4 linears + rest in dtype" if i.teacher_quant else "dtype"
-    if fsdp:
-        note += f"; 1/{shard} shard"
+    if t_fsdp:
+        note += f"; 1/{t_shard} shard"
+    elif fsdp:
+        note += "; replicated on every rank (teacher_sharding=replicate)"
     rows.append(("teacher weights", t_res, note))
     if t_root_gathered:
         rows.append(("teacher root (gathered)", t_root_gathered, "FSDP2 keeps the root unit unsharded after forward"))
     t_layer_full = t_layers / max(1, t.num_layers)
     # transient during the teacher forward (no grad): 2 gathered layers (FSDP2 prefetches one ahead),
     # the largest intermediates (w1, w3, silu outputs + residual + normed) and one dequantised weight.
-    t_gather = 2 * t_layer_full * (1 - 1 / shard) if fsdp else 0.0
+    t_gather = 2 * t_layer_full * (1 - 1 / t_shard) if t_fsdp else 0.0
     t_inter = N * (3 * t.intermediate_dim + 3 * t.embed_dim) * eb
     t_deq = (t.intermediate_dim * t.embed_dim * eb) if i.teacher_quant == "nf4" else 0.0
     t_hidden = N * t.embed_dim * eb  # final hidden states kept for the fused head
@@ -453,6 +459,7 @@ def plan_from_config(
         world_size=int(world_size),
         local_world_size=int(local_world_size),
         fsdp_strategy=str(cfg.get("fsdp_strategy", "shard")),
+        teacher_sharding=str(cfg.get("teacher_sharding", "shard")),
         device_type=device_type,
         optimizer=opt_name,
         lora_dropout=float(cfg.model.get("lora_dropout", 0.0) or 0.0),

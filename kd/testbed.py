@@ -37,7 +37,8 @@ TINY_STUDENT: Dict[str, Any] = dict(
 TEACHER_SEED = 1234
 STUDENT_SEED = 5678
 # teacher training recipe (CPU, deterministic)
-TEACHER_TRAIN = dict(steps=200, batch_size=16, lr=3e-3, warmup=10, weight_decay=0.0, train_on_input=True, seed=0)
+TEACHER_TRAIN = dict(steps=200, batch_size=16, lr=3e-3, warmup=10, weight_decay=0.0, train_on_input=True, seed=0,
+                     val_size=0.1, split_seed=0)
 TEACHER_MAX_SHARD_SIZE = "5MB"  # the teacher is saved in several shards (as the real 72B is)
 
 __all__ = [
@@ -181,7 +182,8 @@ def load_tune_model(model_dir: Union[str, Path], dims: Dict[str, Any], output_di
     return model.float().eval()
 
 
-def _batches(data_json: Union[str, Path], *, train_on_input: bool, batch_size: int, max_seq_len: Optional[int] = None):
+def _batches(data_json: Union[str, Path], *, train_on_input: bool, batch_size: int, max_seq_len: Optional[int] = None,
+             split: str = "all", val_size: float = 0.0, split_seed: int = 0):
     import torch
     from torchtune.data import padded_collate_sft
 
@@ -189,7 +191,8 @@ def _batches(data_json: Union[str, Path], *, train_on_input: bool, batch_size: i
     from kd.tokenizer import load_tiny_tokenizer
 
     tok = load_tiny_tokenizer()
-    ds = alpaca_kd_dataset(tok, str(data_json), split="all", train_on_input=train_on_input, max_seq_len=max_seq_len)
+    ds = alpaca_kd_dataset(tok, str(data_json), split=split, val_size=val_size, seed=split_seed,
+                           train_on_input=train_on_input, max_seq_len=max_seq_len)
     items = [ds[i] for i in range(len(ds))]
     out = []
     for i in range(0, len(items), batch_size):
@@ -224,7 +227,11 @@ def _train_teacher(model, data_json: Path, cfg: Dict[str, Any], verbose: bool) -
     import torch
     import torch.nn.functional as F
 
-    batches_all = _batches(data_json, train_on_input=cfg["train_on_input"], batch_size=10**9)
+    # The teacher never sees the validation split of configs/tiny/kd_lora.yaml (val_size 0.1, seed 0):
+    # its predictions there are its generalisation from the training split, which a student can
+    # approach by distillation on that same split (a memorised answer could never be learnt).
+    batches_all = _batches(data_json, train_on_input=cfg["train_on_input"], batch_size=10**9,
+                           split="train", val_size=cfg["val_size"], split_seed=cfg["split_seed"])
     tokens_all, labels_all = batches_all[0]
     g = torch.Generator().manual_seed(cfg["seed"])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.98))

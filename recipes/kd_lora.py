@@ -61,6 +61,7 @@ KD_KEYS = {
     "loss_form",  # fused (default) | chunked
     "fused_chunk_size",
     "fsdp_strategy",  # shard | hybrid (HSDP: replicate across nodes, shard within)
+    "teacher_sharding",  # shard (FSDP2 like the student) | replicate (whole frozen teacher per rank)
     "save_every_n_steps", "keep_last_n_checkpoints", "save_merged_model", "base_model_name_or_path",
     "eval_every_n_steps", "max_eval_batches", "val_dataset", "num_workers", "progress_bar",
     "max_seq_len_check",
@@ -173,7 +174,8 @@ class KDLoRARecipe:
         self._setup_logging(cfg)
         # 2. tokenizer (needed by the dataset)
         self._tokenizer = tt_config.instantiate(cfg.tokenizer)
-        # 3. FSDP2 device mesh (None for one process)
+        # 3. memory plan (rank 0), then the FSDP2 device mesh (None for one process)
+        self._log_memory_plan(cfg)
         self._mesh = kdist.build_mesh(self._dist, self._device, cfg.get("fsdp_strategy", "shard")) if self._fsdp else None
         # 4. student: LoRA on a frozen base, weights streamed from the HF checkpoint
         self._model = self._setup_student(cfg)
@@ -218,6 +220,20 @@ class KDLoRARecipe:
                 self._metric_logger.log_config(cfg)
             self._metrics_file = open(self._output_dir / "metrics.jsonl", "a", buffering=1)
         self._progress_bar = bool(cfg.get("progress_bar", True))
+
+    def _log_memory_plan(self, cfg: DictConfig) -> None:
+        if not self._is_rank_zero or cfg.get("teacher_model", None) is None:
+            return
+        from kd.planner import plan_from_config
+
+        try:
+            plan = plan_from_config(cfg, self.world_size)
+        except ConfigError:
+            raise
+        except Exception as e:  # the plan is advice: never block training on it
+            log.warning(f"memory plan unavailable: {e}")
+            return
+        log.info("memory plan (per device):\n" + plan.table())
 
     def _lora_info(self, cfg_model: DictConfig) -> None:
         self._lora_rank = int(cfg_model.lora_rank)
@@ -285,7 +301,8 @@ class KDLoRARecipe:
         if quant == "nf4":
             n = use_fast_nf4(model)  # fast dequantisation, weights stay NF4Tensor (FSDP2-shardable)
             self._log(f"teacher: {n} linear layers in NF4 (fast dequant path)")
-        if self._fsdp:
+        sharding = choice(cfg, "teacher_sharding", ["shard", "replicate"], "shard")
+        if self._fsdp and sharding == "shard":
             from torch.distributed.fsdp import fully_shard
 
             kw = {"mesh": self._mesh, "reshard_after_forward": True}

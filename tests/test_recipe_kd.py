@@ -106,7 +106,8 @@ def test_multi_process_matches_single(testbed, tmp_path):
     tune_run(testbed, [*BASE, "max_steps_per_epoch=3", "batch_size=2", f"output_dir={two}"],
              launcher=["--nproc_per_node", "2"])
     nodes = tmp_path / "nodes"
-    _torchrun_two_nodes(testbed, nodes, [*BASE, "max_steps_per_epoch=3", "batch_size=2"])
+    # the two-node run keeps a whole teacher per rank (teacher_sharding=replicate, as the user's NF4 run)
+    _torchrun_two_nodes(testbed, nodes, [*BASE, "max_steps_per_epoch=3", "batch_size=2", "teacher_sharding=replicate"])
     for run in (metrics(two), metrics(nodes)):
         assert len(run) == 3
         for a, b in zip(run, single):
