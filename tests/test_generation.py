@@ -132,9 +132,10 @@ def test_merge_writes_alpaca_and_dataset_info(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # End to end through `tune run` (subprocesses)
 # ------------------------------------------------------------------------------------------------
-def _run(testbed, out, *overrides, env_extra=None):
+def _run(testbed, out, *overrides, env_extra=None, nproc=1):
     env = dict(os.environ, KD_TESTBED_DIR=str(testbed.root), OMP_NUM_THREADS="1", **(env_extra or {}))
-    cmd = ["tune", "run", "recipes/generate_teacher.py", "--config", "configs/tiny/generate.yaml",
+    launch = ["--nproc_per_node", str(nproc)] if nproc > 1 else []
+    cmd = ["tune", "run", *launch, "recipes/generate_teacher.py", "--config", "configs/tiny/generate.yaml",
            f"output_dir={out}", "progress_bar=False", *overrides]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
@@ -172,6 +173,22 @@ def test_kill9_resume_is_byte_identical(testbed, tmp_path):
     # a different sampling setting in the same output_dir is refused
     bad = _run(testbed, tmp_path / "run", *GREEDY[1:], "temperature=0.7")
     assert bad.returncode == 2 and "different settings" in bad.stderr
+
+
+def test_two_ranks_disjoint_shards_same_result(testbed, tmp_path):
+    """Data parallel (2 gloo ranks via tune run --nproc_per_node 2): disjoint shards, same merged bytes as 1 rank,
+    and a resume with a different world size and batch size has nothing left to do."""
+    one = _run(testbed, tmp_path / "one", *GREEDY)
+    assert one.returncode == 0, one.stdout + one.stderr
+    two = _run(testbed, tmp_path / "two", *GREEDY, nproc=2)
+    assert two.returncode == 0, two.stdout + two.stderr
+    parts = sorted((tmp_path / "two" / "parts").glob("rank-*.jsonl"))
+    ids = [[json.loads(l)["id"] for l in p.read_text().splitlines()] for p in parts]
+    assert len(parts) == 2 and all(ids) and not set(ids[0]) & set(ids[1])
+    assert sorted(ids[0] + ids[1]) == list(range(40))
+    assert (tmp_path / "one" / "teacher_distill.json").read_bytes() == (tmp_path / "two" / "teacher_distill.json").read_bytes()
+    again = _run(testbed, tmp_path / "two", GREEDY[0], GREEDY[1], GREEDY[3], "batch_size=5")
+    assert again.returncode == 0 and "0 to generate" in again.stdout
 
 
 def test_user_errors_are_one_line(testbed, tmp_path):
