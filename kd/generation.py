@@ -224,18 +224,10 @@ class grouped_decode_attention:
 
 
 def enable_fast_nf4(model: nn.Module) -> int:
-    """Swap every ``nn.Linear`` whose weight is a torchao ``NF4Tensor`` (as loaded by
-    ``kd.models.load_hf_into_model(nf4=True)``) for :class:`kd.nf4.FastNF4Linear` (fast dequant + cuBLAS).
-    Returns the number of swapped modules."""
-    from kd.nf4 import FastNF4Linear, NF4Tensor
+    """The KD recipe's NF4 fast path (:func:`kd.models.use_fast_nf4`): NF4 linears -> ``kd.nf4.FastNF4Linear``."""
+    from kd.models import use_fast_nf4
 
-    n = 0
-    for mod in list(model.modules()):
-        for name, child in list(mod.named_children()):
-            if type(child) is nn.Linear and isinstance(child.weight.data, NF4Tensor):
-                setattr(mod, name, FastNF4Linear(child.weight.data, child.bias, fast=True))
-                n += 1
-    return n
+    return use_fast_nf4(model)
 
 
 # --------------------------------------------------------------------------------------------------

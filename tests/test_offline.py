@@ -4,6 +4,7 @@ evaluation report (distilled student closer to the teacher than the base), expor
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -109,7 +110,9 @@ def test_evaluate_report(testbed, kd_adapter, tmp_path):
     assert m["distilled"]["kl"] < 0.95 * m["base"]["kl"]
     assert m["distilled"]["top1"] > m["base"]["top1"]
     assert m["distilled"]["ce_teacher"] < m["base"]["ce_teacher"]
-    assert m["teacher"]["ce_original"] < m["distilled"]["ce_original"] < m["base"]["ce_original"]
+    # (the test-bed teacher is trained on the train split only: its held-out CE is not asserted)
+    assert m["distilled"]["ce_original"] < m["base"]["ce_original"]
+    assert all(math.isfinite(v) for mm in m.values() for v in mm.values())
     rep = (out / "eval_report.md").read_text()
     assert "| distilled |" in rep and "四圣谛" in rep and "金刚经" in rep and rep.count("**teacher**") == 5
 
