@@ -407,15 +407,21 @@ class ResultStore:
     def part_files(self) -> List[Path]:
         return sorted(self.parts.glob("rank-*.jsonl")) if self.parts.is_dir() else []
 
-    def scan(self) -> Tuple[Dict[int, dict], int]:
-        """All results (later lines win), ignoring torn/bad lines; returns (id -> record, n_ignored)."""
+    def scan(self, hashes: Optional[Dict[int, str]] = None) -> Tuple[Dict[int, dict], int]:
+        """All results, ignoring torn/bad lines; returns (id -> record, n_ignored). Later lines win, except that
+        with ``hashes`` a record whose ``prompt_hash`` matches the current prompt beats one that does not
+        (a regenerated sample may sit in another rank's file than its stale line)."""
         out: Dict[int, dict] = {}
         n_bad = 0
         for p in self.part_files():
             recs, bad = _read_jsonl_tolerant(p)
             n_bad += bad
             for r in recs:
-                out[int(r["id"])] = r
+                i = int(r["id"])
+                if hashes is not None and i in out and out[i].get("prompt_hash") == hashes.get(i) \
+                        and r.get("prompt_hash") != hashes.get(i):
+                    continue
+                out[i] = r
         return out, n_bad
 
     def open_for_append(self, rank: int) -> Path:

@@ -165,7 +165,7 @@ def recipe_main(cfg: DictConfig) -> None:
 
     # ---- what is left --------------------------------------------------------------------------
     store = ResultStore(out)
-    done, n_ignored = store.scan()
+    done, n_ignored = store.scan(hashes)
     changed = sorted(i for i, r in done.items() if i in hashes and r.get("prompt_hash") != hashes[i])
     if changed and s["on_source_change"] == "error":
         raise DataError(
@@ -228,7 +228,7 @@ def recipe_main(cfg: DictConfig) -> None:
     if info.is_rank_zero and s["merge"]:
         from kd.checkpoint import atomic_write_text
 
-        results, _ = store.scan()
+        results, _ = store.scan(hashes)
         results = {i: r for i, r in results.items() if i in records}
         path = merge_results(records, results, out, dataset_name=s["dataset_name"], hashes=hashes,
                              allow_missing=s["allow_missing"])

@@ -243,3 +243,31 @@ def test_nf4_teacher_generates(testbed, tiny_tokenizer):
     gens = generate_batch(m, ps, max_new_tokens=12, stop_ids=stop_token_ids(tiny_tokenizer),
                           pad_id=tiny_tokenizer.pad_id, cache_dtype=torch.bfloat16)
     assert all(len(g.tokens) > 0 for g in gens)
+
+
+def test_changed_source_is_detected(testbed, tmp_path):
+    recs = json.loads(Path(testbed.data_json).read_text())[:6]
+    src = tmp_path / "src.json"
+    src.write_text(json.dumps(recs, ensure_ascii=False))
+    opts = (f"source={src}", "temperature=0", "max_new_tokens=4", "batch_size=4")
+    assert _run(testbed, tmp_path / "o", *opts).returncode == 0
+    recs[1]["instruction"] = "什么是缘起？"
+    src.write_text(json.dumps(recs, ensure_ascii=False))
+    r = _run(testbed, tmp_path / "o", *opts)
+    assert r.returncode == 2 and "different prompt" in r.stderr and "ids [1]" in r.stderr
+    r = _run(testbed, tmp_path / "o", *opts, "on_source_change=regenerate")
+    assert r.returncode == 0 and "1 to generate" in r.stdout, r.stdout + r.stderr
+    rows = json.loads((tmp_path / "o" / "teacher_distill.json").read_text())
+    assert [x["id"] for x in rows] == list(range(6)) and rows[1]["instruction"] == "什么是缘起？"
+
+
+def test_scan_prefers_current_prompt_hash(tmp_path):
+    st = ResultStore(tmp_path)
+    st.open_for_append(0)
+    st.append([{"id": 1, "prompt_hash": "new", "output": "fresh"}])
+    st.close()
+    st.open_for_append(1)  # the stale line sits in a later file
+    st.append([{"id": 1, "prompt_hash": "old", "output": "stale"}])
+    st.close()
+    assert st.scan()[0][1]["output"] == "stale"
+    assert st.scan({1: "new"})[0][1]["output"] == "fresh"
