@@ -87,6 +87,11 @@ class KDLoRARecipe:
         self.world_size, self.rank = self._dist.world_size, self._dist.rank
         self._is_rank_zero = self._dist.is_rank_zero
         self._fsdp = self.world_size > 1
+        if cfg.get("fsdp_cpu_offload", False) and self._device.type != "cuda":
+            raise ConfigError(
+                "fsdp_cpu_offload=True offloads GPU memory to the host; it needs device=cuda "
+                "(on CPU, and on GB10's unified memory, it buys nothing)."
+            )
 
         self._output_dir = Path(cfg.output_dir)
         self._log_every_n_steps = number(cfg, "log_every_n_steps", 1, kind=int, min_value=1)
@@ -385,7 +390,7 @@ class KDLoRARecipe:
 
         def one(c):
             kwargs = {}
-            if split is not None and c.get("_component_", "").startswith("kd.data."):
+            if split is not None and c.get("_component_", "").startswith(("kd.data.", "kd.offline.")):
                 kwargs["split"] = split
             try:
                 return tt_config.instantiate(c, self._tokenizer, **kwargs)
