@@ -115,6 +115,7 @@ class KDLoRARecipe:
         self.epochs_run = 0
         self.global_step = 0
         self._step_in_epoch = 0
+        self._stop_requested = False
 
     # ----------------------------------------------------------------------------------------------
     # Config validation
@@ -457,7 +458,7 @@ class KDLoRARecipe:
             raise ConfigError(
                 f"resume_from_checkpoint=True but no checkpoint was found under {self._ckpt_dir_str()}."
             )
-        meta, state = self._ckpt.load(latest)
+        meta, state = self._ckpt.load(latest, expected_adapter_meta=self._adapter_meta())
         adapter = self._ckpt.load_adapter(latest)
         load_adapter_state_dict(self._model, adapter)
         self._load_optimizer_state(state["optimizer"])
@@ -614,6 +615,7 @@ class KDLoRARecipe:
 
         training.cleanup_before_training() if self._device.type == "cuda" else None
         self._optimizer.zero_grad(set_to_none=True)
+        self._install_stop_handlers()
         if self._val_loader is not None and self.global_step == 0:
             self._validate_now()  # the step-0 baseline the later validation points compare with
         self._profiler.start()
@@ -661,11 +663,21 @@ class KDLoRARecipe:
                 pbar.update(1)
                 self._profiler.step()
 
+                stop = False
                 if self.global_step % self._log_every_n_steps == 0:
+                    # The stop request (SIGINT/SIGTERM on any rank) rides on the metrics all-reduce that
+                    # logging needs anyway, so every rank agrees on it without an extra sync.
+                    sums = torch.cat([sums, torch.tensor([float(self._stop_requested)], device=sums.device)])
                     sums = kdist.all_reduce_sum(sums)
+                    stop = bool(sums[-1] > 0)
                     dt = time.perf_counter() - t0
-                    self._log_step(sums, counts, grad_norm, dt, pbar)
+                    self._log_step(sums[:-1], counts, grad_norm, dt, pbar)
                 t0 = time.perf_counter()
+                if stop:
+                    self._log(f"stop requested: saving a checkpoint at step {self.global_step} and exiting")
+                    self.save_checkpoint()
+                    pbar.close()
+                    raise KeyboardInterrupt
                 if self._val_loader is not None and self.global_step % self._eval_every == 0:
                     self._validate_now()
                 if self._save_every is not None and self.global_step % self._save_every == 0:
@@ -677,6 +689,24 @@ class KDLoRARecipe:
         self._profiler.stop()
         if self._save_merged:
             self._save_merged_model()
+
+    def _install_stop_handlers(self) -> None:
+        """First SIGINT/SIGTERM: finish the current optimizer step, checkpoint, exit (at the next logging
+        step). A second signal stops at once (the last periodic checkpoint stays valid: writes are atomic)."""
+        import signal
+
+        self._stop_requested = False
+
+        def handler(signum, frame):
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            if self._is_rank_zero:
+                print(f"\nkd: signal {signum}: will checkpoint after this step (send again to stop now)",
+                      file=sys.stderr, flush=True)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, handler)
 
     def _log_step(self, sums, counts, grad_norm, dt: float, pbar) -> None:
         loss, ce, kd, kl, n_valid, n_agree = sums.tolist()
