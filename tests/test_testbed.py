@@ -81,9 +81,10 @@ def test_teacher_is_sharp_and_differs_from_student(testbed):
     assert not torch.allclose(t, s)
     ce_t = answer_ce(teacher, testbed.data_json)
     ce_s = answer_ce(student, testbed.data_json)
-    assert ce_t < 1.0 and ce_t < 0.2 * math.log(1024)
+    # trained teacher: answer CE far below uniform (log 1024 = 6.93); the student base knows no answers
+    assert ce_t < 2.0 and ce_t < 0.3 * math.log(1024)
     assert ce_s > 0.8 * math.log(1024)
-    assert testbed.teacher_answer_ce < 1.0
+    assert testbed.teacher_answer_ce < 2.0
     # the teacher's distributions are peaked: mean max-prob on answer tokens is high
     probs = torch.softmax(t, -1).max(-1).values
     assert probs.mean() > 0.5
