@@ -16,7 +16,7 @@ import torch
 
 from recipe_utils import REPO, TUNE, env_for, free_port, losses, metrics, tune_run
 
-BASE = ["max_steps_per_epoch=4", "log_every_n_steps=1", "~eval_every_n_steps", "save_every_n_steps=100",
+BASE = ["epochs=1", "max_steps_per_epoch=4", "log_every_n_steps=1", "~eval_every_n_steps", "save_every_n_steps=100",
         "progress_bar=False"]
 
 # Golden values: first 4 logged losses of `tune run recipes/kd_lora.py --config configs/tiny/kd_lora.yaml`
