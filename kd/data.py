@@ -320,14 +320,19 @@ def alpaca_kd_dataset(
         on_bad_record=on_bad_record,
         output_field=output_field,
     )
-    if packed:
-        from torchtune.datasets import PackedDataset
+    return maybe_pack(ds, tokenizer, packed)
 
-        if ds.max_seq_len is None:
-            raise ValueError("packed=True needs max_seq_len (argument or tokenizer.max_seq_len)")
-        pad = getattr(tokenizer, "pad_id", None)
-        return PackedDataset(ds, max_seq_len=ds.max_seq_len, padding_idx=0 if pad is None else pad)
-    return ds
+
+def maybe_pack(ds, tokenizer, packed: bool):
+    """Wrap ``ds`` in torchtune's ``PackedDataset`` (sequences packed to ``ds.max_seq_len``) when asked."""
+    if not packed:
+        return ds
+    from torchtune.datasets import PackedDataset
+
+    if ds.max_seq_len is None:
+        raise ValueError("packed=True needs max_seq_len (argument or tokenizer.max_seq_len)")
+    pad = getattr(tokenizer, "pad_id", None)
+    return PackedDataset(ds, max_seq_len=ds.max_seq_len, padding_idx=0 if pad is None else pad)
 
 
 # ----------------------------------------------------------------------------------------------

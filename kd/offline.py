@@ -26,7 +26,7 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-from kd.data import DEFAULT_SYSTEM_PROMPT, AlpacaKDDataset
+from kd.data import DEFAULT_SYSTEM_PROMPT, AlpacaKDDataset, maybe_pack
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +127,4 @@ def mixed_sft_dataset(
         system_prompt=system_prompt, split=split, val_size=val_size, max_seq_len=max_seq_len,
         train_on_input=train_on_input, on_bad_record=on_bad_record,
     )
-    if packed:
-        from torchtune.datasets import PackedDataset
-
-        if ds.max_seq_len is None:
-            raise ValueError("packed=True needs max_seq_len (argument or tokenizer.max_seq_len)")
-        pad = getattr(tokenizer, "pad_id", None)
-        return PackedDataset(ds, max_seq_len=ds.max_seq_len, padding_idx=0 if pad is None else pad)
-    return ds
+    return maybe_pack(ds, tokenizer, packed)
