@@ -64,7 +64,6 @@ KD_KEYS = {
     "teacher_sharding",  # shard (FSDP2 like the student) | replicate (whole frozen teacher per rank)
     "save_every_n_steps", "keep_last_n_checkpoints", "save_merged_model", "base_model_name_or_path",
     "eval_every_n_steps", "max_eval_batches", "val_dataset", "num_workers", "progress_bar",
-    "max_seq_len_check",
 }
 CHECKPOINTER_KEYS = {
     "_component_", "checkpoint_dir", "checkpoint_files", "output_dir", "model_type",
@@ -153,11 +152,22 @@ class KDLoRARecipe:
                 raise ConfigError(
                     f"{key}.model_type={mt!r}: this recipe loads Qwen2/Qwen2.5 HF checkpoints (model_type: QWEN2)."
                 )
+            comp = section.get("_component_", "torchtune.training.FullModelHFCheckpointer")
+            if comp != "torchtune.training.FullModelHFCheckpointer":
+                raise ConfigError(
+                    f"{key}._component_={comp!r}: this recipe streams HF safetensors checkpoints "
+                    "(torchtune.training.FullModelHFCheckpointer layout)."
+                )
             if section.get("recipe_checkpoint") or section.get("adapter_checkpoint"):
                 raise ConfigError(
                     f"{key}.recipe_checkpoint/adapter_checkpoint are not used: resuming reads the latest "
                     "checkpoint under output_dir. Set resume_from_checkpoint=True instead."
                 )
+        if cfg.get("custom_sharded_layers", None):
+            raise ConfigError(
+                "custom_sharded_layers is not needed: every decoder layer and the root are FSDP2 units, and "
+                "the fused head never materialises the output logits. Remove the key."
+            )
         if cfg.get("enable_activation_offloading", False):
             raise ConfigError(
                 "enable_activation_offloading=True is not supported by this recipe; use "
@@ -449,7 +459,10 @@ class KDLoRARecipe:
             self._output_dir / "checkpoints",
             keep_last_n=number(cfg, "keep_last_n_checkpoints", None, kind=int, min_value=1, allow_none=True),
         )
-        self._save_merged = bool(cfg.get("save_merged_model", False))
+        merged = cfg.get("save_merged_model", None)
+        if merged is None:  # torchtune's key: save_adapter_weights_only=False also writes merged weights
+            merged = cfg.get("save_adapter_weights_only", True) is False
+        self._save_merged = bool(merged)
         self._base_name = str(cfg.get("base_model_name_or_path", None) or self._student_ckpt_dir)
         if not self._resume:
             return
@@ -816,8 +829,8 @@ class KDLoRARecipe:
         from kd.checkpoint import save_merged_hf
 
         out = self._output_dir / "merged"
-        if isinstance(self._model.output, FusedKDHead):
-            pass  # parameters keep their names; merging reads the state dict
+        # FusedKDHead keeps torchtune's parameter names (output.weight, output.lora_*), so the state dict
+        # merges exactly like the stock model's.
         save_merged_hf(
             self._model, self._student_ckpt_dir, out, rank=self._lora_rank, alpha=self._lora_alpha,
         )
