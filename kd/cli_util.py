@@ -28,12 +28,32 @@ def parse_config() -> DictConfig:
     from torchtune.config._parse import TuneRecipeArgumentParser
     from torchtune.config._utils import _merge_yaml_and_cli_args
 
+    from omegaconf import OmegaConf
+
+    from kd.config import ConfigError
+
     parser = TuneRecipeArgumentParser(formatter_class=argparse.RawDescriptionHelpFormatter)
     yaml_args, cli_args = parser.parse_known_args()
     bad = [a for a in cli_args if "=" not in a and not a.startswith("~")]
     if bad:
-        raise SystemExit(f"error: overrides must look like key=value or ~key, got: {' '.join(bad)}")
-    return _merge_yaml_and_cli_args(yaml_args, cli_args)
+        raise ConfigError(f"overrides must look like key=value or ~key, got: {' '.join(bad)}")
+    # `~key` removals are applied here, after the merge: torchtune 0.6.1 cannot remove a whole section
+    # (e.g. ~teacher_model) and reports any failure with a traceback.
+    removals = [a[1:].split("=")[0] for a in cli_args if a.startswith("~")]
+    overrides = [a for a in cli_args if not a.startswith("~")]
+    try:
+        cfg = _merge_yaml_and_cli_args(yaml_args, overrides)
+    except ValueError as e:
+        raise ConfigError(f"bad command-line override: {e}") from None
+    for dotpath in removals:
+        *parents, leaf = dotpath.split(".")
+        node = cfg
+        for p in parents:
+            node = node.get(p) if hasattr(node, "get") else None
+        if node is None or not hasattr(node, "keys") or leaf not in node:
+            raise ConfigError(f"~{dotpath}: there is no key '{dotpath}' in the config to remove.")
+        del node[leaf]
+    return cfg
 
 
 def run_recipe(recipe_main: Callable[[DictConfig], None]) -> int:

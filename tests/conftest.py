@@ -1,11 +1,15 @@
 """Shared pytest fixtures: the tiny KD test bed (built once, cached) and mark handling."""
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Tests start `tune` / `torchrun` subprocesses: use the ones of the interpreter running pytest, also when the
+# venv is not activated (CI runs `.venv/bin/python -m pytest`).
+os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 
 
 def _testbed_dir() -> Path:

@@ -70,7 +70,7 @@ def _measure(mode: str, n: int) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow  # ~40 s: three subprocesses over 4096 x 32768 logits on 2 CPU cores
+# ~20-40 s: three subprocesses over 4096 x 32768 logits on 2 CPU cores (part of the default suite)
 def test_fused_peak_memory_independent_of_tokens():
     full_logits_bytes = 8 * CHUNK * V * 4  # 512 MiB for the 8*chunk run
     small = _measure("fused", CHUNK)

@@ -80,7 +80,7 @@ def test_batched_equals_unbatched(testbed, teacher, tiny_tokenizer):
     assert len({len(p) for p in ps}) > 1
     assert tok.decode(ps[0][-12:], skip_special_tokens=False).endswith("<|im_start|>assistant\n")
     stops = stop_token_ids(tok)
-    kw = dict(max_new_tokens=24, stop_ids=stops, pad_id=tok.pad_id)
+    kw = dict(max_new_tokens=64, stop_ids=stops, pad_id=tok.pad_id)  # some rows stop, some hit the limit
     batched = generate_batch(teacher, ps, **kw)
     single = [generate_batch(teacher, [p], **kw)[0] for p in ps]
     assert [g.tokens for g in batched] == [g.tokens for g in single]
