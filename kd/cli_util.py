@@ -28,8 +28,6 @@ def parse_config() -> DictConfig:
     from torchtune.config._parse import TuneRecipeArgumentParser
     from torchtune.config._utils import _merge_yaml_and_cli_args
 
-    from omegaconf import OmegaConf
-
     from kd.config import ConfigError
 
     parser = TuneRecipeArgumentParser(formatter_class=argparse.RawDescriptionHelpFormatter)

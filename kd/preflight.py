@@ -439,7 +439,6 @@ def compare_reports(reports: List[NodeReport]) -> List[str]:
 
 def run(cfg, *, nominal_gbps: float = DEFAULT_NOMINAL_GBPS, bw_mb: Optional[float] = None,
         warn_fraction: float = 0.5) -> int:
-    import torch
     import torch.distributed as dist
 
     from kd import dist as kdist

@@ -232,7 +232,6 @@ def answer_ce(model, data_json: Union[str, Path], batch_size: int = 32) -> float
 
 def _train_teacher(model, data_json: Path, cfg: Dict[str, Any], verbose: bool) -> float:
     import torch
-    import torch.nn.functional as F
 
     # The teacher never sees the validation split of configs/tiny/kd_lora.yaml (val_size 0.1, seed 0):
     # its predictions there are its generalisation from the training split, which a student can

@@ -18,11 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 from omegaconf import DictConfig
@@ -171,7 +170,7 @@ def _report(path: Path, metrics, answers, questions, meta) -> None:
     lines = ["# Offline distillation: evaluation report", "",
              f"- data: `{meta['source']}` split `{meta['split']}` ({meta['n_samples']} samples, "
              f"{int(next(iter(metrics.values()))['tokens_teacher'])} teacher-answer tokens)",
-             f"- models: " + ", ".join(f"`{k}` ({v})" for k, v in meta["models"].items()),
+             "- models: " + ", ".join(f"`{k}` ({v})" for k, v in meta["models"].items()),
              f"- generation: max_new_tokens={meta['max_new_tokens']}, temperature={meta['temperature']}", "",
              "## Metrics", "", "| model | " + " | ".join(c[1] for c in cols) + " |",
              "|---|" + "---|" * len(cols)]

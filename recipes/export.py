@@ -16,7 +16,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 
 from kd.config import ConfigError, check_keys, number, require_component

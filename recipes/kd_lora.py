@@ -17,7 +17,6 @@ the gradient is exactly that of the global token mean, whatever batch_size x G x
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import resource

@@ -4,17 +4,14 @@
 from __future__ import annotations
 
 import json
-import math
-import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from recipe_utils import REPO, TUNE, env_for, free_port, losses, metrics, tune_run
+from recipe_utils import REPO, TUNE, env_for, free_port, metrics, tune_run
 
 BASE = ["epochs=1", "max_steps_per_epoch=4", "log_every_n_steps=1", "~eval_every_n_steps", "save_every_n_steps=100",
         "progress_bar=False"]
