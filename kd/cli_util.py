@@ -25,6 +25,7 @@ def user_error_types() -> tuple:
 
 
 def parse_config() -> DictConfig:
+    from omegaconf import OmegaConf
     from torchtune.config._parse import TuneRecipeArgumentParser
     from torchtune.config._utils import _merge_yaml_and_cli_args
 
@@ -35,22 +36,25 @@ def parse_config() -> DictConfig:
     bad = [a for a in cli_args if "=" not in a and not a.startswith("~")]
     if bad:
         raise ConfigError(f"overrides must look like key=value or ~key, got: {' '.join(bad)}")
-    # `~key` removals are applied here, after the merge: torchtune 0.6.1 cannot remove a whole section
-    # (e.g. ~teacher_model) and reports any failure with a traceback.
+    # `~key` removals are applied to the YAML before the key=value overrides (so `~a a=1` sets a): torchtune
+    # 0.6.1 cannot remove a whole section (e.g. ~teacher_model) and reports any failure with a traceback.
     removals = [a[1:].split("=")[0] for a in cli_args if a.startswith("~")]
     overrides = [a for a in cli_args if not a.startswith("~")]
-    try:
-        cfg = _merge_yaml_and_cli_args(yaml_args, overrides)
-    except ValueError as e:
-        raise ConfigError(f"bad command-line override: {e}") from None
+    yaml_cfg = OmegaConf.create(vars(yaml_args))
     for dotpath in removals:
         *parents, leaf = dotpath.split(".")
-        node = cfg
+        node = yaml_cfg
         for p in parents:
             node = node.get(p) if hasattr(node, "get") else None
         if node is None or not hasattr(node, "keys") or leaf not in node:
             raise ConfigError(f"~{dotpath}: there is no key '{dotpath}' in the config to remove.")
         del node[leaf]
+    try:
+        cfg = _merge_yaml_and_cli_args(
+            argparse.Namespace(**OmegaConf.to_container(yaml_cfg, resolve=False)), overrides
+        )
+    except ValueError as e:
+        raise ConfigError(f"bad command-line override: {e}") from None
     return cfg
 
 
