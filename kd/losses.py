@@ -524,6 +524,72 @@ def _detached_leaf(x: Optional[torch.Tensor], requires_grad: bool) -> Optional[t
     return y
 
 
+def _chunk_math_eager(loss, z, t, lab, valid, kd_ratio: float, want_ce_grad: bool, want_kd_grad: bool):
+    """Everything the fused loss computes on one [n, V] chunk, without autograd (pure function).
+
+    z: student logits [n, V] (any float dtype), t: teacher logits [n, V] or None, lab/valid: [n].
+    Returns (ce_sum, kd_sum, true_kl_sum, n_agree, dloss/dz [n, V] in the compute dtype or None), where
+    dz = (1 - kd_ratio) * dCE/dz + kd_ratio * dKD/dz on valid rows (0 elsewhere).
+    """
+    cd = _compute_dtype(z.dtype)
+    zm = _mask_rows(z, valid, cd)
+    zero = torch.zeros((), dtype=cd, device=z.device)
+    # hard-label CE at T = 1: value -log_softmax[label], grad softmax - onehot
+    lsm = F.log_softmax(zm, dim=-1)
+    safe_lab = torch.where(valid, lab, torch.zeros((), dtype=lab.dtype, device=lab.device))
+    ce_rows = -lsm.gather(1, safe_lab.unsqueeze(1)).squeeze(1)
+    ce_c = torch.where(valid, ce_rows, zero).sum()
+    vmask = valid.unsqueeze(1).to(cd)
+    dz = None
+    if want_ce_grad:
+        dz = lsm.exp()
+        dz.scatter_add_(1, safe_lab.unsqueeze(1), torch.full_like(ce_rows, -1.0).unsqueeze(1))
+        dz = dz * ((1.0 - kd_ratio) * vmask)
+    if t is None:
+        return ce_c, torch.zeros((), dtype=cd, device=z.device), torch.zeros((), dtype=cd, device=z.device), \
+            torch.zeros((), dtype=torch.long, device=z.device), dz
+    tm = _mask_rows(t, valid, cd)
+    # reuse the CE log-softmax as the KD student log-probs when T == 1
+    div, kl, g_kd = loss._rows_and_grad(zm, tm, log_q=lsm if loss.temperature == 1.0 else None)
+    kd_c = torch.where(valid, div, zero).sum()
+    kl_c = torch.where(valid, kl, zero).sum()
+    # masked rows are all-zero in both (argmax 0 == 0), so count only valid rows
+    agree_c = ((zm.argmax(-1) == tm.argmax(-1)) & valid).sum()
+    if want_kd_grad:
+        g_kd = g_kd * (kd_ratio * vmask)
+        dz = g_kd if dz is None else dz + g_kd
+    return ce_c, kd_c, kl_c, agree_c, dz
+
+
+_COMPILED = {"fn": None, "broken": False}
+
+
+def _chunk_math(loss, device: torch.device):
+    """The per-chunk math, ``torch.compile``d on CUDA (a few fused kernels per chunk instead of ~20
+    element-wise passes over [chunk, V] float32 buffers); eager elsewhere or with KD_FUSED_COMPILE=0.
+    Same function either way (the CPU tests check the eager one against float64 references)."""
+    import functools
+    import os
+
+    if device.type != "cuda" or os.environ.get("KD_FUSED_COMPILE", "1") == "0" or _COMPILED["broken"]:
+        return functools.partial(_chunk_math_eager, loss)
+    if _COMPILED["fn"] is None:
+        _COMPILED["fn"] = torch.compile(_chunk_math_eager, dynamic=False)
+    return functools.partial(_chunk_math_compiled, loss)
+
+
+def _chunk_math_compiled(loss, *args):
+    if not _COMPILED["broken"]:
+        try:
+            return _COMPILED["fn"](loss, *args)
+        except Exception as e:  # pragma: no cover - no working compiler: fall back once, loudly
+            import logging
+
+            logging.getLogger(__name__).warning(f"torch.compile of the fused loss failed ({e}); using eager")
+            _COMPILED["broken"] = True
+    return _chunk_math_eager(loss, *args)
+
+
 class _FusedLinearKDFunction(torch.autograd.Function):
     """Liger-style chunked loss: the whole loss AND its gradients are computed in the forward, one token
     chunk at a time, so only [chunk, V] logits ever exist; backward scales the stored grads."""
@@ -588,7 +654,7 @@ class _FusedLinearKDFunction(torch.autograd.Function):
                         t = teacher_logits[start:end]
                     else:
                         t = teacher_logits[t_idx][t_off : t_off + (end - start)]
-                    t = _mask_rows(t.detach(), valid, cd)
+                    t = t.detach()  # masked and upcast inside _chunk_math
 
             h = _detached_leaf(student_hidden[start:end], need_h)
             wrt = [x for x, n in ((h, need_h), (W, need_w), (A, need_a), (B, need_b)) if n]
@@ -600,33 +666,11 @@ class _FusedLinearKDFunction(torch.autograd.Function):
                     # torchtune LoRALinear on the output projection: base(x) + scale * B(A(x))
                     z = z + lora_scale * F.linear(F.linear(h, A), B)
             with torch.no_grad():
-                zm = _mask_rows(z.detach(), valid, cd)
-                zero = torch.zeros((), dtype=cd, device=device)
-                # hard-label CE at T = 1: value -log_softmax[label], grad softmax - onehot
-                lsm = F.log_softmax(zm, dim=-1)
-                safe_lab = torch.where(valid, lab, torch.zeros((), dtype=lab.dtype, device=device))
-                ce_rows = -lsm.gather(1, safe_lab.unsqueeze(1)).squeeze(1)
-                ce_c = torch.where(valid, ce_rows, zero).sum()
-                dz = None
-                if use_ce and any_grad:
-                    dz = lsm.exp()
-                    dz.scatter_add_(1, safe_lab.unsqueeze(1), torch.full_like(ce_rows, -1.0).unsqueeze(1))
-                    dz.mul_((1.0 - kd_ratio) * valid.unsqueeze(1).to(cd))
-                if t is not None:
-                    # reuse the CE log-softmax as the KD student log-probs when T == 1
-                    div, kl, g_kd = loss._rows_and_grad(zm, t, log_q=lsm if loss.temperature == 1.0 else None)
-                    del lsm
-                    kd_c = torch.where(valid, div, zero).sum()
-                    kl_acc += torch.where(valid, kl, zero).sum()
-                    # masked rows are all-zero in both (argmax 0 == 0), so count only valid rows
-                    n_agree += ((zm.argmax(-1) == t.argmax(-1)) & valid).sum()
-                    if use_kd and any_grad:
-                        g_kd.mul_(kd_ratio * valid.unsqueeze(1).to(cd))
-                        dz = g_kd if dz is None else dz.add_(g_kd)
-                    del g_kd
-                else:
-                    del lsm
-                    kd_c = torch.zeros((), dtype=cd, device=device)
+                ce_c, kd_c, kl_c, agree_c, dz = _chunk_math(loss, device)(
+                    z.detach(), t, lab, valid, kd_ratio, use_ce and any_grad, use_kd and any_grad
+                )
+                n_agree += agree_c
+                kl_acc += kl_c
             if any_grad and dz is not None:
                 grads = torch.autograd.grad(z, wrt, grad_outputs=dz.to(z.dtype), allow_unused=True)
                 gi = iter(grads)
@@ -643,7 +687,7 @@ class _FusedLinearKDFunction(torch.autograd.Function):
             ce_acc += ce_c
             kd_acc += kd_c
             # free the chunk's [chunk, V] buffers (and the projection's graph) before the next chunk
-            del z, zm, t, dz
+            del z, t, dz
 
         loss_sum = (1.0 - kd_ratio) * ce_acc + kd_ratio * kd_acc
         ctx.save_for_backward(
