@@ -564,14 +564,15 @@ def _chunk_math_eager(loss, z, t, lab, valid, kd_ratio: float, want_ce_grad: boo
 _COMPILED = {"fn": None, "broken": False}
 
 
-def _chunk_math(loss, device: torch.device):
+def _chunk_math(loss, device: torch.device, full_chunk: bool = True):
     """The per-chunk math, ``torch.compile``d on CUDA (a few fused kernels per chunk instead of ~20
     element-wise passes over [chunk, V] float32 buffers); eager elsewhere or with KD_FUSED_COMPILE=0.
     Same function either way (the CPU tests check the eager one against float64 references)."""
     import functools
     import os
 
-    if device.type != "cuda" or os.environ.get("KD_FUSED_COMPILE", "1") == "0" or _COMPILED["broken"]:
+    off = os.environ.get("KD_FUSED_COMPILE", "1") == "0" or _COMPILED["broken"]
+    if device.type != "cuda" or not full_chunk or off:
         return functools.partial(_chunk_math_eager, loss)
     if _COMPILED["fn"] is None:
         _COMPILED["fn"] = torch.compile(_chunk_math_eager, dynamic=False)
@@ -666,7 +667,10 @@ class _FusedLinearKDFunction(torch.autograd.Function):
                     # torchtune LoRALinear on the output projection: base(x) + scale * B(A(x))
                     z = z + lora_scale * F.linear(F.linear(h, A), B)
             with torch.no_grad():
-                ce_c, kd_c, kl_c, agree_c, dz = _chunk_math(loss, device)(
+                # Full chunks share one compiled graph (static shapes); the ragged last chunk runs eagerly
+                # rather than recompiling for every batch's token count.
+                math_fn = _chunk_math(loss, device, full_chunk=end - start == chunk_size)
+                ce_c, kd_c, kl_c, agree_c, dz = math_fn(
                     z.detach(), t, lab, valid, kd_ratio, use_ce and any_grad, use_kd and any_grad
                 )
                 n_agree += agree_c
