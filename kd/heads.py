@@ -52,6 +52,11 @@ class FusedKDHead(nn.Module):
         self._targets: Optional[Dict[str, Any]] = None
         self.last: Optional[Any] = None
 
+    def adapter_params(self):
+        """torchtune's AdapterModule protocol, so ``get_adapter_params`` (and kd.checkpoint.lora_state_dict)
+        see the head's LoRA matrices exactly as they see a LoRALinear's."""
+        return ["lora_a.weight", "lora_b.weight"] if hasattr(self, "lora_a") else []
+
     def init_lora_parameters(self, device) -> None:
         """Materialise and initialise the LoRA matrices as torchtune's LoRALinear does (A: Kaiming
         uniform, B: zeros), leaving the loaded base weight alone."""

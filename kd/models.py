@@ -31,8 +31,6 @@ NF4_LINEAR_SUFFIXES = (
     "mlp.w2.weight",
     "mlp.w3.weight",
 )
-_CKPT_WRAPPED = "_checkpoint_wrapped_module."
-_COMPILED = "_orig_mod."
 
 
 class CheckpointError(ValueError):
@@ -40,7 +38,10 @@ class CheckpointError(ValueError):
 
 
 def _clean(name: str) -> str:
-    return name.replace(_CKPT_WRAPPED, "").replace(_COMPILED, "")
+    """Parameter name without activation-checkpointing / compile wrapper prefixes (one shared rule)."""
+    from kd.checkpoint import _strip_wrappers
+
+    return _strip_wrappers(name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,18 +368,6 @@ def build_on_meta(model_cfg, dtype: torch.dtype) -> nn.Module:
 
 def is_adapter_param(name: str) -> bool:
     return any(k in name for k in ("lora_a", "lora_b", "magnitude"))
-
-
-def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Full (gathered) adapter tensors on CPU, torchtune names. Collective under FSDP: call on every rank."""
-    out = {}
-    for name, p in model.named_parameters():
-        if is_adapter_param(name):
-            t = p.detach()
-            if hasattr(t, "full_tensor"):
-                t = t.full_tensor()
-            out[_clean(name)] = t.cpu().clone()
-    return out
 
 
 def load_adapter_state_dict(model: nn.Module, sd: Dict[str, torch.Tensor]) -> None:

@@ -32,9 +32,9 @@ from torch import nn
 
 from kd import dist as kdist
 from kd.config import ConfigError, DataError, check_keys, choice, number, require_component, to_container
+from kd.checkpoint import lora_state_dict
 from kd.heads import FusedKDHead, HiddenStatesHead
 from kd.models import (
-    adapter_state_dict,
     build_on_meta,
     is_adapter_param,
     load_adapter_state_dict,
@@ -798,7 +798,7 @@ class KDLoRARecipe:
         written atomically by rank 0; collective (every rank must call it)."""
         import torch.distributed as dist
 
-        adapter = adapter_state_dict(self._model)  # collective under FSDP
+        adapter = lora_state_dict(self._model)  # collective under FSDP (full_tensor)
         opt = self._optimizer_state()  # collective under FSDP
         rng = [self._rng_state()]
         if self._fsdp:
