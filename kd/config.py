@@ -101,3 +101,47 @@ def to_container(section: Any) -> Any:
     if isinstance(section, (DictConfig, ListConfig)):
         return OmegaConf.to_container(section, resolve=True)
     return section
+
+
+AC_MODES = ("none", "full", "selective")
+
+
+def activation_checkpoint_layers(cfg: Mapping[str, Any] | DictConfig, num_layers: int) -> list:
+    """Indices of the student's decoder layers whose activations are checkpointed (recomputed in backward).
+
+    The keys are torchtune's own (its distributed recipes read them, ``torchtune.training.activations``):
+
+    - ``enable_activation_checkpointing: True`` with no ``ac_mode``: every layer (torchtune's default);
+    - ``ac_mode: full``: every layer; ``ac_mode: none``: no layer;
+    - ``ac_mode: selective`` + ``ac_option: x`` (int >= 1): every x-th layer, counted from 1 as torchtune does
+      (layers x-1, 2x-1, ...; 28 layers and x=3 -> 9 layers). torchtune applies ``selective`` only with
+      ``enable_activation_checkpointing: False``; here the combination with True is an error instead of being
+      silently ignored. torchtune's ``ac_option: op`` (per-op selective AC) is not supported.
+
+    The recipe and the planner (``kd plan``) both call this, so the plan counts what the recipe wraps.
+    """
+    enable = bool(cfg.get("enable_activation_checkpointing", False))
+    mode = cfg.get("ac_mode", None)
+    if mode is None:
+        if cfg.get("ac_option", None) is not None:
+            raise ConfigError("ac_option is set but ac_mode is not: set ac_mode: selective (torchtune's keys).")
+        return list(range(num_layers)) if enable else []
+    if mode not in AC_MODES:
+        raise ConfigError(f"'ac_mode' must be one of {list(AC_MODES)}, got {mode!r}{_suggest(str(mode), AC_MODES)}.")
+    if mode == "none":
+        return []
+    if mode == "full":
+        return list(range(num_layers))
+    if enable:
+        raise ConfigError(
+            "ac_mode: selective needs enable_activation_checkpointing: False (True checkpoints every layer); "
+            "torchtune would silently checkpoint nothing for this combination."
+        )
+    x = cfg.get("ac_option", None)
+    if isinstance(x, str) and x.strip().isdigit():
+        x = int(x)
+    if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+        raise ConfigError(
+            f"ac_mode: selective needs ac_option: an integer x >= 1 (checkpoint every x-th layer), got {x!r}."
+        )
+    return [i for i in range(num_layers) if (i + 1) % x == 0]

@@ -366,6 +366,23 @@ def build_on_meta(model_cfg, dtype: torch.dtype) -> nn.Module:
         return tt_config.instantiate(model_cfg)
 
 
+def apply_activation_checkpointing(model: nn.Module, layers: Sequence[int]) -> None:
+    """Wrap ``model.layers[i]`` for ``i`` in ``layers`` with torch's non-reentrant checkpoint wrapper.
+
+    Same wrapper and options as torchtune's ``set_activation_checkpointing`` / selective layer AC, so parameter
+    names gain the usual ``_checkpoint_wrapped_module.`` prefix (stripped by the loaders and savers). Called
+    before loading and sharding, like torchtune's recipes do.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+    from torch.utils.checkpoint import checkpoint
+
+    for i in layers:
+        model.layers[i] = checkpoint_wrapper(
+            model.layers[i], checkpoint_impl=CheckpointImpl.NO_REENTRANT, checkpoint_fn=checkpoint,
+            use_reentrant=False, preserve_rng_state=False,
+        )
+
+
 def is_adapter_param(name: str) -> bool:
     return any(k in name for k in ("lora_a", "lora_b", "magnitude"))
 

@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from kd.config import ConfigError
+from kd.config import ConfigError, activation_checkpoint_layers
 
 GiB = 2**30
 GB10_MEMORY_GIB = 128e9 / GiB  # 128 GB unified memory (CPU + GPU) per DGX Spark = 119.2 GiB
@@ -416,7 +416,7 @@ def plan_from_config(
     """Estimate the per-device peak memory of ``recipes/kd_lora.py`` for ``cfg`` (an OmegaConf DictConfig).
 
     ``local_world_size`` defaults to ``$LOCAL_WORLD_SIZE`` (set by torchrun) or ``world_size``;
-    ``ac_layers`` defaults to all student layers when ``enable_activation_checkpointing`` is true, else 0;
+    ``ac_layers`` defaults to the number of layers the recipe checkpoints (``kd.config.activation_checkpoint_layers``);
     ``device_memory_gib`` defaults to the CUDA device's total memory when ``device`` is cuda/auto and a GPU
     is present (None on CPU: no fit verdict).
     """
@@ -438,7 +438,8 @@ def plan_from_config(
     if local_world_size is None:
         local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if ac_layers is None:
-        ac_layers = student.num_layers if cfg.get("enable_activation_checkpointing", False) else 0
+        # the recipe's own rule (torchtune's enable_activation_checkpointing / ac_mode / ac_option keys)
+        ac_layers = len(activation_checkpoint_layers(cfg, student.num_layers))
     if device_memory_gib is None and device_type == "cuda" and torch.cuda.is_available():
         device_memory_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GiB
     if reserve_gib is None:

@@ -31,10 +31,21 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from kd import dist as kdist
-from kd.config import ConfigError, DataError, check_keys, choice, number, require_component, to_container
+from kd.config import (
+    ConfigError,
+    DataError,
+    activation_checkpoint_layers,
+    check_keys,
+    choice,
+    number,
+    require_component,
+    to_container,
+)
 from kd.checkpoint import lora_state_dict
 from kd.heads import FusedKDHead, HiddenStatesHead
+from kd.timing import PhaseTimer
 from kd.models import (
+    apply_activation_checkpointing,
     build_on_meta,
     is_adapter_param,
     load_adapter_state_dict,
@@ -52,7 +63,7 @@ TORCHTUNE_KD_KEYS = {
     "gradient_accumulation_steps", "metric_logger", "log_every_n_steps", "log_peak_memory_stats",
     "device", "dtype", "enable_activation_checkpointing", "enable_activation_offloading", "profiler",
     "clip_grad_norm", "save_adapter_weights_only", "fsdp_cpu_offload", "fsdp_reshard_after_forward",
-    "custom_sharded_layers", "cudnn_deterministic_mode",
+    "custom_sharded_layers", "cudnn_deterministic_mode", "ac_mode", "ac_option",
 }
 KD_KEYS = {
     "teacher_quantization",  # nf4 | null (bf16/fp32 = dtype)
@@ -258,14 +269,15 @@ class KDLoRARecipe:
         self._apply_lora_to_output = bool(cfg_model.get("apply_lora_to_output", False))
 
     def _setup_student(self, cfg: DictConfig) -> nn.Module:
-        from torchtune import modules, training
+        from torchtune import training
 
         self._lora_info(cfg.model)
         model = build_on_meta(cfg.model, self._dtype)
-        if cfg.get("enable_activation_checkpointing", False):
-            training.set_activation_checkpointing(
-                model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
-            )
+        # Activation checkpointing on the layers torchtune's keys select (all, none or every x-th layer);
+        # kd.planner counts the same layers.
+        ac_layers = activation_checkpoint_layers(cfg, len(model.layers))
+        apply_activation_checkpointing(model, ac_layers)
+        self._log(f"activation checkpointing on {len(ac_layers)}/{len(model.layers)} student layers")
         if self._loss_form == "fused":
             # Swap the head before loading/sharding, so FSDP2 manages the parameters the head holds
             # (same names: output.weight, output.lora_a.weight, ...).
@@ -542,11 +554,14 @@ class KDLoRARecipe:
         pad = torch.full_like(labels[..., :1], self._ignore_index)
         return torch.cat([labels[..., 1:], pad], dim=-1)
 
-    def _loss_step(self, batch: Dict[str, torch.Tensor], kd_ratio: float) -> Dict[str, torch.Tensor]:
+    def _loss_step(
+        self, batch: Dict[str, torch.Tensor], kd_ratio: float, timer: Optional[PhaseTimer] = None
+    ) -> Dict[str, torch.Tensor]:
         """Forward both models on one micro-batch; return *sums* over its valid tokens.
 
         Keys: loss (differentiable, (1-r)*CE + r*KD), ce, kd (training divergence), kl (true forward KL),
-        n_valid, n_agree (teacher/student top-1 agreement), all 0-d tensors.
+        n_valid, n_agree (teacher/student top-1 agreement), all 0-d tensors. ``timer`` (training only) marks
+        the end of the teacher forward and of the student forward + loss.
         """
         from kd.losses import chunked_cross_entropy_sum
 
@@ -557,6 +572,8 @@ class KDLoRARecipe:
         if self._teacher is not None:
             with torch.no_grad():
                 teacher_out = self._teacher(tokens, mask=mask, input_pos=input_pos)
+        if timer is not None:
+            timer.mark("teacher_fwd")
         if self._loss_form == "fused":
             self._model.output.set_targets(
                 labels=labels, kd_ratio=kd_ratio, loss=self._kd_loss,
@@ -564,6 +581,8 @@ class KDLoRARecipe:
                 teacher_weight=self._teacher_head_weight,
             )
             loss_sum = self._model(tokens, mask=mask, input_pos=input_pos)
+            if timer is not None:
+                timer.mark("student_fwd")
             o = self._model.output.last
             self._model.output.last = None
             return {"loss": loss_sum, "ce": o.ce_sum, "kd": o.kd_sum, "kl": o.kl_sum,
@@ -571,6 +590,8 @@ class KDLoRARecipe:
         # chunked: [b, s_i, V] logits chunks from both models
         s_chunks = self._model(tokens, mask=mask, input_pos=input_pos)
         t_chunks = teacher_out
+        if timer is not None:
+            timer.mark("student_fwd")
         ce = chunked_cross_entropy_sum(s_chunks, labels, ignore_index=self._ignore_index)
         if t_chunks is None:
             zero = torch.zeros((), device=labels.device)
@@ -628,6 +649,8 @@ class KDLoRARecipe:
         training.cleanup_before_training() if self._device.type == "cuda" else None
         self._optimizer.zero_grad(set_to_none=True)
         self._install_stop_handlers()
+        # Per-phase step times (GPU timeline on CUDA), read only at logging steps: no extra host sync.
+        timer = PhaseTimer(self._device)
         if self._val_loader is not None and self.global_step == 0:
             self._validate_now()  # the step-0 baseline the later validation points compare with
         self._profiler.start()
@@ -642,7 +665,9 @@ class KDLoRARecipe:
                 dynamic_ncols=True,
             )
             t0 = time.perf_counter()
+            steps_since_log = 0
             while self._step_in_epoch < self._steps_per_epoch:
+                timer.start()
                 micro = self._next_micro_batches(it)
                 if micro is None:
                     break
@@ -653,10 +678,12 @@ class KDLoRARecipe:
                 local_tok = sum((b["tokens"] != self._tokenizer.pad_id).sum() for b in micro)
                 counts = kdist.all_reduce_sum(torch.stack([local_n, local_tok]).to(torch.float32))
                 scale = self.world_size / counts[0].clamp_min(1.0)  # undo FSDP2's mean over ranks
+                timer.mark("data")
                 sums = None
                 for b in micro:
-                    out = self._loss_step(b, self._kd_ratio)
+                    out = self._loss_step(b, self._kd_ratio, timer)
                     (out["loss"] * scale).backward()
+                    timer.mark("backward")
                     vals = torch.stack([out[k].detach().float() for k in ("loss", "ce", "kd", "kl", "n_valid", "n_agree")])
                     sums = vals if sums is None else sums + vals
                 grad_norm = None
@@ -670,6 +697,8 @@ class KDLoRARecipe:
                 self._optimizer.zero_grad(set_to_none=True)
                 if self._lr_scheduler is not None:
                     self._lr_scheduler.step()
+                timer.mark("optimizer")
+                steps_since_log += 1
                 self.global_step += 1
                 self._step_in_epoch += 1
                 pbar.update(1)
@@ -683,7 +712,9 @@ class KDLoRARecipe:
                     sums = kdist.all_reduce_sum(sums)
                     stop = bool(sums[-1] > 0)
                     dt = time.perf_counter() - t0
-                    self._log_step(sums[:-1], counts, grad_norm, dt, pbar)
+                    phases = {k: v / steps_since_log for k, v in timer.collect().items()}
+                    steps_since_log = 0
+                    self._log_step(sums[:-1], counts, grad_norm, dt, pbar, phases)
                 t0 = time.perf_counter()
                 if stop:
                     self._log(f"stop requested: saving a checkpoint at step {self.global_step} and exiting")
@@ -720,7 +751,7 @@ class KDLoRARecipe:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, handler)
 
-    def _log_step(self, sums, counts, grad_norm, dt: float, pbar) -> None:
+    def _log_step(self, sums, counts, grad_norm, dt: float, pbar, phases: Dict[str, float]) -> None:
         loss, ce, kd, kl, n_valid, n_agree = sums.tolist()
         n = max(n_valid, 1.0)
         tokens = float(counts[1])
@@ -734,6 +765,9 @@ class KDLoRARecipe:
         }
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
+        metrics["step_seconds"] = dt
+        # mean seconds per optimizer step of each phase since the last log (see kd.timing)
+        metrics.update({f"time_{k}_s": v for k, v in phases.items()})
         if self._log_peak_memory_stats:
             metrics.update(self._memory_stats())
         if self._is_rank_zero:
@@ -763,6 +797,7 @@ class KDLoRARecipe:
     def _validate_now(self) -> None:
         from torchtune import utils
 
+        t0 = time.perf_counter()
         self._model.eval()
         sums = torch.zeros(6, device=self._device)
         for i, b in enumerate(self._val_loader):
@@ -777,7 +812,8 @@ class KDLoRARecipe:
         n = max(n_valid, 1.0)
         if self._is_rank_zero:
             self._emit({"loss": loss / n, "ce_loss": ce / n, "kd_loss": kd / n, "kl": kl / n,
-                        "top1_agreement": n_agree / n, "valid_tokens": n_valid}, kind="val")
+                        "top1_agreement": n_agree / n, "valid_tokens": n_valid,
+                        "seconds": time.perf_counter() - t0}, kind="val")
 
     # ----------------------------------------------------------------------------------------------
     # Checkpointing
@@ -798,6 +834,7 @@ class KDLoRARecipe:
         written atomically by rank 0; collective (every rank must call it)."""
         import torch.distributed as dist
 
+        t0 = time.perf_counter()
         adapter = lora_state_dict(self._model)  # collective under FSDP (full_tensor)
         opt = self._optimizer_state()  # collective under FSDP
         rng = [self._rng_state()]
@@ -823,6 +860,8 @@ class KDLoRARecipe:
             )
             self._log(f"checkpoint saved: {path}")
         kdist.barrier()
+        if self._is_rank_zero:
+            self._emit({"seconds": time.perf_counter() - t0}, kind="checkpoint")
 
     def _save_merged_model(self) -> None:
         from kd.checkpoint import save_merged_hf
