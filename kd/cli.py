@@ -6,6 +6,9 @@
     kd plan --config CFG [key=value ...] [--world-size N] [--nproc-per-node M] [--batch-size B]
             [--seq-len S] [--ac-layers K] [--device-memory-gib G | --gb10] [--reserve-gib R] [--sweep]
         Per-device peak-memory estimate of recipes/kd_lora.py for that config (kd.planner).
+    kd plan --time --config CFG [key=value ...] [--hardware h200|gb10|PROFILE.yaml] [--world-size N]
+        Estimated time of one epoch and of the whole run (a kd_lora config), or of plan A's teacher
+        generation (a generate_teacher config), per component, from the config's real token counts (kd.jobtime).
 """
 
 from __future__ import annotations
@@ -33,8 +36,14 @@ def _plan(argv: List[str]) -> int:
     p.add_argument("--reserve-gib", type=float, default=None,
                    help="kept free for CUDA context, allocator slack and the OS (default 8 on GPU)")
     p.add_argument("--sweep", action="store_true", help="also print the peak for batch sizes 1, 2, 4, ...")
+    p.add_argument("--time", action="store_true",
+                   help="estimate the job's time (one epoch, the whole run; plan A's generation for a generate config)")
+    p.add_argument("--hardware", default=None,
+                   help="with --time: h200, gb10 or a YAML profile (default: both h200 and gb10)")
     args, overrides = p.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
+    if args.time:
+        return _plan_time(cfg, args)
     mem = planner.GB10_MEMORY_GIB if args.gb10 else args.device_memory_gib
     kw = dict(local_world_size=args.nproc_per_node or args.world_size, seq_len=args.seq_len,
               ac_layers=args.ac_layers, device_memory_gib=mem, reserve_gib=args.reserve_gib)
@@ -53,6 +62,37 @@ def _plan(argv: List[str]) -> int:
                 break
             b *= 2
     return 0
+
+
+def _plan_time(cfg, args) -> int:
+    from kd import jobtime
+
+    names = [args.hardware] if args.hardware else ["h200", "gb10"]
+    hws = [jobtime.load_hardware(n) for n in names]
+    if cfg.get("max_new_tokens", None) is not None and cfg.get("teacher_model", None) is None:
+        # a generation config (recipes/generate_teacher.py): plan A's decode time
+        expected = _expected_answer_lengths(cfg)
+        for hw in hws:
+            print(jobtime.estimate_generation(cfg, hw, expected_new_tokens=expected).table())
+        return 0
+    stats = jobtime.data_stats(cfg)
+    for hw in hws:
+        print(jobtime.estimate_job(cfg, hw, stats, world_size=args.world_size).table())
+    return 0
+
+
+def _expected_answer_lengths(cfg) -> List[int]:
+    """Generation configs: the teacher's answers are expected as long as the data set's reference answers."""
+    from omegaconf import OmegaConf
+    from kd import jobtime
+
+    ds = OmegaConf.create({
+        "tokenizer": OmegaConf.to_container(cfg.tokenizer, resolve=True),
+        "dataset": {"_component_": "kd.data.alpaca_kd_dataset", "source": cfg.source,
+                    **({"system_prompt": cfg.system_prompt} if cfg.get("system_prompt") else {})},
+        "batch_size": 1,
+    })
+    return jobtime.data_stats(ds).answers
 
 
 def main(argv: Optional[List[str]] = None) -> int:

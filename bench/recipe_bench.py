@@ -1,0 +1,703 @@
+"""The recipe benchmark: `tune run recipes/kd_lora.py` with the user's config at full width, stock torchtune's KD
+recipe on the same job in the same call, and the job-time planner's prediction beside both.
+
+What it does (one GPU machine, one process per run):
+1. ``data``: a synthetic Buddhist-QA alpaca set with a stated length distribution (``LENGTHS`` below), made of
+   real Qwen2.5 tokens (Chinese characters), so the token counts are the ones the recipe sees. Made on CPU
+   (``python bench/recipe_bench.py data --out .bench_assets``) and carried, or made on the spot.
+2. Random-weight HF checkpoints at the real widths: a full Qwen2.5-7B student (4 shards + index) and a
+   Qwen2.5-72B-shaped teacher cut to the largest depth asked for (one shard per decoder layer + one for the
+   embeddings/head, with ``model.safetensors.index.json``). Shallower teachers are directories of symlinks to the
+   first layers' shards with their own ``config.json`` and index (nothing is copied).
+3. For every teacher depth N: ``tune run recipes/kd_lora.py --config configs/qwen2_5/72B_to_7B_kd_lora_1node.yaml``
+   overriding only paths, the teacher depth, the run length and the logger (list in ``_ours_overrides``).
+4. Stock torchtune's ``knowledge_distillation_single_device`` recipe on the same data, model sizes, LoRA, batch,
+   gradient accumulation, activation checkpointing, optimizer and losses (``bench/stock_kd_nf4.py``: the stock
+   recipe class, with its teacher's decoder linears converted to torchao NF4 after loading, as stock QLoRA stores
+   its base weights; stock itself has no quantized-teacher option).
+5. Extrapolation from N teacher layers to 80 with the per-layer cost measured between the two depths of the same
+   run (for ours: the recipe's own teacher-forward phase time; for stock: its step time), and the check of that
+   line against a third point when three depths are given.
+6. ``kd plan --time`` (``kd.jobtime``) for the same job, printed beside the measurement.
+
+Usage on the GPU machine (see docs/benchmarks.md for the exact call)::
+
+    python bench/recipe_bench.py run --work /tmp/kdb --assets .bench_assets --depths 16,8 --steps 4
+
+CPU smoke test (tiny widths, same code path): ``python bench/recipe_bench.py run --small --work /tmp/kdb_small``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+USER_CONFIG = "configs/qwen2_5/72B_to_7B_kd_lora_1node.yaml"
+
+# Synthetic Buddhist-QA length distribution (tokens, Qwen2.5 tokenizer). Source: the user's description of the
+# data set (23,683 alpaca samples: the fixed system prompt + a question, and answers "of a few hundred to ~1,500
+# tokens"); turned into numbers as stated in issue 9: prompt (system prompt + question, template included) uniform
+# 60-150 tokens, answers log-normal with median 400 and 5% above 1,500, the whole sample cut at 2,048.
+LENGTHS = {
+    "prompt_min": 60, "prompt_max": 150,
+    "answer_median": 400, "answer_p95": 1500, "max_seq_len": 2048,
+}
+SYSTEM_PROMPT = "你是一位精通佛学的大师，对佛经有深入的理解和研究。请用准确、专业且易懂的方式回答问题。"
+
+QWEN2_5_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                  num_key_value_heads=4, vocab_size=152064)
+QWEN2_5_72B = dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
+                   num_key_value_heads=8, vocab_size=152064)
+SMALL_STUDENT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=152064)
+SMALL_TEACHER = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=152064)
+
+
+def log(msg: str) -> None:
+    print(f"[recipe_bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. synthetic data
+# --------------------------------------------------------------------------------------------------
+def answer_sigma() -> float:
+    """Log-normal sigma such that P(answer > p95) = 5% for the stated median (z_0.95 = 1.6449)."""
+    return math.log(LENGTHS["answer_p95"] / LENGTHS["answer_median"]) / 1.6448536
+
+
+def _cjk_tokens(tok) -> List[str]:
+    """Single Chinese characters that are one token each in the Qwen2.5 vocabulary."""
+    out = []
+    for cp in range(0x4E00, 0x9FA6):
+        ch = chr(cp)
+        if len(tok.encode(ch, add_bos=False, add_eos=False)) == 1:
+            out.append(ch)
+    return out
+
+
+def _text_of_tokens(tok, chars: List[str], n: int, rng: random.Random, prefix: str = "") -> str:
+    """A string of random characters that tokenizes to about ``n`` tokens (after ``prefix``)."""
+    text = prefix + "".join(rng.choice(chars) for _ in range(n))
+    for _ in range(2):  # BPE merges some neighbours: one top-up brings the count within a few tokens
+        got = len(tok.encode(text, add_bos=False, add_eos=False))
+        if abs(got - n) <= max(1, n // 50):
+            break
+        if got < n:
+            text += "".join(rng.choice(chars) for _ in range(n - got))
+        else:
+            text = text[: len(text) - (got - n)]
+    return text
+
+
+def make_data(tok, n_samples: int, seed: int = 0) -> List[dict]:
+    """Alpaca records whose chat-templated prompt and answer lengths follow ``LENGTHS``."""
+    rng = random.Random(seed)
+    chars = _cjk_tokens(tok)
+    sys_len = len(tok.encode(SYSTEM_PROMPT, add_bos=False, add_eos=False))
+    template = 12  # <|im_start|>system\n ... <|im_end|>\n<|im_start|>user\n ... <|im_start|>assistant\n
+    mu, sigma = math.log(LENGTHS["answer_median"]), answer_sigma()
+    recs = []
+    for i in range(n_samples):
+        p_len = rng.randint(LENGTHS["prompt_min"], LENGTHS["prompt_max"])
+        q_len = max(4, p_len - sys_len - template)
+        a_len = max(8, int(round(rng.lognormvariate(mu, sigma))))
+        a_len = min(a_len, LENGTHS["max_seq_len"] + 200)  # the recipe cuts the sample at max_seq_len
+        recs.append({
+            "instruction": _text_of_tokens(tok, chars, q_len, rng, prefix="请解释"),
+            "input": "",
+            "output": _text_of_tokens(tok, chars, a_len, rng),
+        })
+    return recs
+
+
+def data_cmd(a) -> None:
+    from kd.tokenizer import qwen2_5_tokenizer_files
+    from torchtune.models.qwen2_5 import qwen2_5_tokenizer
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = qwen2_5_tokenizer_files()
+    tok_dir = out / "tokenizer"
+    tok_dir.mkdir(exist_ok=True)
+    for k in ("vocab", "merges", "special_tokens", "tokenizer_config"):
+        shutil.copyfile(files[k], tok_dir / Path(files[k]).name)
+    tok = qwen2_5_tokenizer(path=str(files["vocab"]), merges_file=str(files["merges"]),
+                            special_tokens_path=str(files["special_tokens"]))
+    t0 = time.time()
+    recs = make_data(tok, a.samples, a.seed)
+    with gzip.open(out / "buddhist_qa_synth.json.gz", "wt", encoding="utf-8") as f:
+        json.dump(recs, f, ensure_ascii=False)
+    log(f"{len(recs)} records -> {out / 'buddhist_qa_synth.json.gz'} in {time.time() - t0:.0f}s")
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. checkpoints
+# --------------------------------------------------------------------------------------------------
+def hf_config(dims: dict) -> dict:
+    return {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+        "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_sliding_window": False,
+        "bos_token_id": 151643, "eos_token_id": 151645, "attention_dropout": 0.0, **dims,
+    }
+
+
+def _layer_tensors(i: int, d: dict, dev, dtype, gen) -> Dict[str, "torch.Tensor"]:
+    import torch
+
+    h, f = d["hidden_size"], d["intermediate_size"]
+    hd = h // d["num_attention_heads"]
+    kv = d["num_key_value_heads"] * hd
+    p = f"model.layers.{i}."
+
+    def w(*shape):
+        return (torch.randn(*shape, device=dev, dtype=torch.float32, generator=gen) * 0.02).to(dtype)
+
+    return {
+        p + "self_attn.q_proj.weight": w(h, h), p + "self_attn.q_proj.bias": w(h),
+        p + "self_attn.k_proj.weight": w(kv, h), p + "self_attn.k_proj.bias": w(kv),
+        p + "self_attn.v_proj.weight": w(kv, h), p + "self_attn.v_proj.bias": w(kv),
+        p + "self_attn.o_proj.weight": w(h, h),
+        p + "mlp.gate_proj.weight": w(f, h), p + "mlp.up_proj.weight": w(f, h), p + "mlp.down_proj.weight": w(h, f),
+        p + "input_layernorm.weight": torch.ones(h, device=dev, dtype=dtype),
+        p + "post_attention_layernorm.weight": torch.ones(h, device=dev, dtype=dtype),
+    }
+
+
+def _root_tensors(d: dict, dev, dtype, gen):
+    import torch
+
+    h, v = d["hidden_size"], d["vocab_size"]
+    return {
+        "model.embed_tokens.weight": (torch.randn(v, h, device=dev, generator=gen) * 0.02).to(dtype),
+        "model.norm.weight": torch.ones(h, device=dev, dtype=dtype),
+        "lm_head.weight": (torch.randn(v, h, device=dev, generator=gen) * 0.02).to(dtype),
+    }
+
+
+def _copy_tokenizer(assets: Path, dest: Path) -> None:
+    for p in (assets / "tokenizer").iterdir():
+        shutil.copyfile(p, dest / p.name)
+
+
+def write_checkpoint(dest: Path, dims: dict, assets: Path, seed: int, layers_per_shard: int) -> Dict[str, str]:
+    """Random-weight HF checkpoint, ``layers_per_shard`` decoder layers per shard, root tensors in the last."""
+    import torch
+    from safetensors.torch import save_file
+
+    if (dest / "model.safetensors.index.json").is_file():
+        return json.loads((dest / "model.safetensors.index.json").read_text())["weight_map"]
+    dest.mkdir(parents=True, exist_ok=True)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    L = dims["num_hidden_layers"]
+    groups = [list(range(s, min(L, s + layers_per_shard))) for s in range(0, L, layers_per_shard)]
+    n = len(groups) + 1
+    weight_map, total = {}, 0
+    t0 = time.time()
+    for k, g in enumerate(groups + [None]):
+        name = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        sd = _root_tensors(dims, dev, torch.bfloat16, gen) if g is None else {}
+        for i in g or []:
+            sd.update(_layer_tensors(i, dims, dev, torch.bfloat16, gen))
+        sd = {k2: v.cpu().contiguous() for k2, v in sd.items()}
+        total += sum(v.numel() * v.element_size() for v in sd.values())
+        save_file(sd, str(dest / name), metadata={"format": "pt"})
+        weight_map.update({k2: name for k2 in sd})
+        del sd
+    (dest / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    (dest / "config.json").write_text(json.dumps(hf_config(dims), indent=1))
+    _copy_tokenizer(assets, dest)
+    log(f"wrote {dest} ({total / 1e9:.1f} GB, {n} shards) in {time.time() - t0:.0f}s")
+    return weight_map
+
+
+def cut_teacher(full: Path, dest: Path, dims_full: dict, n_layers: int, assets: Path) -> None:
+    """A shallower teacher: symlinks to the shards holding layers < n_layers and the root tensors."""
+    wm = json.loads((full / "model.safetensors.index.json").read_text())["weight_map"]
+    keep = {}
+    for k, f in wm.items():
+        if k.startswith("model.layers."):
+            if int(k.split(".")[2]) < n_layers:
+                keep[k] = f
+        else:
+            keep[k] = f
+    files = set(keep.values())
+    # a shard mixing kept and dropped layers cannot be shared by symlink
+    for k, f in wm.items():
+        if f in files and k not in keep:
+            raise SystemExit(f"shard {f} holds layers on both sides of {n_layers}: use one layer per shard")
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        link = dest / f
+        if not link.exists():
+            link.symlink_to((full / f).resolve())
+    (dest / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": keep}, indent=1))
+    (dest / "config.json").write_text(json.dumps(hf_config({**dims_full, "num_hidden_layers": n_layers}), indent=1))
+    _copy_tokenizer(assets, dest)
+
+
+# --------------------------------------------------------------------------------------------------
+# 3./4. runs
+# --------------------------------------------------------------------------------------------------
+def teacher_overrides(dims: dict, n_layers: int) -> List[str]:
+    """The teacher builder at the 72B's arguments with N layers (torchtune's own qwen2 builder)."""
+    return [
+        "teacher_model._component_=torchtune.models.qwen2.qwen2",
+        f"teacher_model.vocab_size={dims['vocab_size']}", f"teacher_model.num_layers={n_layers}",
+        f"teacher_model.num_heads={dims['num_attention_heads']}",
+        f"teacher_model.num_kv_heads={dims['num_key_value_heads']}",
+        f"teacher_model.embed_dim={dims['hidden_size']}",
+        f"teacher_model.intermediate_dim={dims['intermediate_size']}",
+        "teacher_model.max_seq_len=32768", "teacher_model.norm_eps=1e-6", "teacher_model.rope_base=1000000.0",
+    ]
+
+
+def student_overrides(small: bool) -> List[str]:
+    if not small:
+        return []
+    d = SMALL_STUDENT
+    return [
+        "model._component_=torchtune.models.qwen2.lora_qwen2",
+        f"model.vocab_size={d['vocab_size']}", f"model.num_layers={d['num_hidden_layers']}",
+        f"model.num_heads={d['num_attention_heads']}", f"model.num_kv_heads={d['num_key_value_heads']}",
+        f"model.embed_dim={d['hidden_size']}", f"model.intermediate_dim={d['intermediate_size']}",
+        "model.max_seq_len=32768", "model.norm_eps=1e-6", "model.rope_base=1000000.0",
+    ]
+
+
+def common_paths(work: Path, assets: Path) -> List[str]:
+    tok = assets / "tokenizer"
+    return [
+        f"tokenizer.path={tok / 'vocab.json'}", f"tokenizer.merges_file={tok / 'merges.txt'}",
+        f"checkpointer.checkpoint_dir={work / 'student'}",
+        f"dataset.source={work / 'data.json'}",
+    ]
+
+
+def _env(small: bool) -> dict:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["WANDB_MODE"] = "offline"
+    if small:
+        env.setdefault("OMP_NUM_THREADS", "2")
+    return env
+
+
+def run_ours(work: Path, assets: Path, n_layers: int, steps: int, small: bool, tag: str, extra: List[str],
+             teacher_dims: dict, validate: bool) -> dict:
+    out = work / "runs" / f"ours_{tag}"
+    if out.exists():
+        shutil.rmtree(out)
+    overrides = [
+        f"output_dir={out}", *common_paths(work, assets),
+        f"teacher_checkpointer.checkpoint_dir={work / f'teacher_{n_layers}'}",
+        *teacher_overrides(teacher_dims, n_layers), *student_overrides(small),
+        "epochs=1", f"max_steps_per_epoch={steps}", "save_merged_model=False",
+        "metric_logger._component_=torchtune.training.metric_logging.DiskLogger", "~metric_logger.project",
+        "progress_bar=False", "log_every_n_steps=1",
+        *([] if validate else ["~eval_every_n_steps"]),
+        *(["device=cpu", "dtype=fp32", "teacher_quantization=null", "optimizer.fused=False",
+           "tokenizer.max_seq_len=512"] if small else []),
+        *extra,
+    ]
+    cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", "recipes/kd_lora.py", "--config", USER_CONFIG,
+           *overrides]
+    res = _run(cmd, out, "ours", tag, small)
+    res["overrides"] = overrides
+    try:  # the memory planner's peak for exactly this run's config
+        from kd.planner import plan_from_config
+        from kd.preflight import load_config
+
+        plan = plan_from_config(load_config(str(REPO / USER_CONFIG), overrides), 1)
+        res["planned_peak_gib"] = plan.peak_gib
+        res["planned_peak_phase"] = plan.peak_phase
+    except Exception as e:
+        res["plan_error"] = repr(e)
+    return res
+
+
+def stock_config(work: Path, assets: Path, n_layers: int, steps: int, small: bool, teacher_dims: dict) -> Path:
+    """The stock recipe's config for the same job (written next to the run; every value named)."""
+    from omegaconf import OmegaConf
+
+    user = OmegaConf.load(REPO / USER_CONFIG)
+    tok = assets / "tokenizer"
+    sdims = SMALL_STUDENT if small else QWEN2_5_7B
+    s_files = sorted(set(json.loads((work / "student" / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    t_dir = work / f"teacher_{n_layers}"
+    t_files = sorted(set(json.loads((t_dir / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    out = work / "runs" / f"stock_L{n_layers}"
+    model = OmegaConf.to_container(user.model)
+    if small:
+        model = {"_component_": "torchtune.models.qwen2.lora_qwen2", **{k: v for k, v in model.items() if k != "_component_"},
+                 "vocab_size": sdims["vocab_size"], "num_layers": sdims["num_hidden_layers"],
+                 "num_heads": sdims["num_attention_heads"], "num_kv_heads": sdims["num_key_value_heads"],
+                 "embed_dim": sdims["hidden_size"], "intermediate_dim": sdims["intermediate_size"],
+                 "max_seq_len": 32768, "norm_eps": 1e-6, "rope_base": 1000000.0}
+    td = teacher_dims
+    cfg = {
+        "output_dir": str(out),
+        "model": model,
+        "teacher_model": {"_component_": "torchtune.models.qwen2.qwen2", "vocab_size": td["vocab_size"],
+                          "num_layers": n_layers, "num_heads": td["num_attention_heads"],
+                          "num_kv_heads": td["num_key_value_heads"], "embed_dim": td["hidden_size"],
+                          "intermediate_dim": td["intermediate_size"], "max_seq_len": 32768, "norm_eps": 1e-6,
+                          "rope_base": 1000000.0},
+        "tokenizer": {"_component_": "torchtune.models.qwen2_5.qwen2_5_tokenizer", "path": str(tok / "vocab.json"),
+                      "merges_file": str(tok / "merges.txt"),
+                      "max_seq_len": 512 if small else int(user.tokenizer.max_seq_len)},
+        "checkpointer": {"_component_": "torchtune.training.FullModelHFCheckpointer",
+                         "checkpoint_dir": str(work / "student"), "checkpoint_files": s_files,
+                         "output_dir": str(out / "ckpt"), "model_type": "QWEN2", "recipe_checkpoint": None},
+        "teacher_checkpointer": {"_component_": "torchtune.training.FullModelHFCheckpointer",
+                                 "checkpoint_dir": str(t_dir), "checkpoint_files": t_files,
+                                 "output_dir": str(out / "teacher_ckpt"), "model_type": "QWEN2"},
+        "resume_from_checkpoint": False, "save_adapter_weights_only": True,
+        # the same data component, unpacked as stock configs ship (stock's collate pads each batch)
+        "dataset": {"_component_": "kd.data.alpaca_kd_dataset", "source": str(work / "data.json"),
+                    "system_prompt": SYSTEM_PROMPT, "val_size": float(user.dataset.val_size),
+                    "seed": int(user.dataset.seed), "packed": False},
+        "seed": int(user.seed), "shuffle": True, "batch_size": int(user.batch_size),
+        "optimizer": {**OmegaConf.to_container(user.optimizer), **({"fused": False} if small else {})},
+        "lr_scheduler": OmegaConf.to_container(user.lr_scheduler),
+        "loss": {"_component_": "torchtune.modules.loss.CEWithChunkedOutputLoss"},
+        "kd_loss": {"_component_": "torchtune.modules.loss.ForwardKLWithChunkedOutputLoss"},
+        "kd_ratio": float(user.kd_ratio), "epochs": 1, "max_steps_per_epoch": steps,
+        "gradient_accumulation_steps": int(user.gradient_accumulation_steps), "clip_grad_norm": user.clip_grad_norm,
+        "compile": False,
+        "metric_logger": {"_component_": "torchtune.training.metric_logging.DiskLogger", "log_dir": str(out / "logs")},
+        "log_every_n_steps": 1, "log_peak_memory_stats": not small,
+        "device": "cpu" if small else "cuda", "dtype": "fp32" if small else "bf16",
+        "enable_activation_checkpointing": True, "enable_activation_offloading": False,
+        "profiler": {"_component_": "torchtune.training.setup_torch_profiler", "enabled": False},
+    }
+    path = work / "runs" / f"stock_L{n_layers}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(cfg), path)
+    return path
+
+
+def run_stock(work: Path, assets: Path, n_layers: int, steps: int, small: bool, teacher_dims: dict) -> dict:
+    cfg = stock_config(work, assets, n_layers, steps, small, teacher_dims)
+    out = work / "runs" / f"stock_L{n_layers}"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", "bench/stock_kd_nf4.py", "--config", str(cfg),
+           f"nf4_teacher={'False' if small else 'True'}", f"timing_file={out / 'timing.jsonl'}"]
+    return _run(cmd, out, "stock", f"L{n_layers}", small)
+
+
+def _run(cmd: List[str], out: Path, who: str, tag: str, small: bool) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"{who} {tag}: {' '.join(cmd[3:])}")
+    t0 = time.time()
+    with open(out / "stdout.log", "w") as f:
+        p = subprocess.run(cmd, cwd=REPO, env=_env(small), stdout=f, stderr=subprocess.STDOUT)
+    wall = time.time() - t0
+    tail = (out / "stdout.log").read_text(errors="replace").splitlines()[-15:]
+    if p.returncode != 0:
+        log(f"{who} {tag} FAILED rc={p.returncode} after {wall:.0f}s:\n" + "\n".join(tail))
+        return {"ok": False, "rc": p.returncode, "wall_s": wall, "tail": tail}
+    log(f"{who} {tag} done in {wall:.0f}s")
+    return {"ok": True, "wall_s": wall, "out": str(out)}
+
+
+# --------------------------------------------------------------------------------------------------
+# measurements
+# --------------------------------------------------------------------------------------------------
+def _median(xs: List[float]) -> Optional[float]:
+    return statistics.median(xs) if xs else None
+
+
+def summarize_ours(out: Path, warmup: int) -> dict:
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    train = [r for r in rows if r["kind"] == "train"]
+    steady = train[warmup:] or train[-1:]
+    res = {
+        "steps": len(train),
+        "step_s": _median([r["step_seconds"] for r in steady]),
+        "tokens": _median([r["tokens_per_second"] * r["step_seconds"] for r in steady]),
+        "answer_tokens": _median([r["valid_tokens"] for r in steady]),
+        "peak_gib": max((r.get("peak_memory_alloc_gib", 0.0) for r in train), default=None),
+        "peak_reserved_gib": max((r.get("peak_memory_reserved_gib", 0.0) for r in train), default=None),
+        "phases": {k[5:-2]: _median([r[k] for r in steady]) for k in steady[0] if k.startswith("time_")},
+        "first_step_s": train[0]["step_seconds"] if train else None,
+    }
+    res["tokens_per_s"] = res["tokens"] / res["step_s"]
+    res["answer_tokens_per_s"] = res["answer_tokens"] / res["step_s"]
+    val = [r for r in rows if r["kind"] == "val"]
+    ck = [r for r in rows if r["kind"] == "checkpoint"]
+    res["val_s"] = val[0]["seconds"] if val else None
+    res["checkpoint_s"] = ck[-1]["seconds"] if ck else None
+    return res
+
+
+def summarize_stock(out: Path, warmup: int) -> dict:
+    rows = [json.loads(l) for l in (out / "timing.jsonl").read_text().splitlines() if l.strip()]
+    steady = rows[warmup:] or rows[-1:]
+    res = {
+        "steps": len(rows),
+        "step_s": _median([r["step_s"] for r in steady]),
+        "tokens": _median([r["tokens"] for r in steady]),
+        "answer_tokens": _median([r["answer_tokens"] for r in steady]),
+        "peak_gib": max((r.get("peak_alloc_gib") or 0.0 for r in rows), default=None),
+        "first_step_s": rows[0]["step_s"] if rows else None,
+    }
+    res["tokens_per_s"] = res["tokens"] / res["step_s"]
+    res["answer_tokens_per_s"] = res["answer_tokens"] / res["step_s"]
+    return res
+
+
+def padding_stats(work: Path, assets: Path, small: bool) -> dict:
+    """Share of processed positions that are padding, for the recipe's packed loader and stock's padded one
+    (same data, batch size and sampler as the runs), over one whole epoch."""
+    import torch
+    from omegaconf import OmegaConf
+    from torchtune.models.qwen2_5 import qwen2_5_tokenizer
+
+    from kd.data import alpaca_kd_dataset
+
+    user = OmegaConf.load(REPO / USER_CONFIG)
+    tok = assets / "tokenizer"
+    msl = 512 if small else int(user.tokenizer.max_seq_len)
+    t = qwen2_5_tokenizer(path=str(tok / "vocab.json"), merges_file=str(tok / "merges.txt"), max_seq_len=msl)
+    ds = alpaca_kd_dataset(t, str(work / "data.json"), system_prompt=SYSTEM_PROMPT,
+                           val_size=float(user.dataset.val_size), seed=int(user.dataset.seed))
+    lens = [len(ds[i]["tokens"]) for i in range(len(ds))]
+    answers = [sum(1 for x in ds[i]["labels"] if x != -100) for i in range(len(ds))]
+    bs = int(user.batch_size)
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(lens), generator=g).tolist()
+    padded = sum(bs * max(lens[j] for j in order[i:i + bs]) for i in range(0, len(order) - bs + 1, bs))
+    real = sum(lens[j] for j in order[: (len(order) // bs) * bs])
+    packed = alpaca_kd_dataset(t, str(work / "data.json"), system_prompt=SYSTEM_PROMPT,
+                               val_size=float(user.dataset.val_size), seed=int(user.dataset.seed), packed=True)
+    n_packs = len(packed)
+    return {
+        "samples": len(lens), "tokens_mean": statistics.mean(lens), "tokens_median": statistics.median(lens),
+        "answer_tokens_mean": statistics.mean(answers),
+        "answer_p95": sorted(answers)[int(0.95 * len(answers))],
+        "cut_at_max_seq_len": sum(1 for n in lens if n >= msl),
+        "padding_fraction_unpacked": 1 - real / padded,
+        "padding_fraction_packed": 1 - sum(lens) / (n_packs * msl),
+        "packs": n_packs, "samples_per_pack": len(lens) / n_packs,
+    }
+
+
+def extrapolate(runs: Dict[int, dict], key_per_layer: str, target_layers: int) -> dict:
+    """Linear in teacher depth: cost(N) = a + b*N, b from the two deepest runs; checked on a third if present."""
+    depths = sorted(runs)
+    hi, lo = depths[-1], depths[-2]
+
+    def cost(n):
+        r = runs[n]
+        return r["phases"]["teacher_fwd"] if key_per_layer == "teacher_fwd" else r["step_s"]
+
+    per_layer = (cost(hi) - cost(lo)) / (hi - lo)
+    out = {"per_layer_s": per_layer, "from_depths": [lo, hi]}
+    if len(depths) >= 3:
+        third = depths[0]
+        pred = cost(lo) - per_layer * (lo - third)
+        out["check"] = {"depth": third, "predicted_s": pred, "measured_s": cost(third),
+                        "rel_error": pred / cost(third) - 1}
+    step = runs[hi]["step_s"] + per_layer * (target_layers - hi) if key_per_layer == "teacher_fwd" \
+        else cost(hi) + per_layer * (target_layers - hi)
+    out["step_s_at_target"] = step
+    out["tokens_per_s_at_target"] = runs[hi]["tokens"] / step
+    out["answer_tokens_per_s_at_target"] = runs[hi]["answer_tokens"] / step
+    return out
+
+
+def run_cmd(a) -> None:
+    import torch
+
+    work = Path(a.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    assets = Path(a.assets).resolve()
+    small = a.small
+    out_dir = Path(os.environ.get("OUT", work))
+    results: Dict[str, object] = {"args": vars(a), "lengths": LENGTHS,
+                                  "torch": torch.__version__,
+                                  "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+
+    def save():
+        (out_dir / "recipe_bench.json").write_text(json.dumps(results, indent=1, default=str))
+
+    # data
+    src = assets / "buddhist_qa_synth.json.gz"
+    if not src.is_file():
+        a2 = argparse.Namespace(out=str(assets), samples=a.samples, seed=0)
+        data_cmd(a2)
+    with gzip.open(src, "rt", encoding="utf-8") as f:
+        recs = json.load(f)[: a.samples]
+    (work / "data.json").write_text(json.dumps(recs, ensure_ascii=False))
+    results["padding"] = padding_stats(work, assets, small)
+    log(f"data: {results['padding']}")
+    save()
+
+    # checkpoints
+    depths = sorted({int(x) for x in a.depths.split(",")}, reverse=True)
+    stock_depths = sorted({int(x) for x in a.stock_depths.split(",") if x}, reverse=True) if a.stock_depths else []
+    tdims = dict(SMALL_TEACHER if small else QWEN2_5_72B)
+    sdims = SMALL_STUDENT if small else QWEN2_5_7B
+    t0 = time.time()
+    write_checkpoint(work / "student", sdims, assets, seed=1, layers_per_shard=max(1, sdims["num_hidden_layers"] // 4))
+    full_n = max(depths + stock_depths)
+    write_checkpoint(work / "teacher_full", {**tdims, "num_hidden_layers": full_n}, assets, seed=2, layers_per_shard=1)
+    for n in set(depths + stock_depths):
+        cut_teacher(work / "teacher_full", work / f"teacher_{n}", tdims, n, assets)
+    results["checkpoint_write_s"] = time.time() - t0
+    save()
+
+    extra = [x for x in (a.extra or "").split() if x]
+    ours: Dict[int, dict] = {}
+    for i, n in enumerate(depths):
+        r = run_ours(work, assets, n, a.steps, small, f"L{n}", extra, tdims, validate=(i == 0 and a.validate))
+        if not r["ok"] and not any(x.startswith("dataset.packed") for x in extra):
+            # keep the measurement alive if packing (flex attention) fails on this stack; recorded as such
+            log(f"ours L{n} failed; retrying unpacked")
+            results[f"ours_L{n}_packed_failure"] = r
+            extra = extra + ["dataset.packed=False"]
+            r = run_ours(work, assets, n, a.steps, small, f"L{n}", extra, tdims, validate=(i == 0 and a.validate))
+        results[f"ours_L{n}_run"] = r
+        if r["ok"]:
+            ours[n] = summarize_ours(Path(r["out"]), a.warmup)
+            ours[n]["planned_peak_gib"] = r.get("planned_peak_gib")
+            results[f"ours_L{n}"] = ours[n]
+            log(f"ours L{n}: {json.dumps(ours[n])}")
+        save()
+    # activation checkpointing: measured peak against the planner, at the shallowest depth
+    for j, ac in enumerate(a.ac_variants.split(";") if a.ac_variants else []):
+        n = depths[-1]
+        ov = [x for x in ac.split() if x]
+        r = run_ours(work, assets, n, 2, small, f"L{n}_ac{j}", extra + ov, tdims, validate=False)
+        if r["ok"]:
+            sm = summarize_ours(Path(r["out"]), 1)
+            results[f"ac_variant_{j}"] = {"overrides": ov, "peak_gib": sm["peak_gib"], "step_s": sm["step_s"],
+                                          "planned_peak_gib": r.get("planned_peak_gib")}
+        else:
+            results[f"ac_variant_{j}"] = {"overrides": ov, "failed": r}
+        save()
+    stock: Dict[int, dict] = {}
+    for n in stock_depths:
+        r = run_stock(work, assets, n, a.steps, small, tdims)
+        results[f"stock_L{n}_run"] = r
+        if r["ok"]:
+            stock[n] = summarize_stock(Path(r["out"]), a.warmup)
+            results[f"stock_L{n}"] = stock[n]
+            log(f"stock L{n}: {json.dumps(stock[n])}")
+        save()
+
+    target = QWEN2_5_72B["num_hidden_layers"] if not small else SMALL_TEACHER["num_hidden_layers"] * 2
+    if len(ours) >= 2:
+        results["ours_extrapolated"] = extrapolate(ours, "teacher_fwd", target)
+    if len(stock) >= 2:
+        results["stock_extrapolated"] = extrapolate(stock, "step", target)
+    # the job-time planner's prediction for the same job, at the deepest measured depth and at 80 layers
+    try:
+        results["planner"] = predict(work, assets, depths + [target], small, a.hardware)
+    except Exception as e:  # the measurement stands without it
+        results["planner_error"] = repr(e)
+    save()
+    print_table(results, depths, stock_depths, target)
+
+
+def predict(work: Path, assets: Path, depths: List[int], small: bool, hardware: str) -> dict:
+    """``kd plan --time``'s step time (kd.jobtime) for the benchmark's own job, per teacher depth."""
+    from kd.jobtime import estimate_job, load_hardware
+    from kd.preflight import load_config
+
+    hw = load_hardware(hardware)
+    out = {}
+    for n in depths:
+        ov = [*common_paths(work, assets), *teacher_overrides(SMALL_TEACHER if small else QWEN2_5_72B, n),
+              *student_overrides(small), "epochs=1"]
+        if small:
+            ov.append("tokenizer.max_seq_len=512")
+        est = estimate_job(load_config(str(REPO / USER_CONFIG), ov), hw)
+        out[f"L{n}"] = {"step_s": est.step_s,
+                        "per_step": {c.name: c.seconds / max(1, est.steps_per_epoch) for c in est.components}}
+    return out
+
+
+def print_table(results: dict, depths: List[int], stock_depths: List[int], target: int) -> None:
+    print("\n=== recipe benchmark ===")
+    pad = results.get("padding", {})
+    print(f"data: {pad.get('samples')} samples, mean {pad.get('tokens_mean', 0):.0f} tokens; padding "
+          f"unpacked {pad.get('padding_fraction_unpacked', 0):.1%}, packed {pad.get('padding_fraction_packed', 0):.1%}")
+    print(f"{'run':<12}{'step s':>9}{'tok/s':>9}{'ans tok/s':>11}{'peak GiB':>10}  phases (s/step)")
+    for who, ds in (("ours", depths), ("stock", stock_depths)):
+        for n in ds:
+            r = results.get(f"{who}_L{n}")
+            if not r:
+                print(f"{who + ' L' + str(n):<12} FAILED")
+                continue
+            ph = " ".join(f"{k}={v:.3f}" for k, v in (r.get("phases") or {}).items())
+            print(f"{who + ' L' + str(n):<12}{r['step_s']:>9.2f}{r['tokens_per_s']:>9.0f}"
+                  f"{r['answer_tokens_per_s']:>11.0f}{(r['peak_gib'] or 0):>10.1f}  {ph}")
+    for who in ("ours", "stock"):
+        e = results.get(f"{who}_extrapolated")
+        if e:
+            print(f"{who} @ {target} teacher layers (extrapolated, {e['per_layer_s'] * 1e3:.1f} ms/layer/step): "
+                  f"step {e['step_s_at_target']:.2f} s, {e['tokens_per_s_at_target']:.0f} tok/s, "
+                  f"{e['answer_tokens_per_s_at_target']:.0f} answer tok/s" +
+                  (f"; check at L{e['check']['depth']}: {e['check']['rel_error']:+.1%}" if "check" in e else ""))
+    for k in sorted(x for x in results if x.startswith("ac_variant_")):
+        v = results[k]
+        if "peak_gib" in v:
+            print(f"AC {' '.join(v['overrides'])}: measured peak {v['peak_gib']:.2f} GiB, planned "
+                  f"{(v.get('planned_peak_gib') or 0):.2f} GiB, step {v['step_s']:.2f} s")
+    for n in depths:
+        r = results.get(f"ours_L{n}")
+        if r and r.get("planned_peak_gib"):
+            print(f"ours L{n}: measured peak {r['peak_gib']:.2f} GiB, planned {r['planned_peak_gib']:.2f} GiB")
+    if "planner" in results:
+        print(f"planner: {json.dumps(results['planner'])}")
+    elif "planner_error" in results:
+        print(f"planner error: {results['planner_error']}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("data", help="write the synthetic data set and the Qwen2.5 tokenizer files (CPU)")
+    d.add_argument("--out", default=".bench_assets")
+    d.add_argument("--samples", type=int, default=1200)
+    d.add_argument("--seed", type=int, default=0)
+    r = sub.add_parser("run", help="checkpoints + runs (GPU; --small for a CPU smoke test)")
+    r.add_argument("--work", default="/tmp/kd_recipe_bench")
+    r.add_argument("--assets", default=".bench_assets")
+    r.add_argument("--samples", type=int, default=1200)
+    r.add_argument("--depths", default="16,8", help="teacher depths for the recipe runs")
+    r.add_argument("--stock-depths", default="16,8", help="teacher depths for the stock runs ('' = none)")
+    r.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first is warm-up)")
+    r.add_argument("--warmup", type=int, default=1, help="steps left out of the steady-state median")
+    r.add_argument("--validate", action="store_true", help="run the step-0 validation in the deepest run")
+    r.add_argument("--extra", default="", help="extra overrides for the recipe runs (space separated)")
+    r.add_argument("--hardware", default="h200")
+    r.add_argument("--ac-variants", default="",
+                   help="';'-separated override sets run at the shallowest depth to compare peak memory with the "
+                        "planner, e.g. 'ac_mode=full;ac_mode=selective ac_option=2'")
+    r.add_argument("--small", action="store_true", help="tiny widths on CPU (smoke test of the whole path)")
+    a = p.parse_args(argv)
+    (data_cmd if a.cmd == "data" else run_cmd)(a)
+
+
+if __name__ == "__main__":
+    main()
