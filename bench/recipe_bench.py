@@ -83,20 +83,32 @@ def _cjk_tokens(tok) -> List[str]:
     out = []
     for cp in range(0x4E00, 0x9FA6):
         ch = chr(cp)
-        if len(tok.encode(ch, add_bos=False, add_eos=False)) == 1:
+        if len(tok.encode(ch)) == 1:
             out.append(ch)
     return out
 
 
+def _clauses(chars: List[str], n: int, rng: random.Random) -> str:
+    """About ``n`` characters in clauses of 6-20 characters ended by Chinese punctuation, as prose is (a
+    punctuation mark splits the tokenizer's pre-tokens; one 1,000-character run would be both unrealistic
+    and quadratic for torchtune's Python BPE)."""
+    out, k = [], 0
+    while k < n:
+        m = min(n - k, rng.randint(6, 20))
+        out.append("".join(rng.choice(chars) for _ in range(m)) + rng.choice("，，，。；、"))
+        k += m + 1
+    return "".join(out)
+
+
 def _text_of_tokens(tok, chars: List[str], n: int, rng: random.Random, prefix: str = "") -> str:
-    """A string of random characters that tokenizes to about ``n`` tokens (after ``prefix``)."""
-    text = prefix + "".join(rng.choice(chars) for _ in range(n))
-    for _ in range(2):  # BPE merges some neighbours: one top-up brings the count within a few tokens
-        got = len(tok.encode(text, add_bos=False, add_eos=False))
-        if abs(got - n) <= max(1, n // 50):
+    """A string of random characters that tokenizes to ``n`` tokens (after ``prefix``) within +-1."""
+    text = prefix + _clauses(chars, n, rng)
+    for _ in range(6):  # BPE merges some neighbours: top up until the count matches
+        got = len(tok.encode(text))
+        if abs(got - n) <= 1:
             break
         if got < n:
-            text += "".join(rng.choice(chars) for _ in range(n - got))
+            text += _clauses(chars, n - got, rng)
         else:
             text = text[: len(text) - (got - n)]
     return text
@@ -106,7 +118,7 @@ def make_data(tok, n_samples: int, seed: int = 0) -> List[dict]:
     """Alpaca records whose chat-templated prompt and answer lengths follow ``LENGTHS``."""
     rng = random.Random(seed)
     chars = _cjk_tokens(tok)
-    sys_len = len(tok.encode(SYSTEM_PROMPT, add_bos=False, add_eos=False))
+    sys_len = len(tok.encode(SYSTEM_PROMPT))
     template = 12  # <|im_start|>system\n ... <|im_end|>\n<|im_start|>user\n ... <|im_start|>assistant\n
     mu, sigma = math.log(LENGTHS["answer_median"]), answer_sigma()
     recs = []
@@ -123,6 +135,22 @@ def make_data(tok, n_samples: int, seed: int = 0) -> List[dict]:
     return recs
 
 
+class _FastCounter:
+    """Token counts with the Rust ``tokenizers`` BPE on the same vocab.json/merges.txt (byte-level, the same
+    pre-tokenizer split for runs of Chinese characters): torchtune's pure-Python BPE makes the data set slowly.
+    ``data_cmd`` checks the counts against torchtune's tokenizer on a sample of the records."""
+
+    def __init__(self, vocab: str, merges: str):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        self.tok = Tokenizer(models.BPE.from_file(vocab, merges))
+        self.tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        self.tok.decoder = decoders.ByteLevel()
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> List[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+
 def data_cmd(a) -> None:
     from kd.tokenizer import qwen2_5_tokenizer_files
     from torchtune.models.qwen2_5 import qwen2_5_tokenizer
@@ -134,10 +162,14 @@ def data_cmd(a) -> None:
     tok_dir.mkdir(exist_ok=True)
     for k in ("vocab", "merges", "special_tokens", "tokenizer_config"):
         shutil.copyfile(files[k], tok_dir / Path(files[k]).name)
-    tok = qwen2_5_tokenizer(path=str(files["vocab"]), merges_file=str(files["merges"]),
-                            special_tokens_path=str(files["special_tokens"]))
+    slow = qwen2_5_tokenizer(path=str(files["vocab"]), merges_file=str(files["merges"]),
+                             special_tokens_path=str(files["special_tokens"]))
+    fast = _FastCounter(str(files["vocab"]), str(files["merges"]))
     t0 = time.time()
-    recs = make_data(tok, a.samples, a.seed)
+    recs = make_data(fast, a.samples, a.seed)
+    for r in recs[:: max(1, len(recs) // 8)]:  # the fast counts are torchtune's counts
+        for field in ("instruction", "output"):
+            assert len(slow.encode(r[field], add_bos=False, add_eos=False)) == len(fast.encode(r[field])), field
     with gzip.open(out / "buddhist_qa_synth.json.gz", "wt", encoding="utf-8") as f:
         json.dump(recs, f, ensure_ascii=False)
     log(f"{len(recs)} records -> {out / 'buddhist_qa_synth.json.gz'} in {time.time() - t0:.0f}s")
@@ -465,39 +497,32 @@ def summarize_stock(out: Path, warmup: int) -> dict:
 
 
 def padding_stats(work: Path, assets: Path, small: bool) -> dict:
-    """Share of processed positions that are padding, for the recipe's packed loader and stock's padded one
-    (same data, batch size and sampler as the runs), over one whole epoch."""
-    import torch
+    """Share of processed positions that are padding over one epoch: the recipe's packed loader (torchtune's
+    greedy packing, 2 packs per batch) and stock's padded one (batches padded to their longest sample); same data,
+    batch size and tokenizer as the runs (kd.jobtime's loader model, which the planner uses too)."""
     from omegaconf import OmegaConf
-    from torchtune.models.qwen2_5 import qwen2_5_tokenizer
 
-    from kd.data import alpaca_kd_dataset
+    from kd.jobtime import data_stats, micro_batches
+    from kd.preflight import load_config
 
-    user = OmegaConf.load(REPO / USER_CONFIG)
-    tok = assets / "tokenizer"
-    msl = 512 if small else int(user.tokenizer.max_seq_len)
-    t = qwen2_5_tokenizer(path=str(tok / "vocab.json"), merges_file=str(tok / "merges.txt"), max_seq_len=msl)
-    ds = alpaca_kd_dataset(t, str(work / "data.json"), system_prompt=SYSTEM_PROMPT,
-                           val_size=float(user.dataset.val_size), seed=int(user.dataset.seed))
-    lens = [len(ds[i]["tokens"]) for i in range(len(ds))]
-    answers = [sum(1 for x in ds[i]["labels"] if x != -100) for i in range(len(ds))]
-    bs = int(user.batch_size)
-    g = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(lens), generator=g).tolist()
-    padded = sum(bs * max(lens[j] for j in order[i:i + bs]) for i in range(0, len(order) - bs + 1, bs))
-    real = sum(lens[j] for j in order[: (len(order) // bs) * bs])
-    packed = alpaca_kd_dataset(t, str(work / "data.json"), system_prompt=SYSTEM_PROMPT,
-                               val_size=float(user.dataset.val_size), seed=int(user.dataset.seed), packed=True)
-    n_packs = len(packed)
-    return {
-        "samples": len(lens), "tokens_mean": statistics.mean(lens), "tokens_median": statistics.median(lens),
-        "answer_tokens_mean": statistics.mean(answers),
-        "answer_p95": sorted(answers)[int(0.95 * len(answers))],
-        "cut_at_max_seq_len": sum(1 for n in lens if n >= msl),
-        "padding_fraction_unpacked": 1 - real / padded,
-        "padding_fraction_packed": 1 - sum(lens) / (n_packs * msl),
-        "packs": n_packs, "samples_per_pack": len(lens) / n_packs,
-    }
+    ov = [*common_paths(work, assets), *(["tokenizer.max_seq_len=512"] if small else [])]
+    cfg = load_config(str(REPO / USER_CONFIG), ov)
+    st = data_stats(cfg)
+    out = {"samples": st.samples, "tokens_mean": statistics.mean(st.lengths),
+           "tokens_median": statistics.median(st.lengths), "answer_tokens_mean": statistics.mean(st.answers),
+           "answer_p95": sorted(st.answers)[int(0.95 * st.samples)],
+           "cut_at_max_seq_len": sum(1 for n in st.lengths if n >= st.max_seq_len)}
+    for packed in (False, True):
+        st.packed = packed
+        batches = micro_batches(st)
+        real = sum(st.lengths[i] for b in batches for i in b)
+        pos = sum((st.max_seq_len * st.batch_size) if packed else len(b) * max(st.lengths[i] for i in b)
+                  for b in batches)
+        out[f"padding_fraction_{'packed' if packed else 'unpacked'}"] = 1 - real / pos
+        if packed:
+            out["samples_per_batch_packed"] = real / len(batches) / statistics.mean(st.lengths)
+    del OmegaConf
+    return out
 
 
 def extrapolate(runs: Dict[int, dict], key_per_layer: str, target_layers: int) -> dict:
@@ -519,9 +544,29 @@ def extrapolate(runs: Dict[int, dict], key_per_layer: str, target_layers: int) -
     step = runs[hi]["step_s"] + per_layer * (target_layers - hi) if key_per_layer == "teacher_fwd" \
         else cost(hi) + per_layer * (target_layers - hi)
     out["step_s_at_target"] = step
+    if runs[hi].get("peak_gib") and runs[lo].get("peak_gib"):  # resident teacher layers grow the peak linearly
+        per_layer_gib = (runs[hi]["peak_gib"] - runs[lo]["peak_gib"]) / (hi - lo)
+        out["peak_gib_at_target"] = runs[hi]["peak_gib"] + per_layer_gib * (target_layers - hi)
+        out["peak_gib_per_layer"] = per_layer_gib
     out["tokens_per_s_at_target"] = runs[hi]["tokens"] / step
     out["answer_tokens_per_s_at_target"] = runs[hi]["answer_tokens"] / step
     return out
+
+
+def _ours_one(results, ours, work, assets, n, a, small, extra, tdims, validate) -> None:
+    r = run_ours(work, assets, n, a.steps, small, f"L{n}", extra, tdims, validate=validate)
+    if not r["ok"] and not any(x.startswith("dataset.packed") for x in extra):
+        # keep the measurement alive if packing (flex attention) fails on this stack; recorded as such
+        log(f"ours L{n} failed; retrying unpacked")
+        results[f"ours_L{n}_packed_failure"] = r
+        extra.append("dataset.packed=False")
+        r = run_ours(work, assets, n, a.steps, small, f"L{n}", extra, tdims, validate=validate)
+    results[f"ours_L{n}_run"] = r
+    if r["ok"]:
+        ours[n] = summarize_ours(Path(r["out"]), a.warmup)
+        ours[n]["planned_peak_gib"] = r.get("planned_peak_gib")
+        results[f"ours_L{n}"] = ours[n]
+        log(f"ours L{n}: {json.dumps(ours[n])}")
 
 
 def run_cmd(a) -> None:
@@ -567,21 +612,19 @@ def run_cmd(a) -> None:
 
     extra = [x for x in (a.extra or "").split() if x]
     ours: Dict[int, dict] = {}
-    for i, n in enumerate(depths):
-        r = run_ours(work, assets, n, a.steps, small, f"L{n}", extra, tdims, validate=(i == 0 and a.validate))
-        if not r["ok"] and not any(x.startswith("dataset.packed") for x in extra):
-            # keep the measurement alive if packing (flex attention) fails on this stack; recorded as such
-            log(f"ours L{n} failed; retrying unpacked")
-            results[f"ours_L{n}_packed_failure"] = r
-            extra = extra + ["dataset.packed=False"]
-            r = run_ours(work, assets, n, a.steps, small, f"L{n}", extra, tdims, validate=(i == 0 and a.validate))
-        results[f"ours_L{n}_run"] = r
-        if r["ok"]:
-            ours[n] = summarize_ours(Path(r["out"]), a.warmup)
-            ours[n]["planned_peak_gib"] = r.get("planned_peak_gib")
-            results[f"ours_L{n}"] = ours[n]
-            log(f"ours L{n}: {json.dumps(ours[n])}")
-        save()
+    stock: Dict[int, dict] = {}
+    for i, n in enumerate(sorted(set(depths) | set(stock_depths), reverse=True)):
+        if n in depths:
+            _ours_one(results, ours, work, assets, n, a, small, extra, tdims, validate=(i == 0 and a.validate))
+            save()
+        if n in stock_depths:
+            r = run_stock(work, assets, n, a.steps, small, tdims)
+            results[f"stock_L{n}_run"] = r
+            if r["ok"]:
+                stock[n] = summarize_stock(Path(r["out"]), a.warmup)
+                results[f"stock_L{n}"] = stock[n]
+                log(f"stock L{n}: {json.dumps(stock[n])}")
+            save()
     # activation checkpointing: measured peak against the planner, at the shallowest depth
     for j, ac in enumerate(a.ac_variants.split(";") if a.ac_variants else []):
         n = depths[-1]
@@ -594,16 +637,6 @@ def run_cmd(a) -> None:
         else:
             results[f"ac_variant_{j}"] = {"overrides": ov, "failed": r}
         save()
-    stock: Dict[int, dict] = {}
-    for n in stock_depths:
-        r = run_stock(work, assets, n, a.steps, small, tdims)
-        results[f"stock_L{n}_run"] = r
-        if r["ok"]:
-            stock[n] = summarize_stock(Path(r["out"]), a.warmup)
-            results[f"stock_L{n}"] = stock[n]
-            log(f"stock L{n}: {json.dumps(stock[n])}")
-        save()
-
     target = QWEN2_5_72B["num_hidden_layers"] if not small else SMALL_TEACHER["num_hidden_layers"] * 2
     if len(ours) >= 2:
         results["ours_extrapolated"] = extrapolate(ours, "teacher_fwd", target)
@@ -615,6 +648,12 @@ def run_cmd(a) -> None:
     except Exception as e:  # the measurement stands without it
         results["planner_error"] = repr(e)
     save()
+    import tarfile
+
+    with tarfile.open(out_dir / "runs.tar.gz", "w:gz") as tf:
+        for f in sorted((work / "runs").rglob("*")):
+            if f.is_file() and f.name in ("stdout.log", "metrics.jsonl", "timing.jsonl") or f.suffix == ".yaml":
+                tf.add(f, arcname=str(f.relative_to(work)))
     print_table(results, depths, stock_depths, target)
 
 
@@ -656,7 +695,8 @@ def print_table(results: dict, depths: List[int], stock_depths: List[int], targe
         if e:
             print(f"{who} @ {target} teacher layers (extrapolated, {e['per_layer_s'] * 1e3:.1f} ms/layer/step): "
                   f"step {e['step_s_at_target']:.2f} s, {e['tokens_per_s_at_target']:.0f} tok/s, "
-                  f"{e['answer_tokens_per_s_at_target']:.0f} answer tok/s" +
+                  f"{e['answer_tokens_per_s_at_target']:.0f} answer tok/s, peak "
+                  f"{e.get('peak_gib_at_target', float('nan')):.1f} GiB" +
                   (f"; check at L{e['check']['depth']}: {e['check']['rel_error']:+.1%}" if "check" in e else ""))
     for k in sorted(x for x in results if x.startswith("ac_variant_")):
         v = results[k]
@@ -678,12 +718,12 @@ def main(argv=None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("data", help="write the synthetic data set and the Qwen2.5 tokenizer files (CPU)")
     d.add_argument("--out", default=".bench_assets")
-    d.add_argument("--samples", type=int, default=1200)
+    d.add_argument("--samples", type=int, default=2400)
     d.add_argument("--seed", type=int, default=0)
     r = sub.add_parser("run", help="checkpoints + runs (GPU; --small for a CPU smoke test)")
     r.add_argument("--work", default="/tmp/kd_recipe_bench")
     r.add_argument("--assets", default=".bench_assets")
-    r.add_argument("--samples", type=int, default=1200)
+    r.add_argument("--samples", type=int, default=600)
     r.add_argument("--depths", default="16,8", help="teacher depths for the recipe runs")
     r.add_argument("--stock-depths", default="16,8", help="teacher depths for the stock runs ('' = none)")
     r.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first is warm-up)")
