@@ -67,6 +67,7 @@ __all__ = [
     "PrecisionSpec", "TeacherPrecision", "REGISTRY", "register", "parse_precision", "resolve_precision",
     "check_sharding", "apply_precision", "layer_hook", "quantize_rowwise", "fp8_linear", "emulated_scaled_mm",
     "nf4_row_absmax", "nf4_to_fp8", "RowwiseFP8Linear", "NF4FP8Linear", "linear_bytes", "FP8_MAX",
+    "quantize_layer_", "fp8_layer_",
 ]
 
 
@@ -542,6 +543,35 @@ def fp8_layer_(layer: nn.Module, backend: str = "kd", impl: str = "auto") -> int
     for p in layer.parameters():
         p.requires_grad_(False)
     return len(lins)
+
+
+@torch.no_grad()
+def quantize_layer_(layer: nn.Module, precision: str, *, fp8_backend: str = "kd", impl: str = "auto") -> int:
+    """Convert the dense linears of one decoder layer to ``precision`` in place (benchmarks, tests; the recipes
+    go through ``load_kwargs`` + :func:`apply_precision`, which end in the same modules). Returns the count."""
+    from torchao.dtypes.nf4tensor import to_nf4
+
+    from kd.nf4 import FastNF4Linear
+
+    precision = parse_precision(precision)
+    if precision == "bf16":
+        return 0
+    if precision == "fp8":
+        return fp8_layer_(layer, backend=fp8_backend, impl=impl)
+    n = 0
+    for parent in list(layer.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                w4 = to_nf4(child.weight.detach().contiguous(), 64, 256)
+                b = child.bias
+                if precision == "nf4_fp8" and fp8_compatible(*w4.shape):
+                    setattr(parent, name, NF4FP8Linear(w4, b, impl=impl))
+                else:
+                    setattr(parent, name, FastNF4Linear(w4, b))
+                n += 1
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    return n
 
 
 def layer_hook(prec: TeacherPrecision) -> Optional[Callable[[int, nn.Module], None]]:
