@@ -162,6 +162,30 @@ def layer_input(dims, B, S, dev, seed=0):
 # --------------------------------------------------------------------------------------------------
 # Parts
 # --------------------------------------------------------------------------------------------------
+def emulated_copy(base, l_dev, variant):
+    """The CPU emulation of ``l_dev``: torchao fp8 -> kd's emulated RowwiseFP8Linear quantised on the CPU from the
+    same bf16 weights (the claim under test: same rounding); kd fp8 / nf4_fp8 -> the device layer's own FP8 / NF4
+    tensors moved to the CPU (same NF4 codes), run with the emulated GEMM and the torch NF4->FP8 reference."""
+    cpu = torch.device("cpu")
+    l_emu = copy.deepcopy(base).to(cpu)
+    if variant == "fp8":
+        convert(l_emu, "fp8_kd", cpu, impl="emulate")
+        return l_emu
+    dev_mods = dict(l_dev.named_modules())
+    for name, m in list(l_emu.named_modules()):
+        d = dev_mods.get(name)
+        if not isinstance(d, (P.RowwiseFP8Linear, P.NF4FP8Linear)):
+            continue
+        bias = None if d.bias is None else d.bias.detach().cpu()
+        if isinstance(d, P.RowwiseFP8Linear):
+            new = P.RowwiseFP8Linear(d.weight_fp8.cpu(), d.weight_scale.cpu(), bias, impl="emulate")
+        else:
+            new = P.NF4FP8Linear(d.weight.data.to(cpu), bias, impl="emulate", dequant_impl="torch")
+        parent, _, leaf = name.rpartition(".")
+        setattr(l_emu.get_submodule(parent) if parent else l_emu, leaf, new)
+    return l_emu
+
+
 def part_check(dev, dims_small):
     """Emulation (CPU) == GPU path, on a small layer."""
     cpu = torch.device("cpu")
@@ -200,8 +224,7 @@ def part_check(dev, dims_small):
             try:
                 l_dev = copy.deepcopy(base)
                 convert(l_dev, variant, dev)
-                l_emu = copy.deepcopy(base).to(cpu)
-                convert(l_emu, "fp8_kd" if variant == "fp8" else variant, cpu, impl="emulate")
+                l_emu = emulated_copy(base, l_dev, variant)
                 r = {}
                 # weights bit for bit, linear by linear
                 eq, n = [], 0
@@ -213,7 +236,7 @@ def part_check(dev, dims_small):
                         eq.append((bits_equal(wq, m_emu.weight_fp8), bits_equal(ws, m_emu.weight_scale)))
                     elif isinstance(m_emu, P.NF4FP8Linear):
                         w8_dev = P.nf4_to_fp8(m_dev.weight, m_dev.weight_inv_scale)  # triton on CUDA
-                        w8_ref = P.nf4_to_fp8(m_emu.weight, m_emu.weight_inv_scale, impl="torch")
+                        w8_ref = P.nf4_to_fp8(m_emu.weight, m_emu.weight_inv_scale, impl="torch")  # CPU reference
                         eq.append((bits_equal(w8_dev, w8_ref), bits_equal(m_dev.weight_scale, m_emu.weight_scale)))
                     else:
                         continue

@@ -343,7 +343,7 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, bias: O
         impl = "scaled_mm" if x.is_cuda else "emulate"
     if impl == "scaled_mm":
         b = None if bias is None else bias.to(torch.bfloat16)
-        y = torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=w_scale.reshape(1, -1), bias=b,
+        y = torch._scaled_mm(x8.contiguous(), w8.t(), scale_a=sx.contiguous(), scale_b=w_scale.reshape(1, -1), bias=b,
                              out_dtype=torch.bfloat16, use_fast_accum=True)
         y = y.to(x.dtype)
     elif impl == "emulate":

@@ -329,3 +329,25 @@ def test_recipe_fsdp2_shard_nf4_fp8_matches_single_and_fp8_shard_is_refused(test
                            "batch_size=2"], launcher=["--nproc_per_node", "2"], check=False)
     assert p.returncode != 0
     assert "teacher_quantization=fp8 with teacher_sharding=shard is not supported" in p.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU (skipped without CUDA; bench/fp8_bench.py --parts check does the same at more shapes)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_gpu_path_rounds_like_the_cpu_emulation():
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs FP8 tensor cores (sm_89+)")
+    w4 = _nf4((256, 1024), seed=9)
+    s, inv = P.nf4_fp8_scales(w4)
+    ref = P.nf4_to_fp8(w4, inv, impl="torch")
+    w4c = w4.to("cuda")
+    got = P.nf4_to_fp8(w4c, inv.cuda(), impl="triton").cpu()
+    assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
+    x = _odd_values((64, 1024), seed=10).to(torch.bfloat16)
+    xq, sx = P.quantize_rowwise(x)
+    xq_c, sx_c = P._act_quant(x.cuda())
+    assert torch.equal(xq_c.cpu().view(torch.uint8), xq.view(torch.uint8)) and torch.equal(sx_c.cpu(), sx)
+    y_gpu = P.NF4FP8Linear(w4c, None)(x.cuda()).float().cpu()
+    y_emu = P.NF4FP8Linear(w4, None, impl="emulate")(x).float()
+    assert ((y_gpu - y_emu).norm() / y_emu.norm()).item() < 1e-2
