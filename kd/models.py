@@ -242,6 +242,7 @@ def load_hf_into_model(
     which: str = "model",
     progress: bool = False,
     init_seed: Optional[int] = 0,
+    on_layer_loaded: Optional[Callable[[int, nn.Module], None]] = None,
 ) -> nn.Module:
     """Materialise a meta-device torchtune ``TransformerDecoder`` from an HF Qwen2 checkpoint.
 
@@ -258,6 +259,9 @@ def load_hf_into_model(
         init_seed: seed for the LoRA initialisation, identical on every rank. torchtune seeds each rank
             with ``seed + rank``; initialising the full LoRA matrices from that and keeping one shard per
             rank would give a different initial adapter for every world size.
+        on_layer_loaded: ``fn(i, layer)`` called right after decoder layer ``i`` is filled (before it is
+            sharded), e.g. :mod:`kd.precision`'s per-layer FP8 conversion, so a bf16 copy of the whole model is
+            never resident.
     Returns the loaded model (same object).
     """
     devices = [device] if device.type == "cuda" else []
@@ -267,13 +271,13 @@ def load_hf_into_model(
         return _load_hf_into_model(
             model, checkpoint_dir, checkpoint_files, device=device, dtype=dtype, nf4=nf4, mesh=mesh,
             fsdp=fsdp, reshard_after_forward=reshard_after_forward, cpu_offload=cpu_offload,
-            trainable=trainable, which=which, progress=progress,
+            trainable=trainable, which=which, progress=progress, on_layer_loaded=on_layer_loaded,
         )
 
 
 def _load_hf_into_model(
     model, checkpoint_dir, checkpoint_files, *, device, dtype, nf4, mesh, fsdp, reshard_after_forward,
-    cpu_offload, trainable, which, progress,
+    cpu_offload, trainable, which, progress, on_layer_loaded=None,
 ) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
     from torchtune.modules.peft import DoRALinear, LoRALinear
@@ -306,6 +310,8 @@ def _load_hf_into_model(
                     m.initialize_parameters()
         for name, p in layer.named_parameters():
             p.requires_grad_(trainable(f"layers.{i}.{_clean(name)}") and p.is_floating_point())
+        if on_layer_loaded is not None:
+            on_layer_loaded(i, layer)
         if fsdp:
             fully_shard(layer, **fsdp_kw)
         if progress and (i + 1) % max(1, n_layers // 10) == 0:

@@ -153,7 +153,7 @@ class PlanInputs:
     teacher: ModelCount
     student: ModelCount
     dtype: str = "bf16"
-    teacher_quant: Optional[str] = "nf4"  # nf4 | None
+    teacher_quant: Optional[str] = "nf4"  # nf4 | fp8 | nf4_fp8 | None (dense)
     student_quant: Optional[str] = None
     batch_size: int = 1
     seq_len: int = 2048
@@ -268,6 +268,14 @@ def activation_elems_per_token(m: ModelCount, lora_dropout: float = 0.0) -> Dict
     return d
 
 
+def _teacher_quant(cfg) -> Optional[str]:
+    """The config's teacher precision (kd.precision names), None for dense (bf16 / null)."""
+    from kd.precision import parse_precision
+
+    q = parse_precision(cfg.get("teacher_quantization", None))
+    return None if q == "bf16" else q
+
+
 def estimate(i: PlanInputs) -> Plan:
     """Compute the per-device peak for the given inputs."""
     t, s = i.teacher, i.student
@@ -280,8 +288,10 @@ def estimate(i: PlanInputs) -> Plan:
     rows = plan.rows
 
     def linear_bytes(numel: int, quant: Optional[str]) -> float:
-        if quant == "nf4":
+        if quant in ("nf4", "nf4_fp8"):  # nf4_fp8 keeps NF4 storage (+ 8 B of row scales per row, ignored)
             return numel * NF4_BYTES_PER_ELEM + math.ceil(numel / NF4_FACTOR_BLOCK) * eb
+        if quant == "fp8":  # e4m3 + one fp32 scale per row (ignored)
+            return numel * 1.0
         return numel * eb
 
     # teacher_sharding=replicate keeps a whole (frozen) teacher on every rank: no weight traffic
@@ -289,6 +299,7 @@ def estimate(i: PlanInputs) -> Plan:
     t_fsdp = fsdp and t_shard > 1
     # ---- teacher ------------------------------------------------------------------------------------
     t_layers = linear_bytes(t.linear, i.teacher_quant) + t.other_layer * eb
+    t_lin_note = {"fp8": "FP8 e4m3", "nf4_fp8": "NF4 (FP8 GEMM)"}.get(i.teacher_quant, "NF4 (torchao layout)")
     t_root = (t.embedding + t.final_norm) * eb
     t_head = t.output * eb
     if i.loss_form == "fused" and not t.tied:
@@ -296,11 +307,11 @@ def estimate(i: PlanInputs) -> Plan:
         t_res = t_layers / t_shard + t_root / t_shard + t_head
         # FSDP2 never reshards the root unit after forward: embedding + final norm stay gathered
         t_root_gathered = t_root * (1 - 1 / t_shard) if t_fsdp else 0.0
-        note = "NF4 linears (torchao layout) + embedding/norms/head in dtype" if i.teacher_quant else "dtype"
+        note = f"{t_lin_note} linears + embedding/norms/head in dtype" if i.teacher_quant else "dtype"
     else:
         t_res = (t_layers + t_root + t_head) / t_shard
         t_root_gathered = (t_root + t_head) * (1 - 1 / t_shard) if t_fsdp else 0.0
-        note = "NF4 linears + rest in dtype" if i.teacher_quant else "dtype"
+        note = f"{t_lin_note} linears + rest in dtype" if i.teacher_quant else "dtype"
     if t_fsdp:
         note += f"; 1/{t_shard} shard"
     elif fsdp:
@@ -313,7 +324,8 @@ def estimate(i: PlanInputs) -> Plan:
     # the largest intermediates (w1, w3, silu outputs + residual + normed) and one dequantised weight.
     t_gather = 2 * t_layer_full * (1 - 1 / t_shard) if t_fsdp else 0.0
     t_inter = N * (3 * t.intermediate_dim + 3 * t.embed_dim) * eb
-    t_deq = (t.intermediate_dim * t.embed_dim * eb) if i.teacher_quant == "nf4" else 0.0
+    # one transient dequantised weight: dtype for nf4, e4m3 for nf4_fp8 (kd.precision)
+    t_deq = t.intermediate_dim * t.embed_dim * {"nf4": eb, "nf4_fp8": 1.0}.get(i.teacher_quant, 0.0)
     t_hidden = N * t.embed_dim * eb  # final hidden states kept for the fused head
 
     # ---- student ------------------------------------------------------------------------------------
@@ -450,7 +462,7 @@ def plan_from_config(
         teacher=teacher,
         student=student,
         dtype=dtype_name,
-        teacher_quant=cfg.get("teacher_quantization", None),
+        teacher_quant=_teacher_quant(cfg),
         student_quant=cfg.get("student_quantization", None),
         batch_size=int(batch_size if batch_size is not None else cfg.get("batch_size", 1)),
         seq_len=int(seq_len if seq_len is not None else _seq_len(cfg)),

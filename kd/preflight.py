@@ -14,7 +14,8 @@ Every rank checks its own node and the results are exchanged with ``all_gather_o
 - both checkpoints complete (every shard in model.safetensors.index.json present, with the size its
   safetensors header implies; index total_size consistent) and matching the configured builders
   (layers, hidden size, heads, vocab; teacher vocab == student vocab);
-- free memory vs the planner's estimate, free disk in output_dir vs the checkpoints to be written.
+- free memory vs the planner's estimate, free disk in output_dir vs the checkpoints to be written;
+- the teacher precision path (``kd.precision``: e.g. ``fp8 [fp8:torchao]``, or the fallback and why).
 
 Each problem is printed as one line naming the node (hostname + rank), what is wrong and how to fix it;
 the exit code is 1 on every rank when any rank found a problem (2 for a config error).
@@ -350,6 +351,7 @@ def local_checks(cfg, *, world_size: int, rank: int, local_rank: int, device) ->
                                 "memory, offloading saves nothing and adds copies; set fsdp_cpu_offload=False.")
     dtype_name = str(cfg.get("dtype", "bf16"))
     dtype = torch.float32 if dtype_name in ("fp32", "float32") else torch.bfloat16
+    rep.problems += _precision_check(cfg, rep, device, dtype, world_size)
     for which, key, mkey in (("student", "checkpointer", "model"), ("teacher", "teacher_checkpointer", "teacher_model")):
         if cfg.get(key) is None or cfg.get(mkey) is None:
             rep.problems.append(f"config has no '{key}'/'{mkey}' section; fix the config.")
@@ -409,6 +411,25 @@ def local_checks(cfg, *, world_size: int, rank: int, local_rank: int, device) ->
         else:
             rep.warnings.append(f"memory plan failed ({type(e).__name__}: {e}); memory not checked")
     return rep
+
+
+def _precision_check(cfg, rep: NodeReport, device, dtype, world_size: int) -> List[str]:
+    """The teacher precision path this node will run (kd.precision: probes its kernels, applies fallbacks)."""
+    from kd.config import ConfigError
+    from kd.precision import check_sharding, resolve_precision
+
+    if cfg.get("teacher_model") is None:
+        return []
+    try:
+        prec = resolve_precision(cfg.get("teacher_quantization", None), device, dtype, warn=False)
+        check_sharding(prec, str(cfg.get("teacher_sharding", "shard")), world_size > 1)
+    except ConfigError as e:
+        return [f"teacher precision: {e}"]
+    rep.info.append(f"teacher precision: {prec.describe()}")
+    if prec.name != prec.requested:
+        rep.warnings.append(f"teacher_quantization={prec.requested} falls back to {prec.name} on this node "
+                            f"({prec.fallback_reason}): slower than planned, and nodes may differ.")
+    return []
 
 
 def compare_reports(reports: List[NodeReport]) -> List[str]:

@@ -50,21 +50,22 @@ def _configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
 
 
-def _load(model_cfg, ck, device, dtype, *, nf4=False, which="model"):
+def _load(model_cfg, ck, device, dtype, *, precision=None, which="model"):
+    """precision: a :class:`kd.precision.TeacherPrecision` (teacher) or None (dense, in dtype)."""
     from kd.models import build_on_meta, load_hf_into_model
+    from kd.precision import apply_precision
 
     if ck is None or ck.get("checkpoint_dir") is None:
         raise ConfigError(f"{which}: checkpointer.checkpoint_dir is missing.")
     m = build_on_meta(model_cfg, dtype)
     load_hf_into_model(m, ck.checkpoint_dir, ck.get("checkpoint_files", None), device=device, dtype=dtype,
-                       nf4=nf4, which=which)
+                       which=which, **(precision.load_kwargs() if precision is not None else {}))
     m.eval()
     for p in m.parameters():
         p.requires_grad_(False)
-    if nf4:
-        from kd.generation import enable_fast_nf4
-
-        enable_fast_nf4(m)
+    if precision is not None:
+        n = apply_precision(m, precision)
+        log.info(f"{which} precision: {precision.describe()}; {n} quantized linears")
     return m
 
 
@@ -197,6 +198,9 @@ def recipe_main(cfg: DictConfig) -> None:
     require_component(cfg, "model")
     require_component(cfg, "tokenizer")
     check_keys(cfg.dataset, DATASET_KEYS, where="'dataset'", required=("source",))
+    from kd.precision import parse_precision
+
+    parse_precision(cfg.get("teacher_quantization", None))  # bad value: one clear line before any loading
     try:
         device = kdist.resolve_device(cfg.get("device", "auto"))
     except ValueError as e:
@@ -242,8 +246,11 @@ def recipe_main(cfg: DictConfig) -> None:
     teacher = None
     if bool(cfg.get("evaluate_teacher", True)) and cfg.get("teacher_model") is not None:
         require_component(cfg, "teacher_model")
+        from kd.precision import resolve_precision
+
         teacher = _load(cfg.teacher_model, cfg.get("teacher_checkpointer"), device, dtype,
-                        nf4=cfg.get("teacher_quantization", None) == "nf4", which="teacher")
+                        precision=resolve_precision(cfg.get("teacher_quantization", None), device, dtype),
+                        which="teacher")
     log.info(f"models loaded in {time.perf_counter() - t0:.1f}s")
 
     def base_fn(tok):

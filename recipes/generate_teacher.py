@@ -4,7 +4,7 @@
     tune run --nnodes 2 --nproc_per_node 8 ... recipes/generate_teacher.py --config ...   (one shard per rank)
 
 Loads the teacher exactly as the KD recipe does (``kd.models.build_on_meta`` + ``load_hf_into_model``,
-``quantization: nf4`` -> NF4 weights with the ``kd.nf4`` fast linear), generates left-padded batches of
+``quantization: bf16 | nf4 | fp8 | nf4_fp8`` as in ``kd.precision``), generates left-padded batches of
 length-sorted prompts with a KV cache (``kd.generation.generate_batch``), appends one JSON line per sample to
 ``<output_dir>/parts/rank-XXXXX.jsonl`` (fsync per batch), and finally (rank 0) merges everything into
 ``<output_dir>/<dataset_name>.json`` + ``dataset_info.json`` + ``summary.json``. Re-running the same command
@@ -78,8 +78,9 @@ def _settings(cfg: DictConfig) -> Dict:
         "allow_missing": bool(cfg.get("allow_missing", False)),
         "progress_bar": bool(cfg.get("progress_bar", True)),
     }
-    if s["quantization"] not in (None, "nf4"):
-        raise ConfigError(f"quantization must be null (use dtype) or 'nf4', got {s['quantization']!r}.")
+    from kd.precision import parse_precision
+
+    parse_precision(s["quantization"], key="quantization")  # bf16 (= null) | nf4 | fp8 | nf4_fp8
     if s["top_p"] <= 0.0:
         raise ConfigError("top_p must be in (0, 1].")
     return s
@@ -103,21 +104,22 @@ def _check_run_meta(out: Path, meta: Dict, is_rank_zero: bool) -> None:
 
 
 def load_teacher(cfg: DictConfig, s: Dict, device: torch.device, dtype: torch.dtype):
-    from kd.generation import enable_fast_nf4, install_last_token_head
+    from kd.generation import install_last_token_head
     from kd.models import build_on_meta, load_hf_into_model
+    from kd.precision import apply_precision, resolve_precision
 
+    prec = resolve_precision(s["quantization"], device, dtype, key="quantization")
     model = build_on_meta(cfg.model, dtype)
     ck = s["ck"]
     load_hf_into_model(
         model, ck.checkpoint_dir, ck.get("checkpoint_files", None), device=device, dtype=dtype,
-        nf4=s["quantization"] == "nf4", which="teacher", progress=True,
+        which="teacher", progress=True, **prec.load_kwargs(),
     )
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    if s["quantization"] == "nf4":
-        n = enable_fast_nf4(model)
-        log.info(f"teacher: {n} NF4 linears use the kd.nf4 fast path")
+    n = apply_precision(model, prec)
+    log.info(f"teacher precision: {prec.describe()}; {n} quantized linears")
     return install_last_token_head(model)
 
 

@@ -50,8 +50,8 @@ from kd.models import (
     is_adapter_param,
     load_adapter_state_dict,
     load_hf_into_model,
-    use_fast_nf4,
 )
+from kd.precision import apply_precision, check_sharding, parse_precision, resolve_precision
 
 log = logging.getLogger("kd.recipe")
 
@@ -66,7 +66,7 @@ TORCHTUNE_KD_KEYS = {
     "custom_sharded_layers", "cudnn_deterministic_mode", "ac_mode", "ac_option",
 }
 KD_KEYS = {
-    "teacher_quantization",  # nf4 | null (bf16/fp32 = dtype)
+    "teacher_quantization",  # bf16 (= null, dense in dtype) | nf4 | fp8 | nf4_fp8 (kd.precision)
     "student_quantization",  # nf4 (QLoRA base) | null
     "loss_form",  # fused (default) | chunked
     "fused_chunk_size",
@@ -144,6 +144,7 @@ class KDLoRARecipe:
                 "teacher_model is not set: without a teacher this recipe trains plain LoRA SFT, which "
                 "needs kd_ratio=0 (got kd_ratio=%s)." % cfg.get("kd_ratio", 0.5)
             )
+        parse_precision(cfg.get("teacher_quantization", None))  # a bad value fails before anything is built
         if has_teacher and cfg.get("teacher_checkpointer", None) is None:
             raise ConfigError("teacher_model is set but teacher_checkpointer is missing.")
         for key in ("model", "teacher_model", "tokenizer", "dataset", "optimizer"):
@@ -205,7 +206,7 @@ class KDLoRARecipe:
         self._mesh = kdist.build_mesh(self._dist, self._device, cfg.get("fsdp_strategy", "shard")) if self._fsdp else None
         # 4. student: LoRA on a frozen base, weights streamed from the HF checkpoint
         self._model = self._setup_student(cfg)
-        # 5. teacher: frozen, eval, NF4 or dtype, streamed and quantized layer by layer
+        # 5. teacher: frozen, eval, in its precision (kd.precision: bf16/nf4/fp8/nf4_fp8), streamed layer by layer
         self._teacher, self._teacher_head_weight = self._setup_teacher(cfg)
         # 6. losses (KD divergence + CE) and the way they are computed (fused / chunked)
         self._setup_loss(cfg)
@@ -305,30 +306,29 @@ class KDLoRARecipe:
     def _setup_teacher(self, cfg: DictConfig):
         from torchtune import training
 
-        quant = cfg.get("teacher_quantization", None)
-        if quant not in (None, "nf4"):
-            raise ConfigError(f"teacher_quantization must be null (use dtype) or 'nf4', got {quant!r}.")
         if cfg.get("teacher_model", None) is None:
             self._log("no teacher_model: plain LoRA SFT (kd_ratio=0)")
             return None, None
+        # precision (bf16 | nf4 | fp8 | nf4_fp8): one warning and the next precision if this device cannot run it
+        prec = resolve_precision(cfg.get("teacher_quantization", None), self._device, self._dtype)
+        sharding = choice(cfg, "teacher_sharding", ["shard", "replicate"], "shard")
+        check_sharding(prec, sharding, self._fsdp)
         model = build_on_meta(cfg.teacher_model, self._dtype)
         ck = cfg.teacher_checkpointer
         head_weight = None
         fused = self._loss_form == "fused"
         load_hf_into_model(
             model, ck.checkpoint_dir, ck.get("checkpoint_files", None),
-            device=self._device, dtype=self._dtype, nf4=quant == "nf4",
-            mesh=self._mesh, fsdp=False, which="teacher", progress=self._is_rank_zero,
+            device=self._device, dtype=self._dtype, mesh=self._mesh, fsdp=False, which="teacher",
+            progress=self._is_rank_zero, **prec.load_kwargs(),
         )
         if fused:
             # Keep the projection beside the model (replicated, frozen) for the fused loss.
             out = model.output
             head_weight = (out.tied_module.weight if not isinstance(out, nn.Module) else out.weight).detach()
             model.output = HiddenStatesHead()
-        if quant == "nf4":
-            n = use_fast_nf4(model)  # fast dequantisation, weights stay NF4Tensor (FSDP2-shardable)
-            self._log(f"teacher: {n} linear layers in NF4 (fast dequant path)")
-        sharding = choice(cfg, "teacher_sharding", ["shard", "replicate"], "shard")
+        n = apply_precision(model, prec)  # NF4 weights stay NF4Tensor parameters (FSDP2-shardable)
+        self._log(f"teacher precision: {prec.describe()}; {n} quantized linears")
         if self._fsdp and sharding == "shard":
             from torch.distributed.fsdp import fully_shard
 
@@ -351,7 +351,7 @@ class KDLoRARecipe:
                 "Qwen2.5 <=3B models have 151,936 output rows and 7B/72B 152,064: pair models of the "
                 "same family size group, or slice both to the 151,665 tokenizer ids."
             )
-        self._log(f"teacher ready ({quant or str(self._dtype)})")
+        self._log(f"teacher ready ({prec.name} [{prec.impl}], dtype {self._dtype})")
         return model, head_weight
 
     def _setup_loss(self, cfg: DictConfig) -> None:
