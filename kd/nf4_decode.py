@@ -113,7 +113,7 @@ if _HAS_TRITON:
     @triton.jit
     def _nf4_mm_kernel(x_ptr, q_ptr, s_ptr, nf4_ptr, out_ptr, M, N, K, stride_xm, stride_om, stride_os,
                        N_ITER: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       SPLIT_K: tl.constexpr):
+                       SPLIT_K: tl.constexpr, IEEE: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -144,8 +144,12 @@ if _HAS_TRITON:
             x_e = tl.load(x_row + kk[None, :], mask=xm, other=0.0)
             x_o = tl.load(x_row + (kk + 1)[None, :], mask=xm, other=0.0)
             if BLOCK_M >= 16:
-                acc += tl.dot(x_e.to(w_hi.dtype), tl.trans(w_hi))
-                acc += tl.dot(x_o.to(w_lo.dtype), tl.trans(w_lo))
+                if IEEE:  # fp32 weights: no TF32 rounding
+                    acc += tl.dot(x_e.to(w_hi.dtype), tl.trans(w_hi), input_precision="ieee")
+                    acc += tl.dot(x_o.to(w_lo.dtype), tl.trans(w_lo), input_precision="ieee")
+                else:
+                    acc += tl.dot(x_e.to(w_hi.dtype), tl.trans(w_hi))
+                    acc += tl.dot(x_o.to(w_lo.dtype), tl.trans(w_lo))
             else:
                 acc += tl.sum(x_e.to(tl.float32)[:, None, :] * w_hi.to(tl.float32)[None, :, :], axis=2)
                 acc += tl.sum(x_o.to(tl.float32)[:, None, :] * w_lo.to(tl.float32)[None, :, :], axis=2)
@@ -208,7 +212,7 @@ def _launch(x2: torch.Tensor, w, s: torch.Tensor, cfg: DecodeConfig) -> torch.Te
     k_chunk = triton.cdiv(K, cfg.split_k * cfg.block_k) * cfg.block_k  # K per split, a multiple of BLOCK_K
     _nf4_mm_kernel[grid](x2, w.quantized_data, s, w.nf4, out, M, N, K, x2.stride(0), N, stride_os,
                          N_ITER=k_chunk // cfg.block_k, QBLOCK=w.block_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                         SPLIT_K=cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                         SPLIT_K=cfg.split_k, IEEE=w.nf4.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out if cfg.split_k == 1 else out.sum(0).to(x2.dtype)
 
 
