@@ -19,6 +19,9 @@ every tensor a step touches at a fixed address, so the step can be captured once
   read when that copy has landed (``torch.cuda.Event.query``); the host waits only when it runs more than two
   checks ahead of the GPU. A batch may therefore run a few steps past the moment every row stopped; those steps
   write padding and the answers are cut at the first stop token as before, so results do not change.
+- **batch buckets**: a batch smaller than the current bucket (but more than half of it; the last batch, or
+  ``max_batch_tokens`` giving a few rows less) is padded with one-token rows that are done from the start, so
+  it reuses the cache and the graphs instead of re-allocating and re-capturing;
 - on CPU (tests, CPU generation) the same step runs eagerly; ``cuda_graphs=False`` does that on CUDA too.
 
 Prefill stays eager (torchtune's attention over the whole prompt; NF4 linears dequantise + GEMM), and so does the
@@ -308,8 +311,18 @@ class StaticDecoder:
             raise ValueError("sampling needs per-sample seeds")
         P = max(lens)
         stops = sorted(set(int(s) for s in stop_ids))
-        bk = self._get_bucket(B, P + max_new_tokens, max_new_tokens, len(stops),
-                              (params, seeds is None, int(pad_id)))
+        key = (params, seeds is None, int(pad_id))
+        n_real = B
+        cur = self._bucket
+        if cur is not None and B < cur.B <= 2 * B and cur.L >= P + max_new_tokens and cur.max_new == max_new_tokens \
+                and self._key == key and cur.stop.numel() == len(stops):
+            # a smaller batch rides in the current bucket (no new cache, no re-capture): padding rows of one
+            # pad token, marked done from the start; rows do not see each other (masks), results are cut to n_real
+            B = cur.B
+            prompts = list(prompts) + [[int(pad_id)]] * (B - n_real)
+            if seeds is not None:
+                seeds = list(seeds) + [0] * (B - n_real)
+        bk = self._get_bucket(B, P + max_new_tokens, max_new_tokens, len(stops), key)
         L = bk.L
         # fill the static state (host -> device copies, once per batch)
         tok = torch.full((B, P), pad_id, dtype=torch.long)
@@ -335,6 +348,8 @@ class StaticDecoder:
             bk.out.fill_(pad_id)
             bk.out[:, 0] = nxt
             bk.done.copy_((nxt[:, None] == bk.stop[None, :]).any(-1))
+            if n_real < B:
+                bk.done[n_real:] = True
             bk.tok.copy_(nxt[:, None])
             bk.s.fill_(0)
             bk.q.fill_(P)
@@ -350,7 +365,7 @@ class StaticDecoder:
         finally:
             if n_dec:
                 set_decode_(self.model, None)
-        out = bk.out[:, :n_steps].cpu().tolist()
+        out = bk.out[:n_real, :n_steps].cpu().tolist()
         stop_set = set(stops)
         res = []
         for row in out:

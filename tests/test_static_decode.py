@@ -45,8 +45,12 @@ def test_static_decoder_equals_generate_batch(testbed, teacher, tiny_tokenizer):
     bk = dec._bucket
     got2 = dec.generate(ps[::-1], params=sp, seeds=seeds[::-1], **kw)
     assert dec._bucket is bk and [g.tokens for g in got2] == [g.tokens for g in got][::-1]
-    # a smaller batch gets its own bucket and still matches row by row
+    # a batch of 4 rides in the 6-row bucket (padding rows), a batch of 1 gets its own bucket; both match
+    four = dec.generate(ps[1:5], params=sp, seeds=seeds[1:5], **kw)
+    assert dec._bucket is bk
+    assert [g.tokens for g in four] == [g.tokens for g in generate_batch(teacher, ps[1:5], params=sp, seeds=seeds[1:5], **kw)]
     one = dec.generate(ps[2:3], **kw)
+    assert dec._bucket is not bk
     assert one[0].tokens == generate_batch(teacher, ps[2:3], **kw)[0].tokens
     dec.close()
 
