@@ -168,24 +168,22 @@ class DecodeConfig:
 
 
 def _candidates(M: int, N: int, K: int):
+    """A small search space (each config is one Triton compile per shape): ~8 per (M, N, K)."""
     if M == 1:
-        for bn in (16, 32, 64):
-            for bk in (256, 512, 1024):
-                for sk in (1, 2, 4, 8):
-                    for nw in (2, 4):
-                        yield DecodeConfig(1, bn, bk, sk, nw, 3)
+        for bn in (32, 64):
+            for bk in (256, 512):
+                for sk in (1, 4):
+                    yield DecodeConfig(1, bn, bk, sk, 4, 3)
     elif M <= 16:
-        for bn in (32, 64, 128):
+        for bn in (32, 64):
             for bk in (128, 256):
-                for sk in (1, 2, 4, 8):
+                for sk in (1, 4):
                     yield DecodeConfig(16, bn, bk, sk, 4, 3)
     else:
         for bm in ((64, 128) if M >= 128 else (32, 64)):
-            for bn in (64, 128):
-                for bk in (64, 128):
-                    for nw in (4, 8):
-                        for ns in (3, 4):
-                            yield DecodeConfig(bm, bn, bk, 1, nw, ns)
+            for bk in (64, 128):
+                for ns in (3, 4):
+                    yield DecodeConfig(bm, 128, bk, 1, 8, ns)
 
 
 def _default_config(M: int, N: int, K: int) -> DecodeConfig:

@@ -228,7 +228,7 @@ class StaticDecoder:
     # ---- state ---------------------------------------------------------------------------------------------
     def _get_bucket(self, B: int, need_L: int, max_new: int, n_stop: int, key_extra: tuple) -> _Bucket:
         bk = self._bucket
-        if bk is not None and bk.B == B and bk.L >= need_L and bk.max_new == max_new \
+        if bk is not None and bk.B == B and bk.L >= need_L and bk.max_new >= max_new \
                 and bk.stop.numel() == n_stop and self._key == key_extra:
             for m in self.model.modules():  # zero the cache: slots past a row's prompt must not hold stale values
                 if getattr(m, "kv_cache", None) is not None:
@@ -314,7 +314,7 @@ class StaticDecoder:
         key = (params, seeds is None, int(pad_id))
         n_real = B
         cur = self._bucket
-        if cur is not None and B < cur.B <= 2 * B and cur.L >= P + max_new_tokens and cur.max_new == max_new_tokens \
+        if cur is not None and B < cur.B <= 2 * B and cur.L >= P + max_new_tokens and cur.max_new >= max_new_tokens \
                 and self._key == key and cur.stop.numel() == len(stops):
             # a smaller batch rides in the current bucket (no new cache, no re-capture): padding rows of one
             # pad token, marked done from the start; rows do not see each other (masks), results are cut to n_real
