@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import shutil
 import statistics
@@ -154,7 +153,6 @@ def piece_kernels(args, S, dev, T, batches):
     from torchao.dtypes.nf4tensor import to_nf4
 
     from kd import nf4_decode as nd
-    from kd.static_decode import decode_step_cost  # noqa: F401
 
     H, I, kvd = S["embed_dim"], S["intermediate_dim"], S["num_kv_heads"] * S["head_dim"]
     shapes = {"q/o": (H, H), "k/v": (kvd, H), "w1/w3": (I, H), "w2": (H, I)}
