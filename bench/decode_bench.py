@@ -186,7 +186,7 @@ def piece_kernels(args, S, dev, T, batches):
                 except Exception as e:  # a kernel that fails is reported, not fatal
                     row[k + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             if "triton" in impls:
-                row["triton_config"] = str(nd.tune_config(M, N, K))
+                row["triton_config"] = str(nd.tune_config(M, N, K, w4, x))  # the tuned (cached) choice
             out[(name, M)] = row
             emit(f"kernel {name} M={M}", **row)
         del W, w4, wd

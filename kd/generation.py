@@ -19,6 +19,8 @@ Pieces (used by ``recipes/generate_teacher.py`` and ``recipes/evaluate.py``):
   (``batch_size`` and ``max_batch_tokens`` = B x (prompt + max_new_tokens) limits); batch ``b`` belongs to rank
   ``b % world_size``. The plan depends on the data only, so after a resume (any world size) a batch is the
   same group of samples as before, minus the ones already done.
+- The recipe's default decoder is :class:`kd.static_decode.StaticDecoder` (static KV cache per bucket, CUDA graphs,
+  NF4 weights read once per step); :func:`generate_batch` is the eager reference it is tested against.
 - :func:`merge_results`: the alpaca JSON in source order (``instruction``, ``input``, ``output`` = teacher
   answer, ``original_output``, plus ``id`` and flags) and LLaMA-Factory's ``dataset_info.json``.
 """
