@@ -55,6 +55,7 @@ def test_static_decoder_equals_generate_batch(testbed, teacher, tiny_tokenizer):
     dec.close()
 
 
+@pytest.mark.slow
 def test_static_decoder_one_length_bucket(testbed, teacher, tiny_tokenizer):
     """One bucket covering prompt + answer (attention over the whole cache, as today's path)."""
     ps = _prompts(testbed, tiny_tokenizer, [1, 7, 30])
