@@ -19,6 +19,8 @@ Pieces (used by ``recipes/generate_teacher.py`` and ``recipes/evaluate.py``):
   (``batch_size`` and ``max_batch_tokens`` = B x (prompt + max_new_tokens) limits); batch ``b`` belongs to rank
   ``b % world_size``. The plan depends on the data only, so after a resume (any world size) a batch is the
   same group of samples as before, minus the ones already done.
+- The recipe's default decoder is :class:`kd.static_decode.StaticDecoder` (static KV cache per bucket, CUDA graphs,
+  NF4 weights read once per step); :func:`generate_batch` is the eager reference it is tested against.
 - :func:`merge_results`: the alpaca JSON in source order (``instruction``, ``input``, ``output`` = teacher
   answer, ``original_output``, plus ``id`` and flags) and LLaMA-Factory's ``dataset_info.json``.
 """
@@ -65,10 +67,14 @@ def _srl(x: torch.Tensor, k: int) -> torch.Tensor:
     return (x >> k) & ((1 << (64 - k)) - 1)
 
 
-def counter_uniform(seeds: torch.Tensor, step: int) -> torch.Tensor:
+def counter_uniform(seeds: torch.Tensor, step) -> torch.Tensor:
     """U(0, 1) float64 per row from splitmix64(seed + (step + 1) * golden): exact integer math, so the same
-    on every device and batch composition."""
-    z = seeds.to(torch.int64) + _signed64((step + 1) * (_C_GOLDEN & _M64))
+    on every device and batch composition. ``step`` is an int or an int64 tensor (shape [] or [1], on the
+    seeds' device: the CUDA-graph decode step keeps it on the GPU); int64 products wrap like the int path."""
+    if isinstance(step, torch.Tensor):
+        z = seeds.to(torch.int64) + (step.to(torch.int64) + 1) * _C_GOLDEN
+    else:
+        z = seeds.to(torch.int64) + _signed64((step + 1) * (_C_GOLDEN & _M64))
     z = (z ^ _srl(z, 30)) * _C_MIX1
     z = (z ^ _srl(z, 27)) * _C_MIX2
     z = z ^ _srl(z, 31)
@@ -90,14 +96,15 @@ class SamplingParams:
 
 
 def sample_next(
-    logits: torch.Tensor, params: SamplingParams, seeds: Optional[torch.Tensor], step: int, *, max_candidates: int = 1024
+    logits: torch.Tensor, params: SamplingParams, seeds: Optional[torch.Tensor], step, *, max_candidates: int = 1024
 ) -> torch.Tensor:
     """Next token per row from ``logits`` [B, V] (fp32).
 
     Sampling looks at the ``max_candidates`` most likely tokens (``torch.topk``, far cheaper than sorting a
     152k vocabulary for every row and step) with probabilities normalised over the FULL vocabulary, so the
     nucleus is exact whenever it fits in the candidates (at temperature 0.7 / top-p 0.9 it practically always
-    does); otherwise the tail beyond the candidates is dropped."""
+    does); otherwise the tail beyond the candidates is dropped. ``step``: int or int64 device tensor (no host
+    sync: the CUDA-graph decode step samples entirely on the GPU)."""
     if params.greedy:
         return logits.argmax(-1)
     logits = logits.float() / params.temperature

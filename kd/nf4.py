@@ -23,6 +23,8 @@ Public API:
   and the output projection stay in their dtype); ``fast=False`` gives the stock torchao ``linear_nf4`` forward.
 - ``quantize_layer_(layer, *, fast=True)`` the same for one decoder layer (for building a teacher layer by layer).
 - ``set_fast_(model, fast: bool)`` toggles all ``FastNF4Linear`` modules of a model.
+- ``set_decode_(model, impl="auto", max_tokens=1)``: inputs of at most ``max_tokens`` rows (generation decode
+  steps) go through ``kd.nf4_decode.nf4_matmul`` (fused 4-bit matmul, weights read once), without autograd.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ __all__ = [
     "quantize_layer_",
     "quantize_teacher_",
     "set_fast_",
+    "set_decode_",
     "triton_available",
 ]
 
@@ -178,7 +181,18 @@ class FastNF4Linear(nn.Module):
         w = to_nf4(lin.weight.detach().contiguous(), block_size, scaler_block_size)
         return cls(w, lin.bias, fast=fast)
 
+    #: decode path (``kd.nf4_decode``): set by :func:`set_decode_`; used without autograd for inputs of at most
+    #: ``decode_max_tokens`` rows (the generation batch), so the 4-bit weight is read once and never dequantised
+    decode_impl: Optional[str] = None
+    decode_max_tokens: int = 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.decode_impl is not None and not torch.is_grad_enabled() and isinstance(self.weight, NF4Tensor) \
+                and x.numel() <= self.decode_max_tokens * x.shape[-1]:
+            from kd.nf4_decode import nf4_matmul
+
+            y = nf4_matmul(x, self.weight, impl=self.decode_impl)
+            return y + self.bias if self.bias is not None else y
         if self.fast:
             return linear_nf4_fast(x, self.weight, self.bias)
         y = linear_nf4(x, self.weight)  # stock torchao path
@@ -249,3 +263,16 @@ def set_fast_(model: nn.Module, fast: bool) -> nn.Module:
         if isinstance(m, FastNF4Linear):
             m.fast = fast
     return model
+
+
+def set_decode_(model: nn.Module, impl: Optional[str] = "auto", max_tokens: int = 1) -> int:
+    """Route every ``FastNF4Linear`` of ``model`` through the decode kernels of :mod:`kd.nf4_decode` for inputs of
+    at most ``max_tokens`` rows (``impl`` ``auto|triton|bnb|dequant|torch``; ``None`` switches it off). Prefill
+    (many rows) keeps the dequantise + GEMM path. Returns the number of modules set."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, FastNF4Linear):
+            m.decode_impl = impl
+            m.decode_max_tokens = int(max_tokens) if impl is not None else 0
+            n += 1
+    return n

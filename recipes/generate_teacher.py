@@ -34,7 +34,8 @@ KEYS = {
     "output_dir", "model", "checkpointer", "teacher_checkpointer", "tokenizer", "source", "system_prompt",
     "on_bad_record", "quantization", "device", "dtype", "seed", "batch_size", "max_batch_tokens",
     "max_new_tokens", "temperature", "top_p", "top_k", "dataset_name", "merge", "allow_missing",
-    "progress_bar", "on_source_change", "max_samples", "log_level",
+    "progress_bar", "on_source_change", "max_samples", "log_level", "decode_engine", "cuda_graphs",
+    "nf4_decode_kernel", "nf4_fused_max_batch",
 }
 CHECKPOINTER_KEYS = {"_component_", "checkpoint_dir", "checkpoint_files", "output_dir", "model_type"}
 META_KEYS = ("quantization", "dtype", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "system_prompt")
@@ -77,6 +78,12 @@ def _settings(cfg: DictConfig) -> Dict:
         "merge": bool(cfg.get("merge", True)),
         "allow_missing": bool(cfg.get("allow_missing", False)),
         "progress_bar": bool(cfg.get("progress_bar", True)),
+        # decode: kd.static_decode (static KV cache per bucket, CUDA graphs on CUDA, fused NF4 decode kernel)
+        # or the per-batch eager loop (kd.generation.generate_batch); both give the same tokens (tested on CPU)
+        "decode_engine": choice(cfg, "decode_engine", ["static", "eager"], "static"),
+        "cuda_graphs": bool(cfg.get("cuda_graphs", True)),
+        "nf4_decode_kernel": choice(cfg, "nf4_decode_kernel", ["auto", "triton", "bnb", "dequant"], "auto"),
+        "nf4_fused_max_batch": number(cfg, "nf4_fused_max_batch", 64, kind=int, min_value=0),
     }
     from kd.precision import parse_precision
 
@@ -191,6 +198,14 @@ def recipe_main(cfg: DictConfig) -> None:
     if n_mine:
         model = load_teacher(cfg, s, device, dtype)
         params = SamplingParams(temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"])
+        decoder = None
+        if s["decode_engine"] == "static":
+            from kd.static_decode import StaticDecoder
+
+            decoder = StaticDecoder(
+                model, device=device, cache_dtype=dtype, cuda_graphs=s["cuda_graphs"] and device.type == "cuda",
+                nf4_kernel=s["nf4_decode_kernel"] if s["quantization"] == "nf4" else None,
+                nf4_fused_max_batch=s["nf4_fused_max_batch"])
         store.open_for_append(info.rank)
         kill_after = int(os.environ.get("KD_GEN_KILL_AFTER_BATCHES", "0"))  # crash test hook
         pbar = tqdm(total=n_mine, disable=not (info.is_rank_zero and s["progress_bar"]), desc="teacher",
@@ -198,11 +213,12 @@ def recipe_main(cfg: DictConfig) -> None:
         t0, n_tok, n_trunc, n_empty = time.perf_counter(), 0, 0, 0
         try:
             for bi, ids in enumerate(mine):
-                gens = generate_batch(
-                    model, [prompts[i] for i in ids], max_new_tokens=s["max_new_tokens"], stop_ids=stop_ids,
-                    pad_id=pad_id, params=params, seeds=[sample_seed(s["seed"], i) for i in ids],
-                    device=device, cache_dtype=dtype,
-                )
+                kw = dict(max_new_tokens=s["max_new_tokens"], stop_ids=stop_ids, pad_id=pad_id, params=params,
+                          seeds=[sample_seed(s["seed"], i) for i in ids])
+                if decoder is not None:
+                    gens = decoder.generate([prompts[i] for i in ids], **kw)
+                else:
+                    gens = generate_batch(model, [prompts[i] for i in ids], device=device, cache_dtype=dtype, **kw)
                 rows = []
                 for i, g in zip(ids, gens):
                     text = tokenizer.decode(g.tokens, skip_special_tokens=True) if g.tokens else ""
@@ -221,6 +237,8 @@ def recipe_main(cfg: DictConfig) -> None:
         finally:
             pbar.close()
             store.close()
+            if decoder is not None:
+                decoder.close()
         dt = time.perf_counter() - t0
         log.info(f"rank {info.rank}: {n_mine} samples, {n_tok} tokens in {dt:.1f}s "
                  f"({n_tok / max(dt, 1e-9):.1f} generated tokens/s on this rank); truncated {n_trunc}, empty {n_empty}")

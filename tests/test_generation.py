@@ -188,6 +188,10 @@ def test_two_ranks_disjoint_shards_same_result(testbed, tmp_path):
     assert (tmp_path / "one" / "teacher_distill.json").read_bytes() == (tmp_path / "two" / "teacher_distill.json").read_bytes()
     again = _run(testbed, tmp_path / "two", GREEDY[0], GREEDY[1], GREEDY[3], "batch_size=5")
     assert again.returncode == 0 and "0 to generate" in again.stdout
+    # the static decoder (default) and the old per-batch loop write the same file
+    eager = _run(testbed, tmp_path / "eager", *GREEDY, "decode_engine=eager")
+    assert eager.returncode == 0, eager.stdout + eager.stderr
+    assert (tmp_path / "eager" / "teacher_distill.json").read_bytes() == (tmp_path / "one" / "teacher_distill.json").read_bytes()
 
 
 def test_user_errors_are_one_line(testbed, tmp_path):
