@@ -25,8 +25,11 @@ import torch
 from torch import nn
 from torchtune import config
 
+# torchtune's wheel installs its recipes as a top-level `recipes` package beside `torchtune`; a machine that moved
+# it out of the way (so ./recipes wins the import) names the folder in KD_STOCK_RECIPES_DIR.
 _spec = importlib.util.find_spec("torchtune")
-_STOCK = os.path.join(os.path.dirname(_spec.origin), "..", "recipes", "knowledge_distillation_single_device.py")
+_DIR = os.environ.get("KD_STOCK_RECIPES_DIR") or os.path.join(os.path.dirname(_spec.origin), "..", "recipes")
+_STOCK = os.path.join(_DIR, "knowledge_distillation_single_device.py")
 _mod_spec = importlib.util.spec_from_file_location("stock_kd_single_device", _STOCK)
 stock = importlib.util.module_from_spec(_mod_spec)
 _mod_spec.loader.exec_module(stock)
