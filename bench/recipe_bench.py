@@ -344,7 +344,8 @@ def run_ours(work: Path, assets: Path, n_layers: int, steps: int, small: bool, t
         "progress_bar=False", "log_every_n_steps=1",
         *([] if validate else ["~eval_every_n_steps"]),
         *(["device=cpu", "dtype=fp32", "teacher_quantization=null", "optimizer.fused=False",
-           "tokenizer.max_seq_len=512"] if small else []),
+           "tokenizer.max_seq_len=256", "batch_size=1", "gradient_accumulation_steps=1", "max_eval_batches=2"]
+          if small else []),
         *extra,
     ]
     cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", "recipes/kd_lora.py", "--config", USER_CONFIG,
@@ -392,7 +393,7 @@ def stock_config(work: Path, assets: Path, n_layers: int, steps: int, small: boo
                           "rope_base": 1000000.0},
         "tokenizer": {"_component_": "torchtune.models.qwen2_5.qwen2_5_tokenizer", "path": str(tok / "vocab.json"),
                       "merges_file": str(tok / "merges.txt"),
-                      "max_seq_len": 512 if small else int(user.tokenizer.max_seq_len)},
+                      "max_seq_len": 256 if small else int(user.tokenizer.max_seq_len)},
         "checkpointer": {"_component_": "torchtune.training.FullModelHFCheckpointer",
                          "checkpoint_dir": str(work / "student"), "checkpoint_files": s_files,
                          "output_dir": str(out / "ckpt"), "model_type": "QWEN2", "recipe_checkpoint": None},
@@ -404,13 +405,14 @@ def stock_config(work: Path, assets: Path, n_layers: int, steps: int, small: boo
         "dataset": {"_component_": "kd.data.alpaca_kd_dataset", "source": str(work / "data.json"),
                     "system_prompt": SYSTEM_PROMPT, "val_size": float(user.dataset.val_size),
                     "seed": int(user.dataset.seed), "packed": False},
-        "seed": int(user.seed), "shuffle": True, "batch_size": int(user.batch_size),
+        "seed": int(user.seed), "shuffle": True, "batch_size": 1 if small else int(user.batch_size),
         "optimizer": {**OmegaConf.to_container(user.optimizer), **({"fused": False} if small else {})},
         "lr_scheduler": OmegaConf.to_container(user.lr_scheduler),
         "loss": {"_component_": "torchtune.modules.loss.CEWithChunkedOutputLoss"},
         "kd_loss": {"_component_": "torchtune.modules.loss.ForwardKLWithChunkedOutputLoss"},
         "kd_ratio": float(user.kd_ratio), "epochs": 1, "max_steps_per_epoch": steps,
-        "gradient_accumulation_steps": int(user.gradient_accumulation_steps), "clip_grad_norm": user.clip_grad_norm,
+        "gradient_accumulation_steps": 1 if small else int(user.gradient_accumulation_steps),
+        "clip_grad_norm": user.clip_grad_norm,
         "compile": False,
         "metric_logger": {"_component_": "torchtune.training.metric_logging.DiskLogger", "log_dir": str(out / "logs")},
         "log_every_n_steps": 1, "log_peak_memory_stats": not small,
@@ -505,7 +507,7 @@ def padding_stats(work: Path, assets: Path, small: bool) -> dict:
     from kd.jobtime import data_stats, micro_batches
     from kd.preflight import load_config
 
-    ov = [*common_paths(work, assets), *(["tokenizer.max_seq_len=512"] if small else [])]
+    ov = [*common_paths(work, assets), *(["tokenizer.max_seq_len=256", "batch_size=1"] if small else [])]
     cfg = load_config(str(REPO / USER_CONFIG), ov)
     st = data_stats(cfg)
     out = {"samples": st.samples, "tokens_mean": statistics.mean(st.lengths),
@@ -668,7 +670,7 @@ def predict(work: Path, assets: Path, depths: List[int], small: bool, hardware: 
         ov = [*common_paths(work, assets), *teacher_overrides(SMALL_TEACHER if small else QWEN2_5_72B, n),
               *student_overrides(small), "epochs=1"]
         if small:
-            ov.append("tokenizer.max_seq_len=512")
+            ov += ["tokenizer.max_seq_len=256", "batch_size=1", "gradient_accumulation_steps=1"]
         est = estimate_job(load_config(str(REPO / USER_CONFIG), ov), hw)
         out[f"L{n}"] = {"step_s": est.step_s,
                         "per_step": {c.name: c.seconds / max(1, est.steps_per_epoch) for c in est.components}}
