@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 USER_CONFIG = "configs/qwen2_5/72B_to_7B_kd_lora_1node.yaml"
@@ -514,15 +514,16 @@ def padding_stats(work: Path, assets: Path, small: bool) -> dict:
            "tokens_median": statistics.median(st.lengths), "answer_tokens_mean": statistics.mean(st.answers),
            "answer_p95": sorted(st.answers)[int(0.95 * st.samples)],
            "cut_at_max_seq_len": sum(1 for n in st.lengths if n >= st.max_seq_len)}
-    for packed in (False, True):
-        st.packed = packed
+    for name, packed, packing in (("unpacked", False, ""), ("packed_greedy", True, "greedy"),
+                                  ("packed", True, "best_fit")):
+        st.packed, st.packing = packed, packing or "best_fit"
         batches = micro_batches(st)
         real = sum(st.lengths[i] for b in batches for i in b)
         pos = sum((st.max_seq_len * st.batch_size) if packed else len(b) * max(st.lengths[i] for i in b)
                   for b in batches)
-        out[f"padding_fraction_{'packed' if packed else 'unpacked'}"] = 1 - real / pos
+        out[f"padding_fraction_{name}"] = 1 - real / pos
         if packed:
-            out["samples_per_batch_packed"] = real / len(batches) / statistics.mean(st.lengths)
+            out[f"samples_per_batch_{name}"] = real / len(batches) / statistics.mean(st.lengths)
     del OmegaConf
     return out
 
@@ -555,20 +556,22 @@ def extrapolate(runs: Dict[int, dict], key_per_layer: str, target_layers: int) -
     return out
 
 
-def _ours_one(results, ours, work, assets, n, a, small, extra, tdims, validate) -> None:
-    r = run_ours(work, assets, n, a.steps, small, f"L{n}", extra, tdims, validate=validate)
-    if not r["ok"] and not any(x.startswith("dataset.packed") for x in extra):
+def _ours_one(results, ours, work, assets, n, a, small, extra, tdims, validate, variant="") -> None:
+    key = f"ours_{variant}_L{n}" if variant else f"ours_L{n}"
+    tag = key[len("ours_"):]
+    r = run_ours(work, assets, n, a.steps, small, tag, extra, tdims, validate=validate)
+    if not r["ok"] and not variant and not any(x.startswith("dataset.packed") for x in extra):
         # keep the measurement alive if packing (flex attention) fails on this stack; recorded as such
-        log(f"ours L{n} failed; retrying unpacked")
-        results[f"ours_L{n}_packed_failure"] = r
-        extra.append("dataset.packed=False")
-        r = run_ours(work, assets, n, a.steps, small, f"L{n}", extra, tdims, validate=validate)
-    results[f"ours_L{n}_run"] = r
+        log(f"{key} failed; retrying unpacked")
+        results[f"{key}_packed_failure"] = r
+        extra = extra + ["dataset.packed=False"]
+        r = run_ours(work, assets, n, a.steps, small, tag, extra, tdims, validate=validate)
+    results[f"{key}_run"] = r
     if r["ok"]:
         ours[n] = summarize_ours(Path(r["out"]), a.warmup)
         ours[n]["planned_peak_gib"] = r.get("planned_peak_gib")
-        results[f"ours_L{n}"] = ours[n]
-        log(f"ours L{n}: {json.dumps(ours[n])}")
+        results[key] = ours[n]
+        log(f"{key}: {json.dumps(ours[n])}")
 
 
 def run_cmd(a) -> None:
@@ -613,12 +616,15 @@ def run_cmd(a) -> None:
     save()
 
     extra = [x for x in (a.extra or "").split() if x]
-    ours: Dict[int, dict] = {}
+    variants = [("", [])] + [(v.split(":", 1)[0], v.split(":", 1)[1].split()) for v in a.variants.split(";") if v]
+    ours_v: Dict[str, Dict[int, dict]] = {name: {} for name, _ in variants}
     stock: Dict[int, dict] = {}
     for i, n in enumerate(sorted(set(depths) | set(stock_depths), reverse=True)):
-        if n in depths:
-            _ours_one(results, ours, work, assets, n, a, small, extra, tdims, validate=(i == 0 and a.validate))
-            save()
+        for name, ov in variants:
+            if n in depths:
+                _ours_one(results, ours_v[name], work, assets, n, a, small, extra + ov, tdims,
+                          validate=(i == 0 and a.validate and not name), variant=name)
+                save()
         if n in stock_depths:
             r = run_stock(work, assets, n, a.steps, small, tdims)
             results[f"stock_L{n}_run"] = r
@@ -640,8 +646,10 @@ def run_cmd(a) -> None:
             results[f"ac_variant_{j}"] = {"overrides": ov, "failed": r}
         save()
     target = QWEN2_5_72B["num_hidden_layers"] if not small else SMALL_TEACHER["num_hidden_layers"] * 2
-    if len(ours) >= 2:
-        results["ours_extrapolated"] = extrapolate(ours, "teacher_fwd", target)
+    for name, _ in variants:
+        if len(ours_v[name]) >= 2:
+            results[f"ours_{name}_extrapolated" if name else "ours_extrapolated"] = extrapolate(
+                ours_v[name], "teacher_fwd", target)
     if len(stock) >= 2:
         results["stock_extrapolated"] = extrapolate(stock, "step", target)
     # the job-time planner's prediction for the same job, at the deepest measured depth and at 80 layers
@@ -656,7 +664,7 @@ def run_cmd(a) -> None:
         for f in sorted((work / "runs").rglob("*")):
             if f.is_file() and f.name in ("stdout.log", "metrics.jsonl", "timing.jsonl") or f.suffix == ".yaml":
                 tf.add(f, arcname=str(f.relative_to(work)))
-    print_table(results, depths, stock_depths, target)
+    print_table(results, depths, stock_depths, target, [name for name, _ in variants])
 
 
 def predict(work: Path, assets: Path, depths: List[int], small: bool, hardware: str) -> dict:
@@ -677,22 +685,25 @@ def predict(work: Path, assets: Path, depths: List[int], small: bool, hardware: 
     return out
 
 
-def print_table(results: dict, depths: List[int], stock_depths: List[int], target: int) -> None:
+def print_table(results: dict, depths: List[int], stock_depths: List[int], target: int,
+                variants: Sequence[str] = ("",)) -> None:
     print("\n=== recipe benchmark ===")
     pad = results.get("padding", {})
     print(f"data: {pad.get('samples')} samples, mean {pad.get('tokens_mean', 0):.0f} tokens; padding "
-          f"unpacked {pad.get('padding_fraction_unpacked', 0):.1%}, packed {pad.get('padding_fraction_packed', 0):.1%}")
-    print(f"{'run':<12}{'step s':>9}{'tok/s':>9}{'ans tok/s':>11}{'peak GiB':>10}  phases (s/step)")
-    for who, ds in (("ours", depths), ("stock", stock_depths)):
+          f"unpacked {pad.get('padding_fraction_unpacked', 0):.1%}, packed next-fit (torchtune) "
+          f"{pad.get('padding_fraction_packed_greedy', 0):.1%}, packed best-fit (kd) {pad.get('padding_fraction_packed', 0):.1%}")
+    print(f"{'run':<16}{'step s':>9}{'tok/s':>9}{'ans tok/s':>11}{'peak GiB':>10}  phases (s/step)")
+    rows = [(f"ours_{v}" if v else "ours", depths) for v in variants] + [("stock", stock_depths)]
+    for who, ds in rows:
         for n in ds:
             r = results.get(f"{who}_L{n}")
             if not r:
-                print(f"{who + ' L' + str(n):<12} FAILED")
+                print(f"{who + ' L' + str(n):<16} FAILED")
                 continue
             ph = " ".join(f"{k}={v:.3f}" for k, v in (r.get("phases") or {}).items())
-            print(f"{who + ' L' + str(n):<12}{r['step_s']:>9.2f}{r['tokens_per_s']:>9.0f}"
+            print(f"{who + ' L' + str(n):<16}{r['step_s']:>9.2f}{r['tokens_per_s']:>9.0f}"
                   f"{r['answer_tokens_per_s']:>11.0f}{(r['peak_gib'] or 0):>10.1f}  {ph}")
-    for who in ("ours", "stock"):
+    for who, _ in rows:
         e = results.get(f"{who}_extrapolated")
         if e:
             print(f"{who} @ {target} teacher layers (extrapolated, {e['per_layer_s'] * 1e3:.1f} ms/layer/step): "
@@ -732,6 +743,8 @@ def main(argv=None) -> None:
     r.add_argument("--warmup", type=int, default=1, help="steps left out of the steady-state median")
     r.add_argument("--validate", action="store_true", help="run the step-0 validation in the deepest run")
     r.add_argument("--extra", default="", help="extra overrides for the recipe runs (space separated)")
+    r.add_argument("--variants", default="",
+                   help="more recipe runs per depth: 'name:overrides;...', e.g. 'fp8:teacher_quantization=nf4_fp8'")
     r.add_argument("--hardware", default="h200")
     r.add_argument("--ac-variants", default="",
                    help="';'-separated override sets run at the shallowest depth to compare peak memory with the "

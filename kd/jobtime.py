@@ -130,6 +130,7 @@ class DataStats:
     max_seq_len: int
     packed: bool
     batch_size: int
+    packing: str = "best_fit"  # best_fit (kd's default) | greedy (torchtune's PackedDataset)
 
     @property
     def samples(self) -> int:
@@ -157,10 +158,11 @@ def data_stats(cfg) -> DataStats:
     key = _cache_key(cfg)
     path = cache / f"{key}.json"
     packed = bool(cfg.dataset.get("packed", False))
+    packing = str(cfg.dataset.get("packing", "best_fit"))
     bs = int(cfg.get("batch_size", 1))
     if path.is_file():
         d = json.loads(path.read_text())
-        return DataStats(d["lengths"], d["answers"], d["val_samples"], d["max_seq_len"], packed, bs)
+        return DataStats(d["lengths"], d["answers"], d["val_samples"], d["max_seq_len"], packed, bs, packing)
     try:
         tok = tt_config.instantiate(cfg.tokenizer)
         kw = {"split": "train"} if str(cfg.dataset.get("_component_", "")).startswith("kd.") else {}
@@ -182,25 +184,19 @@ def data_stats(cfg) -> DataStats:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"lengths": lengths, "answers": answers, "val_samples": len(val), "max_seq_len": msl}))
     os.replace(tmp, path)
-    return DataStats(lengths, answers, len(val), msl, packed, bs)
+    return DataStats(lengths, answers, len(val), msl, packed, bs, packing)
 
 
 def micro_batches(stats: DataStats, world_size: int = 1, seed: int = 0) -> List[List[int]]:
     """Sample indices of each micro-batch of one epoch on one rank, as the recipe's loader forms them:
-    packed = greedy, in data-set order, into packs of max_seq_len (torchtune's PackedDataset), then batch_size
-    packs per batch; unpacked = batch_size samples per batch, each batch padded to its longest sample."""
+    packed = kd.data's packing rule (best-fit-decreasing, or torchtune's next-fit with ``packing: greedy``) into
+    packs of max_seq_len, then batch_size packs per batch; unpacked = batch_size samples per batch, each batch padded to its longest sample."""
     import random
 
+    from kd.data import best_fit_bins, greedy_bins
+
     if stats.packed:
-        units, cur, used = [], [], 0
-        for i, n in enumerate(stats.lengths):
-            if used + n > stats.max_seq_len and cur:
-                units.append(cur)
-                cur, used = [], 0
-            cur.append(i)
-            used += n
-        if cur:
-            units.append(cur)
+        units = (best_fit_bins if stats.packing == "best_fit" else greedy_bins)(stats.lengths, stats.max_seq_len)
     else:
         units = [[i] for i in range(stats.samples)]
     order = list(range(len(units)))

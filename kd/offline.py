@@ -119,6 +119,7 @@ def mixed_sft_dataset(
     max_seq_len: Optional[int] = None,
     train_on_input: bool = False,
     packed: bool = False,
+    packing: str = "best_fit",
     on_bad_record: str = "error",
 ):
     """torchtune dataset builder: ``_component_: kd.offline.mixed_sft_dataset`` (see the module docstring)."""
@@ -127,4 +128,4 @@ def mixed_sft_dataset(
         system_prompt=system_prompt, split=split, val_size=val_size, max_seq_len=max_seq_len,
         train_on_input=train_on_input, on_bad_record=on_bad_record,
     )
-    return maybe_pack(ds, tokenizer, packed)
+    return maybe_pack(ds, tokenizer, packed, packing)

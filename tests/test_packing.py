@@ -7,6 +7,7 @@ document mask, or with positions that do not restart per sample, fails the compa
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kd.data import alpaca_kd_dataset
@@ -50,13 +51,14 @@ def _sums(student, teacher, head_w, tokens, labels, mask=None, input_pos=None):
     return torch.stack([total, o.ce_sum, o.kd_sum, o.n_valid.to(total.dtype)])
 
 
-def test_packed_equals_unpacked_per_sample(testbed, tiny_tokenizer):
+@pytest.mark.parametrize("packing", ["best_fit", "greedy"])
+def test_packed_equals_unpacked_per_sample(testbed, tiny_tokenizer, packing):
     from torchtune.data import padded_collate_packed
 
     src = str(testbed.root / "demo_buddhist_qa.json")
     tok = tiny_tokenizer
     plain = alpaca_kd_dataset(tok, src, val_size=0, seed=0, max_seq_len=400)
-    packed = alpaca_kd_dataset(tok, src, val_size=0, seed=0, max_seq_len=400, packed=True)
+    packed = alpaca_kd_dataset(tok, src, val_size=0, seed=0, max_seq_len=400, packed=True, packing=packing)
     student, teacher, head_w = _models(testbed)
 
     pack = packed[1]
@@ -122,3 +124,37 @@ def test_user_configs_pack():
     for path in glob.glob("configs/qwen2_5/72B_to_7B_kd_*.yaml"):
         cfg = OmegaConf.load(path)
         assert cfg.dataset.packed is True, path
+
+
+def test_best_fit_bins_partition_and_beats_next_fit():
+    import math
+    import random
+
+    from kd.data import best_fit_bins, greedy_bins
+
+    rng = random.Random(1)
+    # the benchmark's length distribution (bench/recipe_bench.py LENGTHS), odd count
+    lens = [min(2048, rng.randint(60, 150) + int(rng.lognormvariate(math.log(400), 0.8035))) for _ in range(3001)]
+    bins = best_fit_bins(lens, 2048)
+    assert sorted(i for b in bins for i in b) == list(range(len(lens)))  # every sample exactly once
+    assert all(sum(lens[i] for i in b) <= 2048 for b in bins)
+    assert bins == best_fit_bins(lens, 2048)  # deterministic
+    pad = lambda bs: 1 - sum(lens) / (len(bs) * 2048)  # noqa: E731
+    assert pad(bins) < 0.02 < 0.15 < pad(greedy_bins(lens, 2048))
+    # lower bound: no packing can use fewer packs than ceil(total / capacity) by more than a few percent
+    assert len(bins) <= math.ceil(sum(lens) / 2048) * 1.02
+    with pytest.raises(ValueError, match="more than the pack size"):
+        best_fit_bins([10, 3000], 2048)
+
+
+def test_greedy_bins_is_torchtunes_rule(testbed, tiny_tokenizer):
+    """kd.jobtime models torchtune's PackedDataset with greedy_bins: same packs."""
+    from kd.data import greedy_bins
+
+    src = str(testbed.root / "demo_buddhist_qa.json")
+    plain = alpaca_kd_dataset(tiny_tokenizer, src, val_size=0, seed=0, max_seq_len=400)
+    tt = alpaca_kd_dataset(tiny_tokenizer, src, val_size=0, seed=0, max_seq_len=400, packed=True, packing="greedy")
+    lens = [len(plain[i]["tokens"]) for i in range(len(plain))]
+    want = [[lens[i] for i in b] for b in greedy_bins(lens, 400)]
+    got = [[n for n, t in zip(p["seq_lens"].tolist(), [0] * 99)][: len(w)] for p, w in zip(tt, want)]
+    assert len(tt) == len(want) and got == want
