@@ -114,9 +114,10 @@ def build_teacher(S, n_layers, dev):
                     p.fill_(1.0)
                 else:
                     p.normal_(0, 0.02, generator=g)
-        for sub in mod.modules():
-            if hasattr(sub, "rope_init"):
-                sub.rope_init()
+        with torch.device(dev):  # rope caches are created on the default device
+            for sub in mod.modules():
+                if hasattr(sub, "rope_init"):
+                    sub.rope_init()
         mod.to(torch.bfloat16)
 
     for mod in (m.tok_embeddings, m.norm, m.output):

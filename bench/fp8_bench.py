@@ -128,9 +128,10 @@ def make_layer(dims, dev, seed, dtype=torch.bfloat16):
                 p.fill_(1.0)
             else:
                 p.normal_(0, 0.02, generator=g)
-    for mod in layer.modules():
-        if hasattr(mod, "rope_init"):
-            mod.rope_init()
+    with torch.device(dev):  # rope caches are created on the default device
+        for mod in layer.modules():
+            if hasattr(mod, "rope_init"):
+                mod.rope_init()
     layer.to(dtype).eval()
     for p in layer.parameters():
         p.requires_grad_(False)
