@@ -19,9 +19,47 @@ from omegaconf import DictConfig
 def user_error_types() -> tuple:
     from kd.checkpoint import CheckpointError as SaveError
     from kd.config import ConfigError, DataError
+    from kd.guard import NonFiniteError
     from kd.models import CheckpointError
 
-    return (ConfigError, DataError, CheckpointError, SaveError)
+    return (ConfigError, DataError, CheckpointError, SaveError, NonFiniteError)
+
+
+def one_line(e: BaseException) -> str:
+    """The message of a user error on one line (multi-line messages are joined with '; ')."""
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    return "; ".join(lines) if lines else type(e).__name__
+
+
+def _config_path_from_argv(argv) -> str | None:
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def load_yaml_file(path: str):
+    """OmegaConf.load with one-line errors naming the file (missing file, YAML syntax error, not a mapping)."""
+    import os as _os
+
+    from omegaconf import OmegaConf
+
+    from kd.config import ConfigError
+
+    if not _os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} not found (paths are relative to {_os.getcwd()}).")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError, UnicodeDecodeError, ...
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {path!r} is not valid YAML{where}: {problem}.") from None
+    if not hasattr(cfg, "keys"):
+        raise ConfigError(f"config file {path!r} must be a YAML mapping of key: value, got {type(cfg).__name__}.")
+    return cfg
 
 
 def parse_config() -> DictConfig:
@@ -31,6 +69,9 @@ def parse_config() -> DictConfig:
 
     from kd.config import ConfigError
 
+    path = _config_path_from_argv(sys.argv[1:])
+    if path is not None:
+        load_yaml_file(path)  # missing file / YAML syntax errors as one line naming the file
     parser = TuneRecipeArgumentParser(formatter_class=argparse.RawDescriptionHelpFormatter)
     yaml_args, cli_args = parser.parse_known_args()
     bad = [a for a in cli_args if "=" not in a and not a.startswith("~")]
@@ -72,7 +113,7 @@ def run_recipe(recipe_main: Callable[[DictConfig], None]) -> int:
         if os.environ.get("KD_DEBUG"):
             traceback.print_exc()
         rank = os.environ.get("RANK", "0")
-        print(f"\nkd: error (rank {rank}): {e}", file=sys.stderr)
+        print(f"\nkd: error (rank {rank}): {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nkd: interrupted; resume with resume_from_checkpoint=True", file=sys.stderr)
