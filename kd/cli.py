@@ -18,6 +18,7 @@ from typing import List, Optional
 
 def _plan(argv: List[str]) -> int:
     from kd import planner
+    from kd.config import ConfigError
     from kd.preflight import load_config
 
     p = argparse.ArgumentParser(prog="kd plan", description="Estimate peak memory per device for a kd_lora config.")
@@ -34,7 +35,11 @@ def _plan(argv: List[str]) -> int:
                    help="kept free for CUDA context, allocator slack and the OS (default 8 on GPU)")
     p.add_argument("--sweep", action="store_true", help="also print the peak for batch sizes 1, 2, 4, ...")
     args, overrides = p.parse_known_args(argv)
+    flags = [a for a in overrides if a.startswith("-")]
+    if flags:
+        raise ConfigError(f"unknown option(s) {' '.join(flags)} (see kd plan --help).")
     cfg = load_config(args.config, overrides)
+    planner.validate_recipe_config(cfg)  # the recipe's own checks: misspelled keys fail here as in tune run
     mem = planner.GB10_MEMORY_GIB if args.gb10 else args.device_memory_gib
     kw = dict(local_world_size=args.nproc_per_node or args.world_size, seq_len=args.seq_len,
               ac_layers=args.ac_layers, device_memory_gib=mem, reserve_gib=args.reserve_gib)
@@ -76,7 +81,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except user_error_types() as e:
         if os.environ.get("KD_DEBUG"):
             raise
-        print(f"kd {cmd}: error: {e}", file=sys.stderr)
+        from kd.cli_util import one_line
+
+        print(f"kd {cmd}: error: {one_line(e)}", file=sys.stderr)
         return 2
     print(f"kd: unknown command {cmd!r}; use 'kd plan' or 'kd preflight' (kd --help).", file=sys.stderr)
     return 2

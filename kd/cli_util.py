@@ -63,17 +63,34 @@ def load_yaml_file(path: str):
 
 
 def parse_config() -> DictConfig:
-    from omegaconf import OmegaConf
+    """``--config <yaml> key=value ~key`` from ``sys.argv`` (the recipe side of ``tune run``)."""
     from torchtune.config._parse import TuneRecipeArgumentParser
-    from torchtune.config._utils import _merge_yaml_and_cli_args
-
-    from kd.config import ConfigError
 
     path = _config_path_from_argv(sys.argv[1:])
     if path is not None:
         load_yaml_file(path)  # missing file / YAML syntax errors as one line naming the file
     parser = TuneRecipeArgumentParser(formatter_class=argparse.RawDescriptionHelpFormatter)
     yaml_args, cli_args = parser.parse_known_args()
+    from omegaconf import OmegaConf
+
+    from kd.config import ConfigError
+
+    cfg = merge_overrides(OmegaConf.create(vars(yaml_args)), cli_args)
+    try:
+        OmegaConf.to_container(cfg, resolve=True)  # an unresolvable ${...} fails now, as one line
+    except Exception as e:
+        raise ConfigError(f"cannot resolve the config {path!r}: {one_line(e)}") from None
+    return cfg
+
+
+def merge_overrides(yaml_cfg, cli_args) -> DictConfig:
+    """Apply ``~key`` removals, then ``key=value`` overrides, to a loaded YAML config (``tune run``'s order).
+    Shared by the recipes, ``kd plan`` and ``kd preflight`` so all of them read a command line the same way."""
+    from omegaconf import OmegaConf
+    from torchtune.config._utils import _merge_yaml_and_cli_args
+
+    from kd.config import ConfigError
+
     bad = [a for a in cli_args if "=" not in a and not a.startswith("~")]
     if bad:
         raise ConfigError(f"overrides must look like key=value or ~key, got: {' '.join(bad)}")
@@ -81,7 +98,6 @@ def parse_config() -> DictConfig:
     # 0.6.1 cannot remove a whole section (e.g. ~teacher_model) and reports any failure with a traceback.
     removals = [a[1:].split("=")[0] for a in cli_args if a.startswith("~")]
     overrides = [a for a in cli_args if not a.startswith("~")]
-    yaml_cfg = OmegaConf.create(vars(yaml_args))
     for dotpath in removals:
         *parents, leaf = dotpath.split(".")
         node = yaml_cfg

@@ -464,10 +464,24 @@ class KDLoRARecipe:
     def _setup_data(self, cfg_dataset, shuffle: bool, split: str):
         bs = number(self._cfg, "batch_size", 1, kind=int, min_value=1)
         ds, packed = self._build_dataset(cfg_dataset, split)
+        self._check_lengths(ds, split)
         self._packed = packed
         loader = self._make_loader(ds, packed, shuffle, bs, drop_last=True)
         self._log(f"train data: {len(ds)} samples, {len(loader)} batches/rank of {bs}")
         return loader
+
+    def _check_lengths(self, ds, split: str) -> None:
+        """Rank 0 counts the samples whose answers max_seq_len cuts (warning) or removes entirely (error when
+        nothing is left); every rank gets the verdict."""
+        from kd.data import check_truncation
+
+        def check():
+            try:
+                check_truncation(ds, split, progress=self._is_rank_zero)
+            except ValueError as e:
+                raise DataError(str(e)) from None
+
+        kdist.rank0_then_broadcast(check, error_type=DataError)
 
     def _setup_val_data(self, cfg: DictConfig):
         if self._eval_every is None:
