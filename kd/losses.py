@@ -589,7 +589,9 @@ def _chunk_math(loss, device: torch.device, full_chunk: bool = True):
     import functools
     import os
 
-    off = os.environ.get("KD_FUSED_COMPILE", "1") == "0" or _COMPILED["broken"]
+    from kd import kernels
+
+    off = os.environ.get("KD_FUSED_COMPILE", "1") == "0" or _COMPILED["broken"] or kernels.forced_eager()
     if device.type != "cuda" or not full_chunk or off:
         return functools.partial(_chunk_math_eager, loss)
     if _COMPILED["fn"] is None:

@@ -342,6 +342,12 @@ def local_checks(cfg, *, world_size: int, rank: int, local_rank: int, device) ->
         config_text=config_text(cfg),
     )
     rep.problems += check_gpu_arch()
+    from kd.kernels import kernel_report
+
+    for name, verdict in kernel_report(device):  # compiled and checked on this node's GPU
+        rep.info.append(f"kernel {name}: {verdict}")
+        if verdict.startswith(("FAILED", "MISMATCH")):
+            rep.warnings.append(f"kernel {name} {verdict} (the run stays correct, on the slower eager path)")
     if cfg.get("fsdp_cpu_offload", False):
         unified = device.type == "cuda" and (
             bool(getattr(torch.cuda.get_device_properties(device), "is_integrated", False)) or "GB10" in gpu)

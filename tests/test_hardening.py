@@ -260,3 +260,43 @@ def test_pins_torch_2_11_and_bitsandbytes_is_optional():
     # kd never imports bitsandbytes
     for f in list((REPO / "kd").rglob("*.py")) + list((REPO / "recipes").glob("*.py")):
         assert "import bitsandbytes" not in f.read_text(), f
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels never crash a run
+# --------------------------------------------------------------------------------------------------
+def test_nf4_kernel_failure_falls_back_to_eager_with_one_warning(monkeypatch, caplog):
+    from kd import kernels, nf4
+
+    monkeypatch.setattr(kernels, "_BROKEN", {})
+    w = nf4.to_nf4(torch.randn(256, 256, dtype=torch.bfloat16))
+    calls = []
+
+    def bad_kernel(*a, **k):
+        calls.append(1)
+        raise RuntimeError("triton: PTX for sm_121 not supported")
+
+    monkeypatch.setattr(nf4, "_use_triton", lambda w: True)
+    monkeypatch.setattr(nf4, "_dequant_triton", bad_kernel)
+    ref = w.get_original_weight()
+    with caplog.at_level("WARNING", logger="kd.kernels"):
+        a = nf4.dequantize_nf4(w)
+        b = nf4.dequantize_nf4(w)
+    assert torch.equal(a, ref) and torch.equal(b, ref)
+    assert len(calls) == 1  # not retried after the first failure
+    warns = [r for r in caplog.records if "nf4 dequant" in r.getMessage()]
+    assert len(warns) == 1 and "eager" in warns[0].getMessage()
+
+
+def test_kernel_switch_and_cpu_report(monkeypatch):
+    from kd import kernels, nf4
+
+    monkeypatch.setattr(kernels, "_BROKEN", {})
+    monkeypatch.setattr(nf4, "_use_triton", lambda w: True)
+    monkeypatch.setattr(nf4, "_dequant_triton", lambda *a, **k: pytest.fail("kernel used despite KD_TRITON=0"))
+    monkeypatch.setenv("KD_TRITON", "0")
+    w = nf4.to_nf4(torch.randn(256, 256, dtype=torch.bfloat16))
+    assert torch.equal(nf4.dequantize_nf4(w), w.get_original_weight())
+    assert kernels.kernel_report(torch.device("cuda")) == [("all kernels", "eager (KD_TRITON=0)")]
+    monkeypatch.delenv("KD_TRITON")
+    assert "no CUDA" in kernels.kernel_report(torch.device("cpu"))[0][1]
