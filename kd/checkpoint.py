@@ -98,6 +98,24 @@ class NonFiniteCheckpointError(CheckpointError):
 _NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", -1), errno.EFBIG)
 
 
+def _no_space_errno(e: BaseException) -> Optional[int]:
+    """ENOSPC / EDQUOT / EFBIG of an OSError, or of safetensors' SafetensorError ("... (os error 28)")."""
+    if isinstance(e, OSError) and e.errno in _NO_SPACE:
+        return e.errno
+    m = re.search(r"os error (\d+)", str(e))
+    if m and int(m.group(1)) in _NO_SPACE:
+        return int(m.group(1))
+    return None
+
+
+def _is_no_space(e: BaseException) -> bool:
+    return _no_space_errno(e) is not None
+
+
+def _no_space_reason(e: BaseException) -> str:
+    return os.strerror(_no_space_errno(e))
+
+
 # ----------------------------------------------------------------------------------------------
 # tensor helpers
 # ----------------------------------------------------------------------------------------------
@@ -727,15 +745,15 @@ class CheckpointManager:
         blob = statecodec.pack(dict(recipe_state))
         try:
             self._write_step_dir(final, meta, blob, adapter_sd, a_meta, extra_files)
-        except OSError as e:
-            if e.errno not in _NO_SPACE:
+        except Exception as e:
+            if not _is_no_space(e):
                 raise
             need = sum(v.numel() * v.element_size() for v in adapter_sd.values())
             need += sum(t.numel() * t.element_size() for t in blob["tensors"]) + len(blob["json"])
             free = shutil.disk_usage(self.output_dir).free
             prev = self.latest()
             raise CheckpointError(
-                f"no space left while writing checkpoint {final} ({os.strerror(e.errno)}): it needs about "
+                f"no space left while writing checkpoint {final} ({_no_space_reason(e)}): it needs about "
                 f"{need / 2**20:.1f} MiB and {self.output_dir} has {free / 2**20:.1f} MiB free; "
                 f"{'the previous checkpoint ' + str(prev) + ' is intact' if prev else 'no earlier checkpoint exists'}. "
                 "Free space (or lower keep_last_n_checkpoints / move output_dir), then resume_from_checkpoint=True."
