@@ -115,6 +115,15 @@ def merge_overrides(yaml_cfg, cli_args) -> DictConfig:
     return cfg
 
 
+def _finish_wandb() -> None:
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        try:
+            wandb.finish(exit_code=2, quiet=True)
+        except Exception:
+            pass
+
+
 def run_recipe(recipe_main: Callable[[DictConfig], None]) -> int:
     """Parse the config and run ``recipe_main``; turn user errors into a clear message (exit 2)."""
     import logging
@@ -128,6 +137,7 @@ def run_recipe(recipe_main: Callable[[DictConfig], None]) -> int:
     except user_error_types() as e:
         if os.environ.get("KD_DEBUG"):
             traceback.print_exc()
+        _finish_wandb()  # its exit summary would otherwise print after (and bury) the error line
         rank = os.environ.get("RANK", "0")
         print(f"\nkd: error (rank {rank}): {one_line(e)}", file=sys.stderr)
         return 2

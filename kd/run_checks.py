@@ -193,10 +193,13 @@ def check_lora(model_cfg, key: str = "model") -> None:
 _TOKENIZER_FILES = ("path", "merges_file", "special_tokens_path")
 
 
-def check_tokenizer_section(cfg, key: str = "tokenizer") -> None:
-    """``max_seq_len`` is a positive integer (or null) and every tokenizer file the section names exists."""
+def check_tokenizer_section(cfg, key: str = "tokenizer", files: bool = True) -> None:
+    """``max_seq_len`` is a positive integer (or null) and (``files``) every tokenizer file the section names
+    exists (``kd plan`` checks the values only: it plans runs whose models are not downloaded yet)."""
     section = cfg.get(key)
     number(section, "max_seq_len", None, kind=int, min_value=1, allow_none=True, name=f"{key}.max_seq_len")
+    if not files:
+        return
     for k in _TOKENIZER_FILES:
         v = section.get(k, None)
         if isinstance(v, str) and not Path(v).is_file():

@@ -184,7 +184,7 @@ class KDLoRARecipe:
         # values torch/torchtune would reject later with a traceback, checked before any model is loaded
         checks.check_dtype(cfg)
         checks.check_lora(cfg.model)
-        checks.check_tokenizer_section(cfg)
+        checks.check_tokenizer_section(cfg, files=False)  # the files are checked when it is built (setup)
         checks.check_optimizer(cfg)
         checks.check_kd_loss(cfg)
         checks.check_ignore_index(cfg)
@@ -198,13 +198,13 @@ class KDLoRARecipe:
         self._cfg = cfg
         # 0. output_dir: writable; a fresh run never overwrites another run, a resume needs the same data
         self._setup_run_dir(cfg)
-        # 1. metric logger and run info (rank 0 only)
-        self._setup_logging(cfg)
-        # 2. tokenizer (needed by the dataset); its ids must fit both embeddings (checked before loading)
+        # 1. tokenizer (needed by the dataset); its ids must fit both embeddings (checked before loading)
         self._tokenizer = checks.build_tokenizer(cfg)
         checks.check_tokenizer_fits(
             self._tokenizer, (("model", cfg.model), ("teacher_model", cfg.get("teacher_model", None)))
         )
+        # 2. metric logger and run info (rank 0 only)
+        self._setup_logging(cfg)
         # 3. memory plan (rank 0), then the FSDP2 device mesh (None for one process)
         self._log_memory_plan(cfg)
         self._mesh = kdist.build_mesh(self._dist, self._device, cfg.get("fsdp_strategy", "shard")) if self._fsdp else None
