@@ -93,3 +93,13 @@ def kernel_report(device) -> List[Tuple[str, str]]:
         _BROKEN["fused loss (torch.compile)"] = f"{type(e).__name__}: {e}"
         out.append(("fused loss (torch.compile)", f"FAILED ({type(e).__name__}: {str(e).splitlines()[0][:200]}): eager"))
     return out
+
+
+if __name__ == "__main__":  # python -m kd.kernels [cpu|cuda]: compile + check each kernel here, print verdicts
+    import sys
+
+    import torch
+
+    dev = torch.device(sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu"))
+    for name, verdict in kernel_report(dev):
+        print(f"kernel {name}: {verdict}")

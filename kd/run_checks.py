@@ -178,9 +178,11 @@ def check_optimizer(cfg, key: str = "optimizer") -> None:
             )
     try:
         tt_config.instantiate(section, [torch.nn.Parameter(torch.zeros(1))])
-    except Exception as e:
+    except (TypeError, ValueError) as e:  # bad argument names / values
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise ConfigError(f"bad {key} settings ({section.get('_component_')}): {msg}.") from None
+    except Exception as e:  # e.g. a GPU-only optimizer refusing a CPU tensor: judged at the real build
+        log.debug(f"{key}: dry build skipped ({type(e).__name__}: {e})")
 
 
 def check_lora(model_cfg, key: str = "model") -> None:

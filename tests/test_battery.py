@@ -86,6 +86,7 @@ def battery(testbed, tmp_path_factory):
         return d
 
     mid = clone("mid", keep="step_0000001")  # as if killed right after step 1 (mid-epoch)
+    mid2 = clone("mid2", keep="step_0000001")
     refuse = clone("refuse")
     snap = _snapshot(refuse)
     corrupt = clone("corrupt")
@@ -180,6 +181,9 @@ def battery(testbed, tmp_path_factory):
                                           "tokenizer.max_seq_len=200"], expect=["max_seq_len: checkpoint=256 vs now=200"]),
         _case("resume_dataset", KD + [f"output_dir={mid}", *SHORT, "resume_from_checkpoint=True",
                                       "dataset.val_size=0.2"], expect=["dataset.val_size: checkpoint=0.1 vs now=0.2"]),
+        _case("resume_bad_teacher", KD + [f"output_dir={mid2}", *SHORT, "resume_from_checkpoint=True",
+                                          f"teacher_checkpointer.checkpoint_dir={tmp}/nope"],
+              expect=["does not exist"], post="config_kept"),
         _case("resume_nothing", KD + [o("c33"), "resume_from_checkpoint=True"], expect=["no checkpoint was found"]),
         _case("resume_corrupt_state", KD + [f"output_dir={corrupt}", *SHORT[2:], "epochs=3", "max_steps_per_epoch=2",
                                             "resume_from_checkpoint=True"], rc=0,
@@ -227,9 +231,11 @@ def battery(testbed, tmp_path_factory):
         _case("preflight_typo", PREFLIGHT + ["kd_ration=0.7"], expect=["FAIL", "did you mean 'kd_ratio'"]),
         _case("preflight_broken_yaml", ["kd", "preflight", "--config", str(badyaml)], expect=["not valid YAML"]),
         _case("preflight_lora_rank", PREFLIGHT + ["model.lora_rank=0"], expect=["model.lora_rank"]),
+        _case("preflight_ok_reports_kernels", PREFLIGHT + [o("pf")], rc=0,
+              warn=["kernel all kernels: eager (no CUDA device", "kd preflight: OK"]),
     ]
     results = _drive(cases, tmp, env)
-    ctx = {"snap": snap, "refuse": refuse, "marker": marker, "nan_lr": tmp / "nan_lr", "export_out": export_out}
+    ctx = {"good": good, "mid2": mid2, "snap": snap, "refuse": refuse, "marker": marker, "nan_lr": tmp / "nan_lr", "export_out": export_out}
     return {c["name"]: (c, results[c["name"]]) for c in cases}, ctx
 
 
@@ -239,11 +245,12 @@ NAMES = [
     "max_seq_len_text", "vocab_too_small", "ignore_index", "kd_ratio_range", "batch_size_0", "bare_override",
     "remove_missing", "loss_form", "env_interp", "teacher_dir", "data_missing", "data_not_utf8", "data_bad_json",
     "all_answers_cut", "some_answers_cut", "fresh_into_used_dir", "resume_batch_size", "resume_max_seq_len",
-    "resume_dataset", "resume_nothing", "resume_corrupt_state", "resume_crafted_pickle", "diverging_lr",
+    "resume_dataset", "resume_bad_teacher", "resume_nothing", "resume_corrupt_state", "resume_crafted_pickle", "diverging_lr",
     "nan_teacher", "disk_full", "interp_source_key", "export_nonempty", "export_no_adapter", "export_fp8",
     "export_unwritable", "gen_source_missing", "gen_not_utf8", "gen_tokenizer", "gen_unwritable", "gen_cuda",
     "eval_unwritable", "eval_tokenizer", "eval_fp8", "plan_world_size_0", "plan_seq_len_neg", "plan_memory_neg",
     "plan_typo", "plan_lr", "plan_missing_config", "preflight_typo", "preflight_broken_yaml", "preflight_lora_rank",
+    "preflight_ok_reports_kernels",
 ]
 
 
@@ -280,5 +287,7 @@ def test_battery(battery, name):
         assert latest in [l for l in err.splitlines() if l.strip()][-1]
         sd = load_file(str(ck / latest / "adapter" / "adapter_model.safetensors"))
         assert all(torch.isfinite(v).all() for v in sd.values())
+    elif post == "config_kept":  # a failed start must not rewrite the config of the run it was resuming
+        assert (ctx["mid2"] / "torchtune_config.yaml").read_text() == (ctx["good"] / "torchtune_config.yaml").read_text()
     elif post == "notes_kept":
         assert (ctx["export_out"] / "merged" / "my_notes.txt").read_text() == "keep me"
