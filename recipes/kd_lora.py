@@ -786,9 +786,9 @@ class KDLoRARecipe:
 
     def _log_step(self, sums, counts, grad_norm, dt: float, pbar) -> None:
         loss, ce, kd, kl, n_valid, n_agree = sums.tolist()
-        if n_valid == 0:
-            self._log(f"WARNING: step {self.global_step}: no answer tokens in this step's batch (every answer cut "
-                      "away by max_seq_len?): it contributes nothing; see the truncation report at setup")
+        if n_valid == 0 and self._is_rank_zero:
+            log.warning(f"step {self.global_step}: no answer tokens in this step's batch (every answer cut away by "
+                        "max_seq_len?): it contributes nothing; see the truncation report at setup")
         n = max(n_valid, 1.0)
         tokens = float(counts[1])
         metrics = {
