@@ -10,7 +10,6 @@ real launcher (launch/run_node.sh: static rendezvous on NODE_RANK, gloo on CPU, 
 from __future__ import annotations
 
 import json
-import pytest
 import os
 import signal
 import subprocess
@@ -61,7 +60,6 @@ def _train_rows(out: Path):
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"kind": "train"' in l]
 
 
-@pytest.mark.slow  # ~2.5 min on 2 shared cores: three two-process runs
 def test_two_nodes_no_shared_fs_rank0_is_node0_and_kill9_resume_is_bit_equal(testbed, tmp_path):
     # reference: uninterrupted, node 1 joins first (with c10d it would become rank 0)
     ref = {r: tmp_path / f"ref_node{r}" for r in (0, 1)}
