@@ -187,7 +187,7 @@ def _report(path: Path, metrics, answers, questions, meta) -> None:
 
 
 def recipe_main(cfg: DictConfig) -> None:
-    from torchtune import config as tt_config, training
+    from torchtune import training
     from torchtune.modules.peft import disable_adapter
 
     from kd.data import DEFAULT_SYSTEM_PROMPT, AlpacaKDDataset

@@ -123,7 +123,7 @@ def load_teacher(cfg: DictConfig, s: Dict, device: torch.device, dtype: torch.dt
 
 
 def recipe_main(cfg: DictConfig) -> None:
-    from torchtune import config as tt_config, training
+    from torchtune import training
     from tqdm import tqdm
 
     from kd.data import load_alpaca_records
