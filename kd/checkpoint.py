@@ -44,8 +44,13 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from kd import statecodec
+
 __all__ = [
     "CheckpointError",
+    "CorruptCheckpointError",
+    "NonFiniteCheckpointError",
+    "read_recipe_state",
     "NoCheckpointFoundError",
     "IncompatibleCheckpointError",
     "TUNE_TO_HF_MODULE",
@@ -80,6 +85,35 @@ class NoCheckpointFoundError(CheckpointError, FileNotFoundError):
 
 class IncompatibleCheckpointError(CheckpointError, ValueError):
     """Checkpoint was written with an incompatible config (e.g. other LoRA rank / targets)."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file exists but cannot be read safely (truncated, not tensors + JSON, ...)."""
+
+
+class NonFiniteCheckpointError(CheckpointError):
+    """Refused to save adapter weights holding NaN/Inf."""
+
+
+_NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", -1), errno.EFBIG)
+
+
+def _no_space_errno(e: BaseException) -> Optional[int]:
+    """ENOSPC / EDQUOT / EFBIG of an OSError, or of safetensors' SafetensorError ("... (os error 28)")."""
+    if isinstance(e, OSError) and e.errno in _NO_SPACE:
+        return e.errno
+    m = re.search(r"os error (\d+)", str(e))
+    if m and int(m.group(1)) in _NO_SPACE:
+        return int(m.group(1))
+    return None
+
+
+def _is_no_space(e: BaseException) -> bool:
+    return _no_space_errno(e) is not None
+
+
+def _no_space_reason(e: BaseException) -> str:
+    return os.strerror(_no_space_errno(e))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,6 +351,29 @@ def save_peft_adapter(
             use_dora=use_dora,
         )
     return out_dir
+
+
+def read_recipe_state(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
+    """Load a ``recipe_state.pt`` with ``weights_only=True`` (no code runs, whatever the file holds) and
+    decode it (:mod:`kd.statecodec`). Raises :class:`CorruptCheckpointError` naming the file otherwise."""
+    path = Path(path)
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{path} is missing") from None
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CorruptCheckpointError(
+            f"{path} cannot be loaded safely (weights_only=True: tensors + JSON only): {type(e).__name__}: {first}"
+        ) from None
+    if isinstance(blob, dict) and blob.get("format") == statecodec.FORMAT:
+        try:
+            return statecodec.unpack(blob)
+        except Exception as e:
+            raise CorruptCheckpointError(f"{path} is damaged ({type(e).__name__}: {e})") from None
+    if isinstance(blob, dict) and "global_step" in blob:  # written before kd-state-v1, plain containers
+        return blob
+    raise CorruptCheckpointError(f"{path} is not a kd recipe state")
 
 
 def load_peft_adapter(adapter_dir: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
@@ -643,13 +700,24 @@ class CheckpointManager:
         adapter_meta: Mapping[str, Any],
         recipe_state: Mapping[str, Any],
         extra_files: Optional[Mapping[str, PathLike]] = None,
+        run_info: Optional[Mapping[str, Any]] = None,
     ) -> Path:
         """Write ``step_{step:07d}/`` atomically, then point ``latest`` at it; apply retention.
         ``adapter_meta`` needs rank, alpha, target_modules (torchtune names),
-        base_model_name_or_path (optionally use_dora). Returns the step dir."""
+        base_model_name_or_path (optionally use_dora). ``run_info`` (JSON) is stored in meta.json as
+        ``run`` (what a resume must match: data set, batch size, ...). ``recipe_state`` is stored as
+        tensors + JSON (:mod:`kd.statecodec`). Adapter weights with NaN/Inf are refused
+        (:class:`NonFiniteCheckpointError`); a full disk raises :class:`CheckpointError` naming the
+        space needed, leaving the previous checkpoint intact. Returns the step dir."""
         missing = [k for k in ("rank", "alpha", "target_modules", "base_model_name_or_path") if k not in adapter_meta]
         if missing:
             raise ValueError(f"adapter_meta is missing {missing}")
+        bad = [k for k, v in adapter_sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise NonFiniteCheckpointError(
+                f"refusing to save step {step}: adapter weights hold NaN/Inf ({len(bad)} tensors, e.g. {bad[0]}); "
+                f"the previous checkpoint {self.latest() or '(none)'} is kept."
+            )
         self.output_dir.mkdir(parents=True, exist_ok=True)
         cleanup_stale_temps(self.output_dir)
         name = self.step_dir_name(step)
@@ -670,7 +738,31 @@ class CheckpointManager:
             "versions": _versions(),
             "adapter": a_meta,
             "extra_files": sorted(extra_files or {}),
+            "recipe_state_format": statecodec.FORMAT,
         }
+        if run_info is not None:
+            meta["run"] = dict(run_info)
+        blob = statecodec.pack(dict(recipe_state))
+        try:
+            self._write_step_dir(final, meta, blob, adapter_sd, a_meta, extra_files)
+        except Exception as e:
+            if not _is_no_space(e):
+                raise
+            need = sum(v.numel() * v.element_size() for v in adapter_sd.values())
+            need += sum(t.numel() * t.element_size() for t in blob["tensors"]) + len(blob["json"])
+            free = shutil.disk_usage(self.output_dir).free
+            prev = self.latest()
+            raise CheckpointError(
+                f"no space left while writing checkpoint {final} ({_no_space_reason(e)}): it needs about "
+                f"{need / 2**20:.1f} MiB and {self.output_dir} has {free / 2**20:.1f} MiB free; "
+                f"{'the previous checkpoint ' + str(prev) + ' is intact' if prev else 'no earlier checkpoint exists'}. "
+                "Free space (or lower keep_last_n_checkpoints / move output_dir), then resume_from_checkpoint=True."
+            ) from None
+        atomic_write_text(self.output_dir / self.LATEST, name + "\n")
+        self._apply_retention()
+        return final
+
+    def _write_step_dir(self, final, meta, blob, adapter_sd, a_meta, extra_files) -> None:
         with atomic_write_dir(final) as tmp:
             adir = tmp / "adapter"
             adir.mkdir()
@@ -684,7 +776,7 @@ class CheckpointManager:
                 use_dora=a_meta["use_dora"],
             )
             with open(tmp / "recipe_state.pt", "wb") as f:
-                torch.save(dict(recipe_state), f)
+                torch.save(blob, f)  # tensors + JSON only: torch.load(weights_only=True) reads it
             for fname, src in (extra_files or {}).items():
                 if "/" in fname or fname in ("adapter", "recipe_state.pt", "meta.json") or fname.startswith("."):
                     raise ValueError(f"invalid extra file name {fname!r}")
@@ -694,9 +786,6 @@ class CheckpointManager:
                 else:
                     shutil.copy2(src, tmp / fname)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        atomic_write_text(self.output_dir / self.LATEST, name + "\n")
-        self._apply_retention()
-        return final
 
     def _apply_retention(self) -> None:
         if self.keep_last_n is None:
@@ -784,8 +873,56 @@ class CheckpointManager:
         meta["path"] = str(p)
         if expected_adapter_meta is not None:
             check_adapter_compatible(meta.get("adapter", {}), expected_adapter_meta, where=str(p))
-        state = torch.load(p / "recipe_state.pt", map_location=map_location, weights_only=False)
+        state = read_recipe_state(p / "recipe_state.pt", map_location=map_location)
         return meta, state
+
+    def load_latest_valid(
+        self,
+        *,
+        expected_adapter_meta: Optional[Mapping[str, Any]] = None,
+        warn=None,
+    ) -> Tuple[Path, Dict[str, Any], Dict[str, Any], Dict[str, torch.Tensor]]:
+        """(path, meta, recipe_state, adapter) of the newest checkpoint that reads back completely.
+
+        A checkpoint whose ``recipe_state.pt`` / adapter / meta.json cannot be read safely is skipped with a
+        warning naming the file (``warn(msg)``; default: ``logging``), falling back to the previous
+        complete one. Incompatible LoRA settings are still an error (not a reason to fall back)."""
+        import logging
+
+        warn = warn or logging.getLogger("kd.checkpoint").warning
+        latest = self.latest()
+        if latest is None:
+            self._resolve(None)  # raises NoCheckpointFoundError with the details
+        cands = [latest] + [p for p in reversed(self.list_checkpoints()) if p != latest]
+        problems = []
+        for p in cands:
+            try:
+                meta = json.loads((p / "meta.json").read_text())
+            except (OSError, ValueError) as e:
+                problems.append(f"{p / 'meta.json'}: {e}")
+                warn(f"checkpoint {p / 'meta.json'} is unreadable ({e}); trying the previous checkpoint")
+                continue
+            meta["path"] = str(p)
+            if expected_adapter_meta is not None:
+                check_adapter_compatible(meta.get("adapter", {}), expected_adapter_meta, where=str(p))
+            try:
+                state = read_recipe_state(p / "recipe_state.pt")
+                adapter, _ = load_peft_adapter(p / "adapter")
+            except CheckpointError as e:
+                problems.append(str(e))
+                nxt = next((c for c in cands[cands.index(p) + 1:]), None)
+                warn(f"{e}; falling back to the previous complete checkpoint {nxt if nxt else '(none left)'}")
+                continue
+            except Exception as e:  # safetensors / JSON errors of a damaged adapter
+                problems.append(f"{p / 'adapter'}: {type(e).__name__}: {e}")
+                nxt = next((c for c in cands[cands.index(p) + 1:]), None)
+                warn(f"adapter of checkpoint {p} is unreadable ({type(e).__name__}: {e}); falling back to "
+                     f"{nxt if nxt else '(none left)'}")
+                continue
+            return p, meta, state, adapter
+        raise CorruptCheckpointError(
+            f"no readable checkpoint in {self.output_dir.absolute()}: " + "; ".join(problems)
+        )
 
     def load_adapter(
         self,

@@ -21,6 +21,7 @@ from typing import List, Optional
 
 def _plan(argv: List[str]) -> int:
     from kd import planner
+    from kd.config import ConfigError
     from kd.preflight import load_config
 
     p = argparse.ArgumentParser(prog="kd plan", description="Estimate peak memory per device for a kd_lora config.")
@@ -41,9 +42,13 @@ def _plan(argv: List[str]) -> int:
     p.add_argument("--hardware", default=None,
                    help="with --time: h200, gb10 or a YAML profile (default: both h200 and gb10)")
     args, overrides = p.parse_known_args(argv)
+    flags = [a for a in overrides if a.startswith("-")]
+    if flags:
+        raise ConfigError(f"unknown option(s) {' '.join(flags)} (see kd plan --help).")
     cfg = load_config(args.config, overrides)
     if args.time:
         return _plan_time(cfg, args)
+    planner.validate_recipe_config(cfg)  # the recipe's own checks: misspelled keys fail here as in tune run
     mem = planner.GB10_MEMORY_GIB if args.gb10 else args.device_memory_gib
     kw = dict(local_world_size=args.nproc_per_node or args.world_size, seq_len=args.seq_len,
               ac_layers=args.ac_layers, device_memory_gib=mem, reserve_gib=args.reserve_gib)
@@ -75,6 +80,9 @@ def _plan_time(cfg, args) -> int:
         for hw in hws:
             print(jobtime.estimate_generation(cfg, hw, expected_new_tokens=expected).table())
         return 0
+    from kd import planner
+
+    planner.validate_recipe_config(cfg)  # a kd_lora config: the recipe's own checks first
     stats = jobtime.data_stats(cfg)
     for hw in hws:
         print(jobtime.estimate_job(cfg, hw, stats, world_size=args.world_size).table())
@@ -116,7 +124,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except user_error_types() as e:
         if os.environ.get("KD_DEBUG"):
             raise
-        print(f"kd {cmd}: error: {e}", file=sys.stderr)
+        from kd.cli_util import one_line
+
+        print(f"kd {cmd}: error: {one_line(e)}", file=sys.stderr)
         return 2
     print(f"kd: unknown command {cmd!r}; use 'kd plan' or 'kd preflight' (kd --help).", file=sys.stderr)
     return 2

@@ -8,7 +8,8 @@ else fails before a model is built, with a "did you mean" suggestion.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Iterable, Mapping, Optional
+import re
+from typing import Any, Iterable, Mapping, Optional, Set
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -26,6 +27,35 @@ def _suggest(key: str, known: Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+_INTERP_RE = re.compile(r"\$\{\s*([A-Za-z_][\w-]*)\s*[.\[}]")
+
+
+def interpolation_sources(cfg: Any) -> Set[str]:
+    """Top-level names referenced by OmegaConf interpolations (``${model_root}/x``, ``${paths.data}``)
+    anywhere in the (unresolved) config. Resolver calls (``${oc.env:X}``) are not names; their
+    arguments are scanned (``${oc.env:X,${root}}`` references ``root``)."""
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        cfg = OmegaConf.to_container(cfg, resolve=False)
+    found: Set[str] = set()
+
+    def walk(x: Any) -> None:
+        if isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+        elif isinstance(x, str) and "${" in x:
+            for m in _INTERP_RE.finditer(x):
+                end = m.end() - 1
+                if x[end] == "." and re.match(r"[\w-]+\s*:", x[end + 1:]):
+                    continue  # a resolver such as ${oc.env:...}
+                found.add(m.group(1))
+
+    walk(cfg)
+    return found
+
+
 def check_keys(
     cfg: Mapping[str, Any] | DictConfig,
     known: Iterable[str],
@@ -33,16 +63,22 @@ def check_keys(
     where: str = "config",
     required: Iterable[str] = (),
 ) -> None:
-    """Raise :class:`ConfigError` for keys of ``cfg`` not in ``known`` and for missing ``required`` keys."""
+    """Raise :class:`ConfigError` for keys of ``cfg`` not in ``known`` and for missing ``required`` keys.
+
+    At the top level of a config, a key that is only used as an interpolation source (``model_root: /models``
+    with ``${model_root}/Qwen2.5-7B-Instruct`` elsewhere, as torchtune users write) is accepted; an unknown
+    key that nothing references is still rejected with a suggestion."""
     known = set(known)
     keys = list(cfg.keys())
     unknown = [k for k in keys if k not in known]
+    if unknown and isinstance(cfg, DictConfig) and cfg._get_parent() is None:
+        sources = interpolation_sources(cfg)
+        unknown = [k for k in unknown if k not in sources]
     if unknown:
-        lines = [f"  - '{k}'{_suggest(str(k), known)}" for k in unknown]
+        items = ", ".join(f"'{k}'{_suggest(str(k), known)}" for k in unknown)
         raise ConfigError(
-            f"Unknown key(s) in {where}:\n" + "\n".join(lines) + "\n"
-            f"Valid keys are: {', '.join(sorted(known))}.\n"
-            "Remove the key (or use '~key' on the command line) or fix its spelling."
+            f"Unknown key(s) in {where}: {items}. Remove the key (or use '~key' on the command line) or fix "
+            f"its spelling. Valid keys are: {', '.join(sorted(known))}."
         )
     missing = [k for k in required if k not in cfg or cfg[k] is None]
     if missing:
@@ -80,20 +116,25 @@ def number(
     min_value: Optional[float] = None,
     max_value: Optional[float] = None,
     allow_none: bool = False,
+    name: Optional[str] = None,
 ) -> Any:
-    """Read a numeric key with range checks and a clear message."""
+    """Read a numeric key with range checks and a clear message (``name``: how to call the key in it,
+    e.g. ``tokenizer.max_seq_len`` for a nested section)."""
+    name = name or key
     value = cfg.get(key, default)
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"'{key}' must be a {kind.__name__}, got {value!r}.")
+        raise ConfigError(f"'{name}' must be a{'n' if kind is int else ''} {'integer' if kind is int else 'number'}, got {value!r}.")
     if kind is int and not float(value).is_integer():
-        raise ConfigError(f"'{key}' must be an integer, got {value!r}.")
+        raise ConfigError(f"'{name}' must be an integer, got {value!r}.")
     value = kind(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(f"'{name}' must be a finite number, got {value}.")
     if min_value is not None and value < min_value:
-        raise ConfigError(f"'{key}' must be >= {min_value}, got {value}.")
+        raise ConfigError(f"'{name}' must be >= {min_value}, got {value}.")
     if max_value is not None and value > max_value:
-        raise ConfigError(f"'{key}' must be <= {max_value}, got {value}.")
+        raise ConfigError(f"'{name}' must be <= {max_value}, got {value}.")
     return value
 
 

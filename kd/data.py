@@ -26,7 +26,7 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from torch.utils.data import Dataset
 
@@ -49,6 +49,9 @@ __all__ = [
     "sft_messages",
     "demo_records",
     "write_demo_data",
+    "TruncationReport",
+    "truncation_report",
+    "check_truncation",
 ]
 
 
@@ -94,7 +97,15 @@ def load_alpaca_records(
     source = Path(source)
     if not source.is_file():
         raise FileNotFoundError(f"data file not found: {source}")
-    text = source.read_text(encoding="utf-8")
+    raw_bytes = source.read_bytes()
+    try:
+        text = raw_bytes.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw_bytes[: e.start].count(b"\n") + 1
+        raise ValueError(
+            f"{source}: not UTF-8 text (byte 0x{raw_bytes[e.start]:02x} at offset {e.start}, line {line}); "
+            "re-encode the file as UTF-8 (e.g. iconv -f GB18030 -t UTF-8)."
+        ) from None
     errors: List[str] = []
     raw: List[Tuple[int, str, Any]] = []  # (index, where, record-or-exception-msg)
 
@@ -264,10 +275,27 @@ class AlpacaKDDataset(Dataset):
             self._hdr = self.tokenizer.encode("assistant\n", add_bos=False, add_eos=False)
         return self._hdr
 
-    def __getitem__(self, i: int) -> Dict[str, Any]:
+    def answer_lengths(self, i: int) -> Tuple[int, int, int]:
+        """(full token length, answer tokens before truncation, answer tokens kept) of item ``i``."""
+        # torchtune tokenizers truncate to their own max_seq_len inside tokenize_messages: measure without it
+        tok_max = getattr(self.tokenizer, "max_seq_len", None)
+        try:
+            if tok_max is not None:
+                self.tokenizer.max_seq_len = None
+            tokens, mask = self._encode(self.ids[i])
+        finally:
+            if tok_max is not None:
+                self.tokenizer.max_seq_len = tok_max
+        n_ans = sum(1 for m in mask if not m)
+        if self.max_seq_len is None or len(tokens) <= self.max_seq_len:
+            return len(tokens), n_ans, n_ans
         from torchtune.data import truncate
 
-        sid = self.ids[i]
+        kept = sum(1 for m in truncate(mask, self.max_seq_len, True) if not m)
+        return len(tokens), n_ans, kept
+
+    def _encode(self, sid: int) -> Tuple[List[int], List[bool]]:
+        """Untruncated (tokens, mask) of sample ``sid``; mask True = no loss (prompt, header)."""
         msgs = sft_messages(
             self.records[sid], self.system_prompt, train_on_input=self.train_on_input, output_field=self.output_field
         )
@@ -282,6 +310,13 @@ class AlpacaKDDataset(Dataset):
                 n_hdr = 1 + len(self._assistant_header())
                 for j in range(first, min(first + n_hdr, len(mask) - 1)):
                     mask[j] = True
+        return list(tokens), mask
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        from torchtune.data import truncate
+
+        sid = self.ids[i]
+        tokens, mask = self._encode(sid)
         if self.max_seq_len is not None and len(tokens) > self.max_seq_len:
             tokens = truncate(tokens, self.max_seq_len, self.tokenizer.eos_id)
             mask = truncate(mask, self.max_seq_len, True)
@@ -596,3 +631,75 @@ if __name__ == "__main__":  # pragma: no cover
     a = p.parse_args()
     if a.write_demo:
         print(write_demo_data(a.write_demo))
+
+
+# ----------------------------------------------------------------------------------------------
+# Truncation report (setup time)
+# ----------------------------------------------------------------------------------------------
+class TruncationReport(NamedTuple):
+    n: int  # samples checked
+    n_all_cut: int  # samples whose whole answer lies beyond max_seq_len (they train on nothing)
+    n_part_cut: int  # samples that lose part of their answer
+    longest: Tuple[int, int]  # (sample id, token length) of the longest sample
+    over: List[Tuple[int, int]]  # (sample id, token length) of samples longer than max_seq_len (first 5)
+    max_seq_len: Optional[int]
+
+
+def _alpaca_parts(ds) -> List["AlpacaKDDataset"]:
+    if isinstance(ds, AlpacaKDDataset):
+        return [ds]
+    if hasattr(ds, "ds"):  # torchtune PackedDataset
+        return _alpaca_parts(ds.ds)
+    out = []
+    for d in getattr(ds, "datasets", None) or getattr(ds, "_datasets", None) or []:  # ConcatDataset
+        out += _alpaca_parts(d)
+    return out
+
+
+def truncation_report(ds, progress: bool = False) -> Optional[TruncationReport]:
+    """Tokenize every sample of the kd datasets inside ``ds`` once and count what ``max_seq_len`` cuts.
+    None when ``ds`` holds no :class:`AlpacaKDDataset` (other datasets are not inspected)."""
+    parts = _alpaca_parts(ds)
+    if not parts:
+        return None
+    from tqdm import tqdm
+
+    n = n_all = n_part = 0
+    longest = (-1, -1)
+    over: List[Tuple[int, int]] = []
+    total = sum(len(p) for p in parts)
+    bar = tqdm(total=total, desc="checking sample lengths", disable=not progress or total < 2000, leave=False)
+    for p in parts:
+        for i in range(len(p)):
+            length, n_ans, kept = p.answer_lengths(i)
+            sid = p.ids[i]
+            n += 1
+            if length > longest[1]:
+                longest = (sid, length)
+            if p.max_seq_len is not None and length > p.max_seq_len:
+                if len(over) < 5:
+                    over.append((sid, length))
+                if kept == 0 and n_ans > 0:
+                    n_all += 1
+                elif kept < n_ans:
+                    n_part += 1
+            bar.update(1)
+    bar.close()
+    return TruncationReport(n, n_all, n_part, longest, over, parts[0].max_seq_len)
+
+
+def check_truncation(ds, name: str = "train", progress: bool = False) -> Optional[TruncationReport]:
+    """Warn (with counts and the over-long sample ids) when ``max_seq_len`` cuts answers; raise ValueError when
+    it cuts every answer (nothing would be trained)."""
+    r = truncation_report(ds, progress=progress)
+    if r is None or (r.n_all_cut == 0 and r.n_part_cut == 0 and not r.over):
+        return r
+    ids = ", ".join(f"record {sid} ({length} tokens)" for sid, length in r.over)
+    msg = (f"{name} data: max_seq_len={r.max_seq_len} cuts {r.n_all_cut} of {r.n} samples' whole answer and part "
+           f"of {r.n_part_cut} more; over-long: {ids}{' ...' if len(r.over) == 5 else ''}; longest record "
+           f"{r.longest[0]} ({r.longest[1]} tokens)")
+    if r.n_all_cut >= r.n:
+        raise ValueError(msg + ": no answer token is left to train on; raise tokenizer.max_seq_len or shorten the "
+                         "prompts (system_prompt / instruction).")
+    log.warning(msg + " (raise tokenizer.max_seq_len to keep them).")
+    return r

@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from kd.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -48,7 +50,7 @@ def resolve_device(name: Optional[str]) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError(
+            raise ConfigError(
                 f"device={name!r} was requested but CUDA is not available on this machine; "
                 "use device=cpu (or device=auto)."
             )
@@ -59,7 +61,7 @@ def resolve_device(name: Optional[str]) -> torch.device:
         torch.cuda.set_device(dev)
         return dev
     if name != "cpu":
-        raise ValueError(f"Unsupported device {name!r}: use cpu, cuda or auto.")
+        raise ConfigError(f"device={name!r} is not supported: use cpu, cuda or auto.")
     return torch.device("cpu")
 
 
@@ -138,3 +140,64 @@ def barrier() -> None:
 def destroy() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _bcast_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_object(obj, src: int = 0):
+    """Broadcast a tree of tensors / JSON-able values from ``src`` to every rank, without pickle
+    (:mod:`kd.statecodec`: the JSON text travels as a uint8 tensor, then every tensor by shape and dtype).
+    Identity when not distributed. Tensors come back on the CPU."""
+    from kd import statecodec
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    dev = _bcast_device()
+    me = dist.get_rank()
+    if me == src:
+        text, tensors = statecodec.encode(obj)
+        header = statecodec.encode({"json": text, "specs": [[list(t.shape), str(t.dtype).replace("torch.", "")]
+                                                              for t in tensors]})[0].encode()
+        n = torch.tensor([len(header)], dtype=torch.int64, device=dev)
+    else:
+        n = torch.zeros(1, dtype=torch.int64, device=dev)
+    dist.broadcast(n, src)
+    buf = (torch.frombuffer(bytearray(header), dtype=torch.uint8).to(dev) if me == src
+           else torch.empty(int(n.item()), dtype=torch.uint8, device=dev))
+    dist.broadcast(buf, src)
+    hdr = statecodec.decode(bytes(buf.cpu().tolist()).decode(), [])
+    out = []
+    for i, (shape, dtype) in enumerate(hdr["specs"]):
+        if me == src:
+            t = tensors[i].contiguous().to(dev)
+        else:
+            t = torch.empty(shape, dtype=getattr(torch, dtype), device=dev)
+        dist.broadcast(t, src)
+        out.append(t.cpu())
+    return obj if me == src else statecodec.decode(hdr["json"], out)
+
+
+def rank0_then_broadcast(fn, error_type=RuntimeError):
+    """Run ``fn()`` on rank 0 only (e.g. read a checkpoint that only node 0's disk holds) and give its result
+    to every rank. A user error raised by ``fn`` on rank 0 is re-raised on every rank (as ``error_type`` with
+    the same message elsewhere), so no rank is left waiting in a collective."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return fn()
+    from kd.cli_util import one_line, user_error_types
+
+    err, res, exc = None, None, None
+    if dist.get_rank() == 0:
+        try:
+            res = fn()
+        except user_error_types() as e:
+            err, exc = one_line(e), e
+    msg = broadcast_object({"error": err, "result": res if err is None else None})
+    if msg["error"] is not None:
+        if exc is not None:
+            raise exc
+        raise error_type(msg["error"])
+    return msg["result"]

@@ -409,10 +409,27 @@ def _mask_rows(x: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype) -> torc
     return torch.where(valid.unsqueeze(-1), x.to(dtype), torch.zeros((), dtype=dtype, device=x.device))
 
 
+def check_label_range(labels: torch.Tensor, valid: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Targets must be ``ignore_index`` or in ``[0, vocab)``, as ``F.cross_entropy`` requires: on CPU an
+    out-of-range label raises ``IndexError`` naming it (like torch); on CUDA a device-side assert fires
+    (like torch's kernel), so there is no host sync."""
+    ok = ((labels >= 0) & (labels < vocab)) | ~valid
+    msg = f"Target out of bounds: labels must be in [0, {vocab}) or ignore_index={ignore_index}"
+    if labels.device.type == "cpu":
+        if not bool(ok.all()):
+            bad = int(labels[~ok][0])
+            raise IndexError(f"Target {bad} is out of bounds: labels must be in [0, {vocab}) or "
+                             f"ignore_index={ignore_index}")
+    else:
+        torch._assert_async(ok.all(), msg)
+
+
 def _ce_rows(logits_masked: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Per-row hard-label CE (T = 1) on masked compute-dtype logits; 0 on invalid rows."""
+    """Per-row hard-label CE (T = 1) on masked compute-dtype logits; 0 on invalid rows. The caller has
+    checked the valid labels' range (:func:`check_label_range`), so none is silently ignored by torch's own
+    default ignore_index (-100)."""
     safe_labels = torch.where(valid, labels, torch.zeros((), dtype=labels.dtype, device=labels.device))
-    ce = F.cross_entropy(logits_masked, safe_labels, reduction="none")
+    ce = F.cross_entropy(logits_masked, safe_labels, reduction="none", ignore_index=-(2**62))
     return torch.where(valid, ce, torch.zeros((), dtype=ce.dtype, device=ce.device))
 
 
@@ -433,6 +450,7 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
     z = logits.reshape(-1, V)
     lab = labels.reshape(-1)
     valid = lab != ignore_index
+    check_label_range(lab, valid, V, ignore_index)
     z = _mask_rows(z, valid, _compute_dtype(z.dtype))
     return LossSums(_ce_rows(z, lab, valid).sum(), valid.sum())
 
@@ -571,7 +589,9 @@ def _chunk_math(loss, device: torch.device, full_chunk: bool = True):
     import functools
     import os
 
-    off = os.environ.get("KD_FUSED_COMPILE", "1") == "0" or _COMPILED["broken"]
+    from kd import kernels
+
+    off = os.environ.get("KD_FUSED_COMPILE", "1") == "0" or _COMPILED["broken"] or kernels.forced_eager()
     if device.type != "cuda" or not full_chunk or off:
         return functools.partial(_chunk_math_eager, loss)
     if _COMPILED["fn"] is None:
@@ -621,6 +641,8 @@ class _FusedLinearKDFunction(torch.autograd.Function):
         ignore_index = loss.ignore_index
         cd = _compute_dtype(student_hidden.dtype)
         f32 = cd
+        if kd_ratio != 1.0:  # the CE term indexes the logits by label: same range rule as F.cross_entropy
+            check_label_range(labels, labels != ignore_index, student_weight.shape[0], ignore_index)
 
         # Accumulators: loss numbers and weight grads in float32 (sums over chunks); the hidden grad is
         # row-disjoint per chunk, so it is written in place in the input dtype.

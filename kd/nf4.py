@@ -117,12 +117,23 @@ def _dequant_triton(w: NF4Tensor, scalers: torch.Tensor, block: Optional[int] = 
     return out
 
 
+def _use_triton(w: NF4Tensor) -> bool:
+    return _HAS_TRITON and w.quantized_data.is_cuda
+
+
 def dequantize_nf4(w: NF4Tensor, *, impl: str = "auto") -> torch.Tensor:
     """Dense weight of ``w`` in ``w.dtype``; bit-identical to ``w.get_original_weight()``."""
     if not isinstance(w, NF4Tensor):
         raise TypeError(f"expected NF4Tensor, got {type(w)}")
     if impl == "auto":
-        impl = "triton" if (_HAS_TRITON and w.quantized_data.is_cuda) else "torch"
+        from kd import kernels
+
+        scalers = dequantize_scalers(w)
+        if _use_triton(w) and not kernels.broken("nf4 dequant (triton)"):
+            # a kernel that fails to compile on this GPU falls back to the eager math once, with one warning
+            return kernels.with_fallback("nf4 dequant (triton)", lambda: _dequant_triton(w, scalers),
+                                         lambda: _dequant_torch(w, scalers))
+        return _dequant_torch(w, scalers)
     if impl == "torchao":
         return w.get_original_weight()
     scalers = dequantize_scalers(w)

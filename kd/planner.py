@@ -414,6 +414,40 @@ def _seq_len(cfg) -> int:
     return int(v)
 
 
+def check_plan_args(**kw) -> None:
+    """The plan's numeric inputs (``kd plan`` flags, or what the recipe passes): one check for both."""
+    from kd.config import number
+
+    rules = {  # key: (flag, kind, min)
+        "world_size": ("--world-size", int, 1), "local_world_size": ("--nproc-per-node", int, 1),
+        "batch_size": ("--batch-size", int, 1), "seq_len": ("--seq-len", int, 1), "ac_layers": ("--ac-layers", int, 0),
+        "device_memory_gib": ("--device-memory-gib", float, None), "reserve_gib": ("--reserve-gib", float, 0.0),
+    }
+    for key, (flag, kind, lo) in rules.items():
+        v = number(kw, key, None, kind=kind, min_value=lo, allow_none=True, name=f"{key} ({flag})")
+        if key == "device_memory_gib" and v is not None and v <= 0:
+            raise ConfigError(f"'{key} ({flag})' must be > 0 GiB, got {v}.")
+    ws, lws = kw.get("world_size"), kw.get("local_world_size")
+    if ws is not None and lws is not None and ws % lws:
+        raise ConfigError(f"world size {ws} (--world-size) is not a multiple of the processes per node {lws} "
+                          "(--nproc-per-node).")
+
+
+def validate_recipe_config(cfg) -> None:
+    """The exact validation ``recipes/kd_lora.py`` runs at start-up (unknown / misspelled keys, bad values), so
+    ``kd plan`` and ``kd preflight`` reject what the recipe rejects, with the same messages."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "kd_lora.py"
+    if not path.is_file():  # kd installed without its recipes: nothing to share
+        return
+    spec = importlib.util.spec_from_file_location("_kd_lora_recipe_for_validation", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.KDLoRARecipe._validate(cfg)
+
+
 def plan_from_config(
     cfg,
     world_size: int = 1,
@@ -436,6 +470,8 @@ def plan_from_config(
 
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(cfg)
+    check_plan_args(world_size=world_size, local_world_size=local_world_size, batch_size=batch_size,
+                    seq_len=seq_len, ac_layers=ac_layers, device_memory_gib=device_memory_gib, reserve_gib=reserve_gib)
     for key in ("model", "teacher_model"):
         if cfg.get(key) is None or "_component_" not in cfg[key]:
             raise ConfigError(f"Config section '{key}' with a '_component_' is required for the memory plan.")

@@ -343,6 +343,12 @@ def local_checks(cfg, *, world_size: int, rank: int, local_rank: int, device) ->
         config_text=config_text(cfg),
     )
     rep.problems += check_gpu_arch()
+    from kd.kernels import kernel_report
+
+    for name, verdict in kernel_report(device):  # compiled and checked on this node's GPU
+        rep.info.append(f"kernel {name}: {verdict}")
+        if verdict.startswith(("FAILED", "MISMATCH")):
+            rep.warnings.append(f"kernel {name} {verdict} (the run stays correct, on the slower eager path)")
     if cfg.get("fsdp_cpu_offload", False):
         unified = device.type == "cuda" and (
             bool(getattr(torch.cuda.get_device_properties(device), "is_integrated", False)) or "GB10" in gpu)
@@ -543,9 +549,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     args, overrides = p.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, overrides)
+        from kd.planner import validate_recipe_config
+
+        validate_recipe_config(cfg)  # the recipe's own key/value checks
         return run(cfg, nominal_gbps=args.nominal_gbps, bw_mb=args.bw_mb)
     except user_error_types() as e:
-        print(f"kd preflight: FAIL [{socket.gethostname()} rank {os.environ.get('RANK', '0')}] {e}", file=sys.stderr)
+        from kd.cli_util import one_line
+
+        print(f"kd preflight: FAIL [{socket.gethostname()} rank {os.environ.get('RANK', '0')}] {one_line(e)}",
+              file=sys.stderr)
         return 2
 
 
@@ -555,20 +567,13 @@ def load_config(path: str, overrides: List[str]):
 
     from kd.config import ConfigError
 
-    if not Path(path).is_file():
-        raise ConfigError(f"config file {path!r} not found.")
-    bad = [a for a in overrides if "=" not in a and not a.startswith("~")]
-    if bad:
-        raise ConfigError(f"overrides must look like key=value or ~key, got: {' '.join(bad)}")
-    from torchtune.config._utils import _merge_yaml_and_cli_args
-    import argparse
+    from kd.cli_util import load_yaml_file, merge_overrides
 
+    cfg = merge_overrides(load_yaml_file(path), list(overrides))
     try:
-        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-        cfg = _merge_yaml_and_cli_args(argparse.Namespace(**raw), overrides)
         OmegaConf.to_container(cfg, resolve=True)  # surface interpolation errors now
     except Exception as e:
-        raise ConfigError(f"cannot load config {path!r} with overrides {overrides}: {e}") from e
+        raise ConfigError(f"cannot resolve config {path!r} with overrides {overrides}: {e}") from None
     return cfg
 
 

@@ -3,6 +3,9 @@
 # distillation on CPU: a trained tiny teacher -> a random tiny LoRA student, 40 steps.
 #   bash launch/demo.sh [key=value ...]     # overrides go to the recipe, e.g. kd_ratio=0.7
 set -euo pipefail
+case "${1:-}" in
+  -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+esac
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
 . .venv/bin/activate

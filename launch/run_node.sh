@@ -4,13 +4,17 @@
 #   NODE_RANK=0 MASTER_ADDR=192.168.100.10 MASTER_PORT=29500 \
 #       bash launch/run_node.sh --config configs/qwen2_5/72B_to_7B_kd_lora.yaml [key=value ...]
 #   NODE_RANK=1 MASTER_ADDR=192.168.100.10 MASTER_PORT=29500 \
-#       bash launch/run_node.sh --config configs/qwen2_5/72B_to_7B_kd_lora.yaml [key=value ...]
+#       bash launch/run_node.sh configs/qwen2_5/72B_to_7B_kd_lora.yaml [key=value ...]   # --config is optional
+#   bash launch/run_node.sh --help
 #
 # Steps: (1) set + print the NCCL/RoCE and allocator environment (launch/nccl_env.sh; every variable can be
 # overridden), (2) preflight under the same rendezvous (python -m kd.preflight: versions, code + config hashes
-# of all nodes, checkpoints, memory, disk, all-reduce bandwidth) and refuse to start on any failure, (3)
-#   tune run --nnodes $NNODES --nproc_per_node $NPROC_PER_NODE --rdzv-backend c10d \
-#       --rdzv-endpoint $MASTER_ADDR:$MASTER_PORT ... recipes/kd_lora.py --config ... [key=value ...]
+# of all nodes, checkpoints, memory, disk, GPU kernels, all-reduce bandwidth) and refuse to start on any failure,
+# (3)
+#   tune run --nnodes $NNODES --nproc_per_node $NPROC_PER_NODE --rdzv-backend static --node-rank $NODE_RANK \
+#       --rdzv-endpoint $MASTER_ADDR:$MASTER_PORT recipes/kd_lora.py --config ... [key=value ...]
+# Only global rank 0 (= NODE_RANK 0, local rank 0) writes checkpoints and metrics, to node 0's output_dir; on
+# resume it reads them and broadcasts them to the other ranks, so the nodes need no shared file system.
 # Everything is also written to $KD_LOG_DIR/node<NODE_RANK>-<hostname>-<time>.log (default logs/launch/).
 #
 # Options (environment):
@@ -19,9 +23,12 @@
 #   KD_PREFLIGHT=1|0 (0 skips the checks: nodes with different code/config are then NOT detected)
 #   KD_PREFLIGHT_ONLY=1 (stop after the checks)   KD_PREFLIGHT_ARGS="--nominal-gbps 25 --bw-mb 256"
 #   KD_RDZV_TIMEOUT=900 (seconds to wait for the other node)
-#   KD_RDZV_BACKEND=c10d|static (static: global rank order = NODE_RANK, so node 0 writes the checkpoints;
-#     with c10d the first node to join gets rank 0 -- the preflight report shows the mapping)
+#   KD_RDZV_BACKEND=static|c10d (default static: global rank = NODE_RANK * NPROC_PER_NODE + local rank, so
+#     node 0 is rank 0 and writes the checkpoints; with c10d the first node to join would get rank 0)
 set -uo pipefail
+case "${1:-}" in
+  -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+esac
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 cd "$REPO"
@@ -46,10 +53,11 @@ while [ $# -gt 0 ]; do
     --config) [ $# -ge 2 ] || die "--config needs a path"; CONFIG=$2; shift 2 ;;
     --config=*) CONFIG=${1#--config=}; shift ;;
     *=*|~*) ARGS+=("$1"); shift ;;
-    *) die "unexpected argument '$1' (use --config PATH and key=value overrides)" ;;
+    *.yaml|*.yml) [ -z "$CONFIG" ] || die "two config files given: '$CONFIG' and '$1'"; CONFIG=$1; shift ;;
+    *) die "unexpected argument '$1' (use [--config] PATH.yaml and key=value overrides; --help)" ;;
   esac
 done
-[ -n "$CONFIG" ] || die "--config PATH is required"
+[ -n "$CONFIG" ] || die "a config is required: bash launch/run_node.sh [--config] PATH.yaml [key=value ...]"
 [ -f "$CONFIG" ] || die "config file '$CONFIG' not found (paths are relative to $REPO)"
 case "$NODE_RANK" in ''|*[!0-9]*) die "NODE_RANK must be an integer, got '$NODE_RANK'" ;; esac
 [ "$NODE_RANK" -lt "$NNODES" ] || die "NODE_RANK=$NODE_RANK but NNODES=$NNODES"
@@ -78,7 +86,7 @@ main() {
   local is_host=false
   [ "$NODE_RANK" = 0 ] && is_host=true
   local rdzv=(--nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE")
-  if [ "${KD_RDZV_BACKEND:-c10d}" = static ]; then
+  if [ "${KD_RDZV_BACKEND:-static}" = static ]; then
     # global ranks follow NODE_RANK (rank 0 = NODE_RANK 0 writes checkpoints/metrics)
     rdzv+=(--rdzv-backend static --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --node-rank "$NODE_RANK")
   else

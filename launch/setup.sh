@@ -4,6 +4,9 @@
 #   bash launch/setup.sh            # CPU machine: torch 2.13.0 (a CPU build where the local index has one)
 #   TORCH_SPEC="torch==2.11.0" bash launch/setup.sh   # keep a different torch (e.g. a CUDA build)
 set -euo pipefail
+case "${1:-}" in
+  -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+esac
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then

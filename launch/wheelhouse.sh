@@ -12,6 +12,9 @@
 # torch: GB10 (sm_121) needs a CUDA >= 12.8 build (aarch64 CUDA wheels live on the PyTorch index, not PyPI):
 #   TORCH_SPEC="torch==2.11.0" TORCH_INDEX=https://download.pytorch.org/whl/cu130 (defaults below).
 set -euo pipefail
+case "${1:-}" in
+  -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+esac
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.11.0}

@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig
 
 from kd import dist as kdist
+from kd import run_checks as checks
 from kd.config import ConfigError, DataError, check_keys, number, require_component, to_container
 
 log = logging.getLogger("kd.evaluate")
@@ -187,7 +188,7 @@ def _report(path: Path, metrics, answers, questions, meta) -> None:
 
 
 def recipe_main(cfg: DictConfig) -> None:
-    from torchtune import config as tt_config, training
+    from torchtune import training
     from torchtune.modules.peft import disable_adapter
 
     from kd.data import DEFAULT_SYSTEM_PROMPT, AlpacaKDDataset
@@ -205,10 +206,9 @@ def recipe_main(cfg: DictConfig) -> None:
         device = kdist.resolve_device(cfg.get("device", "auto"))
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    dtype = training.get_dtype(cfg.get("dtype", "bf16"), device=device)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = tt_config.instantiate(cfg.tokenizer)
+    dtype = training.get_dtype(checks.check_dtype(cfg), device=device)
+    out = checks.writable_dir(cfg.output_dir)
+    tokenizer = checks.build_tokenizer(cfg)
     bs = number(cfg, "batch_size", 4, kind=int, min_value=1)
     max_new = number(cfg, "max_new_tokens", 256, kind=int, min_value=1)
     params = SamplingParams(temperature=number(cfg, "temperature", 0.0, min_value=0.0),

@@ -21,13 +21,27 @@ from omegaconf import DictConfig
 from kd.config import ConfigError, check_keys, number, require_component
 
 log = logging.getLogger("kd.export")
-KEYS = {"output_dir", "model", "checkpointer", "adapter_dir", "device", "dtype", "max_shard_size_gb", "tokenizer"}
+KEYS = {"output_dir", "model", "checkpointer", "adapter_dir", "device", "dtype", "max_shard_size_gb", "tokenizer",
+        "overwrite"}
+
+
+def _check_targets(out: Path, adapter_dir: Path, overwrite: bool) -> None:
+    """Refuse to replace a non-empty ``merged/`` or ``adapter/`` (they may hold the user's files) unless
+    ``overwrite=True``; checked before the model is loaded."""
+    for sub in ("merged", "adapter"):
+        t = out / sub
+        if sub == "adapter" and t.resolve() == adapter_dir.resolve():
+            continue  # exporting next to the adapter itself: it is not rewritten
+        if t.exists() and (not t.is_dir() or any(t.iterdir())) and not overwrite:
+            raise ConfigError(f"{t} already exists and is not empty: the export would replace it. Pick another "
+                              "output_dir, or pass overwrite=True to replace it.")
 
 
 def recipe_main(cfg: DictConfig) -> None:
     from torchtune import training
 
     from kd import dist as kdist
+    from kd import run_checks as checks
     from kd.checkpoint import atomic_write_dir, save_merged_hf
     from kd.models import build_on_meta, load_hf_into_model
 
@@ -47,7 +61,10 @@ def recipe_main(cfg: DictConfig) -> None:
         device = kdist.resolve_device(cfg.get("device", "cpu"))
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    dtype = training.get_dtype(cfg.get("dtype", "bf16"), device=device)
+    checks.check_lora(cfg.model)
+    dtype = training.get_dtype(checks.check_dtype(cfg), device=device)
+    checks.writable_dir(cfg.output_dir)
+    _check_targets(Path(cfg.output_dir), adapter_dir, bool(cfg.get("overwrite", False)))
     model = build_on_meta(cfg.model, dtype)
     load_hf_into_model(model, ck.checkpoint_dir, ck.get("checkpoint_files", None), device=device, dtype=dtype,
                        which="student")

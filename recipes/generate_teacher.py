@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig
 
 from kd import dist as kdist
+from kd import run_checks as checks
 from kd.config import ConfigError, DataError, check_keys, choice, number, require_component
 
 log = logging.getLogger("kd.generate")
@@ -131,7 +132,7 @@ def load_teacher(cfg: DictConfig, s: Dict, device: torch.device, dtype: torch.dt
 
 
 def recipe_main(cfg: DictConfig) -> None:
-    from torchtune import config as tt_config, training
+    from torchtune import training
     from tqdm import tqdm
 
     from kd.data import load_alpaca_records
@@ -147,14 +148,13 @@ def recipe_main(cfg: DictConfig) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from e
     info = kdist.init_distributed(device)
-    dtype = training.get_dtype(s["dtype"], device=device)
+    dtype = training.get_dtype(checks.check_dtype(cfg, default=s["dtype"]), device=device)
     out = Path(cfg.output_dir)
+    if info.rank == 0:
+        checks.writable_dir(out)
 
     # ---- data, prompts, hashes -----------------------------------------------------------------
-    try:
-        tokenizer = tt_config.instantiate(cfg.tokenizer)
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"tokenizer: {e}") from e
+    tokenizer = checks.build_tokenizer(cfg)
     try:
         records, n_bad = load_alpaca_records(cfg.source, on_bad_record=s["on_bad_record"])
     except (ValueError, FileNotFoundError) as e:

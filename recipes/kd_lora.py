@@ -31,6 +31,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from kd import dist as kdist
+from kd import run_checks as checks
 from kd.config import (
     ConfigError,
     DataError,
@@ -42,6 +43,8 @@ from kd.config import (
     to_container,
 )
 from kd.checkpoint import lora_state_dict
+from kd.guard import NonFiniteGuard
+from kd.metric_logging import kd_logging_cfg
 from kd.heads import FusedKDHead, HiddenStatesHead
 from kd.timing import PhaseTimer
 from kd.models import (
@@ -74,6 +77,7 @@ KD_KEYS = {
     "teacher_sharding",  # shard (FSDP2 like the student) | replicate (whole frozen teacher per rank)
     "save_every_n_steps", "keep_last_n_checkpoints", "save_merged_model", "base_model_name_or_path",
     "eval_every_n_steps", "max_eval_batches", "val_dataset", "num_workers", "progress_bar",
+    "overwrite",  # a fresh run may replace the checkpoints already in output_dir
 }
 CHECKPOINTER_KEYS = {
     "_component_", "checkpoint_dir", "checkpoint_files", "output_dir", "model_type",
@@ -189,6 +193,13 @@ class KDLoRARecipe:
                 "model must be a torchtune LoRA builder (e.g. torchtune.models.qwen2_5.lora_qwen2_5_7b_instruct) "
                 "with lora_rank / lora_alpha / lora_attn_modules."
             )
+        # values torch/torchtune would reject later with a traceback, checked before any model is loaded
+        checks.check_dtype(cfg)
+        checks.check_lora(cfg.model)
+        checks.check_tokenizer_section(cfg, files=False)  # the files are checked when it is built (setup)
+        checks.check_optimizer(cfg)
+        checks.check_kd_loss(cfg)
+        checks.check_ignore_index(cfg)
 
     # ----------------------------------------------------------------------------------------------
     # Setup
@@ -197,10 +208,15 @@ class KDLoRARecipe:
         from torchtune import config as tt_config
 
         self._cfg = cfg
-        # 1. metric logger and run info (rank 0 only)
+        # 0. output_dir: writable; a fresh run never overwrites another run, a resume needs the same data
+        self._setup_run_dir(cfg)
+        # 1. tokenizer (needed by the dataset); its ids must fit both embeddings (checked before loading)
+        self._tokenizer = checks.build_tokenizer(cfg)
+        checks.check_tokenizer_fits(
+            self._tokenizer, (("model", cfg.model), ("teacher_model", cfg.get("teacher_model", None)))
+        )
+        # 2. metric logger and run info (rank 0 only)
         self._setup_logging(cfg)
-        # 2. tokenizer (needed by the dataset)
-        self._tokenizer = tt_config.instantiate(cfg.tokenizer)
         # 3. memory plan (rank 0), then the FSDP2 device mesh (None for one process)
         self._log_memory_plan(cfg)
         self._mesh = kdist.build_mesh(self._dist, self._device, cfg.get("fsdp_strategy", "shard")) if self._fsdp else None
@@ -235,6 +251,20 @@ class KDLoRARecipe:
         self._setup_checkpointing(cfg)
         # 11. profiler
         self._profiler = self._setup_profiler(cfg.get("profiler", None))
+        # 12. the config file of the run, written only once setup has succeeded (a failed start must not
+        # replace the torchtune_config.yaml of the run whose checkpoints are in output_dir)
+        if self._metric_logger is not None:
+            self._metric_logger.log_config(cfg)
+
+    def _setup_run_dir(self, cfg: DictConfig) -> None:
+        self._run_info = checks.run_info(cfg, self.world_size)
+
+        def check():
+            checks.writable_dir(cfg.output_dir)
+            checks.check_run_dir(cfg.output_dir, resume=self._resume, overwrite=bool(cfg.get("overwrite", False)),
+                                 info=self._run_info)
+
+        kdist.rank0_then_broadcast(check, error_type=ConfigError)
 
     def _setup_logging(self, cfg: DictConfig) -> None:
         from torchtune import config as tt_config
@@ -243,8 +273,7 @@ class KDLoRARecipe:
         if self._is_rank_zero:
             self._output_dir.mkdir(parents=True, exist_ok=True)
             if cfg.get("metric_logger") is not None:
-                self._metric_logger = tt_config.instantiate(cfg.metric_logger)
-                self._metric_logger.log_config(cfg)
+                self._metric_logger = tt_config.instantiate(kd_logging_cfg(cfg.metric_logger))
             self._metrics_file = open(self._output_dir / "metrics.jsonl", "a", buffering=1)
         self._progress_bar = bool(cfg.get("progress_bar", True))
 
@@ -393,7 +422,7 @@ class KDLoRARecipe:
                 kd_cfg.ignore_index = self._ignore_index
             try:
                 self._kd_loss = tt_config.instantiate(kd_cfg)
-            except TypeError as e:
+            except (TypeError, ValueError) as e:
                 raise ConfigError(f"Bad kd_loss options: {e}") from e
         else:
             raise ConfigError(
@@ -447,10 +476,24 @@ class KDLoRARecipe:
     def _setup_data(self, cfg_dataset, shuffle: bool, split: str):
         bs = number(self._cfg, "batch_size", 1, kind=int, min_value=1)
         ds, packed = self._build_dataset(cfg_dataset, split)
+        self._check_lengths(ds, split)
         self._packed = packed
         loader = self._make_loader(ds, packed, shuffle, bs, drop_last=True)
         self._log(f"train data: {len(ds)} samples, {len(loader)} batches/rank of {bs}")
         return loader
+
+    def _check_lengths(self, ds, split: str) -> None:
+        """Rank 0 counts the samples whose answers max_seq_len cuts (warning) or removes entirely (error when
+        nothing is left); every rank gets the verdict."""
+        from kd.data import check_truncation
+
+        def check():
+            try:
+                check_truncation(ds, split, progress=self._is_rank_zero)
+            except ValueError as e:
+                raise DataError(str(e)) from None
+
+        kdist.rank0_then_broadcast(check, error_type=DataError)
 
     def _setup_val_data(self, cfg: DictConfig):
         if self._eval_every is None:
@@ -477,13 +520,7 @@ class KDLoRARecipe:
         self._base_name = str(cfg.get("base_model_name_or_path", None) or self._student_ckpt_dir)
         if not self._resume:
             return
-        latest = self._ckpt.latest()
-        if latest is None:
-            raise ConfigError(
-                f"resume_from_checkpoint=True but no checkpoint was found under {self._ckpt_dir_str()}."
-            )
-        meta, state = self._ckpt.load(latest, expected_adapter_meta=self._adapter_meta())
-        adapter = self._ckpt.load_adapter(latest)
+        latest, state, adapter = self._load_resume_state()
         load_adapter_state_dict(self._model, adapter)
         self._load_optimizer_state(state["optimizer"])
         if self._lr_scheduler is not None and state.get("lr_scheduler") is not None:
@@ -498,8 +535,28 @@ class KDLoRARecipe:
         self._log(f"resumed from {latest} at global step {self.global_step} (epoch {self.epochs_run}, "
                   f"step {self._step_in_epoch} of the epoch)")
 
+    def _load_resume_state(self):
+        """Rank 0 reads the newest readable checkpoint (a damaged one falls back to the previous, with a
+        warning) and broadcasts it: only node 0's disk needs to hold checkpoints (no shared file system)."""
+
+        def read():
+            if self._ckpt.latest() is None:
+                raise ConfigError(
+                    f"resume_from_checkpoint=True but no checkpoint was found under {self._ckpt_dir_str()}."
+                )
+            p, _meta, state, adapter = self._ckpt.load_latest_valid(
+                expected_adapter_meta=self._adapter_meta(), warn=lambda m: log.warning(m))
+            return {"path": str(p), "state": state, "adapter": adapter}
+
+        r = kdist.rank0_then_broadcast(read, error_type=ConfigError)
+        return Path(r["path"]), r["state"], r["adapter"]
+
     def _ckpt_dir_str(self) -> str:
         return str(self._output_dir / "checkpoints")
+
+    def _last_checkpoint_str(self) -> Optional[str]:
+        latest = self._ckpt.latest() if self._is_rank_zero else None
+        return None if latest is None else str(latest)
 
     def _setup_profiler(self, cfg_profiler: Optional[DictConfig]):
         from torchtune import config as tt_config
@@ -651,6 +708,7 @@ class KDLoRARecipe:
         self._install_stop_handlers()
         # Per-phase step times (GPU timeline on CUDA), read only at logging steps: no extra host sync.
         timer = PhaseTimer(self._device)
+        self._guard = NonFiniteGuard(self._device, last_checkpoint=self._last_checkpoint_str)
         if self._val_loader is not None and self.global_step == 0:
             self._validate_now()  # the step-0 baseline the later validation points compare with
         self._profiler.start()
@@ -693,6 +751,8 @@ class KDLoRARecipe:
                     )
                     if hasattr(grad_norm, "full_tensor"):
                         grad_norm = grad_norm.full_tensor()
+                # NaN/Inf bookkeeping on the device (no host sync); read with the logging all-reduce below
+                self._guard.observe(ce=sums[1], kd_terms=sums[2:4], grad_norm=grad_norm, step=self.global_step + 1)
                 self._optimizer.step()
                 self._optimizer.zero_grad(set_to_none=True)
                 if self._lr_scheduler is not None:
@@ -708,13 +768,17 @@ class KDLoRARecipe:
                 if self.global_step % self._log_every_n_steps == 0:
                     # The stop request (SIGINT/SIGTERM on any rank) rides on the metrics all-reduce that
                     # logging needs anyway, so every rank agrees on it without an extra sync.
-                    sums = torch.cat([sums, torch.tensor([float(self._stop_requested)], device=sums.device)])
+                    # The non-finite flags ride on it too: a NaN/Inf step stops the run here, before any save.
+                    n_guard = self._guard.n_flags
+                    sums = torch.cat([sums, self._guard.flags(),
+                                      torch.tensor([float(self._stop_requested)], device=sums.device)])
                     sums = kdist.all_reduce_sum(sums)
                     stop = bool(sums[-1] > 0)
                     dt = time.perf_counter() - t0
                     phases = {k: v / steps_since_log for k, v in timer.collect().items()}
                     steps_since_log = 0
-                    self._log_step(sums[:-1], counts, grad_norm, dt, pbar, phases)
+                    self._log_step(sums[:-1 - n_guard], counts, grad_norm, dt, pbar, phases)
+                    self._guard.check(sums[-1 - n_guard:-1], self.global_step, world_size=self.world_size)
                 t0 = time.perf_counter()
                 if stop:
                     self._log(f"stop requested: saving a checkpoint at step {self.global_step} and exiting")
@@ -753,6 +817,9 @@ class KDLoRARecipe:
 
     def _log_step(self, sums, counts, grad_norm, dt: float, pbar, phases: Dict[str, float]) -> None:
         loss, ce, kd, kl, n_valid, n_agree = sums.tolist()
+        if n_valid == 0 and self._is_rank_zero:
+            log.warning(f"step {self.global_step}: no answer tokens in this step's batch (every answer cut away by "
+                        "max_seq_len?): it contributes nothing; see the truncation report at setup")
         n = max(n_valid, 1.0)
         tokens = float(counts[1])
         metrics = {
@@ -834,6 +901,9 @@ class KDLoRARecipe:
         written atomically by rank 0; collective (every rank must call it)."""
         import torch.distributed as dist
 
+        # never checkpoint a NaN/Inf state (collective: flags of every rank since the last logging step)
+        if getattr(self, "_guard", None) is not None:
+            self._guard.check_before_save(self.global_step, world_size=self.world_size)
         t0 = time.perf_counter()
         adapter = lora_state_dict(self._model)  # collective under FSDP (full_tensor)
         opt = self._optimizer_state()  # collective under FSDP
@@ -856,7 +926,7 @@ class KDLoRARecipe:
             }
             path = self._ckpt.save(
                 self.global_step, self.epochs_run, adapter_sd=adapter, adapter_meta=self._adapter_meta(),
-                recipe_state=state,
+                recipe_state=state, run_info={**self._run_info, "step_in_epoch": self._step_in_epoch},
             )
             self._log(f"checkpoint saved: {path}")
         kdist.barrier()
