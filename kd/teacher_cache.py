@@ -366,6 +366,15 @@ class TeacherCacheStore:
         self.index: Dict[int, List[Entry]] = {}
         self.n_bad_tail = 0
 
+    def __getstate__(self):
+        # data-loader workers (spawn) get a copy without open files; they re-map the shards lazily
+        st = dict(self.__dict__)
+        st.update(_f=None, _maps=[], _files=[], _rescan=True)
+        return st
+
+    def __setstate__(self, st):
+        self.__dict__.update(st)
+
     # -- key ------------------------------------------------------------------------------------
     def check_or_init_key(self, *, rebuild: bool = False, create: bool = True, is_writer: bool = True) -> None:
         """Refuse a cache built for another setup (naming the fields), or move it aside with ``rebuild``."""
@@ -476,6 +485,8 @@ class TeacherCacheStore:
         return self.index
 
     def lookup(self, sample_id: int, h: bytes) -> Optional[Entry]:
+        if self.__dict__.pop("_rescan", False):
+            self.scan()
         for ent in reversed(self.index.get(int(sample_id), ())):
             if ent.hash == h:
                 return ent
@@ -580,17 +591,41 @@ def records_from_samples(samples: TeacherSamples, sample_ids: Sequence[int], has
     return out
 
 
-def with_sample_ids(collate):
-    """Wrap a collate function so the batch also carries ``sample_id`` (list of int) and ``sample_hash``
-    (list of 16-byte hashes of tokens + labels), which the cache keys on."""
+class CacheCollate:
+    """Wraps a collate function: the batch also carries ``sample_id`` [B] int64, ``sample_hash`` [B, 16]
+    uint8 (tokens + labels) and ``sample_seed`` [B] int64 (:func:`sample_seed`), and, when ``read`` is set,
+    the cached sparse targets of its rows (``teacher_ids`` [B*S, K], ``teacher_weights``, ``teacher_top1``,
+    ``teacher_entropy``), gathered on the host in the data loader (in its workers when num_workers > 0), so
+    the training step needs no host sync: the tensors travel to the device with the batch."""
 
-    def fn(batch):
-        out = collate(batch)
-        out["sample_id"] = [int(x["sample_id"]) for x in batch]
-        out["sample_hash"] = [sample_hash(x["tokens"], x["labels"]) for x in batch]
+    def __init__(self, collate, store: "TeacherCacheStore", seed: int, ignore_index: int = -100):
+        self.collate = collate
+        self.store = store
+        self.seed = seed
+        self.ignore_index = ignore_index
+        self.read = False
+
+    def __call__(self, items):
+        out = self.collate(items)
+        sids = [int(x["sample_id"]) for x in items]
+        hashes = [sample_hash(x["tokens"], x["labels"]) for x in items]
+        out["sample_id"] = torch.tensor(sids, dtype=torch.int64)
+        out["sample_hash"] = torch.tensor(np.frombuffer(b"".join(hashes), np.uint8).reshape(len(items), 16))
+        out["sample_seed"] = torch.tensor([sample_seed(self.seed, s) for s in sids], dtype=torch.int64)
+        if self.read:
+            lab = out["labels"]
+            shifted = torch.cat([lab[:, 1:], torch.full_like(lab[:, :1], self.ignore_index)], dim=1)
+            st = sparse_targets_for_batch(self.store, sids, hashes, shifted, self.ignore_index)
+            out.update(teacher_ids=st.ids, teacher_weights=st.weights, teacher_top1=st.top1,
+                       teacher_entropy=st.entropy)
         return out
 
-    return fn
+
+def batch_keys(batch) -> Tuple[List[int], List[bytes]]:
+    """Host lists of sample ids and 16-byte hashes of a batch made by :class:`CacheCollate`."""
+    sids = [int(x) for x in batch["sample_id"].cpu().tolist()]
+    h = batch["sample_hash"].cpu().numpy()
+    return sids, [bytes(h[i]) for i in range(h.shape[0])]
 
 
 class DatasetIndex(NamedTuple):
@@ -647,34 +682,38 @@ class CacheWriter:
         self.store = store
         self.ignore_index = ignore_index
         store.open_for_append(rank)
-        self._q: "queue.Queue" = queue.Queue(maxsize=8)
+        self._q: "queue.Queue" = queue.Queue(maxsize=2)
         self._err: Optional[BaseException] = None
         self._thread: Optional[threading.Thread] = None
-        self.written: Dict[int, bytes] = {}  # sample ids written by this process (id -> hash)
+        self.written: Dict[int, bytes] = {}  # sample ids written by this writer (id -> hash)
 
-    def _encode_append(self, samples, sids, hashes, labels, skip):
+    def _encode_append(self, samples, sample_id, sample_hash, labels):
+        sids = [int(x) for x in sample_id.tolist()]
+        hn = sample_hash.numpy()
+        hashes = [bytes(hn[i]) for i in range(hn.shape[0])]
+        skip = [s for s, h in zip(sids, hashes) if self.store.lookup(s, h) is not None or self.written.get(s) == h]
         recs = records_from_samples(samples, sids, hashes, labels, self.store.key.k, self.ignore_index, skip)
         self.store.append(recs)
+        for s, h in zip(sids, hashes):
+            self.written[s] = h
 
-    def submit(self, samples: TeacherSamples, sample_ids, hashes, labels_shifted: torch.Tensor,
-               skip: Iterable[int] = ()) -> None:
-        skip = set(int(s) for s in skip)
-        for s, h in zip(sample_ids, hashes):
-            if int(s) not in skip:
-                self.written[int(s)] = h
-        if samples.ids.device.type != "cuda":
-            self._encode_append(samples, sample_ids, hashes, labels_shifted, skip)
-            return
+    def submit(self, samples: TeacherSamples, sample_id: torch.Tensor, sample_hash: torch.Tensor,
+               labels_shifted: torch.Tensor) -> None:
+        """Queue the records of one batch: ``samples`` for its B*S rows, ``sample_id`` [B], ``sample_hash``
+        [B, 16] and shifted labels [B, S] (any device). Samples already stored are skipped."""
         if self._err is not None:
             raise self._err
+        if samples.ids.device.type != "cuda":
+            self._encode_append(samples, sample_id.cpu(), sample_hash.cpu(), labels_shifted.cpu())
+            return
         host = TeacherSamples(*(x.to("cpu", non_blocking=True) if x.numel() else x.cpu() for x in samples))
-        lab = labels_shifted.to("cpu", non_blocking=True)
+        extra = [x.to("cpu", non_blocking=True) for x in (sample_id, sample_hash, labels_shifted)]
         ev = torch.cuda.Event()
         ev.record()
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, daemon=True, name="kd-cache-writer")
             self._thread.start()
-        self._q.put((ev, host, list(sample_ids), list(hashes), lab, skip))
+        self._q.put((ev, host, *extra))
 
     def _run(self) -> None:
         while True:
@@ -682,10 +721,10 @@ class CacheWriter:
             try:
                 if item is None:
                     return
-                ev, host, sids, hashes, lab, skip = item
+                ev, host, sid, sh, lab = item
                 ev.synchronize()
                 if self._err is None:
-                    self._encode_append(host, sids, hashes, lab, skip)
+                    self._encode_append(host, sid, sh, lab)
             except BaseException as e:  # reported by flush()/submit()
                 self._err = e
             finally:
