@@ -380,3 +380,26 @@ def test_fingerprints_see_changes(tmp_path, testbed, tiny_tokenizer):
     assert template_fingerprint(c, ds2, tiny_tokenizer) != t0
     ds3 = AlpacaKDDataset(tiny_tokenizer, src, train_on_input=True)
     assert template_fingerprint(c, ds3, tiny_tokenizer) != t0
+
+
+def test_planner_knows_the_cache():
+    """kd plan: mode=use plans without the teacher; online_then_cache adds the cache-epoch peak; the size
+    bound is 67 B per answer token at K=12; the job-time split of teacher work per mode."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from kd import planner
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs/tiny/kd_lora.yaml")
+    online = planner.plan_from_config(cfg)
+    use = planner.plan_from_config(OmegaConf.merge(cfg, {"teacher_cache": {"mode": "use"}}))
+    assert online.row("teacher weights") > 0 and use.row("teacher weights") == 0
+    assert use.peak_bytes < online.peak_bytes
+    otc = OmegaConf.merge(cfg, {"teacher_cache": {"mode": "online_then_cache", "dir": "/nonexistent"}})
+    assert planner.plan_from_config(otc).row("teacher weights") == online.row("teacher weights")
+    text = planner.cache_summary(otc)
+    assert "67 B per answer token" in text and "epochs 2+ (teacher freed)" in text
+    assert planner.cache_bytes_per_token_bound(12) == 67
+    assert planner.teacher_forward_epochs(OmegaConf.merge(cfg, {"epochs": 3})) == (3.0, 0.0)
+    assert planner.teacher_forward_epochs(OmegaConf.merge(otc, {"epochs": 3})) == (1.0, 0.0)
