@@ -395,8 +395,11 @@ class TeacherCacheStore:
                     "or point teacher_cache.dir elsewhere.")
             if diffs and rebuild and is_writer:
                 aside = self.root.with_name(f"{self.root.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
-                os.rename(self.root, aside)
-                log.warning(f"teacher cache: old cache ({'; '.join(diffs)}) moved to {aside}")
+                try:
+                    os.rename(self.root, aside)
+                    log.warning(f"teacher cache: old cache ({'; '.join(diffs)}) moved to {aside}")
+                except FileNotFoundError:  # another node on a shared file system moved it first
+                    pass
             elif not diffs:
                 return
         if not create:

@@ -176,7 +176,7 @@ class CacheSession:
         writes = self.mode != "use"
         try:
             self.store.check_or_init_key(rebuild=self.opts.rebuild and writes, create=writes,
-                                         is_writer=self.rank == 0)
+                                         is_writer=self.local_rank == 0)  # one writer per node (no shared FS)
         except CacheError as e:
             raise ConfigError(str(e)) from None
         from kd import dist as kdist
