@@ -174,13 +174,22 @@ class CacheSession:
         key = make_key(cfg, self.opts, temperature=loss.temperature, tokenizer=tokenizer, dataset=self.datasets[0])
         self.store = TeacherCacheStore(self.opts.dir, key)
         writes = self.mode != "use"
-        try:
-            self.store.check_or_init_key(rebuild=self.opts.rebuild and writes, create=writes,
-                                         is_writer=self.local_rank == 0)  # one writer per node (no shared FS)
-        except CacheError as e:
-            raise ConfigError(str(e)) from None
         from kd import dist as kdist
 
+        # mode=use on a node without the cache (no shared FS): if another node has one, this node takes the
+        # same key and receives the shards below; a node with a cache of another key still fails
+        here = (self.store.root / TeacherCacheStore.KEY_FILE).is_file()
+        anywhere = float(kdist.all_reduce_sum(torch.tensor([float(here)], device=self.device))[0]) > 0
+        err = None
+        try:
+            self.store.check_or_init_key(rebuild=self.opts.rebuild and writes, create=writes or anywhere,
+                                         is_writer=self.local_rank == 0)  # one writer per node (no shared FS)
+        except CacheError as e:
+            err = str(e)
+        # agree on failure, so no rank waits forever in a collective another rank never reaches
+        n_err = float(kdist.all_reduce_sum(torch.tensor([float(err is not None)], device=self.device))[0])
+        if n_err:
+            raise ConfigError(err or "the teacher cache check failed on another rank (see its error)")
         kdist.barrier()
         if not writes:
             sync_shards(self.store, self.rank, self.world_size, self.local_rank, self.device)
