@@ -98,6 +98,7 @@ def test_cache_training_counts_and_matches_online(testbed, tmp_path, built_cache
     assert st["samples"] == 108 and st["bytes_per_answer_token"] <= 100, st
 
 
+@pytest.mark.slow
 def test_kill9_during_build_then_resume_gives_identical_cache_and_adapter(testbed, tmp_path, built_cache):
     cache = tmp_path / "cache"
     cmd = [TUNE, "run", "recipes/kd_lora.py", "--config", "configs/tiny/kd_lora.yaml", *BASE,
@@ -191,9 +192,6 @@ def test_cache_errors_are_clear(testbed, tmp_path, built_cache):
     assert p.returncode == 2 and "full teacher distribution" in p.stderr
     p = tune_run(testbed, [*BASE, out, "teacher_cache.mode=use", f"teacher_cache.dir={tmp_path}/none"], check=False)
     assert p.returncode == 2 and "mode=build" in p.stderr
-    p = tune_run(testbed, [*BASE, out, "teacher_cache.mode=use", f"teacher_cache.dir={built_cache}",
-                           "teacher_cache.kk=3"], check=False)
-    assert p.returncode == 2 and "did you mean 'k'" in p.stderr
     # the cache was built without the validation split: asking for validation from it names what is missing
     p = tune_run(testbed, [*BASE, out, "teacher_cache.mode=use", f"teacher_cache.dir={built_cache}",
                            "eval_every_n_steps=2"], check=False)
