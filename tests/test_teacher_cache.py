@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import math
-import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +16,6 @@ from kd.teacher_cache import (
     SparseTargets,
     TeacherCacheStore,
     TeacherSampler,
-    encode_record,
     records_from_samples,
     row_seeds,
     sample_hash,
