@@ -755,53 +755,66 @@ class CacheWriter:
 # --------------------------------------------------------------------------------------------------
 def sync_shards(store: TeacherCacheStore, rank: int, world_size: int, local_rank: int, device,
                 chunk_bytes: int = 64 << 20) -> int:
-    """Make every node's ``shards/`` hold every rank's complete records (collective; no-op for one process).
+    """Make every node's ``shards/`` hold every shard's complete records (collective; no-op for one process).
 
-    For each owner rank r: the owner announces the length of its complete records; on each node, local rank 0
-    compares it with its own copy (a prefix of the owner's append-only file, or nothing) and, if shorter,
-    receives the missing tail by broadcast from r. On a shared file system every copy is already complete
-    and nothing moves. Returns the number of bytes this process wrote."""
+    Every rank reports the valid length of each shard file it sees (``rank-XXXXX.bin``, whichever job wrote
+    it: a cache built by 4 ranks can be used by 2). For each shard the longest copy is the source (shards are
+    append-only, so a shorter copy is a prefix); on every node, local rank 0 receives by broadcast the tail its
+    copy lacks. On a shared file system every copy is already complete and nothing moves. Returns the number
+    of bytes this process wrote."""
     import torch.distributed as dist
 
     if world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
         return 0
     if store._f is not None:
         store._f.flush()
-    own = torch.zeros(world_size, dtype=torch.int64, device=device)
-    own[rank] = store.valid_length(store.shard_path(rank))
-    dist.all_reduce(own)
+    files = {int(p.stem.split("-")[1]): p for p in store.shard_files()}
+    n = torch.tensor([max(files) + 1 if files else 0], dtype=torch.int64, device=device)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    n = int(n)
+    if n == 0:
+        return 0
+    lens = torch.zeros(world_size, n, dtype=torch.int64, device=device)
+    for j, p in files.items():
+        lens[rank, j] = store.valid_length(p)
+    dist.all_reduce(lens)  # each row is filled by its own rank only
+    lens = lens.cpu()
     written = 0
-    for r in range(world_size):
-        total = int(own[r])
-        path = store.shard_path(r)
-        have = store.valid_length(path) if (local_rank == 0 and r != rank) else total
-        # the smallest local length among the nodes that need data (world_size+ bytes = "needs nothing")
-        need = torch.tensor([have if have < total else (1 << 62)], dtype=torch.int64, device=device)
-        dist.all_reduce(need, op=dist.ReduceOp.MIN)
-        start = int(need)
+    for j in range(n):
+        col = lens[:, j]
+        total = int(col.max())
+        if total == 0:
+            continue
+        src_rank = int(torch.nonzero(col == total)[0, 0])
+        have = int(col[rank])
+        needs = local_rank == 0 and have < total
+        low = torch.tensor([have if needs else (1 << 62)], dtype=torch.int64, device=device)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        start = int(low)
         if start >= total:
             continue
+        path = store.shard_path(j)
         f = None
-        if have < total and r != rank:
+        if needs:
             store.shards.mkdir(parents=True, exist_ok=True)
             f = open(path, "r+b" if path.exists() else "wb")
             f.truncate(have)
             f.seek(have)
-        src = open(store.shard_path(r), "rb") if r == rank else None
+        src = open(path, "rb") if rank == src_rank else None
         if src is not None:
             src.seek(start)
         off = start
         while off < total:
-            n = min(chunk_bytes, total - off)
-            buf = torch.empty(n, dtype=torch.uint8, device=device)
+            m = min(chunk_bytes, total - off)
+            buf = torch.empty(m, dtype=torch.uint8, device=device)
             if src is not None:
-                buf.copy_(torch.frombuffer(bytearray(src.read(n)), dtype=torch.uint8))
-            dist.broadcast(buf, src=r)
-            if f is not None and off + n > have:
+                buf.copy_(torch.frombuffer(bytearray(src.read(m)), dtype=torch.uint8))
+            dist.broadcast(buf, src=src_rank)
+            if f is not None and off + m > have:
                 lo = max(0, have - off)
                 f.write(buf[lo:].cpu().numpy().tobytes())
-                written += n - lo
-            off += n
+                written += m - lo
+            off += m
         if src is not None:
             src.close()
         if f is not None:

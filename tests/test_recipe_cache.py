@@ -196,3 +196,34 @@ def test_cache_errors_are_clear(testbed, tmp_path, built_cache):
     p = tune_run(testbed, [*BASE, out, "teacher_cache.mode=use", f"teacher_cache.dir={built_cache}",
                            "eval_every_n_steps=2"], check=False)
     assert p.returncode == 2 and "lacks 12 of 120 samples" in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_two_node_use_from_one_nodes_cache_matches_single_process(testbed, tmp_path, built_cache):
+    """mode=use on two 'nodes' where only node 0 has the cache: node 1 receives the key and the shards, and
+    the run (2 x batch 2, FSDP2) logs what one process with batch 4 logs."""
+    import shutil
+
+    shutil.copytree(built_cache, tmp_path / "node0")
+    single = tmp_path / "single"
+    tune_run(testbed, [*BASE, *TRAIN, "max_steps_per_epoch=3", f"output_dir={single}", "teacher_cache.mode=use",
+                       f"teacher_cache.dir={built_cache}"])
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        cmd = [TUNE, "run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
+               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "recipes/kd_lora.py", "--config",
+               "configs/tiny/kd_lora.yaml", *BASE, *TRAIN, "max_steps_per_epoch=3", "batch_size=2",
+               f"output_dir={tmp_path}/two", "teacher_cache.mode=use", f"teacher_cache.dir={tmp_path}/node{node}"]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env_for(testbed), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o[-4000:]
+    assert _records(tmp_path / "node1") == _records(built_cache)
+    a, b = metrics(single), metrics(tmp_path / "two")
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert x["valid_tokens"] == y["valid_tokens"]
+        for k in ("loss", "kl", "top1_agreement", "grad_norm"):
+            assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), (k, x[k], y[k])

@@ -399,3 +399,55 @@ def test_planner_knows_the_cache():
     assert planner.cache_bytes_per_token_bound(12) == 67
     assert planner.teacher_forward_epochs(OmegaConf.merge(cfg, {"epochs": 3})) == (3.0, 0.0)
     assert planner.teacher_forward_epochs(OmegaConf.merge(otc, {"epochs": 3})) == (1.0, 0.0)
+
+
+def _complete_prefix(blob: bytes, n: int) -> int:
+    """Bytes of whole records in blob[:n]."""
+    from kd.teacher_cache import _parse
+
+    return _parse(blob[:n], 0)[1]
+
+
+def _sync_worker(rank, dirs, port, results):
+    import torch.distributed as dist
+
+    from kd.teacher_cache import sync_shards
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        store = TeacherCacheStore(dirs[rank], _key())
+        results[rank] = sync_shards(store, rank, 2, 0, torch.device("cpu"), chunk_bytes=700)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_shards_copies_every_shard_to_every_node(tmp_path):
+    """Two 'nodes' with separate directories (gloo): node 0 holds 4 shards from a 4-rank build, node 1 a
+    prefix of one of them plus a torn tail; afterwards both hold the same 4 complete shards."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    labels = _batch()
+    samples, _ = _samples_for(labels)
+    d0, d1 = tmp_path / "n0", tmp_path / "n1"
+    for d in (d0, d1):
+        (d / "shards").mkdir(parents=True)
+    blobs = []
+    for j in range(4):
+        recs = records_from_samples(samples, [3 * j, 3 * j + 1, 3 * j + 2], [bytes([j, i]) * 8 for i in range(3)],
+                                    labels, 12)
+        blob = b"".join(recs)
+        blobs.append(blob)
+        (d0 / "shards" / f"rank-{j:05d}.bin").write_bytes(blob)
+    (d1 / "shards" / "rank-00002.bin").write_bytes(blobs[2][: len(blobs[2]) // 2 + 1])  # torn
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_sync_worker, args=([d0, d1], port, results), nprocs=2)
+    for j in range(4):
+        assert (d1 / "shards" / f"rank-{j:05d}.bin").read_bytes() == blobs[j]
+        assert (d0 / "shards" / f"rank-{j:05d}.bin").read_bytes() == blobs[j]
+    assert results[0] == 0 and results[1] == sum(map(len, blobs)) - (len(blobs[2]) // 2 + 1) + \
+        (len(blobs[2]) // 2 + 1 - _complete_prefix(blobs[2], len(blobs[2]) // 2 + 1))
