@@ -11,6 +11,11 @@ Pieces (``--pieces``, comma separated):
            --batch x --seq tokens: stock (torchao linear_nf4, chunked logits, stock losses) vs kd (fast NF4,
            hidden states only, fused loss; variant syntax kd[:cCHUNK][:acK] = loss chunk_size, activation
            checkpointing on the first K of 28 student layers). Recommended config: kd:c256:ac8.
+           Teacher-cache variants (kd.teacher_cache, same syntax): kdw = kd + drawing K=12 cache samples in the
+           fused head and copying them to the host (epoch 1 of teacher_cache.mode=online_then_cache); cache = no
+           teacher forward, sparse cached targets [N, 12] (epochs 2+ / mode=use); build = teacher forward +
+           sampling only, no student (mode=build). With kd, kdw and cache in one run it prints the 3-epoch cost
+           of online_then_cache relative to online every epoch.
 
 Random weights initialised on the GPU, no checkpoint. Run (see docs/benchmarks.md for the device command):
   python bench/kd_step.py --pieces all --out $OUT
@@ -450,15 +455,50 @@ def piece_step(args):
 
     step_chunk = [1024]
 
-    def step(kind, tok, lab, parts):
+    from kd.teacher_cache import SparseTargets, TeacherSampler, sample_teacher_rows
+    Kc = 12
+    cache_t = []
+    for _ in batches:  # cached targets: K slots of weight 1/K (the worst case: all draws distinct)
+        cache_t.append(SparseTargets(torch.randint(0, V, (N, Kc), device=DEV, generator=g),
+                                     torch.full((N, Kc), 1.0 / Kc, device=DEV),
+                                     torch.randint(0, V, (N,), device=DEV, generator=g), torch.rand(N, device=DEV)))
+    seeds = torch.arange(N, device=DEV, dtype=torch.int64) * 0x5851F42D4C957F2D
+
+    def step(kind, tok, lab, parts, bi=0):
         e = [torch.cuda.Event(enable_timing=True) for _ in range(5)]
         e[0].record()
-        with torch.no_grad():
-            tout = teacher(tok)
+        tout = None
+        if kind != "cache":
+            with torch.no_grad():
+                tout = teacher(tok)
         e[1].record()
+        if kind == "build":  # teacher-only pass: draw the cache samples from the answer rows' logits
+            with torch.no_grad():
+                h = tout.view(N, Ht)
+                rows = torch.nonzero(lab.view(N) != -100).squeeze(1)
+                for c0 in range(0, rows.numel(), step_chunk[0]):
+                    r = rows[c0:c0 + step_chunk[0]]
+                    out = sample_teacher_rows(F.linear(h[r], teacher.output.weight), seeds[r], Kc, 1.0, "random")
+                    [x.to("cpu", non_blocking=True) for x in out if x.numel()]
+            for i in range(1, 4):
+                e[i + 1].record()
+            e[4].synchronize()
+            parts.append([e[i].elapsed_time(e[i + 1]) for i in range(4)])
+            return torch.zeros(())
         sout = student(tok)
         e[2].record()
-        if kind == "stock":
+        if kind in ("kdw", "cache"):
+            extra = dict(teacher_sampler=TeacherSampler(Kc, 1.0, "random", seeds)) if kind == "kdw" else \
+                dict(teacher_sparse=cache_t[bi])
+            o = fused_linear_kd_ce(sout.view(N, Hs), student.output.weight, lab.view(N),
+                                   teacher_hidden=None if tout is None else tout.view(N, Ht),
+                                   teacher_weight=None if tout is None else teacher.output.weight,
+                                   kd_ratio=kd_ratio, loss=DistillationLoss(kind="forward_kl"),
+                                   chunk_size=step_chunk[0], **extra)
+            if o.samples is not None:  # what the recipe's CacheWriter does on the main thread
+                [x.to("cpu", non_blocking=True) for x in o.samples if x.numel()]
+            loss = o.loss_sum / o.n_valid.clamp_min(1)
+        elif kind == "stock":
             loss = (1 - kd_ratio) * ce(sout, lab) + kd_ratio * kdl(sout, tout, lab)
         elif fused_linear_kd_ce is not None:
             o = fused_linear_kd_ce(sout.view(N, Hs), student.output.weight, lab.view(N),
@@ -500,7 +540,7 @@ def piece_step(args):
                 if i == args.warmup:
                     parts.clear()
                     torch.cuda.synchronize(); t0 = time.perf_counter()
-                losses.append(step(kind, tok, lab, parts))
+                losses.append(step(kind, tok, lab, parts, i))
             torch.cuda.synchronize()
             dt = (time.perf_counter() - t0) / args.steps
             peak = torch.cuda.max_memory_allocated() / GiB
@@ -529,6 +569,22 @@ def piece_step(args):
                      f"({r['peak_gib'] * GiB / 1e9:.1f} GB); teacher {r['teacher_fwd_ms']:.0f} | student fwd "
                      f"{r['student_fwd_ms']:.0f} | loss fwd {r['loss_ms']:.0f} | bwd+opt {r['bwd_opt_ms']:.0f} ms"))
     RESULTS["step"] = dict(resident_gib=resident, batch=B, seq=S, results=res)
+    # teacher cache: 3-epoch job cost relative to online KD every epoch (same chunk / AC for all three)
+    by_kind = {}
+    for (kind, ac, cs) in variants:
+        for name, r in res.items():
+            if name.startswith(kind + " ") or name == kind:
+                by_kind.setdefault(kind, r)
+    if all(k in by_kind and "error" not in by_kind[k] for k in ("kd", "kdw", "cache")):
+        kd_ms, w_ms, c_ms = (by_kind[k]["step_ms"] for k in ("kd", "kdw", "cache"))
+        cache = dict(write_overhead_pct=(w_ms / kd_ms - 1) * 100, cache_step_vs_online=c_ms / kd_ms,
+                     three_epochs_online_then_cache_vs_online=(w_ms + 2 * c_ms) / (3 * kd_ms))
+        if "build" in by_kind and "error" not in by_kind["build"]:
+            cache["three_epochs_build_then_use_vs_online"] = (by_kind["build"]["step_ms"] + 3 * c_ms) / (3 * kd_ms)
+        RESULTS["teacher_cache"] = cache
+        ROWS.append(("teacher cache", "3 epochs vs online every epoch",
+                     ", ".join(f"{k} {v:.3f}" for k, v in cache.items())))
+        log(f"[step] teacher cache: {json.dumps(cache)}")
 
 
 def main():

@@ -56,6 +56,9 @@ def _plan(argv: List[str]) -> int:
         kw["reserve_gib"] = 8.0
     plan = planner.plan_from_config(cfg, args.world_size, batch_size=args.batch_size, **kw)
     print(plan.table())
+    cache = planner.cache_summary(cfg, args.world_size, batch_size=args.batch_size, **kw)
+    if cache:
+        print("\n" + cache)
     if args.sweep:
         print("\nbatch sweep (same settings):")
         b = 1

@@ -73,7 +73,8 @@ class FusedKDHead(nn.Module):
 
     def set_targets(self, **targets: Any) -> None:
         """labels [b, s] (shifted), kd_ratio, loss (DistillationLoss), and teacher_hidden [b, s, Ht] +
-        teacher_weight [V, Ht], or teacher_logits; consumed by the next forward."""
+        teacher_weight [V, Ht], or teacher_logits, or teacher_sparse (cached targets); optionally
+        teacher_sampler (draw cache samples from the live teacher); consumed by the next forward."""
         self._targets = targets
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -108,6 +109,8 @@ class FusedKDHead(nn.Module):
             loss=t["loss"],
             chunk_size=self.chunk_size,
             student_lora=lora,
+            teacher_sparse=t.get("teacher_sparse"),
+            teacher_sampler=t.get("teacher_sampler"),
         )
         self.last = out
         # torchtune's unembed() calls .float() on what the output module returns: a 0-d sum is fine.

@@ -55,7 +55,7 @@ Three forms with the same numbers: ``DistillationLoss`` (plain [N, V] logits), `
 from __future__ import annotations
 
 import math
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +69,7 @@ __all__ = [
     "cross_entropy_sum",
     "chunked_cross_entropy_sum",
     "fused_linear_kd_ce",
+    "sparse_soft_ce_sum",
 ]
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
@@ -98,6 +99,12 @@ class FusedKDOutput(NamedTuple):
               whatever the training divergence is (float32, detached; 0 if no teacher given).
     n_valid:  number of valid tokens (int64).
     n_agree:  valid tokens where ``argmax(teacher) == argmax(student)`` (int64; 0 if no teacher given).
+    samples:  :class:`kd.teacher_cache.TeacherSamples` drawn from the teacher logits when a
+              ``teacher_sampler`` was given (for the teacher cache), else None.
+
+    With sparse cached targets (``teacher_sparse``) ``kd_sum`` and ``kl_sum`` are the Random-Sampling KD
+    ESTIMATES ``sum H_hat(p, q) - H(p)`` (unbiased for random sampling, biased for top-k) and ``n_agree``
+    compares with the cached teacher top-1.
     """
 
     loss_sum: torch.Tensor
@@ -106,6 +113,7 @@ class FusedKDOutput(NamedTuple):
     kl_sum: torch.Tensor
     n_valid: torch.Tensor
     n_agree: torch.Tensor
+    samples: Optional[Any] = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -542,6 +550,74 @@ def _detached_leaf(x: Optional[torch.Tensor], requires_grad: bool) -> Optional[t
     return y
 
 
+def _ce_chunk(zm, lab, valid, kd_ratio: float, want_ce_grad: bool):
+    """Hard-label CE at T = 1 on masked compute-dtype logits [n, V]: value ``-log_softmax[label]``, grad
+    ``softmax - onehot`` (scaled by ``1 - kd_ratio``, 0 on invalid rows). Returns (log_softmax, ce_sum, dz|None)."""
+    zero = torch.zeros((), dtype=zm.dtype, device=zm.device)
+    lsm = F.log_softmax(zm, dim=-1)
+    safe_lab = torch.where(valid, lab, torch.zeros((), dtype=lab.dtype, device=lab.device))
+    ce_rows = -lsm.gather(1, safe_lab.unsqueeze(1)).squeeze(1)
+    ce_c = torch.where(valid, ce_rows, zero).sum()
+    dz = None
+    if want_ce_grad:
+        dz = lsm.exp()
+        dz.scatter_add_(1, safe_lab.unsqueeze(1), torch.full_like(ce_rows, -1.0).unsqueeze(1))
+        dz = dz * ((1.0 - kd_ratio) * valid.unsqueeze(1).to(zm.dtype))
+    return lsm, ce_c, dz
+
+
+def _sparse_chunk_math_eager(loss, z, ids, w, top1, ent, lab, valid, kd_ratio: float, want_ce_grad: bool,
+                             want_kd_grad: bool):
+    """The fused loss on one chunk with SPARSE cached teacher targets (Random-Sampling KD, Anshumann et al.
+    2025, eq. 3): no [n, V] teacher logits exist, only ``ids`` [n, K] and ``w`` [n, K] (p_hat = counts/K).
+
+    Per valid row, with ``q = softmax(z / T)``::
+
+        H_hat(p, q) = -sum_j w_j log q_{ids_j}              (sparse soft CE, E[H_hat] = H(p, q))
+        kd_row      = T**2 * (H_hat - H(p))                 (soft_ce=False: an unbiased KL estimate)
+        d kd_row/dz = T * (q * sum_j w_j - scatter(w))      (= T (q - p_hat): E = the forward-KL gradient)
+
+    ``ent`` [n] is the cached teacher entropy H(p_T), ``top1`` [n] its argmax. Returns the same tuple as
+    :func:`_chunk_math_eager`."""
+    cd = _compute_dtype(z.dtype)
+    zm = _mask_rows(z, valid, cd)
+    zero = torch.zeros((), dtype=cd, device=z.device)
+    lsm, ce_c, dz = _ce_chunk(zm, lab, valid, kd_ratio, want_ce_grad)
+    T = loss.temperature
+    log_q = lsm if T == 1.0 else F.log_softmax(zm / T, dim=-1)
+    w = torch.where(valid.unsqueeze(1), w.to(cd), zero)
+    # 0 * log q at an unused slot (id 0) must stay 0 even where log q = -inf
+    sel = torch.where(w > 0, log_q.gather(1, ids), zero)
+    h_hat = -(w * sel).sum(-1)
+    kl_rows = torch.where(valid, h_hat - ent.to(cd), zero)
+    div = torch.where(valid, h_hat, zero) if loss.soft_ce else kl_rows
+    t2 = loss._t2
+    kd_c = div.sum() * t2
+    kl_c = kl_rows.sum()
+    agree_c = ((zm.argmax(-1) == top1) & valid).sum()
+    if want_kd_grad:
+        g = log_q.exp().mul_(w.sum(-1, keepdim=True))
+        g.scatter_add_(1, ids, -w)
+        g = g * (kd_ratio * t2 / T)
+        dz = g if dz is None else dz + g
+    return ce_c, kd_c, kl_c, agree_c, dz
+
+
+def sparse_soft_ce_sum(student_logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                       labels: torch.Tensor, temperature: float = 1.0, ignore_index: int = -100) -> LossSums:
+    """Plain (differentiable, materialised-logits) Random-Sampling KD loss, for tests and small models:
+    ``sum_valid -sum_j weights_j log softmax(z / T)_{ids_j}`` (no T**2, no entropy term).
+
+    student_logits [N, V]; ids [N, K] int64; weights [N, K] (p_hat = counts / K); labels [N]."""
+    valid = labels.reshape(-1) != ignore_index
+    V = student_logits.shape[-1]
+    z = _mask_rows(student_logits.reshape(-1, V), valid, _compute_dtype(student_logits.dtype))
+    log_q = F.log_softmax(z / temperature, dim=-1)
+    w = torch.where(valid.unsqueeze(1), weights.to(z.dtype), torch.zeros((), dtype=z.dtype))
+    sel = torch.where(w > 0, log_q.gather(1, ids), torch.zeros((), dtype=z.dtype))
+    return LossSums(-(w * sel).sum(), valid.sum())
+
+
 def _chunk_math_eager(loss, z, t, lab, valid, kd_ratio: float, want_ce_grad: bool, want_kd_grad: bool):
     """Everything the fused loss computes on one [n, V] chunk, without autograd (pure function).
 
@@ -552,17 +628,8 @@ def _chunk_math_eager(loss, z, t, lab, valid, kd_ratio: float, want_ce_grad: boo
     cd = _compute_dtype(z.dtype)
     zm = _mask_rows(z, valid, cd)
     zero = torch.zeros((), dtype=cd, device=z.device)
-    # hard-label CE at T = 1: value -log_softmax[label], grad softmax - onehot
-    lsm = F.log_softmax(zm, dim=-1)
-    safe_lab = torch.where(valid, lab, torch.zeros((), dtype=lab.dtype, device=lab.device))
-    ce_rows = -lsm.gather(1, safe_lab.unsqueeze(1)).squeeze(1)
-    ce_c = torch.where(valid, ce_rows, zero).sum()
+    lsm, ce_c, dz = _ce_chunk(zm, lab, valid, kd_ratio, want_ce_grad)
     vmask = valid.unsqueeze(1).to(cd)
-    dz = None
-    if want_ce_grad:
-        dz = lsm.exp()
-        dz.scatter_add_(1, safe_lab.unsqueeze(1), torch.full_like(ce_rows, -1.0).unsqueeze(1))
-        dz = dz * ((1.0 - kd_ratio) * vmask)
     if t is None:
         return ce_c, torch.zeros((), dtype=cd, device=z.device), torch.zeros((), dtype=cd, device=z.device), \
             torch.zeros((), dtype=torch.long, device=z.device), dz
@@ -579,36 +646,39 @@ def _chunk_math_eager(loss, z, t, lab, valid, kd_ratio: float, want_ce_grad: boo
     return ce_c, kd_c, kl_c, agree_c, dz
 
 
-_COMPILED = {"fn": None, "broken": False}
+_COMPILED = {"fn": None, "sparse_fn": None, "broken": False}
 
 
-def _chunk_math(loss, device: torch.device, full_chunk: bool = True):
+def _chunk_math(loss, device: torch.device, full_chunk: bool = True, sparse: bool = False):
     """The per-chunk math, ``torch.compile``d on CUDA (a few fused kernels per chunk instead of ~20
     element-wise passes over [chunk, V] float32 buffers); eager elsewhere or with KD_FUSED_COMPILE=0.
-    Same function either way (the CPU tests check the eager one against float64 references)."""
+    Same function either way (the CPU tests check the eager one against float64 references).
+    ``sparse``: the cached-targets variant (:func:`_sparse_chunk_math_eager`)."""
     import functools
     import os
 
     from kd import kernels
 
+    eager = _sparse_chunk_math_eager if sparse else _chunk_math_eager
+    key = "sparse_fn" if sparse else "fn"
     off = os.environ.get("KD_FUSED_COMPILE", "1") == "0" or _COMPILED["broken"] or kernels.forced_eager()
     if device.type != "cuda" or not full_chunk or off:
-        return functools.partial(_chunk_math_eager, loss)
-    if _COMPILED["fn"] is None:
-        _COMPILED["fn"] = torch.compile(_chunk_math_eager, dynamic=False)
-    return functools.partial(_chunk_math_compiled, loss)
+        return functools.partial(eager, loss)
+    if _COMPILED[key] is None:
+        _COMPILED[key] = torch.compile(eager, dynamic=False)
+    return functools.partial(_chunk_math_compiled, key, eager, loss)
 
 
-def _chunk_math_compiled(loss, *args):
+def _chunk_math_compiled(key, eager, loss, *args):
     if not _COMPILED["broken"]:
         try:
-            return _COMPILED["fn"](loss, *args)
+            return _COMPILED[key](loss, *args)
         except Exception as e:  # pragma: no cover - no working compiler: fall back once, loudly
             import logging
 
             logging.getLogger(__name__).warning(f"torch.compile of the fused loss failed ({e}); using eager")
             _COMPILED["broken"] = True
-    return _chunk_math_eager(loss, *args)
+    return eager(loss, *args)
 
 
 class _FusedLinearKDFunction(torch.autograd.Function):
@@ -632,12 +702,21 @@ class _FusedLinearKDFunction(torch.autograd.Function):
         chunk_size: int,
         bounds: List[Tuple[int, int, int, int]],  # (start, end, teacher_list_idx, offset_in_that_chunk)
         need: Tuple[bool, bool, bool, bool],  # grads wanted for (hidden, weight, lora_a, lora_b)
+        sparse=None,  # kd.teacher_cache.SparseTargets (N rows) or None
+        sampler=None,  # kd.teacher_cache.TeacherSampler or None
     ):
         N, _ = student_hidden.shape
         device = student_hidden.device
         need_h, need_w, need_a, need_b = need
         any_grad = any(need)
         has_teacher = teacher_logits is not None or teacher_hidden is not None
+        if sampler is not None:
+            k = sampler.k
+            s_ids = torch.zeros(N, k, dtype=torch.int32, device=device)
+            s_probs = torch.zeros(N, k, dtype=torch.float32, device=device) if sampler.sampling == "topk" \
+                else torch.empty(0, device=device)
+            s_ent = torch.zeros(N, dtype=torch.float32, device=device)
+            s_top1 = torch.zeros(N, dtype=torch.int32, device=device)
         ignore_index = loss.ignore_index
         cd = _compute_dtype(student_hidden.dtype)
         f32 = cd
@@ -678,6 +757,18 @@ class _FusedLinearKDFunction(torch.autograd.Function):
                     else:
                         t = teacher_logits[t_idx][t_off : t_off + (end - start)]
                     t = t.detach()  # masked and upcast inside _chunk_math
+                    if sampler is not None:
+                        # draws for the teacher cache from the logits this chunk has anyway
+                        from kd.teacher_cache import sample_teacher_rows
+
+                        ids_c, pr_c, ent_c, top_c = sample_teacher_rows(
+                            t, sampler.row_seeds[start:end], sampler.k, sampler.temperature, sampler.sampling)
+                        s_ids[start:end] = ids_c
+                        if pr_c.numel():
+                            s_probs[start:end] = pr_c
+                        s_ent[start:end] = ent_c
+                        s_top1[start:end] = top_c
+                        del ids_c, pr_c, ent_c, top_c
 
             h = _detached_leaf(student_hidden[start:end], need_h)
             wrt = [x for x, n in ((h, need_h), (W, need_w), (A, need_a), (B, need_b)) if n]
@@ -691,10 +782,18 @@ class _FusedLinearKDFunction(torch.autograd.Function):
             with torch.no_grad():
                 # Full chunks share one compiled graph (static shapes); the ragged last chunk runs eagerly
                 # rather than recompiling for every batch's token count.
-                math_fn = _chunk_math(loss, device, full_chunk=end - start == chunk_size)
-                ce_c, kd_c, kl_c, agree_c, dz = math_fn(
-                    z.detach(), t, lab, valid, kd_ratio, use_ce and any_grad, use_kd and any_grad
-                )
+                full = end - start == chunk_size
+                if sparse is not None:
+                    math_fn = _chunk_math(loss, device, full_chunk=full, sparse=True)
+                    ce_c, kd_c, kl_c, agree_c, dz = math_fn(
+                        z.detach(), sparse.ids[start:end], sparse.weights[start:end], sparse.top1[start:end],
+                        sparse.entropy[start:end], lab, valid, kd_ratio, use_ce and any_grad, use_kd and any_grad,
+                    )
+                else:
+                    math_fn = _chunk_math(loss, device, full_chunk=full)
+                    ce_c, kd_c, kl_c, agree_c, dz = math_fn(
+                        z.detach(), t, lab, valid, kd_ratio, use_ce and any_grad, use_kd and any_grad
+                    )
                 n_agree += agree_c
                 kl_acc += kl_c
             if any_grad and dz is not None:
@@ -721,8 +820,11 @@ class _FusedLinearKDFunction(torch.autograd.Function):
         )
         ctx.need = need
         ctx.dtypes = tuple(x.dtype if x is not None else None for x in (student_hidden, student_weight, lora_a, lora_b))
-        ctx.mark_non_differentiable(ce_acc, kd_acc, kl_acc, n_valid, n_agree)
-        return loss_sum, ce_acc, kd_acc, kl_acc, n_valid, n_agree
+        if sampler is None:
+            ctx.mark_non_differentiable(ce_acc, kd_acc, kl_acc, n_valid, n_agree)
+            return loss_sum, ce_acc, kd_acc, kl_acc, n_valid, n_agree
+        ctx.mark_non_differentiable(ce_acc, kd_acc, kl_acc, n_valid, n_agree, s_ids, s_probs, s_ent, s_top1)
+        return loss_sum, ce_acc, kd_acc, kl_acc, n_valid, n_agree, s_ids, s_probs, s_ent, s_top1
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
@@ -734,7 +836,7 @@ class _FusedLinearKDFunction(torch.autograd.Function):
             else:
                 # scale in float32 then return in the input's dtype
                 out.append((g.to(torch.float32 if g.dtype != torch.float64 else g.dtype) * grad_loss).to(dt))
-        return (*out, None, None, None, None, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 def fused_linear_kd_ce(
@@ -749,6 +851,8 @@ def fused_linear_kd_ce(
     loss: DistillationLoss,
     chunk_size: int = 1024,
     student_lora: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None,
+    teacher_sparse: Optional[Any] = None,
+    teacher_sampler: Optional[Any] = None,
 ) -> FusedKDOutput:
     """``(1 - kd_ratio) * CE_sum + kd_ratio * KD_sum`` from hidden states, never materialising [N, V].
 
@@ -778,6 +882,11 @@ def fused_linear_kd_ce(
         chunk_size: tokens per chunk (N need not be divisible).
         student_lora: ``(A [r, Hs], B [V, r], scale)`` when the output projection is a torchtune LoRALinear
             (dropout on the LoRA path must be 0 / eval); A and B get grads if they require grad.
+        teacher_sparse: alternative teacher: cached sparse targets (:class:`kd.teacher_cache.SparseTargets`,
+            N rows) -- the Random-Sampling KD loss (see :func:`_sparse_chunk_math_eager`); forward KL only,
+            since the other divergences need the full teacher distribution.
+        teacher_sampler: with a live teacher, also draw cache samples from its per-chunk logits
+            (:class:`kd.teacher_cache.TeacherSampler`); returned as ``samples``.
 
     Returns:
         :class:`FusedKDOutput`; ``loss_sum`` differentiable, the rest detached.
@@ -855,7 +964,24 @@ def fused_linear_kd_ce(
                 e = min(off + chunk_size, c.shape[0])
                 bounds.append((s + off, s + e, i, off))
             s += c.shape[0]
-    if kd_ratio > 0 and th is None and tl is None:
+    if teacher_sparse is not None:
+        if th is not None or tl is not None:
+            raise ValueError("give either a live teacher (hidden/logits) or teacher_sparse targets, not both")
+        if loss.kind != "forward_kl":
+            raise ValueError(
+                f"kind={loss.kind!r} needs the full teacher distribution, but a teacher cache holds only K "
+                "sampled token ids per position: use kind='forward_kl' (the sparse soft cross-entropy of "
+                "Random-Sampling KD) or train online without teacher_cache")
+        ids, w = teacher_sparse.ids, teacher_sparse.weights
+        if ids.shape[0] != N or w.shape != ids.shape or teacher_sparse.top1.shape[0] != N \
+                or teacher_sparse.entropy.shape[0] != N:
+            raise ValueError(f"teacher_sparse must hold {N} rows (ids/weights [N, K], top1/entropy [N]); got "
+                             f"ids {tuple(ids.shape)}, weights {tuple(w.shape)}")
+    if teacher_sampler is not None and th is None and tl is None:
+        raise ValueError("teacher_sampler needs a live teacher (teacher_hidden + teacher_weight or teacher_logits)")
+    if teacher_sampler is not None and teacher_sampler.row_seeds.shape[0] != N:
+        raise ValueError(f"teacher_sampler.row_seeds must have {N} rows, got {teacher_sampler.row_seeds.shape[0]}")
+    if kd_ratio > 0 and th is None and tl is None and teacher_sparse is None:
         raise ValueError("kd_ratio > 0 needs a teacher: pass teacher_hidden + teacher_weight or teacher_logits")
 
     A = B = None
@@ -876,6 +1002,11 @@ def fused_linear_kd_ce(
         ge and B is not None and B.requires_grad,
     )
     out = _FusedLinearKDFunction.apply(
-        h2, student_weight, A, B, th, lab, teacher_weight, tl, scale, kd_ratio, loss, chunk_size, bounds, need
+        h2, student_weight, A, B, th, lab, teacher_weight, tl, scale, kd_ratio, loss, chunk_size, bounds, need,
+        teacher_sparse, teacher_sampler,
     )
-    return FusedKDOutput(*out)
+    if teacher_sampler is None:
+        return FusedKDOutput(*out)
+    from kd.teacher_cache import TeacherSamples
+
+    return FusedKDOutput(*out[:6], samples=TeacherSamples(*out[6:]))

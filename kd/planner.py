@@ -169,6 +169,8 @@ class PlanInputs:
     lora_dropout: float = 0.0
     device_memory_bytes: Optional[float] = None
     reserve_bytes: float = 0.0  # CUDA context, allocator slack, OS (unified memory): not in the peak
+    teacher_resident: bool = True  # False: targets come from the teacher cache (mode=use, epochs 2+)
+    cache_k: int = 0  # teacher cache K (sparse targets per token) when the teacher is not resident
 
 
 @dataclass
@@ -316,6 +318,11 @@ def estimate(i: PlanInputs) -> Plan:
         note += f"; 1/{t_shard} shard"
     elif fsdp:
         note += "; replicated on every rank (teacher_sharding=replicate)"
+    if not i.teacher_resident:
+        # teacher cache: the teacher is not loaded; the step holds only the sparse targets
+        t_res = t_root_gathered = 0.0
+        note = (f"not loaded: teacher_cache targets instead ({i.cache_k} ids + weights per token, "
+                f"{N * max(1, i.cache_k) * 12 / 2**20:.1f} MiB per micro-batch)")
     rows.append(("teacher weights", t_res, note))
     if t_root_gathered:
         rows.append(("teacher root (gathered)", t_root_gathered, "FSDP2 keeps the root unit unsharded after forward"))
@@ -327,6 +334,9 @@ def estimate(i: PlanInputs) -> Plan:
     # one transient dequantised weight: dtype for nf4, e4m3 for nf4_fp8 (kd.precision)
     t_deq = t.intermediate_dim * t.embed_dim * {"nf4": eb, "nf4_fp8": 1.0}.get(i.teacher_quant, 0.0)
     t_hidden = N * t.embed_dim * eb  # final hidden states kept for the fused head
+    if not i.teacher_resident:
+        t_gather = t_inter = t_deq = 0.0
+        t_hidden = N * max(1, i.cache_k) * 12  # int64 ids + fp32 weights
 
     # ---- student ------------------------------------------------------------------------------------
     s_base_linear = linear_bytes(s.linear, i.student_quant)
@@ -375,7 +385,8 @@ def estimate(i: PlanInputs) -> Plan:
                  + (f" + inputs of {ac} checkpointed layers" if ac else "")
                  + f" ({sum(per_tok.values())} elem/token/layer)"))
     rows.append(("loss head", head, head_note))
-    rows.append(("teacher hidden states", t_hidden, "final teacher hidden states for the fused head"
+    rows.append(("teacher hidden states", t_hidden, ("sparse cached targets (int64 ids + fp32 weights)"
+                 if not i.teacher_resident else "final teacher hidden states for the fused head")
                  if i.loss_form == "fused" else "teacher logits are counted in the loss head"))
     # transient rows (not all alive at the peak)
     rows.append(("teacher forward transient", t_gather + t_inter + t_deq,
@@ -458,13 +469,16 @@ def plan_from_config(
     ac_layers: Optional[int] = None,
     device_memory_gib: Optional[float] = None,
     reserve_gib: Optional[float] = None,
+    teacher_resident: Optional[bool] = None,
 ) -> Plan:
     """Estimate the per-device peak memory of ``recipes/kd_lora.py`` for ``cfg`` (an OmegaConf DictConfig).
 
     ``local_world_size`` defaults to ``$LOCAL_WORLD_SIZE`` (set by torchrun) or ``world_size``;
     ``ac_layers`` defaults to the number of layers the recipe checkpoints (``kd.config.activation_checkpoint_layers``);
     ``device_memory_gib`` defaults to the CUDA device's total memory when ``device`` is cuda/auto and a GPU
-    is present (None on CPU: no fit verdict).
+    is present (None on CPU: no fit verdict). ``teacher_resident`` defaults to False for
+    ``teacher_cache.mode=use`` (the teacher is never loaded), True otherwise; pass False for the cache epochs
+    of ``online_then_cache`` (see :func:`cache_summary`).
     """
     from omegaconf import DictConfig, OmegaConf
 
@@ -514,8 +528,75 @@ def plan_from_config(
         lora_dropout=float(cfg.model.get("lora_dropout", 0.0) or 0.0),
         device_memory_bytes=None if device_memory_gib is None else device_memory_gib * GiB,
         reserve_bytes=reserve_gib * GiB,
+        teacher_resident=(_cache_mode(cfg) != "use") if teacher_resident is None else bool(teacher_resident),
+        cache_k=int((cfg.get("teacher_cache", None) or {}).get("k", 12)) if _cache_mode(cfg) else 0,
     )
     return estimate(inputs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Teacher cache (kd.teacher_cache)
+# --------------------------------------------------------------------------------------------------
+def _cache_mode(cfg) -> Optional[str]:
+    sec = cfg.get("teacher_cache", None)
+    return None if sec is None else sec.get("mode", None)
+
+
+def cache_bytes_per_token_bound(k: int, sampling: str = "random") -> int:
+    """Upper bound of the cache size per answer token: 4 B id + 1 B count per distinct draw (<= K) plus
+    top-1 id (4 B), entropy (2 B) and the distinct-count (1 B); top-k stores 2 B probabilities instead."""
+    return k * (5 if sampling == "random" else 6) + 7
+
+
+def teacher_forward_epochs(cfg) -> Tuple[float, float]:
+    """(epochs that run the teacher forward inside training steps, teacher-only passes over the data) for
+    the job-time planner: no cache -> (epochs, 0); online_then_cache -> (1, 0) (plus a fill pass over the few
+    samples epoch 1 did not see: the drop_last remainder and the validation split); build -> (0, 1);
+    use -> (0, 0). Every other epoch is a student-only step (no teacher forward)."""
+    epochs = int(cfg.get("epochs", 1))
+    mode = _cache_mode(cfg)
+    if mode is None:
+        return float(epochs), 0.0
+    if mode == "online_then_cache":
+        return 1.0, 0.0
+    if mode == "build":
+        return 0.0, 1.0
+    return 0.0, 0.0
+
+
+def cache_summary(cfg, world_size: int = 1, **kw) -> Optional[str]:
+    """Lines for ``kd plan`` about the teacher cache: the mode, the size bound, the measured size of an
+    existing cache, and the per-device peak of the cache epochs (teacher not loaded)."""
+    mode = _cache_mode(cfg)
+    if mode is None:
+        return None
+    sec = cfg.teacher_cache
+    k = int(sec.get("k", 12))
+    sampling = str(sec.get("sampling", "random"))
+    lines = [f"teacher cache: mode={mode}, K={k}, sampling={sampling}; size <= "
+             f"{cache_bytes_per_token_bound(k, sampling)} B per answer token"]
+    d = sec.get("dir", None) or os.path.join(str(cfg.get("output_dir", ".")), "teacher_cache")
+    if os.path.isfile(os.path.join(d, "cache.json")):
+        import json
+
+        from kd.teacher_cache import CacheKey, TeacherCacheStore
+
+        try:
+            s = TeacherCacheStore(d, CacheKey(**json.loads(open(os.path.join(d, "cache.json")).read())))
+            s.scan()
+            st = s.stats()
+            s.close()
+            lines.append(f"  existing cache {d}: {st['samples']} samples, {st['answer_tokens']:,} answer tokens, "
+                         f"{st['bytes'] / 2**20:.1f} MiB ({st['bytes_per_answer_token']:.1f} B per answer token)")
+        except Exception as e:  # advice only
+            lines.append(f"  existing cache {d}: unreadable ({e})")
+    if mode == "online_then_cache":
+        p = plan_from_config(cfg, world_size, teacher_resident=False, **kw)
+        lines.append(f"  epochs 2+ (teacher freed): {p.summary()} (the table above is epoch 1)")
+    elif mode == "build":
+        lines.append("  build: a teacher-only pass (no student): its peak is the 'teacher forward' phase above "
+                     "minus the student rows")
+    return "\n".join(lines)
 
 
 def max_batch_size(cfg, world_size: int = 1, *, limit: int = 64, **kw) -> Tuple[Optional[int], List[Plan]]:

@@ -78,6 +78,7 @@ KD_KEYS = {
     "save_every_n_steps", "keep_last_n_checkpoints", "save_merged_model", "base_model_name_or_path",
     "eval_every_n_steps", "max_eval_batches", "val_dataset", "num_workers", "progress_bar",
     "overwrite",  # a fresh run may replace the checkpoints already in output_dir
+    "teacher_cache",  # online_then_cache | build | use (kd.teacher_cache_session)
 }
 CHECKPOINTER_KEYS = {
     "_component_", "checkpoint_dir", "checkpoint_files", "output_dir", "model_type",
@@ -220,10 +221,15 @@ class KDLoRARecipe:
         # 3. memory plan (rank 0), then the FSDP2 device mesh (None for one process)
         self._log_memory_plan(cfg)
         self._mesh = kdist.build_mesh(self._dist, self._device, cfg.get("fsdp_strategy", "shard")) if self._fsdp else None
+        # 3b. teacher cache (mode=build: a teacher-only pass, set up and run by _setup_cache_build)
+        self._setup_teacher_cache(cfg)
+        if self._cache is not None and self._cache.mode == "build":
+            return self._setup_cache_build(cfg)
         # 4. student: LoRA on a frozen base, weights streamed from the HF checkpoint
         self._model = self._setup_student(cfg)
         # 5. teacher: frozen, eval, in its precision (kd.precision: bf16/nf4/fp8/nf4_fp8), streamed layer by layer
-        self._teacher, self._teacher_head_weight = self._setup_teacher(cfg)
+        #    (not loaded when the teacher cache makes it unnecessary)
+        self._teacher, self._teacher_head_weight = self._setup_teacher(cfg) if self._teacher_at_start else (None, None)
         # 6. losses (KD divergence + CE) and the way they are computed (fused / chunked)
         self._setup_loss(cfg)
         # 7. optimizer over the adapter parameters only
@@ -265,6 +271,8 @@ class KDLoRARecipe:
                                  info=self._run_info)
 
         kdist.rank0_then_broadcast(check, error_type=ConfigError)
+        # 12. teacher cache: index the data, check the cache key, fill or switch phases as the mode says
+        self._attach_teacher_cache(cfg)
 
     def _setup_logging(self, cfg: DictConfig) -> None:
         from torchtune import config as tt_config
@@ -371,10 +379,10 @@ class KDLoRARecipe:
         if cfg.get("compile", False):
             training.compile_model(model, verbose=self._is_rank_zero)
         # Vocabulary check here so a mismatch fails before training, naming both sizes
-        # (the student is built first, in step 4 of setup).
-        s_vocab = self._model.tok_embeddings.num_embeddings
+        # (the student is built first, in step 4 of setup; none in teacher_cache mode=build).
+        s_vocab = self._model.tok_embeddings.num_embeddings if self._model is not None else None
         t_vocab = model.tok_embeddings.num_embeddings
-        if s_vocab != t_vocab:
+        if s_vocab is not None and s_vocab != t_vocab:
             raise ConfigError(
                 f"Teacher vocabulary ({t_vocab} rows) differs from the student's ({s_vocab} rows). "
                 "Qwen2.5 <=3B models have 151,936 output rows and 7B/72B 152,064: pair models of the "
@@ -570,6 +578,108 @@ class KDLoRARecipe:
         return profiler
 
     # ----------------------------------------------------------------------------------------------
+    # Teacher cache (kd.teacher_cache_session): Random-Sampling KD targets computed once, read every epoch
+    # ----------------------------------------------------------------------------------------------
+    def _setup_teacher_cache(self, cfg: DictConfig) -> None:
+        """Parse ``teacher_cache`` and decide whether the teacher is loaded in step 5: always without a
+        cache and for build; never for use; for online_then_cache only while epoch 1 is not finished
+        (a resume after it loads the teacher later only if the cache lacks samples)."""
+        from kd.teacher_cache_session import CacheSession, parse_options, resume_epoch
+
+        self._model = None
+        self._cache = None
+        self._teacher_at_start = True
+        opts = parse_options(cfg)
+        if opts is None:
+            return
+        self._cache = CacheSession(opts, rank=self.rank, world_size=self.world_size,
+                                   local_rank=self._dist.local_rank, device=self._device,
+                                   ignore_index=-100, progress=self._progress_bar)
+        if opts.mode == "use":
+            self._teacher_at_start = False
+        elif opts.mode == "online_then_cache":
+            self._teacher_at_start = resume_epoch(self._output_dir, self._resume) == 0
+        self._log(f"teacher cache: mode={opts.mode}, dir={opts.dir}, K={opts.k}, sampling={opts.sampling}"
+                  + ("" if self._teacher_at_start else " (teacher not loaded)"))
+
+    def _cache_collate(self):
+        from torchtune.data import padded_collate_sft
+
+        return partial(padded_collate_sft, padding_idx=self._tokenizer.pad_id, ignore_idx=self._ignore_index)
+
+    def _attach_teacher_cache(self, cfg: DictConfig) -> None:
+        if self._cache is None:
+            return
+        c = self._cache
+        c.ignore_index = self._ignore_index
+        val_ds = self._val_loader.dataset if self._val_loader is not None else None
+        c.attach(cfg, loss=self._kd_loss, tokenizer=self._tokenizer, datasets=[self._train_loader.dataset, val_ds])
+        c.wrap_loader(self._train_loader)
+        c.wrap_loader(self._val_loader)
+        if c.mode == "use":
+            c.require_complete()
+            c.set_reading(True)
+        elif self._teacher is not None:
+            c.start_writing()  # online_then_cache, epoch 1
+        else:  # online_then_cache resumed after epoch 1
+            if c.missing():
+                self._teacher, self._teacher_head_weight = self._setup_teacher(cfg)
+                self._fill_teacher_cache()
+            c.require_complete()
+            c.set_reading(True)
+
+    def _fill_teacher_cache(self) -> None:
+        """Teacher-only pass over what the cache lacks, then free the teacher (its memory goes back)."""
+        import gc
+
+        self._cache.fill(
+            self._teacher, self._teacher_head_weight, self._cache_collate(),
+            batch_size=number(self._cfg, "batch_size", 1, kind=int, min_value=1),
+            chunk_size=self._fused_chunk_size, dtype=self._dtype,
+            teacher_sharded=self._fsdp and self._cfg.get("teacher_sharding", "shard") == "shard",
+        )
+        before = torch.cuda.memory_allocated(self._device) if self._device.type == "cuda" else 0
+        self._teacher = self._teacher_head_weight = None
+        gc.collect()
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+            freed = (before - torch.cuda.memory_allocated(self._device)) / 2**30
+            self._log(f"teacher freed: {freed:.2f} GiB returned (same micro-batch and activation checkpointing, "
+                      "so the cache epochs compute the same step; raise batch_size in a mode=use run to use it)")
+        else:
+            self._log("teacher freed")
+
+    def _teacher_cache_epoch_end(self) -> None:
+        """online_then_cache: after epoch 1 (if more epochs follow), fill what epoch 1 did not see, give
+        every node every shard, free the teacher and read the cache from now on."""
+        c = self._cache
+        if c is None or c.mode != "online_then_cache" or self._teacher is None:
+            return
+        if self.epochs_run >= self.total_epochs:
+            c.flush()
+            return
+        self._fill_teacher_cache()
+        c.stop_writing()
+        c.require_complete()
+        c.set_reading(True)
+
+    def _setup_cache_build(self, cfg: DictConfig) -> None:
+        """mode=build: teacher + data only (no student, optimizer or checkpoints)."""
+        self._teacher, self._teacher_head_weight = self._setup_teacher(cfg)
+        self._setup_loss(cfg)
+        ds, _ = self._build_dataset(cfg.dataset, "train")
+        val = None
+        if self._eval_every is not None:
+            val, _ = self._build_dataset(cfg.get("val_dataset", None) or cfg.dataset,
+                                         "val" if cfg.get("val_dataset") is None else None)
+        self._cache.ignore_index = self._ignore_index
+        self._cache.attach(cfg, loss=self._kd_loss, tokenizer=self._tokenizer, datasets=[ds, val])
+
+    def _run_cache_build(self) -> None:
+        self._fill_teacher_cache()
+        self._log(f"teacher cache built: {self._cache.describe()}")
+
+    # ----------------------------------------------------------------------------------------------
     # State (optimizer, RNG) helpers
     # ----------------------------------------------------------------------------------------------
     def _optimizer_state(self) -> Dict[str, Any]:
@@ -632,16 +742,20 @@ class KDLoRARecipe:
         if timer is not None:
             timer.mark("teacher_fwd")
         if self._loss_form == "fused":
+            cache_targets = {} if self._cache is None else self._cache.loss_targets(
+                batch, labels, teacher_live=teacher_out is not None, training=self._model.training)
             self._model.output.set_targets(
                 labels=labels, kd_ratio=kd_ratio, loss=self._kd_loss,
                 teacher_hidden=None if teacher_out is None else teacher_out.to(self._dtype),
-                teacher_weight=self._teacher_head_weight,
+                teacher_weight=self._teacher_head_weight, **cache_targets,
             )
             loss_sum = self._model(tokens, mask=mask, input_pos=input_pos)
             if timer is not None:
                 timer.mark("student_fwd")
             o = self._model.output.last
             self._model.output.last = None
+            if self._cache is not None:
+                self._cache.after_step(batch, labels, o.samples)
             return {"loss": loss_sum, "ce": o.ce_sum, "kd": o.kd_sum, "kl": o.kl_sum,
                     "n_valid": o.n_valid.to(torch.float32), "n_agree": o.n_agree.to(torch.float32)}
         # chunked: [b, s_i, V] logits chunks from both models
@@ -703,6 +817,8 @@ class KDLoRARecipe:
         from torchtune import training, utils
         from tqdm import tqdm
 
+        if self._cache is not None and self._cache.mode == "build":
+            return self._run_cache_build()
         training.cleanup_before_training() if self._device.type == "cuda" else None
         self._optimizer.zero_grad(set_to_none=True)
         self._install_stop_handlers()
@@ -792,6 +908,7 @@ class KDLoRARecipe:
             pbar.close()
             self.epochs_run = epoch + 1
             self._step_in_epoch = 0
+            self._teacher_cache_epoch_end()
             self.save_checkpoint()
         self._profiler.stop()
         if self._save_merged:
@@ -905,6 +1022,8 @@ class KDLoRARecipe:
         if getattr(self, "_guard", None) is not None:
             self._guard.check_before_save(self.global_step, world_size=self.world_size)
         t0 = time.perf_counter()
+        if self._cache is not None:
+            self._cache.flush()  # cache records of the steps this checkpoint covers are on disk
         adapter = lora_state_dict(self._model)  # collective under FSDP (full_tensor)
         opt = self._optimizer_state()  # collective under FSDP
         rng = [self._rng_state()]
@@ -945,6 +1064,8 @@ class KDLoRARecipe:
         self._log(f"merged HF checkpoint written to {out}")
 
     def cleanup(self) -> None:
+        if getattr(self, "_cache", None) is not None:
+            self._cache.stop_writing()
         if self._is_rank_zero:
             if self._metric_logger is not None:
                 self._metric_logger.close()
