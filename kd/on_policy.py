@@ -246,29 +246,32 @@ def generate_on_policy(
     reshard_after_forward: bool = True,
 ) -> OnPolicyBatches:
     """Sample the student's answer to every prompt of the step's micro-batches (the project's batched KV-cache
-    generation, :func:`kd.generation.generate_batch`), one batch per micro-batch, with the student's CURRENT
-    weights (LoRA included). The result never carries gradients (GKD's stop-gradient on the samples)."""
+    generation, :func:`kd.generation.generate_batch`, all rows of the step in one call), with the student's CURRENT
+    weights (LoRA included); one on-policy batch per micro-batch. The result never carries gradients (GKD's
+    stop-gradient on the samples)."""
     from kd.generation import SamplingParams, generate_batch, stop_token_ids
 
     t0 = time.perf_counter()
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
     stops = stop_token_ids(tokenizer)
-    out, n_tok, n_rows = [], 0, 0
+    # ALL rows of the step (every micro-batch) in ONE generate_batch call: decoding is memory-bound, so G
+    # micro-batches generated together cost about one generation, not G.
+    prompts = [prompts_from_batch(b["tokens"], b["labels"], ignore_index) for b in micro]
+    flat = [(k, i, p) for k, ps in enumerate(prompts) for i, p in enumerate(ps) if p is not None]
+    answers: List[List[Optional[List[int]]]] = [[None] * len(ps) for ps in prompts]
+    n_tok = 0
+    gens = []
+    # entered on every rank even with nothing to answer: under FSDP2 its unshard is a collective
     with student_generation(model, reshard_after_forward=reshard_after_forward):
-        for b in micro:
-            prompts = prompts_from_batch(b["tokens"], b["labels"], ignore_index)
-            idx = [i for i, p in enumerate(prompts) if p is not None]
-            answers: List[Optional[List[int]]] = [None] * len(prompts)
-            if idx:
-                seeds = generation_seeds(cfg, step, [prompts[i] for i in idx])
-                gens = generate_batch(
-                    model, [prompts[i] for i in idx], max_new_tokens=cfg.max_new_tokens, stop_ids=stops,
-                    pad_id=tokenizer.pad_id, params=params, seeds=seeds, device=device, cache_dtype=dtype,
-                )
-                for i, g in zip(idx, gens):
-                    answers[i] = list(g.tokens) + ([g.stop_token] if g.stop_token is not None else [])
-                    n_tok += len(answers[i])
-                    n_rows += 1
-            out.append(build_on_policy_batch(prompts, answers, pad_id=tokenizer.pad_id,
-                                             ignore_index=ignore_index, device=device))
-    return OnPolicyBatches(out, n_tok, n_rows, time.perf_counter() - t0)
+        if flat:
+            gens = generate_batch(
+                model, [p for _, _, p in flat], max_new_tokens=cfg.max_new_tokens, stop_ids=stops,
+                pad_id=tokenizer.pad_id, params=params, seeds=generation_seeds(cfg, step, [p for _, _, p in flat]),
+                device=device, cache_dtype=dtype,
+            )
+    for (k, i, _), g in zip(flat, gens):
+        answers[k][i] = list(g.tokens) + ([g.stop_token] if g.stop_token is not None else [])
+        n_tok += len(answers[k][i])
+    out = [build_on_policy_batch(ps, ans, pad_id=tokenizer.pad_id, ignore_index=ignore_index, device=device)
+           for ps, ans in zip(prompts, answers)]
+    return OnPolicyBatches(out, n_tok, len(flat), time.perf_counter() - t0)
