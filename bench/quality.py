@@ -396,8 +396,10 @@ def write_doc(path: Path, res: Dict[str, Any], command: str) -> None:
         "", f"Command: `{command}`", "",
         f"- {res['seeds_n']} seed(s) per method ({', '.join(map(str, res['seeds']))}); {res['steps']} optimizer steps "
         f"of batch {BATCH} (LoRA r16 on attention, MLP and output; AdamW lr {res['lr']}, cosine, 4 warm-up steps); "
-        f"total benchmark wall time {res['wall_s'] / 60:.1f} min on {res['cpus']} CPU core(s)"
-        + (" shared with other jobs" if res.get("shared") else "") + ".",
+        f"{len(res['runs'])} training runs, {sum(r['wall_s'] for r in res['runs']) / 60:.1f} min of run wall time "
+        f"(with --jobs {res.get('jobs', 1)} in parallel) on {res['cpus']} CPU core(s)"
+        + (" shared with other jobs" if res.get("shared") else "")
+        + f"; this invocation took {res['wall_s'] / 60:.1f} min (finished runs under --out are reused, not retrained).",
         f"- Student base: the test-bed student warm-started by {res['warm_steps']} steps of full-parameter SFT on the "
         f"train split's answers (lr {res['warm_lr']}). Held-out KL(teacher‖student) "
         f"{res['cold']['kl']:.3f} → **{w['kl']:.3f}** nats/token (top-1 agreement {res['cold']['top1']:.1%} → "
@@ -503,7 +505,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     res: Dict[str, Any] = {
         "methods": methods, "seeds": list(range(a.seeds)), "seeds_n": a.seeds, "steps": a.epochs * STEPS_PER_EPOCH,
         "lr": a.lr, "warm_steps": a.warm_steps, "warm_lr": a.warm_lr, "cpus": os.cpu_count(), "shared": a.shared,
-        "heldout_samples": len(batches), "notes": a.note, "recommended": a.recommended,
+        "heldout_samples": len(batches), "notes": a.note, "recommended": a.recommended, "jobs": a.jobs,
         "teacher": compare(t_logits, t_logits, batches),
         "cold": compare(t_logits, logits_of(AutoModelForCausalLM.from_pretrained(tb.student_dir, dtype=torch.float32)
                                             .eval(), batches), batches),
