@@ -138,7 +138,8 @@ def test_first_on_policy_step_matches_transformers(testbed, tmp_path):
 
 
 def test_on_policy_equivalences(testbed, tmp_path):
-    """Sampling (T=0.9), kd_ratio=0.5, JSD: fused == chunked == batch 2 x 2 accumulation == 2 processes x 2 (FSDP2)."""
+    """Sampling (T=0.9), kd_ratio=0.5, JSD: fused == chunked == batch 2 x 2 accumulation == 2 processes x 2 (FSDP2)
+    == 2 processes x 2 (HSDP, replicated teacher)."""
     common = [*OP, "kd_loss.kind=jsd", "kd_loss.beta=0.5"]
     ref = metrics(_run(testbed, tmp_path, "fused", common))
     assert [r["on_policy"] for r in ref] == [1.0, 1.0, 1.0]
@@ -149,6 +150,10 @@ def test_on_policy_equivalences(testbed, tmp_path):
         "chunked": metrics(_run(testbed, tmp_path, "chunked", [*common, "loss_form=chunked"])),
         "ga": metrics(_run(testbed, tmp_path, "ga", [*common, "batch_size=2", "gradient_accumulation_steps=2"])),
         "2proc": metrics(_run(testbed, tmp_path, "2proc", [*common, "batch_size=2"], launcher=["--nproc_per_node", "2"])),
+        # HSDP with a replicated teacher (the two-node config's layout), here on one host
+        "hsdp": metrics(_run(testbed, tmp_path, "hsdp", [*common, "batch_size=2", "fsdp_strategy=hybrid",
+                                                         "teacher_sharding=replicate"],
+                             launcher=["--nproc_per_node", "2"])),
     }
     for name, run in runs.items():
         assert len(run) == 3, name
