@@ -4,7 +4,6 @@ fused == chunked == grad-accumulation == two processes (FSDP2), kill-and-resume,
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import time
