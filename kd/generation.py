@@ -244,6 +244,7 @@ def enable_fast_nf4(model: nn.Module) -> int:
 class Generation:
     tokens: List[int]  # answer tokens, stop token excluded
     finish: str  # "stop" | "length"
+    stop_token: Optional[int] = None  # the stop id that ended the answer (finish == "stop")
 
 
 @torch.no_grad()
@@ -327,7 +328,7 @@ def generate_batch(
         if cut is None:
             res.append(Generation(tokens=row[:max_new_tokens], finish="length"))
         else:
-            res.append(Generation(tokens=row[:cut], finish="stop"))
+            res.append(Generation(tokens=row[:cut], finish="stop", stop_token=row[cut]))
     return res
 
 

@@ -16,6 +16,7 @@ the gradient is exactly that of the global token mean, whatever batch_size x G x
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -79,6 +80,7 @@ KD_KEYS = {
     "eval_every_n_steps", "max_eval_batches", "val_dataset", "num_workers", "progress_bar",
     "overwrite",  # a fresh run may replace the checkpoints already in output_dir
     "teacher_cache",  # online_then_cache | build | use (kd.teacher_cache_session)
+    "on_policy",  # on-policy (student-generated) distillation: lmbda, temperature, max_new_tokens, ... (kd.on_policy)
 }
 CHECKPOINTER_KEYS = {
     "_component_", "checkpoint_dir", "checkpoint_files", "output_dir", "model_type",
@@ -232,6 +234,7 @@ class KDLoRARecipe:
         self._teacher, self._teacher_head_weight = self._setup_teacher(cfg) if self._teacher_at_start else (None, None)
         # 6. losses (KD divergence + CE) and the way they are computed (fused / chunked)
         self._setup_loss(cfg)
+        self._setup_on_policy(cfg)
         # 7. optimizer over the adapter parameters only
         self._optimizer = tt_config.instantiate(
             cfg.optimizer, [p for p in self._model.parameters() if p.requires_grad]
@@ -257,7 +260,9 @@ class KDLoRARecipe:
         self._setup_checkpointing(cfg)
         # 11. profiler
         self._profiler = self._setup_profiler(cfg.get("profiler", None))
-        # 12. the config file of the run, written only once setup has succeeded (a failed start must not
+        # 12. teacher cache: index the data, check the cache key, fill or switch phases as the mode says
+        self._attach_teacher_cache(cfg)
+        # 13. the config file of the run, written only once setup has succeeded (a failed start must not
         # replace the torchtune_config.yaml of the run whose checkpoints are in output_dir)
         if self._metric_logger is not None:
             self._metric_logger.log_config(cfg)
@@ -271,8 +276,6 @@ class KDLoRARecipe:
                                  info=self._run_info)
 
         kdist.rank0_then_broadcast(check, error_type=ConfigError)
-        # 12. teacher cache: index the data, check the cache key, fill or switch phases as the mode says
-        self._attach_teacher_cache(cfg)
 
     def _setup_logging(self, cfg: DictConfig) -> None:
         from torchtune import config as tt_config
@@ -442,6 +445,63 @@ class KDLoRARecipe:
             self._model.set_num_output_chunks(self._num_output_chunks)
             if self._teacher is not None:
                 self._teacher.set_num_output_chunks(self._num_output_chunks)
+
+    def _setup_on_policy(self, cfg: DictConfig) -> None:
+        """``on_policy:`` section (kd.on_policy): with probability lmbda per optimizer step the student answers the
+        step's prompts and the teacher scores those answers (GKD); None when the section is absent."""
+        from kd.on_policy import parse_on_policy
+
+        self._on_policy = parse_on_policy(cfg.get("on_policy", None), self.seed)
+        self._on_policy_stats: Dict[str, float] = {}
+        if self._on_policy is None:
+            return
+        if self._teacher is None:
+            raise ConfigError("on_policy needs a teacher (teacher_model): the teacher scores the student's answers.")
+        ds = cfg.dataset
+        if any(bool(c.get("packed", False)) for c in (ds if isinstance(ds, ListConfig) else [ds])):
+            raise ConfigError("on_policy needs unpacked data (dataset.packed=False): the prompts are re-answered per row.")
+        self._on_policy_count = None  # steps taken on-policy so far (recomputed from the seed after a resume)
+        self._log(f"on-policy distillation: {self._on_policy}")
+
+    def _on_policy_batches(self, micro):
+        """Hook of the training step: on an on-policy step, the student's answers to the micro-batches' prompts
+        (kd.on_policy.OnPolicyBatches with the GLOBAL generated-token count), else None."""
+        from kd.on_policy import count_on_policy_steps, generate_on_policy, is_on_policy_step
+
+        if self._on_policy is None:
+            return None
+        if self._on_policy_count is None:
+            self._on_policy_count = count_on_policy_steps(self._on_policy, self.global_step)
+        if not is_on_policy_step(self._on_policy, self.global_step):
+            self._on_policy_stats = {"on_policy": 0.0}
+            return None
+        gen = generate_on_policy(
+            self._model, micro, self._on_policy, step=self.global_step, tokenizer=self._tokenizer,
+            ignore_index=self._ignore_index, device=self._device, dtype=self._dtype,
+            reshard_after_forward=bool(self._cfg.get("fsdp_reshard_after_forward", True)),
+        )
+        g = kdist.all_reduce_sum(torch.tensor([gen.n_tokens, gen.n_rows], dtype=torch.float32, device=self._device))
+        self._on_policy_count += 1
+        n_tok, n_rows = float(g[0]), float(g[1])
+        self._on_policy_stats = {"on_policy": 1.0, "gen_tokens_per_second": n_tok / max(gen.seconds, 1e-9),
+                                 "gen_mean_length": n_tok / max(n_rows, 1.0)}
+        return gen._replace(n_tokens=g[0])
+
+    def _on_policy_loss_step(self, batch, gen_batch, n_orig: torch.Tensor, n_gen: torch.Tensor, scale: torch.Tensor):
+        """One micro-batch of an on-policy step: ``(1 - r) * CE_sum(original labels) / N_orig +
+        r * KD_sum(student's answers) / N_gen`` (r = kd_ratio, both counts global). The CE part is back-propagated
+        here (with ``scale`` = world_size / N_orig, so its graph is freed before the KD forward); the returned
+        ``loss`` carries the KD part's gradient and the CE part as a constant, in the units of ``_loss_step``
+        (sums that the step divides by N_orig): KD sums are multiplied by N_orig / N_gen."""
+        r = self._kd_ratio
+        with torch.no_grad() if r == 1.0 else contextlib.nullcontext():
+            ce = self._loss_step(batch, 0.0, with_teacher=False)  # CE on the dataset's answers, no teacher
+        if r < 1.0:
+            (ce["loss"] * ((1.0 - r) * scale)).backward()
+        kd = self._loss_step(gen_batch, 1.0)  # teacher + student on the student's own answers
+        w = n_orig / n_gen.clamp_min(1.0)
+        return {"loss": r * w * kd["loss"] + (1.0 - r) * ce["loss"].detach(), "ce": ce["ce"], "kd": kd["kd"] * w,
+                "kl": kd["kl"] * w, "n_valid": ce["n_valid"], "n_agree": kd["n_agree"] * w}
 
     def _build_dataset(self, cfg_dataset, split: Optional[str]):
         from torchtune import config as tt_config
@@ -722,7 +782,8 @@ class KDLoRARecipe:
         return torch.cat([labels[..., 1:], pad], dim=-1)
 
     def _loss_step(
-        self, batch: Dict[str, torch.Tensor], kd_ratio: float, timer: Optional[PhaseTimer] = None
+        self, batch: Dict[str, torch.Tensor], kd_ratio: float, timer: Optional[PhaseTimer] = None,
+        with_teacher: bool = True,
     ) -> Dict[str, torch.Tensor]:
         """Forward both models on one micro-batch; return *sums* over its valid tokens.
 
@@ -736,7 +797,7 @@ class KDLoRARecipe:
         mask, input_pos = batch.get("mask", None), batch.get("input_pos", None)
         # The teacher runs even at kd_ratio=0 (when there is one): it feeds the logged KL / agreement.
         teacher_out = None
-        if self._teacher is not None:
+        if self._teacher is not None and with_teacher:
             with torch.no_grad():
                 teacher_out = self._teacher(tokens, mask=mask, input_pos=input_pos)
         if timer is not None:
@@ -747,7 +808,7 @@ class KDLoRARecipe:
             self._model.output.set_targets(
                 labels=labels, kd_ratio=kd_ratio, loss=self._kd_loss,
                 teacher_hidden=None if teacher_out is None else teacher_out.to(self._dtype),
-                teacher_weight=self._teacher_head_weight, **cache_targets,
+                teacher_weight=None if teacher_out is None else self._teacher_head_weight, **cache_targets,
             )
             loss_sum = self._model(tokens, mask=mask, input_pos=input_pos)
             if timer is not None:
@@ -847,6 +908,7 @@ class KDLoRARecipe:
                     break
                 for b in micro:
                     utils.batch_to_device(b, self._device)
+                gen = self._on_policy_batches(micro)  # on-policy step: the student's answers (kd.on_policy), else None
                 # Global valid-token count of this optimizer step, known before any backward.
                 local_n = sum((self._shift(b["labels"]) != self._ignore_index).sum() for b in micro)
                 local_tok = sum((b["tokens"] != self._tokenizer.pad_id).sum() for b in micro)
@@ -854,8 +916,9 @@ class KDLoRARecipe:
                 scale = self.world_size / counts[0].clamp_min(1.0)  # undo FSDP2's mean over ranks
                 timer.mark("data")
                 sums = None
-                for b in micro:
-                    out = self._loss_step(b, self._kd_ratio, timer)
+                for i, b in enumerate(micro):
+                    out = self._loss_step(b, self._kd_ratio, timer) if gen is None else \
+                        self._on_policy_loss_step(b, gen.batches[i], counts[0], gen.n_tokens, scale)
                     (out["loss"] * scale).backward()
                     timer.mark("backward")
                     vals = torch.stack([out[k].detach().float() for k in ("loss", "ce", "kd", "kl", "n_valid", "n_agree")])
@@ -952,6 +1015,8 @@ class KDLoRARecipe:
         metrics["step_seconds"] = dt
         # mean seconds per optimizer step of each phase since the last log (see kd.timing)
         metrics.update({f"time_{k}_s": v for k, v in phases.items()})
+        if self._on_policy is not None:  # this step on/off-policy, the fraction so far, generation speed/length
+            metrics.update(self._on_policy_stats, on_policy_fraction=self._on_policy_count / max(self.global_step, 1))
         if self._log_peak_memory_stats:
             metrics.update(self._memory_stats())
         if self._is_rank_zero:
