@@ -60,6 +60,7 @@ __all__ = [
     "atomic_write_dir",
     "atomic_torch_save",
     "atomic_write_text",
+    "atomic_write_bytes",
     "recover_atomic_dir",
     "cleanup_stale_temps",
     "check_adapter_compatible",
@@ -555,6 +556,12 @@ def atomic_write_text(path: PathLike, text: str) -> None:
         f.write(text)
 
 
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write a binary file atomically (temp file + fsync + ``os.replace``)."""
+    with _atomic_file(path, "wb") as f:
+        f.write(data)
+
+
 # ----------------------------------------------------------------------------------------------
 # CheckpointManager
 # ----------------------------------------------------------------------------------------------
@@ -881,8 +888,10 @@ def save_merged_hf(
         dtype = ref.dtype if ref is not None else torch.float32
 
     # merge module by module (fp32 math, torchtune's get_merged_lora_ckpt) to keep peak memory low
+    from kd.progress import progress
+
     lora_modules = sorted({k[: -len(".lora_a.weight")] for k in sd if k.endswith(".lora_a.weight")})
-    for mod in lora_modules:
+    for mod in progress(lora_modules, desc="export: merge LoRA", unit="module"):
         sub = {
             f"{mod}.{n}": sd.pop(f"{mod}.{n}").float()
             for n in ("weight", "lora_a.weight", "lora_b.weight", "magnitude")
@@ -913,7 +922,7 @@ def save_merged_hf(
         n = len(shards)
         weight_map = {}
         total = 0
-        for i, shard in enumerate(shards, 1):
+        for i, shard in enumerate(progress(shards, desc="export: write shards", unit="shard"), 1):
             fname = f"model-{i:05d}-of-{n:05d}.safetensors"
             save_file(shard, str(tmp / fname), metadata={"format": "pt"})
             for k, v in shard.items():

@@ -31,7 +31,9 @@ def recipe_main(cfg: DictConfig) -> None:
     from kd.checkpoint import atomic_write_dir, save_merged_hf
     from kd.models import build_on_meta, load_hf_into_model
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    from kd.progress import configure_logging
+
+    configure_logging()
     check_keys(cfg, KEYS, where="the export config", required=("output_dir", "model", "checkpointer", "adapter_dir"))
     require_component(cfg, "model")
     if "lora_rank" not in cfg.model:
@@ -50,7 +52,7 @@ def recipe_main(cfg: DictConfig) -> None:
     dtype = training.get_dtype(cfg.get("dtype", "bf16"), device=device)
     model = build_on_meta(cfg.model, dtype)
     load_hf_into_model(model, ck.checkpoint_dir, ck.get("checkpoint_files", None), device=device, dtype=dtype,
-                       which="student")
+                       which="student", progress=True)
     from recipes.evaluate import _load_adapter
 
     _load_adapter(model, str(adapter_dir), cfg.model)

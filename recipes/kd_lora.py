@@ -92,7 +92,7 @@ class KDLoRARecipe:
             )
 
         self._output_dir = Path(cfg.output_dir)
-        self._log_every_n_steps = number(cfg, "log_every_n_steps", 1, kind=int, min_value=1)
+        self._log_every_n_steps = number(cfg, "log_every_n_steps", 10, kind=int, min_value=1)
         self._log_peak_memory_stats = bool(cfg.get("log_peak_memory_stats", True))
         self._kd_ratio = number(cfg, "kd_ratio", 0.5, min_value=0.0, max_value=1.0)
         self._grad_accum = number(cfg, "gradient_accumulation_steps", 1, kind=int, min_value=1)
@@ -763,14 +763,20 @@ class KDLoRARecipe:
     def _validate_now(self) -> None:
         from torchtune import utils
 
+        from kd.progress import progress
+
         self._model.eval()
         sums = torch.zeros(6, device=self._device)
+        n_val = len(self._val_loader) if self._max_eval_batches is None else min(len(self._val_loader), self._max_eval_batches)
+        bar = progress(total=n_val, desc="validation", unit="batch", enabled=self._progress_bar)
         for i, b in enumerate(self._val_loader):
             if self._max_eval_batches is not None and i >= self._max_eval_batches:
                 break
+            bar.update(1)
             utils.batch_to_device(b, self._device)
             out = self._loss_step(b, self._kd_ratio)
             sums += torch.stack([out[k].detach().float() for k in ("loss", "ce", "kd", "kl", "n_valid", "n_agree")])
+        bar.close()
         self._model.train()
         sums = kdist.all_reduce_sum(sums)
         loss, ce, kd, kl, n_valid, n_agree = sums.tolist()
@@ -848,12 +854,9 @@ class KDLoRARecipe:
 
 
 def _configure_logging() -> None:
-    rank = int(os.environ.get("RANK", 0))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stdout,
-    )
+    from kd.progress import configure_logging
+
+    configure_logging()  # INFO on rank 0, WARNING elsewhere; lines print above the progress bar
 
 
 def recipe_main(cfg: DictConfig) -> None:
