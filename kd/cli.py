@@ -6,6 +6,8 @@
     kd plan --config CFG [key=value ...] [--world-size N] [--nproc-per-node M] [--batch-size B]
             [--seq-len S] [--ac-layers K] [--device-memory-gib G | --gb10] [--reserve-gib R] [--sweep]
         Per-device peak-memory estimate of recipes/kd_lora.py for that config (kd.planner).
+    kd summary OUTPUT_DIR [--evaluate-config CFG] [--export-config CFG] [--eval-data JSON]
+        Three lines about a finished run: KL before -> after, where the adapter is, the next command.
 """
 
 from __future__ import annotations
@@ -69,6 +71,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if cmd == "plan":
             return _plan(rest)
+        if cmd == "summary":
+            from kd.summary import main as summary_main
+
+            return summary_main(rest)
         if cmd == "preflight":
             from kd.preflight import main as preflight_main
 
@@ -78,7 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"kd {cmd}: error: {e}", file=sys.stderr)
         return 2
-    print(f"kd: unknown command {cmd!r}; use 'kd plan' or 'kd preflight' (kd --help).", file=sys.stderr)
+    print(f"kd: unknown command {cmd!r}; use 'kd plan', 'kd preflight' or 'kd summary' (kd --help).", file=sys.stderr)
     return 2
 
 
