@@ -7,6 +7,16 @@ Writes ``<output_dir>/merged/`` (safetensors shards + index, config.json, tokeni
 copied from the base checkpoint; ``transformers.AutoModelForCausalLM.from_pretrained`` loads it) and
 ``<output_dir>/adapter/`` (the PEFT adapter, loadable with ``peft.PeftModel.from_pretrained``). Runs on CPU
 by default (7B in bf16 needs ~16 GB of host memory); the merge itself is done in fp32 (kd.checkpoint.save_merged_hf).
+
+Quantized deployment copy (optional extra: ``pip install -e ".[deploy]"``), see kd.quantize and docs/deploy.md:
+
+    tune run recipes/export.py --config configs/tiny/export.yaml adapter_dir=... quantize=fp8_dynamic
+    tune run recipes/export.py --config configs/tiny/export.yaml adapter_dir=... quantize=w4a16 \
+        calibration.source=<training data json>
+
+writes ``<output_dir>/quantized-<scheme>/`` (compressed-tensors format; ``vllm serve`` loads it) after the merged
+checkpoint, then loads it back with transformers and logs its max logit difference and KL to the merged model on
+``calibration.check_samples`` samples (kept in ``kd_quantize.json``). ``quantize`` may be a list of schemes.
 """
 
 from __future__ import annotations
@@ -21,7 +31,10 @@ from omegaconf import DictConfig
 from kd.config import ConfigError, check_keys, number, require_component
 
 log = logging.getLogger("kd.export")
-KEYS = {"output_dir", "model", "checkpointer", "adapter_dir", "device", "dtype", "max_shard_size_gb", "tokenizer"}
+KEYS = {"output_dir", "model", "checkpointer", "adapter_dir", "device", "dtype", "max_shard_size_gb", "tokenizer",
+        "quantize", "calibration"}
+CALIBRATION_KEYS = {"source", "num_samples", "max_seq_len", "seed", "system_prompt", "val_size", "check_samples",
+                    "dampening"}
 
 
 def recipe_main(cfg: DictConfig) -> None:
@@ -66,6 +79,61 @@ def recipe_main(cfg: DictConfig) -> None:
                 if f.is_file():
                     shutil.copy2(f, tmp / f.name)
     log.info(f"merged HF checkpoint: {path}; PEFT adapter: {out / 'adapter'}")
+    _quantize(cfg, out / "merged", out, device)
+
+
+def _quantize(cfg: DictConfig, merged, out: Path, device) -> None:
+    """The optional quantized deployment copies (kd.quantize), each checked against the merged model."""
+    import json
+
+    from kd import quantize as kq
+    from kd.config import to_container
+
+    q = cfg.get("quantize", None)
+    schemes = [] if q is None else ([q] if isinstance(q, str) else list(to_container(q)))
+    schemes = [kq.check_scheme(x) for x in schemes]
+    if not schemes:
+        return
+    kq.require_deploy_extra(schemes[0])
+    cal = cfg.get("calibration", None) or {}
+    if cal:
+        check_keys(cal, CALIBRATION_KEYS, where="'calibration'")
+    samples = []
+    if cal.get("source") is not None:
+        from torchtune import config as tt_config
+
+        if cfg.get("tokenizer") is None:
+            raise ConfigError("calibration.source needs the tokenizer section (the student's tokenizer).")
+        tok = tt_config.instantiate(cfg.tokenizer)
+        try:
+            samples = kq.calibration_prompts(
+                tok, cal.source, num_samples=number(cal, "num_samples", 256, kind=int, min_value=1),
+                max_seq_len=number(cal, "max_seq_len", 512, kind=int, min_value=8), seed=int(cal.get("seed", 0)),
+                system_prompt=cal.get("system_prompt", None), val_size=cal.get("val_size", 0.0))
+        except (ValueError, FileNotFoundError) as e:
+            from kd.config import DataError
+
+            raise DataError(f"calibration.source: {e}") from e
+    n_check = number(cal, "check_samples", 8, kind=int, min_value=0)
+    for scheme in schemes:
+        dest = out / f"quantized-{scheme}"
+        res = kq.quantize_checkpoint(merged, dest, scheme, calibration=samples, device=device,
+                                     dampening=number(cal, "dampening", 0.01, min_value=0.0),
+                                     max_shard_size_gb=number(cfg, "max_shard_size_gb", 5.0, min_value=0.001))
+        log.info(f"{scheme}: {res.modules} linear layers -> {res.format}; weights {res.weight_bytes_before / 1e9:.3f} GB "
+                 f"-> {res.weight_bytes_after / 1e9:.3f} GB ({res.weight_bytes_before / max(res.weight_bytes_after, 1):.2f}x "
+                 f"smaller) in {res.seconds:.1f}s; {dest}")
+        if samples and n_check:
+            chk = kq.compare_logits(merged, dest, samples[:n_check], device=device)
+            log.info(f"{scheme} vs merged bf16 on {chk.tokens} tokens: max |logit diff| {chk.max_abs_diff:.4g}, "
+                     f"KL {chk.mean_kl:.3g} nats/token, top-1 agreement {chk.top1_agreement:.2%}")
+            meta_p = dest / "kd_quantize.json"
+            meta = json.loads(meta_p.read_text())
+            meta["check"] = chk._asdict()
+            from kd.checkpoint import atomic_write_text
+
+            atomic_write_text(meta_p, json.dumps(meta, indent=1) + "\n")
+        log.info(f"serve it (on a vLLM host; vLLM does not run here): {kq.vllm_serve_command(dest, scheme)}")
 
 
 def main() -> int:
