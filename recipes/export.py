@@ -32,7 +32,7 @@ from kd.config import ConfigError, check_keys, number, require_component
 
 log = logging.getLogger("kd.export")
 KEYS = {"output_dir", "model", "checkpointer", "adapter_dir", "device", "dtype", "max_shard_size_gb", "tokenizer",
-        "quantize", "calibration"}
+        "quantize", "calibration", "full_checkpoint"}
 CALIBRATION_KEYS = {"source", "num_samples", "max_seq_len", "seed", "system_prompt", "val_size", "check_samples",
                     "dampening"}
 
@@ -47,13 +47,18 @@ def recipe_main(cfg: DictConfig) -> None:
     from kd.progress import configure_logging
 
     configure_logging()
-    check_keys(cfg, KEYS, where="the export config", required=("output_dir", "model", "checkpointer", "adapter_dir"))
+    check_keys(cfg, KEYS, where="the export config", required=("output_dir", "model", "checkpointer"))
     require_component(cfg, "model")
-    if "lora_rank" not in cfg.model:
-        raise ConfigError("model must be the LoRA builder the adapter was trained with (lora_rank/lora_alpha/...).")
     ck = cfg.checkpointer
     check_keys(ck, {"_component_", "checkpoint_dir", "checkpoint_files", "model_type", "output_dir"},
                where="'checkpointer'", required=("checkpoint_dir",))
+    if cfg.get("full_checkpoint", None) is not None:
+        return _export_full(cfg)
+    if cfg.get("adapter_dir", None) is None:
+        raise ConfigError("set adapter_dir (a LoRA run's <run>/checkpoints/step_X/adapter) or full_checkpoint (a "
+                          "full fine-tune's <run>/checkpoints/step_X).")
+    if "lora_rank" not in cfg.model:
+        raise ConfigError("model must be the LoRA builder the adapter was trained with (lora_rank/lora_alpha/...).")
     adapter_dir = Path(cfg.adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ConfigError(f"adapter_dir {str(adapter_dir)!r} has no adapter_config.json (pass a PEFT adapter folder, "
@@ -79,6 +84,40 @@ def recipe_main(cfg: DictConfig) -> None:
                 if f.is_file():
                     shutil.copy2(f, tmp / f.name)
     log.info(f"merged HF checkpoint: {path}; PEFT adapter: {out / 'adapter'}")
+    _quantize(cfg, out / "merged", out, device)
+
+
+def _export_full(cfg: DictConfig) -> None:
+    """A full fine-tune's sharded checkpoint (kd.full) -> full HF checkpoint in <output_dir>/merged, offline."""
+    from torchtune import training
+
+    from kd import dist as kdist
+    from kd.checkpoint import write_hf_checkpoint
+    from kd.full import SHARDS, assemble_full_state_dict
+    from kd.models import build_on_meta, model_dims
+
+    if "lora_rank" in cfg.model:
+        raise ConfigError("full_checkpoint is a full fine-tune's checkpoint: model must be the plain builder it was "
+                          "trained with (e.g. torchtune.models.qwen2_5.qwen2_5_7b_instruct), not a LoRA builder.")
+    src = Path(cfg.full_checkpoint)
+    shard_dir = src
+    if not list(src.glob("rank-*.json")):  # a step dir: its shards live in checkpoints/shards/step_X
+        shard_dir = src.parent / SHARDS / src.name
+    if not shard_dir.is_dir():
+        raise ConfigError(f"full_checkpoint={str(src)!r}: no shards found (looked in {shard_dir}); pass "
+                          "<run>/checkpoints/step_XXXXXXX or its shards folder.")
+    try:
+        device = kdist.resolve_device(cfg.get("device", "cpu"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    dtype = training.get_dtype(cfg.get("dtype", "bf16"), device=device)
+    dims = model_dims(build_on_meta(cfg.model, dtype))
+    sd = assemble_full_state_dict(shard_dir)
+    out = Path(cfg.output_dir)
+    path = write_hf_checkpoint(sd, cfg.checkpointer.checkpoint_dir, out / "merged",
+                               dims=(dims["num_heads"], dims["num_kv_heads"], dims["embed_dim"], dims["head_dim"]),
+                               dtype=dtype, max_shard_size_bytes=number(cfg, "max_shard_size_gb", 5.0, min_value=0.001) * 1e9)
+    log.info(f"full HF checkpoint: {path} (from {shard_dir})")
     _quantize(cfg, out / "merged", out, device)
 
 

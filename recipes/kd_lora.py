@@ -33,6 +33,7 @@ from torch import nn
 from kd import dist as kdist
 from kd.config import ConfigError, DataError, check_keys, choice, number, require_component, to_container
 from kd.checkpoint import lora_state_dict
+from kd.full import all_trainable
 from kd.heads import FusedKDHead, HiddenStatesHead
 from kd.models import (
     build_on_meta,
@@ -172,10 +173,10 @@ class KDLoRARecipe:
                 "enable_activation_offloading=True is not supported by this recipe; use "
                 "enable_activation_checkpointing=True to save activation memory."
             )
-        if "lora_rank" not in cfg.model:
+        if "lora_rank" not in cfg.model and cfg.get("student_quantization", None) is not None:
             raise ConfigError(
-                "model must be a torchtune LoRA builder (e.g. torchtune.models.qwen2_5.lora_qwen2_5_7b_instruct) "
-                "with lora_rank / lora_alpha / lora_attn_modules."
+                "student_quantization=nf4 (QLoRA) needs a LoRA builder (e.g. lora_qwen2_5_7b_instruct); with a "
+                "plain builder (full fine-tune, kd.full) every student weight trains in dtype."
             )
 
     # ----------------------------------------------------------------------------------------------
@@ -251,6 +252,13 @@ class KDLoRARecipe:
         log.info("memory plan (per device):\n" + plan.table())
 
     def _lora_info(self, cfg_model: DictConfig) -> None:
+        from kd.full import is_full_finetune
+
+        # A plain (non-LoRA) builder trains the full student: same loop, sharded checkpoints (kd.full).
+        self._full = is_full_finetune(cfg_model)
+        if self._full:
+            self._lora_rank, self._lora_alpha = 0, 1.0
+            return
         self._lora_rank = int(cfg_model.lora_rank)
         self._lora_alpha = float(cfg_model.lora_alpha)
         self._lora_attn_modules = list(cfg_model.get("lora_attn_modules", []))
@@ -281,13 +289,15 @@ class KDLoRARecipe:
             mesh=self._mesh, fsdp=self._fsdp,
             reshard_after_forward=bool(cfg.get("fsdp_reshard_after_forward", True)),
             cpu_offload=bool(cfg.get("fsdp_cpu_offload", False)),
-            trainable=is_adapter_param, which="student", progress=self._is_rank_zero,
+            trainable=all_trainable if self._full else is_adapter_param, which="student",
+            progress=self._is_rank_zero,
             init_seed=self.seed or 0,
         )
         if cfg.get("compile", False):
             training.compile_model(model, verbose=self._is_rank_zero)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self._log(f"student ready: {n_train:,} trainable (LoRA) parameters per rank")
+        self._log(f"student ready: {n_train:,} trainable ({'full fine-tune' if self._full else 'LoRA'}) "
+                  "parameters per rank")
         return model
 
     def _setup_teacher(self, cfg: DictConfig):
@@ -465,15 +475,21 @@ class KDLoRARecipe:
         self._base_name = str(cfg.get("base_model_name_or_path", None) or self._student_ckpt_dir)
         if not self._resume:
             return
-        latest = self._ckpt.latest()
-        if latest is None:
-            raise ConfigError(
-                f"resume_from_checkpoint=True but no checkpoint was found under {self._ckpt_dir_str()}."
-            )
-        meta, state = self._ckpt.load(latest, expected_adapter_meta=self._adapter_meta())
-        adapter = self._ckpt.load_adapter(latest)
-        load_adapter_state_dict(self._model, adapter)
-        self._load_optimizer_state(state["optimizer"])
+        if self._full:  # every rank loads its own shard of weights + optimizer state
+            from kd import full
+
+            latest, state = full.load_checkpoint(self._ckpt, self._model, self._optimizer, rank=self.rank,
+                                                 world_size=self.world_size, mesh_shape=self._mesh_shape())
+        else:
+            latest = self._ckpt.latest()
+            if latest is None:
+                raise ConfigError(
+                    f"resume_from_checkpoint=True but no checkpoint was found under {self._ckpt_dir_str()}."
+                )
+            meta, state = self._ckpt.load(latest, expected_adapter_meta=self._adapter_meta())
+            adapter = self._ckpt.load_adapter(latest)
+            load_adapter_state_dict(self._model, adapter)
+            self._load_optimizer_state(state["optimizer"])
         if self._lr_scheduler is not None and state.get("lr_scheduler") is not None:
             self._lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.global_step = int(state["global_step"])
@@ -485,6 +501,9 @@ class KDLoRARecipe:
         self._set_rng_state(state["rng"][self.rank] if self.rank < len(state["rng"]) else state["rng"][0])
         self._log(f"resumed from {latest} at global step {self.global_step} (epoch {self.epochs_run}, "
                   f"step {self._step_in_epoch} of the epoch)")
+
+    def _mesh_shape(self):
+        return tuple(self._mesh.mesh.shape) if self._mesh is not None else (1,)
 
     def _ckpt_dir_str(self) -> str:
         return str(self._output_dir / "checkpoints")
@@ -801,34 +820,50 @@ class KDLoRARecipe:
 
     def save_checkpoint(self) -> None:
         """Adapter (PEFT format), optimizer, LR scheduler, RNG of every rank and dataloader position,
-        written atomically by rank 0; collective (every rank must call it)."""
+        written atomically by rank 0 (full fine-tune: weights and optimizer state as per-rank shards, kd.full);
+        collective (every rank must call it)."""
         import torch.distributed as dist
 
-        adapter = lora_state_dict(self._model)  # collective under FSDP (full_tensor)
-        opt = self._optimizer_state()  # collective under FSDP
+        # LoRA: full adapter + optimizer state gathered to rank 0 (small). Full fine-tune: each rank writes its
+        # own shards (kd.full), nothing is gathered.
+        adapter = None if self._full else lora_state_dict(self._model)  # collective under FSDP (full_tensor)
+        opt = None if self._full else self._optimizer_state()  # collective under FSDP
         rng = [self._rng_state()]
         if self._fsdp:
             gathered = [None] * self.world_size
             dist.all_gather_object(gathered, rng[0])
             rng = gathered
+        if self._full:
+            from kd import full
+
+            path = full.save_checkpoint(
+                self._ckpt, self.global_step, self.epochs_run, self._model, self._optimizer,
+                self._recipe_state(None, rng) if self._is_rank_zero else None,
+                rank=self.rank, world_size=self.world_size, mesh_shape=self._mesh_shape(),
+            )
+            self._log(f"checkpoint saved: {path} (+ {self.world_size} rank shard(s) under checkpoints/shards)")
+            return
         if self._is_rank_zero:
-            state = {
-                "optimizer": opt,
-                "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler is not None else None,
-                "global_step": self.global_step,
-                "epoch": self.epochs_run,
-                "step_in_epoch": self._step_in_epoch,
-                "dataloader": self._train_loader.state_dict() if self._step_in_epoch > 0 else None,
-                "rng": rng,
-                "seed": self.seed,
-                "world_size": self.world_size,
-            }
+            state = self._recipe_state(opt, rng)
             path = self._ckpt.save(
                 self.global_step, self.epochs_run, adapter_sd=adapter, adapter_meta=self._adapter_meta(),
                 recipe_state=state,
             )
             self._log(f"checkpoint saved: {path}")
         kdist.barrier()
+
+    def _recipe_state(self, opt, rng) -> Dict[str, Any]:
+        return {
+            "optimizer": opt,
+            "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler is not None else None,
+            "global_step": self.global_step,
+            "epoch": self.epochs_run,
+            "step_in_epoch": self._step_in_epoch,
+            "dataloader": self._train_loader.state_dict() if self._step_in_epoch > 0 else None,
+            "rng": rng,
+            "seed": self.seed,
+            "world_size": self.world_size,
+        }
 
     def _save_merged_model(self) -> None:
         from kd.checkpoint import save_merged_hf
