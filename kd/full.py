@@ -49,6 +49,24 @@ def all_trainable(name: str) -> bool:
     return True
 
 
+def check_config(cfg) -> None:
+    """Full fine-tune settings the recipe cannot honour fail before anything is loaded."""
+    from kd.config import ConfigError
+
+    if cfg.get("student_quantization", None) is not None:
+        raise ConfigError(
+            "student_quantization=nf4 (QLoRA) needs a LoRA builder (e.g. lora_qwen2_5_7b_instruct); with a "
+            "plain builder (full fine-tune, kd.full) every student weight trains in dtype."
+        )
+    comp = str(cfg.optimizer.get("_component_", ""))
+    if comp.startswith("torchao."):
+        raise ConfigError(
+            f"optimizer {comp}: its low-bit states are tensor subclasses that the full fine-tune's sharded "
+            "checkpoints (kd.full, plain safetensors) cannot store. Use torch.optim.AdamW (bf16 states, "
+            "4 B/param; `kd plan --gb10 --world-size 2` shows it fits two Sparks)."
+        )
+
+
 def _clean(name: str) -> str:
     from kd.checkpoint import _strip_wrappers
 

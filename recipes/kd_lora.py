@@ -173,11 +173,10 @@ class KDLoRARecipe:
                 "enable_activation_offloading=True is not supported by this recipe; use "
                 "enable_activation_checkpointing=True to save activation memory."
             )
-        if "lora_rank" not in cfg.model and cfg.get("student_quantization", None) is not None:
-            raise ConfigError(
-                "student_quantization=nf4 (QLoRA) needs a LoRA builder (e.g. lora_qwen2_5_7b_instruct); with a "
-                "plain builder (full fine-tune, kd.full) every student weight trains in dtype."
-            )
+        if "lora_rank" not in cfg.model:  # a plain builder: full fine-tune (kd.full)
+            from kd.full import check_config
+
+            check_config(cfg)
 
     # ----------------------------------------------------------------------------------------------
     # Setup

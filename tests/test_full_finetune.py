@@ -129,3 +129,6 @@ def test_kill9_resume_is_exact(testbed, runs, tmp_path):
 def test_full_finetune_config_errors(testbed, tmp_path):
     p = tune_run(testbed, [f"output_dir={tmp_path}/x", "student_quantization=nf4"], config=CFG, check=False)
     assert p.returncode == 2 and "needs a LoRA builder" in p.stderr and "Traceback" not in p.stderr
+    p = tune_run(testbed, [f"output_dir={tmp_path}/y", "optimizer._component_=torchao.optim.AdamW8bit"], config=CFG,
+                 check=False)
+    assert p.returncode == 2 and "torch.optim.AdamW" in p.stderr and "Traceback" not in p.stderr
