@@ -132,3 +132,30 @@ def test_full_finetune_config_errors(testbed, tmp_path):
     p = tune_run(testbed, [f"output_dir={tmp_path}/y", "optimizer._component_=torchao.optim.AdamW8bit"], config=CFG,
                  check=False)
     assert p.returncode == 2 and "torch.optim.AdamW" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_planner_full_finetune_two_sparks(capsys):
+    """`kd plan --config configs/qwen2_5/72B_to_7B_kd_full_2node.yaml --gb10 --world-size 2`: the full 7B student's
+    weights, gradients and AdamW states (bf16: 2 x 2 B/param) are halved by FSDP2 across the two Sparks, next to a
+    whole NF4 72B teacher per node; it fits at the config's batch 2 x 2048 with activation checkpointing."""
+    from kd import planner
+    from kd.cli import main as kd_main
+    from kd.preflight import load_config
+
+    cfg_path = str(REPO / "configs/qwen2_5/72B_to_7B_kd_full_2node.yaml")
+    assert kd_main(["plan", "--config", cfg_path, "--gb10", "--world-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "FULL fine-tune" in out and "-> FITS" in out
+    cfg = load_config(cfg_path, [])
+    p = planner.plan_from_config(cfg, 2, device_memory_gib=planner.GB10_MEMORY_GIB, reserve_gib=8.0)
+    n = p.inputs.student.total
+    assert 7.6e9 < n < 7.7e9 and p.inputs.student.adapter == 0
+    assert p.row("student weights (trainable)") == pytest.approx(n * 2 / 2, rel=1e-6)
+    assert p.row("gradients") == pytest.approx(n * 2 / 2, rel=1e-6)
+    assert p.row("optimizer state") == pytest.approx(2 * n * 2 / 2, rel=1e-6)
+    assert p.fits and p.peak_gib < 90
+    # torchao's 8-bit AdamW halves the state (measured 2.03 B/param); one node alone would be near the limit
+    p8 = planner.plan_from_config(load_config(cfg_path, ["optimizer._component_=torchao.optim.AdamW8bit"]), 2)
+    assert p8.row("optimizer state") == pytest.approx(2 * n * (1 + 4 / 256) / 2, rel=1e-6)
+    one = planner.plan_from_config(cfg, 1, device_memory_gib=planner.GB10_MEMORY_GIB, reserve_gib=8.0)
+    assert one.peak_gib > p.peak_gib + 30
