@@ -26,8 +26,9 @@ class RunSummary:
     kl_after: Optional[float]
     step_before: Optional[int]
     step_after: Optional[int]
-    checkpoint: Optional[Path]  # adapter dir (LoRA) or model dir (full fine-tune)
+    checkpoint: Optional[Path]  # adapter dir (LoRA); merged HF dir or sharded step dir (full fine-tune)
     is_full: bool
+    step_dir: Optional[Path] = None  # the latest complete checkpoint
 
 
 def summarize_run(output_dir: str | Path) -> RunSummary:
@@ -48,10 +49,16 @@ def summarize_run(output_dir: str | Path) -> RunSummary:
     if latest is not None:
         if (latest / "adapter").is_dir():
             ckpt = latest / "adapter"
-        elif (latest / "model").is_dir():
-            ckpt, full = latest / "model", True
+        else:  # a full fine-tune (kd.full): the HF model written at the end, else the sharded step
+            import json
+
+            from kd.full import FORMAT
+
+            if json.loads((latest / "meta.json").read_text()).get("format") == FORMAT:
+                full = True
+                ckpt = out / "merged" if (out / "merged" / "config.json").is_file() else latest
     return RunSummary(kind, first and first["kl"], last and last["kl"], first and first["step"],
-                      last and last["step"], ckpt, full)
+                      last and last["step"], ckpt, full, latest)
 
 
 def summary_lines(s: RunSummary, *, evaluate_config: str, export_config: str,
@@ -61,12 +68,12 @@ def summary_lines(s: RunSummary, *, evaluate_config: str, export_config: str,
     else:
         kl = (f"{s.kind} KL(teacher||student): {s.kl_before:.3f} -> {s.kl_after:.3f} per token "
               f"(step {s.step_before} -> step {s.step_after})")
-    where = f"{'model' if s.is_full else 'adapter'}: {s.checkpoint if s.checkpoint else 'no checkpoint saved yet'}"
+    where = f"{'full model' if s.is_full else 'adapter'}: {s.checkpoint if s.checkpoint else 'no checkpoint saved yet'}"
     if s.checkpoint is None:
         nxt = "next: train longer (no checkpoint to evaluate or export)"
     elif s.is_full:
-        nxt = (f"next: python -c \"from transformers import AutoModelForCausalLM as M; "
-               f"M.from_pretrained('{s.checkpoint}')\"  (a full HF checkpoint)")
+        nxt = (f"next: tune run recipes/export.py --config {export_config.replace('export.yaml', 'export_full.yaml')} "
+               f"full_checkpoint={shlex.quote(str(s.step_dir))}   (HF + optional quantize=[fp8_dynamic,w4a16])")
     else:
         q = shlex.quote(str(s.checkpoint))
         data = f" dataset.source={shlex.quote(eval_data)}" if eval_data else ""
