@@ -164,7 +164,7 @@ def _quantize(cfg: DictConfig, merged, out: Path, device) -> None:
                  f"smaller) in {res.seconds:.1f}s; {dest}")
         if samples and n_check:
             chk = kq.compare_logits(merged, dest, samples[:n_check], device=device)
-            log.info(f"{scheme} vs merged bf16 on {chk.tokens} tokens: max |logit diff| {chk.max_abs_diff:.4g}, "
+            log.info(f"{scheme} vs the merged model (both in bf16) on {chk.tokens} tokens: max |logit diff| {chk.max_abs_diff:.4g}, "
                      f"KL {chk.mean_kl:.3g} nats/token, top-1 agreement {chk.top1_agreement:.2%}")
             meta_p = dest / "kd_quantize.json"
             meta = json.loads(meta_p.read_text())
