@@ -188,6 +188,13 @@ def _layer_out(o):
     return o[0] if isinstance(o, (tuple, list)) else o
 
 
+def _next_inputs(args, kwargs, hidden):
+    """The next decoder layer's (args, kwargs): the same call with this layer's output as hidden_states."""
+    if "hidden_states" in kwargs:
+        return args, {**kwargs, "hidden_states": hidden}
+    return (hidden,) + tuple(args[1:]), kwargs
+
+
 @torch.no_grad()
 def gptq_model(model: nn.Module, samples: Sequence[torch.Tensor], args, *, dampening: float = 0.01,
                progress: bool = True) -> Dict[str, GPTQResult]:
@@ -226,7 +233,7 @@ def gptq_model(model: nn.Module, samples: Sequence[torch.Tensor], args, *, dampe
             results[f"model.layers.{li}.{n}"] = r
         del H
         # the next layer sees what this (now quantized) layer produces
-        inputs = [((_layer_out(layer(*a, **kw)),) + tuple(a[1:]), kw) for a, kw in inputs]
+        inputs = [_next_inputs(a, kw, _layer_out(layer(*a, **kw))) for a, kw in inputs]
     return results
 
 
