@@ -65,11 +65,13 @@ __all__ = [
     "atomic_write_dir",
     "atomic_torch_save",
     "atomic_write_text",
+    "atomic_write_bytes",
     "recover_atomic_dir",
     "cleanup_stale_temps",
     "check_adapter_compatible",
     "CheckpointManager",
     "save_merged_hf",
+    "write_hf_checkpoint",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -612,6 +614,12 @@ def atomic_write_text(path: PathLike, text: str) -> None:
         f.write(text)
 
 
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write a binary file atomically (temp file + fsync + ``os.replace``)."""
+    with _atomic_file(path, "wb") as f:
+        f.write(data)
+
+
 # ----------------------------------------------------------------------------------------------
 # CheckpointManager
 # ----------------------------------------------------------------------------------------------
@@ -993,8 +1001,6 @@ def save_merged_hf(
 
     Collective under FSDP2 (``full_tensor``): every rank must call it; rank 0 writes and
     returns ``out_dir``, other ranks return None."""
-    from safetensors.torch import save_file
-    from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
     from torchtune.modules.peft import get_merged_lora_ckpt
 
     num_heads, num_kv_heads, dim, head_dim = _decoder_dims(model)
@@ -1011,15 +1017,15 @@ def save_merged_hf(
         return None
 
     base_dir = Path(base_checkpoint_dir)
-    cfg = json.loads((base_dir / "config.json").read_text())
-    tied = bool(cfg.get("tie_word_embeddings", False))
     if dtype is None:
         ref = sd.get("tok_embeddings.weight")
         dtype = ref.dtype if ref is not None else torch.float32
 
     # merge module by module (fp32 math, torchtune's get_merged_lora_ckpt) to keep peak memory low
+    from kd.progress import progress
+
     lora_modules = sorted({k[: -len(".lora_a.weight")] for k in sd if k.endswith(".lora_a.weight")})
-    for mod in lora_modules:
+    for mod in progress(lora_modules, desc="export: merge LoRA", unit="module", enabled=bool(lora_modules)):
         sub = {
             f"{mod}.{n}": sd.pop(f"{mod}.{n}").float()
             for n in ("weight", "lora_a.weight", "lora_b.weight", "magnitude")
@@ -1032,6 +1038,34 @@ def save_merged_hf(
     leftover = [k for k in sd if "lora" in k or k.endswith("magnitude")]
     if leftover:
         raise CheckpointError(f"unmerged adapter keys remain: {leftover[:5]}")
+    return write_hf_checkpoint(sd, base_dir, out_dir, dims=(num_heads, num_kv_heads, dim, head_dim), dtype=dtype,
+                               max_shard_size_bytes=max_shard_size_bytes)
+
+
+def write_hf_checkpoint(
+    sd: Dict[str, torch.Tensor],
+    base_checkpoint_dir: PathLike,
+    out_dir: PathLike,
+    *,
+    dims: Tuple[int, int, int, int],
+    dtype: Optional[torch.dtype] = None,
+    max_shard_size_bytes: float = 5e9,
+) -> Path:
+    """Write a full torchtune Qwen2 state dict (``sd``, no adapter keys; consumed) as an HF checkpoint dir
+    (safetensors shards + index + config/tokenizer files copied from ``base_checkpoint_dir``), atomically.
+    ``dims`` = (num_heads, num_kv_heads, embed_dim, head_dim)."""
+    from safetensors.torch import save_file
+    from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
+
+    from kd.progress import progress
+
+    num_heads, num_kv_heads, dim, head_dim = dims
+    base_dir = Path(base_checkpoint_dir)
+    cfg = json.loads((base_dir / "config.json").read_text())
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    if dtype is None:
+        ref = sd.get("tok_embeddings.weight")
+        dtype = ref.dtype if ref is not None else torch.float32
     for k in list(sd):
         if sd[k].is_floating_point() and sd[k].dtype != dtype:
             sd[k] = sd[k].to(dtype)
@@ -1050,7 +1084,7 @@ def save_merged_hf(
         n = len(shards)
         weight_map = {}
         total = 0
-        for i, shard in enumerate(shards, 1):
+        for i, shard in enumerate(progress(shards, desc="export: write shards", unit="shard"), 1):
             fname = f"model-{i:05d}-of-{n:05d}.safetensors"
             save_file(shard, str(tmp / fname), metadata={"format": "pt"})
             for k, v in shard.items():

@@ -9,6 +9,8 @@
     kd plan --time --config CFG [key=value ...] [--hardware h200|gb10|PROFILE.yaml] [--world-size N]
         Estimated time of one epoch and of the whole run (a kd_lora config), or of plan A's teacher
         generation (a generate_teacher config), per component, from the config's real token counts (kd.jobtime).
+    kd summary OUTPUT_DIR [--evaluate-config CFG] [--export-config CFG] [--eval-data JSON]
+        Three lines about a finished run: KL before -> after, where the adapter is, the next command.
 """
 
 from __future__ import annotations
@@ -120,6 +122,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if cmd == "plan":
             return _plan(rest)
+        if cmd == "summary":
+            from kd.summary import main as summary_main
+
+            return summary_main(rest)
         if cmd == "preflight":
             from kd.preflight import main as preflight_main
 
@@ -131,7 +137,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         print(f"kd {cmd}: error: {one_line(e)}", file=sys.stderr)
         return 2
-    print(f"kd: unknown command {cmd!r}; use 'kd plan' or 'kd preflight' (kd --help).", file=sys.stderr)
+    print(f"kd: unknown command {cmd!r}; use 'kd plan', 'kd preflight' or 'kd summary' (kd --help).", file=sys.stderr)
     return 2
 
 

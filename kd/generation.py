@@ -489,8 +489,14 @@ def merge_results(
     dataset_name: str = "teacher_distill",
     hashes: Optional[Dict[int, str]] = None,
     allow_missing: bool = False,
+    system_prompt: Optional[str] = None,
 ) -> Path:
     """Write ``<out_dir>/<dataset_name>.json`` (alpaca, source order) and ``dataset_info.json``.
+
+    ``dataset_info.json`` is LLaMA-Factory's dataset registry (its data/README.md): formatting ``alpaca`` and a
+    ``columns`` mapping prompt/query/response -> instruction/input/output and, when ``system_prompt`` is given
+    (the prompt the teacher answered under), ``system`` -> a ``system`` field carried by every record, so
+    training the same file in LLaMA-Factory keeps the system prompt the answers were generated with.
 
     ``output`` is the teacher's answer; an EMPTY teacher answer is replaced by the original label
     (``teacher_empty: true``) so every record stays trainable; ``teacher_truncated`` flags answers that hit
@@ -524,16 +530,15 @@ def merge_results(
             "teacher_truncated": res.get("finish") == "length",
             "teacher_empty": empty,
         })
+        if system_prompt:
+            rows[-1]["system"] = system_prompt
     out_dir = Path(out_dir)
     fname = f"{dataset_name}.json"
     path = out_dir / fname
     atomic_write_text(path, json.dumps(rows, ensure_ascii=False, indent=1) + "\n")
-    info = {
-        dataset_name: {
-            "file_name": fname,
-            "formatting": "alpaca",
-            "columns": {"prompt": "instruction", "query": "input", "response": "output"},
-        }
-    }
+    columns = {"prompt": "instruction", "query": "input", "response": "output"}
+    if system_prompt:
+        columns["system"] = "system"
+    info = {dataset_name: {"file_name": fname, "formatting": "alpaca", "columns": columns}}
     atomic_write_text(out_dir / "dataset_info.json", json.dumps(info, ensure_ascii=False, indent=2) + "\n")
     return path

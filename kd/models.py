@@ -137,6 +137,7 @@ class HFCheckpointReader:
 
         self._handles = {}
         self.index: Dict[str, tuple] = {}  # torchtune name -> (file, hf name)
+        self.bytes_read = 0  # checkpoint bytes handed out so far (for the loading bar's GB/s)
         for f in files:
             try:
                 h = safe_open(str(f), framework="pt", device="cpu")
@@ -158,7 +159,9 @@ class HFCheckpointReader:
 
     def get(self, tune_name: str) -> torch.Tensor:
         f, hf_name = self.index[tune_name]
-        return self._handles[f].get_tensor(hf_name)
+        t = self._handles[f].get_tensor(hf_name)
+        self.bytes_read += t.numel() * t.element_size()
+        return t
 
     def names(self) -> List[str]:
         return list(self.index)
@@ -296,6 +299,10 @@ def _load_hf_into_model(
     fsdp_kw = _fsdp_kwargs(mesh, reshard_after_forward, cpu_offload) if fsdp else None
     loaded: set = set()
     n_layers = len(model.layers)
+    from kd.progress import progress as _progress
+
+    # one bar step per decoder layer, with the checkpoint read rate (GB/s) as the postfix
+    bar = _progress(total=n_layers, desc=f"{which}: load", unit="layer", enabled=progress)
     for i, layer in enumerate(model.layers):
         loaded.update(
             _load_module(
@@ -314,8 +321,9 @@ def _load_hf_into_model(
             on_layer_loaded(i, layer)
         if fsdp:
             fully_shard(layer, **fsdp_kw)
-        if progress and (i + 1) % max(1, n_layers // 10) == 0:
-            log.info(f"{which}: loaded layer {i + 1}/{n_layers} ({time.perf_counter() - t0:.1f}s)")
+        bar.update(1)
+        bar.set_postfix_str(f"{reader.bytes_read / 1e9 / max(time.perf_counter() - t0, 1e-9):.2f} GB/s", refresh=False)
+    bar.close()
 
     # Remaining (root-level) parameters: embeddings, final norm, output projection.
     for name, p in list(model.named_parameters()):
@@ -360,7 +368,9 @@ def _load_hf_into_model(
             raise RuntimeError(f"Buffer {n} still on the meta device after loading.")
     if fsdp:
         fully_shard(model, **fsdp_kw)
-    log.info(f"{which}: loaded {len(loaded)} tensors from {checkpoint_dir} in {time.perf_counter() - t0:.1f}s")
+    dt = time.perf_counter() - t0
+    log.info(f"{which}: loaded {len(loaded)} tensors ({reader.bytes_read / 1e9:.2f} GB) from {checkpoint_dir} "
+             f"in {dt:.1f}s ({reader.bytes_read / 1e9 / max(dt, 1e-9):.2f} GB/s)")
     return model
 
 

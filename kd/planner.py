@@ -6,7 +6,10 @@ no memory) and estimates the peak memory of one device, broken down into:
 - teacher weights (NF4 linears at torchao's exact layout: 0.5 B/weight + int8 block scalers + per-256-block
   factors; embeddings, norms, biases and the output head stay in ``dtype``), plus its transient working set
   (FSDP all-gathered layers, forward intermediates, NF4 dequantised weight);
-- student base weights (frozen, ``dtype`` or NF4), LoRA parameters, their gradients and the AdamW state.
+- student base weights (frozen, ``dtype`` or NF4), LoRA parameters, their gradients and the AdamW state;
+  or, for a full fine-tune (a plain builder: no LoRA parameters), every student weight trainable with its
+  gradient and optimizer state, all sharded by FSDP2 (torch AdamW: 2 states in the parameter dtype = 4 B/param
+  in bf16; torchao ``AdamW8bit``: 1 B per state + one fp32 scale per 256 = 2.03 B/param, measured);
   torch's AdamW keeps ``exp_avg``/``exp_avg_sq`` with ``torch.zeros_like(param)``, i.e. **in the parameter's
   dtype** (bf16 parameters -> bf16 states, no fp32 master copy), gradients are in the parameter dtype too;
   the multi-tensor (foreach, CUDA default) step allocates one temporary the size of the parameters;
@@ -206,9 +209,12 @@ class Plan:
         shard = _shard_size(i)
         head = (
             f"kd memory plan (per device): teacher {i.teacher.total / 1e9:.2f}B params "
-            f"({i.teacher_quant or i.dtype}), student {i.student.total - i.student.adapter:,} base "
-            f"({i.student_quant or i.dtype}) + {i.student.adapter:,} LoRA (r={i.student.lora_rank}), "
-            f"dtype {i.dtype}, batch {i.batch_size} x seq {i.seq_len}, "
+            f"({i.teacher_quant or i.dtype}), "
+            + (f"student {i.student.total:,} params, FULL fine-tune ({i.dtype}, {i.optimizer}), "
+               if i.student.adapter == 0 else
+               f"student {i.student.total - i.student.adapter:,} base "
+               f"({i.student_quant or i.dtype}) + {i.student.adapter:,} LoRA (r={i.student.lora_rank}), ")
+            + f"dtype {i.dtype}, batch {i.batch_size} x seq {i.seq_len}, "
             f"AC {i.ac_layers}/{i.student.num_layers} layers, loss {i.loss_form}"
             + (f" (chunk {i.fused_chunk_size})" if i.loss_form == "fused" else "")
             + f", world {i.world_size}"
@@ -278,9 +284,25 @@ def _teacher_quant(cfg) -> Optional[str]:
     return None if q == "bf16" else q
 
 
+def optimizer_state_bytes(name: str, param_bytes: int) -> Tuple[int, float, str]:
+    """(states per parameter, bytes per state, description) of an optimizer class name."""
+    n = name.lower()
+    if "sgd" in n:
+        return 1, float(param_bytes), "1 state in the param dtype"
+    if "8bit" in n:
+        return 2, 1 + 4 / 256, "torchao 8-bit: int8 codes + an fp32 scale per 256"
+    if "4bit" in n:
+        return 2, 0.5 + 4 / 128, "torchao 4-bit: packed codes + an fp32 scale per 128"
+    if "fp8" in n:
+        return 2, 1 + 4 / 256, "torchao FP8 states + scales"
+    return 2, float(param_bytes), "2 states in the param dtype (torch uses zeros_like(param))"
+
+
 def estimate(i: PlanInputs) -> Plan:
     """Compute the per-device peak for the given inputs."""
     t, s = i.teacher, i.student
+    full = s.adapter == 0  # a plain builder: full fine-tune, every weight trains
+    n_train = s.total if full else s.adapter
     eb = _dtype_bytes(i.dtype)
     shard = _shard_size(i)
     fsdp = i.world_size > 1
@@ -341,26 +363,25 @@ def estimate(i: PlanInputs) -> Plan:
     # ---- student ------------------------------------------------------------------------------------
     s_base_linear = linear_bytes(s.linear, i.student_quant)
     s_base = s_base_linear + (s.other_layer + s.embedding + s.final_norm + s.output) * eb
-    rows.append(("student base weights", s_base / shard,
-                 ("NF4 linears + rest in dtype" if i.student_quant else "frozen, dtype")
-                 + (f"; 1/{shard} shard" if fsdp else "")))
-    lora = s.adapter * eb / shard
-    rows.append(("LoRA parameters", lora, f"{s.adapter:,} params in {i.dtype}"))
-    opt_name = i.optimizer.lower()
-    if "adamw" in opt_name or opt_name.endswith("adam"):
-        n_states = 2
-    elif "sgd" in opt_name:
-        n_states = 1
+    if full:
+        rows.append(("student weights (trainable)", s_base / shard,
+                     f"full fine-tune: all {s.total:,} params in {i.dtype}" + (f"; 1/{shard} shard" if fsdp else "")))
+        lora = 0.0
     else:
-        n_states = 2
-    opt = n_states * s.adapter * eb / shard
-    rows.append(("optimizer state", opt,
-                 f"{i.optimizer}: {n_states} states per param in the param dtype ({i.dtype}; torch uses "
-                 "zeros_like(param)), + step counters"))
-    grads = s.adapter * eb / shard
+        rows.append(("student base weights", s_base / shard,
+                     ("NF4 linears + rest in dtype" if i.student_quant else "frozen, dtype")
+                     + (f"; 1/{shard} shard" if fsdp else "")))
+        lora = s.adapter * eb / shard
+        rows.append(("LoRA parameters", lora, f"{s.adapter:,} params in {i.dtype}"))
+    n_states, state_b, opt_note = optimizer_state_bytes(i.optimizer, eb)
+    opt = n_states * n_train * state_b / shard
+    rows.append(("optimizer state", opt, f"{i.optimizer}: {opt_note}, + step counters"
+                 + (f"; 1/{shard} shard" if fsdp else "")))
+    grads = n_train * eb / shard
     # unsharded gradients of one FSDP unit exist before its reduce-scatter
-    s_layer_lora = s.adapter / max(1, s.num_layers) * eb
-    foreach_tmp = (s.adapter * eb / shard) if cuda else s.adapter_max * eb
+    s_layer_lora = (s_base if full else s.adapter) / max(1, s.num_layers) * (1 if full else eb)
+    big = max(s.embedding, s.output) if full else s.adapter_max
+    foreach_tmp = (n_train * eb / shard) if cuda else big * eb
 
     # activations
     per_tok = activation_elems_per_token(s, i.lora_dropout)
@@ -372,9 +393,12 @@ def estimate(i: PlanInputs) -> Plan:
     acts += final
     if i.loss_form == "fused":
         lora_head = (s.lora_rank * (s.embed_dim + s.vocab_size) * 4) if s.lora_on_output else 0
+        if full:  # the trainable output projection's fp32 [V, H] gradient accumulator
+            lora_head = s.vocab_size * s.embed_dim * 4
         head = FUSED_HEAD_BUFFERS * min(i.fused_chunk_size, N) * s.vocab_size * 4 + N * s.embed_dim * eb + lora_head
         head_note = (f"fused: ~{FUSED_HEAD_BUFFERS} fp32 [chunk={i.fused_chunk_size}, V={s.vocab_size}] buffers "
-                     "+ grad of hidden (+ fp32 grads of output LoRA)")
+                     "+ grad of hidden" + (" + fp32 [V, H] grad of the output weight" if full
+                                           else " (+ fp32 grads of output LoRA)"))
     else:
         per_logit = CHUNKED_BYTES_PER_LOGIT + 2 * (eb - 2)  # student + teacher logits are in dtype
         head = per_logit * N * s.vocab_size
@@ -391,7 +415,8 @@ def estimate(i: PlanInputs) -> Plan:
     # transient rows (not all alive at the peak)
     rows.append(("teacher forward transient", t_gather + t_inter + t_deq,
                  "gathered layers + intermediates + dequantised weight (teacher phase only)"))
-    rows.append(("LoRA gradients", grads, f"{i.dtype}, backward/optimizer phases only"))
+    rows.append(("gradients" if full else "LoRA gradients", grads,
+                 f"{i.dtype}, backward/optimizer phases only" + (f"; 1/{shard} shard" if fsdp else "")))
     recompute = layer_act if ac else 0.0
     # backward working set of one layer: gradients of the MLP intermediates and of the hidden states
     bwd_ws = N * (3 * s.intermediate_dim + 2 * s.embed_dim) * eb
@@ -618,8 +643,10 @@ def checkpoint_bytes(cfg, plan: Plan) -> Dict[str, float]:
     """Disk needed in output_dir: kept checkpoints (adapter + optimizer state) and the merged model."""
     s = plan.inputs.student
     eb = _dtype_bytes(plan.inputs.dtype)
-    one = s.adapter * eb + 2 * s.adapter * eb + 1e6  # adapter + AdamW states (+ small recipe state)
+    n_train = s.adapter or s.total  # full fine-tune: every weight and its optimizer state (kd.full shards)
+    n_states, state_b, _ = optimizer_state_bytes(plan.inputs.optimizer, eb)
+    one = n_train * eb + n_states * n_train * state_b + 1e6  # weights/adapter + optimizer states + recipe state
     keep = cfg.get("keep_last_n_checkpoints", None)
     n = (int(keep) if keep else 1) + 1  # +1: a new checkpoint is written before the oldest is deleted
-    merged = (s.total - s.adapter) * eb if cfg.get("save_merged_model", False) else 0.0
+    merged = (s.total - s.adapter) * eb if cfg.get("save_merged_model", False) else 0.0  # full: = weights
     return {"checkpoints": n * one, "merged": merged, "total": n * one + merged}

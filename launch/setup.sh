@@ -20,7 +20,7 @@ if ! python -c "import torch" 2>/dev/null; then
   echo "[setup] installing $TORCH_SPEC"
   pip install -q "$TORCH_SPEC"
 fi
-if ! python -c "import kd, torchtune, torchao, peft, omegaconf, transformers, dashscope" 2>/dev/null \
+if ! python -c "import kd, torchtune, torchao, peft, omegaconf, transformers, dashscope, matplotlib" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.kd-installed ]; then
   echo "[setup] installing kd (editable) with test extras"
   pip install -q -e ".[test]"

@@ -10,7 +10,12 @@ Metrics per model, on the held-out split of ``dataset.source`` (same ``split``/`
 Models: ``base`` (the student with its LoRA disabled), one per entry of ``adapters`` (name -> PEFT adapter dir,
 e.g. the ``adapter`` folder of a checkpoint), and ``teacher`` (``evaluate_teacher: true``; needs memory for it).
 Then every model answers ``questions`` (default: five Buddhist questions) side by side.
-Outputs ``<output_dir>/eval_report.md`` and ``<output_dir>/eval_metrics.json``.
+Outputs ``<output_dir>/eval_report.md`` and ``<output_dir>/eval_metrics.json``, and (``plots: true``, the
+default) three pictures next to the report, embedded in it (kd.report):
+  - ``eval_curves.png``: training/validation curves of each adapter's run (its ``metrics.jsonl``, found next to
+    ``<run>/checkpoints/step_X/adapter`` or given as ``training_metrics.<name>=<path>``);
+  - ``eval_heldout.png``: held-out KL / CE / top-1 agreement per model;
+  - ``eval_lengths.png``: answer lengths of the teacher vs each student on ``length_samples`` held-out prompts.
 """
 
 from __future__ import annotations
@@ -42,13 +47,16 @@ DEFAULT_QUESTIONS = [
 KEYS = {
     "output_dir", "model", "checkpointer", "adapters", "teacher_model", "teacher_checkpointer",
     "teacher_quantization", "evaluate_teacher", "tokenizer", "dataset", "batch_size", "max_samples", "questions",
-    "max_new_tokens", "temperature", "top_p", "seed", "device", "dtype",
+    "max_new_tokens", "temperature", "top_p", "seed", "device", "dtype", "plots", "length_samples",
+    "training_metrics", "progress_bar",
 }
 DATASET_KEYS = {"source", "system_prompt", "split", "val_size", "seed", "max_seq_len", "on_bad_record", "_component_"}
 
 
 def _configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    from kd.progress import configure_logging
+
+    configure_logging()
 
 
 def _load(model_cfg, ck, device, dtype, *, precision=None, which="model"):
@@ -60,7 +68,7 @@ def _load(model_cfg, ck, device, dtype, *, precision=None, which="model"):
         raise ConfigError(f"{which}: checkpointer.checkpoint_dir is missing.")
     m = build_on_meta(model_cfg, dtype)
     load_hf_into_model(m, ck.checkpoint_dir, ck.get("checkpoint_files", None), device=device, dtype=dtype,
-                       which=which, **(precision.load_kwargs() if precision is not None else {}))
+                       which=which, progress=True, **(precision.load_kwargs() if precision is not None else {}))
     m.eval()
     for p in m.parameters():
         p.requires_grad_(False)
@@ -103,9 +111,14 @@ def _metrics(models: Dict[str, Any], teacher, ds_teacher, ds_orig, batch_size, p
     """models: name -> callable(tokens) -> logits [B, S, V] (fp32)."""
     from kd.losses import DistillationLoss, cross_entropy_sum
 
+    from kd.progress import progress
+
     kl_fn = DistillationLoss(kind="forward_kl", scale_by_t2=False)
     sums = {n: {"ce_t": 0.0, "n_t": 0.0, "kl": 0.0, "agree": 0.0, "ce_o": 0.0, "n_o": 0.0} for n in models}
-    for b in _batches(ds_teacher, batch_size, pad_id):
+    names = ",".join(models)
+    n_batches = lambda ds: (len(ds) + batch_size - 1) // batch_size  # noqa: E731
+    for b in progress(_batches(ds_teacher, batch_size, pad_id), total=n_batches(ds_teacher),
+                      desc=f"eval {names}: teacher answers", unit="batch"):
         tok, lab = b["tokens"].to(device), _shift(b["labels"]).to(device)
         flat = lab.reshape(-1)
         t_logits = teacher(tok).float().reshape(-1, teacher_vocab(teacher)) if teacher is not None else None
@@ -120,7 +133,8 @@ def _metrics(models: Dict[str, Any], teacher, ds_teacher, ds_orig, batch_size, p
                 sums[n]["kl"] += float(kl_fn(s, t_logits, flat).loss_sum)
                 sums[n]["agree"] += float(((s.argmax(-1) == t_logits.argmax(-1)) & valid).sum())
     if ds_orig is not None:
-        for b in _batches(ds_orig, batch_size, pad_id):
+        for b in progress(_batches(ds_orig, batch_size, pad_id), total=n_batches(ds_orig),
+                          desc=f"eval {names}: original labels", unit="batch"):
             tok, lab = b["tokens"].to(device), _shift(b["labels"]).to(device)
             for n, fn in models.items():
                 s = fn(tok).float()
@@ -145,24 +159,39 @@ def teacher_vocab(model) -> int:
     return model.tok_embeddings.num_embeddings
 
 
-def _answers(model, tokenizer, questions, system_prompt, *, max_new_tokens, params, seed, device, dtype) -> List[str]:
+def _generate(model, tokenizer, records, system_prompt, *, max_new_tokens, params, seed, device, dtype,
+              batch_size: int = 8, desc: str = "generate"):
+    """Answers (kd.generation.Generation) of ``model`` to alpaca ``records``, in batches of ``batch_size``."""
     from kd.generation import (
         generate_batch, install_last_token_head, prompt_tokens, remove_last_token_head, sample_seed, stop_token_ids,
     )
+    from kd.progress import progress
 
+    prompts = [prompt_tokens(tokenizer, r, system_prompt) for r in records]
+    gens = []
     install_last_token_head(model)
     try:
-        prompts = [prompt_tokens(tokenizer, {"instruction": q, "input": ""}, system_prompt) for q in questions]
-        gens = generate_batch(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(tokenizer),
-                              pad_id=tokenizer.pad_id, params=params, seeds=[sample_seed(seed, i) for i in range(len(prompts))],
-                              device=device, cache_dtype=dtype)
+        for i in progress(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
+            chunk = prompts[i:i + batch_size]
+            gens += generate_batch(model, chunk, max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(tokenizer),
+                                   pad_id=tokenizer.pad_id, params=params,
+                                   seeds=[sample_seed(seed, i + j) for j in range(len(chunk))],
+                                   device=device, cache_dtype=dtype)
     finally:
         remove_last_token_head(model)
+    return gens
+
+
+def _answers(model, tokenizer, questions, system_prompt, *, max_new_tokens, params, seed, device, dtype,
+             name: str = "model") -> List[str]:
+    gens = _generate(model, tokenizer, [{"instruction": q, "input": ""} for q in questions], system_prompt,
+                     max_new_tokens=max_new_tokens, params=params, seed=seed, device=device, dtype=dtype,
+                     batch_size=len(questions) or 1, desc=f"{name}: answer the questions")
     return [tokenizer.decode(g.tokens, skip_special_tokens=True) + (" …[truncated]" if g.finish == "length" else "")
             for g in gens]
 
 
-def _report(path: Path, metrics, answers, questions, meta) -> None:
+def _report(path: Path, metrics, answers, questions, meta, figures=None) -> None:
     from kd.checkpoint import atomic_write_text
 
     cols = [("ce_teacher", "CE on teacher answers"), ("ppl_teacher", "PPL (teacher ans.)"),
@@ -179,12 +208,57 @@ def _report(path: Path, metrics, answers, questions, meta) -> None:
     for name, m in metrics.items():
         cells = [("—" if c not in m else (f"{m[c]:.2%}" if c == "top1" else f"{m[c]:.4f}")) for c, _ in cols]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Lower CE/PPL/KL and higher top-1 agreement = closer to the teacher.", "", "## Answers", ""]
+    lines += ["", "Lower CE/PPL/KL and higher top-1 agreement = closer to the teacher.", ""]
+    for title, fname, caption in (figures or []):
+        lines += [f"## {title}", "", f"![{title}]({fname})", "", caption, ""]
+    lines += ["## Answers", ""]
     for qi, q in enumerate(questions):
         lines += [f"### {qi + 1}. {q}", ""]
         for name, ans in answers.items():
             lines += [f"**{name}**:", "", "> " + ans[qi].replace("\n", "\n> "), ""]
     atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _metrics_path(p) -> Path:
+    p = Path(p)
+    return p / "metrics.jsonl" if p.is_dir() else p
+
+
+def _figures(out: Path, cfg, metrics, lengths, adapters, max_new: int):
+    """Write the report's PNGs; returns (title, file name, caption) per picture written."""
+    from kd import report
+
+    given = dict(to_container(cfg.get("training_metrics", None)) or {})
+    paths = {name: _metrics_path(given[name]) if name in given else report.find_run_metrics(adir)
+             for name, adir in adapters.items()}
+    paths.update({name: _metrics_path(p) for name, p in given.items() if name not in adapters})
+    runs = {}
+    for name, p in paths.items():
+        if p is None:
+            continue
+        if not p.is_file():
+            raise ConfigError(f"training_metrics.{name}={str(p)!r} does not exist (give a run's metrics.jsonl "
+                              "or its output_dir).")
+        rows = report.read_metrics_jsonl(p)
+        if rows:
+            runs[name] = rows
+    figs = []
+    if runs:
+        report.plot_training_curves(runs, out / "eval_curves.png")
+        figs.append(("Training and validation curves", "eval_curves.png",
+                     "Lines: training steps (logged every `log_every_n_steps`); dashed with dots: validation. "
+                     "From the `metrics.jsonl` of " + ", ".join(f"`{k}`" for k in runs) + "."))
+    report.plot_heldout_bars(metrics, out / "eval_heldout.png")
+    figs.append(("Held-out metrics per model", "eval_heldout.png",
+                 "KL(teacher‖model) and CE per answer token (lower = closer to the teacher), top-1 agreement "
+                 "(higher = closer)."))
+    if lengths:
+        report.plot_length_histogram(lengths, out / "eval_lengths.png", max_new_tokens=max_new)
+        n = max(len(v) for v in lengths.values())
+        figs.append(("Answer lengths", "eval_lengths.png",
+                     f"Tokens per answer on the first {n} held-out prompts (generation stops at "
+                     f"max_new_tokens={max_new})."))
+    return figs
 
 
 def recipe_main(cfg: DictConfig) -> None:
@@ -215,6 +289,11 @@ def recipe_main(cfg: DictConfig) -> None:
                             top_p=number(cfg, "top_p", 1.0, min_value=0.0, max_value=1.0))
     seed = number(cfg, "seed", 0, kind=int)
     questions = list(to_container(cfg.get("questions", None)) or DEFAULT_QUESTIONS)
+    plots = bool(cfg.get("plots", True))
+    if not bool(cfg.get("progress_bar", True)):
+        import os
+
+        os.environ["KD_PROGRESS"] = "0"
 
     # ---- data: the same held-out split twice (teacher answers / original labels) ---------------------------
     d = cfg.dataset
@@ -262,31 +341,49 @@ def recipe_main(cfg: DictConfig) -> None:
     # metrics: base (adapter disabled), then each adapter, then the teacher itself
     metrics: Dict[str, Dict[str, float]] = {}
     answers: Dict[str, List[str]] = {}
+    lengths: Dict[str, List[int]] = {}  # answer lengths (tokens) on the first length_samples held-out prompts
+    n_len = number(cfg, "length_samples", 32, kind=int, min_value=0) if plots else 0
+    len_records = [ds_t.record(i) for i in range(min(n_len, len(ds_t)))]
     gen_kw = dict(max_new_tokens=max_new, params=params, seed=seed, device=device, dtype=dtype)
+
+    def answer_all(name, model):
+        answers[name] = _answers(model, tokenizer, questions, sp, name=name, **gen_kw)
+        if len_records:
+            gens = _generate(model, tokenizer, len_records, sp, batch_size=bs, desc=f"{name}: answer lengths", **gen_kw)
+            lengths[name] = [len(g.tokens) for g in gens]
+
     metrics.update(_metrics({"base": base_fn}, teacher, ds_t, ds_o, bs, tokenizer.pad_id, device))
     if is_lora:
         with disable_adapter(student):
-            answers["base"] = _answers(student, tokenizer, questions, sp, **gen_kw)
+            answer_all("base", student)
     else:
-        answers["base"] = _answers(student, tokenizer, questions, sp, **gen_kw)
+        answer_all("base", student)
     models_meta = {"base": str(cfg.checkpointer.checkpoint_dir)}
     for name, adir in adapters.items():
         _load_adapter(student, adir, cfg.model)
         metrics.update(_metrics({name: student}, teacher, ds_t, ds_o, bs, tokenizer.pad_id, device))
-        answers[name] = _answers(student, tokenizer, questions, sp, **gen_kw)
+        answer_all(name, student)
         models_meta[name] = f"base + adapter {adir}"
     if teacher is not None:
         metrics.update(_metrics({"teacher": teacher}, teacher, ds_t, ds_o, bs, tokenizer.pad_id, device))
-        answers["teacher"] = _answers(teacher, tokenizer, questions, sp, **gen_kw)
+        answer_all("teacher", teacher)
         models_meta["teacher"] = str(cfg.teacher_checkpointer.checkpoint_dir)
+    elif len_records:
+        # No live teacher: the teacher's lengths are those of the data's answers (the teacher's own answers
+        # when the file comes from recipes/generate_teacher.py), cut at max_new_tokens like the students'.
+        lengths["teacher (data)"] = [
+            min(max_new, len(tokenizer.encode(str(r["output"]), add_bos=False, add_eos=False))) for r in len_records
+        ]
     meta = {"source": str(d.source), "split": dkw["split"], "n_samples": len(ds_t), "models": models_meta,
             "max_new_tokens": max_new, "temperature": params.temperature}
     from kd.checkpoint import atomic_write_text
 
+    figures = _figures(out, cfg, metrics, lengths, adapters, max_new) if plots else []
     atomic_write_text(out / "eval_metrics.json",
-                      json.dumps({"metrics": metrics, "answers": answers, "questions": questions, **meta},
+                      json.dumps({"metrics": metrics, "answers": answers, "questions": questions,
+                                  "answer_lengths": lengths, "figures": [f[1] for f in figures], **meta},
                                  ensure_ascii=False, indent=1) + "\n")
-    _report(out / "eval_report.md", metrics, answers, questions, meta)
+    _report(out / "eval_report.md", metrics, answers, questions, meta, figures)
     for n, m in metrics.items():
         log.info(f"{n}: " + " ".join(f"{k}={v:.4f}" for k, v in m.items() if not k.startswith("tokens")))
     log.info(f"report: {out / 'eval_report.md'}")

@@ -7,6 +7,16 @@ Writes ``<output_dir>/merged/`` (safetensors shards + index, config.json, tokeni
 copied from the base checkpoint; ``transformers.AutoModelForCausalLM.from_pretrained`` loads it) and
 ``<output_dir>/adapter/`` (the PEFT adapter, loadable with ``peft.PeftModel.from_pretrained``). Runs on CPU
 by default (7B in bf16 needs ~16 GB of host memory); the merge itself is done in fp32 (kd.checkpoint.save_merged_hf).
+
+Quantized deployment copy (optional extra: ``pip install -e ".[deploy]"``), see kd.quantize and docs/deploy.md:
+
+    tune run recipes/export.py --config configs/tiny/export.yaml adapter_dir=... quantize=fp8_dynamic
+    tune run recipes/export.py --config configs/tiny/export.yaml adapter_dir=... quantize=w4a16 \
+        calibration.source=<training data json>
+
+writes ``<output_dir>/quantized-<scheme>/`` (compressed-tensors format; ``vllm serve`` loads it) after the merged
+checkpoint, then loads it back with transformers and logs its max logit difference and KL to the merged model on
+``calibration.check_samples`` samples (kept in ``kd_quantize.json``). ``quantize`` may be a list of schemes.
 """
 
 from __future__ import annotations
@@ -22,7 +32,10 @@ from kd.config import ConfigError, check_keys, number, require_component
 
 log = logging.getLogger("kd.export")
 KEYS = {"output_dir", "model", "checkpointer", "adapter_dir", "device", "dtype", "max_shard_size_gb", "tokenizer",
-        "overwrite"}
+        "overwrite", "quantize", "calibration", "full_checkpoint"}
+CALIBRATION_KEYS = {"source", "num_samples", "max_seq_len", "seed", "system_prompt", "val_size", "check_samples",
+                    "dampening"}
+
 
 
 def _check_targets(out: Path, adapter_dir: Path, overwrite: bool) -> None:
@@ -45,14 +58,21 @@ def recipe_main(cfg: DictConfig) -> None:
     from kd.checkpoint import atomic_write_dir, save_merged_hf
     from kd.models import build_on_meta, load_hf_into_model
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
-    check_keys(cfg, KEYS, where="the export config", required=("output_dir", "model", "checkpointer", "adapter_dir"))
+    from kd.progress import configure_logging
+
+    configure_logging()
+    check_keys(cfg, KEYS, where="the export config", required=("output_dir", "model", "checkpointer"))
     require_component(cfg, "model")
-    if "lora_rank" not in cfg.model:
-        raise ConfigError("model must be the LoRA builder the adapter was trained with (lora_rank/lora_alpha/...).")
     ck = cfg.checkpointer
     check_keys(ck, {"_component_", "checkpoint_dir", "checkpoint_files", "model_type", "output_dir"},
                where="'checkpointer'", required=("checkpoint_dir",))
+    if cfg.get("full_checkpoint", None) is not None:
+        return _export_full(cfg)
+    if cfg.get("adapter_dir", None) is None:
+        raise ConfigError("set adapter_dir (a LoRA run's <run>/checkpoints/step_X/adapter) or full_checkpoint (a "
+                          "full fine-tune's <run>/checkpoints/step_X).")
+    if "lora_rank" not in cfg.model:
+        raise ConfigError("model must be the LoRA builder the adapter was trained with (lora_rank/lora_alpha/...).")
     adapter_dir = Path(cfg.adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ConfigError(f"adapter_dir {str(adapter_dir)!r} has no adapter_config.json (pass a PEFT adapter folder, "
@@ -67,7 +87,7 @@ def recipe_main(cfg: DictConfig) -> None:
     _check_targets(Path(cfg.output_dir), adapter_dir, bool(cfg.get("overwrite", False)))
     model = build_on_meta(cfg.model, dtype)
     load_hf_into_model(model, ck.checkpoint_dir, ck.get("checkpoint_files", None), device=device, dtype=dtype,
-                       which="student")
+                       which="student", progress=True)
     from recipes.evaluate import _load_adapter
 
     _load_adapter(model, str(adapter_dir), cfg.model)
@@ -81,6 +101,95 @@ def recipe_main(cfg: DictConfig) -> None:
                 if f.is_file():
                     shutil.copy2(f, tmp / f.name)
     log.info(f"merged HF checkpoint: {path}; PEFT adapter: {out / 'adapter'}")
+    _quantize(cfg, out / "merged", out, device)
+
+
+def _export_full(cfg: DictConfig) -> None:
+    """A full fine-tune's sharded checkpoint (kd.full) -> full HF checkpoint in <output_dir>/merged, offline."""
+    from torchtune import training
+
+    from kd import dist as kdist
+    from kd.checkpoint import write_hf_checkpoint
+    from kd.full import SHARDS, assemble_full_state_dict
+    from kd.models import build_on_meta, model_dims
+
+    if "lora_rank" in cfg.model:
+        raise ConfigError("full_checkpoint is a full fine-tune's checkpoint: model must be the plain builder it was "
+                          "trained with (e.g. torchtune.models.qwen2_5.qwen2_5_7b_instruct), not a LoRA builder.")
+    src = Path(cfg.full_checkpoint)
+    shard_dir = src
+    if not list(src.glob("rank-*.json")):  # a step dir: its shards live in checkpoints/shards/step_X
+        shard_dir = src.parent / SHARDS / src.name
+    if not shard_dir.is_dir():
+        raise ConfigError(f"full_checkpoint={str(src)!r}: no shards found (looked in {shard_dir}); pass "
+                          "<run>/checkpoints/step_XXXXXXX or its shards folder.")
+    try:
+        device = kdist.resolve_device(cfg.get("device", "cpu"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    dtype = training.get_dtype(cfg.get("dtype", "bf16"), device=device)
+    dims = model_dims(build_on_meta(cfg.model, dtype))
+    sd = assemble_full_state_dict(shard_dir)
+    out = Path(cfg.output_dir)
+    path = write_hf_checkpoint(sd, cfg.checkpointer.checkpoint_dir, out / "merged",
+                               dims=(dims["num_heads"], dims["num_kv_heads"], dims["embed_dim"], dims["head_dim"]),
+                               dtype=dtype, max_shard_size_bytes=number(cfg, "max_shard_size_gb", 5.0, min_value=0.001) * 1e9)
+    log.info(f"full HF checkpoint: {path} (from {shard_dir})")
+    _quantize(cfg, out / "merged", out, device)
+
+
+def _quantize(cfg: DictConfig, merged, out: Path, device) -> None:
+    """The optional quantized deployment copies (kd.quantize), each checked against the merged model."""
+    import json
+
+    from kd import quantize as kq
+    from kd.config import to_container
+
+    q = cfg.get("quantize", None)
+    schemes = [] if q is None else ([q] if isinstance(q, str) else list(to_container(q)))
+    schemes = [kq.check_scheme(x) for x in schemes]
+    if not schemes:
+        return
+    kq.require_deploy_extra(schemes[0])
+    cal = cfg.get("calibration", None) or {}
+    if cal:
+        check_keys(cal, CALIBRATION_KEYS, where="'calibration'")
+    samples = []
+    if cal.get("source") is not None:
+        from torchtune import config as tt_config
+
+        if cfg.get("tokenizer") is None:
+            raise ConfigError("calibration.source needs the tokenizer section (the student's tokenizer).")
+        tok = tt_config.instantiate(cfg.tokenizer)
+        try:
+            samples = kq.calibration_prompts(
+                tok, cal.source, num_samples=number(cal, "num_samples", 256, kind=int, min_value=1),
+                max_seq_len=number(cal, "max_seq_len", 512, kind=int, min_value=8), seed=int(cal.get("seed", 0)),
+                system_prompt=cal.get("system_prompt", None), val_size=cal.get("val_size", 0.0))
+        except (ValueError, FileNotFoundError) as e:
+            from kd.config import DataError
+
+            raise DataError(f"calibration.source: {e}") from e
+    n_check = number(cal, "check_samples", 8, kind=int, min_value=0)
+    for scheme in schemes:
+        dest = out / f"quantized-{scheme}"
+        res = kq.quantize_checkpoint(merged, dest, scheme, calibration=samples, device=device,
+                                     dampening=number(cal, "dampening", 0.01, min_value=0.0),
+                                     max_shard_size_gb=number(cfg, "max_shard_size_gb", 5.0, min_value=0.001))
+        log.info(f"{scheme}: {res.modules} linear layers -> {res.format}; weights {res.weight_bytes_before / 1e9:.3f} GB "
+                 f"-> {res.weight_bytes_after / 1e9:.3f} GB ({res.weight_bytes_before / max(res.weight_bytes_after, 1):.2f}x "
+                 f"smaller) in {res.seconds:.1f}s; {dest}")
+        if samples and n_check:
+            chk = kq.compare_logits(merged, dest, samples[:n_check], device=device)
+            log.info(f"{scheme} vs the merged model (both in bf16) on {chk.tokens} tokens: max |logit diff| {chk.max_abs_diff:.4g}, "
+                     f"KL {chk.mean_kl:.3g} nats/token, top-1 agreement {chk.top1_agreement:.2%}")
+            meta_p = dest / "kd_quantize.json"
+            meta = json.loads(meta_p.read_text())
+            meta["check"] = chk._asdict()
+            from kd.checkpoint import atomic_write_text
+
+            atomic_write_text(meta_p, json.dumps(meta, indent=1) + "\n")
+        log.info(f"serve it (on a vLLM host; vLLM does not run here): {kq.vllm_serve_command(dest, scheme)}")
 
 
 def main() -> int:

@@ -251,6 +251,7 @@ def recipe_main(cfg: DictConfig) -> None:
         results, _ = store.scan(hashes)
         results = {i: r for i, r in results.items() if i in records}
         path = merge_results(records, results, out, dataset_name=s["dataset_name"], hashes=hashes,
+                             system_prompt=s["system_prompt"],
                              allow_missing=s["allow_missing"])
         summ = summarize({i: r for i, r in results.items() if r.get("prompt_hash") == hashes[i]})
         atomic_write_text(out / "summary.json", json.dumps(summ, indent=1) + "\n")

@@ -46,6 +46,7 @@ from kd.config import (
 from kd.checkpoint import lora_state_dict
 from kd.guard import NonFiniteGuard
 from kd.metric_logging import kd_logging_cfg
+from kd.full import all_trainable
 from kd.heads import FusedKDHead, HiddenStatesHead
 from kd.timing import PhaseTimer
 from kd.models import (
@@ -110,7 +111,7 @@ class KDLoRARecipe:
             )
 
         self._output_dir = Path(cfg.output_dir)
-        self._log_every_n_steps = number(cfg, "log_every_n_steps", 1, kind=int, min_value=1)
+        self._log_every_n_steps = number(cfg, "log_every_n_steps", 10, kind=int, min_value=1)
         self._log_peak_memory_stats = bool(cfg.get("log_peak_memory_stats", True))
         self._kd_ratio = number(cfg, "kd_ratio", 0.5, min_value=0.0, max_value=1.0)
         self._grad_accum = number(cfg, "gradient_accumulation_steps", 1, kind=int, min_value=1)
@@ -191,14 +192,14 @@ class KDLoRARecipe:
                 "enable_activation_offloading=True is not supported by this recipe; use "
                 "enable_activation_checkpointing=True to save activation memory."
             )
-        if "lora_rank" not in cfg.model:
-            raise ConfigError(
-                "model must be a torchtune LoRA builder (e.g. torchtune.models.qwen2_5.lora_qwen2_5_7b_instruct) "
-                "with lora_rank / lora_alpha / lora_attn_modules."
-            )
+        if "lora_rank" not in cfg.model:  # a plain builder: full fine-tune (kd.full)
+            from kd.full import check_config
+
+            check_config(cfg)
+        else:
+            checks.check_lora(cfg.model)
         # values torch/torchtune would reject later with a traceback, checked before any model is loaded
         checks.check_dtype(cfg)
-        checks.check_lora(cfg.model)
         checks.check_tokenizer_section(cfg, files=False)  # the files are checked when it is built (setup)
         checks.check_optimizer(cfg)
         checks.check_kd_loss(cfg)
@@ -303,6 +304,13 @@ class KDLoRARecipe:
         log.info("memory plan (per device):\n" + plan.table())
 
     def _lora_info(self, cfg_model: DictConfig) -> None:
+        from kd.full import is_full_finetune
+
+        # A plain (non-LoRA) builder trains the full student: same loop, sharded checkpoints (kd.full).
+        self._full = is_full_finetune(cfg_model)
+        if self._full:
+            self._lora_rank, self._lora_alpha = 0, 1.0
+            return
         self._lora_rank = int(cfg_model.lora_rank)
         self._lora_alpha = float(cfg_model.lora_alpha)
         self._lora_attn_modules = list(cfg_model.get("lora_attn_modules", []))
@@ -334,13 +342,15 @@ class KDLoRARecipe:
             mesh=self._mesh, fsdp=self._fsdp,
             reshard_after_forward=bool(cfg.get("fsdp_reshard_after_forward", True)),
             cpu_offload=bool(cfg.get("fsdp_cpu_offload", False)),
-            trainable=is_adapter_param, which="student", progress=self._is_rank_zero,
+            trainable=all_trainable if self._full else is_adapter_param, which="student",
+            progress=self._is_rank_zero,
             init_seed=self.seed or 0,
         )
         if cfg.get("compile", False):
             training.compile_model(model, verbose=self._is_rank_zero)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self._log(f"student ready: {n_train:,} trainable (LoRA) parameters per rank")
+        self._log(f"student ready: {n_train:,} trainable ({'full fine-tune' if self._full else 'LoRA'}) "
+                  "parameters per rank")
         return model
 
     def _setup_teacher(self, cfg: DictConfig):
@@ -588,9 +598,15 @@ class KDLoRARecipe:
         self._base_name = str(cfg.get("base_model_name_or_path", None) or self._student_ckpt_dir)
         if not self._resume:
             return
-        latest, state, adapter = self._load_resume_state()
-        load_adapter_state_dict(self._model, adapter)
-        self._load_optimizer_state(state["optimizer"])
+        if self._full:  # every rank loads its own shard of weights + optimizer state
+            from kd import full
+
+            latest, state = full.load_checkpoint(self._ckpt, self._model, self._optimizer, rank=self.rank,
+                                                 world_size=self.world_size, mesh_shape=self._mesh_shape())
+        else:
+            latest, state, adapter = self._load_resume_state()
+            load_adapter_state_dict(self._model, adapter)
+            self._load_optimizer_state(state["optimizer"])
         if self._lr_scheduler is not None and state.get("lr_scheduler") is not None:
             self._lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.global_step = int(state["global_step"])
@@ -618,6 +634,9 @@ class KDLoRARecipe:
 
         r = kdist.rank0_then_broadcast(read, error_type=ConfigError)
         return Path(r["path"]), r["state"], r["adapter"]
+
+    def _mesh_shape(self):
+        return tuple(self._mesh.mesh.shape) if self._mesh is not None else (1,)
 
     def _ckpt_dir_str(self) -> str:
         return str(self._output_dir / "checkpoints")
@@ -1046,15 +1065,21 @@ class KDLoRARecipe:
     def _validate_now(self) -> None:
         from torchtune import utils
 
+        from kd.progress import progress
+
         t0 = time.perf_counter()
         self._model.eval()
         sums = torch.zeros(6, device=self._device)
+        n_val = len(self._val_loader) if self._max_eval_batches is None else min(len(self._val_loader), self._max_eval_batches)
+        bar = progress(total=n_val, desc="validation", unit="batch", enabled=self._progress_bar)
         for i, b in enumerate(self._val_loader):
             if self._max_eval_batches is not None and i >= self._max_eval_batches:
                 break
+            bar.update(1)
             utils.batch_to_device(b, self._device)
             out = self._loss_step(b, self._kd_ratio)
             sums += torch.stack([out[k].detach().float() for k in ("loss", "ce", "kd", "kl", "n_valid", "n_agree")])
+        bar.close()
         self._model.train()
         sums = kdist.all_reduce_sum(sums)
         loss, ce, kd, kl, n_valid, n_agree = sums.tolist()
@@ -1080,7 +1105,8 @@ class KDLoRARecipe:
 
     def save_checkpoint(self) -> None:
         """Adapter (PEFT format), optimizer, LR scheduler, RNG of every rank and dataloader position,
-        written atomically by rank 0; collective (every rank must call it)."""
+        written atomically by rank 0 (full fine-tune: weights and optimizer state as per-rank shards, kd.full);
+        collective (every rank must call it)."""
         import torch.distributed as dist
 
         # never checkpoint a NaN/Inf state (collective: flags of every rank since the last logging step)
@@ -1089,25 +1115,27 @@ class KDLoRARecipe:
         t0 = time.perf_counter()
         if self._cache is not None:
             self._cache.flush()  # cache records of the steps this checkpoint covers are on disk
-        adapter = lora_state_dict(self._model)  # collective under FSDP (full_tensor)
-        opt = self._optimizer_state()  # collective under FSDP
+        # LoRA: full adapter + optimizer state gathered to rank 0 (small). Full fine-tune: each rank writes its
+        # own shards (kd.full), nothing is gathered.
+        adapter = None if self._full else lora_state_dict(self._model)  # collective under FSDP (full_tensor)
+        opt = None if self._full else self._optimizer_state()  # collective under FSDP
         rng = [self._rng_state()]
         if self._fsdp:
             gathered = [None] * self.world_size
             dist.all_gather_object(gathered, rng[0])
             rng = gathered
+        if self._full:
+            from kd import full
+
+            path = full.save_checkpoint(
+                self._ckpt, self.global_step, self.epochs_run, self._model, self._optimizer,
+                self._recipe_state(None, rng) if self._is_rank_zero else None,
+                rank=self.rank, world_size=self.world_size, mesh_shape=self._mesh_shape(),
+            )
+            self._log(f"checkpoint saved: {path} (+ {self.world_size} rank shard(s) under checkpoints/shards)")
+            return
         if self._is_rank_zero:
-            state = {
-                "optimizer": opt,
-                "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler is not None else None,
-                "global_step": self.global_step,
-                "epoch": self.epochs_run,
-                "step_in_epoch": self._step_in_epoch,
-                "dataloader": self._train_loader.state_dict() if self._step_in_epoch > 0 else None,
-                "rng": rng,
-                "seed": self.seed,
-                "world_size": self.world_size,
-            }
+            state = self._recipe_state(opt, rng)
             path = self._ckpt.save(
                 self.global_step, self.epochs_run, adapter_sd=adapter, adapter_meta=self._adapter_meta(),
                 recipe_state=state, run_info={**self._run_info, "step_in_epoch": self._step_in_epoch},
@@ -1116,6 +1144,19 @@ class KDLoRARecipe:
         kdist.barrier()
         if self._is_rank_zero:
             self._emit({"seconds": time.perf_counter() - t0}, kind="checkpoint")
+
+    def _recipe_state(self, opt, rng) -> Dict[str, Any]:
+        return {
+            "optimizer": opt,
+            "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler is not None else None,
+            "global_step": self.global_step,
+            "epoch": self.epochs_run,
+            "step_in_epoch": self._step_in_epoch,
+            "dataloader": self._train_loader.state_dict() if self._step_in_epoch > 0 else None,
+            "rng": rng,
+            "seed": self.seed,
+            "world_size": self.world_size,
+        }
 
     def _save_merged_model(self) -> None:
         from kd.checkpoint import save_merged_hf
@@ -1143,12 +1184,9 @@ class KDLoRARecipe:
 
 
 def _configure_logging() -> None:
-    rank = int(os.environ.get("RANK", 0))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stdout,
-    )
+    from kd.progress import configure_logging
+
+    configure_logging()  # INFO on rank 0, WARNING elsewhere; lines print above the progress bar
 
 
 def recipe_main(cfg: DictConfig) -> None:

@@ -163,6 +163,12 @@ def test_kill9_resume_is_byte_identical(testbed, tmp_path):
     assert a == b
     rows = json.loads(a)
     assert [r["id"] for r in rows] == list(range(40)) and all(r["original_output"] for r in rows)
+    # LLaMA-Factory (plan A) sees the system prompt the teacher answered under
+    from kd.data import DEFAULT_SYSTEM_PROMPT
+    from test_llamafactory_schema import llamafactory_alpaca_view
+
+    view = llamafactory_alpaca_view(tmp_path / "run", "teacher_distill")
+    assert len(view) == 40 and {v[0] for v in view} == {DEFAULT_SYSTEM_PROMPT}
     summ = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summ["samples"] == 40 and summ["truncated"] + summ["empty"] <= 40
     # nothing left to do: a re-run only re-merges, same bytes

@@ -60,7 +60,7 @@ def launch_pair(testbed, tmp_path, args0, args1=None, *, env_extra=None, timeout
 
 def _common(tmp_path):
     return [f"output_dir={tmp_path / 'out'}", "max_steps_per_epoch=2", "epochs=1", "batch_size=2",
-            "eval_every_n_steps=null", "save_every_n_steps=null", "progress_bar=False"]
+            "eval_every_n_steps=null", "save_every_n_steps=null", "progress_bar=False", "log_every_n_steps=1"]
 
 
 def test_two_node_launch_trains(testbed, tmp_path):

@@ -115,6 +115,15 @@ def test_evaluate_report(testbed, kd_adapter, tmp_path):
     assert all(math.isfinite(v) for mm in m.values() for v in mm.values())
     rep = (out / "eval_report.md").read_text()
     assert "| distilled |" in rep and "四圣谛" in rep and "金刚经" in rep and rep.count("**teacher**") == 5
+    # the pictures: next to the report, embedded in it, drawn from this run's data
+    full = json.loads((out / "eval_metrics.json").read_text())
+    assert full["figures"] == ["eval_curves.png", "eval_heldout.png", "eval_lengths.png"]
+    for f in full["figures"]:
+        assert (out / f).read_bytes()[:4] == b"\x89PNG" and f"]({f})" in rep
+    n_len = min(16, full["n_samples"])
+    assert {k: len(v) for k, v in full["answer_lengths"].items()} == {"base": n_len, "distilled": n_len,
+                                                                        "teacher": n_len}
+    assert all(0 <= x <= 16 for v in full["answer_lengths"].values() for x in v)
 
 
 def test_export_round_trip_transformers(testbed, kd_adapter, tmp_path):

@@ -12,7 +12,7 @@ import torch
 
 from recipe_utils import metrics, tune_run
 
-FAST = ["epochs=1", "max_steps_per_epoch=3", "~eval_every_n_steps", "progress_bar=False", "save_every_n_steps=100"]
+FAST = ["epochs=1", "max_steps_per_epoch=3", "log_every_n_steps=1", "~eval_every_n_steps", "progress_bar=False", "save_every_n_steps=100"]
 
 
 @pytest.fixture(scope="module")
