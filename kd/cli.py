@@ -41,6 +41,8 @@ def _plan(argv: List[str]) -> int:
     p.add_argument("--sweep", action="store_true", help="also print the peak for batch sizes 1, 2, 4, ...")
     p.add_argument("--time", action="store_true",
                    help="estimate the job's time (one epoch, the whole run; plan A's generation for a generate config)")
+    p.add_argument("--sample-records", type=int, default=None,
+                   help="with --time: tokenize only this many records and resample them to the data set's size")
     p.add_argument("--hardware", default=None,
                    help="with --time: h200, gb10 or a YAML profile (default: both h200 and gb10)")
     args, overrides = p.parse_known_args(argv)
@@ -81,20 +83,22 @@ def _plan_time(cfg, args) -> int:
     hws = [jobtime.load_hardware(n) for n in names]
     if cfg.get("max_new_tokens", None) is not None and cfg.get("teacher_model", None) is None:
         # a generation config (recipes/generate_teacher.py): plan A's decode time
-        expected = _expected_answer_lengths(cfg)
+        expected = _expected_answer_lengths(cfg, args.sample_records)
         for hw in hws:
             print(jobtime.estimate_generation(cfg, hw, expected_new_tokens=expected).table())
         return 0
     from kd import planner
 
     planner.validate_recipe_config(cfg)  # a kd_lora config: the recipe's own checks first
-    stats = jobtime.data_stats(cfg)
+    stats = jobtime.data_stats(cfg, sample_records=args.sample_records)
+    if args.sample_records:
+        print(f"(token counts estimated from {min(args.sample_records, stats.samples)} of {stats.samples} records)")
     for hw in hws:
         print(jobtime.estimate_job(cfg, hw, stats, world_size=args.world_size).table())
     return 0
 
 
-def _expected_answer_lengths(cfg) -> List[int]:
+def _expected_answer_lengths(cfg, sample_records=None) -> List[int]:
     """Generation configs: the teacher's answers are expected as long as the data set's reference answers."""
     from omegaconf import OmegaConf
     from kd import jobtime
@@ -105,7 +109,7 @@ def _expected_answer_lengths(cfg) -> List[int]:
                     **({"system_prompt": cfg.system_prompt} if cfg.get("system_prompt") else {})},
         "batch_size": 1,
     })
-    return jobtime.data_stats(ds).answers
+    return jobtime.data_stats(ds, sample_records=sample_records).answers
 
 
 def main(argv: Optional[List[str]] = None) -> int:

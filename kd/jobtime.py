@@ -150,12 +150,15 @@ def _cache_key(cfg) -> str:
     return h.hexdigest()[:16]
 
 
-def data_stats(cfg) -> DataStats:
-    """Token counts of the config's training split, through the recipe's own dataset builder (cached)."""
+def data_stats(cfg, sample_records: Optional[int] = None) -> DataStats:
+    """Token counts of the config's training split, through the recipe's own dataset builder (cached).
+
+    ``sample_records=N``: tokenize N records drawn evenly from the split and resample their (length, answer)
+    pairs, seeded, up to the split's size (a quick estimate of a large data set; the table says so)."""
     from torchtune import config as tt_config
 
     cache = Path(os.environ.get("KD_CACHE_DIR", Path.home() / ".cache" / "kd")) / "jobtime"
-    key = _cache_key(cfg)
+    key = _cache_key(cfg) + (f"-s{sample_records}" if sample_records else "")
     path = cache / f"{key}.json"
     packed = bool(cfg.dataset.get("packed", False))
     packing = str(cfg.dataset.get("packing", "best_fit"))
@@ -175,10 +178,19 @@ def data_stats(cfg) -> DataStats:
     from tqdm import tqdm
 
     lengths, answers = [], []
-    for i in tqdm(range(len(ds)), desc="tokenizing", disable=len(ds) < 2000):
+    n = len(ds)
+    idx = list(range(n)) if not sample_records or sample_records >= n else \
+        [int(k * n / sample_records) for k in range(sample_records)]
+    for i in tqdm(idx, desc="tokenizing", disable=len(idx) < 2000):
         s = ds[i]
         lengths.append(len(s["tokens"]))
         answers.append(sum(1 for x in s["labels"] if x != -100))
+    if len(idx) < n:
+        import random
+
+        rng = random.Random(0)
+        pick = [rng.randrange(len(idx)) for _ in range(n)]
+        lengths, answers = [lengths[j] for j in pick], [answers[j] for j in pick]
     msl = int(getattr(tok, "max_seq_len", None) or max(lengths))
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
