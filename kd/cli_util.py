@@ -110,8 +110,9 @@ def merge_overrides(yaml_cfg, cli_args) -> DictConfig:
         cfg = _merge_yaml_and_cli_args(
             argparse.Namespace(**OmegaConf.to_container(yaml_cfg, resolve=False)), overrides
         )
-    except ValueError as e:
-        raise ConfigError(f"bad command-line override: {e}") from None
+    except Exception as e:  # ValueError, yaml's ParserError for a value such as `key=...`: a user mistake
+        msg = " ".join(str(e).split())
+        raise ConfigError(f"bad command-line override ({' '.join(overrides)}): {msg}") from None
     return cfg
 
 

@@ -165,16 +165,40 @@ def test_every_documented_command_runs(testbed, tmp_path):
 
                 get_args_parser().parse_args([*launcher, "x.py"])  # the torchrun flags are valid
             (tiny if cfg.startswith("configs/tiny/") else qwen).append(("run", src, c, (launcher, recipe, cfg, over)))
+        elif head == "pip" and toks[1:3] == ["install", "-e"]:
+            import tomllib
+
+            extras = re.findall(r"\[(.*?)\]", toks[3])
+            opt = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+            assert extras and all(x in opt for x in ",".join(extras).split(",")), (src, c)  # the extra exists
+            checked.append(c)
+        elif head == "kd":
+            # kd plan runs as written; --time reads the config's data set, which exists only on the user's machine
+            # for the qwen configs: there it must stop with one clear line naming it
+            r = subprocess.run([str(Path(sys.executable).parent / "kd"), *toks[1:]], cwd=REPO, capture_output=True,
+                               text=True, env=env, timeout=600)
+            if "--time" in toks and "configs/qwen2_5/" in c:
+                assert r.returncode == 2 and "cannot read the config's data set" in r.stderr, (src, c, r.stderr)
+                assert "Traceback" not in r.stderr, (src, c)
+            else:
+                assert r.returncode == 0 and r.stdout.strip(), (src, c, r.stderr[-2000:])
+            checked.append(c)
         else:
             pytest.fail(f"{src}: no way to check {c!r}")
 
     # ---- tiny commands: really run, in the documented order -------------------------------------------
     order = ["generate.yaml", "sft_lora.yaml", "evaluate.yaml", "kd_lora.yaml", "export.yaml"]
     seen, tiny_runs = set(), []
-    for _, src, c, parts in sorted(tiny, key=lambda x: order.index(Path(x[3][2]).name)):
+    rank = lambda name: order.index(name) if name in order else len(order)  # noqa: E731 (others after)
+    for _, src, c, parts in sorted(tiny, key=lambda x: rank(Path(x[3][2]).name)):
         if c in seen:
             continue
         seen.add(c)
+        if Path(parts[2]).name in ("kd_full.yaml", "export_full.yaml"):
+            # the full fine-tune chain (2 processes, sharded checkpoints, export) is run by tests/test_full_finetune.py
+            assert (REPO / parts[2]).is_file(), (src, c)
+            checked.append(c)
+            continue
         tiny_runs.append((src, c, parts))
     assert {Path(p[2]).name for _, _, p in tiny_runs} == set(order)
     latest = lambda run: (scratch / "outputs" / run / "checkpoints" / "latest").read_text().strip()  # noqa: E731
@@ -191,6 +215,8 @@ def test_every_documented_command_runs(testbed, tmp_path):
             if m:
                 t = t.replace(m.group(2), latest(m.group(1)))
             fixed.append(t)
+        if name == "export.yaml" and (scratch / "outputs" / "tiny_export" / "merged").exists():
+            fixed.append("overwrite=True")  # the README's export after the header's: same output_dir
         if name == "export.yaml" and not any(t.startswith("adapter_dir=") for t in fixed):
             fixed.append(f"adapter_dir=outputs/tiny_kd_lora/checkpoints/{latest('tiny_kd_lora')}/adapter")
         if launcher:

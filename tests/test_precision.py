@@ -281,7 +281,8 @@ def test_preflight_reports_precision_path(testbed, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 # Through the real recipe
 # --------------------------------------------------------------------------------------------------
-RUN = ["epochs=1", "max_steps_per_epoch=2", "~eval_every_n_steps", "save_every_n_steps=100", "progress_bar=False"]
+RUN = ["epochs=1", "max_steps_per_epoch=2", "~eval_every_n_steps", "save_every_n_steps=100", "progress_bar=False",
+       "log_every_n_steps=1"]
 # first-step KL(teacher || student) on the tiny bed (fp32 run, seed 42), CPU torch 2.13: the teacher's precision
 # is the only difference between the runs (same student, same batch)
 GOLDEN_KL1 = {"bf16": 5.5776, "nf4": 5.549, "fp8": 5.5784, "nf4_fp8": 5.542}
