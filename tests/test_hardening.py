@@ -257,9 +257,12 @@ def test_pins_torch_2_11_and_bitsandbytes_is_optional():
     out = subprocess.run(["bash", "launch/wheelhouse.sh", "requirements"], cwd=REPO, capture_output=True, text=True,
                          env={**os.environ, "PYTHON": sys.executable}, check=True).stdout.split()
     assert "bitsandbytes" not in " ".join(out) and "torch==2.11.0" in out
-    # kd never imports bitsandbytes
+    # kd never needs bitsandbytes: no module imports it at module level (kd.nf4_decode's optional batch-1 kernel
+    # imports it inside the function that uses it, behind an availability check)
+    import re
+
     for f in list((REPO / "kd").rglob("*.py")) + list((REPO / "recipes").glob("*.py")):
-        assert "import bitsandbytes" not in f.read_text(), f
+        assert not re.search(r"^(import|from) bitsandbytes", f.read_text(), re.M), f
 
 
 # --------------------------------------------------------------------------------------------------
