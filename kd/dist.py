@@ -138,7 +138,11 @@ def barrier() -> None:
 
 
 def destroy() -> None:
+    """Tear the process group down on every rank together: a rank that destroys its gloo group while another is
+    still finishing rank-0-only work (the merged export) can abort the process ("terminate called without an
+    active exception", seen once in CI on the full fine-tune resume test)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
