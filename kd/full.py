@@ -231,7 +231,10 @@ def save_checkpoint(ckpt, step: int, epoch: int, model: nn.Module, optimizer, re
         ckpt.output_dir.mkdir(parents=True, exist_ok=True)
         cleanup_stale_temps(ckpt.output_dir)
         with atomic_write_dir(ckpt.output_dir / name) as tmp:
-            atomic_torch_save(dict(recipe_state), tmp / "recipe_state.pt")
+            from kd import statecodec
+
+            # tensors + JSON (kd.statecodec), so resume loads it with weights_only=True: no pickle runs
+            atomic_torch_save(statecodec.pack(dict(recipe_state)), tmp / "recipe_state.pt")
             (tmp / "meta.json").write_text(json.dumps({
                 "format": FORMAT, "step": int(step), "epoch": int(epoch), "time": time.time(),
                 "time_iso": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions(),
@@ -261,7 +264,9 @@ def load_checkpoint(ckpt, model: nn.Module, optimizer, *, rank: int, world_size:
             if meta.get("format") != FORMAT:
                 info = ("format", f"{latest} is a {meta.get('format')!r} checkpoint (a LoRA run?), not {FORMAT}")
             else:
-                state = torch.load(latest / "recipe_state.pt", map_location="cpu", weights_only=False)
+                from kd.checkpoint import read_recipe_state
+
+                state = read_recipe_state(latest / "recipe_state.pt")  # weights_only=True, named on damage
                 info = ("ok", latest.name, state)
     info = _broadcast(info, rank)
     if info[0] == "missing":
