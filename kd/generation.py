@@ -174,6 +174,26 @@ def setup_kv_caches(model: nn.Module, batch_size: int, max_len: int, dtype: torc
         model.setup_caches(batch_size=batch_size, dtype=dtype, decoder_max_seq_len=max_len)
 
 
+def decode_qkv(attn, x: torch.Tensor, y: torch.Tensor, input_pos) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [b, H, 1, d], k and v [b, H_kv, 1, d] of one decode token through a torchtune attention module's
+    projections, RoPE and q/k norms (shared by the eager grouped decode and kd.static_decode)."""
+    b = x.shape[0]
+    q = attn.q_proj(x).view(b, 1, attn.num_heads, attn.head_dim)
+    if attn.pos_embeddings is not None:
+        q = attn.pos_embeddings(q, input_pos=input_pos)
+    q = q.transpose(1, 2)
+    if attn.q_norm is not None:
+        q = attn.q_norm(q)
+    k = attn.k_proj(y).view(b, 1, -1, attn.head_dim)
+    v = attn.v_proj(y).view(b, 1, -1, attn.head_dim)
+    if attn.pos_embeddings is not None:
+        k = attn.pos_embeddings(k, input_pos=input_pos)
+    k, v = k.transpose(1, 2), v.transpose(1, 2)
+    if attn.k_norm is not None:
+        k = attn.k_norm(k)
+    return q, k, v
+
+
 def _grouped_decode_forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, mask=None, input_pos=None):
     """torchtune ``MultiHeadAttention.forward`` for ONE new token with a KV cache, without expanding the KV heads.
 
@@ -186,19 +206,7 @@ def _grouped_decode_forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = N
         return type(self).forward(self, x, y, mask=mask, input_pos=input_pos)
     b = x.shape[0]
     g = self.num_heads // self.num_kv_heads
-    q = self.q_proj(x).view(b, 1, self.num_heads, self.head_dim)
-    if self.pos_embeddings is not None:
-        q = self.pos_embeddings(q, input_pos=input_pos)
-    q = q.transpose(1, 2)
-    if self.q_norm is not None:
-        q = self.q_norm(q)
-    k = self.k_proj(y).view(b, 1, -1, self.head_dim)
-    v = self.v_proj(y).view(b, 1, -1, self.head_dim)
-    if self.pos_embeddings is not None:
-        k = self.pos_embeddings(k, input_pos=input_pos)
-    k, v = k.transpose(1, 2), v.transpose(1, 2)
-    if self.k_norm is not None:
-        k = self.k_norm(k)
+    q, k, v = decode_qkv(self, x, y, input_pos)
     k, v = self.kv_cache.update(k, v)  # [b, n_kv, L, d]
     qg = q.reshape(b, self.num_kv_heads, g, self.head_dim)
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (self.head_dim ** -0.5)  # [b, n_kv, g, L]

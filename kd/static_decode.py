@@ -44,7 +44,8 @@ import torch
 from torch import nn
 
 from kd.generation import (
-    Generation, LastTokenHead, SamplingParams, _signed64, sample_next, setup_kv_caches, teardown_kv_caches,
+    Generation, LastTokenHead, SamplingParams, _signed64, decode_qkv, sample_next, setup_kv_caches,
+    teardown_kv_caches,
 )
 
 __all__ = ["StaticDecoder", "DecodeStepCost", "decode_step_cost", "QWEN2_5_72B_SHAPE"]
@@ -119,19 +120,7 @@ def _static_decode_forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = No
         return type(self).forward(self, x, y, mask=mask, input_pos=input_pos)
     b = x.shape[0]
     g = self.num_heads // self.num_kv_heads
-    q = self.q_proj(x).view(b, 1, self.num_heads, self.head_dim)
-    if self.pos_embeddings is not None:
-        q = self.pos_embeddings(q, input_pos=input_pos)
-    q = q.transpose(1, 2)
-    if self.q_norm is not None:
-        q = self.q_norm(q)
-    k = self.k_proj(y).view(b, 1, -1, self.head_dim)
-    v = self.v_proj(y).view(b, 1, -1, self.head_dim)
-    if self.pos_embeddings is not None:
-        k = self.pos_embeddings(k, input_pos=input_pos)
-    k, v = k.transpose(1, 2), v.transpose(1, 2)
-    if self.k_norm is not None:
-        k = self.k_norm(k)
+    q, k, v = decode_qkv(self, x, y, input_pos)
     kc, vc = self.kv_cache.k_cache, self.kv_cache.v_cache
     kc.index_copy_(2, slot, k.to(kc.dtype))
     vc.index_copy_(2, slot, v.to(vc.dtype))
