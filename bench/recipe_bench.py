@@ -350,7 +350,9 @@ def run_ours(work: Path, assets: Path, n_layers: int, steps: int, small: bool, t
     ]
     cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", "recipes/kd_lora.py", "--config", USER_CONFIG,
            *overrides]
-    res = _run(cmd, out, "ours", tag, small)
+    # a fresh inductor cache per run: the first step's time is a cold start, as a user's first run (with
+    # compile=True it is the compile warm-up; comparing two teacher depths shows it does not grow per layer)
+    res = _run(cmd, out, "ours", tag, small, env_extra={"TORCHINDUCTOR_CACHE_DIR": str(out / "inductor_cache")})
     res["overrides"] = overrides
     try:  # the memory planner's peak for exactly this run's config
         from kd.planner import plan_from_config
@@ -437,12 +439,13 @@ def run_stock(work: Path, assets: Path, n_layers: int, steps: int, small: bool, 
     return _run(cmd, out, "stock", f"L{n_layers}", small)
 
 
-def _run(cmd: List[str], out: Path, who: str, tag: str, small: bool) -> dict:
+def _run(cmd: List[str], out: Path, who: str, tag: str, small: bool, env_extra: Optional[dict] = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     log(f"{who} {tag}: {' '.join(cmd[3:])}")
     t0 = time.time()
     with open(out / "stdout.log", "w") as f:
-        p = subprocess.run(cmd, cwd=REPO, env=_env(small), stdout=f, stderr=subprocess.STDOUT)
+        p = subprocess.run(cmd, cwd=REPO, env={**_env(small), **(env_extra or {})}, stdout=f,
+                           stderr=subprocess.STDOUT)
     wall = time.time() - t0
     tail = (out / "stdout.log").read_text(errors="replace").splitlines()[-15:]
     if p.returncode != 0:
@@ -692,7 +695,7 @@ def print_table(results: dict, depths: List[int], stock_depths: List[int], targe
     print(f"data: {pad.get('samples')} samples, mean {pad.get('tokens_mean', 0):.0f} tokens; padding "
           f"unpacked {pad.get('padding_fraction_unpacked', 0):.1%}, packed next-fit (torchtune) "
           f"{pad.get('padding_fraction_packed_greedy', 0):.1%}, packed best-fit (kd) {pad.get('padding_fraction_packed', 0):.1%}")
-    print(f"{'run':<16}{'step s':>9}{'tok/s':>9}{'ans tok/s':>11}{'peak GiB':>10}  phases (s/step)")
+    print(f"{'run':<16}{'step s':>9}{'tok/s':>9}{'ans tok/s':>11}{'peak GiB':>10}{'1st step s':>11}  phases (s/step)")
     rows = [(f"ours_{v}" if v else "ours", depths) for v in variants] + [("stock", stock_depths)]
     for who, ds in rows:
         for n in ds:
@@ -702,7 +705,7 @@ def print_table(results: dict, depths: List[int], stock_depths: List[int], targe
                 continue
             ph = " ".join(f"{k}={v:.3f}" for k, v in (r.get("phases") or {}).items())
             print(f"{who + ' L' + str(n):<16}{r['step_s']:>9.2f}{r['tokens_per_s']:>9.0f}"
-                  f"{r['answer_tokens_per_s']:>11.0f}{(r['peak_gib'] or 0):>10.1f}  {ph}")
+                  f"{r['answer_tokens_per_s']:>11.0f}{(r['peak_gib'] or 0):>10.1f}{(r.get('first_step_s') or 0):>11.1f}  {ph}")
     for who, _ in rows:
         e = results.get(f"{who}_extrapolated")
         if e:

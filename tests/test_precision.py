@@ -352,3 +352,17 @@ def test_gpu_path_rounds_like_the_cpu_emulation():
     y_gpu = P.NF4FP8Linear(w4c, None)(x.cuda()).float().cpu()
     y_emu = P.NF4FP8Linear(w4, None, impl="emulate")(x).float()
     assert ((y_gpu - y_emu).norm() / y_emu.norm()).item() < 1e-2
+
+
+def test_compiled_activation_quant_equals_eager_bit_for_bit():
+    """`compile: True` runs the FP8 quantisation inside the compiled layers: inductor must keep eager's bf16
+    rounding of amax/448 (without emulate_precision_casts ~80% of the scales differ), or the CPU emulation stops
+    describing the compiled GPU path."""
+    x = torch.randn(37, 160, dtype=torch.bfloat16) * 3
+    x[5] = 0  # an all-zero (padding) row keeps scale 1
+    q_ref, s_ref = P.quantize_rowwise(x)
+    P.exact_casts_under_compile()
+    torch._dynamo.reset()
+    q_c, s_c = torch.compile(P.quantize_rowwise, dynamic=False)(x)
+    assert torch.equal(s_c, s_ref)
+    assert torch.equal(q_c.view(torch.uint8), q_ref.view(torch.uint8))
