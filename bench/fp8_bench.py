@@ -163,6 +163,16 @@ def layer_input(dims, B, S, dev, seed=0):
 # --------------------------------------------------------------------------------------------------
 # Parts
 # --------------------------------------------------------------------------------------------------
+def nf4_on_cpu(w):
+    """The same NF4 codes and scalers on the CPU. (``NF4Tensor.to("cpu")`` dequantises and quantises again, which
+    changes the block scalers: the first GPU check compared against such a re-quantised copy.)"""
+    from torchao.dtypes.nf4tensor import NF4Tensor, construct_nf4_args
+
+    names = ("quantized_scalers", "quantization_factor", "scaler_mean", "quantized_data", "nf4")
+    return NF4Tensor(*construct_nf4_args(w, {"device": torch.device("cpu"),
+                                             **{n: getattr(w, n).cpu() for n in names}}))
+
+
 def emulated_copy(base, l_dev, variant):
     """The CPU emulation of ``l_dev``: torchao fp8 -> kd's emulated RowwiseFP8Linear quantised on the CPU from the
     same bf16 weights (the claim under test: same rounding); kd fp8 / nf4_fp8 -> the device layer's own FP8 / NF4
@@ -181,7 +191,7 @@ def emulated_copy(base, l_dev, variant):
         if isinstance(d, P.RowwiseFP8Linear):
             new = P.RowwiseFP8Linear(d.weight_fp8.cpu(), d.weight_scale.cpu(), bias, impl="emulate")
         else:
-            new = P.NF4FP8Linear(d.weight.data.to(cpu), bias, impl="emulate", dequant_impl="torch")
+            new = P.NF4FP8Linear(nf4_on_cpu(d.weight.data), bias, impl="emulate", dequant_impl="torch")
         parent, _, leaf = name.rpartition(".")
         setattr(l_emu.get_submodule(parent) if parent else l_emu, leaf, new)
     return l_emu
@@ -465,6 +475,7 @@ def main():
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ARGS = args = ap.parse_args()
+    P.exact_casts_under_compile()  # compiled layers round as the eager path (what the recipe does for FP8 teachers)
     dev = torch.device(args.device)
     dims = dict(dim=8192, ffn=29568, heads=64, kv=8)
     dims_small = dict(dim=1024, ffn=2816, heads=8, kv=2)

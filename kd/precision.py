@@ -341,6 +341,18 @@ def emulated_scaled_mm(x8: torch.Tensor, sx: torch.Tensor, w8: torch.Tensor, sw:
     return y.to(out_dtype)
 
 
+def pad_rows16(x8: torch.Tensor, sx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pad the FP8 activations [M, K] (zero rows, scale 1) to a multiple of 16 rows: cuBLASLt has no FP8 kernel
+    for other M (``CUBLAS_STATUS_NOT_SUPPORTED`` at batch-1 decode on the H200, and any unpacked batch whose
+    token count is not a multiple of 16). M is a shape, so this costs no host sync; the caller slices ``[:M]``."""
+    pad = (-x8.shape[0]) % 16
+    if not pad:
+        return x8, sx
+    x8 = torch.cat([x8, x8.new_zeros(pad, x8.shape[1])])
+    sx = torch.cat([sx, sx.new_ones(pad, sx.shape[1])])
+    return x8, sx
+
+
 def fp8_linear(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
                *, impl: str = "auto") -> torch.Tensor:
     """``F.linear`` with FP8 rowwise operands. x [..., K] (bf16/fp32), w8 [N, K] e4m3, w_scale [N] fp32.
@@ -355,9 +367,11 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, bias: O
         impl = "scaled_mm" if x.is_cuda else "emulate"
     if impl == "scaled_mm":
         b = None if bias is None else bias.to(torch.bfloat16)
-        y = torch._scaled_mm(x8.contiguous(), w8.t(), scale_a=sx.contiguous(), scale_b=w_scale.reshape(1, -1), bias=b,
-                             out_dtype=torch.bfloat16, use_fast_accum=True)
-        y = y.to(x.dtype)
+        M = x8.shape[0]
+        x8p, sxp = pad_rows16(x8, sx)
+        y = torch._scaled_mm(x8p.contiguous(), w8.t(), scale_a=sxp.contiguous(), scale_b=w_scale.reshape(1, -1),
+                             bias=b, out_dtype=torch.bfloat16, use_fast_accum=True)
+        y = y[:M].to(x.dtype)
     elif impl == "emulate":
         y = emulated_scaled_mm(x8, sx, w8, w_scale, bias, x.dtype)
     else:
