@@ -300,7 +300,8 @@ class CacheSession:
                 if any(ix.sample_ids[i] in miss for i in b):
                     todo.append((d, b))
         if not todo:
-            return {"samples": 0, "seconds": 0.0}
+            return {"samples": 0, "seconds": 0.0, "batches": 0, "answer_tokens_this_rank": 0, "tokens_this_rank": 0,
+                    "positions_this_rank": 0}
         self.log(f"teacher cache: teacher-only pass over {n_missing} missing samples in {len(todo)} batches "
                  f"of <= {bs}" + (f" rows / {max_tokens} tokens" if max_tokens else "")
                  + f" on {self.world_size} rank(s)")
@@ -309,7 +310,7 @@ class CacheSession:
         mine = todo[self.rank::self.world_size]
         rounds = math.ceil(len(todo) / self.world_size)
         t0 = time.perf_counter()
-        n_tok = 0
+        n_tok = n_in = n_pos = 0  # answer rows, real tokens, padded positions (this rank)
         pbar = tqdm(total=rounds, disable=not (self.progress and self.rank == 0), desc="teacher cache",
                     dynamic_ncols=True)
         for r in range(rounds):
@@ -320,6 +321,8 @@ class CacheSession:
                 batch = collate(items)
                 batch["segments"] = segments_tensors(item_segments(items))
                 n_tok += self._fill_batch(teacher, head_weight, batch, chunk_size, dtype)
+                n_in += sum(len(x["tokens"]) for x in items)
+                n_pos += int(batch["tokens"].numel())
             elif teacher_sharded:
                 # FSDP-sharded teacher: every rank must run as many forwards (all-gathers) as the others
                 teacher(torch.zeros(1, 1, dtype=torch.long, device=self.device))
@@ -335,7 +338,8 @@ class CacheSession:
         self.store.scan()
         dt = time.perf_counter() - t0
         self.log(f"teacher cache: pass done in {dt:.1f} s; {self.describe()}")
-        return {"samples": n_missing, "seconds": dt, "answer_tokens_this_rank": n_tok}
+        return {"samples": n_missing, "seconds": dt, "batches": len(todo), "answer_tokens_this_rank": n_tok,
+                "tokens_this_rank": n_in, "positions_this_rank": n_pos}
 
     def _fill_batch(self, teacher, head_weight, batch, chunk_size: int, dtype) -> int:
         tokens = batch["tokens"].to(self.device)

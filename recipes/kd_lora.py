@@ -720,13 +720,15 @@ class KDLoRARecipe:
         """Teacher-only pass over what the cache lacks, then free the teacher (its memory goes back)."""
         import gc
 
-        self._cache.fill(
+        stats = self._cache.fill(
             self._teacher, self._teacher_head_weight, self._cache_collate(),
             batch_size=number(self._cfg, "batch_size", 1, kind=int, min_value=1),
             chunk_size=self._fused_chunk_size, dtype=self._dtype,
             teacher_sharded=self._fsdp and self._cfg.get("teacher_sharding", "shard") == "shard",
             batch_tokens=self._cache_batch_tokens,  # packed data: as many tokens per forward as a step
         )
+        if self._is_rank_zero and stats["samples"]:  # the pass's throughput (rank 0's share), e.g. for bench/
+            self._emit({k: float(v) for k, v in stats.items()}, "cache_fill")
         before = torch.cuda.memory_allocated(self._device) if self._device.type == "cuda" else 0
         self._teacher = self._teacher_head_weight = None
         gc.collect()
