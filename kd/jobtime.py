@@ -361,8 +361,8 @@ def estimate_job(cfg, hw: Hardware, stats: Optional[DataStats] = None, world_siz
                 if nf4:
                     t_dequant += 4.5 * t.linear / (hw.mem_gbps * 1e9)
                 t_head += 2.0 * t.vocab_size * t.embed_dim * T / (R * hw.head_eff)
-            if write:
-                t_write += n_ans * sampler_s_per_row
+            if write:  # the fused head draws for every row it computes (prompt rows too), the writer keeps answers
+                t_write += T * sampler_s_per_row
             if read:
                 t_read += n_ans * (5 * k + 7) / (hw.disk_gbps * 1e9) + T * (12 * k + 12) / (H2D_GBPS * 1e9)
             per_layer = 2.0 * (s.linear + s.adapter) / max(1, s.num_layers) * T
@@ -384,7 +384,7 @@ def estimate_job(cfg, hw: Hardware, stats: Optional[DataStats] = None, world_siz
         comps.append(Component("loss head (fused)", t_head, "teacher + student projections" if teacher
                                else f"student projection + sparse soft-CE over K={k}"))
         if write:
-            comps.append(Component("teacher cache write", t_write, f"K={k} draws per answer token (modelled)"))
+            comps.append(Component("teacher cache write", t_write, f"K={k} draws per position (modelled)"))
         if read:
             comps.append(Component("teacher cache read", t_read, "records + sparse targets to the device (modelled)"))
         comps.append(Component("optimizer", t_opt, f"AdamW over {s.adapter:,} LoRA params"))
