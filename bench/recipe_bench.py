@@ -19,6 +19,10 @@ What it does (one GPU machine, one process per run):
    run (for ours: the recipe's own teacher-forward phase time; for stock: its step time), and the check of that
    line against a third point when three depths are given.
 6. ``kd plan --time`` (``kd.jobtime``) for the same job, printed beside the measurement.
+7. ``--cache`` (issue 11, teacher cache): at one depth, the online_then_cache epoch-1 step (writes the cache),
+   a ``mode=build`` pass over the samples the next run needs (teacher tokens/s), a ``mode=use`` step from that
+   cache, the write overhead, cache-step ratio and the projected 3-epoch ratio (``cache_bench``), written to
+   ``recipe_bench.json["teacher_cache"]``.
 
 Usage on the GPU machine (see docs/benchmarks.md for the exact call)::
 
@@ -577,6 +581,129 @@ def _ours_one(results, ours, work, assets, n, a, small, extra, tdims, validate, 
         log(f"{key}: {json.dumps(ours[n])}")
 
 
+def cache_samples_needed(results: dict, a, small: bool, recs: List[dict]) -> int:
+    """Samples the from-cache run needs for ``--steps`` optimizer steps of packed micro-batches (from the
+    loader model's samples per micro-batch, +10%, over the training split), unless ``--cache-samples``."""
+    from omegaconf import OmegaConf
+
+    if a.cache_samples:
+        return min(len(recs), a.cache_samples)
+    user = OmegaConf.load(REPO / USER_CONFIG)
+    ga = 1 if small else int(user.gradient_accumulation_steps)
+    spb = float(results.get("padding", {}).get("samples_per_batch_packed") or 8.0)
+    val = float(user.dataset.val_size)
+    return min(len(recs), int(math.ceil(a.steps * ga * spb * 1.1 / (1.0 - val))) + 8)
+
+
+def _fill_row(out: Path) -> Optional[dict]:
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    fills = [r for r in rows if r["kind"] == "cache_fill"]
+    return fills[-1] if fills else None
+
+
+def cache_bench(results: dict, work: Path, assets: Path, a, small: bool, extra: List[str], tdims: dict,
+                depths: List[int], recs: List[dict], save) -> dict:
+    """The teacher cache's speed target (issue 11), at one teacher depth (``--cache-depth``, default the
+    shallowest of ``--depths``), next to that depth's online baseline run ``ours_L{n}``:
+
+    (b) ``ours_cache_write_L{n}``: epoch 1 of ``teacher_cache.mode=online_then_cache`` (epochs=1, so no fill):
+        the online step that also draws K samples per answer token and writes them, on the same data and
+        batches as the baseline -> write overhead;
+    (c0) ``cache_build_L{n}``: ``mode=build`` over the first M samples (M: what (c) trains on) -> the
+        teacher-only pass's throughput in teacher tokens/s (the recipe's ``cache_fill`` metrics row);
+    (c) ``ours_cache_use_L{n}``: ``mode=use`` on those M samples (the teacher is never loaded) -> the step
+        from the cache.
+
+    Projection to 80 teacher layers with the baseline's measured per-layer teacher cost (needs 2 depths):
+    online80 = the extrapolated online step; write adds the same absolute seconds as at depth n (the sampler
+    works on the head's logits, not on the layers); the cache step does not depend on the teacher; the build's
+    seconds per teacher token grow by the extra layers' forward seconds per token of the online baseline. The 3-epoch ratio is
+    (epoch 1 online + write, + fill of the samples epoch 1 does not see, + 2 epochs from the cache) /
+    (3 epochs online), per optimizer step of the user's job (fill share: the validation split when the user's
+    config validates; the drop_last remainder is left out)."""
+    from omegaconf import OmegaConf
+
+    n = a.cache_depth or min(depths)
+    if n not in depths:
+        raise SystemExit(f"--cache-depth {n} must be one of --depths {depths}")
+    res: dict = {"depth": n}
+    # (b)
+    wdir = work / f"cache_write_L{n}"
+    shutil.rmtree(wdir, ignore_errors=True)
+    _ours_one(results, {}, work, assets, n, a, small,
+              extra + ["teacher_cache.mode=online_then_cache", f"teacher_cache.dir={wdir}"], tdims,
+              validate=False, variant="cache_write")
+    save()
+    # (c0)
+    m = cache_samples_needed(results, a, small, recs)
+    sub = work / "data_cache.json"
+    sub.write_text(json.dumps(recs[:m], ensure_ascii=False))
+    res["cache_samples"] = m
+    bdir = work / f"cache_L{n}"
+    shutil.rmtree(bdir, ignore_errors=True)
+    data_ov = [f"dataset.source={sub}"]
+    r = run_ours(work, assets, n, a.steps, small, f"cache_build_L{n}",
+                 extra + ["teacher_cache.mode=build", f"teacher_cache.dir={bdir}", *data_ov], tdims, validate=False)
+    results[f"cache_build_L{n}_run"] = r
+    fill = _fill_row(Path(r["out"])) if r["ok"] else None
+    if fill:
+        res["build"] = {"samples": fill["samples"], "seconds": fill["seconds"], "batches": fill.get("batches"),
+                        "tokens": fill["tokens_this_rank"], "positions": fill["positions_this_rank"],
+                        "answer_tokens": fill["answer_tokens_this_rank"], "wall_s": r["wall_s"],
+                        "tokens_per_s": fill["tokens_this_rank"] / max(1e-9, fill["seconds"]),
+                        "positions_per_s": fill["positions_this_rank"] / max(1e-9, fill["seconds"])}
+        log(f"cache build L{n}: {json.dumps(res['build'])}")
+    save()
+    # (c)
+    if r["ok"]:
+        _ours_one(results, {}, work, assets, n, a, small,
+                  extra + ["teacher_cache.mode=use", f"teacher_cache.dir={bdir}", *data_ov], tdims,
+                  validate=False, variant="cache_use")
+    save()
+    on, wr, use = (results.get(f"ours{v}_L{n}") for v in ("", "_cache_write", "_cache_use"))
+    if on and wr:
+        res["write_overhead_pct"] = 100.0 * (wr["step_s"] / on["step_s"] - 1.0)
+        res["write_overhead_s"] = wr["step_s"] - on["step_s"]
+    if on and use:
+        res["cache_step_vs_online"] = use["step_s"] / on["step_s"]
+        # per processed token (the subset's packs hold a few more or fewer tokens than the baseline's)
+        res["cache_step_vs_online_per_token"] = (use["step_s"] / use["tokens"]) / (on["step_s"] / on["tokens"])
+        if use["steps"] < a.steps:
+            res["warning"] = f"the from-cache run made {use['steps']} of {a.steps} steps: raise --cache-samples"
+    user = OmegaConf.load(REPO / USER_CONFIG)
+    fill_share = float(user.dataset.val_size) / (1.0 - float(user.dataset.val_size)) \
+        if user.get("eval_every_n_steps", None) else 0.0
+    res["fill_share"] = fill_share
+
+    def ratios(online_s, write_extra_s, cache_s, build_tps, tokens_per_step):
+        build_s = tokens_per_step / build_tps  # teacher-only seconds per step's worth of samples
+        return {"online_step_s": online_s, "write_step_s": online_s + write_extra_s, "cache_step_s": cache_s,
+                "build_s_per_step_of_data": build_s,
+                "three_epochs_online_then_cache_vs_online":
+                    (online_s + write_extra_s + fill_share * build_s + 2 * cache_s) / (3 * online_s),
+                "three_epochs_build_then_use_vs_online": ((1 + fill_share) * build_s + 3 * cache_s) / (3 * online_s)}
+
+    if on and wr and use and "build" in res:
+        tps = on["tokens"]  # the user's step: the baseline's tokens per optimizer step
+        cache_s = use["step_s"] / use["tokens"] * tps
+        res[f"at_L{n}"] = ratios(on["step_s"], res["write_overhead_s"], cache_s, res["build"]["tokens_per_s"], tps)
+        ex = results.get("ours_extrapolated")
+        if ex:
+            target = QWEN2_5_72B["num_hidden_layers"] if not small else SMALL_TEACHER["num_hidden_layers"] * 2
+            hi = ex["from_depths"][1]
+            fwd_n = on["phases"]["teacher_fwd"]
+            fwd_t = results[f"ours_L{hi}"]["phases"]["teacher_fwd"] + ex["per_layer_s"] * (target - hi)
+            # the build at 80 layers = the measured build + the extra layers' forward per token, as the online
+            # baseline measures it (the head and the sampler do not depend on the depth)
+            build_tps_t = 1.0 / (1.0 / res["build"]["tokens_per_s"] + (fwd_t - fwd_n) / on["tokens"])
+            res[f"at_L{target}"] = {**ratios(ex["step_s_at_target"], res["write_overhead_s"], cache_s, build_tps_t, tps),
+                                    "build_tokens_per_s": build_tps_t,
+                                    "write_overhead_pct": 100.0 * res["write_overhead_s"] / ex["step_s_at_target"]}
+    results["teacher_cache"] = res
+    save()
+    return res
+
+
 def run_cmd(a) -> None:
     import torch
 
@@ -636,6 +763,11 @@ def run_cmd(a) -> None:
                 results[f"stock_L{n}"] = stock[n]
                 log(f"stock L{n}: {json.dumps(stock[n])}")
             save()
+    target = QWEN2_5_72B["num_hidden_layers"] if not small else SMALL_TEACHER["num_hidden_layers"] * 2
+    if len(ours_v[""]) >= 2:  # the cache projection below needs the baseline's per-layer teacher cost
+        results["ours_extrapolated"] = extrapolate(ours_v[""], "teacher_fwd", target)
+    if a.cache:
+        cache_bench(results, work, assets, a, small, extra, tdims, depths, recs, save)
     # activation checkpointing: measured peak against the planner, at the shallowest depth
     for j, ac in enumerate(a.ac_variants.split(";") if a.ac_variants else []):
         n = depths[-1]
@@ -723,6 +855,31 @@ def print_table(results: dict, depths: List[int], stock_depths: List[int], targe
         r = results.get(f"ours_L{n}")
         if r and r.get("planned_peak_gib"):
             print(f"ours L{n}: measured peak {r['peak_gib']:.2f} GiB, planned {r['planned_peak_gib']:.2f} GiB")
+    tc = results.get("teacher_cache")
+    if tc:
+        n = tc["depth"]
+        print(f"teacher cache (teacher L{n}; issue 11 targets: write <= 3%, 3 epochs <= 0.55x):")
+        for who in ("ours", "ours_cache_write", "ours_cache_use"):
+            r = results.get(f"{who}_L{n}")
+            print(f"  {who + ' L' + str(n):<24}" + (f"step {r['step_s']:.3f} s, {r['tokens_per_s']:.0f} tok/s"
+                                                     if r else "FAILED"))
+        b = tc.get("build")
+        print("  build pass: " + (f"{b['samples']} samples, {b['tokens']:,} tokens in {b['seconds']:.2f} s = "
+                                  f"{b['tokens_per_s']:.0f} teacher tokens/s ({b['positions_per_s']:.0f} padded)"
+                                  if b else "FAILED"))
+        if "write_overhead_pct" in tc:
+            print(f"  write overhead: {tc['write_overhead_pct']:+.2f}% of the online step at L{n}")
+        if "cache_step_vs_online" in tc:
+            print(f"  step from the cache vs online at L{n}: {tc['cache_step_vs_online']:.3f}x "
+                  f"({tc['cache_step_vs_online_per_token']:.3f}x per token)")
+        for k in sorted(x for x in tc if x.startswith("at_L")):
+            v = tc[k]
+            print(f"  {k[3:]}: 3 epochs online_then_cache / online = {v['three_epochs_online_then_cache_vs_online']:.3f}, "
+                  f"build then use = {v['three_epochs_build_then_use_vs_online']:.3f} (online step {v['online_step_s']:.2f} s, "
+                  f"cache step {v['cache_step_s']:.2f} s" + (f", write {v['write_overhead_pct']:+.2f}%" if "write_overhead_pct" in v else "")
+                  + ")")
+        if tc.get("warning"):
+            print(f"  WARNING: {tc['warning']}")
     if "planner" in results:
         print(f"planner: {json.dumps(results['planner'])}")
     elif "planner_error" in results:
@@ -752,6 +909,13 @@ def main(argv=None) -> None:
     r.add_argument("--ac-variants", default="",
                    help="';'-separated override sets run at the shallowest depth to compare peak memory with the "
                         "planner, e.g. 'ac_mode=full;ac_mode=selective ac_option=2'")
+    r.add_argument("--cache", action="store_true",
+                   help="teacher cache (issue 11): online_then_cache write step, build pass, step from the cache, "
+                        "and the 3-epoch projection, at --cache-depth")
+    r.add_argument("--cache-depth", type=int, default=None, help="teacher depth of the cache runs (default: the "
+                                                                  "shallowest of --depths)")
+    r.add_argument("--cache-samples", type=int, default=None,
+                   help="samples of the build pass and of the from-cache run (default: what --steps need)")
     r.add_argument("--small", action="store_true", help="tiny widths on CPU (smoke test of the whole path)")
     a = p.parse_args(argv)
     (data_cmd if a.cmd == "data" else run_cmd)(a)

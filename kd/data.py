@@ -409,13 +409,30 @@ def greedy_bins(lengths: Sequence[int], capacity: int) -> List[List[int]]:
     return bins
 
 
+def _with_sample_ids(pack: Dict[str, Any], sample_ids: Optional[List[Any]], members: Sequence[int]) -> Dict[str, Any]:
+    """``pack`` plus ``sample_ids`` [n] int64: the ``sample_id`` of each of its samples, in pack order (the
+    teacher cache keys its records per sample and splits a pack by ``seq_lens``); omitted when the
+    underlying items have no ``sample_id``. torchtune's ``padded_collate_packed`` ignores the key."""
+    import torch
+
+    if sample_ids is None:
+        return pack
+    return {**pack, "sample_ids": torch.tensor([sample_ids[i] for i in members], dtype=torch.long)}
+
+
+def _item_sample_ids(items) -> Optional[List[int]]:
+    sids = [x.get("sample_id") for x in items]
+    return None if any(v is None for v in sids) else [int(v) for v in sids]
+
+
 def _packed_base():
     from torchtune.datasets import PackedDataset
 
     class BestFitPackedDataset(PackedDataset):
         """torchtune's ``PackedDataset`` (same items: tokens, labels, input_pos, seq_lens with the end-of-pack
         padding as its own segment, so torchtune's collate builds the same document masks), packed
-        best-fit-decreasing instead of next-fit in order.
+        best-fit-decreasing instead of next-fit in order. Items also name their samples (``sample_ids``,
+        in pack order, one per leading ``seq_lens`` entry).
 
         Why: next-fit leaves each pack's tail empty whenever the next sample does not fit. On the benchmark's
         Buddhist-QA length distribution (docs/benchmarks.md) next-fit pads 18.1% of every 2,048-token pack and
@@ -426,6 +443,7 @@ def _packed_base():
             items = [self.ds[i] for i in range(len(self.ds))]
             lengths = [len(x["tokens"]) for x in items]
             self.pack_members = best_fit_bins(lengths, self.max_seq_len)
+            self.sample_ids = _item_sample_ids(items)
             for members in self.pack_members:
                 pack = {"tokens": [], "labels": [], "input_pos": [], "seq_lens": []}
                 for i in members:
@@ -435,22 +453,51 @@ def _packed_base():
                     pack["seq_lens"].append(lengths[i])
                 self._add_pack(pack)
 
+        def __getitem__(self, idx: int) -> Dict[str, Any]:
+            return _with_sample_ids(self.packs[idx], self.sample_ids, self.pack_members[idx])
+
     return BestFitPackedDataset
+
+
+def _packed_greedy():
+    from torchtune.datasets import PackedDataset
+
+    class GreedyPackedDataset(PackedDataset):
+        """torchtune's ``PackedDataset`` exactly as it packs (next fit, in order), whose items also name their
+        samples (``sample_ids``). The members are :func:`greedy_bins` (torchtune's rule), checked against
+        every pack's ``seq_lens``."""
+
+        def _pack(self) -> None:
+            super()._pack()
+            items = [self.ds[i] for i in range(len(self.ds))]
+            lengths = [len(x["tokens"]) for x in items]
+            self.sample_ids = _item_sample_ids(items)
+            members = greedy_bins(lengths, self.max_seq_len)
+            ok = len(members) == len(self.packs) and all(
+                [int(v) for v in p["seq_lens"][:len(m)]] == [lengths[i] for i in m] for p, m in zip(self.packs, members))
+            self.pack_members = members if ok else None  # None: the teacher cache refuses these packs
+
+        def __getitem__(self, idx: int) -> Dict[str, Any]:
+            if self.pack_members is None:
+                return self.packs[idx]
+            return _with_sample_ids(self.packs[idx], self.sample_ids, self.pack_members[idx])
+
+    return GreedyPackedDataset
 
 
 def maybe_pack(ds, tokenizer, packed: bool, packing: str = "best_fit"):
     """Pack ``ds`` into sequences of ``ds.max_seq_len`` when asked: ``packing='best_fit'`` (default; kd's
-    ``BestFitPackedDataset``) or ``'greedy'`` (torchtune's ``PackedDataset`` as it is)."""
+    ``BestFitPackedDataset``) or ``'greedy'`` (torchtune's ``PackedDataset`` packing as it is). Both name
+    each pack's samples (``sample_ids``) for the teacher cache."""
     if not packed:
         return ds
-    from torchtune.datasets import PackedDataset
 
     if packing not in PACKING:
         raise ValueError(f"packing must be one of {list(PACKING)}, got {packing!r}")
     if ds.max_seq_len is None:
         raise ValueError("packed=True needs max_seq_len (argument or tokenizer.max_seq_len)")
     pad = getattr(tokenizer, "pad_id", None)
-    cls = _packed_base() if packing == "best_fit" else PackedDataset
+    cls = _packed_base() if packing == "best_fit" else _packed_greedy()
     return cls(ds, max_seq_len=ds.max_seq_len, padding_idx=0 if pad is None else pad)
 
 

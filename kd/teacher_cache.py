@@ -324,7 +324,8 @@ def tokenizer_fingerprint(tokenizer_cfg: Any, tokenizer) -> str:
 
 
 # dataset options that select/split records but do not change how one record is tokenized
-_DATA_SELECTION_KEYS = {"source", "split", "val_size", "seed", "packed", "on_bad_record"}
+# (packing too: a sample has the same tokens, labels and draws packed or not, so the cache is shared)
+_DATA_SELECTION_KEYS = {"source", "split", "val_size", "seed", "packed", "packing", "on_bad_record"}
 
 
 def template_fingerprint(dataset_cfg: Any, dataset, tokenizer) -> str:
@@ -536,25 +537,51 @@ class TeacherCacheStore:
 # --------------------------------------------------------------------------------------------------
 # Batches
 # --------------------------------------------------------------------------------------------------
+def _segment_list(segments: Optional["Segments"], sample_ids, hashes, B: int, S: int):
+    """[(row, start, length, sample_id, hash)]: ``segments`` as host tuples, or one whole row per sample."""
+    if segments is None:
+        return [(b, 0, None, int(s), h) for b, (s, h) in enumerate(zip(sample_ids, hashes))]
+    hn = segments.hash.cpu().numpy()
+    return [(int(r), int(o), int(n), int(s), bytes(hn[j])) for j, (r, o, n, s) in enumerate(zip(
+        segments.row.tolist(), segments.start.tolist(), segments.length.tolist(), segments.sample_id.tolist()))]
+
+
+def _segment_rows(lab_row: np.ndarray, start: int, length: Optional[int], ignore_index: int) -> np.ndarray:
+    """Positions of one sample's answer rows in its batch row (shifted labels ``lab_row`` [S]).
+
+    Whole row (``length`` None, unpacked): every valid position. A segment of a pack: the positions
+    ``start + i`` for ``i < length - 1`` with a valid target, i.e. the rows the sample alone has
+    (:func:`answer_positions`); its last position's target is the NEXT sample's first label (torchtune's
+    packed shift), which is no row of this sample (masked anyway unless the first token is trained on)."""
+    if length is None:
+        return np.flatnonzero(lab_row != ignore_index)
+    return start + np.flatnonzero(lab_row[start:start + length - 1] != ignore_index)
+
+
 def sparse_targets_for_batch(store: TeacherCacheStore, sample_ids: Sequence[int], hashes: Sequence[bytes],
-                             labels_shifted: torch.Tensor, ignore_index: int = -100) -> SparseTargets:
-    """[B*S] rows of sparse targets for a right-padded batch (``labels_shifted`` [B, S], CPU or not).
+                             labels_shifted: torch.Tensor, ignore_index: int = -100,
+                             segments: Optional["Segments"] = None) -> SparseTargets:
+    """[B*S] rows of sparse targets for a batch (``labels_shifted`` [B, S], CPU or not): right-padded
+    samples (``segments`` None: sample b is row b), or packs (``segments``: each sample's entry is laid out
+    at its own span of its pack row, in pack order, so it lines up with the row's valid tokens). A valid row
+    that belongs to no sample (a pack boundary whose next sample trains on its first token) gets weight 0.
 
     Raises :class:`CacheError` if a sample has no entry for its current tokens, or an entry whose number of
     answer positions differs from the batch's (a changed masking rule)."""
     lab = labels_shifted.detach().cpu()
     B, S = lab.shape
+    labn = lab.numpy()
     K = store.key.k
     ids = torch.zeros(B * S, K, dtype=torch.int64)
     w = torch.zeros(B * S, K, dtype=torch.float32)
     top1 = torch.zeros(B * S, dtype=torch.int64)
     ent_t = torch.zeros(B * S, dtype=torch.float32)
-    for b, (sid, h) in enumerate(zip(sample_ids, hashes)):
+    for b, start, length, sid, h in _segment_list(segments, sample_ids, hashes, B, S):
         ent = store.lookup(sid, h)
         if ent is None:
             raise CacheError(f"sample {sid} has no teacher-cache entry for its current tokens in {store.root}; "
                              "run teacher_cache.mode=build (it fills only what is missing)")
-        rows = torch.nonzero(lab[b] != ignore_index).squeeze(1)
+        rows = torch.from_numpy(_segment_rows(labn[b], start, length, ignore_index).astype(np.int64))
         if rows.numel() != ent.n:
             raise CacheError(f"sample {sid}: the cache has {ent.n} answer positions, the batch {rows.numel()}; "
                              "the masking changed: rebuild the cache (teacher_cache.rebuild=True)")
@@ -574,32 +601,102 @@ def sparse_targets_for_batch(store: TeacherCacheStore, sample_ids: Sequence[int]
 
 def records_from_samples(samples: TeacherSamples, sample_ids: Sequence[int], hashes: Sequence[bytes],
                          labels_shifted: torch.Tensor, k: int, ignore_index: int = -100,
-                         skip: Iterable[int] = ()) -> List[bytes]:
-    """Encode the rows of each sample of a right-padded batch ([B, S] shifted labels) into records,
-    leaving out the sample ids in ``skip``."""
+                         skip: Iterable[int] = (), segments: Optional["Segments"] = None) -> List[bytes]:
+    """Encode the rows of each sample of a batch ([B, S] shifted labels) into records, leaving out the sample
+    ids in ``skip``: right-padded (``segments`` None: sample b is row b; ``sample_ids``/``hashes`` per row) or
+    packed (``segments``: each sample's rows are cut from its span of its pack row, see
+    :func:`_segment_rows`; ``sample_ids``/``hashes`` are then ignored)."""
     lab = labels_shifted.detach().cpu()
     B, S = lab.shape
+    labn = lab.numpy()
     ids = samples.ids.cpu().numpy().reshape(B, S, -1)
     probs = samples.probs.cpu().numpy().reshape(B, S, -1) if samples.probs.numel() else None
     ent = samples.entropy.float().cpu().numpy().reshape(B, S)
     top1 = samples.top1.cpu().numpy().reshape(B, S)
     skip = set(int(s) for s in skip)
     out = []
-    for b, (sid, h) in enumerate(zip(sample_ids, hashes)):
-        if int(sid) in skip:
+    for b, start, length, sid, h in _segment_list(segments, sample_ids, hashes, B, S):
+        if sid in skip:
             continue
-        rows = np.flatnonzero(lab[b].numpy() != ignore_index)
-        out.append(encode_record(int(sid), h, ids[b, rows], None if probs is None else probs[b, rows],
+        rows = _segment_rows(labn[b], start, length, ignore_index)
+        out.append(encode_record(sid, h, ids[b, rows], None if probs is None else probs[b, rows],
                                  ent[b, rows], top1[b, rows], k))
     return out
 
 
+class Segments(NamedTuple):
+    """Which samples the rows of a batch hold, for N samples: sample ``sample_id[j]`` (``hash[j]``, 16 B of
+    :func:`sample_hash`) occupies positions ``[start[j], start[j] + length[j])`` of batch row ``row[j]``.
+    Right-padded batch: one segment per row, start 0; packed batch: the pack's samples in pack order.
+    All int64 [N] except ``hash`` [N, 16] uint8."""
+
+    row: torch.Tensor
+    start: torch.Tensor
+    length: torch.Tensor
+    sample_id: torch.Tensor
+    hash: torch.Tensor
+
+    @staticmethod
+    def from_batch(batch: Dict[str, Any]) -> "Segments":
+        return Segments(*(batch[f"cache_seg_{f}"] for f in Segments._fields))
+
+
+def item_segments(items: Sequence[Dict[str, Any]]) -> List[Tuple[int, int, int, int, bytes]]:
+    """[(row, start, length, sample_id, hash)] of a list of data items: an unpacked item (``tokens``,
+    ``labels``, ``sample_id``) is one sample at 0; a pack (kd.data's packed data sets: ``seq_lens`` and
+    ``sample_ids``) holds ``len(sample_ids)`` samples of ``seq_lens`` tokens back to back (its last
+    ``seq_lens`` entry may be the end-of-pack padding). The hash is that of the sample's own tokens and
+    labels, so a sample has the same key packed or not."""
+    out = []
+    for b, x in enumerate(items):
+        if "seq_lens" in x:
+            if "sample_ids" not in x:
+                raise CacheError("teacher_cache on packed data needs packs that name their samples (kd.data's "
+                                 "packed data sets, packing best_fit or greedy)")
+            sids = [int(v) for v in x["sample_ids"]]
+            lens = [int(v) for v in x["seq_lens"][:len(sids)]]
+            tok, lab = np.asarray(x["tokens"], np.int64), np.asarray(x["labels"], np.int64)
+            o = 0
+            for s, n in zip(sids, lens):
+                out.append((b, o, n, s, sample_hash(tok[o:o + n], lab[o:o + n])))
+                o += n
+        else:
+            if "sample_id" not in x:
+                raise CacheError("teacher_cache needs data items with a 'sample_id' (kd.data datasets)")
+            out.append((b, 0, len(x["tokens"]), int(x["sample_id"]), sample_hash(x["tokens"], x["labels"])))
+    return out
+
+
+def segments_tensors(segs: Sequence[Tuple[int, int, int, int, bytes]]) -> Segments:
+    if not segs:
+        z = torch.zeros(0, dtype=torch.int64)
+        return Segments(z, z, z, z, torch.zeros(0, 16, dtype=torch.uint8))
+    r, o, n, s, h = zip(*segs)
+    t = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
+    return Segments(t(r), t(o), t(n), t(s), torch.tensor(np.frombuffer(b"".join(h), np.uint8).reshape(-1, 16)))
+
+
+def segment_row_seeds(segs: Sequence[Tuple[int, int, int, int, bytes]], B: int, S: int, seed: int) -> torch.Tensor:
+    """[B, S] int64 per-position seeds: position i of a sample gets ``sample_seed(seed, id) + i * C`` wherever
+    the sample sits (row, offset in a pack), so its draws are those of the same sample unpacked, built
+    alone or in any batch: a deterministic function of the sample (what resume exactness needs). Positions
+    of no sample (padding) get 0 (their rows are not valid)."""
+    out = torch.zeros(B, S, dtype=torch.int64)
+    for b, o, n, s, _ in segs:
+        n = min(n, S - o)
+        out[b, o:o + n] = sample_seed(seed, s) + torch.arange(n, dtype=torch.int64) * _C_POS
+    return out
+
+
 class CacheCollate:
-    """Wraps a collate function: the batch also carries ``sample_id`` [B] int64, ``sample_hash`` [B, 16]
-    uint8 (tokens + labels) and ``sample_seed`` [B] int64 (:func:`sample_seed`), and, when ``read`` is set,
-    the cached sparse targets of its rows (``teacher_ids`` [B*S, K], ``teacher_weights``, ``teacher_top1``,
-    ``teacher_entropy``), gathered on the host in the data loader (in its workers when num_workers > 0), so
-    the training step needs no host sync: the tensors travel to the device with the batch."""
+    """Wraps a collate function (``padded_collate_sft`` or ``padded_collate_packed``): the batch also carries
+    its :class:`Segments` (``cache_seg_row``, ``cache_seg_start``, ``cache_seg_length``,
+    ``cache_seg_sample_id`` [N] int64, ``cache_seg_hash`` [N, 16] uint8: which sample sits where, one per row
+    unpacked, the pack's samples in pack order packed) and ``cache_row_seed`` [B, S] int64
+    (:func:`segment_row_seeds`), and, when ``read`` is set, the cached sparse targets of its rows
+    (``teacher_ids`` [B*S, K], ``teacher_weights``, ``teacher_top1``, ``teacher_entropy``), gathered on the
+    host in the data loader (in its workers when num_workers > 0), so the training step needs no host
+    sync: the tensors travel to the device with the batch."""
 
     def __init__(self, collate, store: "TeacherCacheStore", seed: int, ignore_index: int = -100):
         self.collate = collate
@@ -610,25 +707,34 @@ class CacheCollate:
 
     def __call__(self, items):
         out = self.collate(items)
-        sids = [int(x["sample_id"]) for x in items]
-        hashes = [sample_hash(x["tokens"], x["labels"]) for x in items]
-        out["sample_id"] = torch.tensor(sids, dtype=torch.int64)
-        out["sample_hash"] = torch.tensor(np.frombuffer(b"".join(hashes), np.uint8).reshape(len(items), 16))
-        out["sample_seed"] = torch.tensor([sample_seed(self.seed, s) for s in sids], dtype=torch.int64)
+        segs = item_segments(items)
+        B, S = out["labels"].shape
+        seg = segments_tensors(segs)
+        out.update({f"cache_seg_{f}": v for f, v in zip(Segments._fields, seg)})
+        out["cache_row_seed"] = segment_row_seeds(segs, B, S, self.seed)
         if self.read:
             lab = out["labels"]
             shifted = torch.cat([lab[:, 1:], torch.full_like(lab[:, :1], self.ignore_index)], dim=1)
-            st = sparse_targets_for_batch(self.store, sids, hashes, shifted, self.ignore_index)
+            st = sparse_targets_for_batch(self.store, (), (), shifted, self.ignore_index, segments=seg)
             out.update(teacher_ids=st.ids, teacher_weights=st.weights, teacher_top1=st.top1,
                        teacher_entropy=st.entropy)
         return out
 
 
-def batch_keys(batch) -> Tuple[List[int], List[bytes]]:
-    """Host lists of sample ids and 16-byte hashes of a batch made by :class:`CacheCollate`."""
-    sids = [int(x) for x in batch["sample_id"].cpu().tolist()]
-    h = batch["sample_hash"].cpu().numpy()
-    return sids, [bytes(h[i]) for i in range(h.shape[0])]
+def unpacked_view(ds):
+    """The per-sample data set behind ``ds``: a packed data set's ``.ds`` (every sample of it is in one
+    pack), a ConcatDataset of such views, or ``ds`` itself. The cache is indexed and filled per sample."""
+    from torch.utils.data import ConcatDataset
+
+    if isinstance(ds, ConcatDataset):
+        parts = [unpacked_view(d) for d in ds.datasets]
+        return ds if all(p is d for p, d in zip(parts, ds.datasets)) else ConcatDataset(parts)
+    if hasattr(ds, "packs") and hasattr(ds, "ds"):
+        if getattr(ds, "pack_members", None) is None:
+            raise CacheError("teacher_cache on packed data needs packs that name their samples (kd.data's "
+                             "packed data sets, packing best_fit or greedy)")
+        return ds.ds
+    return ds
 
 
 class DatasetIndex(NamedTuple):
@@ -650,7 +756,8 @@ def index_dataset(ds, progress: bool = False, desc: str = "teacher cache: indexi
     for i in tqdm(range(len(ds)), disable=not progress, desc=desc, dynamic_ncols=True):
         item = ds[i]
         if "sample_id" not in item:
-            raise CacheError("teacher_cache needs data items with a 'sample_id' (kd.data datasets, unpacked)")
+            raise CacheError("teacher_cache needs data items with a 'sample_id' (kd.data datasets; index the "
+                             "per-sample view of packed data: unpacked_view)")
         sids.append(int(item["sample_id"]))
         hs.append(sample_hash(item["tokens"], item["labels"]))
         lens.append(len(item["tokens"]))
@@ -690,33 +797,33 @@ class CacheWriter:
         self._thread: Optional[threading.Thread] = None
         self.written: Dict[int, bytes] = {}  # sample ids written by this writer (id -> hash)
 
-    def _encode_append(self, samples, sample_id, sample_hash, labels):
-        sids = [int(x) for x in sample_id.tolist()]
-        hn = sample_hash.numpy()
-        hashes = [bytes(hn[i]) for i in range(hn.shape[0])]
-        skip = [s for s, h in zip(sids, hashes) if self.store.lookup(s, h) is not None or self.written.get(s) == h]
-        recs = records_from_samples(samples, sids, hashes, labels, self.store.key.k, self.ignore_index, skip)
+    def _encode_append(self, samples, segments: "Segments", labels):
+        segs = _segment_list(segments, (), (), *labels.shape)
+        skip = [s for _, _, _, s, h in segs if self.store.lookup(s, h) is not None or self.written.get(s) == h]
+        recs = records_from_samples(samples, (), (), labels, self.store.key.k, self.ignore_index, skip,
+                                    segments=segments)
         self.store.append(recs)
-        for s, h in zip(sids, hashes):
+        for _, _, _, s, h in segs:
             self.written[s] = h
 
-    def submit(self, samples: TeacherSamples, sample_id: torch.Tensor, sample_hash: torch.Tensor,
-               labels_shifted: torch.Tensor) -> None:
-        """Queue the records of one batch: ``samples`` for its B*S rows, ``sample_id`` [B], ``sample_hash``
-        [B, 16] and shifted labels [B, S] (any device). Samples already stored are skipped."""
+    def submit(self, samples: TeacherSamples, segments: "Segments", labels_shifted: torch.Tensor) -> None:
+        """Queue the records of one batch: ``samples`` for its B*S rows, its :class:`Segments` (which sample
+        sits where: one per row, or the samples of each pack) and shifted labels [B, S] (any device).
+        Samples already stored are skipped."""
         if self._err is not None:
             raise self._err
         if samples.ids.device.type != "cuda":
-            self._encode_append(samples, sample_id.cpu(), sample_hash.cpu(), labels_shifted.cpu())
+            self._encode_append(samples, Segments(*(x.cpu() for x in segments)), labels_shifted.cpu())
             return
         host = TeacherSamples(*(x.to("cpu", non_blocking=True) if x.numel() else x.cpu() for x in samples))
-        extra = [x.to("cpu", non_blocking=True) for x in (sample_id, sample_hash, labels_shifted)]
+        seg = Segments(*(x.to("cpu", non_blocking=True) for x in segments))
+        lab = labels_shifted.to("cpu", non_blocking=True)
         ev = torch.cuda.Event()
         ev.record()
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, daemon=True, name="kd-cache-writer")
             self._thread.start()
-        self._q.put((ev, host, *extra))
+        self._q.put((ev, host, seg, lab))
 
     def _run(self) -> None:
         while True:
@@ -724,10 +831,10 @@ class CacheWriter:
             try:
                 if item is None:
                     return
-                ev, host, sid, sh, lab = item
+                ev, host, seg, lab = item
                 ev.synchronize()
                 if self._err is None:
-                    self._encode_append(host, sid, sh, lab)
+                    self._encode_append(host, seg, lab)
             except BaseException as e:  # reported by flush()/submit()
                 self._err = e
             finally:

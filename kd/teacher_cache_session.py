@@ -46,17 +46,21 @@ from kd.teacher_cache import (
     SparseTargets,
     CacheWriter,
     DatasetIndex,
+    Segments,
     TeacherCacheStore,
     TeacherSampler,
     TeacherSamples,
     build_batches,
     checkpoint_fingerprint,
     index_dataset,
+    item_segments,
     row_seeds,
     sample_teacher_rows,
+    segments_tensors,
     sync_shards,
     template_fingerprint,
     tokenizer_fingerprint,
+    unpacked_view,
 )
 
 log = logging.getLogger("kd.teacher_cache")
@@ -89,9 +93,6 @@ def parse_options(cfg) -> Optional[CacheOptions]:
     if str(cfg.get("loss_form", "fused")) != "fused":
         raise ConfigError("teacher_cache needs loss_form=fused (the sparse targets are gathered per chunk in the "
                           "fused head).")
-    data = cfg.get("dataset")
-    if hasattr(data, "get") and not isinstance(data, (list, tuple)) and data.get("packed", False):
-        raise ConfigError("teacher_cache keys entries per sample: set dataset.packed=False.")
     d = sec.get("dir", None) or str(Path(cfg.output_dir) / "teacher_cache")
     k = number(sec, "k", 12, kind=int, min_value=1, max_value=255)
     return CacheOptions(
@@ -167,7 +168,9 @@ class CacheSession:
                 "sampled tokens per position: use kind=forward_kl (Random-Sampling KD's sparse soft "
                 "cross-entropy) or remove teacher_cache to distil online.")
         self.temperature = loss.temperature
-        self.datasets = [d for d in datasets if d is not None]
+        # entries are per sample: packed data sets are indexed (and filled) through their samples; the
+        # loader's packs name their samples and spans (CacheCollate), so records line up either way
+        self.datasets = [unpacked_view(d) for d in datasets if d is not None]
         self.indexes = [index_dataset(d, progress=self.progress) for d in self.datasets]
         key = make_key(cfg, self.opts, temperature=loss.temperature, tokenizer=tokenizer, dataset=self.datasets[0])
         self.store = TeacherCacheStore(self.opts.dir, key)
@@ -238,9 +241,9 @@ class CacheSession:
         if teacher_live:
             if not training or self.writer is None:
                 return {}
-            S = labels.shape[1]
-            pos = torch.arange(S, dtype=torch.int64, device=labels.device) * _C_POS
-            seeds = (batch["sample_seed"][:, None] + pos[None, :]).reshape(-1)
+            # per-position seeds of the sample at each position (CacheCollate): packed or not, a sample's
+            # draws are the same, a function of the sample alone
+            seeds = batch["cache_row_seed"].reshape(-1)
             return {"teacher_sampler": TeacherSampler(self.opts.k, self.temperature, self.opts.sampling, seeds)}
         if "teacher_ids" not in batch:
             raise CacheError("internal: a cache-phase batch without cached targets (loader not switched)")
@@ -249,7 +252,7 @@ class CacheSession:
 
     def after_step(self, batch: Dict[str, Any], labels: torch.Tensor, samples: Optional[TeacherSamples]) -> None:
         if samples is not None and self.writer is not None:
-            self.writer.submit(samples, batch["sample_id"], batch["sample_hash"], labels)
+            self.writer.submit(samples, Segments.from_batch(batch), labels)
 
     def start_writing(self) -> None:
         if self.writer is None:
@@ -267,12 +270,18 @@ class CacheSession:
     # -- teacher-only pass --------------------------------------------------------------------------
     @torch.no_grad()
     def fill(self, teacher, head_weight: torch.Tensor, collate: Callable, *, batch_size: int,
-             chunk_size: int, dtype: torch.dtype, teacher_sharded: bool) -> Dict[str, float]:
+             chunk_size: int, dtype: torch.dtype, teacher_sharded: bool,
+             batch_tokens: Optional[int] = None) -> Dict[str, float]:
         """Teacher-only pass over the samples the cache lacks (collective). Batches come from a plan over
         ALL wanted samples (longest first), so a resumed pass recomputes exactly the batches an
         uninterrupted one would; only the missing samples of a batch are written. Batch ``b`` of the
         to-do list goes to rank ``b % world_size``; each rank appends to its own shard; at the end every
-        node receives every shard."""
+        node receives every shard.
+
+        ``batch_size`` rows per batch unless ``build_batch_size`` is set; with ``batch_tokens`` (packed
+        training data: the tokens of one training micro-batch, ``batch_size * max_seq_len``) the samples are
+        batched up to that many padded tokens instead (unless ``build_batch_size``/``build_max_tokens`` say
+        otherwise), so the pass does as much work per forward as a training step and fits the same memory."""
         from tqdm import tqdm
 
         from kd import dist as kdist
@@ -280,37 +289,40 @@ class CacheSession:
         self.flush()
         sync_shards(self.store, self.rank, self.world_size, self.local_rank, self.device)
         self.store.scan()
-        bs = self.opts.build_batch_size or batch_size
+        bs = self.opts.build_batch_size or (batch_size if batch_tokens is None else batch_tokens)
+        max_tokens = self.opts.build_max_tokens or batch_tokens
         todo = []  # (dataset number, [positions]) batches that contain a missing sample
         n_missing = 0
         for d, (ds, ix) in enumerate(zip(self.datasets, self.indexes)):
             miss = {s for s, h in ix.wanted().items() if self.store.lookup(s, h) is None}
             n_missing += len(miss)
-            for b in build_batches(ix, range(len(ix.sample_ids)), bs, self.opts.build_max_tokens):
+            for b in build_batches(ix, range(len(ix.sample_ids)), bs, max_tokens):
                 if any(ix.sample_ids[i] in miss for i in b):
                     todo.append((d, b))
         if not todo:
-            return {"samples": 0, "seconds": 0.0}
+            return {"samples": 0, "seconds": 0.0, "batches": 0, "answer_tokens_this_rank": 0, "tokens_this_rank": 0,
+                    "positions_this_rank": 0}
         self.log(f"teacher cache: teacher-only pass over {n_missing} missing samples in {len(todo)} batches "
-                 f"of <= {bs} on {self.world_size} rank(s)")
+                 f"of <= {bs}" + (f" rows / {max_tokens} tokens" if max_tokens else "")
+                 + f" on {self.world_size} rank(s)")
         own_writer = self.writer is None
         self.start_writing()
         mine = todo[self.rank::self.world_size]
         rounds = math.ceil(len(todo) / self.world_size)
         t0 = time.perf_counter()
-        n_tok = 0
+        n_tok = n_in = n_pos = 0  # answer rows, real tokens, padded positions (this rank)
         pbar = tqdm(total=rounds, disable=not (self.progress and self.rank == 0), desc="teacher cache",
                     dynamic_ncols=True)
         for r in range(rounds):
             if r < len(mine):
                 d, pos = mine[r]
                 ds, ix = self.datasets[d], self.indexes[d]
-                items = [ds[i] for i in pos]
+                items = [ds[i] for i in pos]  # samples (unpacked), right-padded by ``collate``
                 batch = collate(items)
-                batch["sample_id"] = torch.tensor([ix.sample_ids[i] for i in pos], dtype=torch.int64)
-                batch["sample_hash"] = torch.tensor(
-                    np.frombuffer(b"".join(ix.hashes[i] for i in pos), np.uint8).reshape(len(pos), 16))
+                batch["segments"] = segments_tensors(item_segments(items))
                 n_tok += self._fill_batch(teacher, head_weight, batch, chunk_size, dtype)
+                n_in += sum(len(x["tokens"]) for x in items)
+                n_pos += int(batch["tokens"].numel())
             elif teacher_sharded:
                 # FSDP-sharded teacher: every rank must run as many forwards (all-gathers) as the others
                 teacher(torch.zeros(1, 1, dtype=torch.long, device=self.device))
@@ -326,7 +338,8 @@ class CacheSession:
         self.store.scan()
         dt = time.perf_counter() - t0
         self.log(f"teacher cache: pass done in {dt:.1f} s; {self.describe()}")
-        return {"samples": n_missing, "seconds": dt, "answer_tokens_this_rank": n_tok}
+        return {"samples": n_missing, "seconds": dt, "batches": len(todo), "answer_tokens_this_rank": n_tok,
+                "tokens_this_rank": n_in, "positions_this_rank": n_pos}
 
     def _fill_batch(self, teacher, head_weight, batch, chunk_size: int, dtype) -> int:
         tokens = batch["tokens"].to(self.device)
@@ -335,7 +348,7 @@ class CacheSession:
         B, S = labels.shape
         hidden = teacher(tokens).to(dtype).reshape(B * S, -1)
         rows = torch.nonzero(labels.reshape(-1) != self.ignore_index).squeeze(1).to(self.device)
-        seeds = row_seeds(batch["sample_id"].tolist(), S, self.opts.seed, device=self.device)
+        seeds = row_seeds(batch["segments"].sample_id.tolist(), S, self.opts.seed, device=self.device)
         k = self.opts.k
         ids = torch.zeros(B * S, k, dtype=torch.int32, device=self.device)
         probs = torch.zeros(B * S, k, device=self.device) if self.opts.sampling == "topk" \
@@ -349,5 +362,5 @@ class CacheSession:
             ids[r], ent[r], top1[r] = i_, e_, t_
             if p_.numel():
                 probs[r] = p_
-        self.writer.submit(TeacherSamples(ids, probs, ent, top1), batch["sample_id"], batch["sample_hash"], labels)
+        self.writer.submit(TeacherSamples(ids, probs, ent, top1), batch["segments"], labels)
         return int(rows.numel())

@@ -686,6 +686,15 @@ class KDLoRARecipe:
 
         return partial(padded_collate_sft, padding_idx=self._tokenizer.pad_id, ignore_idx=self._ignore_index)
 
+    @property
+    def _cache_batch_tokens(self) -> Optional[int]:
+        """Tokens of one packed micro-batch (None for unpacked data): the fill pass's batch budget."""
+        if not getattr(self, "_packed", False):
+            return None
+        ds = self._cache.datasets[0] if self._cache.datasets else None
+        seq = getattr(ds, "max_seq_len", None)
+        return None if seq is None else number(self._cfg, "batch_size", 1, kind=int, min_value=1) * int(seq)
+
     def _attach_teacher_cache(self, cfg: DictConfig) -> None:
         if self._cache is None:
             return
@@ -711,12 +720,15 @@ class KDLoRARecipe:
         """Teacher-only pass over what the cache lacks, then free the teacher (its memory goes back)."""
         import gc
 
-        self._cache.fill(
+        stats = self._cache.fill(
             self._teacher, self._teacher_head_weight, self._cache_collate(),
             batch_size=number(self._cfg, "batch_size", 1, kind=int, min_value=1),
             chunk_size=self._fused_chunk_size, dtype=self._dtype,
             teacher_sharded=self._fsdp and self._cfg.get("teacher_sharding", "shard") == "shard",
+            batch_tokens=self._cache_batch_tokens,  # packed data: as many tokens per forward as a step
         )
+        if self._is_rank_zero and stats["samples"]:  # the pass's throughput (rank 0's share), e.g. for bench/
+            self._emit({k: float(v) for k, v in stats.items()}, "cache_fill")
         before = torch.cuda.memory_allocated(self._device) if self._device.type == "cuda" else 0
         self._teacher = self._teacher_head_weight = None
         gc.collect()
@@ -746,7 +758,7 @@ class KDLoRARecipe:
         """mode=build: teacher + data only (no student, optimizer or checkpoints)."""
         self._teacher, self._teacher_head_weight = self._setup_teacher(cfg)
         self._setup_loss(cfg)
-        ds, _ = self._build_dataset(cfg.dataset, "train")
+        ds, self._packed = self._build_dataset(cfg.dataset, "train")
         val = None
         if self._eval_every is not None:
             val, _ = self._build_dataset(cfg.get("val_dataset", None) or cfg.dataset,

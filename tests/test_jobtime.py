@@ -88,3 +88,58 @@ def test_generation_estimate_scales_with_prompts(testbed, cache):
     assert a.fused_step_ms < a.step_ms  # fewer weight bytes per step
     capped = jobtime.estimate_generation(gen, jobtime.H200, expected_new_tokens=[500] * 40)
     assert capped.generated_tokens == 64 * 40  # max_new_tokens caps the answers
+
+
+def _stats_72b(n=1500, seed=0):
+    """Token counts shaped like the user's data (150-900 tokens, ~55% answer), packed 2 x 2048 as the 1-node
+    config trains: the 72B/7B models are built on the meta device, no tokenizer or weights are read."""
+    import random
+
+    rng = random.Random(seed)
+    lengths = [rng.randint(150, 900) for _ in range(n)]
+    answers = [int(x * rng.uniform(0.4, 0.7)) for x in lengths]
+    return jobtime.DataStats(lengths, answers, 60, 2048, True, 2, "best_fit")
+
+
+def _cfg72(*ov):
+    return load_config(str(REPO / "configs/qwen2_5/72B_to_7B_kd_lora_1node.yaml"), ["epochs=3", *ov])
+
+
+def test_teacher_cache_modes_count_teacher_forwards_and_cost_cache_epochs_student_only():
+    """3 epochs, 72B -> 7B: online_then_cache runs the teacher forward in epoch 1 and in the fill pass only,
+    epochs 2-3 are student-only steps plus the cache read; build is teacher-only; use never runs the teacher.
+    The 3-epoch online_then_cache job is about half of online every epoch (the issue's target is <= 0.55x;
+    the teacher forward is ~3/4 of the online step): fails if the cache is ignored (ratio 1)."""
+    from kd.planner import teacher_forward_epochs
+
+    stats = _stats_72b()
+    on = jobtime.estimate_job(_cfg72(), jobtime.H200, stats)
+    otc = jobtime.estimate_job(_cfg72("teacher_cache.mode=online_then_cache"), jobtime.H200, stats)
+    use = jobtime.estimate_job(_cfg72("teacher_cache.mode=use"), jobtime.H200, stats)
+    build = jobtime.estimate_job(_cfg72("teacher_cache.mode=build"), jobtime.H200, stats)
+    comp = lambda ph, name: sum(c.seconds for c in ph.components if c.name == name)  # noqa: E731
+
+    assert [ph.count for ph in on.phases] == [3] and on.run_s == pytest.approx(3 * on.epoch_s)
+    # online_then_cache: epoch 1 + fill + 2 cache epochs; the teacher forward runs teacher_forward_epochs times
+    e1, fill, cached = otc.phases
+    assert (e1.count, fill.count, cached.count) == (1, 1, 2)
+    assert teacher_forward_epochs(_cfg72("teacher_cache.mode=online_then_cache")) == (1.0, 0.0)
+    t_fwd_online = comp(on.phases[0], "teacher forward")
+    assert sum(ph.count * comp(ph, "teacher forward") for ph in (e1, cached)) == pytest.approx(t_fwd_online)
+    assert 0 < comp(fill, "teacher forward") < 0.2 * t_fwd_online  # the few samples epoch 1 did not see
+    assert comp(cached, "teacher forward") == 0 and comp(cached, "teacher cache read") > 0
+    # epoch 1 = the online epoch + the cache write (a small overhead); cache epochs = student-only
+    assert 0 < comp(e1, "teacher cache write") < 0.03 * on.epoch_s
+    assert e1.seconds == pytest.approx(on.epoch_s + comp(e1, "teacher cache write"))
+    assert comp(cached, "student forward + backward") == pytest.approx(comp(on.phases[0], "student forward + backward"))
+    assert otc.run_s == pytest.approx(e1.seconds + fill.seconds + 2 * cached.seconds)
+    ratio = otc.run_s / on.run_s
+    assert 0.4 < ratio < 0.6, ratio
+    assert f"{ratio:.2f}x" in otc.table()
+    # use: every epoch from the cache; build: one teacher-only pass, no student
+    assert use.run_s == pytest.approx(3 * cached.seconds) and use.run_s < 0.4 * on.run_s
+    names = [c.name for c in build.components]
+    assert "teacher forward" in names and "student forward + backward" not in names
+    assert build.run_s == pytest.approx(build.epoch_s)
+    # the pass computes every sample once: about one epoch's teacher forward (padding differs)
+    assert comp(build.phases[0], "teacher forward") == pytest.approx(t_fwd_online, rel=0.25)

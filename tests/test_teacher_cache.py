@@ -451,3 +451,103 @@ def test_sync_shards_copies_every_shard_to_every_node(tmp_path):
         assert (d0 / "shards" / f"rank-{j:05d}.bin").read_bytes() == blobs[j]
     assert results[0] == 0 and results[1] == sum(map(len, blobs)) - (len(blobs[2]) // 2 + 1) + \
         (len(blobs[2]) // 2 + 1 - _complete_prefix(blobs[2], len(blobs[2]) // 2 + 1))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# packed data: per-sample records out of packs, and back into packs
+# ---------------------------------------------------------------------------------------------------------
+def _fake_teacher_logits(segs, B, S, V, salt=0):
+    """[B*S, V] logits that depend only on (sample id, position in the sample): what an exact teacher gives
+    the same sample packed or padded."""
+    t = torch.zeros(B * S, V)
+    for b, o, n, sid, _ in segs:
+        g = torch.Generator().manual_seed(1000 * sid + salt)
+        t[b * S + o: b * S + o + n] = torch.randn(n, V, generator=g)[: min(n, S - o)] * 2
+    return t
+
+
+@pytest.mark.parametrize("packing,train_on_input", [("best_fit", False), ("greedy", False), ("best_fit", True)])
+def test_packed_batches_write_and_read_the_records_of_unpacked_ones(tiny_tokenizer, tmp_path, packing,
+                                                                    train_on_input):
+    """Packs (kd.data best_fit / greedy) carry their samples' ids; CacheCollate splits them by seq_lens: the
+    same keys and per-position seeds as the samples alone, so records written from packed batches equal, byte
+    for byte, records written from padded batches (given the same teacher logits), and records read back into
+    packs line up with every valid (shifted label != -100) row of the pack. With train_on_input the first
+    token of a sample is a label, so the previous sample's last row in a pack is valid but belongs to no
+    sample (torchtune's packed shift): it gets weight 0 and is the only valid row without a target."""
+    from torch.utils.data import ConcatDataset
+    from torchtune.data import padded_collate_packed, padded_collate_sft
+
+    from kd.data import DEMO_DATA_PATH, alpaca_kd_dataset
+    from kd.teacher_cache import (
+        CacheCollate, Segments, TeacherSamples, index_dataset, item_segments, unpacked_view)
+
+    kw = dict(split="all", max_seq_len=256, train_on_input=train_on_input)
+    if train_on_input:
+        kw["system_prompt"] = None
+    flat = alpaca_kd_dataset(tiny_tokenizer, str(DEMO_DATA_PATH), **kw)
+    packed = alpaca_kd_dataset(tiny_tokenizer, str(DEMO_DATA_PATH), packed=True, packing=packing, **kw)
+    assert unpacked_view(packed) is packed.ds and isinstance(unpacked_view(ConcatDataset([packed])), ConcatDataset)
+    ix = index_dataset(unpacked_view(packed))
+    assert ix.wanted() == index_dataset(flat).wanted()
+    K, V = 12, tiny_tokenizer.vocab_size if hasattr(tiny_tokenizer, "vocab_size") else 300
+    V = min(V, 300)
+
+    def shifted(lab):
+        return torch.cat([lab[:, 1:], torch.full_like(lab[:, :1], -100)], dim=1)
+
+    def write(store, items, collate, rank):
+        cc = CacheCollate(collate, store, seed=5)
+        batch = cc(items)
+        segs = item_segments(items)
+        B, S = batch["labels"].shape
+        t = _fake_teacher_logits(segs, B, S, V)
+        samples = TeacherSamples(*sample_teacher_rows(t, batch["cache_row_seed"].reshape(-1), K, 1.0, "random"))
+        store.append(records_from_samples(samples, (), (), shifted(batch["labels"]), K,
+                                          segments=Segments.from_batch(batch)))
+        return batch, segs
+
+    packs = [p for p in (packed[i] for i in range(len(packed))) if len(p["sample_ids"]) >= 2][:4]
+    packs[1:1] = [packed[0]]  # and one pack that may hold a single long sample
+    members = [int(s) for p in packs for s in p["sample_ids"]]
+    assert len(packs) == 5 and len(members) >= 9
+    by_sid = {flat[i]["sample_id"]: flat[i] for i in range(len(flat))}
+    stores = {}
+    for name, items, collate in (("packed", packs, padded_collate_packed),
+                                 ("flat", [by_sid[s] for s in members],
+                                  lambda x: padded_collate_sft(x, padding_idx=0, ignore_idx=-100))):
+        st = TeacherCacheStore(tmp_path / name, _key(k=K))
+        st.check_or_init_key()
+        st.open_for_append(0)
+        write(st, items, collate, 0)
+        st.close()
+        st.scan()
+        stores[name] = st
+    for s in members:
+        ea, eb = stores["packed"].index[s][-1], stores["flat"].index[s][-1]
+        assert (ea.n, ea.e, ea.hash) == (eb.n, eb.e, eb.hash) == (ea.n, ea.e, ix.wanted()[s])
+        ra = [x.copy() for x in stores["packed"].read(ea)]
+        rb = [x.copy() for x in stores["flat"].read(eb)]
+        assert all((x == y).all() for x, y in zip(ra, rb)), s
+    # read back into the packs: every valid row has a target (weights sum to 1) except cross-boundary rows
+    cc = CacheCollate(padded_collate_packed, stores["flat"], seed=5)
+    cc.read = True
+    batch = cc(packs)
+    lab = shifted(batch["labels"]).reshape(-1)
+    valid = lab != -100
+    wsum = batch["teacher_weights"].sum(-1)
+    covered = torch.zeros_like(valid)
+    for b, o, n, _, _ in item_segments(packs):
+        S = batch["labels"].shape[1]
+        covered[b * S + o: b * S + o + n - 1] = True
+    assert torch.allclose(wsum[valid & covered], torch.ones(int((valid & covered).sum())), atol=1e-6)
+    assert (wsum[~valid] == 0).all() and (wsum[valid & ~covered] == 0).all()
+    n_cross = int((valid & ~covered).sum())
+    if train_on_input:
+        assert n_cross > 0  # the documented pack-boundary rows exist and have no target
+    else:
+        assert n_cross == 0
+    # a pack without sample ids (another packer) is refused with a clear error
+    bare = [{k: v for k, v in p.items() if k != "sample_ids"} for p in packs]
+    with pytest.raises(CacheError, match="name their samples"):
+        CacheCollate(padded_collate_packed, stores["flat"], seed=5)(bare)
