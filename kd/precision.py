@@ -54,6 +54,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from kd.config import ConfigError, _suggest
 
@@ -62,6 +63,11 @@ log = logging.getLogger("kd.precision")
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 FP8_MIN_CAPABILITY = (8, 9)
+# Fewest rows sent to torch._scaled_mm. On the H200 (torch 2.11, CUDA 13) batch-1 decode failed inside the FP8 GEMM
+# with CUBLAS_STATUS_NOT_SUPPORTED even with the rows padded to 16; the smallest M verified to work there is 256
+# (bench/fp8_bench.py check), then 512 (decode), 4,096 and 8,192. Fewer rows (decode at small batch, tiny prompts)
+# multiply the FP8 weight dequantised to bf16: the same weights, no FP8 activations, and no crash.
+FP8_GEMM_MIN_ROWS = 256
 
 __all__ = [
     "PrecisionSpec", "TeacherPrecision", "REGISTRY", "register", "parse_precision", "resolve_precision",
@@ -368,6 +374,9 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, bias: O
     if impl == "scaled_mm":
         b = None if bias is None else bias.to(torch.bfloat16)
         M = x8.shape[0]
+        if M < FP8_GEMM_MIN_ROWS:  # a shape, not a value: no host sync, CUDA-graph safe
+            w = (w8.to(torch.float32) * w_scale.reshape(-1, 1)).to(torch.bfloat16)
+            return F.linear(x2.to(torch.bfloat16), w, b).to(x.dtype).reshape(*shp[:-1], w8.shape[0])
         x8p, sxp = pad_rows16(x8, sx)
         y = torch._scaled_mm(x8p.contiguous(), w8.t(), scale_a=sxp.contiguous(), scale_b=w_scale.reshape(1, -1),
                              bias=b, out_dtype=torch.bfloat16, use_fast_accum=True)
@@ -428,7 +437,9 @@ def nf4_row_absmax(w) -> torch.Tensor:
 
 def nf4_fp8_scales(w) -> Tuple[torch.Tensor, torch.Tensor]:
     """(row scale s_w [N] fp32, its reciprocal inv [N] fp32) for :func:`nf4_to_fp8`; all-zero rows get 1."""
-    s = nf4_row_absmax(w) / FP8_MAX
+    # times the fp32 reciprocal, not "/ 448": CUDA divides a tensor by a Python scalar as a multiply by its
+    # reciprocal and the CPU divides exactly, so "/" gave 48% of the row scales 1 ulp apart on the H200
+    s = nf4_row_absmax(w) * (1.0 / FP8_MAX)
     s = torch.where(s == 0, torch.ones_like(s), s)
     return s, 1.0 / s
 

@@ -121,8 +121,9 @@ def test_emulated_fp8_linear_equals_float64_reference(bias):
 
 
 def test_scaled_mm_cpu_agrees_with_emulation():
-    """torch._scaled_mm also exists on CPU: the 'scaled_mm' impl and the emulation agree to bf16 rounding."""
-    x = _odd_values((16, 64), seed=3).to(torch.bfloat16)
+    """torch._scaled_mm also exists on CPU: the 'scaled_mm' impl and the emulation agree to bf16 rounding
+    (263 rows: at least FP8_GEMM_MIN_ROWS, and padded to 272 for cuBLASLt)."""
+    x = _odd_values((263, 64), seed=3).to(torch.bfloat16)
     lin = nn.Linear(64, 32, bias=False, dtype=torch.bfloat16)
     a = P.RowwiseFP8Linear.from_linear(lin, impl="emulate")(x).float()
     try:
@@ -380,3 +381,15 @@ def test_fp8_rows_padded_to_16_for_cublas(M):
     ref = P.emulated_scaled_mm(x8, sx, w8, sw.reshape(-1), None, torch.float32)
     got = P.emulated_scaled_mm(xp, sp, w8, sw.reshape(-1), None, torch.float32)[:M]
     assert torch.equal(got, ref)
+
+
+def test_few_rows_use_the_dequantised_fp8_weight():
+    """Below FP8_GEMM_MIN_ROWS (batch-1 decode: no FP8 GEMM kernel on the H200) the scaled_mm impl multiplies the
+    FP8 weight dequantised to bf16: same weights, bf16 activations."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32, bias=True, dtype=torch.bfloat16)
+    m = P.RowwiseFP8Linear.from_linear(lin, impl="scaled_mm")
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    w = (m.weight_fp8.to(torch.float32) * m.weight_scale.reshape(-1, 1)).to(torch.bfloat16)
+    ref = torch.nn.functional.linear(x, w, m.bias.to(torch.bfloat16))
+    assert torch.equal(m(x), ref)
