@@ -509,7 +509,7 @@ def merge_results(
     ``output`` is the teacher's answer; an EMPTY teacher answer is replaced by the original label
     (``teacher_empty: true``) so every record stays trainable; ``teacher_truncated`` flags answers that hit
     ``max_new_tokens``."""
-    from kd.checkpoint import atomic_write_text
+    from kd.atomic import atomic_write_text
     from kd.config import DataError
 
     missing = [i for i in sorted(records) if i not in results]

@@ -19,6 +19,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from kd.errors import CheckpointError
+from kd.state_dict import strip_wrappers
+
 log = logging.getLogger(__name__)
 
 # Linear weights inside decoder layers that the NF4 teacher quantizes (torchtune names).
@@ -31,17 +34,6 @@ NF4_LINEAR_SUFFIXES = (
     "mlp.w2.weight",
     "mlp.w3.weight",
 )
-
-
-class CheckpointError(ValueError):
-    """A missing, incomplete or mismatched model checkpoint (user-facing)."""
-
-
-def _clean(name: str) -> str:
-    """Parameter name without activation-checkpointing / compile wrapper prefixes (one shared rule)."""
-    from kd.checkpoint import _strip_wrappers
-
-    return _strip_wrappers(name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,7 +201,7 @@ def _load_module(
     sd: Dict[str, torch.Tensor] = {}
     loaded = []
     for local, p in module.named_parameters():
-        full = prefix + _clean(local)
+        full = prefix + strip_wrappers(local)
         if full not in reader.index:
             if allowed_missing(full):
                 continue
@@ -316,7 +308,7 @@ def _load_hf_into_model(
                     m.to_empty(device=device)
                     m.initialize_parameters()
         for name, p in layer.named_parameters():
-            p.requires_grad_(trainable(f"layers.{i}.{_clean(name)}") and p.is_floating_point())
+            p.requires_grad_(trainable(f"layers.{i}.{strip_wrappers(name)}") and p.is_floating_point())
         if on_layer_loaded is not None:
             on_layer_loaded(i, layer)
         if fsdp:
@@ -327,7 +319,7 @@ def _load_hf_into_model(
 
     # Remaining (root-level) parameters: embeddings, final norm, output projection.
     for name, p in list(model.named_parameters()):
-        cname = _clean(name)
+        cname = strip_wrappers(name)
         if cname.startswith("layers."):
             continue
         owner_path, _, leaf = cname.rpartition(".")
@@ -354,8 +346,8 @@ def _load_hf_into_model(
             if hasattr(m, "rope_init"):
                 m.rope_init()
     for name, p in model.named_parameters():
-        if not _clean(name).startswith("layers."):
-            p.requires_grad_(trainable(_clean(name)))
+        if not strip_wrappers(name).startswith("layers."):
+            p.requires_grad_(trainable(strip_wrappers(name)))
 
     unexpected = sorted(set(reader.names()) - loaded)
     if unexpected:
@@ -407,7 +399,7 @@ def load_adapter_state_dict(model: nn.Module, sd: Dict[str, torch.Tensor]) -> No
     """Copy full adapter tensors into a (possibly FSDP2-sharded) model, checking names and shapes."""
     from torch.distributed.tensor import distribute_tensor
 
-    params = {_clean(n): p for n, p in model.named_parameters() if is_adapter_param(n)}
+    params = {strip_wrappers(n): p for n, p in model.named_parameters() if is_adapter_param(n)}
     missing = sorted(set(params) - set(sd))
     extra = sorted(set(sd) - set(params))
     if missing or extra:

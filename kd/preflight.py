@@ -152,7 +152,8 @@ def _safetensors_expected_size(path: Path) -> Tuple[int, int, List[str]]:
 
 def check_checkpoint(which: str, section, model_cfg, dtype) -> Tuple[List[str], Dict[str, Any]]:
     """Problems (fix included) with one checkpoint directory, and facts (vocab, total bytes)."""
-    from kd.models import CheckpointError, check_matches_hf_config, read_hf_config, resolve_checkpoint_files
+    from kd.errors import CheckpointError
+    from kd.models import check_matches_hf_config, read_hf_config, resolve_checkpoint_files
 
     problems: List[str] = []
     facts: Dict[str, Any] = {}

@@ -288,7 +288,8 @@ def quantize_checkpoint(
     ``calibration``: token id lists (the user's training prompts), required by ``w4a16``."""
     from transformers import AutoModelForCausalLM
 
-    from kd.checkpoint import _COPY_FILES, atomic_write_dir
+    from kd.atomic import atomic_write_dir
+    from kd.hf_export import HF_SIDE_FILES
     from kd.config import ConfigError
 
     scheme = check_scheme(scheme)
@@ -339,7 +340,7 @@ def quantize_checkpoint(
     with atomic_write_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp), max_shard_size=f"{int(max_shard_size_gb * 1000)}MB")
         compressor.update_config(str(tmp))
-        for f in _COPY_FILES:
+        for f in HF_SIDE_FILES:
             if (src_dir / f).is_file() and not (tmp / f).exists():
                 shutil.copy2(src_dir / f, tmp / f)
         fmt = json.loads((tmp / "config.json").read_text())["quantization_config"].get("format")

@@ -79,7 +79,8 @@ def _diff(a: Any, b: Any, path: str) -> List[str]:
 def check_run_dir(output_dir: Any, *, resume: bool, overwrite: bool, info: Mapping[str, Any],
                   ckpt_subdir: str = "checkpoints") -> None:
     """Rank 0, before anything is written to ``output_dir`` (so a refused run changes nothing there)."""
-    from kd.checkpoint import CheckpointManager, _rm, _tmp_name
+    from kd.atomic import delete_dir
+    from kd.step_checkpoint import CheckpointManager
 
     mgr = CheckpointManager(Path(str(output_dir)) / ckpt_subdir)
     existing = mgr.list_checkpoints()
@@ -95,9 +96,7 @@ def check_run_dir(output_dir: Any, *, resume: bool, overwrite: bool, info: Mappi
             )
         log.warning(f"overwrite=True: deleting {len(existing)} checkpoint(s) of the previous run in {mgr.output_dir}")
         for p in existing:
-            doomed = _tmp_name(p, "del")
-            os.rename(p, doomed)
-            _rm(doomed)
+            delete_dir(p)
         (mgr.output_dir / mgr.LATEST).unlink(missing_ok=True)
         return
     latest = mgr.latest()

@@ -79,7 +79,7 @@ def _load(model_cfg, ck, device, dtype, *, precision=None, which="model"):
 
 
 def _load_adapter(model, adapter_dir: str, model_cfg) -> None:
-    from kd.checkpoint import load_peft_adapter
+    from kd.adapter_io import load_peft_adapter
     from kd.models import load_adapter_state_dict
 
     d = Path(adapter_dir)
@@ -192,7 +192,7 @@ def _answers(model, tokenizer, questions, system_prompt, *, max_new_tokens, para
 
 
 def _report(path: Path, metrics, answers, questions, meta, figures=None) -> None:
-    from kd.checkpoint import atomic_write_text
+    from kd.atomic import atomic_write_text
 
     cols = [("ce_teacher", "CE on teacher answers"), ("ppl_teacher", "PPL (teacher ans.)"),
             ("ce_original", "CE on original labels"), ("ppl_original", "PPL (orig.)"),
@@ -376,7 +376,7 @@ def recipe_main(cfg: DictConfig) -> None:
         ]
     meta = {"source": str(d.source), "split": dkw["split"], "n_samples": len(ds_t), "models": models_meta,
             "max_new_tokens": max_new, "temperature": params.temperature}
-    from kd.checkpoint import atomic_write_text
+    from kd.atomic import atomic_write_text
 
     figures = _figures(out, cfg, metrics, lengths, adapters, max_new) if plots else []
     atomic_write_text(out / "eval_metrics.json",

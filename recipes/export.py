@@ -6,7 +6,7 @@
 Writes ``<output_dir>/merged/`` (safetensors shards + index, config.json, tokenizer and generation config
 copied from the base checkpoint; ``transformers.AutoModelForCausalLM.from_pretrained`` loads it) and
 ``<output_dir>/adapter/`` (the PEFT adapter, loadable with ``peft.PeftModel.from_pretrained``). Runs on CPU
-by default (7B in bf16 needs ~16 GB of host memory); the merge itself is done in fp32 (kd.checkpoint.save_merged_hf).
+by default (7B in bf16 needs ~16 GB of host memory); the merge itself is done in fp32 (kd.hf_export.save_merged_hf).
 
 Quantized deployment copy (optional extra: ``pip install -e ".[deploy]"``), see kd.quantize and docs/deploy.md:
 
@@ -55,7 +55,8 @@ def recipe_main(cfg: DictConfig) -> None:
 
     from kd import dist as kdist
     from kd import run_checks as checks
-    from kd.checkpoint import atomic_write_dir, save_merged_hf
+    from kd.atomic import atomic_write_dir
+    from kd.hf_export import save_merged_hf
     from kd.models import build_on_meta, load_hf_into_model
 
     from kd.progress import configure_logging
@@ -109,7 +110,7 @@ def _export_full(cfg: DictConfig) -> None:
     from torchtune import training
 
     from kd import dist as kdist
-    from kd.checkpoint import write_hf_checkpoint
+    from kd.hf_export import write_hf_checkpoint
     from kd.full import SHARDS, assemble_full_state_dict
     from kd.models import build_on_meta, model_dims
 
@@ -186,7 +187,7 @@ def _quantize(cfg: DictConfig, merged, out: Path, device) -> None:
             meta_p = dest / "kd_quantize.json"
             meta = json.loads(meta_p.read_text())
             meta["check"] = chk._asdict()
-            from kd.checkpoint import atomic_write_text
+            from kd.atomic import atomic_write_text
 
             atomic_write_text(meta_p, json.dumps(meta, indent=1) + "\n")
         log.info(f"serve it (on a vLLM host; vLLM does not run here): {kq.vllm_serve_command(dest, scheme)}")

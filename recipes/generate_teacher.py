@@ -105,7 +105,7 @@ def _check_run_meta(out: Path, meta: Dict, is_rank_zero: bool) -> None:
                 + "\nUse a new output_dir (or restore the settings) so answers are not mixed."
             )
     elif is_rank_zero:
-        from kd.checkpoint import atomic_write_text
+        from kd.atomic import atomic_write_text
 
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(p, json.dumps(meta, ensure_ascii=False, indent=1, sort_keys=True) + "\n")
@@ -246,7 +246,7 @@ def recipe_main(cfg: DictConfig) -> None:
 
     # ---- merge (rank 0) ------------------------------------------------------------------------
     if info.is_rank_zero and s["merge"]:
-        from kd.checkpoint import atomic_write_text
+        from kd.atomic import atomic_write_text
 
         results, _ = store.scan(hashes)
         results = {i: r for i, r in results.items() if i in records}

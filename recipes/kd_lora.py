@@ -43,7 +43,7 @@ from kd.config import (
     require_component,
     to_container,
 )
-from kd.checkpoint import lora_state_dict
+from kd.adapter_io import lora_state_dict
 from kd.guard import NonFiniteGuard
 from kd.metric_logging import kd_logging_cfg
 from kd.full import all_trainable
@@ -585,7 +585,7 @@ class KDLoRARecipe:
         return self._make_loader(ds, packed, shuffle=False, batch_size=bs, drop_last=False)
 
     def _setup_checkpointing(self, cfg: DictConfig) -> None:
-        from kd.checkpoint import CheckpointManager
+        from kd.step_checkpoint import CheckpointManager
 
         self._ckpt = CheckpointManager(
             self._output_dir / "checkpoints",
@@ -1159,7 +1159,7 @@ class KDLoRARecipe:
         }
 
     def _save_merged_model(self) -> None:
-        from kd.checkpoint import save_merged_hf
+        from kd.hf_export import save_merged_hf
 
         out = self._output_dir / "merged"
         # FusedKDHead keeps torchtune's parameter names (output.weight, output.lora_*), so the state dict
