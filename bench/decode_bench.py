@@ -97,7 +97,7 @@ def build_teacher(S, n_layers, dev):
     """torchtune Qwen2 at shape S with n_layers random layers, decoder linears NF4 (kd.nf4.FastNF4Linear)."""
     from torchtune.models.qwen2 import qwen2
 
-    from kd import nf4 as knf4
+    from kd.models import nf4_linears_
     from kd.generation import install_last_token_head
 
     with torch.device("meta"):
@@ -124,7 +124,7 @@ def build_teacher(S, n_layers, dev):
         init(mod)
     for layer in m.layers:
         init(layer)
-        knf4.quantize_layer_(layer, fast=True)
+        nf4_linears_(layer, fast=True)
     for p in m.parameters():
         p.requires_grad_(False)
     m.eval()

@@ -238,13 +238,6 @@ class grouped_decode_attention:
         return False
 
 
-def enable_fast_nf4(model: nn.Module) -> int:
-    """The KD recipe's NF4 fast path (:func:`kd.models.use_fast_nf4`): NF4 linears -> ``kd.nf4.FastNF4Linear``."""
-    from kd.models import use_fast_nf4
-
-    return use_fast_nf4(model)
-
-
 # --------------------------------------------------------------------------------------------------
 # Batched generation
 # --------------------------------------------------------------------------------------------------

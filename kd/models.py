@@ -425,6 +425,23 @@ def load_adapter_state_dict(model: nn.Module, sd: Dict[str, torch.Tensor]) -> No
                 p.copy_(full.to(p.device))
 
 
+@torch.no_grad()
+def nf4_linears_(module: nn.Module, *, fast: bool = True) -> int:
+    """The NF4 teacher path for a module already in memory (benchmarks, tests): every ``nn.Linear`` weight becomes
+    the ``NF4Tensor`` that ``load_hf_into_model(nf4=True)`` would have made while loading (same block sizes), then
+    :func:`use_fast_nf4` swaps in the fast forward (``fast=False``: torchao's stock ``linear_nf4``). Pass one decoder
+    layer (or ``model.layers``): embeddings and the output projection are not quantised by the teacher path either.
+    Freezes ``module``; returns the number of NF4 linears."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                child.weight = nn.Parameter(_to_nf4(child.weight.detach().contiguous()), requires_grad=False)
+    n = use_fast_nf4(module, fast=fast)
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return n
+
+
 def use_fast_nf4(model: nn.Module, fast: bool = True) -> int:
     """Swap every ``nn.Linear`` holding an ``NF4Tensor`` weight for :class:`kd.nf4.FastNF4Linear`.
 
@@ -445,3 +462,65 @@ def use_fast_nf4(model: nn.Module, fast: bool = True) -> int:
                 setattr(parent, name, FastNF4Linear(child.weight.data, bias, fast=fast))
                 n += 1
     return n
+
+
+def load_frozen_model(
+    model_cfg,
+    checkpointer,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    precision=None,
+    which: str = "teacher",
+    progress: bool = True,
+) -> nn.Module:
+    """The one loader of a frozen model: the teacher of the KD recipe, of ``generate_teacher`` and of ``evaluate``
+    (and evaluate's base students, ``precision=None``).
+
+    Builds ``model_cfg`` on the meta device, streams the HF checkpoint named by ``checkpointer`` (``checkpoint_dir``,
+    optional ``checkpoint_files``) in layer by layer, puts the model in eval mode with every parameter frozen, then
+    gives it the fast forward of ``precision`` (a :class:`kd.precision.TeacherPrecision`: NF4/FP8 weights are made
+    while loading; None: dense in ``dtype``). Not sharded: shard it afterwards (``fully_shard`` after
+    :func:`kd.precision.apply_precision`, as the recipe does).
+    """
+    from kd.precision import apply_precision
+
+    if checkpointer is None or checkpointer.get("checkpoint_dir") is None:
+        raise CheckpointError(f"{which}: checkpointer.checkpoint_dir is missing (the folder of its HF checkpoint).")
+    model = build_on_meta(model_cfg, dtype)
+    load_hf_into_model(
+        model, checkpointer.checkpoint_dir, checkpointer.get("checkpoint_files", None), device=device, dtype=dtype,
+        which=which, progress=progress, **(precision.load_kwargs() if precision is not None else {}),
+    )
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if precision is not None:
+        n = apply_precision(model, precision)
+        log.info(f"{which} precision: {precision.describe()}; {n} quantized linears")
+    return model
+
+
+def load_adapter_dir(model: nn.Module, adapter_dir: str | Path, model_cfg) -> None:
+    """Load a PEFT adapter folder (``<output_dir>/checkpoints/step_NNNNNNN/adapter`` or any peft save of a Qwen2
+    LoRA) into the torchtune LoRA ``model`` built from ``model_cfg``; its ``r`` / ``lora_alpha`` must match the
+    config's ``lora_rank`` / ``lora_alpha`` (:class:`kd.errors.CheckpointError` otherwise)."""
+    from kd.adapter_io import load_peft_adapter
+
+    d = Path(adapter_dir)
+    if not (d / "adapter_config.json").is_file():
+        raise CheckpointError(f"adapter dir {str(d)!r} has no adapter_config.json (pass a PEFT adapter folder, e.g. "
+                              "<output_dir>/checkpoints/step_XXXXXXX/adapter).")
+    sd, acfg = load_peft_adapter(d)
+    r, a = int(model_cfg.get("lora_rank", -1)), float(model_cfg.get("lora_alpha", -1))
+    if int(acfg.get("r", r)) != r or float(acfg.get("lora_alpha", a)) != a:
+        raise CheckpointError(f"adapter {d}: r={acfg.get('r')}, lora_alpha={acfg.get('lora_alpha')} but the model "
+                              f"config has lora_rank={r}, lora_alpha={a}.")
+    load_adapter_state_dict(model, sd)
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Targets aligned with the logits: ``labels[..., i + 1]`` becomes the target of position ``i`` and the last
+    position gets ``ignore_index`` (torchtune's SFT convention). ``labels``: [..., S] int64 -> same shape."""
+    pad = torch.full_like(labels[..., :1], ignore_index)
+    return torch.cat([labels[..., 1:], pad], dim=-1)

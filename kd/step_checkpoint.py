@@ -25,7 +25,9 @@ import torch
 
 from kd import statecodec
 from kd.adapter_io import load_peft_adapter, write_peft_adapter_files
-from kd.atomic import atomic_write_dir, atomic_write_text, cleanup_stale_temps, delete_dir, no_space_reason, recover_atomic_dir
+from kd.atomic import (
+    atomic_write_dir, atomic_write_text, cleanup_stale_temps, delete_dir, no_space_reason, recover_atomic_dir,
+)
 from kd.errors import (
     CheckpointError, CorruptCheckpointError, IncompatibleCheckpointError, NoCheckpointFoundError,
     NonFiniteCheckpointError,

@@ -37,7 +37,6 @@ CALIBRATION_KEYS = {"source", "num_samples", "max_seq_len", "seed", "system_prom
                     "dampening"}
 
 
-
 def _check_targets(out: Path, adapter_dir: Path, overwrite: bool) -> None:
     """Refuse to replace a non-empty ``merged/`` or ``adapter/`` (they may hold the user's files) unless
     ``overwrite=True``; checked before the model is loaded."""
@@ -57,8 +56,7 @@ def recipe_main(cfg: DictConfig) -> None:
     from kd import run_checks as checks
     from kd.atomic import atomic_write_dir
     from kd.hf_export import save_merged_hf
-    from kd.models import build_on_meta, load_hf_into_model
-
+    from kd.models import load_adapter_dir, load_frozen_model
     from kd.progress import configure_logging
 
     configure_logging()
@@ -86,12 +84,8 @@ def recipe_main(cfg: DictConfig) -> None:
     dtype = training.get_dtype(checks.check_dtype(cfg), device=device)
     checks.writable_dir(cfg.output_dir)
     _check_targets(Path(cfg.output_dir), adapter_dir, bool(cfg.get("overwrite", False)))
-    model = build_on_meta(cfg.model, dtype)
-    load_hf_into_model(model, ck.checkpoint_dir, ck.get("checkpoint_files", None), device=device, dtype=dtype,
-                       which="student", progress=True)
-    from recipes.evaluate import _load_adapter
-
-    _load_adapter(model, str(adapter_dir), cfg.model)
+    model = load_frozen_model(cfg.model, ck, device=device, dtype=dtype, which="student")
+    load_adapter_dir(model, adapter_dir, cfg.model)
     out = Path(cfg.output_dir)
     shard = number(cfg, "max_shard_size_gb", 5.0, min_value=0.001)
     path = save_merged_hf(model, ck.checkpoint_dir, out / "merged", rank=int(cfg.model.lora_rank),
@@ -110,8 +104,8 @@ def _export_full(cfg: DictConfig) -> None:
     from torchtune import training
 
     from kd import dist as kdist
-    from kd.hf_export import write_hf_checkpoint
     from kd.full import SHARDS, assemble_full_state_dict
+    from kd.hf_export import write_hf_checkpoint
     from kd.models import build_on_meta, model_dims
 
     if "lora_rank" in cfg.model:
