@@ -85,20 +85,28 @@ _PEFT_LAYER_RE = re.compile(
 _PEFT_OUT_RE = re.compile(r"^base_model\.model\.lm_head\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
 
 
+def _map_key(key: str, k: str, layer_re, out_re, on_layer, on_out, direction: str) -> str:
+    """Match ``k`` against the per-layer then the output-projection pattern of one naming scheme and rename it."""
+    m = layer_re.match(k)
+    if m:
+        return on_layer(*m.groups())
+    m = out_re.match(k)
+    if m:
+        return on_out(m.group(1))
+    raise KeyError(f"cannot map {direction} adapter key {key!r}")
+
+
 def tune_to_peft_key(key: str) -> str:
     """``layers.3.attn.q_proj.lora_a.weight`` -> ``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight``."""
-    k = strip_wrappers(key)
-    m = _TUNE_LAYER_RE.match(k)
-    if m:
-        i, block, mod, param = m.groups()
+
+    def layer(i, block, mod, param):
         if (block == "attn" and mod not in _ATTN) or (block == "mlp" and mod not in _MLP):
             raise KeyError(f"unknown torchtune LoRA module in key {key!r}")
         hf_block = "self_attn" if block == "attn" else "mlp"
         return f"{_PEFT_PREFIX}model.layers.{i}.{hf_block}.{TUNE_TO_HF_MODULE[mod]}.{_PARAM_TO_PEFT[param]}"
-    m = _TUNE_OUT_RE.match(k)
-    if m:
-        return f"{_PEFT_PREFIX}lm_head.{_PARAM_TO_PEFT[m.group(1)]}"
-    raise KeyError(f"cannot map torchtune adapter key {key!r} to a peft key")
+
+    return _map_key(key, strip_wrappers(key), _TUNE_LAYER_RE, _TUNE_OUT_RE, layer,
+                    lambda param: f"{_PEFT_PREFIX}lm_head.{_PARAM_TO_PEFT[param]}", "torchtune -> peft")
 
 
 def peft_to_tune_key(key: str) -> str:
@@ -106,18 +114,16 @@ def peft_to_tune_key(key: str) -> str:
     k = key.replace(".default.", ".").replace("lora_magnitude_vector.default", "lora_magnitude_vector")
     if k.endswith("lora_magnitude_vector.weight"):
         k = k[: -len(".weight")]
-    m = _PEFT_LAYER_RE.match(k)
-    if m:
-        i, hf_block, hf_mod, param = m.groups()
+
+    def layer(i, hf_block, hf_mod, param):
         mod = _HF_TO_TUNE_MODULE.get(hf_mod)
         if mod is None or mod == "output":
             raise KeyError(f"unknown peft module in key {key!r}")
         block = "attn" if hf_block == "self_attn" else "mlp"
         return f"layers.{i}.{block}.{mod}.{_PARAM_TO_TUNE[param]}"
-    m = _PEFT_OUT_RE.match(k)
-    if m:
-        return f"output.{_PARAM_TO_TUNE[m.group(1)]}"
-    raise KeyError(f"cannot map peft adapter key {key!r} to a torchtune key")
+
+    return _map_key(key, k, _PEFT_LAYER_RE, _PEFT_OUT_RE, layer, lambda param: f"output.{_PARAM_TO_TUNE[param]}",
+                    "peft -> torchtune")
 
 
 def tune_to_peft_adapter_sd(adapter_sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

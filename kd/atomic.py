@@ -33,6 +33,8 @@ __all__ = [
     "recover_atomic_dir",
     "cleanup_stale_temps",
     "no_space_reason",
+    "append_durably",
+    "truncate_durably",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -279,3 +281,19 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Write a binary file atomically (temp file + fsync + ``os.replace``)."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+# append-only record logs (a crash loses at most the record being written; its torn tail is cut on reopen)
+def append_durably(f, blob: bytes) -> None:
+    """Append ``blob`` to the binary file ``f`` with one write, then flush + fsync."""
+    f.write(blob)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def truncate_durably(path: PathLike, keep: int) -> None:
+    """Cut ``path`` to its first ``keep`` bytes (a torn last record) and fsync."""
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())

@@ -142,6 +142,16 @@ def check_dtype(cfg, key: str = "dtype", default: str = "bf16") -> str:
     return v
 
 
+def check_device(cfg, default: str = "auto") -> "torch.device":
+    """``cfg.device`` (auto | cpu | cuda | cuda:N, ...) as a torch.device; a bad value is one ConfigError line."""
+    from kd import dist as kdist
+
+    try:
+        return kdist.resolve_device(cfg.get("device", default))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
 def _component_class(section, key: str):
     from torchtune.config._utils import _get_component_from_path
 

@@ -31,7 +31,6 @@ from typing import Any, Dict, List
 import torch
 from omegaconf import DictConfig
 
-from kd import dist as kdist
 from kd import run_checks as checks
 from kd.config import ConfigError, DataError, check_keys, number, require_component, to_container
 
@@ -331,10 +330,7 @@ def recipe_main(cfg: DictConfig) -> None:
     from kd.precision import parse_precision
 
     parse_precision(cfg.get("teacher_quantization", None))  # bad value: one clear line before any loading
-    try:
-        device = kdist.resolve_device(cfg.get("device", "auto"))
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    device = checks.check_device(cfg, "auto")
     dtype = training.get_dtype(checks.check_dtype(cfg), device=device)
     out = checks.writable_dir(cfg.output_dir)
     tokenizer = checks.build_tokenizer(cfg)

@@ -52,7 +52,6 @@ def _check_targets(out: Path, adapter_dir: Path, overwrite: bool) -> None:
 def recipe_main(cfg: DictConfig) -> None:
     from torchtune import training
 
-    from kd import dist as kdist
     from kd import run_checks as checks
     from kd.atomic import atomic_write_dir
     from kd.hf_export import save_merged_hf
@@ -76,10 +75,7 @@ def recipe_main(cfg: DictConfig) -> None:
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ConfigError(f"adapter_dir {str(adapter_dir)!r} has no adapter_config.json (pass a PEFT adapter folder, "
                           "e.g. <run>/checkpoints/step_XXXXXXX/adapter).")
-    try:
-        device = kdist.resolve_device(cfg.get("device", "cpu"))
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    device = checks.check_device(cfg, "cpu")
     checks.check_lora(cfg.model)
     dtype = training.get_dtype(checks.check_dtype(cfg), device=device)
     checks.writable_dir(cfg.output_dir)
@@ -103,7 +99,7 @@ def _export_full(cfg: DictConfig) -> None:
     """A full fine-tune's sharded checkpoint (kd.full) -> full HF checkpoint in <output_dir>/merged, offline."""
     from torchtune import training
 
-    from kd import dist as kdist
+    from kd import run_checks as checks
     from kd.full import SHARDS, assemble_full_state_dict
     from kd.hf_export import write_hf_checkpoint
     from kd.models import build_on_meta, model_dims
@@ -118,10 +114,7 @@ def _export_full(cfg: DictConfig) -> None:
     if not shard_dir.is_dir():
         raise ConfigError(f"full_checkpoint={str(src)!r}: no shards found (looked in {shard_dir}); pass "
                           "<run>/checkpoints/step_XXXXXXX or its shards folder.")
-    try:
-        device = kdist.resolve_device(cfg.get("device", "cpu"))
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    device = checks.check_device(cfg, "cpu")
     dtype = training.get_dtype(cfg.get("dtype", "bf16"), device=device)
     dims = model_dims(build_on_meta(cfg.model, dtype))
     sd = assemble_full_state_dict(shard_dir)

@@ -199,10 +199,7 @@ def recipe_main(cfg: DictConfig) -> None:
 
     configure_logging(choice(cfg, "log_level", ["DEBUG", "INFO", "WARNING", "ERROR"], "INFO"))
     s = _settings(cfg)
-    try:
-        device = kdist.resolve_device(cfg.get("device", "auto"))
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    device = checks.check_device(cfg, "auto")
     info = kdist.init_distributed(device)
     dtype = training.get_dtype(checks.check_dtype(cfg, default=s["dtype"]), device=device)
     out = Path(cfg.output_dir)
