@@ -270,6 +270,44 @@ def load_hf_into_model(
         )
 
 
+def _load_root(model: nn.Module, reader, checkpoint_dir, *, device, dtype, trainable, loaded: set) -> None:
+    """After the decoder layers: the root-level parameters (embeddings, final norm, output projection) from
+    ``reader``, then LoRA init and RoPE caches of what is still on the meta device; names go into ``loaded``."""
+    from torchtune.modules.peft import DoRALinear, LoRALinear
+
+    for name, p in list(model.named_parameters()):
+        cname = strip_wrappers(name)
+        if cname.startswith("layers."):
+            continue
+        owner_path, _, leaf = cname.rpartition(".")
+        owner = model.get_submodule(owner_path) if owner_path else model
+        if cname in reader.index:
+            t = reader.get(cname)
+            if tuple(t.shape) != tuple(p.shape):
+                raise CheckpointError(
+                    f"Shape mismatch for {cname!r}: checkpoint has {tuple(t.shape)}, the model expects "
+                    f"{tuple(p.shape)}."
+                )
+            owner.load_state_dict({leaf: t.to(device=device, dtype=dtype)}, strict=False, assign=True)
+            loaded.add(cname)
+        elif not is_adapter_param(cname):
+            raise CheckpointError(f"Parameter {cname!r} is missing from {checkpoint_dir}.")
+    with torch.device(device):
+        for m in model.modules():
+            lora_meta = hasattr(m, "lora_a") and m.lora_a.weight.is_meta
+            if isinstance(m, (LoRALinear, DoRALinear)) and lora_meta:
+                m.to_empty(device=device)
+                m.initialize_parameters()
+            elif lora_meta and hasattr(m, "init_lora_parameters"):  # kd.heads.FusedKDHead
+                m.init_lora_parameters(device)
+            if hasattr(m, "rope_init"):
+                m.rope_init()
+    for name, p in model.named_parameters():
+        if not strip_wrappers(name).startswith("layers."):
+            p.requires_grad_(trainable(strip_wrappers(name)))
+
+
+
 def _load_hf_into_model(
     model, checkpoint_dir, checkpoint_files, *, device, dtype, nf4, mesh, fsdp, reshard_after_forward,
     cpu_offload, trainable, which, progress, on_layer_loaded=None,
@@ -284,10 +322,6 @@ def _load_hf_into_model(
     tied = bool(hf_cfg.get("tie_word_embeddings", False))
     reader = HFCheckpointReader(files, tie_word_embeddings=tied)
     trainable = trainable or (lambda n: False)
-
-    def is_adapter(name: str) -> bool:
-        return "lora_a" in name or "lora_b" in name or "magnitude" in name
-
     fsdp_kw = _fsdp_kwargs(mesh, reshard_after_forward, cpu_offload) if fsdp else None
     loaded: set = set()
     n_layers = len(model.layers)
@@ -299,7 +333,7 @@ def _load_hf_into_model(
         loaded.update(
             _load_module(
                 layer, f"layers.{i}.", reader, device=device, dtype=dtype, nf4=nf4,
-                allowed_missing=is_adapter,
+                allowed_missing=is_adapter_param,
             )
         )
         with torch.device(device):
@@ -317,38 +351,7 @@ def _load_hf_into_model(
         bar.set_postfix_str(f"{reader.bytes_read / 1e9 / max(time.perf_counter() - t0, 1e-9):.2f} GB/s", refresh=False)
     bar.close()
 
-    # Remaining (root-level) parameters: embeddings, final norm, output projection.
-    for name, p in list(model.named_parameters()):
-        cname = strip_wrappers(name)
-        if cname.startswith("layers."):
-            continue
-        owner_path, _, leaf = cname.rpartition(".")
-        owner = model.get_submodule(owner_path) if owner_path else model
-        if cname in reader.index:
-            t = reader.get(cname)
-            if tuple(t.shape) != tuple(p.shape):
-                raise CheckpointError(
-                    f"Shape mismatch for {cname!r}: checkpoint has {tuple(t.shape)}, the model expects "
-                    f"{tuple(p.shape)}."
-                )
-            owner.load_state_dict({leaf: t.to(device=device, dtype=dtype)}, strict=False, assign=True)
-            loaded.add(cname)
-        elif not is_adapter(cname):
-            raise CheckpointError(f"Parameter {cname!r} is missing from {checkpoint_dir}.")
-    with torch.device(device):
-        for m in model.modules():
-            lora_meta = hasattr(m, "lora_a") and m.lora_a.weight.is_meta
-            if isinstance(m, (LoRALinear, DoRALinear)) and lora_meta:
-                m.to_empty(device=device)
-                m.initialize_parameters()
-            elif lora_meta and hasattr(m, "init_lora_parameters"):  # kd.heads.FusedKDHead
-                m.init_lora_parameters(device)
-            if hasattr(m, "rope_init"):
-                m.rope_init()
-    for name, p in model.named_parameters():
-        if not strip_wrappers(name).startswith("layers."):
-            p.requires_grad_(trainable(strip_wrappers(name)))
-
+    _load_root(model, reader, checkpoint_dir, device=device, dtype=dtype, trainable=trainable, loaded=loaded)
     unexpected = sorted(set(reader.names()) - loaded)
     if unexpected:
         raise CheckpointError(

@@ -271,6 +271,27 @@ def _weight_bytes(d: Path) -> int:
     return total
 
 
+def _set_qparams(model, gptq: Dict[str, "GPTQResult"], args, solver: str) -> int:
+    """Write each quantized module's ``weight_scale`` / ``weight_zero_point``: GPTQ's where it ran, min-max
+    otherwise (fp8_dynamic). Returns the number of modules set."""
+    n_mod = 0
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if getattr(mod, "quantization_scheme", None) is None or not hasattr(mod, "weight_scale"):
+                continue
+            if name in gptq:
+                s, z = gptq[name].scale, gptq[name].zero_point
+            else:
+                if solver == "gptq":
+                    raise RuntimeError(f"{name} is quantized but GPTQ did not see it")
+                s, z = minmax_qparams(mod.weight.data, args)
+            mod.weight_scale.data.copy_(s.reshape(mod.weight_scale.shape).to(mod.weight_scale.dtype))
+            if hasattr(mod, "weight_zero_point"):
+                mod.weight_zero_point.data.copy_(z.reshape(mod.weight_zero_point.shape).to(mod.weight_zero_point.dtype))
+            n_mod += 1
+    return n_mod
+
+
 def quantize_checkpoint(
     src_dir: str | Path,
     out_dir: str | Path,
@@ -318,21 +339,7 @@ def quantize_checkpoint(
     qc = QuantizationConfig(config_groups={"group_0": qscheme}, ignore=list(IGNORE),
                             quantization_status=QuantizationStatus.FROZEN)
     apply_quantization_config(model, qc)
-    n_mod = 0
-    with torch.no_grad():
-        for name, mod in model.named_modules():
-            if getattr(mod, "quantization_scheme", None) is None or not hasattr(mod, "weight_scale"):
-                continue
-            if name in gptq:
-                s, z = gptq[name].scale, gptq[name].zero_point
-            else:
-                if solver == "gptq":
-                    raise RuntimeError(f"{name} is quantized but GPTQ did not see it")
-                s, z = minmax_qparams(mod.weight.data, args)
-            mod.weight_scale.data.copy_(s.reshape(mod.weight_scale.shape).to(mod.weight_scale.dtype))
-            if hasattr(mod, "weight_zero_point"):
-                mod.weight_zero_point.data.copy_(z.reshape(mod.weight_zero_point.shape).to(mod.weight_zero_point.dtype))
-            n_mod += 1
+    n_mod = _set_qparams(model, gptq, args, solver)
     if n_mod == 0:
         raise RuntimeError("no module was quantized (no nn.Linear outside lm_head?)")
     compressor = ModelCompressor.from_pretrained_model(model)
