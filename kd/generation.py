@@ -350,15 +350,19 @@ def generate_batch(
     finally:
         gqa.__exit__(None, None, None)
         teardown_kv_caches(model)
-    out = out[:, :n_steps].cpu().tolist()
-    stops = set(stop_t.tolist())
+    return to_generations(out[:, :n_steps].cpu().tolist(), stop_t.tolist(), max_new_tokens)
+
+
+def to_generations(rows: Sequence[Sequence[int]], stop_ids: Iterable[int], max_new_tokens: int) -> List[Generation]:
+    """Generated token rows (padding after a stop) -> answers cut before their first stop token."""
+    stops = set(int(t) for t in stop_ids)
     res = []
-    for row in out:
+    for row in rows:
         cut = next((j for j, t in enumerate(row) if t in stops), None)
         if cut is None:
-            res.append(Generation(tokens=row[:max_new_tokens], finish="length"))
+            res.append(Generation(tokens=list(row[:max_new_tokens]), finish="length"))
         else:
-            res.append(Generation(tokens=row[:cut], finish="stop", stop_token=row[cut]))
+            res.append(Generation(tokens=list(row[:cut]), finish="stop", stop_token=row[cut]))
     return res
 
 

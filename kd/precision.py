@@ -230,13 +230,19 @@ def _try_module(make, in_features: int, device) -> str:
     return _try(run)
 
 
-@_cached
-def _probe_fp8(device, dtype):
+def _fp8_device_verdict(device, emulated: str):
+    """(impl, problem) decided by the device alone: a GPU without FP8 tensor cores, or the CPU's emulation; else None."""
     problem = _fp8_gpu_problem(device)
     if problem:
         return None, problem
-    if device.type == "cpu":
-        return "fp8:emulated", ""
+    return (emulated, "") if device.type == "cpu" else None
+
+
+@_cached
+def _probe_fp8(device, dtype):
+    verdict = _fp8_device_verdict(device, "fp8:emulated")
+    if verdict is not None:
+        return verdict
 
     def linear():
         return nn.Linear(64, 32, bias=True, device=device, dtype=torch.bfloat16)
@@ -259,11 +265,9 @@ def _probe_fp8(device, dtype):
 
 @_cached
 def _probe_nf4_fp8(device, dtype):
-    problem = _fp8_gpu_problem(device)
-    if problem:
-        return None, problem
-    if device.type == "cpu":
-        return "nf4_fp8:emulated", ""
+    verdict = _fp8_device_verdict(device, "nf4_fp8:emulated")
+    if verdict is not None:
+        return verdict
     from torchao.dtypes.nf4tensor import to_nf4
 
     from kd.nf4 import _HAS_TRITON

@@ -44,7 +44,7 @@ from torch import nn
 
 from kd.generation import (
     Generation, LastTokenHead, SamplingParams, _signed64, check_batch, decode_qkv, grouped_decode_attend, left_pad,
-    patched_attention, sample_next, setup_kv_caches, teardown_kv_caches,
+    patched_attention, sample_next, setup_kv_caches, teardown_kv_caches, to_generations,
 )
 
 __all__ = ["StaticDecoder", "DecodeStepCost", "decode_step_cost", "QWEN2_5_72B_SHAPE"]
@@ -315,16 +315,7 @@ class StaticDecoder:
         finally:
             if n_dec:
                 set_decode_(self.model, None)
-        out = bk.out[:n_real, :n_steps].cpu().tolist()
-        stop_set = set(stops)
-        res = []
-        for row in out:
-            cut = next((j for j, t in enumerate(row) if t in stop_set), None)
-            if cut is None:
-                res.append(Generation(tokens=row[:max_new_tokens], finish="length"))
-            else:
-                res.append(Generation(tokens=row[:cut], finish="stop"))
-        return res
+        return to_generations(bk.out[:n_real, :n_steps].cpu().tolist(), stops, max_new_tokens)
 
     def _all_done(self, bk: _Bucket, pending: list) -> bool:
         """Whether every row had stopped as of a previous check (CUDA: without waiting for the GPU, except to
