@@ -5,7 +5,7 @@ world_size==1 shortcut (_fsdp_param_group.py) copies only all_gather_inputs[0] w
 fsdp_post_all_gather expects its 3 inputs -> "ValueError: not enough values to unpack (expected 3, got 1)"
 (seen on torch 2.11 / H200 and torch 2.13 / CPU with torchao 0.15). On one GPU, don't fully_shard the NF4 teacher.
 
-Builds the same small Qwen2 teacher on every rank, quantises it with kd.nf4.quantize_teacher_, takes the unsharded
+Builds the same small Qwen2 teacher on every rank, quantises it with kd.models.nf4_linears_, takes the unsharded
 output as reference, then fully_shard()s every layer + the root and checks the sharded forward (fast and stock NF4
 paths) against it, and that the weights are DTensors wrapping NF4Tensor shards.
 """
@@ -18,6 +18,7 @@ from torch.distributed.fsdp import fully_shard
 from torchao.dtypes.nf4tensor import NF4Tensor
 
 from kd import nf4 as knf4
+from kd.models import nf4_linears_
 
 
 def main():
@@ -41,7 +42,8 @@ def main():
             elif n.endswith("bias"):
                 p.normal_(0, 0.02)
     m = m.to(torch.bfloat16).eval()
-    knf4.quantize_teacher_(m, fast=True)
+    nf4_linears_(m.layers, fast=True)  # the teacher path: decoder linears only
+    m.requires_grad_(False)
     V = dims["vocab_size"]
     tok = torch.randint(0, V, (2, 64), generator=torch.Generator().manual_seed(1)).to(dev)
     with torch.no_grad():

@@ -217,6 +217,7 @@ def piece_nf4(args):
 def piece_layer(args):
     from torchtune.models.qwen2._component_builders import qwen2
     from kd import nf4 as knf4
+    from kd.models import nf4_linears_
     B, S = args.tokens // args.seq, args.seq
     with torch.device("meta"):
         m = qwen2(vocab_size=1024, num_layers=1, num_heads=64, num_kv_heads=8, embed_dim=8192,
@@ -232,7 +233,7 @@ def piece_layer(args):
     with torch.no_grad():
         y_bf16 = layer(x)
         res["bf16"] = time_cuda(lambda: layer(x), n=10, warm=3)[0]
-        knf4.quantize_layer_(layer, fast=False)
+        nf4_linears_(layer, fast=False)
         torch.cuda.empty_cache()
         y_stock = layer(x)
         res["torchao NF4 (linear_nf4)"] = time_cuda(lambda: layer(x), n=10, warm=3)[0]
@@ -351,7 +352,7 @@ def piece_head(args):
 # ------------------------------------------------------------------------------------------------- step
 def build_teacher(fast):
     from torchtune.models.qwen2_5 import qwen2_5_72b_instruct
-    from kd import nf4 as knf4
+    from kd.models import nf4_linears_
     t0 = time.perf_counter()
     with torch.device("meta"):
         teacher = qwen2_5_72b_instruct()
@@ -363,7 +364,7 @@ def build_teacher(fast):
         layer.to_empty(device=DEV)
         init_module(layer)
         layer.to(torch.bfloat16)
-        knf4.quantize_layer_(layer, fast=fast)
+        nf4_linears_(layer, fast=fast)
     for p in teacher.parameters():
         p.requires_grad_(False)
     torch.cuda.synchronize(); torch.cuda.empty_cache()

@@ -381,7 +381,7 @@ def _ms(xs: List[float], fmt: str = "{:.3f}") -> str:
 
 
 def write_doc(path: Path, res: Dict[str, Any], command: str) -> None:
-    from kd.checkpoint import atomic_write_text
+    from kd.atomic import atomic_write_text
 
     methods = res["methods"]
     by = {m: [r for r in res["runs"] if r["method"] == m] for m in methods}

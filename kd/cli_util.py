@@ -17,12 +17,11 @@ from omegaconf import DictConfig
 
 
 def user_error_types() -> tuple:
-    from kd.checkpoint import CheckpointError as SaveError
     from kd.config import ConfigError, DataError
+    from kd.errors import CheckpointError
     from kd.guard import NonFiniteError
-    from kd.models import CheckpointError
 
-    return (ConfigError, DataError, CheckpointError, SaveError, NonFiniteError)
+    return (ConfigError, DataError, CheckpointError, NonFiniteError)
 
 
 def one_line(e: BaseException) -> str:

@@ -26,15 +26,18 @@ checkpoint is complete exactly when ``step_N/meta.json`` exists. Resume needs th
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
+
+from kd import statecodec
+from kd.atomic import atomic_path, atomic_write_dir, atomic_write_text, cleanup_stale_temps
+from kd.state_dict import strip_wrappers
+from kd.step_checkpoint import read_recipe_state, step_meta
 
 FORMAT = "kd-full-checkpoint-v1"
 SHARDS = "shards"
@@ -67,12 +70,6 @@ def check_config(cfg) -> None:
         )
 
 
-def _clean(name: str) -> str:
-    from kd.checkpoint import _strip_wrappers
-
-    return _strip_wrappers(name)
-
-
 def _shard_layout(p: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:
     """(local tensor, {"shape": global shape, "offset": global offset of the local block})."""
     if hasattr(p, "device_mesh"):
@@ -87,41 +84,26 @@ def _shard_layout(p: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:
 
 def _param_names(model: nn.Module, optimizer) -> List[str]:
     """Clean parameter names in the optimizer's parameter order."""
-    by_id = {id(p): _clean(n) for n, p in model.named_parameters()}
+    by_id = {id(p): strip_wrappers(n) for n, p in model.named_parameters()}
     return [by_id[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
 
 def _save_tensors_atomic(tensors: Dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    from kd.checkpoint import _fsync_dir, _tmp_name
-
-    tmp = _tmp_name(path, "tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": FORMAT})
-        fd = os.open(str(tmp), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_shard(shard_dir: Path, model: nn.Module, optimizer, *, rank: int, world_size: int, mesh_shape) -> Path:
     """Write this rank's shard of the weights and optimizer state (``rank-RRRRR.safetensors`` + ``.json``)."""
-    from kd.checkpoint import atomic_write_text
-
     shard_dir.mkdir(parents=True, exist_ok=True)
     tensors: Dict[str, torch.Tensor] = {}
     layout: Dict[str, Any] = {}
     for name, p in model.named_parameters():
         local, lay = _shard_layout(p.detach())
-        tensors[f"model/{_clean(name)}"] = local
-        layout[_clean(name)] = lay
+        tensors[f"model/{strip_wrappers(name)}"] = local
+        layout[strip_wrappers(name)] = lay
     names = _param_names(model, optimizer)
     sd = optimizer.state_dict()
     for idx, st in sd["state"].items():
@@ -161,7 +143,7 @@ def load_shard(shard_dir: Path, model: nn.Module, optimizer, *, rank: int, world
                           f"this run has {world_size} (mesh {list(mesh_shape)}). Resume with the same launch "
                           "layout, or export it (recipes/export.py full_checkpoint=...) and start a new run from it.")
     saved = load_file(str(sp))
-    params = {_clean(n): p for n, p in model.named_parameters()}
+    params = {strip_wrappers(n): p for n, p in model.named_parameters()}
     missing = sorted(set(params) - {k[len("model/"):] for k in saved if k.startswith("model/")})
     if missing:
         raise ConfigError(f"{sp} has no weights for {missing[:3]}: the model config differs from the saved run.")
@@ -220,7 +202,6 @@ def save_checkpoint(ckpt, step: int, epoch: int, model: nn.Module, optimizer, re
     """Collective: every rank writes its shard, then (after a barrier) rank 0 commits ``step_N`` and
     ``latest``; retention applies to step dirs (rank 0) and to every rank's own shards."""
     from kd import dist as kdist
-    from kd.checkpoint import _versions, atomic_torch_save, atomic_write_dir, atomic_write_text, cleanup_stale_temps
 
     name = ckpt.step_dir_name(step)
     save_shard(ckpt.output_dir / SHARDS / name, model, optimizer, rank=rank, world_size=world_size,
@@ -230,18 +211,15 @@ def save_checkpoint(ckpt, step: int, epoch: int, model: nn.Module, optimizer, re
     if rank == 0:
         ckpt.output_dir.mkdir(parents=True, exist_ok=True)
         cleanup_stale_temps(ckpt.output_dir)
-        with atomic_write_dir(ckpt.output_dir / name) as tmp:
-            from kd import statecodec
-
+        with atomic_write_dir(ckpt.output_dir / name) as tmp:  # fsyncs every file before the rename
             # tensors + JSON (kd.statecodec), so resume loads it with weights_only=True: no pickle runs
-            atomic_torch_save(statecodec.pack(dict(recipe_state)), tmp / "recipe_state.pt")
+            torch.save(statecodec.pack(dict(recipe_state)), tmp / "recipe_state.pt")
             (tmp / "meta.json").write_text(json.dumps({
-                "format": FORMAT, "step": int(step), "epoch": int(epoch), "time": time.time(),
-                "time_iso": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions(),
+                **step_meta(FORMAT, step, epoch),
                 "world_size": world_size, "mesh_shape": list(mesh_shape), "shards": f"{SHARDS}/{name}",
             }, indent=2, sort_keys=True))
         atomic_write_text(ckpt.output_dir / ckpt.LATEST, name + "\n")
-        ckpt._apply_retention()
+        ckpt.apply_retention()
         path = ckpt.output_dir / name
     if ckpt.keep_last_n is not None:
         _prune_shards(ckpt.output_dir, ckpt.keep_last_n, protect=name)
@@ -264,8 +242,6 @@ def load_checkpoint(ckpt, model: nn.Module, optimizer, *, rank: int, world_size:
             if meta.get("format") != FORMAT:
                 info = ("format", f"{latest} is a {meta.get('format')!r} checkpoint (a LoRA run?), not {FORMAT}")
             else:
-                from kd.checkpoint import read_recipe_state
-
                 state = read_recipe_state(latest / "recipe_state.pt")  # weights_only=True, named on damage
                 info = ("ok", latest.name, state)
     info = _broadcast(info, rank)

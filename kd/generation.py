@@ -30,13 +30,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from kd.atomic import append_durably, atomic_write_text, truncate_durably
 
 log = logging.getLogger(__name__)
 
@@ -204,32 +205,43 @@ def _grouped_decode_forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = N
     if x.shape[1] != 1 or y is None or mask is None or self.kv_cache is None or not self.cache_enabled \
             or not isinstance(mask, torch.Tensor):
         return type(self).forward(self, x, y, mask=mask, input_pos=input_pos)
-    b = x.shape[0]
-    g = self.num_heads // self.num_kv_heads
     q, k, v = decode_qkv(self, x, y, input_pos)
     k, v = self.kv_cache.update(k, v)  # [b, n_kv, L, d]
-    qg = q.reshape(b, self.num_kv_heads, g, self.head_dim)
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (self.head_dim ** -0.5)  # [b, n_kv, g, L]
-    scores = scores.masked_fill(~mask[:, None, :, :], float("-inf"))  # mask [b, 1, L]
+    return grouped_decode_attend(self, q, k, v, mask)
+
+
+def grouped_decode_attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One decode step of ``attn`` (a torchtune ``MultiHeadAttention``): the ``g = n_h / n_kv`` query heads of a group
+    attend to their shared K/V without expanding it, then the output projection.
+
+    q: [b, n_h, 1, d] (from :func:`decode_qkv`); k, v: [b, n_kv, L, d]; mask: [b, 1, L] bool (True = attend).
+    Returns [b, 1, n_h * d] projected to [b, 1, dim]. Scores and softmax in fp32."""
+    b = q.shape[0]
+    g = attn.num_heads // attn.num_kv_heads
+    qg = q.reshape(b, attn.num_kv_heads, g, attn.head_dim)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (attn.head_dim ** -0.5)  # [b, n_kv, g, L]
+    scores = scores.masked_fill(~mask[:, None, :, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     out = torch.matmul(probs, v)  # [b, n_kv, g, d]
-    out = out.reshape(b, self.num_heads, 1, self.head_dim).transpose(1, 2).reshape(b, 1, -1)
-    return self.output_proj(out)
+    out = out.reshape(b, attn.num_heads, 1, attn.head_dim).transpose(1, 2).reshape(b, 1, -1)
+    return attn.output_proj(out)
 
 
-class grouped_decode_attention:
-    """Context manager: every torchtune ``MultiHeadAttention`` of ``model`` uses :func:`_grouped_decode_forward`."""
+class patched_attention:
+    """Context manager: every torchtune ``MultiHeadAttention`` of ``model`` runs ``forward`` (bound to the module)
+    instead of its own until exit (``enabled=False``: nothing is patched)."""
 
-    def __init__(self, model: nn.Module, enabled: bool = True):
+    def __init__(self, model: nn.Module, forward, enabled: bool = True):
         from torchtune.modules import MultiHeadAttention
 
+        self.forward = forward
         self.mods = [m for m in model.modules() if isinstance(m, MultiHeadAttention)] if enabled else []
 
     def __enter__(self):
         import types
 
         for m in self.mods:
-            m.forward = types.MethodType(_grouped_decode_forward, m)
+            m.forward = types.MethodType(self.forward, m)
         return self
 
     def __exit__(self, *exc):
@@ -238,11 +250,9 @@ class grouped_decode_attention:
         return False
 
 
-def enable_fast_nf4(model: nn.Module) -> int:
-    """The KD recipe's NF4 fast path (:func:`kd.models.use_fast_nf4`): NF4 linears -> ``kd.nf4.FastNF4Linear``."""
-    from kd.models import use_fast_nf4
-
-    return use_fast_nf4(model)
+def grouped_decode_attention(model: nn.Module, enabled: bool = True) -> patched_attention:
+    """Context manager: every torchtune ``MultiHeadAttention`` of ``model`` uses :func:`_grouped_decode_forward`."""
+    return patched_attention(model, _grouped_decode_forward, enabled)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -253,6 +263,27 @@ class Generation:
     tokens: List[int]  # answer tokens, stop token excluded
     finish: str  # "stop" | "length"
     stop_token: Optional[int] = None  # the stop id that ended the answer (finish == "stop")
+
+
+def check_batch(prompts: Sequence[Sequence[int]], params: "SamplingParams", seeds) -> int:
+    """Number of prompts; ValueError for an empty prompt, or for sampling without per-sample seeds."""
+    if prompts and min(len(p) for p in prompts) == 0:
+        raise ValueError("empty prompt")
+    if prompts and not params.greedy and seeds is None:
+        raise ValueError("sampling needs per-sample seeds")
+    return len(prompts)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, total_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Prompts right-aligned in one batch: (tokens [B, P] int64, padded with ``pad_id``; mask [B, total_len] bool,
+    True at real prompt tokens and at every position after the prompt), P = the longest prompt. On the CPU."""
+    P = max(len(p) for p in prompts)
+    tok = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    pad_mask = torch.zeros((len(prompts), total_len), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        tok[i, P - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        pad_mask[i, P - len(p):] = True
+    return tok, pad_mask
 
 
 @torch.no_grad()
@@ -279,24 +310,15 @@ def generate_batch(
 
     if not isinstance(model.output, LastTokenHead):
         raise ValueError("generate_batch needs install_last_token_head(model) first")
-    B = len(prompts)
+    B = check_batch(prompts, params, seeds)
     if B == 0:
         return []
-    lens = [len(p) for p in prompts]
-    if min(lens) == 0:
-        raise ValueError("empty prompt")
-    P = max(lens)
+    P = max(len(p) for p in prompts)
     L = P + max_new_tokens
-    if not params.greedy and seeds is None:
-        raise ValueError("sampling needs per-sample seeds")
     cache_dtype = cache_dtype or next(p for p in model.parameters() if p.is_floating_point()).dtype
     if cache_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         cache_dtype = torch.bfloat16
-    tok = torch.full((B, P), pad_id, dtype=torch.long)
-    pad_mask = torch.zeros((B, L), dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        tok[i, P - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        pad_mask[i, P - len(p):] = True
+    tok, pad_mask = left_pad(prompts, pad_id, L)
     tok, pad_mask = tok.to(device), pad_mask.to(device)
     input_pos = get_position_ids_from_padding_mask(pad_mask)  # [B, L]
     seeds_t = torch.tensor([_signed64(s) for s in seeds], dtype=torch.int64, device=device) if seeds is not None else None
@@ -328,15 +350,19 @@ def generate_batch(
     finally:
         gqa.__exit__(None, None, None)
         teardown_kv_caches(model)
-    out = out[:, :n_steps].cpu().tolist()
-    stops = set(stop_t.tolist())
+    return to_generations(out[:, :n_steps].cpu().tolist(), stop_t.tolist(), max_new_tokens)
+
+
+def to_generations(rows: Sequence[Sequence[int]], stop_ids: Iterable[int], max_new_tokens: int) -> List[Generation]:
+    """Generated token rows (padding after a stop) -> answers cut before their first stop token."""
+    stops = set(int(t) for t in stop_ids)
     res = []
-    for row in out:
+    for row in rows:
         cut = next((j for j, t in enumerate(row) if t in stops), None)
         if cut is None:
-            res.append(Generation(tokens=row[:max_new_tokens], finish="length"))
+            res.append(Generation(tokens=list(row[:max_new_tokens]), finish="length"))
         else:
-            res.append(Generation(tokens=row[:cut], finish="stop", stop_token=row[cut]))
+            res.append(Generation(tokens=list(row[:cut]), finish="stop", stop_token=row[cut]))
     return res
 
 
@@ -448,20 +474,15 @@ class ResultStore:
             keep = data.rfind(b"\n") + 1
             if keep != len(data):
                 log.warning(f"{path}: dropping a torn last line ({len(data) - keep} bytes) left by a crash")
-                with open(path, "r+b") as f:
-                    f.truncate(keep)
-                    f.flush()
-                    os.fsync(f.fileno())
+                truncate_durably(path, keep)
         self._f = open(path, "ab")
         return path
 
     def append(self, records: Sequence[dict]) -> None:
         if not records:
             return
-        blob = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records).encode()
-        self._f.write(blob)
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        lines = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
+        append_durably(self._f, lines.encode())
 
     def close(self) -> None:
         if self._f is not None:
@@ -509,7 +530,6 @@ def merge_results(
     ``output`` is the teacher's answer; an EMPTY teacher answer is replaced by the original label
     (``teacher_empty: true``) so every record stays trainable; ``teacher_truncated`` flags answers that hit
     ``max_new_tokens``."""
-    from kd.checkpoint import atomic_write_text
     from kd.config import DataError
 
     missing = [i for i in sorted(records) if i not in results]

@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -84,9 +85,9 @@ H200 = Hardware(
 #  - interconnect: ConnectX-7 200 Gb/s = 25 GB/s per direction;
 #  - efficiencies: the H200's measured fractions, assumed to carry over (unverified);
 #  - decode overhead: the H200's measured 86 ms per step (same kernel count; a Grace CPU launches them).
-GB10 = Hardware(
-    name="gb10", bf16_tflops=125.0, fp8_tflops=250.0, mem_gbps=273.0, interconnect_gbps=25.0,
-    teacher_eff=0.84, student_eff=0.54, head_eff=0.70, disk_gbps=1.0, decode_overhead_ms=86.0,
+GB10 = dataclasses.replace(
+    H200,  # efficiencies, disk, interconnect and decode overhead: the H200's, as said above
+    name="gb10", bf16_tflops=125.0, fp8_tflops=250.0, mem_gbps=273.0,
     measured=False,
     sources={
         "bf16_tflops": "derived from NVIDIA's 1 PFLOP FP4 (sparse) DGX Spark figure: /2 dense, /2 per dtype width",

@@ -19,6 +19,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from kd.errors import CheckpointError
+from kd.state_dict import strip_wrappers
+
 log = logging.getLogger(__name__)
 
 # Linear weights inside decoder layers that the NF4 teacher quantizes (torchtune names).
@@ -31,17 +34,6 @@ NF4_LINEAR_SUFFIXES = (
     "mlp.w2.weight",
     "mlp.w3.weight",
 )
-
-
-class CheckpointError(ValueError):
-    """A missing, incomplete or mismatched model checkpoint (user-facing)."""
-
-
-def _clean(name: str) -> str:
-    """Parameter name without activation-checkpointing / compile wrapper prefixes (one shared rule)."""
-    from kd.checkpoint import _strip_wrappers
-
-    return _strip_wrappers(name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,7 +201,7 @@ def _load_module(
     sd: Dict[str, torch.Tensor] = {}
     loaded = []
     for local, p in module.named_parameters():
-        full = prefix + _clean(local)
+        full = prefix + strip_wrappers(local)
         if full not in reader.index:
             if allowed_missing(full):
                 continue
@@ -278,6 +270,44 @@ def load_hf_into_model(
         )
 
 
+def _load_root(model: nn.Module, reader, checkpoint_dir, *, device, dtype, trainable, loaded: set) -> None:
+    """After the decoder layers: the root-level parameters (embeddings, final norm, output projection) from
+    ``reader``, then LoRA init and RoPE caches of what is still on the meta device; names go into ``loaded``."""
+    from torchtune.modules.peft import DoRALinear, LoRALinear
+
+    for name, p in list(model.named_parameters()):
+        cname = strip_wrappers(name)
+        if cname.startswith("layers."):
+            continue
+        owner_path, _, leaf = cname.rpartition(".")
+        owner = model.get_submodule(owner_path) if owner_path else model
+        if cname in reader.index:
+            t = reader.get(cname)
+            if tuple(t.shape) != tuple(p.shape):
+                raise CheckpointError(
+                    f"Shape mismatch for {cname!r}: checkpoint has {tuple(t.shape)}, the model expects "
+                    f"{tuple(p.shape)}."
+                )
+            owner.load_state_dict({leaf: t.to(device=device, dtype=dtype)}, strict=False, assign=True)
+            loaded.add(cname)
+        elif not is_adapter_param(cname):
+            raise CheckpointError(f"Parameter {cname!r} is missing from {checkpoint_dir}.")
+    with torch.device(device):
+        for m in model.modules():
+            lora_meta = hasattr(m, "lora_a") and m.lora_a.weight.is_meta
+            if isinstance(m, (LoRALinear, DoRALinear)) and lora_meta:
+                m.to_empty(device=device)
+                m.initialize_parameters()
+            elif lora_meta and hasattr(m, "init_lora_parameters"):  # kd.heads.FusedKDHead
+                m.init_lora_parameters(device)
+            if hasattr(m, "rope_init"):
+                m.rope_init()
+    for name, p in model.named_parameters():
+        if not strip_wrappers(name).startswith("layers."):
+            p.requires_grad_(trainable(strip_wrappers(name)))
+
+
+
 def _load_hf_into_model(
     model, checkpoint_dir, checkpoint_files, *, device, dtype, nf4, mesh, fsdp, reshard_after_forward,
     cpu_offload, trainable, which, progress, on_layer_loaded=None,
@@ -292,10 +322,6 @@ def _load_hf_into_model(
     tied = bool(hf_cfg.get("tie_word_embeddings", False))
     reader = HFCheckpointReader(files, tie_word_embeddings=tied)
     trainable = trainable or (lambda n: False)
-
-    def is_adapter(name: str) -> bool:
-        return "lora_a" in name or "lora_b" in name or "magnitude" in name
-
     fsdp_kw = _fsdp_kwargs(mesh, reshard_after_forward, cpu_offload) if fsdp else None
     loaded: set = set()
     n_layers = len(model.layers)
@@ -307,7 +333,7 @@ def _load_hf_into_model(
         loaded.update(
             _load_module(
                 layer, f"layers.{i}.", reader, device=device, dtype=dtype, nf4=nf4,
-                allowed_missing=is_adapter,
+                allowed_missing=is_adapter_param,
             )
         )
         with torch.device(device):
@@ -316,7 +342,7 @@ def _load_hf_into_model(
                     m.to_empty(device=device)
                     m.initialize_parameters()
         for name, p in layer.named_parameters():
-            p.requires_grad_(trainable(f"layers.{i}.{_clean(name)}") and p.is_floating_point())
+            p.requires_grad_(trainable(f"layers.{i}.{strip_wrappers(name)}") and p.is_floating_point())
         if on_layer_loaded is not None:
             on_layer_loaded(i, layer)
         if fsdp:
@@ -325,38 +351,7 @@ def _load_hf_into_model(
         bar.set_postfix_str(f"{reader.bytes_read / 1e9 / max(time.perf_counter() - t0, 1e-9):.2f} GB/s", refresh=False)
     bar.close()
 
-    # Remaining (root-level) parameters: embeddings, final norm, output projection.
-    for name, p in list(model.named_parameters()):
-        cname = _clean(name)
-        if cname.startswith("layers."):
-            continue
-        owner_path, _, leaf = cname.rpartition(".")
-        owner = model.get_submodule(owner_path) if owner_path else model
-        if cname in reader.index:
-            t = reader.get(cname)
-            if tuple(t.shape) != tuple(p.shape):
-                raise CheckpointError(
-                    f"Shape mismatch for {cname!r}: checkpoint has {tuple(t.shape)}, the model expects "
-                    f"{tuple(p.shape)}."
-                )
-            owner.load_state_dict({leaf: t.to(device=device, dtype=dtype)}, strict=False, assign=True)
-            loaded.add(cname)
-        elif not is_adapter(cname):
-            raise CheckpointError(f"Parameter {cname!r} is missing from {checkpoint_dir}.")
-    with torch.device(device):
-        for m in model.modules():
-            lora_meta = hasattr(m, "lora_a") and m.lora_a.weight.is_meta
-            if isinstance(m, (LoRALinear, DoRALinear)) and lora_meta:
-                m.to_empty(device=device)
-                m.initialize_parameters()
-            elif lora_meta and hasattr(m, "init_lora_parameters"):  # kd.heads.FusedKDHead
-                m.init_lora_parameters(device)
-            if hasattr(m, "rope_init"):
-                m.rope_init()
-    for name, p in model.named_parameters():
-        if not _clean(name).startswith("layers."):
-            p.requires_grad_(trainable(_clean(name)))
-
+    _load_root(model, reader, checkpoint_dir, device=device, dtype=dtype, trainable=trainable, loaded=loaded)
     unexpected = sorted(set(reader.names()) - loaded)
     if unexpected:
         raise CheckpointError(
@@ -407,7 +402,7 @@ def load_adapter_state_dict(model: nn.Module, sd: Dict[str, torch.Tensor]) -> No
     """Copy full adapter tensors into a (possibly FSDP2-sharded) model, checking names and shapes."""
     from torch.distributed.tensor import distribute_tensor
 
-    params = {_clean(n): p for n, p in model.named_parameters() if is_adapter_param(n)}
+    params = {strip_wrappers(n): p for n, p in model.named_parameters() if is_adapter_param(n)}
     missing = sorted(set(params) - set(sd))
     extra = sorted(set(sd) - set(params))
     if missing or extra:
@@ -433,6 +428,23 @@ def load_adapter_state_dict(model: nn.Module, sd: Dict[str, torch.Tensor]) -> No
                 p.copy_(full.to(p.device))
 
 
+@torch.no_grad()
+def nf4_linears_(module: nn.Module, *, fast: bool = True) -> int:
+    """The NF4 teacher path for a module already in memory (benchmarks, tests): every ``nn.Linear`` weight becomes
+    the ``NF4Tensor`` that ``load_hf_into_model(nf4=True)`` would have made while loading (same block sizes), then
+    :func:`use_fast_nf4` swaps in the fast forward (``fast=False``: torchao's stock ``linear_nf4``). Pass one decoder
+    layer (or ``model.layers``): embeddings and the output projection are not quantised by the teacher path either.
+    Freezes ``module``; returns the number of NF4 linears."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                child.weight = nn.Parameter(_to_nf4(child.weight.detach().contiguous()), requires_grad=False)
+    n = use_fast_nf4(module, fast=fast)
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return n
+
+
 def use_fast_nf4(model: nn.Module, fast: bool = True) -> int:
     """Swap every ``nn.Linear`` holding an ``NF4Tensor`` weight for :class:`kd.nf4.FastNF4Linear`.
 
@@ -453,3 +465,65 @@ def use_fast_nf4(model: nn.Module, fast: bool = True) -> int:
                 setattr(parent, name, FastNF4Linear(child.weight.data, bias, fast=fast))
                 n += 1
     return n
+
+
+def load_frozen_model(
+    model_cfg,
+    checkpointer,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    precision=None,
+    which: str = "teacher",
+    progress: bool = True,
+) -> nn.Module:
+    """The one loader of a frozen model: the teacher of the KD recipe, of ``generate_teacher`` and of ``evaluate``
+    (and evaluate's base students, ``precision=None``).
+
+    Builds ``model_cfg`` on the meta device, streams the HF checkpoint named by ``checkpointer`` (``checkpoint_dir``,
+    optional ``checkpoint_files``) in layer by layer, puts the model in eval mode with every parameter frozen, then
+    gives it the fast forward of ``precision`` (a :class:`kd.precision.TeacherPrecision`: NF4/FP8 weights are made
+    while loading; None: dense in ``dtype``). Not sharded: shard it afterwards (``fully_shard`` after
+    :func:`kd.precision.apply_precision`, as the recipe does).
+    """
+    from kd.precision import apply_precision
+
+    if checkpointer is None or checkpointer.get("checkpoint_dir") is None:
+        raise CheckpointError(f"{which}: checkpointer.checkpoint_dir is missing (the folder of its HF checkpoint).")
+    model = build_on_meta(model_cfg, dtype)
+    load_hf_into_model(
+        model, checkpointer.checkpoint_dir, checkpointer.get("checkpoint_files", None), device=device, dtype=dtype,
+        which=which, progress=progress, **(precision.load_kwargs() if precision is not None else {}),
+    )
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if precision is not None:
+        n = apply_precision(model, precision)
+        log.info(f"{which} precision: {precision.describe()}; {n} quantized linears")
+    return model
+
+
+def load_adapter_dir(model: nn.Module, adapter_dir: str | Path, model_cfg) -> None:
+    """Load a PEFT adapter folder (``<output_dir>/checkpoints/step_NNNNNNN/adapter`` or any peft save of a Qwen2
+    LoRA) into the torchtune LoRA ``model`` built from ``model_cfg``; its ``r`` / ``lora_alpha`` must match the
+    config's ``lora_rank`` / ``lora_alpha`` (:class:`kd.errors.CheckpointError` otherwise)."""
+    from kd.adapter_io import load_peft_adapter
+
+    d = Path(adapter_dir)
+    if not (d / "adapter_config.json").is_file():
+        raise CheckpointError(f"adapter dir {str(d)!r} has no adapter_config.json (pass a PEFT adapter folder, e.g. "
+                              "<output_dir>/checkpoints/step_XXXXXXX/adapter).")
+    sd, acfg = load_peft_adapter(d)
+    r, a = int(model_cfg.get("lora_rank", -1)), float(model_cfg.get("lora_alpha", -1))
+    if int(acfg.get("r", r)) != r or float(acfg.get("lora_alpha", a)) != a:
+        raise CheckpointError(f"adapter {d}: r={acfg.get('r')}, lora_alpha={acfg.get('lora_alpha')} but the model "
+                              f"config has lora_rank={r}, lora_alpha={a}.")
+    load_adapter_state_dict(model, sd)
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Targets aligned with the logits: ``labels[..., i + 1]`` becomes the target of position ``i`` and the last
+    position gets ``ignore_index`` (torchtune's SFT convention). ``labels``: [..., S] int64 -> same shape."""
+    pad = torch.full_like(labels[..., :1], ignore_index)
+    return torch.cat([labels[..., 1:], pad], dim=-1)

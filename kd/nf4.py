@@ -18,17 +18,14 @@ Public API:
 - ``dequantize_nf4(w: NF4Tensor, *, impl="auto"|"triton"|"torch") -> Tensor``  (bf16/whatever ``w.dtype`` is)
 - ``linear_nf4_fast(x, w, bias=None)``  autograd-aware (grad w.r.t. x only; weight frozen; saves only the NF4 weight)
 - ``FastNF4Linear(weight: NF4Tensor, bias=None, fast=True)`` module with ``weight`` (frozen NF4 Parameter) and ``bias``
-- ``quantize_teacher_(model, *, fast=True, device=None, block_size=64, scaler_block_size=256) -> model``
-  replaces every ``nn.Linear`` inside ``model.layers`` by ``FastNF4Linear`` layer by layer (embeddings, final norm
-  and the output projection stay in their dtype); ``fast=False`` gives the stock torchao ``linear_nf4`` forward.
-- ``quantize_layer_(layer, *, fast=True)`` the same for one decoder layer (for building a teacher layer by layer).
+  (the teacher gets them from ``kd.models.load_hf_into_model(nf4=True)`` + ``kd.models.use_fast_nf4``; a module
+  already in memory from ``kd.models.nf4_linears_``)
 - ``set_fast_(model, fast: bool)`` toggles all ``FastNF4Linear`` modules of a model.
 - ``set_decode_(model, impl="auto", max_tokens=1)``: inputs of at most ``max_tokens`` rows (generation decode
   steps) go through ``kd.nf4_decode.nf4_matmul`` (fused 4-bit matmul, weights read once), without autograd.
 """
 from __future__ import annotations
 
-import gc
 from typing import Optional
 
 import torch
@@ -43,8 +40,6 @@ __all__ = [
     "dequantize_scalers",
     "linear_nf4_fast",
     "FastNF4Linear",
-    "quantize_layer_",
-    "quantize_teacher_",
     "set_fast_",
     "set_decode_",
     "triton_available",
@@ -212,61 +207,6 @@ class FastNF4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, fast={self.fast}")
-
-
-def _swap_linears(mod: nn.Module, fast: bool, block_size: int, scaler_block_size: int) -> int:
-    n = 0
-    for name, child in list(mod.named_children()):
-        if isinstance(child, nn.Linear):
-            setattr(mod, name, FastNF4Linear.from_linear(child, fast=fast, block_size=block_size,
-                                                         scaler_block_size=scaler_block_size))
-            child.weight = None  # drop the bf16 copy now
-            n += 1
-        elif isinstance(child, FastNF4Linear):
-            child.fast = fast
-        else:
-            n += _swap_linears(child, fast, block_size, scaler_block_size)
-    return n
-
-
-@torch.no_grad()
-def quantize_layer_(layer: nn.Module, *, fast: bool = True, block_size: int = 64,
-                    scaler_block_size: int = 256) -> nn.Module:
-    """Swap every ``nn.Linear`` of one decoder layer for a ``FastNF4Linear`` (in place) and freeze the layer."""
-    _swap_linears(layer, fast, block_size, scaler_block_size)
-    for p in layer.parameters():
-        p.requires_grad_(False)
-    return layer
-
-
-@torch.no_grad()
-def quantize_teacher_(model: nn.Module, *, fast: bool = True, device: Optional[torch.device | str] = None,
-                      block_size: int = 64, scaler_block_size: int = 256) -> nn.Module:
-    """Quantise a torchtune ``TransformerDecoder`` teacher to NF4 in place, layer by layer.
-
-    Every ``nn.Linear`` inside ``model.layers`` becomes a ``FastNF4Linear`` (weight = ``to_nf4(weight)``), freeing the
-    bf16 weight as it goes, so peak memory is the NF4 model plus one bf16 layer. If ``device`` is given, each layer
-    is moved there (in its current dtype) just before it is quantised, so a bf16 model on CPU streams onto the GPU.
-    Embeddings, norms and ``model.output`` are left as they are (moved to ``device`` if given). All parameters are
-    frozen. Returns ``model``.
-    """
-    layers = getattr(model, "layers", None)
-    if layers is None:
-        raise ValueError("quantize_teacher_ expects a torchtune TransformerDecoder (with .layers)")
-    for layer in layers:
-        if device is not None:
-            layer.to(device)
-        quantize_layer_(layer, fast=fast, block_size=block_size, scaler_block_size=scaler_block_size)
-        if device is not None and torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
-    if device is not None:
-        for name, child in model.named_children():
-            if name != "layers":
-                child.to(device)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    gc.collect()
-    return model
 
 
 def set_fast_(model: nn.Module, fast: bool) -> nn.Module:

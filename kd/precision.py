@@ -226,31 +226,43 @@ def _try(fn) -> str:
         return f"kernel probe failed ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
 
 
-@_cached
-def _probe_fp8(device, dtype):
+def _try_module(make, in_features: int, device) -> str:
+    """:func:`_try` on one forward of the module ``make()`` builds, on a bf16 batch of 5 rows, synchronised."""
+
+    def run():
+        make()(torch.randn(5, in_features, device=device, dtype=torch.bfloat16))
+        torch.cuda.synchronize(device)
+
+    return _try(run)
+
+
+def _fp8_device_verdict(device, emulated: str):
+    """(impl, problem) decided by the device alone: a GPU without FP8 tensor cores, or the CPU's emulation; else None."""
     problem = _fp8_gpu_problem(device)
     if problem:
         return None, problem
-    if device.type == "cpu":
-        return "fp8:emulated", ""
+    return (emulated, "") if device.type == "cpu" else None
 
-    def run_kd():
-        lin = nn.Linear(64, 32, bias=True, device=device, dtype=torch.bfloat16)
-        m = RowwiseFP8Linear.from_linear(lin)
-        m(torch.randn(5, 64, device=device, dtype=torch.bfloat16))
-        torch.cuda.synchronize(device)
 
-    problem = _try(run_kd)
+@_cached
+def _probe_fp8(device, dtype):
+    verdict = _fp8_device_verdict(device, "fp8:emulated")
+    if verdict is not None:
+        return verdict
+
+    def linear():
+        return nn.Linear(64, 32, bias=True, device=device, dtype=torch.bfloat16)
+
+    problem = _try_module(lambda: RowwiseFP8Linear.from_linear(linear()), 64, device)
     if problem:
         return None, problem
     if dtype == torch.bfloat16:
-        def run_torchao():
-            lin = nn.Sequential(nn.Linear(64, 32, bias=True, device=device, dtype=torch.bfloat16))
+        def torchao_linear():
+            lin = nn.Sequential(linear())
             _torchao_fp8_(lin)
-            lin(torch.randn(5, 64, device=device, dtype=torch.bfloat16))
-            torch.cuda.synchronize(device)
+            return lin
 
-        p2 = _try(run_torchao)
+        p2 = _try_module(torchao_linear, 64, device)
         if not p2:
             return "fp8:torchao", ""
         log.warning(f"torchao FP8 path unavailable ({p2}); fp8 uses kd's torch._scaled_mm linear")
@@ -259,22 +271,16 @@ def _probe_fp8(device, dtype):
 
 @_cached
 def _probe_nf4_fp8(device, dtype):
-    problem = _fp8_gpu_problem(device)
-    if problem:
-        return None, problem
-    if device.type == "cpu":
-        return "nf4_fp8:emulated", ""
+    verdict = _fp8_device_verdict(device, "nf4_fp8:emulated")
+    if verdict is not None:
+        return verdict
     from torchao.dtypes.nf4tensor import to_nf4
 
     from kd.nf4 import _HAS_TRITON
 
-    def run():
-        w = to_nf4(torch.randn(64, 256, device=device, dtype=torch.bfloat16) * 0.02)
-        m = NF4FP8Linear(w, None)
-        m(torch.randn(5, 256, device=device, dtype=torch.bfloat16))
-        torch.cuda.synchronize(device)
-
-    problem = _try(run)
+    problem = _try_module(
+        lambda: NF4FP8Linear(to_nf4(torch.randn(64, 256, device=device, dtype=torch.bfloat16) * 0.02), None),
+        256, device)
     if problem:
         return None, problem
     return ("nf4_fp8:triton+scaled_mm" if _HAS_TRITON else "nf4_fp8:torch-dequant+scaled_mm"), ""
@@ -465,6 +471,9 @@ except Exception:  # pragma: no cover - CPU-only environments
     _HAS_TRITON = False
 
 if _HAS_TRITON:
+    # The nibble/scaler prologue is the one of kd.nf4._nf4_dequant_kernel. It is not shared through a @triton.jit
+    # helper (yet): both kernels are checked bit for bit on a GPU only (TRITON_INTERPRET on the CPU does not give
+    # their results), so such a change could not be verified where kd is developed.
 
     @triton.jit
     def _nf4_fp8_kernel(q_ptr, s_ptr, nf4_ptr, inv_ptr, out_ptr, n_bytes, half_k,

@@ -150,34 +150,9 @@ def _safetensors_expected_size(path: Path) -> Tuple[int, int, List[str]]:
     return 8 + n + end, data, names
 
 
-def check_checkpoint(which: str, section, model_cfg, dtype) -> Tuple[List[str], Dict[str, Any]]:
-    """Problems (fix included) with one checkpoint directory, and facts (vocab, total bytes)."""
-    from kd.models import CheckpointError, check_matches_hf_config, read_hf_config, resolve_checkpoint_files
-
-    problems: List[str] = []
-    facts: Dict[str, Any] = {}
-    key = "checkpointer" if which == "student" else "teacher_checkpointer"
-    ckdir = Path(str(section.get("checkpoint_dir")))
-    fix_copy = (f"copy the complete checkpoint to {ckdir} on this node (e.g. rsync -a --partial from the node "
-                f"where it is complete) or fix {key}.checkpoint_dir")
-    try:
-        files = resolve_checkpoint_files(ckdir, section.get("checkpoint_files", None))
-    except CheckpointError as e:
-        index = ckdir / "model.safetensors.index.json"
-        missing = []
-        if index.is_file():
-            try:
-                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                missing = [n for n in names if not (ckdir / n).is_file()]
-            except (ValueError, KeyError):
-                pass
-        if missing:
-            problems.append(f"{which} checkpoint: {len(missing)} shard(s) named in {index} are missing: "
-                            f"{', '.join(missing)}; fix: {fix_copy}.")
-        else:
-            problems.append(f"{which} checkpoint: {e} Fix: {fix_copy}.")
-        files = []
-    # shard sizes vs their headers, index total_size vs the shards' tensor bytes
+def _check_shards(which: str, files: List[Path], ckdir: Path, fix_copy: str, problems: List[str]) -> int:
+    """Shard sizes vs their headers, the index's tensors vs their shards, index ``total_size`` vs the shards'
+    tensor bytes; appends to ``problems``. Returns the shards' tensor bytes."""
     total_data = 0
     index = ckdir / "model.safetensors.index.json"
     weight_map: Dict[str, str] = {}
@@ -217,6 +192,38 @@ def check_checkpoint(which: str, section, model_cfg, dtype) -> Tuple[List[str], 
                 f"{which} checkpoint: index metadata.total_size={int(idx_total):,} bytes but the shards hold "
                 f"{total_data:,} bytes of tensors; fix: {fix_copy}."
             )
+    return total_data
+
+
+def check_checkpoint(which: str, section, model_cfg, dtype) -> Tuple[List[str], Dict[str, Any]]:
+    """Problems (fix included) with one checkpoint directory, and facts (vocab, total bytes)."""
+    from kd.errors import CheckpointError
+    from kd.models import check_matches_hf_config, read_hf_config, resolve_checkpoint_files
+
+    problems: List[str] = []
+    facts: Dict[str, Any] = {}
+    key = "checkpointer" if which == "student" else "teacher_checkpointer"
+    ckdir = Path(str(section.get("checkpoint_dir")))
+    fix_copy = (f"copy the complete checkpoint to {ckdir} on this node (e.g. rsync -a --partial from the node "
+                f"where it is complete) or fix {key}.checkpoint_dir")
+    try:
+        files = resolve_checkpoint_files(ckdir, section.get("checkpoint_files", None))
+    except CheckpointError as e:
+        index = ckdir / "model.safetensors.index.json"
+        missing = []
+        if index.is_file():
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                missing = [n for n in names if not (ckdir / n).is_file()]
+            except (ValueError, KeyError):
+                pass
+        if missing:
+            problems.append(f"{which} checkpoint: {len(missing)} shard(s) named in {index} are missing: "
+                            f"{', '.join(missing)}; fix: {fix_copy}.")
+        else:
+            problems.append(f"{which} checkpoint: {e} Fix: {fix_copy}.")
+        files = []
+    total_data = _check_shards(which, files, ckdir, fix_copy, problems)
     facts["bytes"] = total_data
     # config.json vs the configured builder
     try:
@@ -329,51 +336,13 @@ class NodeReport:
         return f"{self.hostname} rank {self.rank}"
 
 
-def local_checks(cfg, *, world_size: int, rank: int, local_rank: int, device) -> NodeReport:
+def _memory_and_disk_checks(cfg, rep: NodeReport, device, world_size: int, rank: int) -> None:
+    """The memory plan (kd.planner) against this node's free memory, and (global rank 0) the checkpoints' size
+    against output_dir's free disk; adds to ``rep``."""
     import torch
 
     from kd.planner import GiB, checkpoint_bytes, plan_from_config
 
-    ch, nfiles = code_hash()
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    rep = NodeReport(
-        rank=rank, local_rank=local_rank, hostname=socket.gethostname(),
-        node_rank_env=os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "?")),
-        versions=versions(), code=ch, code_files=nfiles, config=config_hash(cfg), gpu=gpu,
-        config_text=config_text(cfg),
-    )
-    rep.problems += check_gpu_arch()
-    from kd.kernels import kernel_report
-
-    for name, verdict in kernel_report(device):  # compiled and checked on this node's GPU
-        rep.info.append(f"kernel {name}: {verdict}")
-        if verdict.startswith(("FAILED", "MISMATCH")):
-            rep.warnings.append(f"kernel {name} {verdict} (the run stays correct, on the slower eager path)")
-    if cfg.get("fsdp_cpu_offload", False):
-        unified = device.type == "cuda" and (
-            bool(getattr(torch.cuda.get_device_properties(device), "is_integrated", False)) or "GB10" in gpu)
-        if unified:
-            rep.warnings.append("fsdp_cpu_offload=True on a unified-memory GPU (GB10): CPU and GPU share the same "
-                                "memory, offloading saves nothing and adds copies; set fsdp_cpu_offload=False.")
-    dtype_name = str(cfg.get("dtype", "bf16"))
-    dtype = torch.float32 if dtype_name in ("fp32", "float32") else torch.bfloat16
-    rep.problems += _precision_check(cfg, rep, device, dtype, world_size)
-    for which, key, mkey in (("student", "checkpointer", "model"), ("teacher", "teacher_checkpointer", "teacher_model")):
-        if cfg.get(key) is None or cfg.get(mkey) is None:
-            rep.problems.append(f"config has no '{key}'/'{mkey}' section; fix the config.")
-            continue
-        probs, facts = check_checkpoint(which, cfg[key], cfg[mkey], dtype)
-        rep.problems += probs
-        rep.vocab[which] = facts.get("vocab")
-        rep.vocab[which + "_hf"] = facts.get("hf_vocab")
-    sv, tv = rep.vocab.get("student"), rep.vocab.get("teacher")
-    if sv is not None and tv is not None and sv != tv:
-        rep.problems.append(
-            f"vocab size mismatch: teacher {tv} vs student {sv} (model.vocab_size / teacher_model.vocab_size "
-            f"and the checkpoints' config.json {rep.vocab.get('teacher_hf')} / {rep.vocab.get('student_hf')}); "
-            "fix: pair models of the same vocabulary (Qwen2.5 7B/14B/32B/72B: 152,064; 0.5B-3B: 151,936)."
-        )
-    # memory
     try:
         plan = plan_from_config(cfg, world_size)
         need = plan.peak_bytes + plan.inputs.reserve_bytes
@@ -416,6 +385,51 @@ def local_checks(cfg, *, world_size: int, rank: int, local_rank: int, device) ->
             rep.problems.append(f"memory plan: {e}")
         else:
             rep.warnings.append(f"memory plan failed ({type(e).__name__}: {e}); memory not checked")
+
+
+def local_checks(cfg, *, world_size: int, rank: int, local_rank: int, device) -> NodeReport:
+    import torch
+
+    ch, nfiles = code_hash()
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    rep = NodeReport(
+        rank=rank, local_rank=local_rank, hostname=socket.gethostname(),
+        node_rank_env=os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "?")),
+        versions=versions(), code=ch, code_files=nfiles, config=config_hash(cfg), gpu=gpu,
+        config_text=config_text(cfg),
+    )
+    rep.problems += check_gpu_arch()
+    from kd.kernels import kernel_report
+
+    for name, verdict in kernel_report(device):  # compiled and checked on this node's GPU
+        rep.info.append(f"kernel {name}: {verdict}")
+        if verdict.startswith(("FAILED", "MISMATCH")):
+            rep.warnings.append(f"kernel {name} {verdict} (the run stays correct, on the slower eager path)")
+    if cfg.get("fsdp_cpu_offload", False):
+        unified = device.type == "cuda" and (
+            bool(getattr(torch.cuda.get_device_properties(device), "is_integrated", False)) or "GB10" in gpu)
+        if unified:
+            rep.warnings.append("fsdp_cpu_offload=True on a unified-memory GPU (GB10): CPU and GPU share the same "
+                                "memory, offloading saves nothing and adds copies; set fsdp_cpu_offload=False.")
+    dtype_name = str(cfg.get("dtype", "bf16"))
+    dtype = torch.float32 if dtype_name in ("fp32", "float32") else torch.bfloat16
+    rep.problems += _precision_check(cfg, rep, device, dtype, world_size)
+    for which, key, mkey in (("student", "checkpointer", "model"), ("teacher", "teacher_checkpointer", "teacher_model")):
+        if cfg.get(key) is None or cfg.get(mkey) is None:
+            rep.problems.append(f"config has no '{key}'/'{mkey}' section; fix the config.")
+            continue
+        probs, facts = check_checkpoint(which, cfg[key], cfg[mkey], dtype)
+        rep.problems += probs
+        rep.vocab[which] = facts.get("vocab")
+        rep.vocab[which + "_hf"] = facts.get("hf_vocab")
+    sv, tv = rep.vocab.get("student"), rep.vocab.get("teacher")
+    if sv is not None and tv is not None and sv != tv:
+        rep.problems.append(
+            f"vocab size mismatch: teacher {tv} vs student {sv} (model.vocab_size / teacher_model.vocab_size "
+            f"and the checkpoints' config.json {rep.vocab.get('teacher_hf')} / {rep.vocab.get('student_hf')}); "
+            "fix: pair models of the same vocabulary (Qwen2.5 7B/14B/32B/72B: 152,064; 0.5B-3B: 151,936)."
+        )
+    _memory_and_disk_checks(cfg, rep, device, world_size, rank)
     return rep
 
 

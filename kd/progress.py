@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Union
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -44,13 +44,20 @@ class TqdmLoggingHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def configure_logging(level: Optional[int] = None, stream=None) -> None:
-    """Root logging for a recipe: INFO on rank 0, WARNING elsewhere, through :class:`TqdmLoggingHandler`.
+def configure_logging(level: Union[int, str, None] = None, stream=None) -> None:
+    """Root logging for a recipe, the one place every recipe sets it up: ``level`` (a ``logging`` level or its
+    name, default INFO) on rank 0, WARNING elsewhere, through :class:`TqdmLoggingHandler`.
 
     Replaces handlers installed by an earlier ``logging.basicConfig`` (torchtune's ``tune run`` may have
     installed one) so there is exactly one writer."""
-    if level is None:
-        level = logging.INFO if rank() == 0 else logging.WARNING
+    if rank() != 0:
+        level = logging.WARNING
+    elif level is None:
+        level = logging.INFO
+    elif isinstance(level, str):
+        level = logging.getLevelName(level.upper())
+        if not isinstance(level, int):
+            raise ValueError(f"unknown log level {level!r}")
     root = logging.getLogger()
     for h in list(root.handlers):
         if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):

@@ -271,6 +271,27 @@ def _weight_bytes(d: Path) -> int:
     return total
 
 
+def _set_qparams(model, gptq: Dict[str, "GPTQResult"], args, solver: str) -> int:
+    """Write each quantized module's ``weight_scale`` / ``weight_zero_point``: GPTQ's where it ran, min-max
+    otherwise (fp8_dynamic). Returns the number of modules set."""
+    n_mod = 0
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if getattr(mod, "quantization_scheme", None) is None or not hasattr(mod, "weight_scale"):
+                continue
+            if name in gptq:
+                s, z = gptq[name].scale, gptq[name].zero_point
+            else:
+                if solver == "gptq":
+                    raise RuntimeError(f"{name} is quantized but GPTQ did not see it")
+                s, z = minmax_qparams(mod.weight.data, args)
+            mod.weight_scale.data.copy_(s.reshape(mod.weight_scale.shape).to(mod.weight_scale.dtype))
+            if hasattr(mod, "weight_zero_point"):
+                mod.weight_zero_point.data.copy_(z.reshape(mod.weight_zero_point.shape).to(mod.weight_zero_point.dtype))
+            n_mod += 1
+    return n_mod
+
+
 def quantize_checkpoint(
     src_dir: str | Path,
     out_dir: str | Path,
@@ -288,7 +309,8 @@ def quantize_checkpoint(
     ``calibration``: token id lists (the user's training prompts), required by ``w4a16``."""
     from transformers import AutoModelForCausalLM
 
-    from kd.checkpoint import _COPY_FILES, atomic_write_dir
+    from kd.atomic import atomic_write_dir
+    from kd.hf_export import HF_SIDE_FILES
     from kd.config import ConfigError
 
     scheme = check_scheme(scheme)
@@ -317,21 +339,7 @@ def quantize_checkpoint(
     qc = QuantizationConfig(config_groups={"group_0": qscheme}, ignore=list(IGNORE),
                             quantization_status=QuantizationStatus.FROZEN)
     apply_quantization_config(model, qc)
-    n_mod = 0
-    with torch.no_grad():
-        for name, mod in model.named_modules():
-            if getattr(mod, "quantization_scheme", None) is None or not hasattr(mod, "weight_scale"):
-                continue
-            if name in gptq:
-                s, z = gptq[name].scale, gptq[name].zero_point
-            else:
-                if solver == "gptq":
-                    raise RuntimeError(f"{name} is quantized but GPTQ did not see it")
-                s, z = minmax_qparams(mod.weight.data, args)
-            mod.weight_scale.data.copy_(s.reshape(mod.weight_scale.shape).to(mod.weight_scale.dtype))
-            if hasattr(mod, "weight_zero_point"):
-                mod.weight_zero_point.data.copy_(z.reshape(mod.weight_zero_point.shape).to(mod.weight_zero_point.dtype))
-            n_mod += 1
+    n_mod = _set_qparams(model, gptq, args, solver)
     if n_mod == 0:
         raise RuntimeError("no module was quantized (no nn.Linear outside lm_head?)")
     compressor = ModelCompressor.from_pretrained_model(model)
@@ -339,7 +347,7 @@ def quantize_checkpoint(
     with atomic_write_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp), max_shard_size=f"{int(max_shard_size_gb * 1000)}MB")
         compressor.update_config(str(tmp))
-        for f in _COPY_FILES:
+        for f in HF_SIDE_FILES:
             if (src_dir / f).is_file() and not (tmp / f).exists():
                 shutil.copy2(src_dir / f, tmp / f)
         fmt = json.loads((tmp / "config.json").read_text())["quantization_config"].get("format")

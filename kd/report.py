@@ -74,7 +74,7 @@ def read_metrics_jsonl(path: str | Path) -> List[dict]:
 
 
 def _save(fig, path: Path) -> None:
-    from kd.checkpoint import atomic_write_bytes
+    from kd.atomic import atomic_write_bytes
 
     import io
 

@@ -79,7 +79,8 @@ def _diff(a: Any, b: Any, path: str) -> List[str]:
 def check_run_dir(output_dir: Any, *, resume: bool, overwrite: bool, info: Mapping[str, Any],
                   ckpt_subdir: str = "checkpoints") -> None:
     """Rank 0, before anything is written to ``output_dir`` (so a refused run changes nothing there)."""
-    from kd.checkpoint import CheckpointManager, _rm, _tmp_name
+    from kd.atomic import delete_dir
+    from kd.step_checkpoint import CheckpointManager
 
     mgr = CheckpointManager(Path(str(output_dir)) / ckpt_subdir)
     existing = mgr.list_checkpoints()
@@ -95,9 +96,7 @@ def check_run_dir(output_dir: Any, *, resume: bool, overwrite: bool, info: Mappi
             )
         log.warning(f"overwrite=True: deleting {len(existing)} checkpoint(s) of the previous run in {mgr.output_dir}")
         for p in existing:
-            doomed = _tmp_name(p, "del")
-            os.rename(p, doomed)
-            _rm(doomed)
+            delete_dir(p)
         (mgr.output_dir / mgr.LATEST).unlink(missing_ok=True)
         return
     latest = mgr.latest()
@@ -141,6 +140,16 @@ def check_dtype(cfg, key: str = "dtype", default: str = "bf16") -> str:
         hint = " (a quantized teacher is teacher_quantization=nf4)" if "8" in v or "4" in v else ""
         raise ConfigError(f"{key}={v!r} is not supported: use bf16 or fp32{hint}.")
     return v
+
+
+def check_device(cfg, default: str = "auto") -> "torch.device":
+    """``cfg.device`` (auto | cpu | cuda | cuda:N, ...) as a torch.device; a bad value is one ConfigError line."""
+    from kd import dist as kdist
+
+    try:
+        return kdist.resolve_device(cfg.get("device", default))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def _component_class(section, key: str):

@@ -35,7 +35,6 @@ estimate of generation time on other hardware: ``max(bytes / bandwidth, flops / 
 from __future__ import annotations
 
 import math
-import types
 from dataclasses import dataclass
 from functools import partial
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -44,8 +43,8 @@ import torch
 from torch import nn
 
 from kd.generation import (
-    Generation, LastTokenHead, SamplingParams, _signed64, decode_qkv, sample_next, setup_kv_caches,
-    teardown_kv_caches,
+    Generation, LastTokenHead, SamplingParams, _signed64, check_batch, decode_qkv, grouped_decode_attend, left_pad,
+    patched_attention, sample_next, setup_kv_caches, teardown_kv_caches, to_generations,
 )
 
 __all__ = ["StaticDecoder", "DecodeStepCost", "decode_step_cost", "QWEN2_5_72B_SHAPE"]
@@ -118,41 +117,12 @@ def _static_decode_forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = No
     Prefill (more than one token) goes to the stock forward."""
     if x.shape[1] != 1 or mask is None or self.kv_cache is None:
         return type(self).forward(self, x, y, mask=mask, input_pos=input_pos)
-    b = x.shape[0]
-    g = self.num_heads // self.num_kv_heads
     q, k, v = decode_qkv(self, x, y, input_pos)
     kc, vc = self.kv_cache.k_cache, self.kv_cache.v_cache
     kc.index_copy_(2, slot, k.to(kc.dtype))
     vc.index_copy_(2, slot, v.to(vc.dtype))
     Lc = mask.shape[-1]
-    k, v = kc[:, :, :Lc], vc[:, :, :Lc]
-    qg = q.reshape(b, self.num_kv_heads, g, self.head_dim)
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (self.head_dim ** -0.5)  # [b, n_kv, g, Lc]
-    scores = scores.masked_fill(~mask[:, None, :, :], float("-inf"))  # mask [b, 1, Lc]
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    out = torch.matmul(probs, v)  # [b, n_kv, g, d]
-    out = out.reshape(b, self.num_heads, 1, self.head_dim).transpose(1, 2).reshape(b, 1, -1)
-    return self.output_proj(out)
-
-
-class _StaticAttention:
-    """Context manager: torchtune attention modules use :func:`_static_decode_forward` with ``slot``."""
-
-    def __init__(self, model: nn.Module, slot: torch.Tensor):
-        from torchtune.modules import MultiHeadAttention
-
-        self.mods = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
-        self.slot = slot
-
-    def __enter__(self):
-        for m in self.mods:
-            m.forward = types.MethodType(partial(_static_decode_forward, slot=self.slot), m)
-        return self
-
-    def __exit__(self, *exc):
-        for m in self.mods:
-            m.__dict__.pop("forward", None)
-        return False
+    return grouped_decode_attend(self, q, kc[:, :, :Lc], vc[:, :, :Lc], mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,15 +260,10 @@ class StaticDecoder:
 
         from kd.nf4 import set_decode_
 
-        B = len(prompts)
+        B = check_batch(prompts, params, seeds)
         if B == 0:
             return []
-        lens = [len(p) for p in prompts]
-        if min(lens) == 0:
-            raise ValueError("empty prompt")
-        if not params.greedy and seeds is None:
-            raise ValueError("sampling needs per-sample seeds")
-        P = max(lens)
+        P = max(len(p) for p in prompts)
         stops = sorted(set(int(s) for s in stop_ids))
         key = (params, seeds is None, int(pad_id))
         n_real = B
@@ -314,11 +279,7 @@ class StaticDecoder:
         bk = self._get_bucket(B, P + max_new_tokens, max_new_tokens, len(stops), key)
         L = bk.L
         # fill the static state (host -> device copies, once per batch)
-        tok = torch.full((B, P), pad_id, dtype=torch.long)
-        pad_mask = torch.zeros((B, L), dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            tok[i, P - len(p):] = torch.tensor(list(p), dtype=torch.long)
-            pad_mask[i, P - len(p):] = True
+        tok, pad_mask = left_pad(prompts, pad_id, L)
         bk.pad_mask.copy_(pad_mask)
         bk.input_pos.copy_(get_position_ids_from_padding_mask(pad_mask))
         if seeds is not None:
@@ -344,7 +305,7 @@ class StaticDecoder:
             bk.q.fill_(P)
             n_steps = 1
             pending: List[Tuple[object, torch.Tensor]] = []
-            with _StaticAttention(self.model, bk.q):
+            with patched_attention(self.model, partial(_static_decode_forward, slot=bk.q)):
                 for s in range(max_new_tokens - 1):
                     if s % self.check_every == 0 and self._all_done(bk, pending):
                         break
@@ -354,16 +315,7 @@ class StaticDecoder:
         finally:
             if n_dec:
                 set_decode_(self.model, None)
-        out = bk.out[:n_real, :n_steps].cpu().tolist()
-        stop_set = set(stops)
-        res = []
-        for row in out:
-            cut = next((j for j, t in enumerate(row) if t in stop_set), None)
-            if cut is None:
-                res.append(Generation(tokens=row[:max_new_tokens], finish="length"))
-            else:
-                res.append(Generation(tokens=row[:cut], finish="stop"))
-        return res
+        return to_generations(bk.out[:n_real, :n_steps].cpu().tolist(), stops, max_new_tokens)
 
     def _all_done(self, bk: _Bucket, pending: list) -> bool:
         """Whether every row had stopped as of a previous check (CUDA: without waiting for the GPU, except to

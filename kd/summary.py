@@ -32,7 +32,7 @@ class RunSummary:
 
 
 def summarize_run(output_dir: str | Path) -> RunSummary:
-    from kd.checkpoint import CheckpointManager
+    from kd.step_checkpoint import CheckpointManager
     from kd.config import ConfigError
     from kd.report import read_metrics_jsonl
 

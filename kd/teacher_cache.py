@@ -379,7 +379,7 @@ class TeacherCacheStore:
     # -- key ------------------------------------------------------------------------------------
     def check_or_init_key(self, *, rebuild: bool = False, create: bool = True, is_writer: bool = True) -> None:
         """Refuse a cache built for another setup (naming the fields), or move it aside with ``rebuild``."""
-        from kd.checkpoint import atomic_write_text
+        from kd.atomic import atomic_write_text
 
         kf = self.root / self.KEY_FILE
         if kf.is_file():

@@ -109,7 +109,7 @@ def resume_epoch(output_dir: Path, resume: bool) -> int:
     meta.json only, so the recipe can decide whether to load the teacher before restoring anything."""
     if not resume:
         return 0
-    from kd.checkpoint import CheckpointManager
+    from kd.step_checkpoint import CheckpointManager
 
     latest = CheckpointManager(Path(output_dir) / "checkpoints").latest()
     if latest is None:

@@ -31,7 +31,6 @@ from typing import Any, Dict, List
 import torch
 from omegaconf import DictConfig
 
-from kd import dist as kdist
 from kd import run_checks as checks
 from kd.config import ConfigError, DataError, check_keys, number, require_component, to_container
 
@@ -53,47 +52,6 @@ KEYS = {
 DATASET_KEYS = {"source", "system_prompt", "split", "val_size", "seed", "max_seq_len", "on_bad_record", "_component_"}
 
 
-def _configure_logging() -> None:
-    from kd.progress import configure_logging
-
-    configure_logging()
-
-
-def _load(model_cfg, ck, device, dtype, *, precision=None, which="model"):
-    """precision: a :class:`kd.precision.TeacherPrecision` (teacher) or None (dense, in dtype)."""
-    from kd.models import build_on_meta, load_hf_into_model
-    from kd.precision import apply_precision
-
-    if ck is None or ck.get("checkpoint_dir") is None:
-        raise ConfigError(f"{which}: checkpointer.checkpoint_dir is missing.")
-    m = build_on_meta(model_cfg, dtype)
-    load_hf_into_model(m, ck.checkpoint_dir, ck.get("checkpoint_files", None), device=device, dtype=dtype,
-                       which=which, progress=True, **(precision.load_kwargs() if precision is not None else {}))
-    m.eval()
-    for p in m.parameters():
-        p.requires_grad_(False)
-    if precision is not None:
-        n = apply_precision(m, precision)
-        log.info(f"{which} precision: {precision.describe()}; {n} quantized linears")
-    return m
-
-
-def _load_adapter(model, adapter_dir: str, model_cfg) -> None:
-    from kd.checkpoint import load_peft_adapter
-    from kd.models import load_adapter_state_dict
-
-    d = Path(adapter_dir)
-    if not (d / "adapter_config.json").is_file():
-        raise ConfigError(f"adapter dir {str(d)!r} has no adapter_config.json (pass a PEFT adapter folder, e.g. "
-                          "<output_dir>/checkpoints/step_XXXXXXX/adapter).")
-    sd, acfg = load_peft_adapter(d)
-    r, a = int(model_cfg.get("lora_rank", -1)), float(model_cfg.get("lora_alpha", -1))
-    if int(acfg.get("r", r)) != r or float(acfg.get("lora_alpha", a)) != a:
-        raise ConfigError(f"adapter {d}: r={acfg.get('r')}, lora_alpha={acfg.get('lora_alpha')} but the model config "
-                          f"has lora_rank={r}, lora_alpha={a}.")
-    load_adapter_state_dict(model, sd)
-
-
 def _batches(ds, batch_size: int, pad_id: int):
     from torchtune.data import padded_collate_sft
 
@@ -102,15 +60,11 @@ def _batches(ds, batch_size: int, pad_id: int):
         yield padded_collate_sft(items, padding_idx=pad_id, ignore_idx=-100)
 
 
-def _shift(labels: torch.Tensor) -> torch.Tensor:
-    return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
-
-
 @torch.no_grad()
 def _metrics(models: Dict[str, Any], teacher, ds_teacher, ds_orig, batch_size, pad_id, device) -> Dict[str, Dict[str, float]]:
     """models: name -> callable(tokens) -> logits [B, S, V] (fp32)."""
     from kd.losses import DistillationLoss, cross_entropy_sum
-
+    from kd.models import shift_labels
     from kd.progress import progress
 
     kl_fn = DistillationLoss(kind="forward_kl", scale_by_t2=False)
@@ -119,7 +73,7 @@ def _metrics(models: Dict[str, Any], teacher, ds_teacher, ds_orig, batch_size, p
     n_batches = lambda ds: (len(ds) + batch_size - 1) // batch_size  # noqa: E731
     for b in progress(_batches(ds_teacher, batch_size, pad_id), total=n_batches(ds_teacher),
                       desc=f"eval {names}: teacher answers", unit="batch"):
-        tok, lab = b["tokens"].to(device), _shift(b["labels"]).to(device)
+        tok, lab = b["tokens"].to(device), shift_labels(b["labels"]).to(device)
         flat = lab.reshape(-1)
         t_logits = teacher(tok).float().reshape(-1, teacher_vocab(teacher)) if teacher is not None else None
         valid = flat != -100
@@ -135,7 +89,7 @@ def _metrics(models: Dict[str, Any], teacher, ds_teacher, ds_orig, batch_size, p
     if ds_orig is not None:
         for b in progress(_batches(ds_orig, batch_size, pad_id), total=n_batches(ds_orig),
                           desc=f"eval {names}: original labels", unit="batch"):
-            tok, lab = b["tokens"].to(device), _shift(b["labels"]).to(device)
+            tok, lab = b["tokens"].to(device), shift_labels(b["labels"]).to(device)
             for n, fn in models.items():
                 s = fn(tok).float()
                 ce = cross_entropy_sum(s.reshape(-1, s.shape[-1]), lab.reshape(-1))
@@ -192,7 +146,7 @@ def _answers(model, tokenizer, questions, system_prompt, *, max_new_tokens, para
 
 
 def _report(path: Path, metrics, answers, questions, meta, figures=None) -> None:
-    from kd.checkpoint import atomic_write_text
+    from kd.atomic import atomic_write_text
 
     cols = [("ce_teacher", "CE on teacher answers"), ("ppl_teacher", "PPL (teacher ans.)"),
             ("ce_original", "CE on original labels"), ("ppl_original", "PPL (orig.)"),
@@ -261,14 +215,114 @@ def _figures(out: Path, cfg, metrics, lengths, adapters, max_new: int):
     return figs
 
 
-def recipe_main(cfg: DictConfig) -> None:
-    from torchtune import training
+def _datasets(cfg: DictConfig, tokenizer):
+    """The same held-out split twice: with the teacher's answers and (when the file has them) the original labels.
+    Returns (ds_teacher, ds_original or None, dataset settings)."""
+    from kd.data import DEFAULT_SYSTEM_PROMPT, AlpacaKDDataset
+
+    d = cfg.dataset
+    dkw = dict(system_prompt=d.get("system_prompt", DEFAULT_SYSTEM_PROMPT), split=d.get("split", "val"),
+               val_size=d.get("val_size", 0.05), seed=d.get("seed", 0), max_seq_len=d.get("max_seq_len", None),
+               on_bad_record=d.get("on_bad_record", "error"))
+    try:
+        ds_t = AlpacaKDDataset(tokenizer, d.source, output_field="output", **dkw)
+        has_orig = all(isinstance(r.get("original_output"), str) and r["original_output"].strip()
+                       for r in ds_t.records.values())
+        ds_o = AlpacaKDDataset(tokenizer, d.source, output_field="original_output", **dkw) if has_orig else None
+    except (ValueError, FileNotFoundError) as e:
+        raise DataError(f"dataset: {e}") from e
+    n_max = number(cfg, "max_samples", None, kind=int, min_value=1, allow_none=True)
+    for ds in (ds_t, ds_o):
+        if ds is not None and n_max:
+            ds.ids = ds.ids[:n_max]
+    if len(ds_t) == 0:
+        raise ConfigError("the evaluation split is empty: set dataset.val_size > 0 (same as in training).")
+    return ds_t, ds_o, dkw
+
+
+def _load_models(cfg: DictConfig, device, dtype):
+    """(student, teacher or None, adapters {name: dir}); the student is frozen, its LoRA loaded later per adapter."""
+    from kd.models import load_frozen_model
+    from kd.precision import resolve_precision
+
+    t0 = time.perf_counter()
+    student = load_frozen_model(cfg.model, cfg.checkpointer, device=device, dtype=dtype, which="student")
+    adapters = dict(to_container(cfg.get("adapters", None)) or {})
+    if adapters and "lora_rank" not in cfg.model:
+        raise ConfigError("adapters are given but model is not a LoRA builder (use e.g. lora_qwen2_5_7b_instruct "
+                          "with the adapter's lora_rank/lora_alpha/lora_attn_modules).")
+    teacher = None
+    if bool(cfg.get("evaluate_teacher", True)) and cfg.get("teacher_model") is not None:
+        require_component(cfg, "teacher_model")
+        teacher = load_frozen_model(cfg.teacher_model, cfg.get("teacher_checkpointer"), device=device, dtype=dtype,
+                                    precision=resolve_precision(cfg.get("teacher_quantization", None), device, dtype))
+    log.info(f"models loaded in {time.perf_counter() - t0:.1f}s")
+    return student, teacher, adapters
+
+
+def _evaluate_all(cfg, student, teacher, adapters, ds_t, ds_o, tokenizer, *, questions, system_prompt, batch_size,
+                  n_len, gen_kw):
+    """Held-out metrics, answers to ``questions`` and answer lengths (first ``n_len`` held-out prompts) of the base
+    student (adapter disabled), each adapter and the teacher. Returns (metrics, answers, lengths, models_meta)."""
     from torchtune.modules.peft import disable_adapter
 
-    from kd.data import DEFAULT_SYSTEM_PROMPT, AlpacaKDDataset
-    from kd.generation import SamplingParams
+    from kd.models import load_adapter_dir
 
-    _configure_logging()
+    sp, pad, dev = system_prompt, tokenizer.pad_id, gen_kw["device"]
+    is_lora = "lora_rank" in cfg.model
+
+    def base_fn(tok):
+        if not is_lora:
+            return student(tok)
+        with disable_adapter(student):
+            return student(tok)
+
+    # metrics: base (adapter disabled), then each adapter, then the teacher itself
+    metrics: Dict[str, Dict[str, float]] = {}
+    answers: Dict[str, List[str]] = {}
+    lengths: Dict[str, List[int]] = {}  # answer lengths (tokens) on the first length_samples held-out prompts
+    len_records = [ds_t.record(i) for i in range(min(n_len, len(ds_t)))]
+
+    def answer_all(name, model):
+        answers[name] = _answers(model, tokenizer, questions, sp, name=name, **gen_kw)
+        if len_records:
+            gens = _generate(model, tokenizer, len_records, sp, batch_size=batch_size, desc=f"{name}: answer lengths",
+                             **gen_kw)
+            lengths[name] = [len(g.tokens) for g in gens]
+
+    metrics.update(_metrics({"base": base_fn}, teacher, ds_t, ds_o, batch_size, pad, dev))
+    if is_lora:
+        with disable_adapter(student):
+            answer_all("base", student)
+    else:
+        answer_all("base", student)
+    models_meta = {"base": str(cfg.checkpointer.checkpoint_dir)}
+    for name, adir in adapters.items():
+        load_adapter_dir(student, adir, cfg.model)
+        metrics.update(_metrics({name: student}, teacher, ds_t, ds_o, batch_size, pad, dev))
+        answer_all(name, student)
+        models_meta[name] = f"base + adapter {adir}"
+    if teacher is not None:
+        metrics.update(_metrics({"teacher": teacher}, teacher, ds_t, ds_o, batch_size, pad, dev))
+        answer_all("teacher", teacher)
+        models_meta["teacher"] = str(cfg.teacher_checkpointer.checkpoint_dir)
+    elif len_records:
+        # No live teacher: the teacher's lengths are those of the data's answers (the teacher's own answers
+        # when the file comes from recipes/generate_teacher.py), cut at max_new_tokens like the students'.
+        cap = gen_kw["max_new_tokens"]
+        lengths["teacher (data)"] = [
+            min(cap, len(tokenizer.encode(str(r["output"]), add_bos=False, add_eos=False))) for r in len_records
+        ]
+    return metrics, answers, lengths, models_meta
+
+
+def recipe_main(cfg: DictConfig) -> None:
+    from torchtune import training
+
+    from kd.generation import SamplingParams
+    from kd.progress import configure_logging
+
+    configure_logging()
     check_keys(cfg, KEYS, where="the evaluate config", required=("output_dir", "model", "checkpointer", "tokenizer", "dataset"))
     require_component(cfg, "model")
     require_component(cfg, "tokenizer")
@@ -276,10 +330,7 @@ def recipe_main(cfg: DictConfig) -> None:
     from kd.precision import parse_precision
 
     parse_precision(cfg.get("teacher_quantization", None))  # bad value: one clear line before any loading
-    try:
-        device = kdist.resolve_device(cfg.get("device", "auto"))
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    device = checks.check_device(cfg, "auto")
     dtype = training.get_dtype(checks.check_dtype(cfg), device=device)
     out = checks.writable_dir(cfg.output_dir)
     tokenizer = checks.build_tokenizer(cfg)
@@ -294,89 +345,17 @@ def recipe_main(cfg: DictConfig) -> None:
         import os
 
         os.environ["KD_PROGRESS"] = "0"
-
-    # ---- data: the same held-out split twice (teacher answers / original labels) ---------------------------
-    d = cfg.dataset
-    sp = d.get("system_prompt", DEFAULT_SYSTEM_PROMPT)
-    dkw = dict(system_prompt=sp, split=d.get("split", "val"), val_size=d.get("val_size", 0.05), seed=d.get("seed", 0),
-               max_seq_len=d.get("max_seq_len", None), on_bad_record=d.get("on_bad_record", "error"))
-    try:
-        ds_t = AlpacaKDDataset(tokenizer, d.source, output_field="output", **dkw)
-        has_orig = all(isinstance(r.get("original_output"), str) and r["original_output"].strip()
-                       for r in ds_t.records.values())
-        ds_o = AlpacaKDDataset(tokenizer, d.source, output_field="original_output", **dkw) if has_orig else None
-    except (ValueError, FileNotFoundError) as e:
-        raise DataError(f"dataset: {e}") from e
-    n_max = number(cfg, "max_samples", None, kind=int, min_value=1, allow_none=True)
-    for ds in (ds_t, ds_o):
-        if ds is not None and n_max:
-            ds.ids = ds.ids[:n_max]
-    if len(ds_t) == 0:
-        raise ConfigError("the evaluation split is empty: set dataset.val_size > 0 (same as in training).")
-
-    # ---- models --------------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    student = _load(cfg.model, cfg.checkpointer, device, dtype, which="student")
-    is_lora = "lora_rank" in cfg.model
-    adapters = dict(to_container(cfg.get("adapters", None)) or {})
-    if adapters and not is_lora:
-        raise ConfigError("adapters are given but model is not a LoRA builder (use e.g. lora_qwen2_5_7b_instruct "
-                          "with the adapter's lora_rank/lora_alpha/lora_attn_modules).")
-    teacher = None
-    if bool(cfg.get("evaluate_teacher", True)) and cfg.get("teacher_model") is not None:
-        require_component(cfg, "teacher_model")
-        from kd.precision import resolve_precision
-
-        teacher = _load(cfg.teacher_model, cfg.get("teacher_checkpointer"), device, dtype,
-                        precision=resolve_precision(cfg.get("teacher_quantization", None), device, dtype),
-                        which="teacher")
-    log.info(f"models loaded in {time.perf_counter() - t0:.1f}s")
-
-    def base_fn(tok):
-        if not is_lora:
-            return student(tok)
-        with disable_adapter(student):
-            return student(tok)
-
-    # metrics: base (adapter disabled), then each adapter, then the teacher itself
-    metrics: Dict[str, Dict[str, float]] = {}
-    answers: Dict[str, List[str]] = {}
-    lengths: Dict[str, List[int]] = {}  # answer lengths (tokens) on the first length_samples held-out prompts
-    n_len = number(cfg, "length_samples", 32, kind=int, min_value=0) if plots else 0
-    len_records = [ds_t.record(i) for i in range(min(n_len, len(ds_t)))]
+    ds_t, ds_o, dkw = _datasets(cfg, tokenizer)
+    sp = dkw["system_prompt"]
+    student, teacher, adapters = _load_models(cfg, device, dtype)
     gen_kw = dict(max_new_tokens=max_new, params=params, seed=seed, device=device, dtype=dtype)
-
-    def answer_all(name, model):
-        answers[name] = _answers(model, tokenizer, questions, sp, name=name, **gen_kw)
-        if len_records:
-            gens = _generate(model, tokenizer, len_records, sp, batch_size=bs, desc=f"{name}: answer lengths", **gen_kw)
-            lengths[name] = [len(g.tokens) for g in gens]
-
-    metrics.update(_metrics({"base": base_fn}, teacher, ds_t, ds_o, bs, tokenizer.pad_id, device))
-    if is_lora:
-        with disable_adapter(student):
-            answer_all("base", student)
-    else:
-        answer_all("base", student)
-    models_meta = {"base": str(cfg.checkpointer.checkpoint_dir)}
-    for name, adir in adapters.items():
-        _load_adapter(student, adir, cfg.model)
-        metrics.update(_metrics({name: student}, teacher, ds_t, ds_o, bs, tokenizer.pad_id, device))
-        answer_all(name, student)
-        models_meta[name] = f"base + adapter {adir}"
-    if teacher is not None:
-        metrics.update(_metrics({"teacher": teacher}, teacher, ds_t, ds_o, bs, tokenizer.pad_id, device))
-        answer_all("teacher", teacher)
-        models_meta["teacher"] = str(cfg.teacher_checkpointer.checkpoint_dir)
-    elif len_records:
-        # No live teacher: the teacher's lengths are those of the data's answers (the teacher's own answers
-        # when the file comes from recipes/generate_teacher.py), cut at max_new_tokens like the students'.
-        lengths["teacher (data)"] = [
-            min(max_new, len(tokenizer.encode(str(r["output"]), add_bos=False, add_eos=False))) for r in len_records
-        ]
-    meta = {"source": str(d.source), "split": dkw["split"], "n_samples": len(ds_t), "models": models_meta,
+    n_len = number(cfg, "length_samples", 32, kind=int, min_value=0) if plots else 0
+    metrics, answers, lengths, models_meta = _evaluate_all(
+        cfg, student, teacher, adapters, ds_t, ds_o, tokenizer, questions=questions, system_prompt=sp,
+        batch_size=bs, n_len=n_len, gen_kw=gen_kw)
+    meta = {"source": str(cfg.dataset.source), "split": dkw["split"], "n_samples": len(ds_t), "models": models_meta,
             "max_new_tokens": max_new, "temperature": params.temperature}
-    from kd.checkpoint import atomic_write_text
+    from kd.atomic import atomic_write_text
 
     figures = _figures(out, cfg, metrics, lengths, adapters, max_new) if plots else []
     atomic_write_text(out / "eval_metrics.json",

@@ -6,7 +6,7 @@
 Writes ``<output_dir>/merged/`` (safetensors shards + index, config.json, tokenizer and generation config
 copied from the base checkpoint; ``transformers.AutoModelForCausalLM.from_pretrained`` loads it) and
 ``<output_dir>/adapter/`` (the PEFT adapter, loadable with ``peft.PeftModel.from_pretrained``). Runs on CPU
-by default (7B in bf16 needs ~16 GB of host memory); the merge itself is done in fp32 (kd.checkpoint.save_merged_hf).
+by default (7B in bf16 needs ~16 GB of host memory); the merge itself is done in fp32 (kd.hf_export.save_merged_hf).
 
 Quantized deployment copy (optional extra: ``pip install -e ".[deploy]"``), see kd.quantize and docs/deploy.md:
 
@@ -37,7 +37,6 @@ CALIBRATION_KEYS = {"source", "num_samples", "max_seq_len", "seed", "system_prom
                     "dampening"}
 
 
-
 def _check_targets(out: Path, adapter_dir: Path, overwrite: bool) -> None:
     """Refuse to replace a non-empty ``merged/`` or ``adapter/`` (they may hold the user's files) unless
     ``overwrite=True``; checked before the model is loaded."""
@@ -53,11 +52,10 @@ def _check_targets(out: Path, adapter_dir: Path, overwrite: bool) -> None:
 def recipe_main(cfg: DictConfig) -> None:
     from torchtune import training
 
-    from kd import dist as kdist
     from kd import run_checks as checks
-    from kd.checkpoint import atomic_write_dir, save_merged_hf
-    from kd.models import build_on_meta, load_hf_into_model
-
+    from kd.atomic import atomic_write_dir
+    from kd.hf_export import save_merged_hf
+    from kd.models import load_adapter_dir, load_frozen_model
     from kd.progress import configure_logging
 
     configure_logging()
@@ -77,20 +75,13 @@ def recipe_main(cfg: DictConfig) -> None:
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ConfigError(f"adapter_dir {str(adapter_dir)!r} has no adapter_config.json (pass a PEFT adapter folder, "
                           "e.g. <run>/checkpoints/step_XXXXXXX/adapter).")
-    try:
-        device = kdist.resolve_device(cfg.get("device", "cpu"))
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    device = checks.check_device(cfg, "cpu")
     checks.check_lora(cfg.model)
     dtype = training.get_dtype(checks.check_dtype(cfg), device=device)
     checks.writable_dir(cfg.output_dir)
     _check_targets(Path(cfg.output_dir), adapter_dir, bool(cfg.get("overwrite", False)))
-    model = build_on_meta(cfg.model, dtype)
-    load_hf_into_model(model, ck.checkpoint_dir, ck.get("checkpoint_files", None), device=device, dtype=dtype,
-                       which="student", progress=True)
-    from recipes.evaluate import _load_adapter
-
-    _load_adapter(model, str(adapter_dir), cfg.model)
+    model = load_frozen_model(cfg.model, ck, device=device, dtype=dtype, which="student")
+    load_adapter_dir(model, adapter_dir, cfg.model)
     out = Path(cfg.output_dir)
     shard = number(cfg, "max_shard_size_gb", 5.0, min_value=0.001)
     path = save_merged_hf(model, ck.checkpoint_dir, out / "merged", rank=int(cfg.model.lora_rank),
@@ -108,9 +99,9 @@ def _export_full(cfg: DictConfig) -> None:
     """A full fine-tune's sharded checkpoint (kd.full) -> full HF checkpoint in <output_dir>/merged, offline."""
     from torchtune import training
 
-    from kd import dist as kdist
-    from kd.checkpoint import write_hf_checkpoint
+    from kd import run_checks as checks
     from kd.full import SHARDS, assemble_full_state_dict
+    from kd.hf_export import write_hf_checkpoint
     from kd.models import build_on_meta, model_dims
 
     if "lora_rank" in cfg.model:
@@ -123,10 +114,7 @@ def _export_full(cfg: DictConfig) -> None:
     if not shard_dir.is_dir():
         raise ConfigError(f"full_checkpoint={str(src)!r}: no shards found (looked in {shard_dir}); pass "
                           "<run>/checkpoints/step_XXXXXXX or its shards folder.")
-    try:
-        device = kdist.resolve_device(cfg.get("device", "cpu"))
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    device = checks.check_device(cfg, "cpu")
     dtype = training.get_dtype(cfg.get("dtype", "bf16"), device=device)
     dims = model_dims(build_on_meta(cfg.model, dtype))
     sd = assemble_full_state_dict(shard_dir)
@@ -186,7 +174,7 @@ def _quantize(cfg: DictConfig, merged, out: Path, device) -> None:
             meta_p = dest / "kd_quantize.json"
             meta = json.loads(meta_p.read_text())
             meta["check"] = chk._asdict()
-            from kd.checkpoint import atomic_write_text
+            from kd.atomic import atomic_write_text
 
             atomic_write_text(meta_p, json.dumps(meta, indent=1) + "\n")
         log.info(f"serve it (on a vLLM host; vLLM does not run here): {kq.vllm_serve_command(dest, scheme)}")

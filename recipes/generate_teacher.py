@@ -3,8 +3,8 @@
     tune run recipes/generate_teacher.py --config configs/qwen2_5/72B_generate.yaml key=value ...
     tune run --nnodes 2 --nproc_per_node 8 ... recipes/generate_teacher.py --config ...   (one shard per rank)
 
-Loads the teacher exactly as the KD recipe does (``kd.models.build_on_meta`` + ``load_hf_into_model``,
-``quantization: bf16 | nf4 | fp8 | nf4_fp8`` as in ``kd.precision``), generates left-padded batches of
+Loads the teacher exactly as the KD recipe does (``kd.models.load_frozen_model``,
+``teacher_quantization: bf16 | nf4 | fp8 | nf4_fp8`` as in ``kd.precision``), generates left-padded batches of
 length-sorted prompts with a KV cache (``kd.generation.generate_batch``), appends one JSON line per sample to
 ``<output_dir>/parts/rank-XXXXX.jsonl`` (fsync per batch), and finally (rank 0) merges everything into
 ``<output_dir>/<dataset_name>.json`` + ``dataset_info.json`` + ``summary.json``. Re-running the same command
@@ -33,26 +33,21 @@ log = logging.getLogger("kd.generate")
 
 KEYS = {
     "output_dir", "model", "checkpointer", "teacher_checkpointer", "tokenizer", "source", "system_prompt",
-    "on_bad_record", "quantization", "device", "dtype", "seed", "batch_size", "max_batch_tokens",
+    "on_bad_record", "teacher_quantization", "device", "dtype", "seed", "batch_size", "max_batch_tokens",
     "max_new_tokens", "temperature", "top_p", "top_k", "dataset_name", "merge", "allow_missing",
     "progress_bar", "on_source_change", "max_samples", "log_level", "decode_engine", "cuda_graphs",
     "nf4_decode_kernel", "nf4_fused_max_batch",
 }
 CHECKPOINTER_KEYS = {"_component_", "checkpoint_dir", "checkpoint_files", "output_dir", "model_type"}
-META_KEYS = ("quantization", "dtype", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "system_prompt")
-
-
-def _configure_logging(level: str = "INFO") -> None:
-    rank = int(os.environ.get("RANK", 0))
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO) if rank == 0 else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout,
-    )
+META_KEYS = ("teacher_quantization", "dtype", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "system_prompt")
 
 
 def _settings(cfg: DictConfig) -> Dict:
     from kd.data import DEFAULT_SYSTEM_PROMPT
 
+    if "quantization" in cfg:
+        raise ConfigError("generate_teacher: the key 'quantization' is now 'teacher_quantization' (as in the KD "
+                          "recipe and evaluate): rename it in the config / command line.")
     check_keys(cfg, KEYS, where="the generate_teacher config", required=("output_dir", "model", "tokenizer", "source"))
     require_component(cfg, "model")
     require_component(cfg, "tokenizer")
@@ -62,7 +57,7 @@ def _settings(cfg: DictConfig) -> Dict:
     check_keys(cfg[ck_key], CHECKPOINTER_KEYS, where=f"'{ck_key}'", required=("checkpoint_dir",))
     s = {
         "ck": cfg[ck_key],
-        "quantization": cfg.get("quantization", None),
+        "teacher_quantization": cfg.get("teacher_quantization", None),
         "dtype": str(cfg.get("dtype", "bf16")),
         "temperature": number(cfg, "temperature", 0.7, min_value=0.0),
         "top_p": number(cfg, "top_p", 1.0, min_value=0.0, max_value=1.0),
@@ -88,7 +83,7 @@ def _settings(cfg: DictConfig) -> Dict:
     }
     from kd.precision import parse_precision
 
-    parse_precision(s["quantization"], key="quantization")  # bf16 (= null) | nf4 | fp8 | nf4_fp8
+    parse_precision(s["teacher_quantization"])  # bf16 (= null) | nf4 | fp8 | nf4_fp8
     if s["top_p"] <= 0.0:
         raise ConfigError("top_p must be in (0, 1].")
     return s
@@ -98,6 +93,8 @@ def _check_run_meta(out: Path, meta: Dict, is_rank_zero: bool) -> None:
     p = out / "run.json"
     if p.is_file():
         old = json.loads(p.read_text())
+        if "quantization" in old:  # run.json written before the key was renamed
+            old.setdefault("teacher_quantization", old.pop("quantization"))
         diff = [f"{k}: {old.get(k)!r} -> {meta.get(k)!r}" for k in META_KEYS if old.get(k) != meta.get(k)]
         if diff:
             raise ConfigError(
@@ -105,7 +102,7 @@ def _check_run_meta(out: Path, meta: Dict, is_rank_zero: bool) -> None:
                 + "\nUse a new output_dir (or restore the settings) so answers are not mixed."
             )
     elif is_rank_zero:
-        from kd.checkpoint import atomic_write_text
+        from kd.atomic import atomic_write_text
 
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(p, json.dumps(meta, ensure_ascii=False, indent=1, sort_keys=True) + "\n")
@@ -113,40 +110,96 @@ def _check_run_meta(out: Path, meta: Dict, is_rank_zero: bool) -> None:
 
 def load_teacher(cfg: DictConfig, s: Dict, device: torch.device, dtype: torch.dtype):
     from kd.generation import install_last_token_head
-    from kd.models import build_on_meta, load_hf_into_model
-    from kd.precision import apply_precision, resolve_precision
+    from kd.models import load_frozen_model
+    from kd.precision import resolve_precision
 
-    prec = resolve_precision(s["quantization"], device, dtype, key="quantization")
-    model = build_on_meta(cfg.model, dtype)
-    ck = s["ck"]
-    load_hf_into_model(
-        model, ck.checkpoint_dir, ck.get("checkpoint_files", None), device=device, dtype=dtype,
-        which="teacher", progress=True, **prec.load_kwargs(),
-    )
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    n = apply_precision(model, prec)
-    log.info(f"teacher precision: {prec.describe()}; {n} quantized linears")
-    return install_last_token_head(model)
+    prec = resolve_precision(s["teacher_quantization"], device, dtype)
+    return install_last_token_head(load_frozen_model(cfg.model, s["ck"], device=device, dtype=dtype, precision=prec))
+
+
+def _generate_mine(cfg: DictConfig, s: Dict, mine, n_mine: int, prompts, hashes, tokenizer, store, *, device, dtype,
+                   info, stop_ids, pad_id) -> None:
+    """Generate this rank's batches ``mine`` (lists of sample ids), appending each batch's rows to ``store``."""
+    from tqdm import tqdm
+
+    from kd.generation import SamplingParams, generate_batch, sample_seed
+
+    model = load_teacher(cfg, s, device, dtype)
+    params = SamplingParams(temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"])
+    decoder = None
+    if s["decode_engine"] == "static":
+        from kd.static_decode import StaticDecoder
+
+        decoder = StaticDecoder(
+            model, device=device, cache_dtype=dtype, cuda_graphs=s["cuda_graphs"] and device.type == "cuda",
+            nf4_kernel=s["nf4_decode_kernel"] if s["teacher_quantization"] == "nf4" else None,
+            nf4_fused_max_batch=s["nf4_fused_max_batch"])
+    store.open_for_append(info.rank)
+    kill_after = int(os.environ.get("KD_GEN_KILL_AFTER_BATCHES", "0"))  # crash test hook
+    pbar = tqdm(total=n_mine, disable=not (info.is_rank_zero and s["progress_bar"]), desc="teacher",
+                unit="sample", dynamic_ncols=True)
+    t0, n_tok, n_trunc, n_empty = time.perf_counter(), 0, 0, 0
+    try:
+        for bi, ids in enumerate(mine):
+            kw = dict(max_new_tokens=s["max_new_tokens"], stop_ids=stop_ids, pad_id=pad_id, params=params,
+                      seeds=[sample_seed(s["seed"], i) for i in ids])
+            if decoder is not None:
+                gens = decoder.generate([prompts[i] for i in ids], **kw)
+            else:
+                gens = generate_batch(model, [prompts[i] for i in ids], device=device, cache_dtype=dtype, **kw)
+            rows = []
+            for i, g in zip(ids, gens):
+                text = tokenizer.decode(g.tokens, skip_special_tokens=True) if g.tokens else ""
+                n_tok += len(g.tokens)
+                n_trunc += g.finish == "length"
+                n_empty += not text.strip()
+                rows.append({"id": i, "prompt_hash": hashes[i], "output": text, "n_tokens": len(g.tokens),
+                             "finish": g.finish})
+            store.append(rows)
+            pbar.update(len(ids))
+            dt = time.perf_counter() - t0
+            pbar.set_postfix(tok_s=f"{n_tok * info.world_size / max(dt, 1e-9):.0f}", trunc=n_trunc,
+                             empty=n_empty)
+            if kill_after and bi + 1 >= kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        pbar.close()
+        store.close()
+        if decoder is not None:
+            decoder.close()
+    dt = time.perf_counter() - t0
+    log.info(f"rank {info.rank}: {n_mine} samples, {n_tok} tokens in {dt:.1f}s "
+             f"({n_tok / max(dt, 1e-9):.1f} generated tokens/s on this rank); truncated {n_trunc}, empty {n_empty}")
+
+
+def _merge(s: Dict, store, records, hashes, out: Path) -> None:
+    """Rank 0: every rank's answers -> ``<dataset_name>.json`` + ``dataset_info.json`` + ``summary.json``."""
+    from kd.atomic import atomic_write_text
+    from kd.generation import merge_results, summarize
+
+    results, _ = store.scan(hashes)
+    results = {i: r for i, r in results.items() if i in records}
+    path = merge_results(records, results, out, dataset_name=s["dataset_name"], hashes=hashes,
+                         system_prompt=s["system_prompt"],
+                         allow_missing=s["allow_missing"])
+    summ = summarize({i: r for i, r in results.items() if r.get("prompt_hash") == hashes[i]})
+    atomic_write_text(out / "summary.json", json.dumps(summ, indent=1) + "\n")
+    log.info(f"merged {summ['samples']} answers into {path} (+ dataset_info.json); "
+             f"{summ['generated_tokens']} tokens, mean {summ['mean_answer_tokens']:.1f}/answer; "
+             f"truncated at max_new_tokens: {summ['truncated']}, empty: {summ['empty']}"
+             + (f" (ids {summ['truncated_ids'][:10]})" if summ["truncated"] else ""))
 
 
 def recipe_main(cfg: DictConfig) -> None:
     from torchtune import training
-    from tqdm import tqdm
 
     from kd.data import load_alpaca_records
-    from kd.generation import (
-        ResultStore, SamplingParams, generate_batch, merge_results, plan_batches, prompt_hash, prompt_tokens,
-        sample_seed, stop_token_ids, summarize,
-    )
+    from kd.generation import ResultStore, plan_batches, prompt_hash, prompt_tokens, stop_token_ids
+    from kd.progress import configure_logging
 
-    _configure_logging(str(cfg.get("log_level", "INFO")))
+    configure_logging(choice(cfg, "log_level", ["DEBUG", "INFO", "WARNING", "ERROR"], "INFO"))
     s = _settings(cfg)
-    try:
-        device = kdist.resolve_device(cfg.get("device", "auto"))
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    device = checks.check_device(cfg, "auto")
     info = kdist.init_distributed(device)
     dtype = training.get_dtype(checks.check_dtype(cfg, default=s["dtype"]), device=device)
     out = Path(cfg.output_dir)
@@ -194,71 +247,13 @@ def recipe_main(cfg: DictConfig) -> None:
                  f"{f', {n_ignored} torn/bad line(s) ignored' if n_ignored else ''}; {len(todo)} to generate "
                  f"on {info.world_size} rank(s) in {len(plan)} planned batches")
 
-    # ---- generate ------------------------------------------------------------------------------
+    # ---- generate, then merge (rank 0) ----------------------------------------------------------
     if n_mine:
-        model = load_teacher(cfg, s, device, dtype)
-        params = SamplingParams(temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"])
-        decoder = None
-        if s["decode_engine"] == "static":
-            from kd.static_decode import StaticDecoder
-
-            decoder = StaticDecoder(
-                model, device=device, cache_dtype=dtype, cuda_graphs=s["cuda_graphs"] and device.type == "cuda",
-                nf4_kernel=s["nf4_decode_kernel"] if s["quantization"] == "nf4" else None,
-                nf4_fused_max_batch=s["nf4_fused_max_batch"])
-        store.open_for_append(info.rank)
-        kill_after = int(os.environ.get("KD_GEN_KILL_AFTER_BATCHES", "0"))  # crash test hook
-        pbar = tqdm(total=n_mine, disable=not (info.is_rank_zero and s["progress_bar"]), desc="teacher",
-                    unit="sample", dynamic_ncols=True)
-        t0, n_tok, n_trunc, n_empty = time.perf_counter(), 0, 0, 0
-        try:
-            for bi, ids in enumerate(mine):
-                kw = dict(max_new_tokens=s["max_new_tokens"], stop_ids=stop_ids, pad_id=pad_id, params=params,
-                          seeds=[sample_seed(s["seed"], i) for i in ids])
-                if decoder is not None:
-                    gens = decoder.generate([prompts[i] for i in ids], **kw)
-                else:
-                    gens = generate_batch(model, [prompts[i] for i in ids], device=device, cache_dtype=dtype, **kw)
-                rows = []
-                for i, g in zip(ids, gens):
-                    text = tokenizer.decode(g.tokens, skip_special_tokens=True) if g.tokens else ""
-                    n_tok += len(g.tokens)
-                    n_trunc += g.finish == "length"
-                    n_empty += not text.strip()
-                    rows.append({"id": i, "prompt_hash": hashes[i], "output": text, "n_tokens": len(g.tokens),
-                                 "finish": g.finish})
-                store.append(rows)
-                pbar.update(len(ids))
-                dt = time.perf_counter() - t0
-                pbar.set_postfix(tok_s=f"{n_tok * info.world_size / max(dt, 1e-9):.0f}", trunc=n_trunc,
-                                 empty=n_empty)
-                if kill_after and bi + 1 >= kill_after:
-                    os.kill(os.getpid(), signal.SIGKILL)
-        finally:
-            pbar.close()
-            store.close()
-            if decoder is not None:
-                decoder.close()
-        dt = time.perf_counter() - t0
-        log.info(f"rank {info.rank}: {n_mine} samples, {n_tok} tokens in {dt:.1f}s "
-                 f"({n_tok / max(dt, 1e-9):.1f} generated tokens/s on this rank); truncated {n_trunc}, empty {n_empty}")
+        _generate_mine(cfg, s, mine, n_mine, prompts, hashes, tokenizer, store, device=device, dtype=dtype,
+                       info=info, stop_ids=stop_ids, pad_id=pad_id)
     kdist.barrier()
-
-    # ---- merge (rank 0) ------------------------------------------------------------------------
     if info.is_rank_zero and s["merge"]:
-        from kd.checkpoint import atomic_write_text
-
-        results, _ = store.scan(hashes)
-        results = {i: r for i, r in results.items() if i in records}
-        path = merge_results(records, results, out, dataset_name=s["dataset_name"], hashes=hashes,
-                             system_prompt=s["system_prompt"],
-                             allow_missing=s["allow_missing"])
-        summ = summarize({i: r for i, r in results.items() if r.get("prompt_hash") == hashes[i]})
-        atomic_write_text(out / "summary.json", json.dumps(summ, indent=1) + "\n")
-        log.info(f"merged {summ['samples']} answers into {path} (+ dataset_info.json); "
-                 f"{summ['generated_tokens']} tokens, mean {summ['mean_answer_tokens']:.1f}/answer; "
-                 f"truncated at max_new_tokens: {summ['truncated']}, empty: {summ['empty']}"
-                 + (f" (ids {summ['truncated_ids'][:10]})" if summ["truncated"] else ""))
+        _merge(s, store, records, hashes, out)
     kdist.barrier()
     kdist.destroy()
 

@@ -43,7 +43,7 @@ from kd.config import (
     require_component,
     to_container,
 )
-from kd.checkpoint import lora_state_dict
+from kd.adapter_io import lora_state_dict
 from kd.guard import NonFiniteGuard
 from kd.metric_logging import kd_logging_cfg
 from kd.full import all_trainable
@@ -54,9 +54,12 @@ from kd.models import (
     build_on_meta,
     is_adapter_param,
     load_adapter_state_dict,
+    load_frozen_model,
     load_hf_into_model,
+    shift_labels,
 )
-from kd.precision import apply_precision, check_sharding, parse_precision, resolve_precision
+from kd.precision import check_sharding, parse_precision, resolve_precision
+from kd.progress import configure_logging
 
 log = logging.getLogger("kd.recipe")
 
@@ -363,22 +366,16 @@ class KDLoRARecipe:
         prec = resolve_precision(cfg.get("teacher_quantization", None), self._device, self._dtype)
         sharding = choice(cfg, "teacher_sharding", ["shard", "replicate"], "shard")
         check_sharding(prec, sharding, self._fsdp)
-        model = build_on_meta(cfg.teacher_model, self._dtype)
-        ck = cfg.teacher_checkpointer
         head_weight = None
         fused = self._loss_form == "fused"
-        load_hf_into_model(
-            model, ck.checkpoint_dir, ck.get("checkpoint_files", None),
-            device=self._device, dtype=self._dtype, mesh=self._mesh, fsdp=False, which="teacher",
-            progress=self._is_rank_zero, **prec.load_kwargs(),
-        )
+        # frozen, eval mode, NF4/FP8 fast forward applied; sharded below
+        model = load_frozen_model(cfg.teacher_model, cfg.teacher_checkpointer, device=self._device,
+                                  dtype=self._dtype, precision=prec, progress=self._is_rank_zero)
         if fused:
             # Keep the projection beside the model (replicated, frozen) for the fused loss.
             out = model.output
             head_weight = (out.tied_module.weight if not isinstance(out, nn.Module) else out.weight).detach()
             model.output = HiddenStatesHead()
-        n = apply_precision(model, prec)  # NF4 weights stay NF4Tensor parameters (FSDP2-shardable)
-        self._log(f"teacher precision: {prec.describe()}; {n} quantized linears")
         if self._fsdp and sharding == "shard":
             from torch.distributed.fsdp import fully_shard
 
@@ -585,7 +582,7 @@ class KDLoRARecipe:
         return self._make_loader(ds, packed, shuffle=False, batch_size=bs, drop_last=False)
 
     def _setup_checkpointing(self, cfg: DictConfig) -> None:
-        from kd.checkpoint import CheckpointManager
+        from kd.step_checkpoint import CheckpointManager
 
         self._ckpt = CheckpointManager(
             self._output_dir / "checkpoints",
@@ -807,11 +804,6 @@ class KDLoRARecipe:
     # ----------------------------------------------------------------------------------------------
     # Loss
     # ----------------------------------------------------------------------------------------------
-    def _shift(self, labels: torch.Tensor) -> torch.Tensor:
-        # labels[..., i] becomes the target of position i (torchtune's SFT convention).
-        pad = torch.full_like(labels[..., :1], self._ignore_index)
-        return torch.cat([labels[..., 1:], pad], dim=-1)
-
     def _loss_step(
         self, batch: Dict[str, torch.Tensor], kd_ratio: float, timer: Optional[PhaseTimer] = None,
         with_teacher: bool = True,
@@ -824,7 +816,7 @@ class KDLoRARecipe:
         """
         from kd.losses import chunked_cross_entropy_sum
 
-        tokens, labels = batch["tokens"], self._shift(batch["labels"])
+        tokens, labels = batch["tokens"], shift_labels(batch["labels"], self._ignore_index)
         mask, input_pos = batch.get("mask", None), batch.get("input_pos", None)
         # The teacher runs even at kd_ratio=0 (when there is one): it feeds the logged KL / agreement.
         teacher_out = None
@@ -941,7 +933,8 @@ class KDLoRARecipe:
                     utils.batch_to_device(b, self._device)
                 gen = self._on_policy_batches(micro)  # on-policy step: the student's answers (kd.on_policy), else None
                 # Global valid-token count of this optimizer step, known before any backward.
-                local_n = sum((self._shift(b["labels"]) != self._ignore_index).sum() for b in micro)
+                local_n = sum((shift_labels(b["labels"], self._ignore_index) != self._ignore_index).sum()
+                              for b in micro)
                 local_tok = sum((b["tokens"] != self._tokenizer.pad_id).sum() for b in micro)
                 counts = kdist.all_reduce_sum(torch.stack([local_n, local_tok]).to(torch.float32))
                 scale = self.world_size / counts[0].clamp_min(1.0)  # undo FSDP2's mean over ranks
@@ -1171,7 +1164,7 @@ class KDLoRARecipe:
         }
 
     def _save_merged_model(self) -> None:
-        from kd.checkpoint import save_merged_hf
+        from kd.hf_export import save_merged_hf
 
         out = self._output_dir / "merged"
         # FusedKDHead keeps torchtune's parameter names (output.weight, output.lora_*), so the state dict
@@ -1195,15 +1188,9 @@ class KDLoRARecipe:
             log.info(msg)
 
 
-def _configure_logging() -> None:
-    from kd.progress import configure_logging
-
-    configure_logging()  # INFO on rank 0, WARNING elsewhere; lines print above the progress bar
-
-
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point: ``tune run recipes/kd_lora.py --config <yaml> key=value ...``."""
-    _configure_logging()
+    configure_logging()  # INFO on rank 0, WARNING elsewhere; lines print above the progress bar
     recipe = KDLoRARecipe(cfg=cfg)
     recipe.setup(cfg=cfg)
     recipe.train()

@@ -133,7 +133,7 @@ def main() -> int:
         import torch  # noqa: F401  (imported once, shared by every forked case)
         import torchtune._cli.tune  # noqa: F401
 
-        for mod in ("kd.cli", "kd.checkpoint", "kd.data", "kd.losses", "kd.models", "kd.run_checks"):
+        for mod in ("kd.cli", "kd.step_checkpoint", "kd.data", "kd.losses", "kd.models", "kd.run_checks"):
             try:
                 importlib.import_module(mod)
             except ImportError:  # an older kd (the driver also measures the code before a change)

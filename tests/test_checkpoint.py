@@ -1,4 +1,4 @@
-"""Tests for kd.checkpoint: Qwen2 PEFT export (and why torchtune's stock export is wrong for
+"""Tests for kd.adapter_io, kd.atomic, kd.step_checkpoint and kd.hf_export: Qwen2 PEFT export (and why torchtune's stock export is wrong for
 Qwen2), merged HF export, CheckpointManager round trip / retention / crash safety."""
 
 from __future__ import annotations
@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd import checkpoint as ck
+from kd import adapter_io, atomic, errors, hf_export, step_checkpoint
+
+
+def _save_adapter(adapter_sd, out_dir, **kw) -> Path:
+    """A PEFT adapter dir written the way the checkpoint manager writes its ``adapter/``."""
+    with atomic.atomic_write_dir(out_dir) as tmp:
+        adapter_io.write_peft_adapter_files(tmp, adapter_sd, use_dora=kw.pop("use_dora", False), **kw)
+    return Path(out_dir)
 
 VOCAB, DIM, LAYERS, HEADS, KV_HEADS, INTER = 1024, 128, 2, 4, 2, 256
 RANK, ALPHA = 8, 16
@@ -141,11 +148,11 @@ def test_peft_adapter_matches_torchtune_and_stock_export_is_wrong(base_dir, tt_m
     from safetensors.torch import save_file
     from torchtune.models.convert_weights import tune_to_peft_adapter_config, tune_to_peft_adapter_weights
 
-    sd = ck.lora_state_dict(tt_model)
+    sd = adapter_io.lora_state_dict(tt_model)
     assert sd and all(v.device.type == "cpu" for v in sd.values())
     assert any(k.startswith("output.") for k in sd) and any(".mlp.w2." in k for k in sd)
 
-    ours = ck.save_peft_adapter(sd, tmp_path / "ours", rank=RANK, alpha=ALPHA, target_modules=TARGETS,
+    ours = _save_adapter(sd, tmp_path / "ours", rank=RANK, alpha=ALPHA, target_modules=TARGETS,
                                 base_model_name_or_path=str(base_dir))
     cfg = json.loads((ours / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
@@ -181,7 +188,7 @@ def test_peft_adapter_matches_torchtune_and_stock_export_is_wrong(base_dir, tt_m
     assert stock_diff > 1e-2, stock_diff  # the Llama q/k permutation is wrong for Qwen2
 
     # round trip back to torchtune names
-    back, _ = ck.load_peft_adapter(ours)
+    back, _ = adapter_io.load_peft_adapter(ours)
     assert back.keys() == sd.keys()
     assert all(torch.equal(back[k], sd[k]) for k in sd)
 
@@ -190,14 +197,14 @@ def test_name_mapping_roundtrip_and_errors():
     for k in ["layers.0.attn.q_proj.lora_a.weight", "layers.11.attn.output_proj.lora_b.weight",
               "layers.3.mlp.w1.lora_a.weight", "layers.3.mlp.w2.magnitude", "output.lora_b.weight",
               "layers.2._checkpoint_wrapped_module.mlp.w3.lora_a.weight"]:
-        assert ck.peft_to_tune_key(ck.tune_to_peft_key(k)) == k.replace("_checkpoint_wrapped_module.", "")
-    assert ck.tune_to_peft_key("layers.3.mlp.w2.magnitude").endswith("mlp.down_proj.lora_magnitude_vector")
+        assert adapter_io.peft_to_tune_key(adapter_io.tune_to_peft_key(k)) == k.replace("_checkpoint_wrapped_module.", "")
+    assert adapter_io.tune_to_peft_key("layers.3.mlp.w2.magnitude").endswith("mlp.down_proj.lora_magnitude_vector")
     with pytest.raises(KeyError):
-        ck.tune_to_peft_key("tok_embeddings.weight")
+        adapter_io.tune_to_peft_key("tok_embeddings.weight")
     with pytest.raises(ValueError, match="not in target_modules"):
-        ck.save_peft_adapter({"output.lora_a.weight": torch.zeros(8, 4), "output.lora_b.weight": torch.zeros(4, 8)},
-                             "/nonexistent/never", rank=8, alpha=16, target_modules=["q_proj"],
-                             base_model_name_or_path="x")
+        adapter_io.write_peft_adapter_files(  # checked before anything is written
+            Path("/nonexistent/never"), {"output.lora_a.weight": torch.zeros(8, 4), "output.lora_b.weight": torch.zeros(4, 8)},
+            rank=8, alpha=16, target_modules=["q_proj"], base_model_name_or_path="x", use_dora=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -209,7 +216,7 @@ def test_save_merged_hf(base_dir, tt_model, tt_logits, tokens, tmp_path):
     from transformers import AutoModelForCausalLM
 
     before = {k: v.clone() for k, v in tt_model.state_dict().items()}
-    out = ck.save_merged_hf(tt_model, base_dir, tmp_path / "merged", rank=RANK, alpha=ALPHA,
+    out = hf_export.save_merged_hf(tt_model, base_dir, tmp_path / "merged", rank=RANK, alpha=ALPHA,
                             max_shard_size_bytes=300_000)
     # model untouched (get_merged_lora_ckpt works in place: we must have copied)
     after = tt_model.state_dict()
@@ -231,10 +238,10 @@ def test_save_merged_hf(base_dir, tt_model, tt_logits, tokens, tmp_path):
     assert diff < 1e-4, diff
 
     # bf16 export
-    out16 = ck.save_merged_hf(tt_model, base_dir, tmp_path / "merged16", rank=RANK, alpha=ALPHA, dtype=torch.bfloat16)
+    out16 = hf_export.save_merged_hf(tt_model, base_dir, tmp_path / "merged16", rank=RANK, alpha=ALPHA, dtype=torch.bfloat16)
     assert json.loads((out16 / "config.json").read_text())["torch_dtype"] == "bfloat16"
     # re-export over an existing dir replaces it atomically
-    ck.save_merged_hf(tt_model, base_dir, out16, rank=RANK, alpha=ALPHA, max_shard_size_bytes=300_000)
+    hf_export.save_merged_hf(tt_model, base_dir, out16, rank=RANK, alpha=ALPHA, max_shard_size_bytes=300_000)
     assert json.loads((out16 / "config.json").read_text())["torch_dtype"] == "float32"
     assert len(set(json.loads((out16 / "model.safetensors.index.json").read_text())["weight_map"].values())) >= 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -262,7 +269,7 @@ def test_save_merged_hf_tied(tmp_path):
             if "lora" in n:
                 p.normal_(0, 0.2)
     m.eval()
-    out = ck.save_merged_hf(m, base, tmp_path / "tied_out", rank=4, alpha=8)
+    out = hf_export.save_merged_hf(m, base, tmp_path / "tied_out", rank=4, alpha=8)
     wm = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     assert "lm_head.weight" not in wm
     t = torch.randint(0, 256, (1, 16))
@@ -298,19 +305,16 @@ def _recipe_state(model, step):
 
 def test_manager_roundtrip_latest_retention(tt_model, tmp_path):
     out = tmp_path / "run"
-    mgr = ck.CheckpointManager(out, keep_last_n=2)
-    with pytest.raises(ck.NoCheckpointFoundError, match=str(out.absolute())):
+    mgr = step_checkpoint.CheckpointManager(out, keep_last_n=2)
+    with pytest.raises(errors.NoCheckpointFoundError, match=str(out.absolute())):
         mgr.load()
     assert mgr.latest() is None
 
-    sd = ck.lora_state_dict(tt_model)
+    sd = adapter_io.lora_state_dict(tt_model)
     states = {}
-    extra = tmp_path / "notes.txt"
-    extra.write_text("hello")
     for step in (10, 20, 30, 40):
         states[step] = _recipe_state(tt_model, step)
-        p = mgr.save(step, epoch=step // 20, adapter_sd=sd, adapter_meta=META, recipe_state=states[step],
-                     extra_files={"notes.txt": extra})
+        p = mgr.save(step, epoch=step // 20, adapter_sd=sd, adapter_meta=META, recipe_state=states[step])
         assert p.name == f"step_{step:07d}" and mgr.latest() == p
     assert (out / "latest").read_text().strip() == "step_0000040"
     assert [p.name for p in mgr.list_checkpoints()] == ["step_0000030", "step_0000040"]
@@ -318,7 +322,6 @@ def test_manager_roundtrip_latest_retention(tt_model, tmp_path):
 
     meta, state = mgr.load()
     assert meta["step"] == 40 and meta["epoch"] == 2 and meta["versions"]["torch"]
-    assert (Path(meta["path"]) / "notes.txt").read_text() == "hello"
     assert torch.equal(state["rng"]["torch"], states[40]["rng"]["torch"])
     assert state["rng"]["python"] == states[40]["rng"]["python"]
     assert state["lr_scheduler"] == states[40]["lr_scheduler"]
@@ -339,18 +342,18 @@ def test_manager_roundtrip_latest_retention(tt_model, tmp_path):
     assert not res.unexpected_keys
     # load by explicit path, by run dir, and by adapter dir
     assert mgr.load(out / "step_0000030")[0]["step"] == 30
-    assert ck.CheckpointManager(tmp_path / "elsewhere").load(out)[0]["step"] == 40
+    assert step_checkpoint.CheckpointManager(tmp_path / "elsewhere").load(out)[0]["step"] == 40
     assert mgr.load_adapter(out / "step_0000030" / "adapter").keys() == sd.keys()
 
     # incompatible config: say which setting differs
-    with pytest.raises(ck.IncompatibleCheckpointError, match=r"rank: checkpoint=8 vs config=16"):
+    with pytest.raises(errors.IncompatibleCheckpointError, match=r"rank: checkpoint=8 vs config=16"):
         mgr.load(expected_adapter_meta={**META, "rank": 16})
-    with pytest.raises(ck.IncompatibleCheckpointError, match="target_modules"):
+    with pytest.raises(errors.IncompatibleCheckpointError, match="target_modules"):
         mgr.load_adapter(expected_adapter_meta={**META, "target_modules": ["q_proj", "v_proj"]})
     mgr.load(expected_adapter_meta={**META, "target_modules": list(reversed(TARGETS))})  # order-insensitive
 
     # retention never deletes the checkpoint `latest` points to (even if it isn't the highest step)
-    mgr1 = ck.CheckpointManager(out, keep_last_n=1)
+    mgr1 = step_checkpoint.CheckpointManager(out, keep_last_n=1)
     mgr1.save(5, 0, adapter_sd=sd, adapter_meta=META, recipe_state={"x": 5})
     assert mgr1.latest().name == "step_0000005"
     assert [p.name for p in mgr1.list_checkpoints()] == ["step_0000005", "step_0000040"]
@@ -365,15 +368,15 @@ def test_manager_roundtrip_latest_retention(tt_model, tmp_path):
 
 def test_crash_exception_mid_save(tt_model, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    mgr = ck.CheckpointManager(out)
-    sd = ck.lora_state_dict(tt_model)
+    mgr = step_checkpoint.CheckpointManager(out)
+    sd = adapter_io.lora_state_dict(tt_model)
     mgr.save(1, 0, adapter_sd=sd, adapter_meta=META, recipe_state={"step": 1})
 
     def boom(*a, **k):
         raise OSError("disk full (simulated)")
 
     # adapter files get written, then recipe_state.pt fails
-    monkeypatch.setattr(ck.torch, "save", boom)
+    monkeypatch.setattr(step_checkpoint.torch, "save", boom)
     with pytest.raises(OSError, match="simulated"):
         mgr.save(2, 0, adapter_sd=sd, adapter_meta=META, recipe_state={"step": 2})
     # failure while re-writing an existing step leaves the old one intact
@@ -386,34 +389,34 @@ def test_crash_exception_mid_save(tt_model, tmp_path, monkeypatch):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # temp dirs removed
 
     # failure writing the pointer: new dir exists, pointer still the old complete one
-    monkeypatch.setattr(ck, "atomic_write_text", boom)
+    monkeypatch.setattr(step_checkpoint, "atomic_write_text", boom)
     with pytest.raises(OSError):
         mgr.save(3, 0, adapter_sd=sd, adapter_meta=META, recipe_state={"step": 3})
     monkeypatch.undo()
     assert mgr.load()[1] == {"step": 1}
 
-    # the atomic primitives themselves
-    f = tmp_path / "f.pt"
-    ck.atomic_torch_save({"a": 1}, f)
-    monkeypatch.setattr(ck.torch, "save", lambda obj, fh: (fh.write(b"partial"), boom()))
-    with pytest.raises(OSError):
-        ck.atomic_torch_save({"a": 2}, f)
-    monkeypatch.undo()
-    assert torch.load(f, weights_only=False) == {"a": 1}
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["f.pt"]
+    # the atomic file primitive itself: a writer failing half-way leaves the old file and no temp file
+    f = tmp_path / "f.bin"
+    atomic.atomic_write_bytes(f, b"v1")
+    with pytest.raises(OSError, match="simulated"):
+        with atomic.atomic_path(f) as t:
+            t.write_bytes(b"partial")
+            boom()
+    assert f.read_bytes() == b"v1"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["f.bin"]
 
 
 _CHILD = textwrap.dedent(
     """
     import os, sys, time, torch
     from pathlib import Path
-    from kd import checkpoint as ck
+    from kd import step_checkpoint
     out, mode = Path(sys.argv[1]), sys.argv[2]
     meta = dict(rank=4, alpha=8, target_modules=["q_proj"], base_model_name_or_path="x")
     def sd(v):
         return {"layers.0.attn.q_proj.lora_a.weight": torch.full((4, 64), float(v)),
                 "layers.0.attn.q_proj.lora_b.weight": torch.full((64, 4), float(v))}
-    mgr = ck.CheckpointManager(out, keep_last_n=2)
+    mgr = step_checkpoint.CheckpointManager(out, keep_last_n=2)
     if mode == "hang":
         mgr.save(1, 0, adapter_sd=sd(1), adapter_meta=meta, recipe_state={"v": 1})
         real = torch.save
@@ -457,7 +460,7 @@ def _kill(proc):
 
 
 def _check_consistent(out):
-    mgr = ck.CheckpointManager(out)
+    mgr = step_checkpoint.CheckpointManager(out)
     p = mgr.latest()
     assert p is not None and not p.name.startswith(".")
     meta, state = mgr.load()
@@ -480,7 +483,7 @@ def test_crash_sigkill_mid_save(tmp_path):
         _wait_for(tmp_path / "in_save", proc)
     finally:
         _kill(proc)
-    mgr = ck.CheckpointManager(out)
+    mgr = step_checkpoint.CheckpointManager(out)
     assert mgr.latest().name == "step_0000001"
     assert [p.name for p in mgr.list_checkpoints()] == ["step_0000001"]
     assert mgr.load()[1] == {"v": 1}
@@ -488,7 +491,7 @@ def test_crash_sigkill_mid_save(tmp_path):
     leftovers = [p for p in out.iterdir() if p.name.startswith(".step_0000002.tmp-")]
     assert len(leftovers) == 1  # the partial write is only ever under a hidden temp name
     # the next save (new process, writer dead) cleans it up
-    mgr.save(2, 0, adapter_sd=ck.load_peft_adapter(out / "step_0000001" / "adapter")[0],
+    mgr.save(2, 0, adapter_sd=adapter_io.load_peft_adapter(out / "step_0000001" / "adapter")[0],
              adapter_meta=dict(rank=4, alpha=8, target_modules=["q_proj"], base_model_name_or_path="x"),
              recipe_state={"v": 3})
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
@@ -511,11 +514,11 @@ def test_crash_sigkill_mid_save(tmp_path):
 
 def test_atomic_dir_rename_fallback_and_recovery(tmp_path, monkeypatch):
     final = tmp_path / "d"
-    with ck.atomic_write_dir(final) as t:
+    with atomic.atomic_write_dir(final) as t:
         (t / "a.txt").write_text("v1")
     # filesystems without RENAME_EXCHANGE: rename-aside fallback
-    monkeypatch.setattr(ck, "_exchange", lambda a, b: False)
-    with ck.atomic_write_dir(final) as t:
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    with atomic.atomic_write_dir(final) as t:
         (t / "a.txt").write_text("v2")
     assert (final / "a.txt").read_text() == "v2"
     assert [p.name for p in tmp_path.iterdir()] == ["d"]
@@ -530,9 +533,9 @@ def test_atomic_dir_rename_fallback_and_recovery(tmp_path, monkeypatch):
             raise OSError("simulated")
         return real_rename(a, b)
 
-    monkeypatch.setattr(ck.os, "rename", flaky)
+    monkeypatch.setattr(atomic.os, "rename", flaky)
     with pytest.raises(OSError, match="simulated"):
-        with ck.atomic_write_dir(final) as t:
+        with atomic.atomic_write_dir(final) as t:
             (t / "a.txt").write_text("v3")
     monkeypatch.undo()
     assert (final / "a.txt").read_text() == "v2"
@@ -541,11 +544,11 @@ def test_atomic_dir_rename_fallback_and_recovery(tmp_path, monkeypatch):
     # kill -9 between the two renames (writer dead): readers restore the aside
     aside = tmp_path / ".d.old-000000-999999999-deadbeef"  # foreign-looking, dead writer
     os.rename(final, aside)
-    assert ck.recover_atomic_dir(final) and (final / "a.txt").read_text() == "v2"
+    assert atomic.recover_atomic_dir(final) and (final / "a.txt").read_text() == "v2"
 
     # same through the manager: step dir moved aside by a crashed writer
     run = tmp_path / "run"
-    mgr = ck.CheckpointManager(run)
+    mgr = step_checkpoint.CheckpointManager(run)
     sd = {"layers.0.attn.q_proj.lora_a.weight": torch.ones(4, 8), "layers.0.attn.q_proj.lora_b.weight": torch.ones(8, 4)}
     meta = dict(rank=4, alpha=8, target_modules=["q_proj"], base_model_name_or_path="x")
     mgr.save(7, 0, adapter_sd=sd, adapter_meta=meta, recipe_state={"v": 7})
@@ -585,13 +588,13 @@ def test_fsdp2_dtensor_gather(tmp_path):
             fully_shard(layer, mesh=mesh)
         fully_shard(sharded, mesh=mesh)
         assert any(hasattr(p, "full_tensor") for p in sharded.parameters())
-        a, b = ck.lora_state_dict(sharded), ck.lora_state_dict(plain)
+        a, b = adapter_io.lora_state_dict(sharded), adapter_io.lora_state_dict(plain)
         assert a.keys() == b.keys()
         assert all(type(v) is torch.Tensor and torch.equal(v, b[k]) for k, v in a.items())
-        o1 = ck.save_merged_hf(sharded, base, tmp_path / "m1", rank=4, alpha=8)
+        o1 = hf_export.save_merged_hf(sharded, base, tmp_path / "m1", rank=4, alpha=8)
     finally:
         dist.destroy_process_group()
-    o2 = ck.save_merged_hf(plain, base, tmp_path / "m2", rank=4, alpha=8)
+    o2 = hf_export.save_merged_hf(plain, base, tmp_path / "m2", rank=4, alpha=8)
     from safetensors.torch import load_file
 
     f = "model-00001-of-00001.safetensors"
@@ -629,12 +632,12 @@ def test_dora_export_peft_and_merged(tmp_path):
     t = torch.randint(0, 256, (1, 16))
     with torch.no_grad():
         ref = m(t)
-    sd = ck.lora_state_dict(m)
+    sd = adapter_io.lora_state_dict(m)
     assert any(k.endswith("magnitude") for k in sd)
-    a = ck.save_peft_adapter(sd, tmp_path / "a", rank=4, alpha=8, target_modules=targets,
+    a = _save_adapter(sd, tmp_path / "a", rank=4, alpha=8, target_modules=targets,
                              base_model_name_or_path=str(base), use_dora=True)
     assert (_peft_logits(base, a, t) - ref).abs().max().item() < 1e-4
-    back, cfg = ck.load_peft_adapter(a)
+    back, cfg = adapter_io.load_peft_adapter(a)
     assert cfg["use_dora"] is True and back.keys() == sd.keys()
-    o = ck.save_merged_hf(m, base, tmp_path / "m", rank=4, alpha=8)
+    o = hf_export.save_merged_hf(m, base, tmp_path / "m", rank=4, alpha=8)
     assert (_hf_logits(AutoModelForCausalLM.from_pretrained(o), t) - ref).abs().max().item() < 1e-4

@@ -238,14 +238,13 @@ def test_nf4_teacher_generates(testbed, tiny_tokenizer):
     """quantization=nf4 path: NF4 weights while loading + kd.nf4 fast linear, bf16, batched generation."""
     from omegaconf import OmegaConf
 
-    from kd.generation import enable_fast_nf4
-    from kd.models import build_on_meta, load_hf_into_model
+    from kd.models import build_on_meta, load_hf_into_model, use_fast_nf4
     from kd.nf4 import FastNF4Linear
 
     cfg = OmegaConf.create({"_component_": "torchtune.models.qwen2.qwen2", **testbed.teacher_dims})
     m = build_on_meta(cfg, torch.bfloat16)
     load_hf_into_model(m, testbed.teacher_dir, device=torch.device("cpu"), dtype=torch.bfloat16, nf4=True)
-    assert enable_fast_nf4(m) == 7 * testbed.teacher_dims["num_layers"]
+    assert use_fast_nf4(m) == 7 * testbed.teacher_dims["num_layers"]
     assert isinstance(m.layers[0].mlp.w1, FastNF4Linear)
     install_last_token_head(m.eval())
     ps = _prompts(testbed, tiny_tokenizer, [0, 9])

@@ -115,7 +115,7 @@ def _save_ckpt(mgr, step, value=0.0):
 
 
 def test_recipe_state_loads_weights_only_and_a_crafted_pickle_never_runs(tmp_path):
-    from kd.checkpoint import CheckpointManager
+    from kd.step_checkpoint import CheckpointManager
 
     mgr = CheckpointManager(tmp_path / "ck")
     p1 = _save_ckpt(mgr, 1)
@@ -138,7 +138,8 @@ def test_recipe_state_loads_weights_only_and_a_crafted_pickle_never_runs(tmp_pat
 
 
 def test_truncated_recipe_state_falls_back_with_a_warning(tmp_path):
-    from kd.checkpoint import CheckpointManager, CorruptCheckpointError
+    from kd.errors import CorruptCheckpointError
+    from kd.step_checkpoint import CheckpointManager
 
     mgr = CheckpointManager(tmp_path / "ck")
     _save_ckpt(mgr, 1)
@@ -156,7 +157,8 @@ def test_truncated_recipe_state_falls_back_with_a_warning(tmp_path):
 
 
 def test_non_finite_adapter_is_never_saved_and_retention_keeps_the_last_finite(tmp_path):
-    from kd.checkpoint import CheckpointManager, NonFiniteCheckpointError
+    from kd.errors import NonFiniteCheckpointError
+    from kd.step_checkpoint import CheckpointManager
 
     mgr = CheckpointManager(tmp_path / "ck", keep_last_n=1)
     _save_ckpt(mgr, 1)
@@ -166,21 +168,22 @@ def test_non_finite_adapter_is_never_saved_and_retention_keeps_the_last_finite(t
 
 
 def test_disk_full_during_save_names_dir_and_size_and_keeps_old(tmp_path, monkeypatch):
-    from kd import checkpoint as ck
+    from kd.errors import CheckpointError
+    from kd.step_checkpoint import CheckpointManager
 
-    mgr = ck.CheckpointManager(tmp_path / "ck")
+    mgr = CheckpointManager(tmp_path / "ck")
     _save_ckpt(mgr, 1)
     real = torch.save
 
     def full(obj, f, *a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(ck.torch, "save", full)
-    with pytest.raises(ck.CheckpointError) as ei:
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError) as ei:
         _save_ckpt(mgr, 2)
     msg = str(ei.value)
     assert "no space left" in msg and str(tmp_path / "ck") in msg and "MiB" in msg and "step_0000001 is intact" in msg
-    monkeypatch.setattr(ck.torch, "save", real)
+    monkeypatch.setattr(torch, "save", real)
     assert [p.name for p in mgr.list_checkpoints()] == ["step_0000001"]
     assert not [p for p in (tmp_path / "ck").iterdir() if p.name.startswith(".")]  # no temp dir left
 

@@ -71,11 +71,13 @@ def _tiny_decoder():
     return m.to(torch.bfloat16).eval()
 
 
-def test_quantize_teacher_swaps_only_decoder_linears():
+def test_nf4_linears_swaps_only_decoder_linears():
+    from kd.models import nf4_linears_
+
     m = _tiny_decoder()
     keys_before = set(m.state_dict())
     tokens = torch.randint(0, 256, (2, 16))
-    knf4.quantize_teacher_(m, fast=False)
+    assert nf4_linears_(m.layers, fast=False) == 2 * 7
     with torch.no_grad():
         y_stock = m(tokens)
     knf4.set_fast_(m, True)
@@ -87,7 +89,7 @@ def test_quantize_teacher_swaps_only_decoder_linears():
     assert not any(type(x) is nn.Linear for x in m.layers.modules())
     assert isinstance(m.output, nn.Linear) and m.output.weight.dtype == torch.bfloat16
     assert m.tok_embeddings.weight.dtype == torch.bfloat16
-    assert all(not p.requires_grad for p in m.parameters())
+    assert all(not p.requires_grad for p in m.layers.parameters())
     torch.testing.assert_close(y_fast, y_stock, rtol=2e-2, atol=2e-2)
 
 

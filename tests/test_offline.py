@@ -130,8 +130,7 @@ def test_export_round_trip_transformers(testbed, kd_adapter, tmp_path):
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM
 
-    from kd.models import build_on_meta, load_hf_into_model
-    from recipes.evaluate import _load_adapter
+    from kd.models import build_on_meta, load_adapter_dir, load_hf_into_model
 
     out = tmp_path / "export"
     _tune(testbed, "recipes/export.py", "configs/tiny/export.yaml", f"output_dir={out}", f"adapter_dir={kd_adapter}")
@@ -140,7 +139,7 @@ def test_export_round_trip_transformers(testbed, kd_adapter, tmp_path):
     cfg = OmegaConf.load(REPO / "configs" / "tiny" / "export.yaml")
     tune = build_on_meta(cfg.model, torch.float32)
     load_hf_into_model(tune, testbed.student_dir, device=torch.device("cpu"), dtype=torch.float32)
-    _load_adapter(tune, str(kd_adapter), cfg.model)
+    load_adapter_dir(tune, kd_adapter, cfg.model)
     tune.eval()
     hf = AutoModelForCausalLM.from_pretrained(str(out / "merged"), torch_dtype=torch.float32).eval()
     tok = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -148,3 +147,15 @@ def test_export_round_trip_transformers(testbed, kd_adapter, tmp_path):
         a = tune(tok).float()
         b = hf(tok).logits.float()
     assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+
+
+def test_generate_teacher_old_quantization_key_is_a_clear_error():
+    from omegaconf import OmegaConf
+
+    from kd.config import ConfigError
+    from recipes.generate_teacher import _settings
+
+    cfg = OmegaConf.load(REPO / "configs" / "tiny" / "generate.yaml")
+    cfg.quantization = "nf4"
+    with pytest.raises(ConfigError, match="'quantization' is now 'teacher_quantization'"):
+        _settings(cfg)

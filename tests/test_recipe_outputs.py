@@ -26,7 +26,7 @@ def _recipe_student(testbed, adapter_dir: Path):
     """The student exactly as the recipe builds it (meta build + streamed HF load + saved adapter)."""
     from omegaconf import OmegaConf
 
-    from kd.checkpoint import load_peft_adapter
+    from kd.adapter_io import load_peft_adapter
     from kd.models import build_on_meta, is_adapter_param, load_adapter_state_dict, load_hf_into_model
 
     cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs/tiny/kd_lora.yaml")

@@ -68,13 +68,13 @@ def test_static_decoder_nf4_equals_generate_batch(testbed, tiny_tokenizer):
     """NF4 teacher (bf16): the decode hook (auto -> eager dequant on CPU) gives today's tokens."""
     from omegaconf import OmegaConf
 
-    from kd.generation import enable_fast_nf4, install_last_token_head
-    from kd.models import build_on_meta, load_hf_into_model
+    from kd.generation import install_last_token_head
+    from kd.models import build_on_meta, load_hf_into_model, use_fast_nf4
 
     cfg = OmegaConf.create({"_component_": "torchtune.models.qwen2.qwen2", **testbed.teacher_dims})
     m = build_on_meta(cfg, torch.bfloat16)
     load_hf_into_model(m, testbed.teacher_dir, device=torch.device("cpu"), dtype=torch.bfloat16, nf4=True)
-    enable_fast_nf4(m)
+    use_fast_nf4(m)
     install_last_token_head(m.eval())
     ps = _prompts(testbed, tiny_tokenizer, [0, 9, 13])
     kw = dict(max_new_tokens=16, stop_ids=stop_token_ids(tiny_tokenizer), pad_id=tiny_tokenizer.pad_id)
@@ -105,14 +105,14 @@ def test_cuda_graphs_equal_eager_static_step(testbed, tiny_tokenizer):
     fused decode kernels; fp32 teacher: same greedy tokens as generate_batch."""
     from omegaconf import OmegaConf
 
-    from kd.generation import enable_fast_nf4, install_last_token_head
-    from kd.models import build_on_meta, load_hf_into_model
+    from kd.generation import install_last_token_head
+    from kd.models import build_on_meta, load_hf_into_model, use_fast_nf4
 
     dev = torch.device("cuda")
     cfg = OmegaConf.create({"_component_": "torchtune.models.qwen2.qwen2", **testbed.teacher_dims})
     m = build_on_meta(cfg, torch.bfloat16)
     load_hf_into_model(m, testbed.teacher_dir, device=dev, dtype=torch.bfloat16, nf4=True)
-    enable_fast_nf4(m)
+    use_fast_nf4(m)
     install_last_token_head(m.eval())
     ps = _prompts(testbed, tiny_tokenizer, [0, 9, 13, 21])
     sp = SamplingParams(temperature=0.7, top_p=0.9)
