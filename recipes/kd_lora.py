@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 from torch import nn
 
 from kd import dist as kdist
@@ -41,13 +41,14 @@ from kd.config import (
     choice,
     number,
     require_component,
-    to_container,
 )
 from kd.checkpoint import lora_state_dict
 from kd.guard import NonFiniteGuard
 from kd.metric_logging import kd_logging_cfg
 from kd.full import all_trainable
-from kd.heads import FusedKDHead, HiddenStatesHead
+from kd import loss_components
+from kd.heads import FusedKDHead, FusedTargets, HiddenStatesHead
+from kd.losses import KDCEResult, chunked_kd_ce, kd_ce_mix
 from kd.timing import PhaseTimer
 from kd.models import (
     apply_activation_checkpointing,
@@ -59,6 +60,7 @@ from kd.models import (
 from kd.precision import apply_precision, check_sharding, parse_precision, resolve_precision
 
 log = logging.getLogger("kd.recipe")
+_M = KDCEResult.METRICS  # the order of the summed metric vector (read by name, never by position)
 
 # Keys this recipe reads. torchtune's KD configs use the first group; the second is ours.
 TORCHTUNE_KD_KEYS = {
@@ -203,6 +205,7 @@ class KDLoRARecipe:
         checks.check_tokenizer_section(cfg, files=False)  # the files are checked when it is built (setup)
         checks.check_optimizer(cfg)
         checks.check_kd_loss(cfg)
+        loss_components.check_loss_components(cfg, choice(cfg, "loss_form", loss_components.LOSS_FORMS, "fused"))
         checks.check_ignore_index(cfg)
 
     # ----------------------------------------------------------------------------------------------
@@ -405,56 +408,17 @@ class KDLoRARecipe:
         return model, head_weight
 
     def _setup_loss(self, cfg: DictConfig) -> None:
-        from torchtune import config as tt_config
-        from kd.losses import DistillationLoss
-
-        loss_cfg = cfg.get("loss", None)
-        self._ignore_index = -100
-        self._num_output_chunks = 8
-        if loss_cfg is not None:
-            comp = loss_cfg.get("_component_", "")
-            known = {"torchtune.modules.loss.CEWithChunkedOutputLoss", "torch.nn.CrossEntropyLoss"}
-            if comp not in known:
-                raise ConfigError(f"loss._component_={comp!r}: use one of {sorted(known)} (CE term).")
-            check_keys(loss_cfg, {"_component_", "num_output_chunks", "ignore_index"}, where="'loss'")
-            self._ignore_index = int(loss_cfg.get("ignore_index", -100))
-            self._num_output_chunks = int(loss_cfg.get("num_output_chunks", 8))
-
-        kd_cfg = cfg.get("kd_loss", None)
-        comp = kd_cfg.get("_component_", "") if kd_cfg is not None else "kd.losses.DistillationLoss"
-        stock = {
-            "torchtune.modules.loss.ForwardKLWithChunkedOutputLoss": dict(kind="forward_kl", soft_ce=True),
-            "torchtune.modules.loss.ForwardKLLoss": dict(kind="forward_kl", soft_ce=True),
-            "torchtune.modules.loss.ReverseKLWithChunkedOutputLoss": dict(kind="reverse_kl"),
-            "torchtune.modules.loss.ReverseKLLoss": dict(kind="reverse_kl"),
-        }
-        if comp in stock:
-            # torchtune's KD losses, re-expressed as sums (same values per token); torchtune's forward
-            # "KL" is soft cross-entropy, reproduced with soft_ce=True (the logged 'kl' stays the true KL).
-            extra = to_container(kd_cfg)
-            extra.pop("_component_")
-            check_keys(extra, {"num_output_chunks", "ignore_index"}, where="'kd_loss'")
-            self._kd_loss = DistillationLoss(ignore_index=self._ignore_index, **stock[comp])
-            self._log(f"kd_loss {comp} -> kd.losses.DistillationLoss({stock[comp]})")
-        elif comp in ("kd.losses.DistillationLoss", "kd.losses.ChunkedDistillationLoss"):
-            kd_cfg = kd_cfg if kd_cfg is not None else OmegaConf.create({"_component_": comp})
-            kd_cfg = OmegaConf.merge(kd_cfg, {"_component_": "kd.losses.DistillationLoss"})
-            if "ignore_index" not in kd_cfg:
-                kd_cfg.ignore_index = self._ignore_index
-            try:
-                self._kd_loss = tt_config.instantiate(kd_cfg)
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f"Bad kd_loss options: {e}") from e
-        else:
-            raise ConfigError(
-                f"kd_loss._component_={comp!r} is not supported: use kd.losses.DistillationLoss "
-                "(kind: forward_kl | reverse_kl | jsd | skew_forward_kl | skew_reverse_kl) or torchtune's "
-                "ForwardKL/ReverseKL(WithChunkedOutput)Loss."
-            )
+        """``loss:`` (the CE term; in the fused form the fused CE+KD step) and ``kd_loss:`` (the divergence),
+        instantiated exactly as the config names them (kd.loss_components: a component the loss form cannot
+        run is a ConfigError naming the kd equivalent)."""
+        self._ignore_index = -100  # kd's datasets mask with -100; checks.check_ignore_index rejects any other
+        self._ce_loss, self._kd_loss = loss_components.build_losses(cfg, self._loss_form)
+        self._log("losses: " + ", ".join(f"{k}={v}" for k, v in loss_components.describe(self._ce_loss, self._kd_loss).items()))
         if self._loss_form == "chunked":
-            self._model.set_num_output_chunks(self._num_output_chunks)
+            n = loss_components.num_output_chunks(self._ce_loss, self._kd_loss)
+            self._model.set_num_output_chunks(n)
             if self._teacher is not None:
-                self._teacher.set_num_output_chunks(self._num_output_chunks)
+                self._teacher.set_num_output_chunks(n)
 
     def _setup_on_policy(self, cfg: DictConfig) -> None:
         """``on_policy:`` section (kd.on_policy): with probability lmbda per optimizer step the student answers the
@@ -507,11 +471,11 @@ class KDLoRARecipe:
         with torch.no_grad() if r == 1.0 else contextlib.nullcontext():
             ce = self._loss_step(batch, 0.0, with_teacher=False)  # CE on the dataset's answers, no teacher
         if r < 1.0:
-            (ce["loss"] * ((1.0 - r) * scale)).backward()
+            (ce.loss_sum * ((1.0 - r) * scale)).backward()
         kd = self._loss_step(gen_batch, 1.0)  # teacher + student on the student's own answers
         w = n_orig / n_gen.clamp_min(1.0)
-        return {"loss": r * w * kd["loss"] + (1.0 - r) * ce["loss"].detach(), "ce": ce["ce"], "kd": kd["kd"] * w,
-                "kl": kd["kl"] * w, "n_valid": ce["n_valid"], "n_agree": kd["n_agree"] * w}
+        return KDCEResult(kd_ce_mix(ce.loss_sum.detach(), w * kd.loss_sum, r), ce.ce_sum, kd.kd_sum * w,
+                          kd.kl_sum * w, ce.n_valid, kd.n_agree * w)
 
     def _build_dataset(self, cfg_dataset, split: Optional[str]):
         from torchtune import config as tt_config
@@ -803,15 +767,10 @@ class KDLoRARecipe:
     def _loss_step(
         self, batch: Dict[str, torch.Tensor], kd_ratio: float, timer: Optional[PhaseTimer] = None,
         with_teacher: bool = True,
-    ) -> Dict[str, torch.Tensor]:
-        """Forward both models on one micro-batch; return *sums* over its valid tokens.
-
-        Keys: loss (differentiable, (1-r)*CE + r*KD), ce, kd (training divergence), kl (true forward KL),
-        n_valid, n_agree (teacher/student top-1 agreement), all 0-d tensors. ``timer`` (training only) marks
-        the end of the teacher forward and of the student forward + loss.
-        """
-        from kd.losses import chunked_cross_entropy_sum
-
+    ) -> KDCEResult:
+        """Forward both models on one micro-batch; return *sums* over its valid tokens (kd.losses.KDCEResult:
+        loss_sum differentiable = (1-r)*CE + r*KD, ce/kd/kl sums, n_valid, n_agree). ``timer`` (training only)
+        marks the end of the teacher forward and of the student forward + loss."""
         tokens, labels = batch["tokens"], self._shift(batch["labels"])
         mask, input_pos = batch.get("mask", None), batch.get("input_pos", None)
         # The teacher runs even at kd_ratio=0 (when there is one): it feeds the logged KL / agreement.
@@ -824,62 +783,23 @@ class KDLoRARecipe:
         if self._loss_form == "fused":
             cache_targets = {} if self._cache is None else self._cache.loss_targets(
                 batch, labels, teacher_live=teacher_out is not None, training=self._model.training)
-            self._model.output.set_targets(
-                labels=labels, kd_ratio=kd_ratio, loss=self._kd_loss,
+            targets = FusedTargets(
+                labels=labels, loss=self._ce_loss, kd_loss=self._kd_loss, kd_ratio=kd_ratio,
                 teacher_hidden=None if teacher_out is None else teacher_out.to(self._dtype),
                 teacher_weight=None if teacher_out is None else self._teacher_head_weight, **cache_targets,
             )
-            loss_sum = self._model(tokens, mask=mask, input_pos=input_pos)
-            if timer is not None:
-                timer.mark("student_fwd")
-            o = self._model.output.last
-            self._model.output.last = None
+            with self._model.output.fused(targets) as call:
+                self._model(tokens, mask=mask, input_pos=input_pos)
             if self._cache is not None:
-                self._cache.after_step(batch, labels, o.samples)
-            return {"loss": loss_sum, "ce": o.ce_sum, "kd": o.kd_sum, "kl": o.kl_sum,
-                    "n_valid": o.n_valid.to(torch.float32), "n_agree": o.n_agree.to(torch.float32)}
-        # chunked: [b, s_i, V] logits chunks from both models
-        s_chunks = self._model(tokens, mask=mask, input_pos=input_pos)
-        t_chunks = teacher_out
+                self._cache.after_step(batch, labels, call.result.samples)
+            out = call.result
+        else:  # chunked: [b, s_i, V] logits chunks from both models, the config's losses as named
+            s_chunks = self._model(tokens, mask=mask, input_pos=input_pos)
+            out = chunked_kd_ce(s_chunks, teacher_out, labels, ce_loss=self._ce_loss, kd_loss=self._kd_loss,
+                                kd_ratio=kd_ratio, ignore_index=self._ignore_index)
         if timer is not None:
             timer.mark("student_fwd")
-        ce = chunked_cross_entropy_sum(s_chunks, labels, ignore_index=self._ignore_index)
-        if t_chunks is None:
-            zero = torch.zeros((), device=labels.device)
-            return {"loss": ce.loss_sum, "ce": ce.loss_sum.detach(), "kd": zero, "kl": zero,
-                    "n_valid": ce.n_valid.to(torch.float32), "n_agree": zero}
-        kd = self._chunked_kd(s_chunks, t_chunks, labels)
-        with torch.no_grad():
-            kl, agree = self._chunked_metrics(s_chunks, t_chunks, labels)
-        loss = (1.0 - kd_ratio) * ce.loss_sum + kd_ratio * kd.loss_sum
-        return {"loss": loss, "ce": ce.loss_sum.detach(), "kd": kd.loss_sum.detach(), "kl": kl,
-                "n_valid": ce.n_valid.to(torch.float32), "n_agree": agree}
-
-    def _chunked_kd(self, s_chunks, t_chunks, labels):
-        from kd.losses import ChunkedDistillationLoss
-
-        if not hasattr(self, "_chunked_kd_fn"):
-            self._chunked_kd_fn = ChunkedDistillationLoss(**self._kd_loss_kwargs())
-        return self._chunked_kd_fn(s_chunks, t_chunks, labels)
-
-    def _kd_loss_kwargs(self) -> Dict[str, Any]:
-        l = self._kd_loss
-        return {k: getattr(l, k) for k in ("kind", "temperature", "beta", "alpha", "scale_by_t2",
-                                           "soft_ce", "ignore_index") if hasattr(l, k)}
-
-    def _chunked_metrics(self, s_chunks, t_chunks, labels):
-        from kd.losses import ChunkedDistillationLoss
-
-        if not hasattr(self, "_kl_fn"):
-            kw = self._kd_loss_kwargs()
-            kw.update(kind="forward_kl", soft_ce=False, scale_by_t2=False)
-            self._kl_fn = ChunkedDistillationLoss(**kw)
-        kl = self._kl_fn(s_chunks, t_chunks, labels).loss_sum
-        agree = torch.zeros((), device=labels.device)
-        for s, t, lab in zip(s_chunks, t_chunks, labels.split([c.shape[1] for c in s_chunks], dim=1)):
-            valid = lab != self._ignore_index
-            agree += ((s.argmax(-1) == t.argmax(-1)) & valid).sum()
-        return kl, agree
+        return out
 
     # ----------------------------------------------------------------------------------------------
     # Training
@@ -938,9 +858,9 @@ class KDLoRARecipe:
                 for i, b in enumerate(micro):
                     out = self._loss_step(b, self._kd_ratio, timer) if gen is None else \
                         self._on_policy_loss_step(b, gen.batches[i], counts[0], gen.n_tokens, scale)
-                    (out["loss"] * scale).backward()
+                    (out.loss_sum * scale).backward()
                     timer.mark("backward")
-                    vals = torch.stack([out[k].detach().float() for k in ("loss", "ce", "kd", "kl", "n_valid", "n_agree")])
+                    vals = out.metric_vector()
                     sums = vals if sums is None else sums + vals
                 grad_norm = None
                 if self._clip_grad_norm is not None:
@@ -950,7 +870,9 @@ class KDLoRARecipe:
                     if hasattr(grad_norm, "full_tensor"):
                         grad_norm = grad_norm.full_tensor()
                 # NaN/Inf bookkeeping on the device (no host sync); read with the logging all-reduce below
-                self._guard.observe(ce=sums[1], kd_terms=sums[2:4], grad_norm=grad_norm, step=self.global_step + 1)
+                self._guard.observe(ce=sums[_M.index("ce_sum")],
+                                    kd_terms=torch.stack([sums[_M.index("kd_sum")], sums[_M.index("kl_sum")]]),
+                                    grad_norm=grad_norm, step=self.global_step + 1)
                 self._optimizer.step()
                 self._optimizer.zero_grad(set_to_none=True)
                 if self._lr_scheduler is not None:
@@ -1015,15 +937,14 @@ class KDLoRARecipe:
             signal.signal(sig, handler)
 
     def _log_step(self, sums, counts, grad_norm, dt: float, pbar, phases: Dict[str, float]) -> None:
-        loss, ce, kd, kl, n_valid, n_agree = sums.tolist()
+        m = KDCEResult.read_metrics(sums)
+        n_valid = m["n_valid"]
         if n_valid == 0 and self._is_rank_zero:
             log.warning(f"step {self.global_step}: no answer tokens in this step's batch (every answer cut away by "
                         "max_seq_len?): it contributes nothing; see the truncation report at setup")
-        n = max(n_valid, 1.0)
         tokens = float(counts[1])
         metrics = {
-            "loss": loss / n, "ce_loss": ce / n, "kd_loss": kd / n, "kl": kl / n,
-            "top1_agreement": n_agree / n,
+            **self._token_means(m),
             "lr": self._optimizer.param_groups[0]["lr"],
             "tokens_per_second": tokens / max(dt, 1e-9),
             "tokens_per_second_per_gpu": tokens / max(dt, 1e-9) / self.world_size,
@@ -1069,7 +990,7 @@ class KDLoRARecipe:
 
         t0 = time.perf_counter()
         self._model.eval()
-        sums = torch.zeros(6, device=self._device)
+        sums = torch.zeros(len(KDCEResult.METRICS), device=self._device)
         n_val = len(self._val_loader) if self._max_eval_batches is None else min(len(self._val_loader), self._max_eval_batches)
         bar = progress(total=n_val, desc="validation", unit="batch", enabled=self._progress_bar)
         for i, b in enumerate(self._val_loader):
@@ -1077,17 +998,21 @@ class KDLoRARecipe:
                 break
             bar.update(1)
             utils.batch_to_device(b, self._device)
-            out = self._loss_step(b, self._kd_ratio)
-            sums += torch.stack([out[k].detach().float() for k in ("loss", "ce", "kd", "kl", "n_valid", "n_agree")])
+            sums += self._loss_step(b, self._kd_ratio).metric_vector()
         bar.close()
         self._model.train()
         sums = kdist.all_reduce_sum(sums)
-        loss, ce, kd, kl, n_valid, n_agree = sums.tolist()
-        n = max(n_valid, 1.0)
+        m = KDCEResult.read_metrics(sums)
         if self._is_rank_zero:
-            self._emit({"loss": loss / n, "ce_loss": ce / n, "kd_loss": kd / n, "kl": kl / n,
-                        "top1_agreement": n_agree / n, "valid_tokens": n_valid,
+            self._emit({**self._token_means(m), "valid_tokens": m["n_valid"],
                         "seconds": time.perf_counter() - t0}, kind="val")
+
+    @staticmethod
+    def _token_means(m: Dict[str, float]) -> Dict[str, float]:
+        """The logged per-token means of summed KDCEResult metrics (one division by the global count)."""
+        n = max(m["n_valid"], 1.0)
+        return {"loss": m["loss_sum"] / n, "ce_loss": m["ce_sum"] / n, "kd_loss": m["kd_sum"] / n,
+                "kl": m["kl_sum"] / n, "top1_agreement": m["n_agree"] / n}
 
     # ----------------------------------------------------------------------------------------------
     # Checkpointing
