@@ -152,8 +152,12 @@ def check_kd_ratio(kd_ratio: Any) -> float:
     if isinstance(kd_ratio, bool) or not isinstance(kd_ratio, (int, float)):
         raise ValueError(f"kd_ratio must be a number in [0, 1], got {kd_ratio!r}")
     r = float(kd_ratio)
-    if not (0.0 <= r <= 1.0):
-        raise ValueError(f"kd_ratio must be in [0, 1], got {r}")
+    if r != r:
+        raise ValueError(f"kd_ratio must be a finite number in [0, 1], got {r}")
+    if r < 0.0:
+        raise ValueError(f"kd_ratio must be >= 0.0, got {r}")
+    if r > 1.0:
+        raise ValueError(f"kd_ratio must be <= 1.0, got {r}")
     return r
 
 

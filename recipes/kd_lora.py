@@ -37,16 +37,13 @@ from kd.config import (
     ConfigError,
     DataError,
     activation_checkpoint_layers,
-    check_keys,
-    choice,
-    number,
     require_component,
 )
 from kd.checkpoint import lora_state_dict
 from kd.guard import NonFiniteGuard
 from kd.metric_logging import kd_logging_cfg
 from kd.full import all_trainable
-from kd import loss_components
+from kd import loss_components, schema
 from kd.heads import FusedKDHead, FusedTargets, HiddenStatesHead
 from kd.losses import KDCEResult, chunked_kd_ce, kd_ce_mix
 from kd.timing import PhaseTimer
@@ -62,33 +59,9 @@ from kd.precision import apply_precision, check_sharding, parse_precision, resol
 log = logging.getLogger("kd.recipe")
 _M = KDCEResult.METRICS  # the order of the summed metric vector (read by name, never by position)
 
-# Keys this recipe reads. torchtune's KD configs use the first group; the second is ours.
-TORCHTUNE_KD_KEYS = {
-    "output_dir", "model", "teacher_model", "tokenizer", "checkpointer", "teacher_checkpointer",
-    "resume_from_checkpoint", "dataset", "seed", "shuffle", "batch_size", "optimizer", "lr_scheduler",
-    "loss", "kd_loss", "kd_ratio", "epochs", "max_steps_per_epoch", "compile",
-    "gradient_accumulation_steps", "metric_logger", "log_every_n_steps", "log_peak_memory_stats",
-    "device", "dtype", "enable_activation_checkpointing", "enable_activation_offloading", "profiler",
-    "clip_grad_norm", "save_adapter_weights_only", "fsdp_cpu_offload", "fsdp_reshard_after_forward",
-    "custom_sharded_layers", "cudnn_deterministic_mode", "ac_mode", "ac_option",
-}
-KD_KEYS = {
-    "teacher_quantization",  # bf16 (= null, dense in dtype) | nf4 | fp8 | nf4_fp8 (kd.precision)
-    "student_quantization",  # nf4 (QLoRA base) | null
-    "loss_form",  # fused (default) | chunked
-    "fused_chunk_size",
-    "fsdp_strategy",  # shard | hybrid (HSDP: replicate across nodes, shard within)
-    "teacher_sharding",  # shard (FSDP2 like the student) | replicate (whole frozen teacher per rank)
-    "save_every_n_steps", "keep_last_n_checkpoints", "save_merged_model", "base_model_name_or_path",
-    "eval_every_n_steps", "max_eval_batches", "val_dataset", "num_workers", "progress_bar",
-    "overwrite",  # a fresh run may replace the checkpoints already in output_dir
-    "teacher_cache",  # online_then_cache | build | use (kd.teacher_cache_session)
-    "on_policy",  # on-policy (student-generated) distillation: lmbda, temperature, max_new_tokens, ... (kd.on_policy)
-}
-CHECKPOINTER_KEYS = {
-    "_component_", "checkpoint_dir", "checkpoint_files", "output_dir", "model_type",
-    "recipe_checkpoint", "adapter_checkpoint", "safe_serialization",
-}
+# The keys this recipe accepts, their defaults and ranges: one table (kd.schema.KD_LORA), also behind `kd plan`
+# and docs/config_keys.md.
+SCHEMA = schema.KD_LORA
 
 
 class KDLoRARecipe:
@@ -113,20 +86,18 @@ class KDLoRARecipe:
             )
 
         self._output_dir = Path(cfg.output_dir)
-        self._log_every_n_steps = number(cfg, "log_every_n_steps", 10, kind=int, min_value=1)
+        self._log_every_n_steps = SCHEMA.get(cfg, "log_every_n_steps")
         self._log_peak_memory_stats = bool(cfg.get("log_peak_memory_stats", True))
-        self._kd_ratio = number(cfg, "kd_ratio", 0.5, min_value=0.0, max_value=1.0)
-        self._grad_accum = number(cfg, "gradient_accumulation_steps", 1, kind=int, min_value=1)
-        self._clip_grad_norm = number(cfg, "clip_grad_norm", 1.0, allow_none=True, min_value=0.0)
-        self._loss_form = choice(cfg, "loss_form", ["fused", "chunked"], "fused")
-        self._fused_chunk_size = number(cfg, "fused_chunk_size", 1024, kind=int, min_value=1)
-        self.total_epochs = number(cfg, "epochs", 1, kind=int, min_value=1)
-        self.max_steps_per_epoch = number(
-            cfg, "max_steps_per_epoch", None, kind=int, min_value=1, allow_none=True
-        )
-        self._save_every = number(cfg, "save_every_n_steps", None, kind=int, min_value=1, allow_none=True)
-        self._eval_every = number(cfg, "eval_every_n_steps", None, kind=int, min_value=1, allow_none=True)
-        self._max_eval_batches = number(cfg, "max_eval_batches", None, kind=int, min_value=1, allow_none=True)
+        self._kd_ratio = SCHEMA.get(cfg, "kd_ratio")
+        self._grad_accum = SCHEMA.get(cfg, "gradient_accumulation_steps")
+        self._clip_grad_norm = SCHEMA.get(cfg, "clip_grad_norm")
+        self._loss_form = SCHEMA.get(cfg, "loss_form")
+        self._fused_chunk_size = SCHEMA.get(cfg, "fused_chunk_size")
+        self.total_epochs = SCHEMA.get(cfg, "epochs")
+        self.max_steps_per_epoch = SCHEMA.get(cfg, "max_steps_per_epoch")
+        self._save_every = SCHEMA.get(cfg, "save_every_n_steps")
+        self._eval_every = SCHEMA.get(cfg, "eval_every_n_steps")
+        self._max_eval_batches = SCHEMA.get(cfg, "max_eval_batches")
         self._resume = bool(cfg.get("resume_from_checkpoint", False))
         self.seed = training.set_seed(
             seed=cfg.get("seed", None), debug_mode=cfg.get("cudnn_deterministic_mode", None)
@@ -141,18 +112,14 @@ class KDLoRARecipe:
     # ----------------------------------------------------------------------------------------------
     @staticmethod
     def _validate(cfg: DictConfig) -> None:
-        check_keys(
-            cfg,
-            TORCHTUNE_KD_KEYS | KD_KEYS,
-            where="the kd_lora config",
-            required=("model", "tokenizer", "checkpointer", "dataset", "optimizer", "output_dir"),
-        )
+        SCHEMA.check(cfg)
         # No teacher = plain LoRA SFT (the offline-distillation path): only valid with kd_ratio=0.
         has_teacher = cfg.get("teacher_model", None) is not None
-        if not has_teacher and float(cfg.get("kd_ratio", 0.5)) != 0.0:
+        kd_ratio = SCHEMA.get(cfg, "kd_ratio")
+        if not has_teacher and kd_ratio != 0.0:
             raise ConfigError(
                 "teacher_model is not set: without a teacher this recipe trains plain LoRA SFT, which "
-                "needs kd_ratio=0 (got kd_ratio=%s)." % cfg.get("kd_ratio", 0.5)
+                f"needs kd_ratio=0 (got kd_ratio={kd_ratio})."
             )
         parse_precision(cfg.get("teacher_quantization", None))  # a bad value fails before anything is built
         if has_teacher and cfg.get("teacher_checkpointer", None) is None:
@@ -167,7 +134,7 @@ class KDLoRARecipe:
             if cfg.get(key, None) is None:
                 continue
             section = cfg[key]
-            check_keys(section, CHECKPOINTER_KEYS, where=f"'{key}'", required=("checkpoint_dir",))
+            schema.HF_CHECKPOINTER.check(section, where=f"'{key}'")
             mt = str(section.get("model_type", "QWEN2")).upper()
             if mt not in ("QWEN2", "QWEN2_5"):
                 raise ConfigError(
@@ -205,7 +172,7 @@ class KDLoRARecipe:
         checks.check_tokenizer_section(cfg, files=False)  # the files are checked when it is built (setup)
         checks.check_optimizer(cfg)
         checks.check_kd_loss(cfg)
-        loss_components.check_loss_components(cfg, choice(cfg, "loss_form", loss_components.LOSS_FORMS, "fused"))
+        loss_components.check_loss_components(cfg, SCHEMA.get(cfg, "loss_form"))
         checks.check_ignore_index(cfg)
 
     # ----------------------------------------------------------------------------------------------
@@ -364,7 +331,7 @@ class KDLoRARecipe:
             return None, None
         # precision (bf16 | nf4 | fp8 | nf4_fp8): one warning and the next precision if this device cannot run it
         prec = resolve_precision(cfg.get("teacher_quantization", None), self._device, self._dtype)
-        sharding = choice(cfg, "teacher_sharding", ["shard", "replicate"], "shard")
+        sharding = SCHEMA.get(cfg, "teacher_sharding")
         check_sharding(prec, sharding, self._fsdp)
         model = build_on_meta(cfg.teacher_model, self._dtype)
         ck = cfg.teacher_checkpointer
@@ -516,7 +483,7 @@ class KDLoRARecipe:
         )
 
     def _setup_data(self, cfg_dataset, shuffle: bool, split: str):
-        bs = number(self._cfg, "batch_size", 1, kind=int, min_value=1)
+        bs = SCHEMA.get(self._cfg, "batch_size")
         ds, packed = self._build_dataset(cfg_dataset, split)
         self._check_lengths(ds, split)
         self._packed = packed
@@ -544,7 +511,7 @@ class KDLoRARecipe:
         ds, packed = self._build_dataset(src, "val" if cfg.get("val_dataset") is None else None)
         if len(ds) == 0:
             raise ConfigError("eval_every_n_steps is set but the validation split is empty: set dataset.val_size > 0.")
-        bs = number(cfg, "batch_size", 1, kind=int, min_value=1)
+        bs = SCHEMA.get(cfg, "batch_size")
         self._log(f"validation data: {len(ds)} samples")
         return self._make_loader(ds, packed, shuffle=False, batch_size=bs, drop_last=False)
 
@@ -553,7 +520,7 @@ class KDLoRARecipe:
 
         self._ckpt = CheckpointManager(
             self._output_dir / "checkpoints",
-            keep_last_n=number(cfg, "keep_last_n_checkpoints", None, kind=int, min_value=1, allow_none=True),
+            keep_last_n=SCHEMA.get(cfg, "keep_last_n_checkpoints"),
         )
         merged = cfg.get("save_merged_model", None)
         if merged is None:  # torchtune's key: save_adapter_weights_only=False also writes merged weights
@@ -677,7 +644,7 @@ class KDLoRARecipe:
 
         self._cache.fill(
             self._teacher, self._teacher_head_weight, self._cache_collate(),
-            batch_size=number(self._cfg, "batch_size", 1, kind=int, min_value=1),
+            batch_size=SCHEMA.get(self._cfg, "batch_size"),
             chunk_size=self._fused_chunk_size, dtype=self._dtype,
             teacher_sharded=self._fsdp and self._cfg.get("teacher_sharding", "shard") == "shard",
         )
