@@ -17,10 +17,13 @@ the gradient is exactly that of the global token mean, whatever batch_size x G x
 from __future__ import annotations
 
 import contextlib
+import gc
+import json
 import logging
 import os
 import random
 import resource
+import signal
 import sys
 import time
 from functools import partial
@@ -28,8 +31,24 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, ListConfig
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.utils.data import DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchtune import config as tt_config
+from torchtune import training, utils
+from torchtune.data import padded_collate_packed, padded_collate_sft
+from torchtune.datasets import ConcatDataset
+from torchtune.modules.peft import get_lora_module_names
+from torchtune.training import DummyProfiler
+from tqdm import tqdm
 
 from kd import dist as kdist
 from kd import run_checks as checks
@@ -39,10 +58,17 @@ from kd.config import (
     activation_checkpoint_layers,
     require_component,
 )
-from kd.checkpoint import lora_state_dict
+from kd import full
+from kd.checkpoint import CheckpointManager, lora_state_dict, save_merged_hf
+from kd.cli_util import run_recipe
+from kd.data import check_truncation
+from kd.on_policy import count_on_policy_steps, generate_on_policy, is_on_policy_step, parse_on_policy
+from kd.planner import plan_from_config
+from kd.progress import configure_logging, progress
+from kd.teacher_cache_session import CacheSession, parse_options, resume_epoch
 from kd.guard import NonFiniteGuard
 from kd.metric_logging import kd_logging_cfg
-from kd.full import all_trainable
+from kd.full import all_trainable, check_config, is_full_finetune
 from kd import loss_components, schema
 from kd.heads import FusedKDHead, FusedTargets, HiddenStatesHead
 from kd.losses import KDCEResult, chunked_kd_ce, kd_ce_mix
@@ -68,8 +94,6 @@ class KDLoRARecipe:
     """LoRA student + frozen teacher, fused or chunked KD+CE loss, FSDP2 for world_size > 1."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        from torchtune import training
-
         self._validate(cfg)
         self._device = kdist.resolve_device(cfg.get("device", "auto"))
         self._dist = kdist.init_distributed(self._device)
@@ -162,7 +186,6 @@ class KDLoRARecipe:
                 "enable_activation_checkpointing=True to save activation memory."
             )
         if "lora_rank" not in cfg.model:  # a plain builder: full fine-tune (kd.full)
-            from kd.full import check_config
 
             check_config(cfg)
         else:
@@ -179,8 +202,6 @@ class KDLoRARecipe:
     # Setup
     # ----------------------------------------------------------------------------------------------
     def setup(self, cfg: DictConfig) -> None:
-        from torchtune import config as tt_config
-
         self._cfg = cfg
         # 0. output_dir: writable; a fresh run never overwrites another run, a resume needs the same data
         self._setup_run_dir(cfg)
@@ -249,8 +270,6 @@ class KDLoRARecipe:
         kdist.rank0_then_broadcast(check, error_type=ConfigError)
 
     def _setup_logging(self, cfg: DictConfig) -> None:
-        from torchtune import config as tt_config
-
         self._metric_logger = None
         if self._is_rank_zero:
             self._output_dir.mkdir(parents=True, exist_ok=True)
@@ -262,7 +281,6 @@ class KDLoRARecipe:
     def _log_memory_plan(self, cfg: DictConfig) -> None:
         if not self._is_rank_zero or cfg.get("teacher_model", None) is None:
             return
-        from kd.planner import plan_from_config
 
         try:
             plan = plan_from_config(cfg, self.world_size)
@@ -274,8 +292,6 @@ class KDLoRARecipe:
         log.info("memory plan (per device):\n" + plan.table())
 
     def _lora_info(self, cfg_model: DictConfig) -> None:
-        from kd.full import is_full_finetune
-
         # A plain (non-LoRA) builder trains the full student: same loop, sharded checkpoints (kd.full).
         self._full = is_full_finetune(cfg_model)
         if self._full:
@@ -288,8 +304,6 @@ class KDLoRARecipe:
         self._apply_lora_to_output = bool(cfg_model.get("apply_lora_to_output", False))
 
     def _setup_student(self, cfg: DictConfig) -> nn.Module:
-        from torchtune import training
-
         self._lora_info(cfg.model)
         model = build_on_meta(cfg.model, self._dtype)
         # Activation checkpointing on the layers torchtune's keys select (all, none or every x-th layer);
@@ -324,8 +338,6 @@ class KDLoRARecipe:
         return model
 
     def _setup_teacher(self, cfg: DictConfig):
-        from torchtune import training
-
         if cfg.get("teacher_model", None) is None:
             self._log("no teacher_model: plain LoRA SFT (kd_ratio=0)")
             return None, None
@@ -350,7 +362,6 @@ class KDLoRARecipe:
         n = apply_precision(model, prec)  # NF4 weights stay NF4Tensor parameters (FSDP2-shardable)
         self._log(f"teacher precision: {prec.describe()}; {n} quantized linears")
         if self._fsdp and sharding == "shard":
-            from torch.distributed.fsdp import fully_shard
 
             kw = {"mesh": self._mesh, "reshard_after_forward": True}
             for layer in model.layers:
@@ -390,7 +401,6 @@ class KDLoRARecipe:
     def _setup_on_policy(self, cfg: DictConfig) -> None:
         """``on_policy:`` section (kd.on_policy): with probability lmbda per optimizer step the student answers the
         step's prompts and the teacher scores those answers (GKD); None when the section is absent."""
-        from kd.on_policy import parse_on_policy
 
         self._on_policy = parse_on_policy(cfg.get("on_policy", None), self.seed)
         self._on_policy_stats: Dict[str, float] = {}
@@ -407,7 +417,6 @@ class KDLoRARecipe:
     def _on_policy_batches(self, micro):
         """Hook of the training step: on an on-policy step, the student's answers to the micro-batches' prompts
         (kd.on_policy.OnPolicyBatches with the GLOBAL generated-token count), else None."""
-        from kd.on_policy import count_on_policy_steps, generate_on_policy, is_on_policy_step
 
         if self._on_policy is None:
             return None
@@ -445,9 +454,6 @@ class KDLoRARecipe:
                           kd.kl_sum * w, ce.n_valid, kd.n_agree * w)
 
     def _build_dataset(self, cfg_dataset, split: Optional[str]):
-        from torchtune import config as tt_config
-        from torchtune.datasets import ConcatDataset
-
         def one(c):
             kwargs = {}
             if split is not None and c.get("_component_", "").startswith(("kd.data.", "kd.offline.")):
@@ -463,10 +469,6 @@ class KDLoRARecipe:
         return one(cfg_dataset), bool(cfg_dataset.get("packed", False))
 
     def _make_loader(self, ds, packed: bool, shuffle: bool, batch_size: int, drop_last: bool):
-        from torch.utils.data import DistributedSampler
-        from torchdata.stateful_dataloader import StatefulDataLoader
-        from torchtune.data import padded_collate_packed, padded_collate_sft
-
         if len(ds) < self.world_size:
             raise ConfigError(f"The dataset has {len(ds)} samples, fewer than the {self.world_size} ranks.")
         sampler = DistributedSampler(
@@ -494,7 +496,6 @@ class KDLoRARecipe:
     def _check_lengths(self, ds, split: str) -> None:
         """Rank 0 counts the samples whose answers max_seq_len cuts (warning) or removes entirely (error when
         nothing is left); every rank gets the verdict."""
-        from kd.data import check_truncation
 
         def check():
             try:
@@ -516,8 +517,6 @@ class KDLoRARecipe:
         return self._make_loader(ds, packed, shuffle=False, batch_size=bs, drop_last=False)
 
     def _setup_checkpointing(self, cfg: DictConfig) -> None:
-        from kd.checkpoint import CheckpointManager
-
         self._ckpt = CheckpointManager(
             self._output_dir / "checkpoints",
             keep_last_n=SCHEMA.get(cfg, "keep_last_n_checkpoints"),
@@ -530,7 +529,6 @@ class KDLoRARecipe:
         if not self._resume:
             return
         if self._full:  # every rank loads its own shard of weights + optimizer state
-            from kd import full
 
             latest, state = full.load_checkpoint(self._ckpt, self._model, self._optimizer, rank=self.rank,
                                                  world_size=self.world_size, mesh_shape=self._mesh_shape())
@@ -577,9 +575,6 @@ class KDLoRARecipe:
         return None if latest is None else str(latest)
 
     def _setup_profiler(self, cfg_profiler: Optional[DictConfig]):
-        from torchtune import config as tt_config
-        from torchtune.training import DummyProfiler
-
         if cfg_profiler is None or not cfg_profiler.get("enabled", False):
             return DummyProfiler()
         if "_component_" not in cfg_profiler:
@@ -594,7 +589,6 @@ class KDLoRARecipe:
         """Parse ``teacher_cache`` and decide whether the teacher is loaded in step 5: always without a
         cache and for build; never for use; for online_then_cache only while epoch 1 is not finished
         (a resume after it loads the teacher later only if the cache lacks samples)."""
-        from kd.teacher_cache_session import CacheSession, parse_options, resume_epoch
 
         self._model = None
         self._cache = None
@@ -613,8 +607,6 @@ class KDLoRARecipe:
                   + ("" if self._teacher_at_start else " (teacher not loaded)"))
 
     def _cache_collate(self):
-        from torchtune.data import padded_collate_sft
-
         return partial(padded_collate_sft, padding_idx=self._tokenizer.pad_id, ignore_idx=self._ignore_index)
 
     def _attach_teacher_cache(self, cfg: DictConfig) -> None:
@@ -640,7 +632,6 @@ class KDLoRARecipe:
 
     def _fill_teacher_cache(self) -> None:
         """Teacher-only pass over what the cache lacks, then free the teacher (its memory goes back)."""
-        import gc
 
         self._cache.fill(
             self._teacher, self._teacher_head_weight, self._cache_collate(),
@@ -693,8 +684,6 @@ class KDLoRARecipe:
     # State (optimizer, RNG) helpers
     # ----------------------------------------------------------------------------------------------
     def _optimizer_state(self) -> Dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
         if not self._fsdp:
             return self._optimizer.state_dict()
         return get_optimizer_state_dict(
@@ -702,8 +691,6 @@ class KDLoRARecipe:
         )
 
     def _load_optimizer_state(self, sd: Dict[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
         if not self._fsdp:
             self._optimizer.load_state_dict(sd)
             return
@@ -781,9 +768,6 @@ class KDLoRARecipe:
         return batches
 
     def train(self) -> None:
-        from torchtune import training, utils
-        from tqdm import tqdm
-
         if self._cache is not None and self._cache.mode == "build":
             return self._run_cache_build()
         training.cleanup_before_training() if self._device.type == "cuda" else None
@@ -812,38 +796,7 @@ class KDLoRARecipe:
                 micro = self._next_micro_batches(it)
                 if micro is None:
                     break
-                for b in micro:
-                    utils.batch_to_device(b, self._device)
-                gen = self._on_policy_batches(micro)  # on-policy step: the student's answers (kd.on_policy), else None
-                # Global valid-token count of this optimizer step, known before any backward.
-                local_n = sum((self._shift(b["labels"]) != self._ignore_index).sum() for b in micro)
-                local_tok = sum((b["tokens"] != self._tokenizer.pad_id).sum() for b in micro)
-                counts = kdist.all_reduce_sum(torch.stack([local_n, local_tok]).to(torch.float32))
-                scale = self.world_size / counts[0].clamp_min(1.0)  # undo FSDP2's mean over ranks
-                timer.mark("data")
-                sums = None
-                for i, b in enumerate(micro):
-                    out = self._loss_step(b, self._kd_ratio, timer) if gen is None else \
-                        self._on_policy_loss_step(b, gen.batches[i], counts[0], gen.n_tokens, scale)
-                    (out.loss_sum * scale).backward()
-                    timer.mark("backward")
-                    vals = out.metric_vector()
-                    sums = vals if sums is None else sums + vals
-                grad_norm = None
-                if self._clip_grad_norm is not None:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(
-                        [p for p in self._model.parameters() if p.requires_grad], max_norm=self._clip_grad_norm
-                    )
-                    if hasattr(grad_norm, "full_tensor"):
-                        grad_norm = grad_norm.full_tensor()
-                # NaN/Inf bookkeeping on the device (no host sync); read with the logging all-reduce below
-                self._guard.observe(ce=sums[_M.index("ce_sum")],
-                                    kd_terms=torch.stack([sums[_M.index("kd_sum")], sums[_M.index("kl_sum")]]),
-                                    grad_norm=grad_norm, step=self.global_step + 1)
-                self._optimizer.step()
-                self._optimizer.zero_grad(set_to_none=True)
-                if self._lr_scheduler is not None:
-                    self._lr_scheduler.step()
+                sums, counts, grad_norm = self._optimizer_step(micro, timer)
                 timer.mark("optimizer")
                 steps_since_log += 1
                 self.global_step += 1
@@ -885,10 +838,48 @@ class KDLoRARecipe:
         if self._save_merged:
             self._save_merged_model()
 
+    def _optimizer_step(self, micro: List[Dict[str, torch.Tensor]], timer: PhaseTimer):
+        """One optimizer step over the micro-batches: forward + backward of each (its sum / the GLOBAL valid-token
+        count), clipping, the non-finite bookkeeping, optimizer and LR-scheduler step. Returns ``(sums, counts,
+        grad_norm)``: the summed KDCEResult.metric_vector of this rank, the global [valid, non-pad] token counts,
+        the clipped norm (None without clipping)."""
+        for b in micro:
+            utils.batch_to_device(b, self._device)
+        gen = self._on_policy_batches(micro)  # on-policy step: the student's answers (kd.on_policy), else None
+        # Global valid-token count of this optimizer step, known before any backward.
+        local_n = sum((self._shift(b["labels"]) != self._ignore_index).sum() for b in micro)
+        local_tok = sum((b["tokens"] != self._tokenizer.pad_id).sum() for b in micro)
+        counts = kdist.all_reduce_sum(torch.stack([local_n, local_tok]).to(torch.float32))
+        scale = self.world_size / counts[0].clamp_min(1.0)  # undo FSDP2's mean over ranks
+        timer.mark("data")
+        sums = None
+        for i, b in enumerate(micro):
+            out = self._loss_step(b, self._kd_ratio, timer) if gen is None else \
+                self._on_policy_loss_step(b, gen.batches[i], counts[0], gen.n_tokens, scale)
+            (out.loss_sum * scale).backward()
+            timer.mark("backward")
+            vals = out.metric_vector()
+            sums = vals if sums is None else sums + vals
+        grad_norm = None
+        if self._clip_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in self._model.parameters() if p.requires_grad], max_norm=self._clip_grad_norm
+            )
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+        # NaN/Inf bookkeeping on the device (no host sync); read with the logging all-reduce in train()
+        self._guard.observe(ce=sums[_M.index("ce_sum")],
+                            kd_terms=torch.stack([sums[_M.index("kd_sum")], sums[_M.index("kl_sum")]]),
+                            grad_norm=grad_norm, step=self.global_step + 1)
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        if self._lr_scheduler is not None:
+            self._lr_scheduler.step()
+        return sums, counts, grad_norm
+
     def _install_stop_handlers(self) -> None:
         """First SIGINT/SIGTERM: finish the current optimizer step, checkpoint, exit (at the next logging
         step). A second signal stops at once (the last periodic checkpoint stays valid: writes are atomic)."""
-        import signal
 
         self._stop_requested = False
 
@@ -939,8 +930,6 @@ class KDLoRARecipe:
         return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
     def _emit(self, metrics: Dict[str, float], kind: str) -> None:
-        import json
-
         rec = {"step": self.global_step, "kind": kind, **metrics}
         self._metrics_file.write(json.dumps(rec) + "\n")
         if self._metric_logger is not None:
@@ -951,10 +940,6 @@ class KDLoRARecipe:
 
     @torch.no_grad()
     def _validate_now(self) -> None:
-        from torchtune import utils
-
-        from kd.progress import progress
-
         t0 = time.perf_counter()
         self._model.eval()
         sums = torch.zeros(len(KDCEResult.METRICS), device=self._device)
@@ -985,8 +970,6 @@ class KDLoRARecipe:
     # Checkpointing
     # ----------------------------------------------------------------------------------------------
     def _adapter_meta(self) -> Dict[str, Any]:
-        from torchtune.modules.peft import get_lora_module_names
-
         return {
             "rank": self._lora_rank, "alpha": self._lora_alpha,
             "target_modules": get_lora_module_names(
@@ -999,7 +982,6 @@ class KDLoRARecipe:
         """Adapter (PEFT format), optimizer, LR scheduler, RNG of every rank and dataloader position,
         written atomically by rank 0 (full fine-tune: weights and optimizer state as per-rank shards, kd.full);
         collective (every rank must call it)."""
-        import torch.distributed as dist
 
         # never checkpoint a NaN/Inf state (collective: flags of every rank since the last logging step)
         if getattr(self, "_guard", None) is not None:
@@ -1017,7 +999,6 @@ class KDLoRARecipe:
             dist.all_gather_object(gathered, rng[0])
             rng = gathered
         if self._full:
-            from kd import full
 
             path = full.save_checkpoint(
                 self._ckpt, self.global_step, self.epochs_run, self._model, self._optimizer,
@@ -1051,8 +1032,6 @@ class KDLoRARecipe:
         }
 
     def _save_merged_model(self) -> None:
-        from kd.checkpoint import save_merged_hf
-
         out = self._output_dir / "merged"
         # FusedKDHead keeps torchtune's parameter names (output.weight, output.lora_*), so the state dict
         # merges exactly like the stock model's.
@@ -1076,8 +1055,6 @@ class KDLoRARecipe:
 
 
 def _configure_logging() -> None:
-    from kd.progress import configure_logging
-
     configure_logging()  # INFO on rank 0, WARNING elsewhere; lines print above the progress bar
 
 
@@ -1091,8 +1068,6 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 def main() -> int:
-    from kd.cli_util import run_recipe
-
     return run_recipe(recipe_main)
 
 
