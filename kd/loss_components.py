@@ -67,11 +67,13 @@ def check_loss_components(cfg: DictConfig, loss_form: str) -> Tuple[str, str]:
     elif fused and ce != FUSED_CE:
         raise ConfigError(
             f"loss._component_={ce} cannot run with loss_form=fused (it needs materialised logits): use "
-            f"loss._component_={FUSED_CE} (the same CE, fused with the KD term), or set loss_form=chunked.")
+            f"loss._component_={FUSED_CE} (the same CE, fused with the KD term)"
+            + (", or set loss_form=chunked." if ce in CHUNKED_CE else "."))
     elif not fused and ce not in CHUNKED_CE:
+        why = "it needs hidden states, not logits" if ce == FUSED_CE else "it is not a CE over chunked logits"
         raise ConfigError(
-            f"loss._component_={ce} cannot run with loss_form=chunked (it needs {'hidden states' if ce == FUSED_CE else 'other inputs'}): "
-            f"use one of {', '.join(CHUNKED_CE)}" + (", or set loss_form=fused." if ce == FUSED_CE else "."))
+            f"loss._component_={ce} cannot run with loss_form=chunked ({why}): use one of {', '.join(CHUNKED_CE)}"
+            + (", or set loss_form=fused." if ce == FUSED_CE else "."))
     if kd is None:
         kd = KD_LOSS
     elif kd != KD_LOSS:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
-import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchtune import config as tt_config
 from torchtune.config._utils import _get_component_from_path
