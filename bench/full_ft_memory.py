@@ -98,7 +98,8 @@ def main() -> None:
         Ht = 256 if a.tiny else 8192
         t_w = torch.randn(vocab, Ht, device=dev, dtype=dtype) * 0.02
         opt = make_optimizer(opt_name, [p for p in m.parameters()])
-        from kd.losses import DistillationLoss
+        from kd.heads import FusedTargets
+        from kd.losses import DistillationLoss, FusedKDCELoss
 
         loss_fn = DistillationLoss(kind="forward_kl")
         times = []
@@ -107,8 +108,10 @@ def main() -> None:
             labels = torch.cat([tok[:, 1:], torch.full_like(tok[:, :1], -100)], 1)
             t_h = torch.randn(a.batch, a.seq, Ht, device=dev, dtype=dtype)
             t0 = time.perf_counter()
-            m.output.set_targets(labels=labels, kd_ratio=0.5, loss=loss_fn, teacher_hidden=t_h, teacher_weight=t_w)
-            loss = m(tok) / (labels != -100).sum()
+            targets = FusedTargets(labels=labels, loss=FusedKDCELoss(), kd_loss=loss_fn, kd_ratio=0.5,
+                                   teacher_hidden=t_h, teacher_weight=t_w)
+            with m.output.fused(targets):
+                loss = m(tok) / (labels != -100).sum()
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

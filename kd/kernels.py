@@ -72,7 +72,7 @@ def kernel_report(device) -> List[Tuple[str, str]]:
         out.append(("nf4 dequant (triton)", f"FAILED ({type(e).__name__}: {str(e).splitlines()[0][:200]}): eager"))
     # fused-loss chunk math (torch.compile / Inductor)
     try:
-        from kd.losses import DistillationLoss, _chunk_math_eager
+        from kd.losses import DistillationLoss, _chunk_math_eager  # lazy: kd.losses imports this module
 
         if os.environ.get("KD_FUSED_COMPILE", "1") == "0":
             out.append(("fused loss (torch.compile)", "eager (KD_FUSED_COMPILE=0)"))

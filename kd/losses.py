@@ -47,27 +47,43 @@ Conventions shared by every form:
   exactly 0 to the value and to the gradient.  ``0 * log 0`` is taken as 0 (``-inf`` logits are allowed,
   e.g. a masked-off vocabulary tail), using the "double where" trick so no NaN reaches the backward.
 
-Three forms with the same numbers: ``DistillationLoss`` (plain [N, V] logits), ``ChunkedDistillationLoss``
-(lists of [B, s_i, V] chunks from torchtune's ``set_num_output_chunks``), and ``fused_linear_kd_ce``
-(hidden states + output weights, never materialising [N, V] logits).
+Three forms with the same numbers: ``DistillationLoss`` on plain [N, V] logits or on lists of [B, s_i, V]
+chunks (torchtune's ``set_num_output_chunks``), and ``fused_linear_kd_ce`` (hidden states + output weights,
+never materialising [N, V] logits).
+
+The training objective per micro-batch is ``(1 - kd_ratio) * CE_sum + kd_ratio * KD_sum``: the mix is
+:func:`kd_ce_mix`, ``kd_ratio`` is checked by :func:`check_kd_ratio`, and both forms return a
+:class:`KDCEResult` (fused: :func:`fused_linear_kd_ce`, chunked: :func:`chunked_kd_ce`). The config
+components: ``loss: kd.losses.FusedKDCELoss`` (fused form) or ``kd.losses.ChunkedCrossEntropyLoss`` /
+torchtune's ``CEWithChunkedOutputLoss`` (chunked form); ``kd_loss: kd.losses.DistillationLoss``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, List, NamedTuple, Optional, Sequence, Tuple, Union
+import functools
+import logging
+import os
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
+from kd import kernels
+from kd.teacher_cache import SparseTargets, TeacherSampler, TeacherSamples, sample_teacher_rows
+
 __all__ = [
     "KINDS",
     "LossSums",
-    "FusedKDOutput",
+    "KDCEResult",
     "DistillationLoss",
-    "ChunkedDistillationLoss",
+    "ChunkedCrossEntropyLoss",
+    "FusedKDCELoss",
+    "check_kd_ratio",
+    "kd_ce_mix",
     "cross_entropy_sum",
     "chunked_cross_entropy_sum",
+    "chunked_kd_ce",
     "fused_linear_kd_ce",
     "sparse_soft_ce_sum",
 ]
@@ -89,10 +105,10 @@ class LossSums(NamedTuple):
     n_valid: torch.Tensor
 
 
-class FusedKDOutput(NamedTuple):
-    """Output of :func:`fused_linear_kd_ce`; every field is a 0-dim tensor.
+class KDCEResult(NamedTuple):
+    """What one KD+CE loss step returns (both forms); every field is a 0-dim tensor.
 
-    loss_sum: ``(1 - kd_ratio) * ce_sum + kd_ratio * kd_sum`` (float32, differentiable).
+    loss_sum: ``(1 - kd_ratio) * ce_sum + kd_ratio * kd_sum`` (:func:`kd_ce_mix`; float32, differentiable).
     ce_sum:   hard-label cross-entropy sum at T=1 (float32, detached).
     kd_sum:   the configured divergence sum, incl. the ``T**2`` factor if enabled (float32, detached).
     kl_sum:   TRUE forward ``KL(p_T || q_T)`` sum at the loss temperature, WITHOUT the ``T**2`` factor,
@@ -105,6 +121,9 @@ class FusedKDOutput(NamedTuple):
     With sparse cached targets (``teacher_sparse``) ``kd_sum`` and ``kl_sum`` are the Random-Sampling KD
     ESTIMATES ``sum H_hat(p, q) - H(p)`` (unbiased for random sampling, biased for top-k) and ``n_agree``
     compares with the cached teacher top-1.
+
+    :meth:`metric_vector` stacks the numbers in :attr:`METRICS` order (one all-reduce for all of them);
+    :meth:`read_metrics` names them again: the order is written only here.
     """
 
     loss_sum: torch.Tensor
@@ -114,6 +133,39 @@ class FusedKDOutput(NamedTuple):
     n_valid: torch.Tensor
     n_agree: torch.Tensor
     samples: Optional[Any] = None
+
+    METRICS = ("loss_sum", "ce_sum", "kd_sum", "kl_sum", "n_valid", "n_agree")
+
+    def metric_vector(self) -> torch.Tensor:
+        """float32 [6] (detached) in :attr:`METRICS` order; sums of these vectors stay sums."""
+        return torch.stack([getattr(self, k).detach().to(torch.float32) for k in self.METRICS])
+
+    @classmethod
+    def read_metrics(cls, vec: torch.Tensor) -> Dict[str, float]:
+        """``{name: float}`` from a (summed) :meth:`metric_vector` (one device-to-host copy)."""
+        return dict(zip(cls.METRICS, vec.tolist()))
+
+
+def check_kd_ratio(kd_ratio: Any) -> float:
+    """The one check of ``kd_ratio`` (weight of the KD term): a finite number in [0, 1] (ValueError otherwise;
+    the config schema turns it into a ConfigError naming the key)."""
+    if isinstance(kd_ratio, bool) or not isinstance(kd_ratio, (int, float)):
+        raise ValueError(f"kd_ratio must be a number in [0, 1], got {kd_ratio!r}")
+    r = float(kd_ratio)
+    if r != r:
+        raise ValueError(f"kd_ratio must be a finite number in [0, 1], got {r}")
+    if r < 0.0:
+        raise ValueError(f"kd_ratio must be >= 0.0, got {r}")
+    if r > 1.0:
+        raise ValueError(f"kd_ratio must be <= 1.0, got {r}")
+    return r
+
+
+def kd_ce_mix(ce_sum: Any, kd_sum: Any, kd_ratio: float) -> Any:
+    """``(1 - kd_ratio) * CE + kd_ratio * KD`` (Hinton et al. 2015, sec. 2: the weighted average of the hard-label
+    and the soft-target objectives): the one place this formula is written. Works on tensors and floats;
+    ``kd_ratio`` has been checked by :func:`check_kd_ratio`."""
+    return (1.0 - kd_ratio) * ce_sum + kd_ratio * kd_sum
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -204,11 +256,6 @@ def _skew_kl_rows(log_a: torch.Tensor, log_b: torch.Tensor, w_b: float) -> torch
     return -(a * lr).sum(-1)
 
 
-def _entropy_rows(log_a: torch.Tensor) -> torch.Tensor:
-    a = log_a.exp()
-    return -(a * torch.where(a > 0, log_a, torch.zeros((), dtype=log_a.dtype, device=log_a.device))).sum(-1)
-
-
 def _soft_ce_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """Per-row ``H(p, q) = -sum_v p_v log q_v`` (torchtune ForwardKLLoss number), ``0 log 0 = 0``."""
     p = log_p.exp()
@@ -216,8 +263,15 @@ def _soft_ce_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# plain form
+# plain and chunked forms
 # ----------------------------------------------------------------------------------------------------------
+
+ChunkList = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def _as_chunk_list(x: ChunkList) -> List[torch.Tensor]:
+    return [x] if isinstance(x, torch.Tensor) else list(x)
+
 
 
 class DistillationLoss(torch.nn.Module):
@@ -238,6 +292,9 @@ class DistillationLoss(torch.nn.Module):
     ``forward(student_logits [N, V] (or [..., V]), teacher_logits same shape, labels [N] (or [...]))``
     -> ``LossSums(loss_sum 0-dim float32, n_valid 0-dim int64)``. Logits may be any float dtype (bf16 ok);
     the math runs in float32. The teacher logits are detached (the teacher never gets gradients).
+    torchtune's chunked outputs (``set_num_output_chunks``) are accepted too: lists of [B, s_i, V] student
+    and teacher chunks (same sizes) with labels [B, S], S = sum s_i; only one chunk is upcast at a time.
+    The fused form (:class:`FusedKDCELoss`) takes this module as its divergence.
     """
 
     def __init__(
@@ -398,7 +455,23 @@ class DistillationLoss(torch.nn.Module):
         grad = G.sub_(q * G.sum(-1, keepdim=True)).mul_(t2 / self.temperature)
         return div * t2 if t2 != 1.0 else div, true_kl, grad
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> LossSums:
+    def forward(self, student_logits: ChunkList, teacher_logits: ChunkList, labels: torch.Tensor) -> LossSums:
+        if isinstance(student_logits, torch.Tensor) and isinstance(teacher_logits, torch.Tensor):
+            return self._plain(student_logits, teacher_logits, labels)
+        sc, tc = _as_chunk_list(student_logits), _as_chunk_list(teacher_logits)
+        if len(sc) != len(tc):
+            raise ValueError(f"got {len(sc)} student chunks but {len(tc)} teacher chunks")
+        if len(sc) == 0:
+            raise ValueError("no chunks given")
+        for i, (s, t) in enumerate(zip(sc, tc)):
+            if s.shape[-1] != t.shape[-1]:
+                raise _vocab_mismatch_error(s.shape[-1], t.shape[-1])
+            if s.shape != t.shape:
+                raise ValueError(f"chunk {i}: student shape {tuple(s.shape)} != teacher shape {tuple(t.shape)}")
+        parts = [self._plain(s, t, lab) for s, t, lab in zip(sc, tc, _split_labels(sc, labels, "student"))]
+        return LossSums(sum(p.loss_sum for p in parts), sum(p.n_valid for p in parts))
+
+    def _plain(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> LossSums:
         _check_logits_labels(student_logits, teacher_logits, labels)
         V = student_logits.shape[-1]
         s = student_logits.reshape(-1, V)
@@ -467,13 +540,6 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
 # chunked form (torchtune TransformerDecoder.set_num_output_chunks)
 # ----------------------------------------------------------------------------------------------------------
 
-ChunkList = Union[torch.Tensor, Sequence[torch.Tensor]]
-
-
-def _as_chunk_list(x: ChunkList) -> List[torch.Tensor]:
-    return [x] if isinstance(x, torch.Tensor) else list(x)
-
-
 def _split_labels(chunks: List[torch.Tensor], labels: torch.Tensor, what: str) -> Tuple[torch.Tensor, ...]:
     if labels.dim() != 2:
         raise ValueError(f"labels must be [B, S], got shape {tuple(labels.shape)}")
@@ -493,36 +559,6 @@ def _split_labels(chunks: List[torch.Tensor], labels: torch.Tensor, what: str) -
     return labels.split(sizes, dim=1)
 
 
-class ChunkedDistillationLoss(DistillationLoss):
-    """:class:`DistillationLoss` over torchtune's chunked outputs (same constructor arguments).
-
-    ``forward(student_chunks: list of [B, s_i, V], teacher_chunks: list of [B, s_i, V] (same sizes),
-    labels [B, S] with S = sum s_i) -> LossSums``. Only one chunk is upcast to float32 at a time.
-    A single [B, S, V] tensor is accepted as a one-chunk list.
-    """
-
-    def forward(self, student_chunks: ChunkList, teacher_chunks: ChunkList, labels: torch.Tensor) -> LossSums:
-        sc, tc = _as_chunk_list(student_chunks), _as_chunk_list(teacher_chunks)
-        if len(sc) != len(tc):
-            raise ValueError(f"got {len(sc)} student chunks but {len(tc)} teacher chunks")
-        if len(sc) == 0:
-            raise ValueError("no chunks given")
-        for i, (s, t) in enumerate(zip(sc, tc)):
-            if s.shape[-1] != t.shape[-1]:
-                raise _vocab_mismatch_error(s.shape[-1], t.shape[-1])
-            if s.shape != t.shape:
-                raise ValueError(
-                    f"chunk {i}: student shape {tuple(s.shape)} != teacher shape {tuple(t.shape)}"
-                )
-        label_chunks = _split_labels(sc, labels, "student")
-        total, n = None, None
-        for s, t, lab in zip(sc, tc, label_chunks):
-            out = super().forward(s, t, lab)
-            total = out.loss_sum if total is None else total + out.loss_sum
-            n = out.n_valid if n is None else n + out.n_valid
-        return LossSums(total, n)
-
-
 def chunked_cross_entropy_sum(chunks: ChunkList, labels: torch.Tensor, ignore_index: int = -100) -> LossSums:
     """Hard-label CE SUM over torchtune chunked logits (list of [B, s_i, V]) with labels [B, S]."""
     cl = _as_chunk_list(chunks)
@@ -534,6 +570,74 @@ def chunked_cross_entropy_sum(chunks: ChunkList, labels: torch.Tensor, ignore_in
         total = out.loss_sum if total is None else total + out.loss_sum
         n = out.n_valid if n is None else n + out.n_valid
     return LossSums(total, n)
+
+
+class ChunkedCrossEntropyLoss(torch.nn.Module):
+    """The CE term of ``loss_form: chunked`` as a config component (``loss: _component_:
+    kd.losses.ChunkedCrossEntropyLoss``): :func:`chunked_cross_entropy_sum` as a module.
+
+    ``forward(chunks: list of [B, s_i, V] (or one [B, S, V]), labels [B, S]) -> LossSums`` (a SUM, unlike
+    torchtune's ``CEWithChunkedOutputLoss``, which returns the mean over the micro-batch's valid tokens)."""
+
+    def __init__(self, ignore_index: int = -100):
+        super().__init__()
+        self.ignore_index = int(ignore_index)
+
+    def forward(self, chunks: ChunkList, labels: torch.Tensor) -> LossSums:
+        return chunked_cross_entropy_sum(chunks, labels, self.ignore_index)
+
+
+def _as_sum(out: Union[LossSums, torch.Tensor], n_valid: torch.Tensor) -> torch.Tensor:
+    """kd's losses return :class:`LossSums`; torchtune's (``CEWithChunkedOutputLoss``,
+    ``ForwardKLWithChunkedOutputLoss``, ...) return the MEAN over the micro-batch's valid tokens, so the mean
+    times the micro-batch's count is the sum. (A micro-batch without any valid token makes torchtune's CE 0/0 =
+    NaN; the non-finite guard then stops the run. kd's components return 0 there.)"""
+    if isinstance(out, LossSums):
+        return out.loss_sum
+    return out * n_valid.to(out.dtype)
+
+
+@torch.no_grad()
+def _chunked_kl_agree(sc: List[torch.Tensor], tc: List[torch.Tensor], labels: torch.Tensor, temperature: float,
+                      ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Logged metrics of the chunked form: true forward KL sum at ``temperature`` (no T**2) and top-1 agreement."""
+    kl = DistillationLoss("forward_kl", temperature=temperature, scale_by_t2=False, ignore_index=ignore_index)
+    agree = torch.zeros((), dtype=torch.long, device=labels.device)
+    for s, t, lab in zip(sc, tc, _split_labels(sc, labels, "student")):
+        agree += ((s.argmax(-1) == t.argmax(-1)) & (lab != ignore_index)).sum()
+    return kl(sc, tc, labels).loss_sum, agree
+
+
+def chunked_kd_ce(
+    student_chunks: ChunkList,
+    teacher_chunks: Optional[ChunkList],
+    labels: torch.Tensor,
+    *,
+    ce_loss: torch.nn.Module,
+    kd_loss: torch.nn.Module,
+    kd_ratio: float,
+    ignore_index: int = -100,
+) -> KDCEResult:
+    """The ``loss_form: chunked`` step: ``ce_loss`` and ``kd_loss`` exactly as the config names them (kd's or
+    torchtune's chunked losses), on torchtune's chunked logits, mixed by :func:`kd_ce_mix`.
+
+    student_chunks / teacher_chunks: lists of [B, s_i, V] (teacher None: CE only, kd_ratio must be 0);
+    labels [B, S] shifted. Returns :class:`KDCEResult` with SUMS (torchtune's means are multiplied by the
+    micro-batch's valid count, :func:`_as_sum`); ``kl_sum`` / ``n_agree`` at ``kd_loss.temperature`` (1 for
+    torchtune's losses, which have none)."""
+    kd_ratio = check_kd_ratio(kd_ratio)
+    sc = _as_chunk_list(student_chunks)
+    n_valid = (labels != ignore_index).sum()
+    ce = _as_sum(ce_loss(sc, labels), n_valid)
+    if teacher_chunks is None:
+        if kd_ratio > 0:
+            raise ValueError("kd_ratio > 0 needs teacher logits")
+        zero = torch.zeros((), dtype=ce.dtype, device=ce.device)
+        return KDCEResult(kd_ce_mix(ce, zero, kd_ratio), ce.detach(), zero, zero, n_valid, n_valid.new_zeros(()))
+    tc = _as_chunk_list(teacher_chunks)
+    kd = _as_sum(kd_loss(sc, tc, labels), n_valid)
+    kl, agree = _chunked_kl_agree(sc, tc, labels, float(getattr(kd_loss, "temperature", 1.0)), ignore_index)
+    return KDCEResult(kd_ce_mix(ce, kd, kd_ratio), ce.detach(), kd.detach(), kl, n_valid, agree)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -654,11 +758,6 @@ def _chunk_math(loss, device: torch.device, full_chunk: bool = True, sparse: boo
     element-wise passes over [chunk, V] float32 buffers); eager elsewhere or with KD_FUSED_COMPILE=0.
     Same function either way (the CPU tests check the eager one against float64 references).
     ``sparse``: the cached-targets variant (:func:`_sparse_chunk_math_eager`)."""
-    import functools
-    import os
-
-    from kd import kernels
-
     eager = _sparse_chunk_math_eager if sparse else _chunk_math_eager
     key = "sparse_fn" if sparse else "fn"
     off = os.environ.get("KD_FUSED_COMPILE", "1") == "0" or _COMPILED["broken"] or kernels.forced_eager()
@@ -674,169 +773,262 @@ def _chunk_math_compiled(key, eager, loss, *args):
         try:
             return _COMPILED[key](loss, *args)
         except Exception as e:  # pragma: no cover - no working compiler: fall back once, loudly
-            import logging
-
             logging.getLogger(__name__).warning(f"torch.compile of the fused loss failed ({e}); using eager")
             _COMPILED["broken"] = True
     return eager(loss, *args)
 
 
+class _FusedPlan(NamedTuple):
+    """Everything :class:`_FusedLinearKDFunction` needs besides the four student tensors that may get
+    gradients (those are the Function's positional inputs, so autograd tracks them). Built and checked by
+    :func:`fused_linear_kd_ce`; frozen (a NamedTuple), so one call cannot change the next one's plan."""
+
+    labels: torch.Tensor  # [N] int64
+    loss: "DistillationLoss"
+    kd_ratio: float
+    lora_scale: float
+    chunk_size: int
+    bounds: Tuple[Tuple[int, int, int, int], ...]  # (start, end, teacher_list_idx, offset_in_that_chunk)
+    need: Tuple[bool, bool, bool, bool]  # grads wanted for (hidden, weight, lora_a, lora_b)
+    teacher_hidden: Optional[torch.Tensor] = None  # [N, Ht]
+    teacher_weight: Optional[torch.Tensor] = None  # [V, Ht] (never gets a grad)
+    teacher_logits: Optional[Union[torch.Tensor, List[torch.Tensor]]] = None  # [N, V] or [n_i, V] row chunks
+    sparse: Optional[SparseTargets] = None  # cached targets (N rows)
+    sampler: Optional[TeacherSampler] = None
+    samples: Optional[TeacherSamples] = None  # with a sampler: the buffers the draws are written into
+
+    @property
+    def has_live_teacher(self) -> bool:
+        return self.teacher_logits is not None or self.teacher_hidden is not None
+
+
+class _Acc:
+    """The running sums of one fused call (float32; grads of the weights in float32, the hidden grad in the
+    input dtype: its rows are disjoint per chunk, so it is written in place)."""
+
+    def __init__(self, h: torch.Tensor, w: torch.Tensor, a, b, plan: _FusedPlan):
+        dev, f32 = h.device, _compute_dtype(h.dtype)
+        self.ce, self.kd, self.kl = (torch.zeros((), dtype=f32, device=dev) for _ in range(3))
+        self.n_valid = torch.zeros((), dtype=torch.long, device=dev)
+        self.n_agree = torch.zeros((), dtype=torch.long, device=dev)
+        need_h, need_w, need_a, need_b = plan.need
+        self.grads = [
+            torch.zeros_like(h) if need_h else None,
+            torch.zeros(w.shape, dtype=f32, device=dev) if need_w else None,
+            torch.zeros(a.shape, dtype=f32, device=dev) if need_a else None,
+            torch.zeros(b.shape, dtype=f32, device=dev) if need_b else None,
+        ]
+        self.samples = plan.samples
+
+
+def _teacher_chunk(plan: _FusedPlan, start: int, end: int, t_idx: int, t_off: int, acc: _Acc):
+    """The teacher logits [end - start, V] of one chunk (never part of the graph), or None; with a sampler
+    also the cache draws from them (the logits this chunk has anyway)."""
+    if not plan.has_live_teacher:
+        return None
+    with torch.no_grad():
+        tl = plan.teacher_logits
+        if tl is None:
+            t = F.linear(plan.teacher_hidden[start:end], plan.teacher_weight)
+        elif isinstance(tl, torch.Tensor):
+            t = tl[start:end]
+        else:
+            t = tl[t_idx][t_off : t_off + (end - start)]
+        t = t.detach()  # masked and upcast inside _chunk_math
+        sp = plan.sampler
+        if sp is not None:
+            ids_c, pr_c, ent_c, top_c = sample_teacher_rows(t, sp.row_seeds[start:end], sp.k, sp.temperature,
+                                                            sp.sampling)
+            out = acc.samples
+            out.ids[start:end] = ids_c
+            if pr_c.numel():
+                out.probs[start:end] = pr_c
+            out.entropy[start:end] = ent_c
+            out.top1[start:end] = top_c
+    return t
+
+
+def _chunk_forward(plan: _FusedPlan, leaves, hidden: torch.Tensor, start: int, end: int, t, acc: _Acc) -> None:
+    """One chunk: student logits (only the projection under autograd: it saves h and refs to W/A/B, not
+    [chunk, V]), the loss numbers and d loss / d logits without a graph (:func:`_chunk_math`), then the
+    gradients w.r.t. the student inputs, accumulated into ``acc``."""
+    W, A, B = leaves
+    need_h = plan.need[0]
+    any_grad = any(plan.need)
+    lab = plan.labels[start:end]
+    valid = lab != plan.loss.ignore_index
+    acc.n_valid += valid.sum()
+    h = _detached_leaf(hidden[start:end], need_h)
+    with torch.enable_grad() if any_grad else torch.no_grad():
+        z = F.linear(h, W)
+        if A is not None:  # torchtune LoRALinear on the output projection: base(x) + scale * B(A(x))
+            z = z + plan.lora_scale * F.linear(F.linear(h, A), B)
+    want_ce = plan.kd_ratio != 1.0 and any_grad
+    want_kd = plan.kd_ratio != 0.0 and any_grad
+    # Full chunks share one compiled graph (static shapes); the ragged last chunk runs eagerly rather than
+    # recompiling for every batch's token count.
+    full = end - start == plan.chunk_size
+    with torch.no_grad():
+        if plan.sparse is not None:
+            sp = plan.sparse
+            math_fn = _chunk_math(plan.loss, h.device, full_chunk=full, sparse=True)
+            ce_c, kd_c, kl_c, agree_c, dz = math_fn(
+                z.detach(), sp.ids[start:end], sp.weights[start:end], sp.top1[start:end], sp.entropy[start:end],
+                lab, valid, plan.kd_ratio, want_ce, want_kd)
+        else:
+            math_fn = _chunk_math(plan.loss, h.device, full_chunk=full)
+            ce_c, kd_c, kl_c, agree_c, dz = math_fn(z.detach(), t, lab, valid, plan.kd_ratio, want_ce, want_kd)
+    acc.ce += ce_c
+    acc.kd += kd_c
+    acc.kl += kl_c
+    acc.n_agree += agree_c
+    if dz is None:
+        return
+    inputs = (h, W, A, B)
+    wrt = [x for x, n in zip(inputs, plan.need) if n]
+    grads = iter(torch.autograd.grad(z, wrt, grad_outputs=dz.to(z.dtype), allow_unused=True))
+    for i, n in enumerate(plan.need):
+        if not n:
+            continue
+        g = next(grads)
+        if g is None:
+            continue
+        if i == 0:
+            acc.grads[0][start:end] = g.to(acc.grads[0].dtype)
+        else:
+            acc.grads[i] += g.to(acc.grads[i].dtype)
+
+
 class _FusedLinearKDFunction(torch.autograd.Function):
     """Liger-style chunked loss: the whole loss AND its gradients are computed in the forward, one token
-    chunk at a time, so only [chunk, V] logits ever exist; backward scales the stored grads."""
+    chunk at a time, so only [chunk, V] logits ever exist; backward scales the stored grads.
+
+    ``apply(student_hidden [N, Hs], student_weight [V, Hs], lora_a [r, Hs] | None, lora_b [V, r] | None,
+    plan: _FusedPlan)`` -> ``(loss_sum, ce_sum, kd_sum, kl_sum, n_valid, n_agree)``."""
 
     @staticmethod
-    def forward(
-        ctx,
-        student_hidden,  # [N, Hs]
-        student_weight,  # [V, Hs]
-        lora_a,  # [r, Hs] or None
-        lora_b,  # [V, r] or None
-        teacher_hidden,  # [N, Ht] or None
-        labels,  # [N]
-        teacher_weight,  # [V, Ht] or None (never gets a grad)
-        teacher_logits,  # None | [N, V] tensor | list of [n_i, V] row chunks
-        lora_scale: float,
-        kd_ratio: float,
-        loss: DistillationLoss,
-        chunk_size: int,
-        bounds: List[Tuple[int, int, int, int]],  # (start, end, teacher_list_idx, offset_in_that_chunk)
-        need: Tuple[bool, bool, bool, bool],  # grads wanted for (hidden, weight, lora_a, lora_b)
-        sparse=None,  # kd.teacher_cache.SparseTargets (N rows) or None
-        sampler=None,  # kd.teacher_cache.TeacherSampler or None
-    ):
-        N, _ = student_hidden.shape
-        device = student_hidden.device
-        need_h, need_w, need_a, need_b = need
-        any_grad = any(need)
-        has_teacher = teacher_logits is not None or teacher_hidden is not None
-        if sampler is not None:
-            k = sampler.k
-            s_ids = torch.zeros(N, k, dtype=torch.int32, device=device)
-            s_probs = torch.zeros(N, k, dtype=torch.float32, device=device) if sampler.sampling == "topk" \
-                else torch.empty(0, device=device)
-            s_ent = torch.zeros(N, dtype=torch.float32, device=device)
-            s_top1 = torch.zeros(N, dtype=torch.int32, device=device)
-        ignore_index = loss.ignore_index
-        cd = _compute_dtype(student_hidden.dtype)
-        f32 = cd
-        if kd_ratio != 1.0:  # the CE term indexes the logits by label: same range rule as F.cross_entropy
-            check_label_range(labels, labels != ignore_index, student_weight.shape[0], ignore_index)
-
-        # Accumulators: loss numbers and weight grads in float32 (sums over chunks); the hidden grad is
-        # row-disjoint per chunk, so it is written in place in the input dtype.
-        ce_acc = torch.zeros((), dtype=f32, device=device)
-        kd_acc = torch.zeros((), dtype=f32, device=device)
-        kl_acc = torch.zeros((), dtype=f32, device=device)
-        n_valid = torch.zeros((), dtype=torch.long, device=device)
-        n_agree = torch.zeros((), dtype=torch.long, device=device)
-        grad_h = torch.zeros_like(student_hidden) if need_h else None
-        grad_w = torch.zeros(student_weight.shape, dtype=f32, device=device) if need_w else None
-        grad_a = torch.zeros(lora_a.shape, dtype=f32, device=device) if need_a else None
-        grad_b = torch.zeros(lora_b.shape, dtype=f32, device=device) if need_b else None
-
-        W = _detached_leaf(student_weight, need_w)
-        A = _detached_leaf(lora_a, need_a)
-        B = _detached_leaf(lora_b, need_b)
-        use_ce = kd_ratio != 1.0
-        use_kd = kd_ratio != 0.0
-
-        for start, end, t_idx, t_off in bounds:
-            lab = labels[start:end]
-            valid = lab != ignore_index
-            n_valid += valid.sum()
-
-            # teacher rows for this chunk: never part of the graph
-            t = None
-            if has_teacher:
-                with torch.no_grad():
-                    if teacher_logits is None:
-                        t = F.linear(teacher_hidden[start:end], teacher_weight)
-                    elif isinstance(teacher_logits, torch.Tensor):
-                        t = teacher_logits[start:end]
-                    else:
-                        t = teacher_logits[t_idx][t_off : t_off + (end - start)]
-                    t = t.detach()  # masked and upcast inside _chunk_math
-                    if sampler is not None:
-                        # draws for the teacher cache from the logits this chunk has anyway
-                        from kd.teacher_cache import sample_teacher_rows
-
-                        ids_c, pr_c, ent_c, top_c = sample_teacher_rows(
-                            t, sampler.row_seeds[start:end], sampler.k, sampler.temperature, sampler.sampling)
-                        s_ids[start:end] = ids_c
-                        if pr_c.numel():
-                            s_probs[start:end] = pr_c
-                        s_ent[start:end] = ent_c
-                        s_top1[start:end] = top_c
-                        del ids_c, pr_c, ent_c, top_c
-
-            h = _detached_leaf(student_hidden[start:end], need_h)
-            wrt = [x for x, n in ((h, need_h), (W, need_w), (A, need_a), (B, need_b)) if n]
-            # Only the projection runs under autograd (it saves h and refs to W/A/B, not [chunk, V]); the
-            # loss and d loss / d logits are computed analytically without a graph.
-            with torch.enable_grad() if any_grad else torch.no_grad():
-                z = F.linear(h, W)
-                if A is not None:
-                    # torchtune LoRALinear on the output projection: base(x) + scale * B(A(x))
-                    z = z + lora_scale * F.linear(F.linear(h, A), B)
-            with torch.no_grad():
-                # Full chunks share one compiled graph (static shapes); the ragged last chunk runs eagerly
-                # rather than recompiling for every batch's token count.
-                full = end - start == chunk_size
-                if sparse is not None:
-                    math_fn = _chunk_math(loss, device, full_chunk=full, sparse=True)
-                    ce_c, kd_c, kl_c, agree_c, dz = math_fn(
-                        z.detach(), sparse.ids[start:end], sparse.weights[start:end], sparse.top1[start:end],
-                        sparse.entropy[start:end], lab, valid, kd_ratio, use_ce and any_grad, use_kd and any_grad,
-                    )
-                else:
-                    math_fn = _chunk_math(loss, device, full_chunk=full)
-                    ce_c, kd_c, kl_c, agree_c, dz = math_fn(
-                        z.detach(), t, lab, valid, kd_ratio, use_ce and any_grad, use_kd and any_grad
-                    )
-                n_agree += agree_c
-                kl_acc += kl_c
-            if any_grad and dz is not None:
-                grads = torch.autograd.grad(z, wrt, grad_outputs=dz.to(z.dtype), allow_unused=True)
-                gi = iter(grads)
-                if need_h:
-                    g = next(gi)
-                    if g is not None:
-                        grad_h[start:end] = g.to(grad_h.dtype)
-                for n_, acc in ((need_w, grad_w), (need_a, grad_a), (need_b, grad_b)):
-                    if n_:
-                        g = next(gi)
-                        if g is not None:
-                            acc += g.to(f32)
-                del grads, g
-            ce_acc += ce_c
-            kd_acc += kd_c
-            # free the chunk's [chunk, V] buffers (and the projection's graph) before the next chunk
-            del z, t, dz
-
-        loss_sum = (1.0 - kd_ratio) * ce_acc + kd_ratio * kd_acc
-        ctx.save_for_backward(
-            *(x if x is not None else torch.empty(0) for x in (grad_h, grad_w, grad_a, grad_b))
-        )
-        ctx.need = need
+    def forward(ctx, student_hidden, student_weight, lora_a, lora_b, plan: _FusedPlan):
+        if plan.kd_ratio != 1.0:  # the CE term indexes the logits by label: same range rule as F.cross_entropy
+            ii = plan.loss.ignore_index
+            check_label_range(plan.labels, plan.labels != ii, student_weight.shape[0], ii)
+        acc = _Acc(student_hidden, student_weight, lora_a, lora_b, plan)
+        leaves = tuple(_detached_leaf(x, n) for x, n in zip((student_weight, lora_a, lora_b), plan.need[1:]))
+        for start, end, t_idx, t_off in plan.bounds:
+            t = _teacher_chunk(plan, start, end, t_idx, t_off, acc)
+            _chunk_forward(plan, leaves, student_hidden, start, end, t, acc)
+            del t  # free the chunk's [chunk, V] teacher logits before the next chunk
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in acc.grads))
+        ctx.need = plan.need
         ctx.dtypes = tuple(x.dtype if x is not None else None for x in (student_hidden, student_weight, lora_a, lora_b))
-        if sampler is None:
-            ctx.mark_non_differentiable(ce_acc, kd_acc, kl_acc, n_valid, n_agree)
-            return loss_sum, ce_acc, kd_acc, kl_acc, n_valid, n_agree
-        ctx.mark_non_differentiable(ce_acc, kd_acc, kl_acc, n_valid, n_agree, s_ids, s_probs, s_ent, s_top1)
-        return loss_sum, ce_acc, kd_acc, kl_acc, n_valid, n_agree, s_ids, s_probs, s_ent, s_top1
+        loss_sum = kd_ce_mix(acc.ce, acc.kd, plan.kd_ratio)
+        ctx.mark_non_differentiable(acc.ce, acc.kd, acc.kl, acc.n_valid, acc.n_agree)
+        return loss_sum, acc.ce, acc.kd, acc.kl, acc.n_valid, acc.n_agree
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
-        saved = ctx.saved_tensors
         out = []
-        for g, n, dt in zip(saved, ctx.need, ctx.dtypes):
+        for g, n, dt in zip(ctx.saved_tensors, ctx.need, ctx.dtypes):
             if not n or grad_loss is None:
                 out.append(None)
             else:
                 # scale in float32 then return in the input's dtype
                 out.append((g.to(torch.float32 if g.dtype != torch.float64 else g.dtype) * grad_loss).to(dt))
-        return (*out, None, None, None, None, None, None, None, None, None, None, None, None)
+        return (*out, None)  # no gradient for the plan
+
+
+def _check_student(student_hidden, student_weight, labels, student_lora):
+    """Flattened student inputs ``(h [N, Hs], labels [N], A, B, scale)`` after the shape checks."""
+    if student_hidden.dim() < 2:
+        raise ValueError(f"student_hidden must be [N, Hs], got shape {tuple(student_hidden.shape)}")
+    Hs = student_hidden.shape[-1]
+    h2 = student_hidden.reshape(-1, Hs)
+    N = h2.shape[0]
+    if student_weight.dim() != 2 or student_weight.shape[1] != Hs:
+        raise ValueError(f"student_weight must be [V, Hs={Hs}], got shape {tuple(student_weight.shape)}")
+    V = student_weight.shape[0]
+    lab = labels.reshape(-1)
+    if lab.shape[0] != N:
+        raise ValueError(f"labels have {lab.shape[0]} tokens but student_hidden has {N} rows")
+    if student_lora is None:
+        return h2, lab, None, None, 0.0
+    A, B, scale = student_lora
+    if A.dim() != 2 or A.shape[1] != Hs:
+        raise ValueError(f"LoRA A must be [r, Hs={Hs}], got shape {tuple(A.shape)}")
+    if B.dim() != 2 or B.shape != (V, A.shape[0]):
+        raise ValueError(f"LoRA B must be [V={V}, r={A.shape[0]}], got shape {tuple(B.shape)}")
+    return h2, lab, A, B, float(scale)
+
+
+def _check_teacher_hidden(teacher_hidden, teacher_weight, N: int, V: int) -> Optional[torch.Tensor]:
+    if (teacher_hidden is None) != (teacher_weight is None):
+        raise ValueError("teacher_hidden and teacher_weight must be given together")
+    if teacher_hidden is None:
+        return None
+    Ht = teacher_hidden.shape[-1]
+    th = teacher_hidden.detach().reshape(-1, Ht)
+    if teacher_weight.dim() != 2 or teacher_weight.shape[1] != Ht:
+        raise ValueError(f"teacher_weight must be [V, Ht={Ht}], got shape {tuple(teacher_weight.shape)}")
+    if teacher_weight.shape[0] != V:
+        raise _vocab_mismatch_error(V, teacher_weight.shape[0])
+    if th.shape[0] != N:
+        raise ValueError(f"teacher_hidden has {th.shape[0]} rows but student_hidden has {N}")
+    return th
+
+
+def _teacher_logit_bounds(teacher_logits, N: int, V: int, chunk_size: int):
+    """``(teacher logits as [N, V] or a list of [n_i, V] row chunks (detached) or None, chunk bounds)``;
+    a list's chunks are each subdivided by ``chunk_size``."""
+    if teacher_logits is None or isinstance(teacher_logits, torch.Tensor):
+        tl = None
+        if teacher_logits is not None:
+            if teacher_logits.shape[-1] != V:
+                raise _vocab_mismatch_error(V, teacher_logits.shape[-1])
+            tl = teacher_logits.detach().reshape(-1, V)
+            if tl.shape[0] != N:
+                raise ValueError(f"teacher_logits have {tl.shape[0]} rows but student_hidden has {N}")
+        return tl, tuple((s, min(s + chunk_size, N), 0, 0) for s in range(0, N, chunk_size))
+    tl = []
+    for i, c in enumerate(teacher_logits):
+        if c.dim() != 2:
+            raise ValueError(
+                f"teacher_logits list items must be [n_i, V] row chunks of the flattened [N, V] logits; "
+                f"item {i} has shape {tuple(c.shape)} (flatten torchtune [B, s_i, V] chunks is NOT "
+                f"row-contiguous, concatenate/flatten first)"
+            )
+        if c.shape[-1] != V:
+            raise _vocab_mismatch_error(V, c.shape[-1])
+        tl.append(c.detach())
+    if sum(c.shape[0] for c in tl) != N:
+        raise ValueError(
+            f"teacher_logits row chunks {[c.shape[0] for c in tl]} sum to {sum(c.shape[0] for c in tl)} "
+            f"rows but student_hidden has {N}"
+        )
+    bounds, s = [], 0
+    for i, c in enumerate(tl):
+        for off in range(0, c.shape[0], chunk_size):
+            bounds.append((s + off, s + min(off + chunk_size, c.shape[0]), i, off))
+        s += c.shape[0]
+    return tl, tuple(bounds)
+
+
+def _check_sparse_and_sampler(loss, teacher_sparse, teacher_sampler, live: bool, N: int) -> None:
+    if teacher_sparse is not None:
+        if live:
+            raise ValueError("give either a live teacher (hidden/logits) or teacher_sparse targets, not both")
+        if loss.kind != "forward_kl":
+            raise ValueError(
+                f"kind={loss.kind!r} needs the full teacher distribution, but a teacher cache holds only K "
+                "sampled token ids per position: use kind='forward_kl' (the sparse soft cross-entropy of "
+                "Random-Sampling KD) or train online without teacher_cache")
+        ids, w = teacher_sparse.ids, teacher_sparse.weights
+        if ids.shape[0] != N or w.shape != ids.shape or teacher_sparse.top1.shape[0] != N \
+                or teacher_sparse.entropy.shape[0] != N:
+            raise ValueError(f"teacher_sparse must hold {N} rows (ids/weights [N, K], top1/entropy [N]); got "
+                             f"ids {tuple(ids.shape)}, weights {tuple(w.shape)}")
+    if teacher_sampler is not None and not live:
+        raise ValueError("teacher_sampler needs a live teacher (teacher_hidden + teacher_weight or teacher_logits)")
+    if teacher_sampler is not None and teacher_sampler.row_seeds.shape[0] != N:
+        raise ValueError(f"teacher_sampler.row_seeds must have {N} rows, got {teacher_sampler.row_seeds.shape[0]}")
 
 
 def fused_linear_kd_ce(
@@ -851,9 +1043,9 @@ def fused_linear_kd_ce(
     loss: DistillationLoss,
     chunk_size: int = 1024,
     student_lora: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None,
-    teacher_sparse: Optional[Any] = None,
-    teacher_sampler: Optional[Any] = None,
-) -> FusedKDOutput:
+    teacher_sparse: Optional[SparseTargets] = None,
+    teacher_sampler: Optional[TeacherSampler] = None,
+) -> KDCEResult:
     """``(1 - kd_ratio) * CE_sum + kd_ratio * KD_sum`` from hidden states, never materialising [N, V].
 
     A custom autograd Function loops over token chunks of ``chunk_size`` rows: it computes the chunk's
@@ -876,8 +1068,8 @@ def fused_linear_kd_ce(
         teacher_weight: [V, Ht] teacher output projection (anything ``F.linear`` accepts). No grad.
         teacher_logits: alternative to teacher_hidden/weight: [N, V] tensor, or a list of [n_i, V] row
             chunks whose concatenation is [N, V]. No grad.
-        kd_ratio: weight of the KD term in [0, 1]; 0 skips KD gradients (kl_sum / n_agree are still
-            reported if a teacher is given), 1 skips CE gradients.
+        kd_ratio: weight of the KD term in [0, 1] (:func:`check_kd_ratio`); 0 skips KD gradients (kl_sum /
+            n_agree are still reported if a teacher is given), 1 skips CE gradients.
         loss: the :class:`DistillationLoss` (kind, temperature, T**2 scaling, ignore_index).
         chunk_size: tokens per chunk (N need not be divisible).
         student_lora: ``(A [r, Hs], B [V, r], scale)`` when the output projection is a torchtune LoRALinear
@@ -889,124 +1081,64 @@ def fused_linear_kd_ce(
             (:class:`kd.teacher_cache.TeacherSampler`); returned as ``samples``.
 
     Returns:
-        :class:`FusedKDOutput`; ``loss_sum`` differentiable, the rest detached.
+        :class:`KDCEResult`; ``loss_sum`` differentiable, the rest detached.
     """
     if not isinstance(loss, DistillationLoss):
         raise ValueError(f"loss must be a DistillationLoss, got {type(loss).__name__}")
-    kd_ratio = float(kd_ratio)
-    if not (0.0 <= kd_ratio <= 1.0):
-        raise ValueError(f"kd_ratio must be in [0, 1], got {kd_ratio}")
+    kd_ratio = check_kd_ratio(kd_ratio)
     chunk_size = int(chunk_size)
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
-    if student_hidden.dim() < 2:
-        raise ValueError(f"student_hidden must be [N, Hs], got shape {tuple(student_hidden.shape)}")
-    Hs = student_hidden.shape[-1]
-    h2 = student_hidden.reshape(-1, Hs)
-    N = h2.shape[0]
-    if student_weight.dim() != 2 or student_weight.shape[1] != Hs:
-        raise ValueError(
-            f"student_weight must be [V, Hs={Hs}], got shape {tuple(student_weight.shape)}"
-        )
-    V = student_weight.shape[0]
-    lab = labels.reshape(-1)
-    if lab.shape[0] != N:
-        raise ValueError(f"labels have {lab.shape[0]} tokens but student_hidden has {N} rows")
-
+    h2, lab, A, B, scale = _check_student(student_hidden, student_weight, labels, student_lora)
+    N, V = h2.shape[0], student_weight.shape[0]
     if teacher_logits is not None and (teacher_hidden is not None or teacher_weight is not None):
         raise ValueError("give either teacher_logits or teacher_hidden + teacher_weight, not both")
-    if (teacher_hidden is None) != (teacher_weight is None):
-        raise ValueError("teacher_hidden and teacher_weight must be given together")
-    bounds: List[Tuple[int, int, int, int]] = []
-    th = None
-    tl: Optional[Union[torch.Tensor, List[torch.Tensor]]] = None
-    if teacher_hidden is not None:
-        Ht = teacher_hidden.shape[-1]
-        th = teacher_hidden.detach().reshape(-1, Ht)
-        if teacher_weight.dim() != 2 or teacher_weight.shape[1] != Ht:
-            raise ValueError(f"teacher_weight must be [V, Ht={Ht}], got shape {tuple(teacher_weight.shape)}")
-        if teacher_weight.shape[0] != V:
-            raise _vocab_mismatch_error(V, teacher_weight.shape[0])
-        if th.shape[0] != N:
-            raise ValueError(f"teacher_hidden has {th.shape[0]} rows but student_hidden has {N}")
-    if teacher_logits is None:
-        for s in range(0, N, chunk_size):
-            bounds.append((s, min(s + chunk_size, N), 0, 0))
-    elif isinstance(teacher_logits, torch.Tensor):
-        if teacher_logits.shape[-1] != V:
-            raise _vocab_mismatch_error(V, teacher_logits.shape[-1])
-        tl = teacher_logits.detach().reshape(-1, V)
-        if tl.shape[0] != N:
-            raise ValueError(f"teacher_logits have {tl.shape[0]} rows but student_hidden has {N}")
-        for s in range(0, N, chunk_size):
-            bounds.append((s, min(s + chunk_size, N), 0, 0))
-    else:
-        tl = []
-        for i, c in enumerate(teacher_logits):
-            if c.dim() != 2:
-                raise ValueError(
-                    f"teacher_logits list items must be [n_i, V] row chunks of the flattened [N, V] logits; "
-                    f"item {i} has shape {tuple(c.shape)} (flatten torchtune [B, s_i, V] chunks is NOT "
-                    f"row-contiguous, concatenate/flatten first)"
-                )
-            if c.shape[-1] != V:
-                raise _vocab_mismatch_error(V, c.shape[-1])
-            tl.append(c.detach())
-        if sum(c.shape[0] for c in tl) != N:
-            raise ValueError(
-                f"teacher_logits row chunks {[c.shape[0] for c in tl]} sum to {sum(c.shape[0] for c in tl)} "
-                f"rows but student_hidden has {N}"
-            )
-        # chunk boundaries: each given row-chunk subdivided by chunk_size
-        s = 0
-        for i, c in enumerate(tl):
-            for off in range(0, c.shape[0], chunk_size):
-                e = min(off + chunk_size, c.shape[0])
-                bounds.append((s + off, s + e, i, off))
-            s += c.shape[0]
-    if teacher_sparse is not None:
-        if th is not None or tl is not None:
-            raise ValueError("give either a live teacher (hidden/logits) or teacher_sparse targets, not both")
-        if loss.kind != "forward_kl":
-            raise ValueError(
-                f"kind={loss.kind!r} needs the full teacher distribution, but a teacher cache holds only K "
-                "sampled token ids per position: use kind='forward_kl' (the sparse soft cross-entropy of "
-                "Random-Sampling KD) or train online without teacher_cache")
-        ids, w = teacher_sparse.ids, teacher_sparse.weights
-        if ids.shape[0] != N or w.shape != ids.shape or teacher_sparse.top1.shape[0] != N \
-                or teacher_sparse.entropy.shape[0] != N:
-            raise ValueError(f"teacher_sparse must hold {N} rows (ids/weights [N, K], top1/entropy [N]); got "
-                             f"ids {tuple(ids.shape)}, weights {tuple(w.shape)}")
-    if teacher_sampler is not None and th is None and tl is None:
-        raise ValueError("teacher_sampler needs a live teacher (teacher_hidden + teacher_weight or teacher_logits)")
-    if teacher_sampler is not None and teacher_sampler.row_seeds.shape[0] != N:
-        raise ValueError(f"teacher_sampler.row_seeds must have {N} rows, got {teacher_sampler.row_seeds.shape[0]}")
-    if kd_ratio > 0 and th is None and tl is None and teacher_sparse is None:
+    th = _check_teacher_hidden(teacher_hidden, teacher_weight, N, V)
+    tl, bounds = _teacher_logit_bounds(teacher_logits, N, V, chunk_size)
+    live = th is not None or tl is not None
+    _check_sparse_and_sampler(loss, teacher_sparse, teacher_sampler, live, N)
+    if kd_ratio > 0 and not live and teacher_sparse is None:
         raise ValueError("kd_ratio > 0 needs a teacher: pass teacher_hidden + teacher_weight or teacher_logits")
-
-    A = B = None
-    scale = 0.0
-    if student_lora is not None:
-        A, B, scale = student_lora
-        scale = float(scale)
-        if A.dim() != 2 or A.shape[1] != Hs:
-            raise ValueError(f"LoRA A must be [r, Hs={Hs}], got shape {tuple(A.shape)}")
-        if B.dim() != 2 or B.shape != (V, A.shape[0]):
-            raise ValueError(f"LoRA B must be [V={V}, r={A.shape[0]}], got shape {tuple(B.shape)}")
-
     ge = torch.is_grad_enabled()
-    need = (
-        ge and h2.requires_grad,
-        ge and student_weight.requires_grad,
-        ge and A is not None and A.requires_grad,
-        ge and B is not None and B.requires_grad,
-    )
-    out = _FusedLinearKDFunction.apply(
-        h2, student_weight, A, B, th, lab, teacher_weight, tl, scale, kd_ratio, loss, chunk_size, bounds, need,
-        teacher_sparse, teacher_sampler,
-    )
-    if teacher_sampler is None:
-        return FusedKDOutput(*out)
-    from kd.teacher_cache import TeacherSamples
+    need = tuple(ge and x is not None and x.requires_grad for x in (h2, student_weight, A, B))
+    plan = _FusedPlan(labels=lab, loss=loss, kd_ratio=kd_ratio, lora_scale=scale, chunk_size=chunk_size, bounds=bounds, need=need,
+                      teacher_hidden=th, teacher_weight=teacher_weight, teacher_logits=tl,
+                      sparse=teacher_sparse, sampler=teacher_sampler,
+                      samples=None if teacher_sampler is None else _sample_buffers(teacher_sampler, N, h2.device))
+    out = _FusedLinearKDFunction.apply(h2, student_weight, A, B, plan)
+    return KDCEResult(*out, samples=plan.samples)
 
-    return FusedKDOutput(*out[:6], samples=TeacherSamples(*out[6:]))
+
+def _sample_buffers(sampler: TeacherSampler, N: int, device: torch.device) -> TeacherSamples:
+    """Output buffers of the cache draws (filled chunk by chunk inside the Function, no grad)."""
+    k = sampler.k
+    return TeacherSamples(
+        torch.zeros(N, k, dtype=torch.int32, device=device),
+        torch.zeros(N, k, dtype=torch.float32, device=device) if sampler.sampling == "topk"
+        else torch.empty(0, device=device),
+        torch.zeros(N, dtype=torch.float32, device=device),
+        torch.zeros(N, dtype=torch.int32, device=device),
+    )
+
+
+class FusedKDCELoss(torch.nn.Module):
+    """The fused form's loss as a config component (``loss: _component_: kd.losses.FusedKDCELoss``): hard-label
+    CE + the ``kd_loss`` divergence, mixed by :func:`kd_ce_mix`, from hidden states and the output projection
+    (:func:`fused_linear_kd_ce`), never materialising [N, V] logits. The student's head
+    (:class:`kd.heads.FusedKDHead`) calls it inside the model's forward.
+
+    ``forward(student_hidden [N, Hs], student_weight [V, Hs], labels [N], *, kd_loss, kd_ratio, chunk_size,
+    student_lora, teacher_hidden / teacher_weight | teacher_logits | teacher_sparse, teacher_sampler)`` ->
+    :class:`KDCEResult` (same keyword arguments as :func:`fused_linear_kd_ce`, whose ``loss`` is ``kd_loss``).
+    """
+
+    def __init__(self, ignore_index: int = -100):
+        super().__init__()
+        self.ignore_index = int(ignore_index)
+
+    def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, labels: torch.Tensor, *,
+                kd_loss: DistillationLoss, kd_ratio: float, **kwargs: Any) -> KDCEResult:
+        if getattr(kd_loss, "ignore_index", self.ignore_index) != self.ignore_index:
+            raise ValueError(f"kd_loss.ignore_index={kd_loss.ignore_index} differs from the CE term's "
+                             f"ignore_index={self.ignore_index}")
+        return fused_linear_kd_ce(student_hidden, student_weight, labels, kd_ratio=kd_ratio, loss=kd_loss, **kwargs)

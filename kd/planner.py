@@ -38,6 +38,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from kd.config import ConfigError, activation_checkpoint_layers
+from kd.schema import KD_LORA  # the recipe's keys, defaults and ranges: the plan reads what the recipe reads
 
 GiB = 2**30
 GB10_MEMORY_GIB = 128e9 / GiB  # 128 GB unified memory (CPU + GPU) per DGX Spark = 119.2 GiB
@@ -542,15 +543,15 @@ def plan_from_config(
         dtype=dtype_name,
         teacher_quant=_teacher_quant(cfg),
         student_quant=cfg.get("student_quantization", None),
-        batch_size=int(batch_size if batch_size is not None else cfg.get("batch_size", 1)),
+        batch_size=int(batch_size if batch_size is not None else KD_LORA.get(cfg, "batch_size")),
         seq_len=int(seq_len if seq_len is not None else _seq_len(cfg)),
         ac_layers=int(ac_layers),
-        loss_form=str(cfg.get("loss_form", "fused")),
-        fused_chunk_size=int(cfg.get("fused_chunk_size", 1024)),
+        loss_form=KD_LORA.get(cfg, "loss_form"),
+        fused_chunk_size=KD_LORA.get(cfg, "fused_chunk_size"),
         world_size=int(world_size),
         local_world_size=int(local_world_size),
-        fsdp_strategy=str(cfg.get("fsdp_strategy", "shard")),
-        teacher_sharding=str(cfg.get("teacher_sharding", "shard")),
+        fsdp_strategy=str(KD_LORA.get(cfg, "fsdp_strategy")),
+        teacher_sharding=KD_LORA.get(cfg, "teacher_sharding"),
         device_type=device_type,
         optimizer=opt_name,
         lora_dropout=float(cfg.model.get("lora_dropout", 0.0) or 0.0),

@@ -32,6 +32,7 @@ import torch
 from omegaconf import DictConfig
 
 from kd import run_checks as checks
+from kd import schema
 from kd.config import ConfigError, DataError, check_keys, number, require_component, to_container
 
 log = logging.getLogger("kd.evaluate")
@@ -43,12 +44,7 @@ DEFAULT_QUESTIONS = [
     "《金刚经》的核心思想是什么？",
     "佛教所说的“无我”是什么意思？",
 ]
-KEYS = {
-    "output_dir", "model", "checkpointer", "adapters", "teacher_model", "teacher_checkpointer",
-    "teacher_quantization", "evaluate_teacher", "tokenizer", "dataset", "batch_size", "max_samples", "questions",
-    "max_new_tokens", "temperature", "top_p", "seed", "device", "dtype", "plots", "length_samples",
-    "training_metrics", "progress_bar",
-}
+KEYS = schema.EVALUATE.names  # the one table of this recipe's keys (kd/schema.py, docs/config_keys.md)
 DATASET_KEYS = {"source", "system_prompt", "split", "val_size", "seed", "max_seq_len", "on_bad_record", "_component_"}
 
 

@@ -28,11 +28,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from kd import schema
 from kd.config import ConfigError, check_keys, number, require_component
 
 log = logging.getLogger("kd.export")
-KEYS = {"output_dir", "model", "checkpointer", "adapter_dir", "device", "dtype", "max_shard_size_gb", "tokenizer",
-        "overwrite", "quantize", "calibration", "full_checkpoint"}
+KEYS = schema.EXPORT.names  # the one table of this recipe's keys (kd/schema.py, docs/config_keys.md)
 CALIBRATION_KEYS = {"source", "num_samples", "max_seq_len", "seed", "system_prompt", "val_size", "check_samples",
                     "dampening"}
 

@@ -27,17 +27,12 @@ from omegaconf import DictConfig
 
 from kd import dist as kdist
 from kd import run_checks as checks
+from kd import schema
 from kd.config import ConfigError, DataError, check_keys, choice, number, require_component
 
 log = logging.getLogger("kd.generate")
 
-KEYS = {
-    "output_dir", "model", "checkpointer", "teacher_checkpointer", "tokenizer", "source", "system_prompt",
-    "on_bad_record", "teacher_quantization", "device", "dtype", "seed", "batch_size", "max_batch_tokens",
-    "max_new_tokens", "temperature", "top_p", "top_k", "dataset_name", "merge", "allow_missing",
-    "progress_bar", "on_source_change", "max_samples", "log_level", "decode_engine", "cuda_graphs",
-    "nf4_decode_kernel", "nf4_fused_max_batch",
-}
+KEYS = schema.GENERATE_TEACHER.names  # the one table of this recipe's keys (kd/schema.py, docs/config_keys.md)
 CHECKPOINTER_KEYS = {"_component_", "checkpoint_dir", "checkpoint_files", "output_dir", "model_type"}
 META_KEYS = ("teacher_quantization", "dtype", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "system_prompt")
 

@@ -17,10 +17,13 @@ the gradient is exactly that of the global token mean, whatever batch_size x G x
 from __future__ import annotations
 
 import contextlib
+import gc
+import json
 import logging
 import os
 import random
 import resource
+import signal
 import sys
 import time
 from functools import partial
@@ -28,27 +31,38 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+import torch.distributed as dist
+from omegaconf import DictConfig, ListConfig
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.utils.data import DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchtune import config as tt_config
+from torchtune import training, utils
+from torchtune.data import padded_collate_packed, padded_collate_sft
+from torchtune.datasets import ConcatDataset
+from torchtune.modules.peft import get_lora_module_names
+from torchtune.training import DummyProfiler
+from tqdm import tqdm
 
 from kd import dist as kdist
+from kd import full, loss_components, schema
 from kd import run_checks as checks
-from kd.config import (
-    ConfigError,
-    DataError,
-    activation_checkpoint_layers,
-    check_keys,
-    choice,
-    number,
-    require_component,
-    to_container,
-)
 from kd.adapter_io import lora_state_dict
+from kd.cli_util import run_recipe
+from kd.config import ConfigError, DataError, activation_checkpoint_layers, require_component
+from kd.data import check_truncation
+from kd.full import all_trainable, check_config, is_full_finetune
 from kd.guard import NonFiniteGuard
+from kd.heads import FusedKDHead, FusedTargets, HiddenStatesHead
+from kd.hf_export import save_merged_hf
+from kd.losses import KDCEResult, chunked_kd_ce, kd_ce_mix
 from kd.metric_logging import kd_logging_cfg
-from kd.full import all_trainable
-from kd.heads import FusedKDHead, HiddenStatesHead
-from kd.timing import PhaseTimer
 from kd.models import (
     apply_activation_checkpointing,
     build_on_meta,
@@ -58,46 +72,26 @@ from kd.models import (
     load_hf_into_model,
     shift_labels,
 )
+from kd.on_policy import count_on_policy_steps, generate_on_policy, is_on_policy_step, parse_on_policy
+from kd.planner import plan_from_config
 from kd.precision import check_sharding, parse_precision, resolve_precision
-from kd.progress import configure_logging
+from kd.progress import configure_logging, progress
+from kd.step_checkpoint import CheckpointManager
+from kd.teacher_cache_session import CacheSession, parse_options, resume_epoch
+from kd.timing import PhaseTimer
 
 log = logging.getLogger("kd.recipe")
+_M = KDCEResult.METRICS  # the order of the summed metric vector (read by name, never by position)
 
-# Keys this recipe reads. torchtune's KD configs use the first group; the second is ours.
-TORCHTUNE_KD_KEYS = {
-    "output_dir", "model", "teacher_model", "tokenizer", "checkpointer", "teacher_checkpointer",
-    "resume_from_checkpoint", "dataset", "seed", "shuffle", "batch_size", "optimizer", "lr_scheduler",
-    "loss", "kd_loss", "kd_ratio", "epochs", "max_steps_per_epoch", "compile",
-    "gradient_accumulation_steps", "metric_logger", "log_every_n_steps", "log_peak_memory_stats",
-    "device", "dtype", "enable_activation_checkpointing", "enable_activation_offloading", "profiler",
-    "clip_grad_norm", "save_adapter_weights_only", "fsdp_cpu_offload", "fsdp_reshard_after_forward",
-    "custom_sharded_layers", "cudnn_deterministic_mode", "ac_mode", "ac_option",
-}
-KD_KEYS = {
-    "teacher_quantization",  # bf16 (= null, dense in dtype) | nf4 | fp8 | nf4_fp8 (kd.precision)
-    "student_quantization",  # nf4 (QLoRA base) | null
-    "loss_form",  # fused (default) | chunked
-    "fused_chunk_size",
-    "fsdp_strategy",  # shard | hybrid (HSDP: replicate across nodes, shard within)
-    "teacher_sharding",  # shard (FSDP2 like the student) | replicate (whole frozen teacher per rank)
-    "save_every_n_steps", "keep_last_n_checkpoints", "save_merged_model", "base_model_name_or_path",
-    "eval_every_n_steps", "max_eval_batches", "val_dataset", "num_workers", "progress_bar",
-    "overwrite",  # a fresh run may replace the checkpoints already in output_dir
-    "teacher_cache",  # online_then_cache | build | use (kd.teacher_cache_session)
-    "on_policy",  # on-policy (student-generated) distillation: lmbda, temperature, max_new_tokens, ... (kd.on_policy)
-}
-CHECKPOINTER_KEYS = {
-    "_component_", "checkpoint_dir", "checkpoint_files", "output_dir", "model_type",
-    "recipe_checkpoint", "adapter_checkpoint", "safe_serialization",
-}
+# The keys this recipe accepts, their defaults and ranges: one table (kd.schema.KD_LORA), also behind `kd plan`
+# and docs/config_keys.md.
+SCHEMA = schema.KD_LORA
 
 
 class KDLoRARecipe:
     """LoRA student + frozen teacher, fused or chunked KD+CE loss, FSDP2 for world_size > 1."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        from torchtune import training
-
         self._validate(cfg)
         self._device = kdist.resolve_device(cfg.get("device", "auto"))
         self._dist = kdist.init_distributed(self._device)
@@ -114,20 +108,18 @@ class KDLoRARecipe:
             )
 
         self._output_dir = Path(cfg.output_dir)
-        self._log_every_n_steps = number(cfg, "log_every_n_steps", 10, kind=int, min_value=1)
+        self._log_every_n_steps = SCHEMA.get(cfg, "log_every_n_steps")
         self._log_peak_memory_stats = bool(cfg.get("log_peak_memory_stats", True))
-        self._kd_ratio = number(cfg, "kd_ratio", 0.5, min_value=0.0, max_value=1.0)
-        self._grad_accum = number(cfg, "gradient_accumulation_steps", 1, kind=int, min_value=1)
-        self._clip_grad_norm = number(cfg, "clip_grad_norm", 1.0, allow_none=True, min_value=0.0)
-        self._loss_form = choice(cfg, "loss_form", ["fused", "chunked"], "fused")
-        self._fused_chunk_size = number(cfg, "fused_chunk_size", 1024, kind=int, min_value=1)
-        self.total_epochs = number(cfg, "epochs", 1, kind=int, min_value=1)
-        self.max_steps_per_epoch = number(
-            cfg, "max_steps_per_epoch", None, kind=int, min_value=1, allow_none=True
-        )
-        self._save_every = number(cfg, "save_every_n_steps", None, kind=int, min_value=1, allow_none=True)
-        self._eval_every = number(cfg, "eval_every_n_steps", None, kind=int, min_value=1, allow_none=True)
-        self._max_eval_batches = number(cfg, "max_eval_batches", None, kind=int, min_value=1, allow_none=True)
+        self._kd_ratio = SCHEMA.get(cfg, "kd_ratio")
+        self._grad_accum = SCHEMA.get(cfg, "gradient_accumulation_steps")
+        self._clip_grad_norm = SCHEMA.get(cfg, "clip_grad_norm")
+        self._loss_form = SCHEMA.get(cfg, "loss_form")
+        self._fused_chunk_size = SCHEMA.get(cfg, "fused_chunk_size")
+        self.total_epochs = SCHEMA.get(cfg, "epochs")
+        self.max_steps_per_epoch = SCHEMA.get(cfg, "max_steps_per_epoch")
+        self._save_every = SCHEMA.get(cfg, "save_every_n_steps")
+        self._eval_every = SCHEMA.get(cfg, "eval_every_n_steps")
+        self._max_eval_batches = SCHEMA.get(cfg, "max_eval_batches")
         self._resume = bool(cfg.get("resume_from_checkpoint", False))
         self.seed = training.set_seed(
             seed=cfg.get("seed", None), debug_mode=cfg.get("cudnn_deterministic_mode", None)
@@ -142,18 +134,14 @@ class KDLoRARecipe:
     # ----------------------------------------------------------------------------------------------
     @staticmethod
     def _validate(cfg: DictConfig) -> None:
-        check_keys(
-            cfg,
-            TORCHTUNE_KD_KEYS | KD_KEYS,
-            where="the kd_lora config",
-            required=("model", "tokenizer", "checkpointer", "dataset", "optimizer", "output_dir"),
-        )
+        SCHEMA.check(cfg)
         # No teacher = plain LoRA SFT (the offline-distillation path): only valid with kd_ratio=0.
         has_teacher = cfg.get("teacher_model", None) is not None
-        if not has_teacher and float(cfg.get("kd_ratio", 0.5)) != 0.0:
+        kd_ratio = SCHEMA.get(cfg, "kd_ratio")
+        if not has_teacher and kd_ratio != 0.0:
             raise ConfigError(
                 "teacher_model is not set: without a teacher this recipe trains plain LoRA SFT, which "
-                "needs kd_ratio=0 (got kd_ratio=%s)." % cfg.get("kd_ratio", 0.5)
+                f"needs kd_ratio=0 (got kd_ratio={kd_ratio})."
             )
         parse_precision(cfg.get("teacher_quantization", None))  # a bad value fails before anything is built
         if has_teacher and cfg.get("teacher_checkpointer", None) is None:
@@ -168,7 +156,7 @@ class KDLoRARecipe:
             if cfg.get(key, None) is None:
                 continue
             section = cfg[key]
-            check_keys(section, CHECKPOINTER_KEYS, where=f"'{key}'", required=("checkpoint_dir",))
+            schema.HF_CHECKPOINTER.check(section, where=f"'{key}'")
             mt = str(section.get("model_type", "QWEN2")).upper()
             if mt not in ("QWEN2", "QWEN2_5"):
                 raise ConfigError(
@@ -196,7 +184,6 @@ class KDLoRARecipe:
                 "enable_activation_checkpointing=True to save activation memory."
             )
         if "lora_rank" not in cfg.model:  # a plain builder: full fine-tune (kd.full)
-            from kd.full import check_config
 
             check_config(cfg)
         else:
@@ -206,14 +193,13 @@ class KDLoRARecipe:
         checks.check_tokenizer_section(cfg, files=False)  # the files are checked when it is built (setup)
         checks.check_optimizer(cfg)
         checks.check_kd_loss(cfg)
+        loss_components.check_loss_components(cfg, SCHEMA.get(cfg, "loss_form"))
         checks.check_ignore_index(cfg)
 
     # ----------------------------------------------------------------------------------------------
     # Setup
     # ----------------------------------------------------------------------------------------------
     def setup(self, cfg: DictConfig) -> None:
-        from torchtune import config as tt_config
-
         self._cfg = cfg
         # 0. output_dir: writable; a fresh run never overwrites another run, a resume needs the same data
         self._setup_run_dir(cfg)
@@ -282,8 +268,6 @@ class KDLoRARecipe:
         kdist.rank0_then_broadcast(check, error_type=ConfigError)
 
     def _setup_logging(self, cfg: DictConfig) -> None:
-        from torchtune import config as tt_config
-
         self._metric_logger = None
         if self._is_rank_zero:
             self._output_dir.mkdir(parents=True, exist_ok=True)
@@ -295,7 +279,6 @@ class KDLoRARecipe:
     def _log_memory_plan(self, cfg: DictConfig) -> None:
         if not self._is_rank_zero or cfg.get("teacher_model", None) is None:
             return
-        from kd.planner import plan_from_config
 
         try:
             plan = plan_from_config(cfg, self.world_size)
@@ -307,8 +290,6 @@ class KDLoRARecipe:
         log.info("memory plan (per device):\n" + plan.table())
 
     def _lora_info(self, cfg_model: DictConfig) -> None:
-        from kd.full import is_full_finetune
-
         # A plain (non-LoRA) builder trains the full student: same loop, sharded checkpoints (kd.full).
         self._full = is_full_finetune(cfg_model)
         if self._full:
@@ -321,8 +302,6 @@ class KDLoRARecipe:
         self._apply_lora_to_output = bool(cfg_model.get("apply_lora_to_output", False))
 
     def _setup_student(self, cfg: DictConfig) -> nn.Module:
-        from torchtune import training
-
         self._lora_info(cfg.model)
         model = build_on_meta(cfg.model, self._dtype)
         # Activation checkpointing on the layers torchtune's keys select (all, none or every x-th layer);
@@ -357,14 +336,12 @@ class KDLoRARecipe:
         return model
 
     def _setup_teacher(self, cfg: DictConfig):
-        from torchtune import training
-
         if cfg.get("teacher_model", None) is None:
             self._log("no teacher_model: plain LoRA SFT (kd_ratio=0)")
             return None, None
         # precision (bf16 | nf4 | fp8 | nf4_fp8): one warning and the next precision if this device cannot run it
         prec = resolve_precision(cfg.get("teacher_quantization", None), self._device, self._dtype)
-        sharding = choice(cfg, "teacher_sharding", ["shard", "replicate"], "shard")
+        sharding = SCHEMA.get(cfg, "teacher_sharding")
         check_sharding(prec, sharding, self._fsdp)
         head_weight = None
         fused = self._loss_form == "fused"
@@ -377,7 +354,6 @@ class KDLoRARecipe:
             head_weight = (out.tied_module.weight if not isinstance(out, nn.Module) else out.weight).detach()
             model.output = HiddenStatesHead()
         if self._fsdp and sharding == "shard":
-            from torch.distributed.fsdp import fully_shard
 
             kw = {"mesh": self._mesh, "reshard_after_forward": True}
             for layer in model.layers:
@@ -402,61 +378,21 @@ class KDLoRARecipe:
         return model, head_weight
 
     def _setup_loss(self, cfg: DictConfig) -> None:
-        from torchtune import config as tt_config
-        from kd.losses import DistillationLoss
-
-        loss_cfg = cfg.get("loss", None)
-        self._ignore_index = -100
-        self._num_output_chunks = 8
-        if loss_cfg is not None:
-            comp = loss_cfg.get("_component_", "")
-            known = {"torchtune.modules.loss.CEWithChunkedOutputLoss", "torch.nn.CrossEntropyLoss"}
-            if comp not in known:
-                raise ConfigError(f"loss._component_={comp!r}: use one of {sorted(known)} (CE term).")
-            check_keys(loss_cfg, {"_component_", "num_output_chunks", "ignore_index"}, where="'loss'")
-            self._ignore_index = int(loss_cfg.get("ignore_index", -100))
-            self._num_output_chunks = int(loss_cfg.get("num_output_chunks", 8))
-
-        kd_cfg = cfg.get("kd_loss", None)
-        comp = kd_cfg.get("_component_", "") if kd_cfg is not None else "kd.losses.DistillationLoss"
-        stock = {
-            "torchtune.modules.loss.ForwardKLWithChunkedOutputLoss": dict(kind="forward_kl", soft_ce=True),
-            "torchtune.modules.loss.ForwardKLLoss": dict(kind="forward_kl", soft_ce=True),
-            "torchtune.modules.loss.ReverseKLWithChunkedOutputLoss": dict(kind="reverse_kl"),
-            "torchtune.modules.loss.ReverseKLLoss": dict(kind="reverse_kl"),
-        }
-        if comp in stock:
-            # torchtune's KD losses, re-expressed as sums (same values per token); torchtune's forward
-            # "KL" is soft cross-entropy, reproduced with soft_ce=True (the logged 'kl' stays the true KL).
-            extra = to_container(kd_cfg)
-            extra.pop("_component_")
-            check_keys(extra, {"num_output_chunks", "ignore_index"}, where="'kd_loss'")
-            self._kd_loss = DistillationLoss(ignore_index=self._ignore_index, **stock[comp])
-            self._log(f"kd_loss {comp} -> kd.losses.DistillationLoss({stock[comp]})")
-        elif comp in ("kd.losses.DistillationLoss", "kd.losses.ChunkedDistillationLoss"):
-            kd_cfg = kd_cfg if kd_cfg is not None else OmegaConf.create({"_component_": comp})
-            kd_cfg = OmegaConf.merge(kd_cfg, {"_component_": "kd.losses.DistillationLoss"})
-            if "ignore_index" not in kd_cfg:
-                kd_cfg.ignore_index = self._ignore_index
-            try:
-                self._kd_loss = tt_config.instantiate(kd_cfg)
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f"Bad kd_loss options: {e}") from e
-        else:
-            raise ConfigError(
-                f"kd_loss._component_={comp!r} is not supported: use kd.losses.DistillationLoss "
-                "(kind: forward_kl | reverse_kl | jsd | skew_forward_kl | skew_reverse_kl) or torchtune's "
-                "ForwardKL/ReverseKL(WithChunkedOutput)Loss."
-            )
+        """``loss:`` (the CE term; in the fused form the fused CE+KD step) and ``kd_loss:`` (the divergence),
+        instantiated exactly as the config names them (kd.loss_components: a component the loss form cannot
+        run is a ConfigError naming the kd equivalent)."""
+        self._ignore_index = -100  # kd's datasets mask with -100; checks.check_ignore_index rejects any other
+        self._ce_loss, self._kd_loss = loss_components.build_losses(cfg, self._loss_form)
+        self._log("losses: " + ", ".join(f"{k}={v}" for k, v in loss_components.describe(self._ce_loss, self._kd_loss).items()))
         if self._loss_form == "chunked":
-            self._model.set_num_output_chunks(self._num_output_chunks)
+            n = loss_components.num_output_chunks(self._ce_loss, self._kd_loss)
+            self._model.set_num_output_chunks(n)
             if self._teacher is not None:
-                self._teacher.set_num_output_chunks(self._num_output_chunks)
+                self._teacher.set_num_output_chunks(n)
 
     def _setup_on_policy(self, cfg: DictConfig) -> None:
         """``on_policy:`` section (kd.on_policy): with probability lmbda per optimizer step the student answers the
         step's prompts and the teacher scores those answers (GKD); None when the section is absent."""
-        from kd.on_policy import parse_on_policy
 
         self._on_policy = parse_on_policy(cfg.get("on_policy", None), self.seed)
         self._on_policy_stats: Dict[str, float] = {}
@@ -473,7 +409,6 @@ class KDLoRARecipe:
     def _on_policy_batches(self, micro):
         """Hook of the training step: on an on-policy step, the student's answers to the micro-batches' prompts
         (kd.on_policy.OnPolicyBatches with the GLOBAL generated-token count), else None."""
-        from kd.on_policy import count_on_policy_steps, generate_on_policy, is_on_policy_step
 
         if self._on_policy is None:
             return None
@@ -504,16 +439,13 @@ class KDLoRARecipe:
         with torch.no_grad() if r == 1.0 else contextlib.nullcontext():
             ce = self._loss_step(batch, 0.0, with_teacher=False)  # CE on the dataset's answers, no teacher
         if r < 1.0:
-            (ce["loss"] * ((1.0 - r) * scale)).backward()
+            (ce.loss_sum * ((1.0 - r) * scale)).backward()
         kd = self._loss_step(gen_batch, 1.0)  # teacher + student on the student's own answers
         w = n_orig / n_gen.clamp_min(1.0)
-        return {"loss": r * w * kd["loss"] + (1.0 - r) * ce["loss"].detach(), "ce": ce["ce"], "kd": kd["kd"] * w,
-                "kl": kd["kl"] * w, "n_valid": ce["n_valid"], "n_agree": kd["n_agree"] * w}
+        return KDCEResult(kd_ce_mix(ce.loss_sum.detach(), w * kd.loss_sum, r), ce.ce_sum, kd.kd_sum * w,
+                          kd.kl_sum * w, ce.n_valid, kd.n_agree * w)
 
     def _build_dataset(self, cfg_dataset, split: Optional[str]):
-        from torchtune import config as tt_config
-        from torchtune.datasets import ConcatDataset
-
         def one(c):
             kwargs = {}
             if split is not None and c.get("_component_", "").startswith(("kd.data.", "kd.offline.")):
@@ -529,10 +461,6 @@ class KDLoRARecipe:
         return one(cfg_dataset), bool(cfg_dataset.get("packed", False))
 
     def _make_loader(self, ds, packed: bool, shuffle: bool, batch_size: int, drop_last: bool):
-        from torch.utils.data import DistributedSampler
-        from torchdata.stateful_dataloader import StatefulDataLoader
-        from torchtune.data import padded_collate_packed, padded_collate_sft
-
         if len(ds) < self.world_size:
             raise ConfigError(f"The dataset has {len(ds)} samples, fewer than the {self.world_size} ranks.")
         sampler = DistributedSampler(
@@ -549,7 +477,7 @@ class KDLoRARecipe:
         )
 
     def _setup_data(self, cfg_dataset, shuffle: bool, split: str):
-        bs = number(self._cfg, "batch_size", 1, kind=int, min_value=1)
+        bs = SCHEMA.get(self._cfg, "batch_size")
         ds, packed = self._build_dataset(cfg_dataset, split)
         self._check_lengths(ds, split)
         self._packed = packed
@@ -560,7 +488,6 @@ class KDLoRARecipe:
     def _check_lengths(self, ds, split: str) -> None:
         """Rank 0 counts the samples whose answers max_seq_len cuts (warning) or removes entirely (error when
         nothing is left); every rank gets the verdict."""
-        from kd.data import check_truncation
 
         def check():
             try:
@@ -577,16 +504,14 @@ class KDLoRARecipe:
         ds, packed = self._build_dataset(src, "val" if cfg.get("val_dataset") is None else None)
         if len(ds) == 0:
             raise ConfigError("eval_every_n_steps is set but the validation split is empty: set dataset.val_size > 0.")
-        bs = number(cfg, "batch_size", 1, kind=int, min_value=1)
+        bs = SCHEMA.get(cfg, "batch_size")
         self._log(f"validation data: {len(ds)} samples")
         return self._make_loader(ds, packed, shuffle=False, batch_size=bs, drop_last=False)
 
     def _setup_checkpointing(self, cfg: DictConfig) -> None:
-        from kd.step_checkpoint import CheckpointManager
-
         self._ckpt = CheckpointManager(
             self._output_dir / "checkpoints",
-            keep_last_n=number(cfg, "keep_last_n_checkpoints", None, kind=int, min_value=1, allow_none=True),
+            keep_last_n=SCHEMA.get(cfg, "keep_last_n_checkpoints"),
         )
         merged = cfg.get("save_merged_model", None)
         if merged is None:  # torchtune's key: save_adapter_weights_only=False also writes merged weights
@@ -596,7 +521,6 @@ class KDLoRARecipe:
         if not self._resume:
             return
         if self._full:  # every rank loads its own shard of weights + optimizer state
-            from kd import full
 
             latest, state = full.load_checkpoint(self._ckpt, self._model, self._optimizer, rank=self.rank,
                                                  world_size=self.world_size, mesh_shape=self._mesh_shape())
@@ -643,9 +567,6 @@ class KDLoRARecipe:
         return None if latest is None else str(latest)
 
     def _setup_profiler(self, cfg_profiler: Optional[DictConfig]):
-        from torchtune import config as tt_config
-        from torchtune.training import DummyProfiler
-
         if cfg_profiler is None or not cfg_profiler.get("enabled", False):
             return DummyProfiler()
         if "_component_" not in cfg_profiler:
@@ -660,7 +581,6 @@ class KDLoRARecipe:
         """Parse ``teacher_cache`` and decide whether the teacher is loaded in step 5: always without a
         cache and for build; never for use; for online_then_cache only while epoch 1 is not finished
         (a resume after it loads the teacher later only if the cache lacks samples)."""
-        from kd.teacher_cache_session import CacheSession, parse_options, resume_epoch
 
         self._model = None
         self._cache = None
@@ -679,8 +599,6 @@ class KDLoRARecipe:
                   + ("" if self._teacher_at_start else " (teacher not loaded)"))
 
     def _cache_collate(self):
-        from torchtune.data import padded_collate_sft
-
         return partial(padded_collate_sft, padding_idx=self._tokenizer.pad_id, ignore_idx=self._ignore_index)
 
     @property
@@ -690,7 +608,7 @@ class KDLoRARecipe:
             return None
         ds = self._cache.datasets[0] if self._cache.datasets else None
         seq = getattr(ds, "max_seq_len", None)
-        return None if seq is None else number(self._cfg, "batch_size", 1, kind=int, min_value=1) * int(seq)
+        return None if seq is None else SCHEMA.get(self._cfg, "batch_size") * int(seq)
 
     def _attach_teacher_cache(self, cfg: DictConfig) -> None:
         if self._cache is None:
@@ -715,11 +633,10 @@ class KDLoRARecipe:
 
     def _fill_teacher_cache(self) -> None:
         """Teacher-only pass over what the cache lacks, then free the teacher (its memory goes back)."""
-        import gc
 
         stats = self._cache.fill(
             self._teacher, self._teacher_head_weight, self._cache_collate(),
-            batch_size=number(self._cfg, "batch_size", 1, kind=int, min_value=1),
+            batch_size=SCHEMA.get(self._cfg, "batch_size"),
             chunk_size=self._fused_chunk_size, dtype=self._dtype,
             teacher_sharded=self._fsdp and self._cfg.get("teacher_sharding", "shard") == "shard",
             batch_tokens=self._cache_batch_tokens,  # packed data: as many tokens per forward as a step
@@ -771,8 +688,6 @@ class KDLoRARecipe:
     # State (optimizer, RNG) helpers
     # ----------------------------------------------------------------------------------------------
     def _optimizer_state(self) -> Dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
         if not self._fsdp:
             return self._optimizer.state_dict()
         return get_optimizer_state_dict(
@@ -780,8 +695,6 @@ class KDLoRARecipe:
         )
 
     def _load_optimizer_state(self, sd: Dict[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
         if not self._fsdp:
             self._optimizer.load_state_dict(sd)
             return
@@ -807,15 +720,10 @@ class KDLoRARecipe:
     def _loss_step(
         self, batch: Dict[str, torch.Tensor], kd_ratio: float, timer: Optional[PhaseTimer] = None,
         with_teacher: bool = True,
-    ) -> Dict[str, torch.Tensor]:
-        """Forward both models on one micro-batch; return *sums* over its valid tokens.
-
-        Keys: loss (differentiable, (1-r)*CE + r*KD), ce, kd (training divergence), kl (true forward KL),
-        n_valid, n_agree (teacher/student top-1 agreement), all 0-d tensors. ``timer`` (training only) marks
-        the end of the teacher forward and of the student forward + loss.
-        """
-        from kd.losses import chunked_cross_entropy_sum
-
+    ) -> KDCEResult:
+        """Forward both models on one micro-batch; return *sums* over its valid tokens (kd.losses.KDCEResult:
+        loss_sum differentiable = (1-r)*CE + r*KD, ce/kd/kl sums, n_valid, n_agree). ``timer`` (training only)
+        marks the end of the teacher forward and of the student forward + loss."""
         tokens, labels = batch["tokens"], shift_labels(batch["labels"], self._ignore_index)
         mask, input_pos = batch.get("mask", None), batch.get("input_pos", None)
         # The teacher runs even at kd_ratio=0 (when there is one): it feeds the logged KL / agreement.
@@ -828,62 +736,23 @@ class KDLoRARecipe:
         if self._loss_form == "fused":
             cache_targets = {} if self._cache is None else self._cache.loss_targets(
                 batch, labels, teacher_live=teacher_out is not None, training=self._model.training)
-            self._model.output.set_targets(
-                labels=labels, kd_ratio=kd_ratio, loss=self._kd_loss,
+            targets = FusedTargets(
+                labels=labels, loss=self._ce_loss, kd_loss=self._kd_loss, kd_ratio=kd_ratio,
                 teacher_hidden=None if teacher_out is None else teacher_out.to(self._dtype),
                 teacher_weight=None if teacher_out is None else self._teacher_head_weight, **cache_targets,
             )
-            loss_sum = self._model(tokens, mask=mask, input_pos=input_pos)
-            if timer is not None:
-                timer.mark("student_fwd")
-            o = self._model.output.last
-            self._model.output.last = None
+            with self._model.output.fused(targets) as call:
+                self._model(tokens, mask=mask, input_pos=input_pos)
             if self._cache is not None:
-                self._cache.after_step(batch, labels, o.samples)
-            return {"loss": loss_sum, "ce": o.ce_sum, "kd": o.kd_sum, "kl": o.kl_sum,
-                    "n_valid": o.n_valid.to(torch.float32), "n_agree": o.n_agree.to(torch.float32)}
-        # chunked: [b, s_i, V] logits chunks from both models
-        s_chunks = self._model(tokens, mask=mask, input_pos=input_pos)
-        t_chunks = teacher_out
+                self._cache.after_step(batch, labels, call.result.samples)
+            out = call.result
+        else:  # chunked: [b, s_i, V] logits chunks from both models, the config's losses as named
+            s_chunks = self._model(tokens, mask=mask, input_pos=input_pos)
+            out = chunked_kd_ce(s_chunks, teacher_out, labels, ce_loss=self._ce_loss, kd_loss=self._kd_loss,
+                                kd_ratio=kd_ratio, ignore_index=self._ignore_index)
         if timer is not None:
             timer.mark("student_fwd")
-        ce = chunked_cross_entropy_sum(s_chunks, labels, ignore_index=self._ignore_index)
-        if t_chunks is None:
-            zero = torch.zeros((), device=labels.device)
-            return {"loss": ce.loss_sum, "ce": ce.loss_sum.detach(), "kd": zero, "kl": zero,
-                    "n_valid": ce.n_valid.to(torch.float32), "n_agree": zero}
-        kd = self._chunked_kd(s_chunks, t_chunks, labels)
-        with torch.no_grad():
-            kl, agree = self._chunked_metrics(s_chunks, t_chunks, labels)
-        loss = (1.0 - kd_ratio) * ce.loss_sum + kd_ratio * kd.loss_sum
-        return {"loss": loss, "ce": ce.loss_sum.detach(), "kd": kd.loss_sum.detach(), "kl": kl,
-                "n_valid": ce.n_valid.to(torch.float32), "n_agree": agree}
-
-    def _chunked_kd(self, s_chunks, t_chunks, labels):
-        from kd.losses import ChunkedDistillationLoss
-
-        if not hasattr(self, "_chunked_kd_fn"):
-            self._chunked_kd_fn = ChunkedDistillationLoss(**self._kd_loss_kwargs())
-        return self._chunked_kd_fn(s_chunks, t_chunks, labels)
-
-    def _kd_loss_kwargs(self) -> Dict[str, Any]:
-        l = self._kd_loss
-        return {k: getattr(l, k) for k in ("kind", "temperature", "beta", "alpha", "scale_by_t2",
-                                           "soft_ce", "ignore_index") if hasattr(l, k)}
-
-    def _chunked_metrics(self, s_chunks, t_chunks, labels):
-        from kd.losses import ChunkedDistillationLoss
-
-        if not hasattr(self, "_kl_fn"):
-            kw = self._kd_loss_kwargs()
-            kw.update(kind="forward_kl", soft_ce=False, scale_by_t2=False)
-            self._kl_fn = ChunkedDistillationLoss(**kw)
-        kl = self._kl_fn(s_chunks, t_chunks, labels).loss_sum
-        agree = torch.zeros((), device=labels.device)
-        for s, t, lab in zip(s_chunks, t_chunks, labels.split([c.shape[1] for c in s_chunks], dim=1)):
-            valid = lab != self._ignore_index
-            agree += ((s.argmax(-1) == t.argmax(-1)) & valid).sum()
-        return kl, agree
+        return out
 
     # ----------------------------------------------------------------------------------------------
     # Training
@@ -898,9 +767,6 @@ class KDLoRARecipe:
         return batches
 
     def train(self) -> None:
-        from torchtune import training, utils
-        from tqdm import tqdm
-
         if self._cache is not None and self._cache.mode == "build":
             return self._run_cache_build()
         training.cleanup_before_training() if self._device.type == "cuda" else None
@@ -929,37 +795,7 @@ class KDLoRARecipe:
                 micro = self._next_micro_batches(it)
                 if micro is None:
                     break
-                for b in micro:
-                    utils.batch_to_device(b, self._device)
-                gen = self._on_policy_batches(micro)  # on-policy step: the student's answers (kd.on_policy), else None
-                # Global valid-token count of this optimizer step, known before any backward.
-                local_n = sum((shift_labels(b["labels"], self._ignore_index) != self._ignore_index).sum()
-                              for b in micro)
-                local_tok = sum((b["tokens"] != self._tokenizer.pad_id).sum() for b in micro)
-                counts = kdist.all_reduce_sum(torch.stack([local_n, local_tok]).to(torch.float32))
-                scale = self.world_size / counts[0].clamp_min(1.0)  # undo FSDP2's mean over ranks
-                timer.mark("data")
-                sums = None
-                for i, b in enumerate(micro):
-                    out = self._loss_step(b, self._kd_ratio, timer) if gen is None else \
-                        self._on_policy_loss_step(b, gen.batches[i], counts[0], gen.n_tokens, scale)
-                    (out["loss"] * scale).backward()
-                    timer.mark("backward")
-                    vals = torch.stack([out[k].detach().float() for k in ("loss", "ce", "kd", "kl", "n_valid", "n_agree")])
-                    sums = vals if sums is None else sums + vals
-                grad_norm = None
-                if self._clip_grad_norm is not None:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(
-                        [p for p in self._model.parameters() if p.requires_grad], max_norm=self._clip_grad_norm
-                    )
-                    if hasattr(grad_norm, "full_tensor"):
-                        grad_norm = grad_norm.full_tensor()
-                # NaN/Inf bookkeeping on the device (no host sync); read with the logging all-reduce below
-                self._guard.observe(ce=sums[1], kd_terms=sums[2:4], grad_norm=grad_norm, step=self.global_step + 1)
-                self._optimizer.step()
-                self._optimizer.zero_grad(set_to_none=True)
-                if self._lr_scheduler is not None:
-                    self._lr_scheduler.step()
+                sums, counts, grad_norm = self._optimizer_step(micro, timer)
                 timer.mark("optimizer")
                 steps_since_log += 1
                 self.global_step += 1
@@ -1001,10 +837,48 @@ class KDLoRARecipe:
         if self._save_merged:
             self._save_merged_model()
 
+    def _optimizer_step(self, micro: List[Dict[str, torch.Tensor]], timer: PhaseTimer):
+        """One optimizer step over the micro-batches: forward + backward of each (its sum / the GLOBAL valid-token
+        count), clipping, the non-finite bookkeeping, optimizer and LR-scheduler step. Returns ``(sums, counts,
+        grad_norm)``: the summed KDCEResult.metric_vector of this rank, the global [valid, non-pad] token counts,
+        the clipped norm (None without clipping)."""
+        for b in micro:
+            utils.batch_to_device(b, self._device)
+        gen = self._on_policy_batches(micro)  # on-policy step: the student's answers (kd.on_policy), else None
+        # Global valid-token count of this optimizer step, known before any backward.
+        local_n = sum((shift_labels(b["labels"], self._ignore_index) != self._ignore_index).sum() for b in micro)
+        local_tok = sum((b["tokens"] != self._tokenizer.pad_id).sum() for b in micro)
+        counts = kdist.all_reduce_sum(torch.stack([local_n, local_tok]).to(torch.float32))
+        scale = self.world_size / counts[0].clamp_min(1.0)  # undo FSDP2's mean over ranks
+        timer.mark("data")
+        sums = None
+        for i, b in enumerate(micro):
+            out = self._loss_step(b, self._kd_ratio, timer) if gen is None else \
+                self._on_policy_loss_step(b, gen.batches[i], counts[0], gen.n_tokens, scale)
+            (out.loss_sum * scale).backward()
+            timer.mark("backward")
+            vals = out.metric_vector()
+            sums = vals if sums is None else sums + vals
+        grad_norm = None
+        if self._clip_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in self._model.parameters() if p.requires_grad], max_norm=self._clip_grad_norm
+            )
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+        # NaN/Inf bookkeeping on the device (no host sync); read with the logging all-reduce in train()
+        self._guard.observe(ce=sums[_M.index("ce_sum")],
+                            kd_terms=torch.stack([sums[_M.index("kd_sum")], sums[_M.index("kl_sum")]]),
+                            grad_norm=grad_norm, step=self.global_step + 1)
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        if self._lr_scheduler is not None:
+            self._lr_scheduler.step()
+        return sums, counts, grad_norm
+
     def _install_stop_handlers(self) -> None:
         """First SIGINT/SIGTERM: finish the current optimizer step, checkpoint, exit (at the next logging
         step). A second signal stops at once (the last periodic checkpoint stays valid: writes are atomic)."""
-        import signal
 
         self._stop_requested = False
 
@@ -1020,15 +894,14 @@ class KDLoRARecipe:
             signal.signal(sig, handler)
 
     def _log_step(self, sums, counts, grad_norm, dt: float, pbar, phases: Dict[str, float]) -> None:
-        loss, ce, kd, kl, n_valid, n_agree = sums.tolist()
+        m = KDCEResult.read_metrics(sums)
+        n_valid = m["n_valid"]
         if n_valid == 0 and self._is_rank_zero:
             log.warning(f"step {self.global_step}: no answer tokens in this step's batch (every answer cut away by "
                         "max_seq_len?): it contributes nothing; see the truncation report at setup")
-        n = max(n_valid, 1.0)
         tokens = float(counts[1])
         metrics = {
-            "loss": loss / n, "ce_loss": ce / n, "kd_loss": kd / n, "kl": kl / n,
-            "top1_agreement": n_agree / n,
+            **self._token_means(m),
             "lr": self._optimizer.param_groups[0]["lr"],
             "tokens_per_second": tokens / max(dt, 1e-9),
             "tokens_per_second_per_gpu": tokens / max(dt, 1e-9) / self.world_size,
@@ -1056,8 +929,6 @@ class KDLoRARecipe:
         return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
     def _emit(self, metrics: Dict[str, float], kind: str) -> None:
-        import json
-
         rec = {"step": self.global_step, "kind": kind, **metrics}
         self._metrics_file.write(json.dumps(rec) + "\n")
         if self._metric_logger is not None:
@@ -1068,13 +939,9 @@ class KDLoRARecipe:
 
     @torch.no_grad()
     def _validate_now(self) -> None:
-        from torchtune import utils
-
-        from kd.progress import progress
-
         t0 = time.perf_counter()
         self._model.eval()
-        sums = torch.zeros(6, device=self._device)
+        sums = torch.zeros(len(KDCEResult.METRICS), device=self._device)
         n_val = len(self._val_loader) if self._max_eval_batches is None else min(len(self._val_loader), self._max_eval_batches)
         bar = progress(total=n_val, desc="validation", unit="batch", enabled=self._progress_bar)
         for i, b in enumerate(self._val_loader):
@@ -1082,24 +949,26 @@ class KDLoRARecipe:
                 break
             bar.update(1)
             utils.batch_to_device(b, self._device)
-            out = self._loss_step(b, self._kd_ratio)
-            sums += torch.stack([out[k].detach().float() for k in ("loss", "ce", "kd", "kl", "n_valid", "n_agree")])
+            sums += self._loss_step(b, self._kd_ratio).metric_vector()
         bar.close()
         self._model.train()
         sums = kdist.all_reduce_sum(sums)
-        loss, ce, kd, kl, n_valid, n_agree = sums.tolist()
-        n = max(n_valid, 1.0)
+        m = KDCEResult.read_metrics(sums)
         if self._is_rank_zero:
-            self._emit({"loss": loss / n, "ce_loss": ce / n, "kd_loss": kd / n, "kl": kl / n,
-                        "top1_agreement": n_agree / n, "valid_tokens": n_valid,
+            self._emit({**self._token_means(m), "valid_tokens": m["n_valid"],
                         "seconds": time.perf_counter() - t0}, kind="val")
+
+    @staticmethod
+    def _token_means(m: Dict[str, float]) -> Dict[str, float]:
+        """The logged per-token means of summed KDCEResult metrics (one division by the global count)."""
+        n = max(m["n_valid"], 1.0)
+        return {"loss": m["loss_sum"] / n, "ce_loss": m["ce_sum"] / n, "kd_loss": m["kd_sum"] / n,
+                "kl": m["kl_sum"] / n, "top1_agreement": m["n_agree"] / n}
 
     # ----------------------------------------------------------------------------------------------
     # Checkpointing
     # ----------------------------------------------------------------------------------------------
     def _adapter_meta(self) -> Dict[str, Any]:
-        from torchtune.modules.peft import get_lora_module_names
-
         return {
             "rank": self._lora_rank, "alpha": self._lora_alpha,
             "target_modules": get_lora_module_names(
@@ -1112,7 +981,6 @@ class KDLoRARecipe:
         """Adapter (PEFT format), optimizer, LR scheduler, RNG of every rank and dataloader position,
         written atomically by rank 0 (full fine-tune: weights and optimizer state as per-rank shards, kd.full);
         collective (every rank must call it)."""
-        import torch.distributed as dist
 
         # never checkpoint a NaN/Inf state (collective: flags of every rank since the last logging step)
         if getattr(self, "_guard", None) is not None:
@@ -1130,7 +998,6 @@ class KDLoRARecipe:
             dist.all_gather_object(gathered, rng[0])
             rng = gathered
         if self._full:
-            from kd import full
 
             path = full.save_checkpoint(
                 self._ckpt, self.global_step, self.epochs_run, self._model, self._optimizer,
@@ -1164,8 +1031,6 @@ class KDLoRARecipe:
         }
 
     def _save_merged_model(self) -> None:
-        from kd.hf_export import save_merged_hf
-
         out = self._output_dir / "merged"
         # FusedKDHead keeps torchtune's parameter names (output.weight, output.lora_*), so the state dict
         # merges exactly like the stock model's.
@@ -1198,8 +1063,6 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 def main() -> int:
-    from kd.cli_util import run_recipe
-
     return run_recipe(recipe_main)
 
 

@@ -8,9 +8,8 @@ import torch.nn.functional as F
 
 from kd.losses import (
     KINDS,
-    ChunkedDistillationLoss,
     DistillationLoss,
-    FusedKDOutput,
+    KDCEResult,
     LossSums,
     chunked_cross_entropy_sum,
     cross_entropy_sum,
@@ -327,7 +326,7 @@ def test_value_errors():
         DistillationLoss()(s, t, lab)
     assert "152064" in str(e.value) and "151665" in str(e.value)
     with pytest.raises(ValueError, match="152064"):
-        ChunkedDistillationLoss()([s[None]], [t[None]], lab[None])
+        DistillationLoss()([s[None]], [t[None]], lab[None])
     with pytest.raises(ValueError, match="152064"):
         fused_linear_kd_ce(
             torch.zeros(2, 4), torch.zeros(151936, 4), lab, teacher_hidden=torch.zeros(2, 3),
@@ -354,7 +353,7 @@ def test_value_errors():
     with pytest.raises(ValueError, match="teacher"):
         fused_linear_kd_ce(torch.zeros(2, 4), torch.zeros(5, 4), lab, kd_ratio=0.5, loss=DistillationLoss())
     with pytest.raises(ValueError, match="sum to 9"):
-        ChunkedDistillationLoss()(
+        DistillationLoss()(
             [torch.zeros(1, 4, 5), torch.zeros(1, 5, 5)], [torch.zeros(1, 4, 5), torch.zeros(1, 5, 5)],
             torch.zeros(1, 10, dtype=torch.long),
         )
@@ -374,7 +373,7 @@ def test_chunked_equals_plain(kind, kw, split):
     s, t, labels = _make(B * S, V, torch.float32, seed=9, mask_frac=0.4)
     s, t, labels = s.view(B, S, V), t.view(B, S, V), labels.view(B, S)
     loss = DistillationLoss(kind, temperature=2.0, **kw)
-    closs = ChunkedDistillationLoss(kind, temperature=2.0, **kw)
+    closs = DistillationLoss(kind, temperature=2.0, **kw)
     x1 = s.clone().requires_grad_(True)
     x2 = s.clone().requires_grad_(True)
     plain = loss(x1, t, labels)
@@ -446,7 +445,7 @@ def test_fused_equals_plain(kind, kw, kd_ratio, lora):
         h2, W2, labels, teacher_hidden=th, teacher_weight=tw, kd_ratio=kd_ratio, loss=loss, chunk_size=8,
         student_lora=lo2,
     )
-    assert isinstance(out, FusedKDOutput)
+    assert isinstance(out, KDCEResult)
     torch.testing.assert_close(out.loss_sum, tot, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(out.ce_sum, ce.detach(), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(out.kd_sum, kd.detach(), rtol=1e-5, atol=1e-4)

@@ -146,7 +146,7 @@ def test_on_policy_equivalences(testbed, tmp_path):
         assert r["loss"] == pytest.approx(0.5 * r["ce_loss"] + 0.5 * r["kd_loss"], rel=1e-5)
         assert 0 < r["gen_mean_length"] <= 41 and r["gen_tokens_per_second"] > 0
     runs = {
-        "chunked": metrics(_run(testbed, tmp_path, "chunked", [*common, "loss_form=chunked"])),
+        "chunked": metrics(_run(testbed, tmp_path, "chunked", [*common, "loss_form=chunked", "loss._component_=kd.losses.ChunkedCrossEntropyLoss"])),
         "ga": metrics(_run(testbed, tmp_path, "ga", [*common, "batch_size=2", "gradient_accumulation_steps=2"])),
         "2proc": metrics(_run(testbed, tmp_path, "2proc", [*common, "batch_size=2"], launcher=["--nproc_per_node", "2"])),
         # HSDP with a replicated teacher (the two-node config's layout), here on one host

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from kd.data import alpaca_kd_dataset
-from kd.heads import FusedKDHead, HiddenStatesHead
-from kd.losses import DistillationLoss
+from kd.heads import FusedKDHead, FusedTargets, HiddenStatesHead
+from kd.losses import DistillationLoss, FusedKDCELoss
 from kd.models import build_on_meta, is_adapter_param, load_hf_into_model
 
 
@@ -44,10 +44,11 @@ def _sums(student, teacher, head_w, tokens, labels, mask=None, input_pos=None):
     loss = DistillationLoss(kind="forward_kl")
     with torch.no_grad():
         th = teacher(tokens, mask=mask, input_pos=input_pos)
-        student.output.set_targets(labels=_shift(labels), kd_ratio=0.5, loss=loss, teacher_hidden=th,
-                                   teacher_weight=head_w)
-        total = student(tokens, mask=mask, input_pos=input_pos)
-    o = student.output.last
+        targets = FusedTargets(labels=_shift(labels), loss=FusedKDCELoss(), kd_loss=loss, kd_ratio=0.5,
+                               teacher_hidden=th, teacher_weight=head_w)
+        with student.output.fused(targets) as call:
+            total = student(tokens, mask=mask, input_pos=input_pos)
+    o = call.result
     return torch.stack([total, o.ce_sum, o.kd_sum, o.n_valid.to(total.dtype)])
 
 

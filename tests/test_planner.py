@@ -63,7 +63,7 @@ def _run_steps(cfg, batch_size: int, seq_len: int, steps: int = 2):
         tokens = torch.randint(0, 1000, (batch_size, seq_len), generator=g)
         batch = {"tokens": tokens, "labels": tokens.clone()}
         out = recipe._loss_step(batch, recipe._kd_ratio)
-        (out["loss"] / out["n_valid"].clamp_min(1)).backward()
+        (out.loss_sum / out.n_valid.clamp_min(1)).backward()
         torch.nn.utils.clip_grad_norm_([p for p in recipe._model.parameters() if p.requires_grad], 1.0)
         recipe._optimizer.step()
         recipe._optimizer.zero_grad(set_to_none=True)
@@ -183,7 +183,8 @@ def test_two_node_sharding_halves_weights():
 
 @pytest.mark.parametrize("variant", ["fused", "chunked_ac"])
 def test_estimate_within_25pct_of_measured_tiny_peak(testbed, tmp_path, variant):
-    extra = [] if variant == "fused" else ["loss_form=chunked", "enable_activation_checkpointing=True"]
+    extra = [] if variant == "fused" else ["loss_form=chunked", "loss._component_=kd.losses.ChunkedCrossEntropyLoss",
+                                           "enable_activation_checkpointing=True"]
     m = run_measure(testbed, tmp_path, *extra)
     print(f"\n[{variant}] measured {m['measured'] / 2**20:.1f} MiB (peak RSS {m['peak_rss'] / 2**20:.1f} - "
           f"baseline {m['baseline'] / 2**20:.1f}), estimate {m['estimate'] / 2**20:.1f} MiB "
