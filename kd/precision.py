@@ -429,6 +429,16 @@ class RowwiseFP8Linear(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # NF4 -> FP8
 # --------------------------------------------------------------------------------------------------
+def nf4_to_device(w, device) -> "torch.Tensor":
+    """The same NF4 codes and scalers on ``device``. (torchao's ``NF4Tensor.to(device)`` dequantises and quantises
+    again, which changes the block scalers: a GPU-vs-CPU comparison through it compares different weights.)"""
+    from torchao.dtypes.nf4tensor import NF4Tensor, construct_nf4_args
+
+    names = ("quantized_scalers", "quantization_factor", "scaler_mean", "quantized_data", "nf4")
+    return NF4Tensor(*construct_nf4_args(w, {"device": torch.device(device),
+                                             **{n: getattr(w, n).to(device) for n in names}}))
+
+
 def nf4_row_absmax(w) -> torch.Tensor:
     """Per-output-row absmax [N] fp32 of the NF4 weight's dequantised values, from its block scalers alone:
     ``max_b |scaler[n, b]| * max|code|`` (needs in_features % block_size == 0, so each block lies in one row)."""

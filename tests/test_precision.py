@@ -343,16 +343,26 @@ def test_gpu_path_rounds_like_the_cpu_emulation():
     w4 = _nf4((256, 1024), seed=9)
     s, inv = P.nf4_fp8_scales(w4)
     ref = P.nf4_to_fp8(w4, inv, impl="torch")
-    w4c = w4.to("cuda")
-    got = P.nf4_to_fp8(w4c, inv.cuda(), impl="triton").cpu()
+    w4c = P.nf4_to_device(w4, "cuda")
+    s_c, inv_c = P.nf4_fp8_scales(w4c)  # computed on the GPU: must round as the CPU does
+    assert torch.equal(s_c.cpu(), s) and torch.equal(inv_c.cpu(), inv)
+    got = P.nf4_to_fp8(w4c, inv_c, impl="triton").cpu()
     assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
-    x = _odd_values((64, 1024), seed=10).to(torch.bfloat16)
+    x = _odd_values((300, 1024), seed=10).to(torch.bfloat16)  # >= FP8_GEMM_MIN_ROWS: the FP8 GEMM, padded to 304
     xq, sx = P.quantize_rowwise(x)
     xq_c, sx_c = P._act_quant(x.cuda())
     assert torch.equal(xq_c.cpu().view(torch.uint8), xq.view(torch.uint8)) and torch.equal(sx_c.cpu(), sx)
     y_gpu = P.NF4FP8Linear(w4c, None)(x.cuda()).float().cpu()
     y_emu = P.NF4FP8Linear(w4, None, impl="emulate")(x).float()
     assert ((y_gpu - y_emu).norm() / y_emu.norm()).item() < 1e-2
+
+
+def test_nf4_to_device_keeps_codes_and_scalers():
+    w4 = _nf4((32, 512), seed=4)
+    c = P.nf4_to_device(w4, "cpu")
+    for n in ("quantized_scalers", "quantization_factor", "scaler_mean", "quantized_data", "nf4"):
+        assert torch.equal(getattr(c, n), getattr(w4, n))
+    assert torch.equal(c.get_original_weight(), w4.get_original_weight())
 
 
 def test_compiled_activation_quant_equals_eager_bit_for_bit():
