@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from kd.config import ConfigError
+from kd.static_decode import decode_step_cost
 
 TFLOP = 1e12
 
@@ -516,9 +517,11 @@ class GenerationEstimate:
 
 def estimate_generation(gen_cfg, hw: Hardware, expected_new_tokens: Optional[List[int]] = None,
                         n_prompts: Optional[int] = None) -> GenerationEstimate:
-    """Decode time of plan A: every step reads the weights (4.5 B/weight today: NF4 read + bf16 copy written and
-    read; 0.53 B/weight with a fused 4-bit kernel) and the KV cache, and does 2*P*B FLOPs; plus the per-step
-    overhead. Generated length per prompt: the expected answer length (capped at max_new_tokens)."""
+    """Decode time of plan A from :func:`kd.static_decode.decode_step_cost`: every step reads the weights (4.53
+    B/weight today: NF4 read + bf16 copy written and read; 0.53 B/weight with a fused 4-bit kernel) and the KV
+    cache, and does the matrix and attention FLOPs; the roofline of the two at the profile's rates, plus its
+    measured per-step overhead. Generated length per prompt: the expected answer length (capped at
+    max_new_tokens)."""
     from kd.planner import build_and_count
 
     m = build_and_count(gen_cfg.model)
@@ -530,21 +533,21 @@ def estimate_generation(gen_cfg, hw: Hardware, expected_new_tokens: Optional[Lis
     n = len(gen)
     total = sum(gen)
     mean_ctx = 128 + (sum(gen) / max(1, n)) / 2
-    kv = 2 * m.num_layers * m.num_kv_heads * m.head_dim * 2 * mean_ctx * B  # bytes read per step
-    P = m.linear + m.other_layer + m.output
+    dims = dict(num_layers=m.num_layers, embed_dim=m.embed_dim, intermediate_dim=m.intermediate_dim,
+                num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, vocab_size=m.vocab_size)
 
-    def step_ms(bytes_per_weight: float) -> float:
-        bytes_ = bytes_per_weight * m.linear + 2 * m.output + kv
-        t_mem = bytes_ / (hw.mem_gbps * 1e9 * hw.decode_bw_eff)
-        t_flop = 2.0 * P * B / (hw.bf16_tflops * TFLOP * hw.teacher_eff)
-        return 1e3 * max(t_mem, t_flop) + hw.decode_overhead_ms
+    def step_ms(weight_format: str) -> float:
+        # the same bytes/FLOPs model as kd.static_decode (one cost model for the decoder and the planner)
+        cost = decode_step_cost(B, int(mean_ctx), weight_format=weight_format, **dims)
+        return 1e3 * cost.seconds(hw.mem_gbps * 1e9 * hw.decode_bw_eff,
+                                  hw.bf16_tflops * TFLOP * hw.teacher_eff) + hw.decode_overhead_ms
 
     # rows finish at different lengths: a batch runs as long as its longest row (sorted batching: ~mean of max)
     steps = 0
     srt = sorted(gen)
     for i in range(0, n, B):
         steps += max(srt[i:i + B])
-    today, fused = step_ms(4.5), step_ms(0.53)
+    today, fused = step_ms("nf4_dequant"), step_ms("nf4")
     hours = {k: steps * today / 1e3 / 3600 / k for k in (1, 2)}
     fhours = {k: steps * fused / 1e3 / 3600 / k for k in (1, 2)}
     return GenerationEstimate(hw, n, total, B, today, total / max(1e-9, steps * today / 1e3), hours, fused, fhours)
