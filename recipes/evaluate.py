@@ -364,11 +364,7 @@ def recipe_main(cfg: DictConfig) -> None:
     log.info(f"report: {out / 'eval_report.md'}")
 
 
-def main() -> int:
+if __name__ == "__main__":  # `tune run` runs this file as __main__
     from kd.train.cli_util import run_recipe
 
-    return run_recipe(recipe_main)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_recipe(recipe_main))

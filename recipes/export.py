@@ -180,11 +180,7 @@ def _quantize(cfg: DictConfig, merged, out: Path, device) -> None:
         log.info(f"serve it (on a vLLM host; vLLM does not run here): {kq.vllm_serve_command(dest, scheme)}")
 
 
-def main() -> int:
+if __name__ == "__main__":  # `tune run` runs this file as __main__
     from kd.train.cli_util import run_recipe
 
-    return run_recipe(recipe_main)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_recipe(recipe_main))

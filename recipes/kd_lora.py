@@ -1064,9 +1064,5 @@ def recipe_main(cfg: DictConfig) -> None:
     recipe.cleanup()
 
 
-def main() -> int:
-    return run_recipe(recipe_main)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `tune run` runs this file as __main__
+    sys.exit(run_recipe(recipe_main))

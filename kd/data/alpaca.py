@@ -324,39 +324,15 @@ class AlpacaKDDataset(Dataset):
         return {"tokens": list(tokens), "labels": labels, "sample_id": sid}
 
 
-def alpaca_kd_dataset(
-    tokenizer,
-    source: str,
-    *,
-    system_prompt: Optional[str] = DEFAULT_SYSTEM_PROMPT,
-    split: str = "train",
-    val_size: Union[float, int] = 0.0,
-    seed: int = 0,
-    max_seq_len: Optional[int] = None,
-    train_on_input: bool = False,
-    packed: bool = False,
-    packing: str = "best_fit",
-    on_bad_record: str = "error",
-    output_field: str = "output",
-):
+def alpaca_kd_dataset(tokenizer, source: str, *, packed: bool = False, packing: str = "best_fit", **options):
     """torchtune dataset builder: ``_component_: kd.data.alpaca.alpaca_kd_dataset``.
 
+    ``options`` are the keyword arguments of :class:`AlpacaKDDataset` (``system_prompt``, ``split``, ``val_size``,
+    ``seed``, ``max_seq_len``, ``train_on_input``, ``on_bad_record``, ``output_field``), written once there.
     Returns an ``AlpacaKDDataset`` (attributes ``ids``, ``n_bad``, ``records``), or a torchtune
     ``PackedDataset`` around it when ``packed=True`` (the unpacked dataset is at ``.ds``).
     """
-    ds = AlpacaKDDataset(
-        tokenizer,
-        source,
-        system_prompt=system_prompt,
-        split=split,
-        val_size=val_size,
-        seed=seed,
-        max_seq_len=max_seq_len,
-        train_on_input=train_on_input,
-        on_bad_record=on_bad_record,
-        output_field=output_field,
-    )
-    return maybe_pack(ds, tokenizer, packed, packing)
+    return maybe_pack(AlpacaKDDataset(tokenizer, source, **options), tokenizer, packed, packing)
 
 
 PACKING = ("best_fit", "greedy")

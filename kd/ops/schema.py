@@ -22,7 +22,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from kd.core.config import ConfigError, check_keys, choice, number
 from kd.losses.distillation import check_kd_ratio
@@ -205,10 +205,18 @@ KD_LORA = Schema("recipes/kd_lora.py", "the kd_lora config", [
        "section"),
 ], doc="Online KD (and, without a teacher, LoRA SFT): `tune run recipes/kd_lora.py --config ...`.")
 
+def _head(output_dir: str, model: str, checkpointer: str, *, checkpointer_required: bool = True) -> List[Key]:
+    """The keys every offline recipe starts with: where it writes, the model builder and its HF checkpoint."""
+    return [_tt("output_dir", output_dir, required=True), _tt("model", model, "section", required=True),
+            _tt("checkpointer", checkpointer, "section", required=checkpointer_required)]
+
+
+# device and dtype of the offline recipes (kd_lora has its own defaults and the fp16 rejection)
+_DEVICE_DTYPE = [_tt("device", "auto | cpu | cuda[:i]"), _tt("dtype", "bf16 | fp32")]
+
+
 EVALUATE = Schema("recipes/evaluate.py", "the evaluate config", [
-    _tt("output_dir", "where the report and plots go", required=True),
-    _tt("model", "student builder", "section", required=True),
-    _tt("checkpointer", "student HF checkpoint", "section", required=True),
+    *_head("where the report and plots go", "student builder", "student HF checkpoint"),
     _k("adapters", "adapter directories to compare"),
     _tt("teacher_model", "teacher builder", "section"),
     _tt("teacher_checkpointer", "teacher HF checkpoint", "section"),
@@ -223,8 +231,7 @@ EVALUATE = Schema("recipes/evaluate.py", "the evaluate config", [
     _k("temperature", "sampling temperature"),
     _k("top_p", "nucleus sampling"),
     _tt("seed", "seed"),
-    _tt("device", "auto | cpu | cuda[:i]"),
-    _tt("dtype", "bf16 | fp32"),
+    *_DEVICE_DTYPE,
     _k("plots", "write plots"),
     _k("length_samples", "samples for the answer-length statistics"),
     _k("training_metrics", "metrics.jsonl files to plot"),
@@ -232,12 +239,9 @@ EVALUATE = Schema("recipes/evaluate.py", "the evaluate config", [
 ], doc="Held-out evaluation of saved adapters: `tune run recipes/evaluate.py --config ...`.")
 
 EXPORT = Schema("recipes/export.py", "the export config", [
-    _tt("output_dir", "where merged/ and adapter/ go", required=True),
-    _tt("model", "student builder", "section", required=True),
-    _tt("checkpointer", "base HF checkpoint", "section", required=True),
+    *_head("where merged/ and adapter/ go", "student builder", "base HF checkpoint"),
     _k("adapter_dir", "the PEFT adapter to merge"),
-    _tt("device", "auto | cpu | cuda[:i]"),
-    _tt("dtype", "bf16 | fp32"),
+    *_DEVICE_DTYPE,
     _k("max_shard_size_gb", "safetensors shard size"),
     _tt("tokenizer", "the student's tokenizer (calibration prompts)", "section"),
     _k("overwrite", "replace a non-empty merged/ or adapter/"),
@@ -247,17 +251,15 @@ EXPORT = Schema("recipes/export.py", "the export config", [
 ], doc="Merged HF export: `tune run recipes/export.py --config ...`.")
 
 GENERATE_TEACHER = Schema("recipes/generate_teacher.py", "the generate_teacher config", [
-    _tt("output_dir", "where the generated dataset goes", required=True),
-    _tt("model", "teacher builder", "section", required=True),
-    _tt("checkpointer", "teacher HF checkpoint (or teacher_checkpointer)", "section"),
+    *_head("where the generated dataset goes", "teacher builder", "teacher HF checkpoint (or teacher_checkpointer)",
+           checkpointer_required=False),
     _tt("teacher_checkpointer", "teacher HF checkpoint (alias of checkpointer)", "section"),
     _tt("tokenizer", "tokenizer component", "section", required=True),
     _k("source", "prompts (alpaca JSON)", required=True),
     _k("system_prompt", "system prompt of the chat template"),
     _k("on_bad_record", "error | skip"),
     _k("teacher_quantization", "teacher precision: bf16 (= null) | nf4 | fp8 | nf4_fp8"),
-    _tt("device", "auto | cpu | cuda[:i]"),
-    _tt("dtype", "bf16 | fp32"),
+    *_DEVICE_DTYPE,
     _tt("seed", "seed"),
     _tt("batch_size", "prompts per batch"),
     _k("max_batch_tokens", "token budget per batch"),

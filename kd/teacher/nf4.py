@@ -81,17 +81,25 @@ def _dequant_torch(w: NF4Tensor, scalers: torch.Tensor) -> torch.Tensor:
 if _HAS_TRITON:
 
     @triton.jit
-    def _nf4_dequant_kernel(q_ptr, s_ptr, nf4_ptr, out_ptr, n_bytes,
-                            HALF_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
+    def nf4_block_values(q_ptr, s_ptr, nf4_ptr, pid, n_bytes, HALF_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+        """The shared prologue of kd's NF4 kernels (this module's and :mod:`kd.teacher.precision`'s NF4->FP8):
+        program ``pid``'s ``BLOCK`` packed bytes -> (byte offsets, their mask, high-nibble values, low-nibble
+        values), the values being code * block scaler in fp32 (bf16*bf16 is exact in fp32)."""
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_bytes
         b = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.int32)
         hi = tl.load(nf4_ptr + (b >> 4)).to(tl.float32)
         lo = tl.load(nf4_ptr + (b & 15)).to(tl.float32)
         s = tl.load(s_ptr + offs // HALF_BLOCK, mask=mask, other=0.0).to(tl.float32)
-        # bf16*bf16 is exact in fp32; a single rounding to the output dtype matches eager torch bit for bit
-        out = tl.join(hi * s, lo * s).to(out_ptr.dtype.element_ty)  # [BLOCK, 2]
+        return offs, mask, hi * s, lo * s
+
+    @triton.jit
+    def _nf4_dequant_kernel(q_ptr, s_ptr, nf4_ptr, out_ptr, n_bytes,
+                            HALF_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        _, _, vh, vl = nf4_block_values(q_ptr, s_ptr, nf4_ptr, pid, n_bytes, HALF_BLOCK, BLOCK)
+        # a single rounding of the exact fp32 products to the output dtype matches eager torch bit for bit
+        out = tl.join(vh, vl).to(out_ptr.dtype.element_ty)  # [BLOCK, 2]
         out = tl.reshape(out, [2 * BLOCK])
         o_offs = pid.to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
         tl.store(out_ptr + o_offs, out, mask=o_offs < 2 * n_bytes)
@@ -165,18 +173,24 @@ def linear_nf4_fast(x: torch.Tensor, weight: NF4Tensor, bias: Optional[torch.Ten
     return y + bias if bias is not None else y
 
 
+def frozen_nf4_params_(module: nn.Module, weight, bias: Optional[torch.Tensor], error: str) -> None:
+    """Give an NF4 linear (:class:`FastNF4Linear`, :class:`kd.teacher.precision.NF4FP8Linear`) its frozen
+    ``weight`` (an ``NF4Tensor``, else ``TypeError(error)``) and ``bias`` (``None``: registered as absent)."""
+    if not isinstance(weight, NF4Tensor):
+        raise TypeError(error)
+    module.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        module.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    else:
+        module.register_parameter("bias", None)
+
+
 class FastNF4Linear(nn.Module):
     """Frozen linear whose ``weight`` is an ``NF4Tensor`` parameter (FSDP2-shardable), fast forward."""
 
     def __init__(self, weight: NF4Tensor, bias: Optional[torch.Tensor] = None, *, fast: bool = True):
         super().__init__()
-        if not isinstance(weight, NF4Tensor):
-            raise TypeError("FastNF4Linear needs an NF4Tensor weight (use FastNF4Linear.from_linear)")
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        if bias is not None:
-            self.bias = nn.Parameter(bias.detach(), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
+        frozen_nf4_params_(self, weight, bias, "FastNF4Linear needs an NF4Tensor weight (use FastNF4Linear.from_linear)")
         self.fast = fast
         self.in_features = weight.shape[1]
         self.out_features = weight.shape[0]

@@ -471,23 +471,16 @@ except Exception:  # pragma: no cover - CPU-only environments
     _HAS_TRITON = False
 
 if _HAS_TRITON:
-    # The nibble/scaler prologue is the one of kd.teacher.nf4._nf4_dequant_kernel. It is not shared through a @triton.jit
-    # helper (yet): both kernels are checked bit for bit on a GPU only (TRITON_INTERPRET on the CPU does not give
-    # their results), so such a change could not be verified where kd is developed.
+    from kd.teacher.nf4 import nf4_block_values  # the nibble/scaler prologue shared with kd.teacher.nf4's kernel
 
     @triton.jit
     def _nf4_fp8_kernel(q_ptr, s_ptr, nf4_ptr, inv_ptr, out_ptr, n_bytes, half_k,
                         HALF_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n_bytes
-        b = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.int32)
-        hi = tl.load(nf4_ptr + (b >> 4)).to(tl.float32)
-        lo = tl.load(nf4_ptr + (b & 15)).to(tl.float32)
-        s = tl.load(s_ptr + offs // HALF_BLOCK, mask=mask, other=0.0).to(tl.float32)
+        offs, mask, hs, ls = nf4_block_values(q_ptr, s_ptr, nf4_ptr, pid, n_bytes, HALF_BLOCK, BLOCK)
         inv = tl.load(inv_ptr + offs // half_k, mask=mask, other=0.0)
-        vh = tl.minimum(tl.maximum((hi * s) * inv, -448.0), 448.0)
-        vl = tl.minimum(tl.maximum((lo * s) * inv, -448.0), 448.0)
+        vh = tl.minimum(tl.maximum(hs * inv, -448.0), 448.0)
+        vl = tl.minimum(tl.maximum(ls * inv, -448.0), 448.0)
         out = tl.join(vh, vl).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")  # [BLOCK, 2]
         out = tl.reshape(out, [2 * BLOCK])
         o_offs = pid.to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
@@ -540,15 +533,9 @@ class NF4FP8Linear(nn.Module):
     def __init__(self, weight, bias: Optional[torch.Tensor] = None, *, impl: str = "auto",
                  dequant_impl: str = "auto"):
         super().__init__()
-        from torchao.dtypes.nf4tensor import NF4Tensor
+        from kd.teacher.nf4 import frozen_nf4_params_
 
-        if not isinstance(weight, NF4Tensor):
-            raise TypeError("NF4FP8Linear needs an NF4Tensor weight")
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        if bias is not None:
-            self.bias = nn.Parameter(bias.detach(), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
+        frozen_nf4_params_(self, weight, bias, "NF4FP8Linear needs an NF4Tensor weight")
         s, inv = nf4_fp8_scales(weight)
         self.register_buffer("weight_scale", s)
         self.register_buffer("weight_inv_scale", inv)

@@ -217,13 +217,8 @@ def write_peft_adapter_files(
     for k, v in adapter_sd.items():
         if k.endswith("lora_a.weight") and v.shape[0] != rank:
             raise ValueError(f"rank={rank} but {k} has shape {tuple(v.shape)}")
-    cfg = peft_adapter_config(
-        rank=rank,
-        alpha=alpha,
-        target_modules=target_modules,
-        base_model_name_or_path=base_model_name_or_path,
-        use_dora=use_dora,
-    )
+    cfg = peft_adapter_config(rank=rank, alpha=alpha, target_modules=target_modules,
+                              base_model_name_or_path=base_model_name_or_path, use_dora=use_dora)
     save_file(tune_to_peft_adapter_sd(adapter_sd), str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
     (d / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
