@@ -32,7 +32,7 @@ import os
 import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from kd.core.config import ConfigError
 
@@ -310,6 +310,139 @@ SAMPLER_BYTES_PER_VOCAB = 60.0
 H2D_GBPS = 25.0  # host -> device (PCIe Gen5 x16 is 64 GB/s nominal; assumed achieved, not measured)
 
 
+@dataclass
+class _JobModel:
+    """What the phases of :func:`estimate_job` share: the inputs, both models' counts, one epoch's micro-batches
+    and the rates (FLOP/s) of the student (``R``) and teacher (``R_t``) GEMMs."""
+
+    cfg: Any
+    hw: Hardware
+    stats: DataStats
+    world_size: int
+    s: Any  # student counts (kd.ops.planner.build_and_count)
+    t: Any  # teacher counts, None without a teacher
+    batches: List[List[int]]
+    steps: int
+    R: float
+    R_t: float
+    nf4: bool
+    ac: int  # layers under activation checkpointing
+    k: int  # teacher-cache draws per position
+    sampler_s_per_row: float
+
+    def teacher_fwd(self, T: int, docs: Sequence[int]) -> float:
+        t = self.t
+        f = 2.0 * (t.linear + t.other_layer) * T + _attn_flops(docs, t.num_layers, t.num_heads, t.head_dim, 1)
+        return f / (self.R_t * self.hw.teacher_eff)
+
+
+def _total(cs: List[Component]) -> float:
+    return sum(c.seconds for c in cs)
+
+
+def _epoch(m: "_JobModel", teacher: bool, write: bool, read: bool) -> List[Component]:
+    """One epoch's components: online (``teacher``), writing the cache (``write``) or reading it (``read``)."""
+    cfg, hw, stats, s, t, batches, steps, k = m.cfg, m.hw, m.stats, m.s, m.t, m.batches, m.steps, m.k
+    L, A, R, R_t, world_size = stats.lengths, stats.answers, m.R, m.R_t, m.world_size
+    n_pos = 0
+    t_teacher = t_student = t_head = t_dequant = t_write = t_read = 0.0
+    for ids in batches:
+        b = [L[i] for i in ids]
+        T = stats.max_seq_len * stats.batch_size if stats.packed else max(b) * len(b)
+        n_pos += T
+        docs = b if stats.packed else [max(b)] * len(b)  # padding rows compute full causal blocks
+        n_ans = sum(A[i] for i in ids)
+        if teacher:
+            t_teacher += m.teacher_fwd(T, docs)
+            if m.nf4:
+                t_dequant += 4.5 * t.linear / (hw.mem_gbps * 1e9)
+            t_head += 2.0 * t.vocab_size * t.embed_dim * T / (R * hw.head_eff)
+        if write:  # the fused head draws for every row it computes (prompt rows too), the writer keeps answers
+            t_write += T * m.sampler_s_per_row
+        if read:
+            t_read += n_ans * (5 * k + 7) / (hw.disk_gbps * 1e9) + T * (12 * k + 12) / (H2D_GBPS * 1e9)
+        per_layer = 2.0 * (s.linear + s.adapter) / max(1, s.num_layers) * T
+        attn1 = _attn_flops(docs, 1, s.num_heads, s.head_dim, 1)
+        fwd = s.num_layers * per_layer + s.num_layers * attn1
+        bwd = s.num_layers * per_layer + 2 * s.num_layers * attn1  # activation grads; attention bwd ~2x fwd
+        recompute = m.ac * (per_layer + attn1)
+        t_student += (fwd + bwd + recompute) / (R * hw.student_eff)
+        t_head += 3 * 2.0 * s.vocab_size * s.embed_dim * T / (R * hw.head_eff)  # fwd + grad wrt hidden + lse
+    t_opt = steps * 16.0 * s.adapter / (hw.mem_gbps * 1e9)
+    if world_size > 1:
+        t_opt += steps * 2.0 * 2 * s.adapter / (hw.interconnect_gbps * 1e9)  # ring all-reduce of bf16 grads
+    comps = []
+    if teacher:
+        comps.append(Component("teacher forward", t_teacher, f"{t.num_layers} layers, {'fp8' if R_t != R else 'bf16'} GEMMs"))
+        if t_dequant:
+            comps.append(Component("teacher NF4 dequantisation", t_dequant, "4.5 B/weight per micro-batch"))
+    comps.append(Component("student forward + backward", t_student, f"LoRA, AC on {m.ac}/{s.num_layers} layers"))
+    comps.append(Component("loss head (fused)", t_head, "teacher + student projections" if teacher
+                           else f"student projection + sparse soft-CE over K={k}"))
+    if write:
+        comps.append(Component("teacher cache write", t_write, f"K={k} draws per position (modelled)"))
+    if read:
+        comps.append(Component("teacher cache read", t_read, "records + sparse targets to the device (modelled)"))
+    comps.append(Component("optimizer", t_opt, f"AdamW over {s.adapter:,} LoRA params"))
+    # validation and checkpoints (per epoch)
+    eval_every = cfg.get("eval_every_n_steps", None)
+    if eval_every:
+        n_evals = steps // int(eval_every) + 1
+        vb = int(cfg.get("max_eval_batches", 0) or 0) or math.ceil(stats.val_samples / stats.batch_size)
+        mean_T = n_pos / max(1, len(batches))
+        tl = t.linear if (t is not None and teacher) else 0
+        per_val = vb * mean_T * (2.0 * (tl + s.linear + s.adapter)) / (R * hw.teacher_eff)
+        comps.append(Component("validation", n_evals * per_val, f"{n_evals} x {vb} batches"))
+    save_every = cfg.get("save_every_n_steps", None)
+    n_saves = (steps // int(save_every) if save_every else 0) + 1
+    ckpt_bytes = s.adapter * (2 + 8)  # bf16 adapter + AdamW's two states
+    comps.append(Component("checkpoints", n_saves * ckpt_bytes / (hw.disk_gbps * 1e9), f"{n_saves} saves"))
+    return comps
+
+
+def _teacher_only_pass(m: "_JobModel", fraction: float) -> List[Component]:
+    """The build / fill pass (kd.train.cache_session.CacheSession.fill): the samples (and the validation
+    split if validation is on, at the training samples' mean length), right-padded, longest first,
+    data-parallel (batch b to rank b % world_size); the teacher head projects the answer rows only.
+    ``fraction``: the share of the samples the pass must compute (the fill after epoch 1)."""
+    from kd.teacher.generation import plan_batches
+
+    cfg, hw, stats, t, k, world_size = m.cfg, m.hw, m.stats, m.t, m.k, m.world_size
+    L, A, R = stats.lengths, stats.answers, m.R
+
+    sec = cfg.teacher_cache
+    bt = stats.batch_size * stats.max_seq_len if stats.packed else None
+    bs = sec.get("build_batch_size", None) or (stats.batch_size if bt is None else bt)
+    max_tok = sec.get("build_max_tokens", None) or bt
+    lens, ans = list(L), list(A)
+    if cfg.get("eval_every_n_steps", None) and stats.val_samples:
+        ml, ma = round(sum(L) / max(1, len(L))), round(sum(A) / max(1, len(A)))
+        lens += [ml] * stats.val_samples
+        ans += [ma] * stats.val_samples
+    plan = plan_batches(dict(enumerate(lens)), batch_size=int(bs), max_new_tokens=0,
+                        max_batch_tokens=int(max_tok) if max_tok else None)
+    cost = []
+    for b in plan:
+        w = max(lens[i] for i in b)
+        n_ans = sum(ans[i] for i in b)
+        c = m.teacher_fwd(w * len(b), [w] * len(b))
+        c_head = 2.0 * t.vocab_size * t.embed_dim * n_ans / (R * hw.head_eff)
+        c_dq = 4.5 * t.linear / (hw.mem_gbps * 1e9) if m.nf4 else 0.0
+        cost.append((c, c_head, c_dq, n_ans * m.sampler_s_per_row))
+    # the slowest rank's share (rank 0: the longest batches)
+    share = [cost[r::world_size] for r in range(world_size)]
+    mine = max(share, key=lambda cs: sum(sum(c) for c in cs)) if cost else []
+    tot = [fraction * sum(c[j] for c in mine) for j in range(4)]
+    n_tok = sum(lens)
+    comps = [Component("teacher forward", tot[0], f"{len(plan)} batches of <= {bs} rows"
+                       + (f" / {max_tok} tokens" if max_tok else "") + f", {n_tok:,} tokens, {world_size} rank(s)")]
+    if m.nf4:
+        comps.append(Component("teacher NF4 dequantisation", tot[2], "per batch"))
+    comps.append(Component("teacher head (answer rows)", tot[1], "no student"))
+    comps.append(Component("teacher cache write", tot[3], f"K={k} draws per answer token (modelled)"))
+    return comps
+
+
 def estimate_job(cfg, hw: Hardware, stats: Optional[DataStats] = None, world_size: int = 1) -> JobEstimate:
     """Seconds per component for one epoch and the whole run of ``recipes/kd_lora.py`` under ``cfg``.
 
@@ -341,149 +474,45 @@ def estimate_job(cfg, hw: Hardware, stats: Optional[DataStats] = None, world_siz
     ac = len(activation_checkpoint_layers(cfg, s.num_layers))
     k = int(cfg.teacher_cache.get("k", 12)) if mode else 12
     sampler_s_per_row = (SAMPLER_BYTES_PER_VOCAB * t.vocab_size / (hw.mem_gbps * 1e9)) if t is not None else 0.0
-    L = stats.lengths
-    A = stats.answers
-
-    def teacher_fwd(T: int, docs: Sequence[int]) -> float:
-        f = 2.0 * (t.linear + t.other_layer) * T + _attn_flops(docs, t.num_layers, t.num_heads, t.head_dim, 1)
-        return f / (R_t * hw.teacher_eff)
-
-    def epoch(teacher: bool, write: bool, read: bool) -> List[Component]:
-        n_pos = 0
-        t_teacher = t_student = t_head = t_dequant = t_write = t_read = 0.0
-        for ids in batches:
-            b = [L[i] for i in ids]
-            T = stats.max_seq_len * stats.batch_size if stats.packed else max(b) * len(b)
-            n_pos += T
-            docs = b if stats.packed else [max(b)] * len(b)  # padding rows compute full causal blocks
-            n_ans = sum(A[i] for i in ids)
-            if teacher:
-                t_teacher += teacher_fwd(T, docs)
-                if nf4:
-                    t_dequant += 4.5 * t.linear / (hw.mem_gbps * 1e9)
-                t_head += 2.0 * t.vocab_size * t.embed_dim * T / (R * hw.head_eff)
-            if write:  # the fused head draws for every row it computes (prompt rows too), the writer keeps answers
-                t_write += T * sampler_s_per_row
-            if read:
-                t_read += n_ans * (5 * k + 7) / (hw.disk_gbps * 1e9) + T * (12 * k + 12) / (H2D_GBPS * 1e9)
-            per_layer = 2.0 * (s.linear + s.adapter) / max(1, s.num_layers) * T
-            attn1 = _attn_flops(docs, 1, s.num_heads, s.head_dim, 1)
-            fwd = s.num_layers * per_layer + s.num_layers * attn1
-            bwd = s.num_layers * per_layer + 2 * s.num_layers * attn1  # activation grads; attention bwd ~2x fwd
-            recompute = ac * (per_layer + attn1)
-            t_student += (fwd + bwd + recompute) / (R * hw.student_eff)
-            t_head += 3 * 2.0 * s.vocab_size * s.embed_dim * T / (R * hw.head_eff)  # fwd + grad wrt hidden + lse
-        t_opt = steps * 16.0 * s.adapter / (hw.mem_gbps * 1e9)
-        if world_size > 1:
-            t_opt += steps * 2.0 * 2 * s.adapter / (hw.interconnect_gbps * 1e9)  # ring all-reduce of bf16 grads
-        comps = []
-        if teacher:
-            comps.append(Component("teacher forward", t_teacher, f"{t.num_layers} layers, {'fp8' if R_t != R else 'bf16'} GEMMs"))
-            if t_dequant:
-                comps.append(Component("teacher NF4 dequantisation", t_dequant, "4.5 B/weight per micro-batch"))
-        comps.append(Component("student forward + backward", t_student, f"LoRA, AC on {ac}/{s.num_layers} layers"))
-        comps.append(Component("loss head (fused)", t_head, "teacher + student projections" if teacher
-                               else f"student projection + sparse soft-CE over K={k}"))
-        if write:
-            comps.append(Component("teacher cache write", t_write, f"K={k} draws per position (modelled)"))
-        if read:
-            comps.append(Component("teacher cache read", t_read, "records + sparse targets to the device (modelled)"))
-        comps.append(Component("optimizer", t_opt, f"AdamW over {s.adapter:,} LoRA params"))
-        # validation and checkpoints (per epoch)
-        eval_every = cfg.get("eval_every_n_steps", None)
-        if eval_every:
-            n_evals = steps // int(eval_every) + 1
-            vb = int(cfg.get("max_eval_batches", 0) or 0) or math.ceil(stats.val_samples / stats.batch_size)
-            mean_T = n_pos / max(1, len(batches))
-            tl = t.linear if (t is not None and teacher) else 0
-            per_val = vb * mean_T * (2.0 * (tl + s.linear + s.adapter)) / (R * hw.teacher_eff)
-            comps.append(Component("validation", n_evals * per_val, f"{n_evals} x {vb} batches"))
-        save_every = cfg.get("save_every_n_steps", None)
-        n_saves = (steps // int(save_every) if save_every else 0) + 1
-        ckpt_bytes = s.adapter * (2 + 8)  # bf16 adapter + AdamW's two states
-        comps.append(Component("checkpoints", n_saves * ckpt_bytes / (hw.disk_gbps * 1e9), f"{n_saves} saves"))
-        return comps
-
-    def teacher_only_pass(fraction: float) -> List[Component]:
-        """The build / fill pass (kd.train.cache_session.CacheSession.fill): the samples (and the validation
-        split if validation is on, at the training samples' mean length), right-padded, longest first,
-        data-parallel (batch b to rank b % world_size); the teacher head projects the answer rows only.
-        ``fraction``: the share of the samples the pass must compute (the fill after epoch 1)."""
-        from kd.teacher.generation import plan_batches
-
-        sec = cfg.teacher_cache
-        bt = stats.batch_size * stats.max_seq_len if stats.packed else None
-        bs = sec.get("build_batch_size", None) or (stats.batch_size if bt is None else bt)
-        max_tok = sec.get("build_max_tokens", None) or bt
-        lens, ans = list(L), list(A)
-        if cfg.get("eval_every_n_steps", None) and stats.val_samples:
-            ml, ma = round(sum(L) / max(1, len(L))), round(sum(A) / max(1, len(A)))
-            lens += [ml] * stats.val_samples
-            ans += [ma] * stats.val_samples
-        plan = plan_batches(dict(enumerate(lens)), batch_size=int(bs), max_new_tokens=0,
-                            max_batch_tokens=int(max_tok) if max_tok else None)
-        cost = []
-        for b in plan:
-            w = max(lens[i] for i in b)
-            n_ans = sum(ans[i] for i in b)
-            c = teacher_fwd(w * len(b), [w] * len(b))
-            c_head = 2.0 * t.vocab_size * t.embed_dim * n_ans / (R * hw.head_eff)
-            c_dq = 4.5 * t.linear / (hw.mem_gbps * 1e9) if nf4 else 0.0
-            cost.append((c, c_head, c_dq, n_ans * sampler_s_per_row))
-        # the slowest rank's share (rank 0: the longest batches)
-        share = [cost[r::world_size] for r in range(world_size)]
-        mine = max(share, key=lambda cs: sum(sum(c) for c in cs)) if cost else []
-        tot = [fraction * sum(c[j] for c in mine) for j in range(4)]
-        n_tok = sum(lens)
-        comps = [Component("teacher forward", tot[0], f"{len(plan)} batches of <= {bs} rows"
-                           + (f" / {max_tok} tokens" if max_tok else "") + f", {n_tok:,} tokens, {world_size} rank(s)")]
-        if nf4:
-            comps.append(Component("teacher NF4 dequantisation", tot[2], "per batch"))
-        comps.append(Component("teacher head (answer rows)", tot[1], "no student"))
-        comps.append(Component("teacher cache write", tot[3], f"K={k} draws per answer token (modelled)"))
-        return comps
-
-    def total(cs: List[Component]) -> float:
-        return sum(c.seconds for c in cs)
-
+    m = _JobModel(cfg, hw, stats, world_size, s, t, batches, steps, R, R_t, nf4, ac, k, sampler_s_per_row)
     epochs = int(cfg.get("epochs", 1))
-    online = epoch(teacher=has_teacher, write=False, read=False)
+    online = _epoch(m, teacher=has_teacher, write=False, read=False)
     phases: List[Phase] = []
     if mode is None:
-        phases.append(Phase("one epoch", epochs, total(online), online))
+        phases.append(Phase("one epoch", epochs, _total(online), online))
     else:
         n_online, _n_passes = teacher_forward_epochs(cfg)
         n_online = int(n_online)
         if mode == "build":
-            cs = teacher_only_pass(1.0)
-            phases.append(Phase("teacher-only build pass", 1, total(cs), cs))
+            cs = _teacher_only_pass(m, 1.0)
+            phases.append(Phase("teacher-only build pass", 1, _total(cs), cs))
         else:
             if mode == "online_then_cache":
-                cs = epoch(teacher=True, write=True, read=False)
-                phases.append(Phase("epoch 1: online + cache write", n_online, total(cs), cs))
+                cs = _epoch(m, teacher=True, write=True, read=False)
+                phases.append(Phase("epoch 1: online + cache write", n_online, _total(cs), cs))
                 if epochs > n_online:
                     n_all = stats.samples + (stats.val_samples if cfg.get("eval_every_n_steps", None) else 0)
                     seen = min(stats.samples, world_size * sum(len(b) for b in batches)) if not stats.packed else \
                         min(stats.samples, world_size * len({i for b in batches for i in b}))
                     frac = (n_all - seen) / max(1, n_all)
-                    cs = teacher_only_pass(frac)
+                    cs = _teacher_only_pass(m, frac)
                     phases.append(Phase(f"fill: teacher-only pass over {n_all - seen} samples epoch 1 did not see",
-                                        1, total(cs), cs))
+                                        1, _total(cs), cs))
             n_cache = epochs - n_online
             if n_cache > 0:
-                cs = epoch(teacher=False, write=False, read=True)
+                cs = _epoch(m, teacher=False, write=False, read=True)
                 phases.append(Phase("epochs from the cache (no teacher)" if mode == "online_then_cache"
-                                    else "epoch from the cache (no teacher)", n_cache, total(cs), cs))
+                                    else "epoch from the cache (no teacher)", n_cache, _total(cs), cs))
     first = phases[0]
     run = sum(ph.total_s for ph in phases)
-    n_pos = sum((stats.max_seq_len * stats.batch_size if stats.packed else max(L[i] for i in ids) * len(ids))
+    n_pos = sum((stats.max_seq_len * stats.batch_size if stats.packed else max(stats.lengths[i] for i in ids) * len(ids))
                 for ids in batches)
-    pad = 1 - sum(L[i] for ids in batches for i in ids) / max(1, n_pos)
-    n_ans = sum(A[i] for ids in batches for i in ids)
+    pad = 1 - sum(stats.lengths[i] for ids in batches for i in ids) / max(1, n_pos)
+    n_ans = sum(stats.answers[i] for ids in batches for i in ids)
     per_epoch = [c for c in first.components if c.name not in ("validation", "checkpoints")]
-    step = total(per_epoch) / max(1, steps)
+    step = _total(per_epoch) / max(1, steps)
     return JobEstimate(hw, first.components, first.seconds, run, epochs, steps, len(batches), n_pos, n_ans, pad,
-                       step, phases=phases, cache_mode=mode, online_run_s=epochs * total(online))
+                       step, phases=phases, cache_mode=mode, online_run_s=epochs * _total(online))
 
 
 # --------------------------------------------------------------------------------------------------

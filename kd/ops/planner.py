@@ -299,11 +299,11 @@ def optimizer_state_bytes(name: str, param_bytes: int) -> Tuple[int, float, str]
     return 2, float(param_bytes), "2 states in the param dtype (torch uses zeros_like(param))"
 
 
+# One function on purpose (~135 lines): the rows (teacher, student, activations, head) and the four phases at
+# the end share some thirty intermediate byte counts; split apart, each piece would take and return most of
+# them, and the accounting would no longer read top to bottom as one memory model.
 def estimate(i: PlanInputs) -> Plan:
     """Compute the per-device peak for the given inputs."""
-    # One function on purpose (~135 lines): the rows (teacher, student, activations, head) and the four phases at
-    # the end share some thirty intermediate byte counts; split apart, each piece would take and return most of
-    # them, and the accounting would no longer read top to bottom as one memory model.
     t, s = i.teacher, i.student
     full = s.adapter == 0  # a plain builder: full fine-tune, every weight trains
     n_train = s.total if full else s.adapter
