@@ -49,3 +49,16 @@ def test_packages_import_only_downwards():
                 if other != pkg and other not in ALLOWED[pkg]:
                     bad.append(f"{path.relative_to(KD.parent)} imports {mod}")
     assert not bad, "\n".join(bad)
+
+
+def test_long_functions_say_why():
+    """A function of 80 lines or more in kd/ or recipes/ has a comment on the line above it saying why."""
+    bad = []
+    for path in sorted([*KD.rglob("*.py"), *(KD.parent / "recipes").glob("*.py")]):
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 79:
+                first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                if not lines[first - 2].lstrip().startswith("#"):
+                    bad.append(f"{path.relative_to(KD.parent)}:{node.lineno} {node.name}")
+    assert not bad, "functions of 80+ lines without a comment above saying why:\n" + "\n".join(bad)
