@@ -91,6 +91,7 @@ def parse_on_policy(section: Any, run_seed: Optional[int]) -> Optional[OnPolicyC
     )
 
 
+# The stream names passed here ("kd.on_policy.coin", ...) are seeds, not module paths: renaming one changes every draw.
 def _hash64(*parts: Any) -> int:
     h = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
@@ -103,7 +104,7 @@ def is_on_policy_step(cfg: OnPolicyConfig, step: int) -> bool:
         return False
     if cfg.lmbda >= 1.0:
         return True
-    return _hash64("kd.train.on_policy.coin", cfg.seed, int(step)) / float(1 << 63) < cfg.lmbda
+    return _hash64("kd.on_policy.coin", cfg.seed, int(step)) / float(1 << 63) < cfg.lmbda
 
 
 def count_on_policy_steps(cfg: OnPolicyConfig, n_steps: int) -> int:
@@ -136,7 +137,7 @@ def generation_seeds(cfg: OnPolicyConfig, step: int, prompts: Sequence[Optional[
     out = []
     for p in prompts:
         ph = hashlib.sha256(repr(list(p or ())).encode()).hexdigest()[:16]
-        out.append(_hash64("kd.train.on_policy.sample", cfg.seed, int(step), ph))
+        out.append(_hash64("kd.on_policy.sample", cfg.seed, int(step), ph))
     return out
 
 
