@@ -89,7 +89,7 @@ def val_batches(testbed: Path):
     os.environ["KD_TESTBED_DIR"] = str(testbed)
     cfg = OmegaConf.load(REPO / CONFIG)
     tok = tt_config.instantiate(cfg.tokenizer)
-    from kd.data import alpaca_kd_dataset
+    from kd.data.alpaca import alpaca_kd_dataset
 
     ds = alpaca_kd_dataset(tok, source=str(testbed / "demo_buddhist_qa.json"), split="val",
                            val_size=cfg.dataset.val_size, seed=cfg.dataset.seed)
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(REPO / "bench" / "results_cache_quality.json"))
     ap.add_argument("--testbed", default=os.environ.get("KD_TESTBED_DIR", str(REPO / ".cache" / "testbed")))
     a = ap.parse_args(argv)
-    from kd.testbed import build_testbed
+    from kd.testing.testbed import build_testbed
 
     testbed = build_testbed(Path(a.testbed)).root
     work = Path(a.work)

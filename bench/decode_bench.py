@@ -1,4 +1,4 @@
-"""Teacher decode speed, one process: today's path vs kd.static_decode vs transformers + bitsandbytes NF4.
+"""Teacher decode speed, one process: today's path vs kd.teacher.static_decode vs transformers + bitsandbytes NF4.
 
 A Qwen2.5-72B-shaped NF4 teacher (real widths: hidden 8192, intermediate 29568, 64 heads, 8 KV heads, vocab
 152064; random weights) cut to a few layers, measured at two layer counts (``--layers 1,4``) and extrapolated
@@ -8,13 +8,13 @@ linearly to 80 layers, the same way for every path: per-step time t(80) = t(a) +
      Triton kernel, bitsandbytes gemv_4bit (M = 1), with the memory-bound floor; checked against the bf16 product
      first. The faster fused kernel per M is what step 2 uses (``nf4_kernel`` / ``nf4_fused_max_batch``).
   2. generation, same prompts (lengths prompt_len +- 25%, left padded), temperature 0.7 / top-p 0.9, stop tokens
-     ignored: (a) today's ``kd.generation.generate_batch`` (eager, dequantise + cuBLAS), (b) ``StaticDecoder``
+     ignored: (a) today's ``kd.teacher.generation.generate_batch`` (eager, dequantise + cuBLAS), (b) ``StaticDecoder``
      (static cache, CUDA graphs, fused NF4 decode), (c) ``transformers`` ``generate`` with ``BitsAndBytesConfig``
      NF4 (double quant, bf16 compute) loaded from a random-weight HF checkpoint written here at real width.
      Each: prefill (1 new token) and the full call; decode ms/step = (full - prefill) / (new - 1).
   3. per-step breakdown of (b) at 80 layers: NF4 linears, output head, attention core, sampling, the rest
      ("overhead": norms, RoPE, residuals, launch gaps) against the floor max(bytes / copy bandwidth, FLOPs / peak)
-     from ``kd.static_decode.decode_step_cost``.
+     from ``kd.teacher.static_decode.decode_step_cost``.
 
 GPU (one H200, ~4-5 min):   python bench/decode_bench.py --out $OUT
 CPU smoke test (tiny shapes, no bitsandbytes kernels, no graphs):   python bench/decode_bench.py --device cpu --small
@@ -94,12 +94,12 @@ def shape_of(small: bool):
 
 
 def build_teacher(S, n_layers, dev, precision="nf4"):
-    """torchtune Qwen2 at shape S with n_layers random layers, decoder linears NF4 (kd.nf4.FastNF4Linear), or
-    ``precision="nf4_fp8"``: NF4 storage with kd.precision's FP8 GEMM (same seeded weights)."""
-    from kd import precision as P
+    """torchtune Qwen2 at shape S with n_layers random layers, decoder linears NF4 (kd.teacher.nf4.FastNF4Linear), or
+    ``precision="nf4_fp8"``: NF4 storage with kd.teacher.precision's FP8 GEMM (same seeded weights)."""
+    from kd.teacher import precision as P
     from torchtune.models.qwen2 import qwen2
 
-    from kd.generation import install_last_token_head
+    from kd.teacher.generation import install_last_token_head
 
     with torch.device("meta"):
         m = qwen2(vocab_size=S["vocab_size"], num_layers=n_layers, num_heads=S["num_heads"],
@@ -125,7 +125,7 @@ def build_teacher(S, n_layers, dev, precision="nf4"):
         init(mod)
     for layer in m.layers:
         init(layer)
-        P.quantize_layer_(layer, precision)  # the recipes' conversion (kd.precision), NF4 blocks 64 / scalers 256
+        P.quantize_layer_(layer, precision)  # the recipes' conversion (kd.teacher.precision), NF4 blocks 64 / scalers 256
     for p in m.parameters():
         p.requires_grad_(False)
     m.eval()
@@ -154,7 +154,7 @@ def prompts_for(B, plen, vocab, seed):
 def piece_kernels(args, S, dev, T, batches):
     from torchao.dtypes.nf4tensor import to_nf4
 
-    from kd import nf4_decode as nd
+    from kd.teacher import nf4_decode as nd
 
     H, I, kvd = S["embed_dim"], S["intermediate_dim"], S["num_kv_heads"] * S["head_dim"]
     shapes = {"q/o": (H, H), "k/v": (kvd, H), "w1/w3": (I, H), "w2": (H, I)}
@@ -225,8 +225,8 @@ def decode_split(tn, th, n):
 
 
 def run_ours(args, S, dev, T, model, B, n_new, engine, choice):
-    from kd.generation import SamplingParams, generate_batch, sample_seed
-    from kd.static_decode import StaticDecoder
+    from kd.teacher.generation import SamplingParams, generate_batch, sample_seed
+    from kd.teacher.static_decode import StaticDecoder
 
     ps = prompts_for(B, args.prompt_len, S["vocab_size"], seed=B)
     params = SamplingParams(temperature=0.7, top_p=0.9)
@@ -238,7 +238,7 @@ def run_ours(args, S, dev, T, model, B, n_new, engine, choice):
         dec = None
     else:
         c = (choice or {}).get(B) or (choice or {}).get(str(B))
-        if engine == "ours_fp8":  # NF4 storage, NF4 -> e4m3 per call + FP8 GEMM (kd.precision nf4_fp8): as built
+        if engine == "ours_fp8":  # NF4 storage, NF4 -> e4m3 per call + FP8 GEMM (kd.teacher.precision nf4_fp8): as built
             kw_dec = dict(nf4_kernel=None)
         elif c is None:  # no kernel measurement for this batch: the library's defaults
             kw_dec = {}
@@ -337,8 +337,8 @@ def extrapolate(ra, rb, a, b, L=80):
 
 # ------------------------------------------------------------------------------------------------ 3. breakdown
 def piece_breakdown(args, S, dev, T, B, ctx, choice, step80_ms):
-    from kd.generation import SamplingParams, sample_next, sample_seed
-    from kd.static_decode import decode_step_cost
+    from kd.teacher.generation import SamplingParams, sample_next, sample_seed
+    from kd.teacher.static_decode import decode_step_cost
 
     H, V = S["embed_dim"], S["vocab_size"]
     nkv, hd, nh = S["num_kv_heads"], S["head_dim"], S["num_heads"]
@@ -540,8 +540,8 @@ def main():
         f"from {la} and {lb} ({RES['device']}, {RES['wall_s']:.0f}s)")
     log("| path | batch | decode ms/step | decode tokens/s | prefill s | tokens/s (answer of N) |")
     log("|---|---|---|---|---|---|")
-    names = {"today": "today (eager, dequant + cuBLAS)", "ours": "kd.static_decode (graphs, fused NF4)",
-             "ours_fp8": "kd.static_decode, nf4_fp8 teacher (graphs, FP8 GEMM)",
+    names = {"today": "today (eager, dequant + cuBLAS)", "ours": "kd.teacher.static_decode (graphs, fused NF4)",
+             "ours_fp8": "kd.teacher.static_decode, nf4_fp8 teacher (graphs, FP8 GEMM)",
              "hf": "transformers generate + bnb NF4"}
     for path in ("today", "ours", "ours_fp8", "hf"):
         for B in batches:

@@ -1,6 +1,6 @@
 """Hand-derived divergence gradient vs autograd on the same per-chunk value (issue 14).
 
-For each kd.losses KIND, on one [rows, V] chunk of student/teacher logits:
+For each kd.losses.distillation KIND, on one [rows, V] chunk of student/teacher logits:
 
 - ``hand``: ``DistillationLoss._rows_and_grad`` (no graph; the analytic d div / d logits the fused loss uses);
 - ``autograd``: ``DistillationLoss._rows`` under autograd, then ``torch.autograd.grad`` of its sum (what a
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from kd.losses import KINDS, DistillationLoss
+from kd.losses.distillation import KINDS, DistillationLoss
 
 
 def _time(fn, device, repeats: int):

@@ -39,7 +39,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kd import precision as P  # noqa: E402
+from kd.teacher import precision as P  # noqa: E402
 
 R: dict = {}
 ROWS: list = []
@@ -139,7 +139,7 @@ def make_layer(dims, dev, seed, dtype=torch.bfloat16):
 
 
 VARIANTS = {
-    # name: (kd.precision name, fp8 backend)
+    # name: (kd.teacher.precision name, fp8 backend)
     "bf16": ("bf16", None),
     "nf4": ("nf4", None),
     "fp8": ("fp8", "torchao"),
@@ -304,11 +304,11 @@ def part_pieces(dev, dims, T):
         floor = nbytes / bw * 1e3
         out.update(nf4_to_fp8_ms=t, nf4_to_fp8_floor_ms=floor)
         row("pieces", f"NF4->FP8 dequant {FF}x{D}", f"{t:.3f} ms vs memory-bound floor {floor:.3f} ms ({t / floor:.2f}x)")
-        from kd.nf4 import dequantize_nf4
+        from kd.teacher.nf4 import dequantize_nf4
 
         t2 = time_ms(lambda: dequantize_nf4(w4), dev, it, wu)[0]
         out["nf4_to_bf16_ms"] = t2
-        row("pieces", f"NF4->bf16 dequant (kd.nf4) {FF}x{D}", f"{t2:.3f} ms")
+        row("pieces", f"NF4->bf16 dequant (kd.teacher.nf4) {FF}x{D}", f"{t2:.3f} ms")
         t = time_ms(lambda: P._act_quant(x), dev, it, wu)[0]
         out["act_quant_ms"] = t
         row("pieces", f"activation quant {T}x{D} (compiled on CUDA)", f"{t:.3f} ms")

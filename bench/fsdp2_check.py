@@ -1,11 +1,11 @@
-"""FSDP2 check for kd.nf4: torchrun --nproc_per_node N bench/fsdp2_check.py  (N >= 2; NCCL on GPUs, gloo on CPU)
+"""FSDP2 check for kd.teacher.nf4: torchrun --nproc_per_node N bench/fsdp2_check.py  (N >= 2; NCCL on GPUs, gloo on CPU)
 
 NOTE: world_size 1 fails for ANY NF4Tensor parameter (stock torchtune FrozenNF4Linear too): torch's FSDP2
 world_size==1 shortcut (_fsdp_param_group.py) copies only all_gather_inputs[0] while NF4Tensor's
 fsdp_post_all_gather expects its 3 inputs -> "ValueError: not enough values to unpack (expected 3, got 1)"
 (seen on torch 2.11 / H200 and torch 2.13 / CPU with torchao 0.15). On one GPU, don't fully_shard the NF4 teacher.
 
-Builds the same small Qwen2 teacher on every rank, quantises it with kd.models.nf4_linears_, takes the unsharded
+Builds the same small Qwen2 teacher on every rank, quantises it with kd.train.models.nf4_linears_, takes the unsharded
 output as reference, then fully_shard()s every layer + the root and checks the sharded forward (fast and stock NF4
 paths) against it, and that the weights are DTensors wrapping NF4Tensor shards.
 """
@@ -17,8 +17,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torchao.dtypes.nf4tensor import NF4Tensor
 
-from kd import nf4 as knf4
-from kd.models import nf4_linears_
+from kd.teacher import nf4 as knf4
+from kd.train.models import nf4_linears_
 
 
 def main():

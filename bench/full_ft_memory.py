@@ -1,4 +1,4 @@
-"""Measured peak memory of a FULL fine-tune KD step of the student on one GPU, vs kd.planner.
+"""Measured peak memory of a FULL fine-tune KD step of the student on one GPU, vs kd.ops.planner.
 
 Builds Qwen2.5-7B-Instruct (torchtune builder, random weights on the GPU, bf16), swaps its head for kd's fused
 KD+CE head, activation checkpointing on every layer, and trains it against random teacher hidden states
@@ -28,7 +28,7 @@ def build(tiny: bool, device, dtype):
     from torchtune.models.qwen2 import qwen2
     from torchtune.models.qwen2_5 import qwen2_5_7b_instruct
 
-    from kd.heads import FusedKDHead
+    from kd.losses.heads import FusedKDHead
 
     with training.set_default_dtype(dtype), torch.device(device):
         m = (qwen2(vocab_size=1024, num_layers=2, num_heads=4, num_kv_heads=4, embed_dim=128, intermediate_dim=256,
@@ -54,7 +54,7 @@ def planner_student_rows(tiny: bool, batch: int, seq: int, optimizer: str, devic
     """The planner's rows for the pieces this bench builds (world size 1, AC on all layers, fused head)."""
     from omegaconf import OmegaConf
 
-    from kd import planner
+    from kd.ops import planner
 
     model = ({"_component_": "torchtune.models.qwen2.qwen2", "vocab_size": 1024, "num_layers": 2, "num_heads": 4,
               "num_kv_heads": 4, "embed_dim": 128, "intermediate_dim": 256, "max_seq_len": 4096} if tiny else
@@ -98,8 +98,8 @@ def main() -> None:
         Ht = 256 if a.tiny else 8192
         t_w = torch.randn(vocab, Ht, device=dev, dtype=dtype) * 0.02
         opt = make_optimizer(opt_name, [p for p in m.parameters()])
-        from kd.heads import FusedTargets
-        from kd.losses import DistillationLoss, FusedKDCELoss
+        from kd.losses.heads import FusedTargets
+        from kd.losses.distillation import DistillationLoss, FusedKDCELoss
 
         loss_fn = DistillationLoss(kind="forward_kl")
         times = []

@@ -2,7 +2,7 @@
 # One device call (2x H200): GPU checks of recipes/kd_lora.py on the tiny test bed (single GPU; two GPUs with
 # NCCL/FSDP2; the two-node launcher on one host with NCCL P2P/SHM disabled, preflight bandwidth) and the
 # data-parallel scaling of the full-shape KD step (bench/kd_step_dp.py).  Needs: carry [.whlg, .cache/gpu_testbed]
-#   (.whlg = the .whl wheels minus bitsandbytes; .cache/gpu_testbed = python -m kd.testbed --out ...)
+#   (.whlg = the .whl wheels minus bitsandbytes; .cache/gpu_testbed = python -m kd.testing.testbed --out ...)
 set -u
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whlg/*.whl || exit 1

@@ -6,12 +6,12 @@ Pieces (``--pieces``, comma separated):
            bitsandbytes) and the linear at --tokens tokens (bf16 / torchao linear_nf4 / kd / bnb matmul_4bit)
   layer    one Qwen2.5-72B decoder layer forward, --tokens tokens: bf16 vs torchao NF4 vs kd fast NF4
   head     output projections (V=152,064) + loss, fwd+bwd, --tokens tokens: stock chunked CE+FKL (8 chunks) vs
-           kd.losses.fused_linear_kd_ce; time and extra peak memory
+           kd.losses.distillation.fused_linear_kd_ce; time and extra peak memory
   step     whole KD step: 72B NF4 teacher (80 layers, quantised layer by layer) + 7B LoRA r64 student,
            --batch x --seq tokens: stock (torchao linear_nf4, chunked logits, stock losses) vs kd (fast NF4,
            hidden states only, fused loss; variant syntax kd[:cCHUNK][:acK] = loss chunk_size, activation
            checkpointing on the first K of 28 student layers). Recommended config: kd:c256:ac8.
-           Teacher-cache variants (kd.teacher_cache, same syntax): kdw = kd + drawing K=12 cache samples in the
+           Teacher-cache variants (kd.teacher.cache, same syntax): kdw = kd + drawing K=12 cache samples in the
            fused head and copying them to the host (epoch 1 of teacher_cache.mode=online_then_cache); cache = no
            teacher forward, sparse cached targets [N, 12] (epochs 2+ / mode=use); build = teacher forward +
            sampling only, no student (mode=build). With kd, kdw and cache in one run it prints the 3-epoch cost
@@ -139,7 +139,7 @@ def ceiling_bw():
 # ------------------------------------------------------------------------------------------------- nf4
 def piece_nf4(args):
     from torchao.dtypes.nf4tensor import to_nf4, linear_nf4
-    from kd import nf4 as knf4
+    from kd.teacher import nf4 as knf4
     O, I, T = 29568, 8192, args.tokens
     W = torch.randn(O, I, device=DEV, dtype=torch.bfloat16) * 0.02
     w4 = to_nf4(W)
@@ -216,8 +216,8 @@ def piece_nf4(args):
 # ------------------------------------------------------------------------------------------------- layer
 def piece_layer(args):
     from torchtune.models.qwen2._component_builders import qwen2
-    from kd import nf4 as knf4
-    from kd.models import nf4_linears_
+    from kd.teacher import nf4 as knf4
+    from kd.train.models import nf4_linears_
     B, S = args.tokens // args.seq, args.seq
     with torch.device("meta"):
         m = qwen2(vocab_size=1024, num_layers=1, num_heads=64, num_kv_heads=8, embed_dim=8192,
@@ -260,10 +260,10 @@ def _stock_losses(C):
 
 def _fused_available():
     try:
-        from kd.losses import fused_linear_kd_ce, DistillationLoss  # noqa: F401
+        from kd.losses.distillation import fused_linear_kd_ce, DistillationLoss  # noqa: F401
         return True
     except Exception as e:
-        log(f"kd.losses.fused_linear_kd_ce unavailable: {type(e).__name__}: {str(e)[:200]}")
+        log(f"kd.losses.distillation.fused_linear_kd_ce unavailable: {type(e).__name__}: {str(e)[:200]}")
         return False
 
 
@@ -292,7 +292,7 @@ def piece_head(args):
 
     variants = {"stock chunked CE+FKL (8 chunks)": stock}
     if _fused_available():
-        from kd.losses import fused_linear_kd_ce, DistillationLoss
+        from kd.losses.distillation import fused_linear_kd_ce, DistillationLoss
         dl = DistillationLoss(kind="forward_kl", soft_ce=True)  # torchtune FKL value parity
 
         def make_fused(cs):
@@ -352,7 +352,7 @@ def piece_head(args):
 # ------------------------------------------------------------------------------------------------- step
 def build_teacher(fast):
     from torchtune.models.qwen2_5 import qwen2_5_72b_instruct
-    from kd.models import nf4_linears_
+    from kd.train.models import nf4_linears_
     t0 = time.perf_counter()
     with torch.device("meta"):
         teacher = qwen2_5_72b_instruct()
@@ -437,7 +437,7 @@ def piece_step(args):
     t_unembed, s_unembed = teacher.unembed, student.unembed
 
     def configure(kind, ac_layers=0):
-        from kd import nf4 as knf4
+        from kd.teacher import nf4 as knf4
         knf4.set_fast_(teacher, kind != "stock")
         for i in range(Ls):
             student.layers[i] = checkpoint_wrapper(orig_layers[i]) if i < ac_layers else orig_layers[i]
@@ -449,14 +449,14 @@ def piece_step(args):
             student.unembed = lambda h: student.norm(h)
 
     if _fused_available():
-        from kd.losses import fused_linear_kd_ce, DistillationLoss
+        from kd.losses.distillation import fused_linear_kd_ce, DistillationLoss
         dl = DistillationLoss(kind="forward_kl", soft_ce=True)  # torchtune FKL value parity
     else:
         fused_linear_kd_ce = None
 
     step_chunk = [1024]
 
-    from kd.teacher_cache import SparseTargets, TeacherSampler, sample_teacher_rows
+    from kd.teacher.cache import SparseTargets, TeacherSampler, sample_teacher_rows
     Kc = 12
     cache_t = []
     for _ in batches:  # cached targets: K slots of weight 1/K (the worst case: all draws distinct)

@@ -46,7 +46,7 @@ def main() -> None:
     import bench.kd_step as ks
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    from kd.losses import DistillationLoss, fused_linear_kd_ce
+    from kd.losses.distillation import DistillationLoss, fused_linear_kd_ce
 
     ks.DEV = torch.device("cuda", local)
     torch.manual_seed(0)  # same weights on every rank (replicated models)

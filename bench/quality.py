@@ -4,7 +4,7 @@
     python bench/quality.py --seeds 1 --methods ce,fkl,op_best --epochs 1 --doc /tmp/q.md   # reduced
 
 Steps:
-1. The tiny test bed (kd.testbed: trained 4-layer teacher, 2-layer prompt-pretrained student, demo data).
+1. The tiny test bed (kd.testing.testbed: trained 4-layer teacher, 2-layer prompt-pretrained student, demo data).
 2. A WARM student base, close to its teacher as Qwen2.5-7B-Instruct is to 72B-Instruct: the test-bed student,
    full-parameter SFT on the train split's answers (``--warm-steps``). Its held-out KL to the teacher is reported.
 3. Every method x seed trains a LoRA on the warm base through the real ``tune run`` (``recipes/kd_lora.py`` with
@@ -77,7 +77,7 @@ def warm_student(tb, out: Path, steps: int, lr: float) -> Path:
     """Full-parameter SFT of the test-bed student on the train split's answers (cached by its settings)."""
     from transformers import AutoModelForCausalLM
 
-    from kd import testbed as T
+    from kd.testing import testbed as T
 
     d = out / f"student_warm_s{steps}_lr{lr:g}"
     if (d / "config.json").is_file() and list(d.glob("*.safetensors")):
@@ -96,7 +96,7 @@ def warm_student(tb, out: Path, steps: int, lr: float) -> Path:
 
 
 def _tok_files(tb):
-    from kd.tokenizer import tiny_tokenizer_files
+    from kd.testing.tokenizer import tiny_tokenizer_files
 
     return tiny_tokenizer_files(tb.tokenizer_dir)
 
@@ -175,7 +175,7 @@ teacher_checkpointer:
 resume_from_checkpoint: False
 save_adapter_weights_only: True
 dataset:
-  _component_: kd.data.alpaca_kd_dataset
+  _component_: kd.data.alpaca.alpaca_kd_dataset
   source: {tb}/demo_buddhist_qa.json
   val_size: 0.1
   seed: 0
@@ -274,7 +274,7 @@ def train_one(name: str, seed: int, warm: Path, root: Path, epochs: int, lr: flo
 # ------------------------------------------------------------------------------------------------------------
 def heldout_batches(tb):
     """The held-out split (val_size 0.1, seed 0) as (tokens [1, S], shifted labels [1, S]) pairs (no padding)."""
-    from kd.data import alpaca_kd_dataset
+    from kd.data.alpaca import alpaca_kd_dataset
 
     ds = alpaca_kd_dataset(tb.tokenizer(256), str(tb.data_json), split="val", val_size=0.1, seed=0)
     out = []
@@ -337,7 +337,7 @@ def eval_adapter(base_dir: Path, adapter: Path, t_logits, batches, teacher=None)
 
 
 def _nf4_dequant(model):
-    """NF4 round trip of the decoder-layer linear weights (what recipes/kd_lora.py quantizes: kd.models
+    """NF4 round trip of the decoder-layer linear weights (what recipes/kd_lora.py quantizes: kd.train.models
     _is_nf4_target, torchao NF4 with blocks 64 / scalers 256), computed in bf16."""
     from torchao.dtypes.nf4tensor import to_nf4
 
@@ -381,7 +381,7 @@ def _ms(xs: List[float], fmt: str = "{:.3f}") -> str:
 
 
 def write_doc(path: Path, res: Dict[str, Any], command: str) -> None:
-    from kd.atomic import atomic_write_text
+    from kd.core.atomic import atomic_write_text
 
     methods = res["methods"]
     by = {m: [r for r in res["runs"] if r["method"] == m] for m in methods}
@@ -482,7 +482,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--shared", action="store_true", help="say in the report that the machine was shared")
     a = ap.parse_args(argv)
 
-    from kd.testbed import build_testbed
+    from kd.testing.testbed import build_testbed
 
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]

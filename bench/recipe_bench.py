@@ -18,7 +18,7 @@ What it does (one GPU machine, one process per run):
 5. Extrapolation from N teacher layers to 80 with the per-layer cost measured between the two depths of the same
    run (for ours: the recipe's own teacher-forward phase time; for stock: its step time), and the check of that
    line against a third point when three depths are given.
-6. ``kd plan --time`` (``kd.jobtime``) for the same job, printed beside the measurement.
+6. ``kd plan --time`` (``kd.ops.jobtime``) for the same job, printed beside the measurement.
 7. ``--cache`` (issue 11, teacher cache): at one depth, the online_then_cache epoch-1 step (writes the cache),
    a ``mode=build`` pass over the samples the next run needs (teacher tokens/s), a ``mode=use`` step from that
    cache, the write overhead, cache-step ratio and the projected 3-epoch ratio (``cache_bench``), written to
@@ -156,7 +156,7 @@ class _FastCounter:
 
 
 def data_cmd(a) -> None:
-    from kd.tokenizer import qwen2_5_tokenizer_files
+    from kd.testing.tokenizer import qwen2_5_tokenizer_files
     from torchtune.models.qwen2_5 import qwen2_5_tokenizer
 
     out = Path(a.out)
@@ -359,8 +359,8 @@ def run_ours(work: Path, assets: Path, n_layers: int, steps: int, small: bool, t
     res = _run(cmd, out, "ours", tag, small, env_extra={"TORCHINDUCTOR_CACHE_DIR": str(out / "inductor_cache")})
     res["overrides"] = overrides
     try:  # the memory planner's peak for exactly this run's config
-        from kd.planner import plan_from_config
-        from kd.preflight import load_config
+        from kd.ops.planner import plan_from_config
+        from kd.ops.preflight import load_config
 
         plan = plan_from_config(load_config(str(REPO / USER_CONFIG), overrides), 1)
         res["planned_peak_gib"] = plan.peak_gib
@@ -408,7 +408,7 @@ def stock_config(work: Path, assets: Path, n_layers: int, steps: int, small: boo
                                  "output_dir": str(out / "teacher_ckpt"), "model_type": "QWEN2"},
         "resume_from_checkpoint": False, "save_adapter_weights_only": True,
         # the same data component, unpacked as stock configs ship (stock's collate pads each batch)
-        "dataset": {"_component_": "kd.data.alpaca_kd_dataset", "source": str(work / "data.json"),
+        "dataset": {"_component_": "kd.data.alpaca.alpaca_kd_dataset", "source": str(work / "data.json"),
                     "system_prompt": SYSTEM_PROMPT, "val_size": float(user.dataset.val_size),
                     "seed": int(user.dataset.seed), "packed": False},
         "seed": int(user.seed), "shuffle": True, "batch_size": 1 if small else int(user.batch_size),
@@ -508,11 +508,11 @@ def summarize_stock(out: Path, warmup: int) -> dict:
 def padding_stats(work: Path, assets: Path, small: bool) -> dict:
     """Share of processed positions that are padding over one epoch: the recipe's packed loader (torchtune's
     greedy packing, 2 packs per batch) and stock's padded one (batches padded to their longest sample); same data,
-    batch size and tokenizer as the runs (kd.jobtime's loader model, which the planner uses too)."""
+    batch size and tokenizer as the runs (kd.ops.jobtime's loader model, which the planner uses too)."""
     from omegaconf import OmegaConf
 
-    from kd.jobtime import data_stats, micro_batches
-    from kd.preflight import load_config
+    from kd.ops.jobtime import data_stats, micro_batches
+    from kd.ops.preflight import load_config
 
     ov = [*common_paths(work, assets), *(["tokenizer.max_seq_len=256", "batch_size=1"] if small else [])]
     cfg = load_config(str(REPO / USER_CONFIG), ov)
@@ -803,9 +803,9 @@ def run_cmd(a) -> None:
 
 
 def predict(work: Path, assets: Path, depths: List[int], small: bool, hardware: str) -> dict:
-    """``kd plan --time``'s step time (kd.jobtime) for the benchmark's own job, per teacher depth."""
-    from kd.jobtime import estimate_job, load_hardware
-    from kd.preflight import load_config
+    """``kd plan --time``'s step time (kd.ops.jobtime) for the benchmark's own job, per teacher depth."""
+    from kd.ops.jobtime import estimate_job, load_hardware
+    from kd.ops.preflight import load_config
 
     hw = load_hardware(hardware)
     out = {}

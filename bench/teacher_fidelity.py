@@ -1,9 +1,9 @@
-"""Fidelity of each teacher precision on the test bed's trained teacher (CPU; FP8 through kd.precision's exact
+"""Fidelity of each teacher precision on the test bed's trained teacher (CPU; FP8 through kd.teacher.precision's exact
 emulation of the rounding).
 
     PYTHONPATH=$PWD python bench/teacher_fidelity.py [--testbed .cache/testbed] [--split val] [--out FILE.json]
 
-For every precision the teacher is loaded exactly as the recipes load it (``kd.precision.resolve_precision`` +
+For every precision the teacher is loaded exactly as the recipes load it (``kd.teacher.precision.resolve_precision`` +
 ``load_hf_into_model(**prec.load_kwargs())`` + ``apply_precision``), in bf16 (weights and activations, as on the
 GPU), and run over the held-out split of configs/tiny/kd_lora.yaml (val_size 0.1, seed 0). Per answer token
 (the tokens the KD loss uses, labels shifted as in the recipe):
@@ -32,8 +32,8 @@ sys.path.insert(0, str(REPO))
 def load_teacher(testbed, quant, dtype):
     from omegaconf import OmegaConf
 
-    from kd.models import build_on_meta, load_hf_into_model
-    from kd.precision import apply_precision, resolve_precision
+    from kd.train.models import build_on_meta, load_hf_into_model
+    from kd.teacher.precision import apply_precision, resolve_precision
 
     cfg = OmegaConf.load(REPO / "configs/tiny/kd_lora.yaml")
     prec = resolve_precision(quant, torch.device("cpu"), dtype)
@@ -60,8 +60,8 @@ def main():
 
     from torchtune.data import padded_collate_sft
 
-    from kd.data import alpaca_kd_dataset
-    from kd.testbed import build_testbed
+    from kd.data.alpaca import alpaca_kd_dataset
+    from kd.testing.testbed import build_testbed
 
     tb = build_testbed(args.testbed)
     tok = tb.tokenizer(max_seq_len=256)

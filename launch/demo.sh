@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 bash launch/setup.sh
 . .venv/bin/activate
 export KD_TESTBED_DIR=${KD_TESTBED_DIR:-$PWD/.cache/testbed}
-python -m kd.testbed --out "$KD_TESTBED_DIR"
+python -m kd.testing.testbed --out "$KD_TESTBED_DIR"
 tune run recipes/kd_lora.py --config configs/tiny/kd_lora.yaml "$@"
 out=outputs/tiny_kd_lora
 for a in "$@"; do case "$a" in output_dir=*) out="${a#output_dir=}" ;; esac; done

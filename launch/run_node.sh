@@ -8,7 +8,7 @@
 #   bash launch/run_node.sh --help
 #
 # Steps: (1) set + print the NCCL/RoCE and allocator environment (launch/nccl_env.sh; every variable can be
-# overridden), (2) preflight under the same rendezvous (python -m kd.preflight: versions, code + config hashes
+# overridden), (2) preflight under the same rendezvous (python -m kd.ops.preflight: versions, code + config hashes
 # of all nodes, checkpoints, memory, disk, GPU kernels, all-reduce bandwidth) and refuse to start on any failure,
 # (3)
 #   tune run --nnodes $NNODES --nproc_per_node $NPROC_PER_NODE --rdzv-backend static --node-rank $NODE_RANK \
@@ -98,10 +98,10 @@ main() {
   if [ "$KD_PREFLIGHT" = 1 ]; then
     local sdir
     sdir=$(mktemp -d "${TMPDIR:-/tmp}/kd-preflight.XXXXXX")
-    echo "[kd launch] preflight: torchrun ${rdzv[*]} --rdzv-id $KD_RUN_ID-preflight -m kd.preflight --config $CONFIG ${ARGS[*]:-}"
+    echo "[kd launch] preflight: torchrun ${rdzv[*]} --rdzv-id $KD_RUN_ID-preflight -m kd.ops.preflight --config $CONFIG ${ARGS[*]:-}"
     # shellcheck disable=SC2086
     KD_PREFLIGHT_STATUS_DIR=$sdir torchrun "${rdzv[@]}" --rdzv-id "$KD_RUN_ID-preflight" \
-      -m kd.preflight --config "$CONFIG" ${KD_PREFLIGHT_ARGS:-} "${ARGS[@]}"
+      -m kd.ops.preflight --config "$CONFIG" ${KD_PREFLIGHT_ARGS:-} "${ARGS[@]}"
     local rc=$? ok=1 n=0 f
     for f in "$sdir"/*.status; do
       [ -e "$f" ] || continue

@@ -6,9 +6,9 @@
 Writes ``<output_dir>/merged/`` (safetensors shards + index, config.json, tokenizer and generation config
 copied from the base checkpoint; ``transformers.AutoModelForCausalLM.from_pretrained`` loads it) and
 ``<output_dir>/adapter/`` (the PEFT adapter, loadable with ``peft.PeftModel.from_pretrained``). Runs on CPU
-by default (7B in bf16 needs ~16 GB of host memory); the merge itself is done in fp32 (kd.hf_export.save_merged_hf).
+by default (7B in bf16 needs ~16 GB of host memory); the merge itself is done in fp32 (kd.train.hf_export.save_merged_hf).
 
-Quantized deployment copy (optional extra: ``pip install -e ".[deploy]"``), see kd.quantize and docs/deploy.md:
+Quantized deployment copy (optional extra: ``pip install -e ".[deploy]"``), see kd.train.quantize and docs/deploy.md:
 
     tune run recipes/export.py --config configs/tiny/export.yaml adapter_dir=... quantize=fp8_dynamic
     tune run recipes/export.py --config configs/tiny/export.yaml adapter_dir=... quantize=w4a16 \
@@ -28,11 +28,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from kd import schema
-from kd.config import ConfigError, check_keys, number, require_component
+from kd.ops import schema
+from kd.core.config import ConfigError, check_keys, number, require_component
 
 log = logging.getLogger("kd.export")
-KEYS = schema.EXPORT.names  # the one table of this recipe's keys (kd/schema.py, docs/config_keys.md)
+KEYS = schema.EXPORT.names  # the one table of this recipe's keys (kd/ops/schema.py, docs/config_keys.md)
 CALIBRATION_KEYS = {"source", "num_samples", "max_seq_len", "seed", "system_prompt", "val_size", "check_samples",
                     "dampening"}
 
@@ -52,11 +52,11 @@ def _check_targets(out: Path, adapter_dir: Path, overwrite: bool) -> None:
 def recipe_main(cfg: DictConfig) -> None:
     from torchtune import training
 
-    from kd import run_checks as checks
-    from kd.atomic import atomic_write_dir
-    from kd.hf_export import save_merged_hf
-    from kd.models import load_adapter_dir, load_frozen_model
-    from kd.progress import configure_logging
+    from kd.train import run_checks as checks
+    from kd.core.atomic import atomic_write_dir
+    from kd.train.hf_export import save_merged_hf
+    from kd.train.models import load_adapter_dir, load_frozen_model
+    from kd.core.progress import configure_logging
 
     configure_logging()
     check_keys(cfg, KEYS, where="the export config", required=("output_dir", "model", "checkpointer"))
@@ -96,13 +96,13 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 def _export_full(cfg: DictConfig) -> None:
-    """A full fine-tune's sharded checkpoint (kd.full) -> full HF checkpoint in <output_dir>/merged, offline."""
+    """A full fine-tune's sharded checkpoint (kd.train.full) -> full HF checkpoint in <output_dir>/merged, offline."""
     from torchtune import training
 
-    from kd import run_checks as checks
-    from kd.full import SHARDS, assemble_full_state_dict
-    from kd.hf_export import write_hf_checkpoint
-    from kd.models import build_on_meta, model_dims
+    from kd.train import run_checks as checks
+    from kd.train.full import SHARDS, assemble_full_state_dict
+    from kd.train.hf_export import write_hf_checkpoint
+    from kd.train.models import build_on_meta, model_dims
 
     if "lora_rank" in cfg.model:
         raise ConfigError("full_checkpoint is a full fine-tune's checkpoint: model must be the plain builder it was "
@@ -127,11 +127,11 @@ def _export_full(cfg: DictConfig) -> None:
 
 
 def _quantize(cfg: DictConfig, merged, out: Path, device) -> None:
-    """The optional quantized deployment copies (kd.quantize), each checked against the merged model."""
+    """The optional quantized deployment copies (kd.train.quantize), each checked against the merged model."""
     import json
 
-    from kd import quantize as kq
-    from kd.config import to_container
+    from kd.train import quantize as kq
+    from kd.core.config import to_container
 
     q = cfg.get("quantize", None)
     schemes = [] if q is None else ([q] if isinstance(q, str) else list(to_container(q)))
@@ -155,7 +155,7 @@ def _quantize(cfg: DictConfig, merged, out: Path, device) -> None:
                 max_seq_len=number(cal, "max_seq_len", 512, kind=int, min_value=8), seed=int(cal.get("seed", 0)),
                 system_prompt=cal.get("system_prompt", None), val_size=cal.get("val_size", 0.0))
         except (ValueError, FileNotFoundError) as e:
-            from kd.config import DataError
+            from kd.core.config import DataError
 
             raise DataError(f"calibration.source: {e}") from e
     n_check = number(cal, "check_samples", 8, kind=int, min_value=0)
@@ -174,17 +174,13 @@ def _quantize(cfg: DictConfig, merged, out: Path, device) -> None:
             meta_p = dest / "kd_quantize.json"
             meta = json.loads(meta_p.read_text())
             meta["check"] = chk._asdict()
-            from kd.atomic import atomic_write_text
+            from kd.core.atomic import atomic_write_text
 
             atomic_write_text(meta_p, json.dumps(meta, indent=1) + "\n")
         log.info(f"serve it (on a vLLM host; vLLM does not run here): {kq.vllm_serve_command(dest, scheme)}")
 
 
-def main() -> int:
-    from kd.cli_util import run_recipe
+if __name__ == "__main__":  # `tune run` runs this file as __main__
+    from kd.train.cli_util import run_recipe
 
-    return run_recipe(recipe_main)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_recipe(recipe_main))

@@ -3,9 +3,9 @@
     tune run recipes/generate_teacher.py --config configs/qwen2_5/72B_generate.yaml key=value ...
     tune run --nnodes 2 --nproc_per_node 8 ... recipes/generate_teacher.py --config ...   (one shard per rank)
 
-Loads the teacher exactly as the KD recipe does (``kd.models.load_frozen_model``,
-``teacher_quantization: bf16 | nf4 | fp8 | nf4_fp8`` as in ``kd.precision``), generates left-padded batches of
-length-sorted prompts with a KV cache (``kd.generation.generate_batch``), appends one JSON line per sample to
+Loads the teacher exactly as the KD recipe does (``kd.train.models.load_frozen_model``,
+``teacher_quantization: bf16 | nf4 | fp8 | nf4_fp8`` as in ``kd.teacher.precision``), generates left-padded batches of
+length-sorted prompts with a KV cache (``kd.teacher.generation.generate_batch``), appends one JSON line per sample to
 ``<output_dir>/parts/rank-XXXXX.jsonl`` (fsync per batch), and finally (rank 0) merges everything into
 ``<output_dir>/<dataset_name>.json`` + ``dataset_info.json`` + ``summary.json``. Re-running the same command
 resumes: done ids are skipped; a torn last line from a ``kill -9`` is dropped. See docs/offline.md.
@@ -25,20 +25,20 @@ from typing import Dict
 import torch
 from omegaconf import DictConfig
 
-from kd import dist as kdist
-from kd import run_checks as checks
-from kd import schema
-from kd.config import ConfigError, DataError, check_keys, choice, number, require_component
+from kd.train import dist as kdist
+from kd.train import run_checks as checks
+from kd.ops import schema
+from kd.core.config import ConfigError, DataError, check_keys, choice, number, require_component
 
 log = logging.getLogger("kd.generate")
 
-KEYS = schema.GENERATE_TEACHER.names  # the one table of this recipe's keys (kd/schema.py, docs/config_keys.md)
+KEYS = schema.GENERATE_TEACHER.names  # the one table of this recipe's keys (kd/ops/schema.py, docs/config_keys.md)
 CHECKPOINTER_KEYS = {"_component_", "checkpoint_dir", "checkpoint_files", "output_dir", "model_type"}
 META_KEYS = ("teacher_quantization", "dtype", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "system_prompt")
 
 
 def _settings(cfg: DictConfig) -> Dict:
-    from kd.data import DEFAULT_SYSTEM_PROMPT
+    from kd.data.alpaca import DEFAULT_SYSTEM_PROMPT
 
     if "quantization" in cfg:
         raise ConfigError("generate_teacher: the key 'quantization' is now 'teacher_quantization' (as in the KD "
@@ -69,14 +69,14 @@ def _settings(cfg: DictConfig) -> Dict:
         "merge": bool(cfg.get("merge", True)),
         "allow_missing": bool(cfg.get("allow_missing", False)),
         "progress_bar": bool(cfg.get("progress_bar", True)),
-        # decode: kd.static_decode (static KV cache per bucket, CUDA graphs on CUDA, fused NF4 decode kernel)
-        # or the per-batch eager loop (kd.generation.generate_batch); both give the same tokens (tested on CPU)
+        # decode: kd.teacher.static_decode (static KV cache per bucket, CUDA graphs on CUDA, fused NF4 decode kernel)
+        # or the per-batch eager loop (kd.teacher.generation.generate_batch); both give the same tokens (tested on CPU)
         "decode_engine": choice(cfg, "decode_engine", ["static", "eager"], "static"),
         "cuda_graphs": bool(cfg.get("cuda_graphs", True)),
         "nf4_decode_kernel": choice(cfg, "nf4_decode_kernel", ["auto", "triton", "bnb", "dequant"], "auto"),
         "nf4_fused_max_batch": number(cfg, "nf4_fused_max_batch", 64, kind=int, min_value=0),
     }
-    from kd.precision import parse_precision
+    from kd.teacher.precision import parse_precision
 
     parse_precision(s["teacher_quantization"])  # bf16 (= null) | nf4 | fp8 | nf4_fp8
     if s["top_p"] <= 0.0:
@@ -97,16 +97,16 @@ def _check_run_meta(out: Path, meta: Dict, is_rank_zero: bool) -> None:
                 + "\nUse a new output_dir (or restore the settings) so answers are not mixed."
             )
     elif is_rank_zero:
-        from kd.atomic import atomic_write_text
+        from kd.core.atomic import atomic_write_text
 
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(p, json.dumps(meta, ensure_ascii=False, indent=1, sort_keys=True) + "\n")
 
 
 def load_teacher(cfg: DictConfig, s: Dict, device: torch.device, dtype: torch.dtype):
-    from kd.generation import install_last_token_head
-    from kd.models import load_frozen_model
-    from kd.precision import resolve_precision
+    from kd.teacher.generation import install_last_token_head
+    from kd.train.models import load_frozen_model
+    from kd.teacher.precision import resolve_precision
 
     prec = resolve_precision(s["teacher_quantization"], device, dtype)
     return install_last_token_head(load_frozen_model(cfg.model, s["ck"], device=device, dtype=dtype, precision=prec))
@@ -117,13 +117,13 @@ def _generate_mine(cfg: DictConfig, s: Dict, mine, n_mine: int, prompts, hashes,
     """Generate this rank's batches ``mine`` (lists of sample ids), appending each batch's rows to ``store``."""
     from tqdm import tqdm
 
-    from kd.generation import SamplingParams, generate_batch, sample_seed
+    from kd.teacher.generation import SamplingParams, generate_batch, sample_seed
 
     model = load_teacher(cfg, s, device, dtype)
     params = SamplingParams(temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"])
     decoder = None
     if s["decode_engine"] == "static":
-        from kd.static_decode import StaticDecoder
+        from kd.teacher.static_decode import StaticDecoder
 
         decoder = StaticDecoder(
             model, device=device, cache_dtype=dtype, cuda_graphs=s["cuda_graphs"] and device.type == "cuda",
@@ -169,8 +169,8 @@ def _generate_mine(cfg: DictConfig, s: Dict, mine, n_mine: int, prompts, hashes,
 
 def _merge(s: Dict, store, records, hashes, out: Path) -> None:
     """Rank 0: every rank's answers -> ``<dataset_name>.json`` + ``dataset_info.json`` + ``summary.json``."""
-    from kd.atomic import atomic_write_text
-    from kd.generation import merge_results, summarize
+    from kd.core.atomic import atomic_write_text
+    from kd.teacher.generation import merge_results, summarize
 
     results, _ = store.scan(hashes)
     results = {i: r for i, r in results.items() if i in records}
@@ -188,9 +188,9 @@ def _merge(s: Dict, store, records, hashes, out: Path) -> None:
 def recipe_main(cfg: DictConfig) -> None:
     from torchtune import training
 
-    from kd.data import load_alpaca_records
-    from kd.generation import ResultStore, plan_batches, prompt_hash, prompt_tokens, stop_token_ids
-    from kd.progress import configure_logging
+    from kd.data.alpaca import load_alpaca_records
+    from kd.teacher.generation import ResultStore, plan_batches, prompt_hash, prompt_tokens, stop_token_ids
+    from kd.core.progress import configure_logging
 
     configure_logging(choice(cfg, "log_level", ["DEBUG", "INFO", "WARNING", "ERROR"], "INFO"))
     s = _settings(cfg)
@@ -253,11 +253,7 @@ def recipe_main(cfg: DictConfig) -> None:
     kdist.destroy()
 
 
-def main() -> int:
-    from kd.cli_util import run_recipe
+if __name__ == "__main__":  # `tune run` runs this file as __main__
+    from kd.train.cli_util import run_recipe
 
-    return run_recipe(recipe_main)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_recipe(recipe_main))

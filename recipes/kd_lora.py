@@ -50,20 +50,22 @@ from torchtune.modules.peft import get_lora_module_names
 from torchtune.training import DummyProfiler
 from tqdm import tqdm
 
-from kd import dist as kdist
-from kd import full, loss_components, schema
-from kd import run_checks as checks
-from kd.adapter_io import lora_state_dict
-from kd.cli_util import run_recipe
-from kd.config import ConfigError, DataError, activation_checkpoint_layers, require_component
-from kd.data import check_truncation
-from kd.full import all_trainable, check_config, is_full_finetune
-from kd.guard import NonFiniteGuard
-from kd.heads import FusedKDHead, FusedTargets, HiddenStatesHead
-from kd.hf_export import save_merged_hf
-from kd.losses import KDCEResult, chunked_kd_ce, kd_ce_mix
-from kd.metric_logging import kd_logging_cfg
-from kd.models import (
+from kd.train import dist as kdist
+from kd.train import full
+from kd.losses import components as loss_components
+from kd.ops import schema
+from kd.train import run_checks as checks
+from kd.train.adapter_io import lora_state_dict
+from kd.train.cli_util import run_recipe
+from kd.core.config import ConfigError, DataError, activation_checkpoint_layers, require_component
+from kd.data.alpaca import check_truncation
+from kd.train.full import all_trainable, check_config, is_full_finetune
+from kd.train.guard import NonFiniteGuard
+from kd.losses.heads import FusedKDHead, FusedTargets, HiddenStatesHead
+from kd.train.hf_export import save_merged_hf
+from kd.losses.distillation import KDCEResult, chunked_kd_ce, kd_ce_mix
+from kd.train.metric_logging import kd_logging_cfg
+from kd.train.models import (
     apply_activation_checkpointing,
     build_on_meta,
     is_adapter_param,
@@ -72,18 +74,18 @@ from kd.models import (
     load_hf_into_model,
     shift_labels,
 )
-from kd.on_policy import count_on_policy_steps, generate_on_policy, is_on_policy_step, parse_on_policy
-from kd.planner import plan_from_config
-from kd.precision import check_sharding, parse_precision, resolve_precision
-from kd.progress import configure_logging, progress
-from kd.step_checkpoint import CheckpointManager
-from kd.teacher_cache_session import CacheSession, parse_options, resume_epoch
-from kd.timing import PhaseTimer
+from kd.train.on_policy import count_on_policy_steps, generate_on_policy, is_on_policy_step, parse_on_policy
+from kd.ops.planner import plan_from_config
+from kd.teacher.precision import check_sharding, parse_precision, resolve_precision
+from kd.core.progress import configure_logging, progress
+from kd.train.step_checkpoint import CheckpointManager
+from kd.train.cache_session import CacheSession, parse_options, resume_epoch
+from kd.train.timing import PhaseTimer
 
 log = logging.getLogger("kd.recipe")
 _M = KDCEResult.METRICS  # the order of the summed metric vector (read by name, never by position)
 
-# The keys this recipe accepts, their defaults and ranges: one table (kd.schema.KD_LORA), also behind `kd plan`
+# The keys this recipe accepts, their defaults and ranges: one table (kd.ops.schema.KD_LORA), also behind `kd plan`
 # and docs/config_keys.md.
 SCHEMA = schema.KD_LORA
 
@@ -183,7 +185,7 @@ class KDLoRARecipe:
                 "enable_activation_offloading=True is not supported by this recipe; use "
                 "enable_activation_checkpointing=True to save activation memory."
             )
-        if "lora_rank" not in cfg.model:  # a plain builder: full fine-tune (kd.full)
+        if "lora_rank" not in cfg.model:  # a plain builder: full fine-tune (kd.train.full)
 
             check_config(cfg)
         else:
@@ -219,7 +221,7 @@ class KDLoRARecipe:
             return self._setup_cache_build(cfg)
         # 4. student: LoRA on a frozen base, weights streamed from the HF checkpoint
         self._model = self._setup_student(cfg)
-        # 5. teacher: frozen, eval, in its precision (kd.precision: bf16/nf4/fp8/nf4_fp8), streamed layer by layer
+        # 5. teacher: frozen, eval, in its precision (kd.teacher.precision: bf16/nf4/fp8/nf4_fp8), streamed layer by layer
         #    (not loaded when the teacher cache makes it unnecessary)
         self._teacher, self._teacher_head_weight = self._setup_teacher(cfg) if self._teacher_at_start else (None, None)
         # 6. losses (KD divergence + CE) and the way they are computed (fused / chunked)
@@ -290,7 +292,7 @@ class KDLoRARecipe:
         log.info("memory plan (per device):\n" + plan.table())
 
     def _lora_info(self, cfg_model: DictConfig) -> None:
-        # A plain (non-LoRA) builder trains the full student: same loop, sharded checkpoints (kd.full).
+        # A plain (non-LoRA) builder trains the full student: same loop, sharded checkpoints (kd.train.full).
         self._full = is_full_finetune(cfg_model)
         if self._full:
             self._lora_rank, self._lora_alpha = 0, 1.0
@@ -305,7 +307,7 @@ class KDLoRARecipe:
         self._lora_info(cfg.model)
         model = build_on_meta(cfg.model, self._dtype)
         # Activation checkpointing on the layers torchtune's keys select (all, none or every x-th layer);
-        # kd.planner counts the same layers.
+        # kd.ops.planner counts the same layers.
         ac_layers = activation_checkpoint_layers(cfg, len(model.layers))
         apply_activation_checkpointing(model, ac_layers)
         self._log(f"activation checkpointing on {len(ac_layers)}/{len(model.layers)} student layers")
@@ -379,7 +381,7 @@ class KDLoRARecipe:
 
     def _setup_loss(self, cfg: DictConfig) -> None:
         """``loss:`` (the CE term; in the fused form the fused CE+KD step) and ``kd_loss:`` (the divergence),
-        instantiated exactly as the config names them (kd.loss_components: a component the loss form cannot
+        instantiated exactly as the config names them (kd.losses.components: a component the loss form cannot
         run is a ConfigError naming the kd equivalent)."""
         self._ignore_index = -100  # kd's datasets mask with -100; checks.check_ignore_index rejects any other
         self._ce_loss, self._kd_loss = loss_components.build_losses(cfg, self._loss_form)
@@ -391,7 +393,7 @@ class KDLoRARecipe:
                 self._teacher.set_num_output_chunks(n)
 
     def _setup_on_policy(self, cfg: DictConfig) -> None:
-        """``on_policy:`` section (kd.on_policy): with probability lmbda per optimizer step the student answers the
+        """``on_policy:`` section (kd.train.on_policy): with probability lmbda per optimizer step the student answers the
         step's prompts and the teacher scores those answers (GKD); None when the section is absent."""
 
         self._on_policy = parse_on_policy(cfg.get("on_policy", None), self.seed)
@@ -408,7 +410,7 @@ class KDLoRARecipe:
 
     def _on_policy_batches(self, micro):
         """Hook of the training step: on an on-policy step, the student's answers to the micro-batches' prompts
-        (kd.on_policy.OnPolicyBatches with the GLOBAL generated-token count), else None."""
+        (kd.train.on_policy.OnPolicyBatches with the GLOBAL generated-token count), else None."""
 
         if self._on_policy is None:
             return None
@@ -448,7 +450,7 @@ class KDLoRARecipe:
     def _build_dataset(self, cfg_dataset, split: Optional[str]):
         def one(c):
             kwargs = {}
-            if split is not None and c.get("_component_", "").startswith(("kd.data.", "kd.offline.")):
+            if split is not None and c.get("_component_", "").startswith(("kd.data.alpaca.", "kd.data.offline.")):
                 kwargs["split"] = split
             try:
                 return tt_config.instantiate(c, self._tokenizer, **kwargs)
@@ -575,7 +577,7 @@ class KDLoRARecipe:
         return profiler
 
     # ----------------------------------------------------------------------------------------------
-    # Teacher cache (kd.teacher_cache_session): Random-Sampling KD targets computed once, read every epoch
+    # Teacher cache (kd.train.cache_session): Random-Sampling KD targets computed once, read every epoch
     # ----------------------------------------------------------------------------------------------
     def _setup_teacher_cache(self, cfg: DictConfig) -> None:
         """Parse ``teacher_cache`` and decide whether the teacher is loaded in step 5: always without a
@@ -721,7 +723,7 @@ class KDLoRARecipe:
         self, batch: Dict[str, torch.Tensor], kd_ratio: float, timer: Optional[PhaseTimer] = None,
         with_teacher: bool = True,
     ) -> KDCEResult:
-        """Forward both models on one micro-batch; return *sums* over its valid tokens (kd.losses.KDCEResult:
+        """Forward both models on one micro-batch; return *sums* over its valid tokens (kd.losses.distillation.KDCEResult:
         loss_sum differentiable = (1-r)*CE + r*KD, ce/kd/kl sums, n_valid, n_agree). ``timer`` (training only)
         marks the end of the teacher forward and of the student forward + loss."""
         tokens, labels = batch["tokens"], shift_labels(batch["labels"], self._ignore_index)
@@ -844,7 +846,7 @@ class KDLoRARecipe:
         the clipped norm (None without clipping)."""
         for b in micro:
             utils.batch_to_device(b, self._device)
-        gen = self._on_policy_batches(micro)  # on-policy step: the student's answers (kd.on_policy), else None
+        gen = self._on_policy_batches(micro)  # on-policy step: the student's answers (kd.train.on_policy), else None
         # Global valid-token count of this optimizer step, known before any backward.
         local_n = sum((shift_labels(b["labels"], self._ignore_index) != self._ignore_index).sum() for b in micro)
         local_tok = sum((b["tokens"] != self._tokenizer.pad_id).sum() for b in micro)
@@ -910,7 +912,7 @@ class KDLoRARecipe:
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         metrics["step_seconds"] = dt
-        # mean seconds per optimizer step of each phase since the last log (see kd.timing)
+        # mean seconds per optimizer step of each phase since the last log (see kd.train.timing)
         metrics.update({f"time_{k}_s": v for k, v in phases.items()})
         if self._on_policy is not None:  # this step on/off-policy, the fraction so far, generation speed/length
             metrics.update(self._on_policy_stats, on_policy_fraction=self._on_policy_count / max(self.global_step, 1))
@@ -979,7 +981,7 @@ class KDLoRARecipe:
 
     def save_checkpoint(self) -> None:
         """Adapter (PEFT format), optimizer, LR scheduler, RNG of every rank and dataloader position,
-        written atomically by rank 0 (full fine-tune: weights and optimizer state as per-rank shards, kd.full);
+        written atomically by rank 0 (full fine-tune: weights and optimizer state as per-rank shards, kd.train.full);
         collective (every rank must call it)."""
 
         # never checkpoint a NaN/Inf state (collective: flags of every rank since the last logging step)
@@ -989,7 +991,7 @@ class KDLoRARecipe:
         if self._cache is not None:
             self._cache.flush()  # cache records of the steps this checkpoint covers are on disk
         # LoRA: full adapter + optimizer state gathered to rank 0 (small). Full fine-tune: each rank writes its
-        # own shards (kd.full), nothing is gathered.
+        # own shards (kd.train.full), nothing is gathered.
         adapter = None if self._full else lora_state_dict(self._model)  # collective under FSDP (full_tensor)
         opt = None if self._full else self._optimizer_state()  # collective under FSDP
         rng = [self._rng_state()]
@@ -1062,9 +1064,5 @@ def recipe_main(cfg: DictConfig) -> None:
     recipe.cleanup()
 
 
-def main() -> int:
-    return run_recipe(recipe_main)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `tune run` runs this file as __main__
+    sys.exit(run_recipe(recipe_main))

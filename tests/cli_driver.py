@@ -1,6 +1,6 @@
 """Run many public-command invocations (``tune run ...``, ``kd plan ...``, ``kd preflight ...``) cheaply.
 
-Each invocation is the real entry point (``torchtune._cli.tune.main`` / ``kd.cli.main``) with its own
+Each invocation is the real entry point (``torchtune._cli.tune.main`` / ``kd.ops.cli.main``) with its own
 ``sys.argv``, environment, working directory, stdout/stderr files and exit status, in a process forked from this
 driver after torch / torchtune / kd are imported once (an import costs ~5 s per fresh interpreter on the CI
 machine; a fork costs milliseconds). ``KD_CLI_SUBPROCESS=1`` runs every case as a fresh subprocess of the
@@ -53,7 +53,7 @@ def _child(case, out_path, err_path) -> None:
             sys.argv = ["tune", *argv[1:]]
             code = tune_main()
         elif argv[0] == "kd":
-            from kd.cli import main as kd_main
+            from kd.ops.cli import main as kd_main
 
             code = kd_main(argv[1:])
         else:
@@ -133,7 +133,7 @@ def main() -> int:
         import torch  # noqa: F401  (imported once, shared by every forked case)
         import torchtune._cli.tune  # noqa: F401
 
-        for mod in ("kd.cli", "kd.step_checkpoint", "kd.data", "kd.losses", "kd.models", "kd.run_checks"):
+        for mod in ("kd.ops.cli", "kd.train.step_checkpoint", "kd.data.alpaca", "kd.losses.distillation", "kd.train.models", "kd.train.run_checks"):
             try:
                 importlib.import_module(mod)
             except ImportError:  # an older kd (the driver also measures the code before a change)

@@ -32,9 +32,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def testbed():
-    """The tiny test bed (kd.testbed.Testbed): tiny tokenizer, trained tiny teacher (sharded HF
+    """The tiny test bed (kd.testing.testbed.Testbed): tiny tokenizer, trained tiny teacher (sharded HF
     checkpoint), random tiny student, demo data. Cached under $KD_TESTBED_DIR or <repo>/.cache/testbed."""
-    from kd.testbed import build_testbed
+    from kd.testing.testbed import build_testbed
 
     return build_testbed(_testbed_dir())
 

@@ -1,9 +1,9 @@
 """Selective activation checkpointing through torchtune's keys (ac_mode / ac_option): the layers the recipe wraps,
-the errors, and the memory each checkpointed layer saves against kd.planner's prediction.
+the errors, and the memory each checkpointed layer saves against kd.ops.planner's prediction.
 
 Memory here is the bytes autograd keeps for backward (every tensor saved outside the checkpointed regions, counted
 once per storage through ``saved_tensors_hooks``) during a forward of the test bed's LoRA student, built and
-wrapped exactly as the recipe does (kd.config.activation_checkpoint_layers + kd.models.apply_activation_checkpointing).
+wrapped exactly as the recipe does (kd.core.config.activation_checkpoint_layers + kd.train.models.apply_activation_checkpointing).
 The GPU peak through the whole recipe is compared with the planner in docs/benchmarks.md."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from kd.config import ConfigError, activation_checkpoint_layers
-from kd.models import apply_activation_checkpointing, build_on_meta, is_adapter_param, load_hf_into_model
-from kd.planner import activation_elems_per_token, count_model
+from kd.core.config import ConfigError, activation_checkpoint_layers
+from kd.train.models import apply_activation_checkpointing, build_on_meta, is_adapter_param, load_hf_into_model
+from kd.ops.planner import activation_elems_per_token, count_model
 
 
 @pytest.mark.parametrize("ov,want", [

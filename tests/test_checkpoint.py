@@ -1,4 +1,4 @@
-"""Tests for kd.adapter_io, kd.atomic, kd.step_checkpoint and kd.hf_export: Qwen2 PEFT export (and why torchtune's stock export is wrong for
+"""Tests for kd.train.adapter_io, kd.core.atomic, kd.train.step_checkpoint and kd.train.hf_export: Qwen2 PEFT export (and why torchtune's stock export is wrong for
 Qwen2), merged HF export, CheckpointManager round trip / retention / crash safety."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd import adapter_io, atomic, errors, hf_export, step_checkpoint
+from kd.train import adapter_io, hf_export, step_checkpoint
+from kd.core import atomic, errors
 
 
 def _save_adapter(adapter_sd, out_dir, **kw) -> Path:
@@ -410,7 +411,7 @@ _CHILD = textwrap.dedent(
     """
     import os, sys, time, torch
     from pathlib import Path
-    from kd import step_checkpoint
+    from kd.train import step_checkpoint
     out, mode = Path(sys.argv[1]), sys.argv[2]
     meta = dict(rank=4, alpha=8, target_modules=["q_proj"], base_model_name_or_path="x")
     def sd(v):

@@ -2,7 +2,7 @@
 
 - every ``_component_`` in every file under configs/ resolves (as ``torchtune.config.instantiate`` resolves it)
   to an importable callable;
-- every kd_lora config names loss components its ``loss_form`` can run (kd.loss_components), unchanged;
+- every kd_lora config names loss components its ``loss_form`` can run (kd.losses.components), unchanged;
 - the recipe's setup, run in-process on the tiny configs with ``torchtune.config.instantiate`` spied on,
   instantiates exactly the paths the config names for its model, tokenizer, dataset, optimizer, lr_scheduler,
   loss and kd_loss sections -- and the loss objects it then calls are of those classes;
@@ -20,8 +20,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchtune import config as tt_config
 from torchtune.config._utils import _get_component_from_path
 
-from kd import loss_components
-from kd.config import ConfigError
+from kd.losses import components as loss_components
+from kd.core.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
@@ -73,11 +73,11 @@ def test_fused_form_refuses_torchtune_losses_with_the_kd_equivalent():
     with pytest.raises(ConfigError) as e:
         loss_components.check_loss_components(cfg, "fused")
     msg = str(e.value)
-    assert "\n" not in msg and "kd.losses.DistillationLoss" in msg and "soft_ce: true" in msg and "chunked" in msg
+    assert "\n" not in msg and "kd.losses.distillation.DistillationLoss" in msg and "soft_ce: true" in msg and "chunked" in msg
     cfg = OmegaConf.create({**base, "loss": {"_component_": "torchtune.modules.loss.CEWithChunkedOutputLoss"}})
-    with pytest.raises(ConfigError, match="kd.losses.FusedKDCELoss"):
+    with pytest.raises(ConfigError, match="kd.losses.distillation.FusedKDCELoss"):
         loss_components.check_loss_components(cfg, "fused")
-    cfg = OmegaConf.create({"loss": {"_component_": "kd.losses.FusedKDCELoss"}})
+    cfg = OmegaConf.create({"loss": {"_component_": "kd.losses.distillation.FusedKDCELoss"}})
     with pytest.raises(ConfigError, match="ChunkedCrossEntropyLoss"):
         loss_components.check_loss_components(cfg, "chunked")
     # torchtune's chunked losses are accepted as written in the chunked form

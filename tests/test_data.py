@@ -5,7 +5,7 @@ import pytest
 import torch
 from torchtune.data import padded_collate_sft
 
-from kd.data import (
+from kd.data.alpaca import (
     DEFAULT_SYSTEM_PROMPT,
     DEMO_DATA_PATH,
     alpaca_kd_dataset,
@@ -14,7 +14,7 @@ from kd.data import (
     prompt_messages,
     user_content,
 )
-from kd.tokenizer import load_tiny_tokenizer
+from kd.testing.tokenizer import load_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 - ``bash launch/*.sh ...``: the script exists and answers ``--help`` (exit 0); ``run_node.sh``'s config and
   overrides pass the recipe's validation (``kd plan`` with the same arguments) and its launcher flags parse;
-- ``python -m kd.testbed ...``: ``--help``; the README's pytest line: collected with ``--co``;
+- ``python -m kd.testing.testbed ...``: ``--help``; the README's pytest line: collected with ``--co``;
 - ``tune run ... configs/tiny/...``: run for real in a scratch directory (the documented order: generate ->
   SFT -> evaluate, KD -> export), shortened by a few appended overrides (steps, samples), placeholders such as
   ``step_0000040`` replaced by the checkpoint the earlier command wrote; each must exit 0;
@@ -143,8 +143,8 @@ def test_every_documented_command_runs(testbed, tmp_path):
                 over = [t for t in toks[2:] if "=" in t]
                 qwen.append(("plan", src, c, ["kd", "plan", "--config", cfg, *over, "--gb10"]))
             checked.append(c)
-        elif toks[:3] == ["python", "-m", "kd.testbed"]:
-            r = subprocess.run([sys.executable, "-m", "kd.testbed", "--help"], cwd=REPO, capture_output=True,
+        elif toks[:3] == ["python", "-m", "kd.testing.testbed"]:
+            r = subprocess.run([sys.executable, "-m", "kd.testing.testbed", "--help"], cwd=REPO, capture_output=True,
                                text=True, env=env)
             assert r.returncode == 0, (src, c, r.stderr)
             checked.append(c)

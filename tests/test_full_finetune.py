@@ -72,8 +72,8 @@ def test_export_full_checkpoint_logits_equal(testbed, runs, tmp_path):
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM
 
-    from kd.full import assemble_full_state_dict
-    from kd.models import build_on_meta
+    from kd.train.full import assemble_full_state_dict
+    from kd.train.models import build_on_meta
 
     _, two = runs
     out = tmp_path / "exp"
@@ -138,9 +138,9 @@ def test_planner_full_finetune_two_sparks(capsys):
     """`kd plan --config configs/qwen2_5/72B_to_7B_kd_full_2node.yaml --gb10 --world-size 2`: the full 7B student's
     weights, gradients and AdamW states (bf16: 2 x 2 B/param) are halved by FSDP2 across the two Sparks, next to a
     whole NF4 72B teacher per node; it fits at the config's batch 2 x 2048 with activation checkpointing."""
-    from kd import planner
-    from kd.cli import main as kd_main
-    from kd.preflight import load_config
+    from kd.ops import planner
+    from kd.ops.cli import main as kd_main
+    from kd.ops.preflight import load_config
 
     cfg_path = str(REPO / "configs/qwen2_5/72B_to_7B_kd_full_2node.yaml")
     assert kd_main(["plan", "--config", cfg_path, "--gb10", "--world-size", "2"]) == 0

@@ -1,11 +1,11 @@
-"""The per-chunk math of the fused loss is torch.compile'd on CUDA (kd.losses._chunk_math). CI has no GPU, so
+"""The per-chunk math of the fused loss is torch.compile'd on CUDA (kd.losses.distillation._chunk_math). CI has no GPU, so
 check here that the very same function traces and compiles (inductor, CPU) and gives the eager results —
 a compile break would otherwise only show up on the GPU (where the recipe falls back to eager, loudly)."""
 
 import pytest
 import torch
 
-from kd import losses as L
+from kd.losses import distillation as L
 
 
 @pytest.mark.parametrize("kind,T", [("forward_kl", 1.0), ("jsd", 2.0)])

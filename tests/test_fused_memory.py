@@ -21,7 +21,7 @@ _SCRIPT = textwrap.dedent(
     import json, resource, sys
     import torch
     import torch.nn.functional as F
-    from kd.losses import DistillationLoss, cross_entropy_sum, fused_linear_kd_ce
+    from kd.losses.distillation import DistillationLoss, cross_entropy_sum, fused_linear_kd_ce
 
     mode, N, V, H, CHUNK = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     torch.set_num_threads(2)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd.generation import (
+from kd.teacher.generation import (
     ResultStore, SamplingParams, counter_uniform, generate_batch, install_last_token_head, merge_results,
     plan_batches, prompt_tokens, sample_next, sample_seed, stop_token_ids,
 )
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _teacher(testbed):
     from omegaconf import OmegaConf
 
-    from kd.models import build_on_meta, load_hf_into_model
+    from kd.train.models import build_on_meta, load_hf_into_model
 
     cfg = OmegaConf.create({"_component_": "torchtune.models.qwen2.qwen2", **testbed.teacher_dims})
     m = build_on_meta(cfg, torch.float32)
@@ -35,7 +35,7 @@ def teacher(testbed):
 
 
 def _prompts(testbed, tok, ids):
-    from kd.data import load_alpaca_records
+    from kd.data.alpaca import load_alpaca_records
 
     recs, _ = load_alpaca_records(testbed.data_json)
     return [prompt_tokens(tok, recs[i], "你是一位佛学老师。") for i in ids]
@@ -122,7 +122,7 @@ def test_merge_writes_alpaca_and_dataset_info(tmp_path):
     info = json.loads((tmp_path / "dataset_info.json").read_text())
     assert info["dd"]["file_name"] == "dd.json"
     assert info["dd"]["columns"] == {"prompt": "instruction", "query": "input", "response": "output"}
-    from kd.config import DataError
+    from kd.core.config import DataError
 
     with pytest.raises(DataError, match="no \\(current\\) teacher answer"):
         merge_results(records, {0: results[0]}, tmp_path)
@@ -164,7 +164,7 @@ def test_kill9_resume_is_byte_identical(testbed, tmp_path):
     rows = json.loads(a)
     assert [r["id"] for r in rows] == list(range(40)) and all(r["original_output"] for r in rows)
     # LLaMA-Factory (plan A) sees the system prompt the teacher answered under
-    from kd.data import DEFAULT_SYSTEM_PROMPT
+    from kd.data.alpaca import DEFAULT_SYSTEM_PROMPT
     from test_llamafactory_schema import llamafactory_alpaca_view
 
     view = llamafactory_alpaca_view(tmp_path / "run", "teacher_distill")
@@ -209,7 +209,7 @@ def test_user_errors_are_one_line(testbed, tmp_path):
 
 def test_grouped_decode_attention_matches_torchtune(testbed, teacher, tiny_tokenizer):
     """The copy-free GQA decode path (teacher: 4 query heads on 2 KV heads) gives torchtune's results."""
-    from kd.generation import grouped_decode_attention, setup_kv_caches, teardown_kv_caches
+    from kd.teacher.generation import grouped_decode_attention, setup_kv_caches, teardown_kv_caches
 
     tok = tiny_tokenizer
     ps = _prompts(testbed, tok, [1, 7, 30])
@@ -235,11 +235,12 @@ def test_grouped_decode_attention_matches_torchtune(testbed, teacher, tiny_token
 
 
 def test_nf4_teacher_generates(testbed, tiny_tokenizer):
-    """quantization=nf4 path: NF4 weights while loading + kd.nf4 fast linear, bf16, batched generation."""
+    """quantization=nf4 path: NF4 weights while loading + kd.teacher.nf4 fast linear, bf16, batched generation."""
     from omegaconf import OmegaConf
 
-    from kd.models import build_on_meta, load_hf_into_model, use_fast_nf4
-    from kd.nf4 import FastNF4Linear
+    from kd.teacher.nf4 import use_fast_nf4
+    from kd.train.models import build_on_meta, load_hf_into_model
+    from kd.teacher.nf4 import FastNF4Linear
 
     cfg = OmegaConf.create({"_component_": "torchtune.models.qwen2.qwen2", **testbed.teacher_dims})
     m = build_on_meta(cfg, torch.bfloat16)

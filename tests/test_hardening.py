@@ -37,7 +37,7 @@ def _ce_case(ignore_index, with_minus100=False):
 
 @pytest.mark.parametrize("ignore_index", [-1, -100, 3])
 def test_ce_sum_ignore_index_matches_torch(ignore_index):
-    from kd.losses import cross_entropy_sum
+    from kd.losses.distillation import cross_entropy_sum
 
     h, w, lab = _ce_case(ignore_index)
     logits = h @ w.T
@@ -52,7 +52,7 @@ def test_ce_sum_ignore_index_matches_torch(ignore_index):
 
 def test_ce_minus100_with_other_ignore_index_is_an_error_like_torch():
     """Today -100 labels count as valid with zero loss (plain) or give an unclear gather error (fused)."""
-    from kd.losses import DistillationLoss, cross_entropy_sum, fused_linear_kd_ce
+    from kd.losses.distillation import DistillationLoss, cross_entropy_sum, fused_linear_kd_ce
 
     h, w, lab = _ce_case(-1, with_minus100=True)
     with pytest.raises(IndexError, match="out of bounds"):
@@ -65,7 +65,7 @@ def test_ce_minus100_with_other_ignore_index_is_an_error_like_torch():
 
 
 def test_fused_ce_non_default_ignore_index_matches_torch():
-    from kd.losses import DistillationLoss, fused_linear_kd_ce
+    from kd.losses.distillation import DistillationLoss, fused_linear_kd_ce
 
     h, w, lab = _ce_case(-1)
     out = fused_linear_kd_ce(h, w, lab, kd_ratio=0.0, loss=DistillationLoss(ignore_index=-1), chunk_size=4)
@@ -83,7 +83,7 @@ def test_fused_ce_non_default_ignore_index_matches_torch():
 def test_statecodec_roundtrip_exact():
     import random
 
-    from kd import statecodec
+    from kd.core import statecodec
 
     random.seed(3)
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.randn(3, 2))], lr=1e-3, betas=(0.9, 0.95))
@@ -115,7 +115,7 @@ def _save_ckpt(mgr, step, value=0.0):
 
 
 def test_recipe_state_loads_weights_only_and_a_crafted_pickle_never_runs(tmp_path):
-    from kd.step_checkpoint import CheckpointManager
+    from kd.train.step_checkpoint import CheckpointManager
 
     mgr = CheckpointManager(tmp_path / "ck")
     p1 = _save_ckpt(mgr, 1)
@@ -138,8 +138,8 @@ def test_recipe_state_loads_weights_only_and_a_crafted_pickle_never_runs(tmp_pat
 
 
 def test_truncated_recipe_state_falls_back_with_a_warning(tmp_path):
-    from kd.errors import CorruptCheckpointError
-    from kd.step_checkpoint import CheckpointManager
+    from kd.core.errors import CorruptCheckpointError
+    from kd.train.step_checkpoint import CheckpointManager
 
     mgr = CheckpointManager(tmp_path / "ck")
     _save_ckpt(mgr, 1)
@@ -157,8 +157,8 @@ def test_truncated_recipe_state_falls_back_with_a_warning(tmp_path):
 
 
 def test_non_finite_adapter_is_never_saved_and_retention_keeps_the_last_finite(tmp_path):
-    from kd.errors import NonFiniteCheckpointError
-    from kd.step_checkpoint import CheckpointManager
+    from kd.core.errors import NonFiniteCheckpointError
+    from kd.train.step_checkpoint import CheckpointManager
 
     mgr = CheckpointManager(tmp_path / "ck", keep_last_n=1)
     _save_ckpt(mgr, 1)
@@ -168,8 +168,8 @@ def test_non_finite_adapter_is_never_saved_and_retention_keeps_the_last_finite(t
 
 
 def test_disk_full_during_save_names_dir_and_size_and_keeps_old(tmp_path, monkeypatch):
-    from kd.errors import CheckpointError
-    from kd.step_checkpoint import CheckpointManager
+    from kd.core.errors import CheckpointError
+    from kd.train.step_checkpoint import CheckpointManager
 
     mgr = CheckpointManager(tmp_path / "ck")
     _save_ckpt(mgr, 1)
@@ -192,7 +192,7 @@ def test_disk_full_during_save_names_dir_and_size_and_keeps_old(tmp_path, monkey
 # 1. non-finite guard: device-side flags, classification, first step
 # --------------------------------------------------------------------------------------------------
 def test_guard_classifies_and_names_the_step():
-    from kd.guard import NonFiniteError, NonFiniteGuard
+    from kd.train.guard import NonFiniteError, NonFiniteGuard
 
     g = NonFiniteGuard(torch.device("cpu"), last_checkpoint=lambda: "/x/step_0000002")
     fin = torch.tensor(1.0)
@@ -218,7 +218,7 @@ def test_guard_classifies_and_names_the_step():
 # configs torchtune users write: interpolation-source keys
 # --------------------------------------------------------------------------------------------------
 def test_interpolation_source_keys_are_accepted_misspellings_are_not():
-    from kd.config import ConfigError, check_keys
+    from kd.core.config import ConfigError, check_keys
 
     cfg = OmegaConf.create({"model_root": "/models", "paths": {"data": "/d"},
                             "checkpointer": {"checkpoint_dir": "${model_root}/Qwen2.5-7B-Instruct"},
@@ -236,7 +236,7 @@ def test_interpolation_source_keys_are_accepted_misspellings_are_not():
 # air-gapped defaults and packaging
 # --------------------------------------------------------------------------------------------------
 def test_wandb_defaults_to_offline(monkeypatch):
-    from kd.metric_logging import kd_logging_cfg
+    from kd.train.metric_logging import kd_logging_cfg
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     c = OmegaConf.create({"_component_": "torchtune.training.metric_logging.WandBLogger", "project": "p"})
@@ -260,7 +260,7 @@ def test_pins_torch_2_11_and_bitsandbytes_is_optional():
     out = subprocess.run(["bash", "launch/wheelhouse.sh", "requirements"], cwd=REPO, capture_output=True, text=True,
                          env={**os.environ, "PYTHON": sys.executable}, check=True).stdout.split()
     assert "bitsandbytes" not in " ".join(out) and "torch==2.11.0" in out
-    # kd never needs bitsandbytes: no module imports it at module level (kd.nf4_decode's optional batch-1 kernel
+    # kd never needs bitsandbytes: no module imports it at module level (kd.teacher.nf4_decode's optional batch-1 kernel
     # imports it inside the function that uses it, behind an availability check)
     import re
 
@@ -272,7 +272,8 @@ def test_pins_torch_2_11_and_bitsandbytes_is_optional():
 # Triton kernels never crash a run
 # --------------------------------------------------------------------------------------------------
 def test_nf4_kernel_failure_falls_back_to_eager_with_one_warning(monkeypatch, caplog):
-    from kd import kernels, nf4
+    from kd.core import kernels
+    from kd.teacher import nf4
 
     monkeypatch.setattr(kernels, "_BROKEN", {})
     w = nf4.to_nf4(torch.randn(256, 256, dtype=torch.bfloat16))
@@ -285,7 +286,7 @@ def test_nf4_kernel_failure_falls_back_to_eager_with_one_warning(monkeypatch, ca
     monkeypatch.setattr(nf4, "_use_triton", lambda w: True)
     monkeypatch.setattr(nf4, "_dequant_triton", bad_kernel)
     ref = w.get_original_weight()
-    with caplog.at_level("WARNING", logger="kd.kernels"):
+    with caplog.at_level("WARNING", logger="kd.core.kernels"):
         a = nf4.dequantize_nf4(w)
         b = nf4.dequantize_nf4(w)
     assert torch.equal(a, ref) and torch.equal(b, ref)
@@ -295,7 +296,9 @@ def test_nf4_kernel_failure_falls_back_to_eager_with_one_warning(monkeypatch, ca
 
 
 def test_kernel_switch_and_cpu_report(monkeypatch):
-    from kd import kernels, nf4
+    from kd.core import kernels
+    from kd.ops.kernel_check import kernel_report
+    from kd.teacher import nf4
 
     monkeypatch.setattr(kernels, "_BROKEN", {})
     monkeypatch.setattr(nf4, "_use_triton", lambda w: True)
@@ -303,6 +306,6 @@ def test_kernel_switch_and_cpu_report(monkeypatch):
     monkeypatch.setenv("KD_TRITON", "0")
     w = nf4.to_nf4(torch.randn(256, 256, dtype=torch.bfloat16))
     assert torch.equal(nf4.dequantize_nf4(w), w.get_original_weight())
-    assert kernels.kernel_report(torch.device("cuda")) == [("all kernels", "eager (KD_TRITON=0)")]
+    assert kernel_report(torch.device("cuda")) == [("all kernels", "eager (KD_TRITON=0)")]
     monkeypatch.delenv("KD_TRITON")
-    assert "no CUDA" in kernels.kernel_report(torch.device("cpu"))[0][1]
+    assert "no CUDA" in kernel_report(torch.device("cpu"))[0][1]

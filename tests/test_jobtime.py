@@ -1,4 +1,4 @@
-"""kd plan --time (kd.jobtime): units, linear scaling with epochs and samples, the generation estimate, errors."""
+"""kd plan --time (kd.ops.jobtime): units, linear scaling with epochs and samples, the generation estimate, errors."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kd import jobtime
-from kd.preflight import load_config
+from kd.ops import jobtime
+from kd.ops.preflight import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 KD = str(Path(sys.executable).parent / "kd")
@@ -110,7 +110,7 @@ def test_teacher_cache_modes_count_teacher_forwards_and_cost_cache_epochs_studen
     epochs 2-3 are student-only steps plus the cache read; build is teacher-only; use never runs the teacher.
     The 3-epoch online_then_cache job is about half of online every epoch (the issue's target is <= 0.55x;
     the teacher forward is ~3/4 of the online step): fails if the cache is ignored (ratio 1)."""
-    from kd.planner import teacher_forward_epochs
+    from kd.ops.planner import teacher_forward_epochs
 
     stats = _stats_72b()
     on = jobtime.estimate_job(_cfg72(), jobtime.H200, stats)

@@ -1,4 +1,4 @@
-"""Tests for kd.losses against a naive float64 reference written here (not calling kd.losses)."""
+"""Tests for kd.losses.distillation against a naive float64 reference written here (not calling kd.losses.distillation)."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd.losses import (
+from kd.losses.distillation import (
     KINDS,
     DistillationLoss,
     KDCEResult,

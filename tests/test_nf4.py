@@ -1,10 +1,10 @@
-"""Tests for kd.nf4 (CPU: eager fallback of the kernel's math; GPU-only tests marked `gpu`)."""
+"""Tests for kd.teacher.nf4 (CPU: eager fallback of the kernel's math; GPU-only tests marked `gpu`)."""
 import pytest
 import torch
 import torch.nn as nn
 from torchao.dtypes.nf4tensor import NF4Tensor, linear_nf4, to_nf4
 
-from kd import nf4 as knf4
+from kd.teacher import nf4 as knf4
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -72,7 +72,7 @@ def _tiny_decoder():
 
 
 def test_nf4_linears_swaps_only_decoder_linears():
-    from kd.models import nf4_linears_
+    from kd.train.models import nf4_linears_
 
     m = _tiny_decoder()
     keys_before = set(m.state_dict())

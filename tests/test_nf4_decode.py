@@ -1,4 +1,4 @@
-"""kd.nf4_decode: the fused NF4 decode matmul (Triton interpreter on CPU), bitsandbytes' view of torchao's layout,
+"""kd.teacher.nf4_decode: the fused NF4 decode matmul (Triton interpreter on CPU), bitsandbytes' view of torchao's layout,
 the FastNF4Linear decode hook; GPU-only checks marked `gpu`."""
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torchao.dtypes.nf4tensor import to_nf4
 
-from kd import nf4 as knf4
-from kd import nf4_decode as nd
+from kd.teacher import nf4 as knf4
+from kd.teacher import nf4_decode as nd
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ def test_cpu_auto_path_is_todays_math_and_hook_switches():
 _INTERP = textwrap.dedent("""
     import torch
     from torchao.dtypes.nf4tensor import to_nf4
-    from kd import nf4_decode as nd
+    from kd.teacher import nf4_decode as nd
     torch.manual_seed(0)
     cfgs = [nd.DecodeConfig(1, 32, 128, 1), nd.DecodeConfig(1, 16, 256, 2), nd.DecodeConfig(16, 32, 128, 3),
             nd.DecodeConfig(32, 64, 64, 1)]

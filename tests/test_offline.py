@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd.generation import merge_results
-from kd.offline import choose_targets, mixed_sft_dataset
+from kd.teacher.generation import merge_results
+from kd.data.offline import choose_targets, mixed_sft_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _merged(testbed, out: Path, *, teacher_prefix="T", flags=True) -> Path:
     """A merged teacher file from the demo data: teacher answer = '<prefix>' + original (ids 3 and 5 flagged)."""
-    from kd.data import load_alpaca_records
+    from kd.data.alpaca import load_alpaca_records
 
     recs, _ = load_alpaca_records(testbed.data_json)
     res = {i: {"id": i, "output": f"{teacher_prefix}{r['output']}" if teacher_prefix else r["output"], "finish": "stop"}
@@ -130,7 +130,7 @@ def test_export_round_trip_transformers(testbed, kd_adapter, tmp_path):
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM
 
-    from kd.models import build_on_meta, load_adapter_dir, load_hf_into_model
+    from kd.train.models import build_on_meta, load_adapter_dir, load_hf_into_model
 
     out = tmp_path / "export"
     _tune(testbed, "recipes/export.py", "configs/tiny/export.yaml", f"output_dir={out}", f"adapter_dir={kd_adapter}")
@@ -152,7 +152,7 @@ def test_export_round_trip_transformers(testbed, kd_adapter, tmp_path):
 def test_generate_teacher_old_quantization_key_is_a_clear_error():
     from omegaconf import OmegaConf
 
-    from kd.config import ConfigError
+    from kd.core.config import ConfigError
     from recipes.generate_teacher import _settings
 
     cfg = OmegaConf.load(REPO / "configs" / "tiny" / "generate.yaml")

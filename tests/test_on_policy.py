@@ -1,4 +1,4 @@
-"""On-policy distillation (kd.on_policy + the recipe's ``on_policy:`` section): unit tests of the pieces, and the
+"""On-policy distillation (kd.train.on_policy + the recipe's ``on_policy:`` section): unit tests of the pieces, and the
 real ``tune run`` on the tiny test bed: an independent transformers reference for the first on-policy step,
 fused == chunked == grad-accumulation == two processes (FSDP2), kill-and-resume, config errors."""
 
@@ -14,7 +14,7 @@ import torch
 
 from recipe_utils import REPO, TUNE, env_for, metrics, tune_run
 
-from kd.on_policy import (
+from kd.train.on_policy import (
     OnPolicyConfig,
     build_on_policy_batch,
     count_on_policy_steps,
@@ -66,7 +66,7 @@ def test_generation_seeds_depend_on_the_sample_not_its_place():
 
 
 def test_parse_errors():
-    from kd.config import ConfigError
+    from kd.core.config import ConfigError
 
     assert parse_on_policy(None, 1) is None
     c = parse_on_policy({"lmbda": 0.5, "max_new_tokens": 16}, 9)
@@ -90,7 +90,7 @@ def _first_batch_items(testbed, n: int):
     """The first optimizer step's samples of configs/tiny/kd_lora.yaml (seed 42, DistributedSampler, batch n)."""
     from torch.utils.data import DistributedSampler
 
-    from kd.data import alpaca_kd_dataset
+    from kd.data.alpaca import alpaca_kd_dataset
 
     tok = testbed.tokenizer(256)
     ds = alpaca_kd_dataset(tok, str(testbed.data_json), split="train", val_size=0.1, seed=0)
@@ -146,7 +146,7 @@ def test_on_policy_equivalences(testbed, tmp_path):
         assert r["loss"] == pytest.approx(0.5 * r["ce_loss"] + 0.5 * r["kd_loss"], rel=1e-5)
         assert 0 < r["gen_mean_length"] <= 41 and r["gen_tokens_per_second"] > 0
     runs = {
-        "chunked": metrics(_run(testbed, tmp_path, "chunked", [*common, "loss_form=chunked", "loss._component_=kd.losses.ChunkedCrossEntropyLoss"])),
+        "chunked": metrics(_run(testbed, tmp_path, "chunked", [*common, "loss_form=chunked", "loss._component_=kd.losses.distillation.ChunkedCrossEntropyLoss"])),
         "ga": metrics(_run(testbed, tmp_path, "ga", [*common, "batch_size=2", "gradient_accumulation_steps=2"])),
         "2proc": metrics(_run(testbed, tmp_path, "2proc", [*common, "batch_size=2"], launcher=["--nproc_per_node", "2"])),
         # HSDP with a replicated teacher (the two-node config's layout), here on one host

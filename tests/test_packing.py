@@ -1,7 +1,7 @@
 """Packing: a packed batch gives the same per-sample loss sums as the same samples run one by one.
 
 Teacher and student are the test bed's (different) tiny Qwen2 models, fp32 on CPU, through the recipe's own
-pieces: kd.data's packed dataset (torchtune PackedDataset), torchtune's packed collate (document mask + per-sample
+pieces: kd.data.alpaca's packed dataset (torchtune PackedDataset), torchtune's packed collate (document mask + per-sample
 positions), the NF4-free teacher with HiddenStatesHead and the student's FusedKDHead. A pack without the
 document mask, or with positions that do not restart per sample, fails the comparison (checked too)."""
 
@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kd.data import alpaca_kd_dataset
-from kd.heads import FusedKDHead, FusedTargets, HiddenStatesHead
-from kd.losses import DistillationLoss, FusedKDCELoss
-from kd.models import build_on_meta, is_adapter_param, load_hf_into_model
+from kd.data.alpaca import alpaca_kd_dataset
+from kd.losses.heads import FusedKDHead, FusedTargets, HiddenStatesHead
+from kd.losses.distillation import DistillationLoss, FusedKDCELoss
+from kd.train.models import build_on_meta, is_adapter_param, load_hf_into_model
 
 
 def _models(testbed):
@@ -131,7 +131,7 @@ def test_best_fit_bins_partition_and_beats_next_fit():
     import math
     import random
 
-    from kd.data import best_fit_bins, greedy_bins
+    from kd.data.alpaca import best_fit_bins, greedy_bins
 
     rng = random.Random(1)
     # the benchmark's length distribution (bench/recipe_bench.py LENGTHS), odd count
@@ -149,8 +149,8 @@ def test_best_fit_bins_partition_and_beats_next_fit():
 
 
 def test_greedy_bins_is_torchtunes_rule(testbed, tiny_tokenizer):
-    """kd.jobtime models torchtune's PackedDataset with greedy_bins: same packs."""
-    from kd.data import greedy_bins
+    """kd.ops.jobtime models torchtune's PackedDataset with greedy_bins: same packs."""
+    from kd.data.alpaca import greedy_bins
 
     src = str(testbed.root / "demo_buddhist_qa.json")
     plain = alpaca_kd_dataset(tiny_tokenizer, src, val_size=0, seed=0, max_seq_len=400)

@@ -1,4 +1,4 @@
-"""kd.planner: exact parameter counts, NF4 bytes, the H200 measurements, and estimate vs a measured peak.
+"""kd.ops.planner: exact parameter counts, NF4 bytes, the H200 measurements, and estimate vs a measured peak.
 
 The measured peak comes from a real training step of the tiny models through the recipe's own code
 (``KDLoRARecipe.setup`` + ``_loss_step`` + backward + clip + AdamW), in a fresh subprocess:
@@ -79,8 +79,8 @@ def measure(argv) -> dict:
     sys.path.insert(0, str(REPO))
     from omegaconf import OmegaConf
 
-    from kd.planner import plan_from_config
-    from kd.preflight import load_config
+    from kd.ops.planner import plan_from_config
+    from kd.ops.preflight import load_config
 
     p = argparse.ArgumentParser()
     p.add_argument("--config", default=str(TINY_CFG))
@@ -127,7 +127,7 @@ def test_counts_exact_on_tiny_models():
     from omegaconf import OmegaConf
     from torchtune import config as tt_config
 
-    from kd.planner import build_and_count
+    from kd.ops.planner import build_and_count
 
     cfg = OmegaConf.load(TINY_CFG)
     for key in ("model", "teacher_model"):
@@ -144,7 +144,7 @@ def test_nf4_bytes_match_torchao():
     import torch
     from torchao.dtypes.nf4tensor import to_nf4
 
-    from kd.planner import NF4_BYTES_PER_ELEM, NF4_FACTOR_BLOCK
+    from kd.ops.planner import NF4_BYTES_PER_ELEM, NF4_FACTOR_BLOCK
 
     w = torch.randn(512, 1024, dtype=torch.bfloat16)
     n = to_nf4(w, 64, 256)
@@ -155,7 +155,7 @@ def test_nf4_bytes_match_torchao():
 
 def test_full_size_counts_and_h200_measurements():
     """72B / 7B counts (docs/benchmarks.md FLOP table) and the measured H200 peaks within 5%."""
-    from kd.planner import plan_from_config
+    from kd.ops.planner import plan_from_config
 
     p = plan_from_config(BENCH_CFG, 1, ac_layers=0, device_memory_gib=119.2)
     t, s = p.inputs.teacher, p.inputs.student
@@ -172,7 +172,7 @@ def test_full_size_counts_and_h200_measurements():
 
 
 def test_two_node_sharding_halves_weights():
-    from kd.planner import plan_from_config
+    from kd.ops.planner import plan_from_config
 
     one = plan_from_config(BENCH_CFG, 1)
     two = plan_from_config(BENCH_CFG, 2, local_world_size=1)
@@ -183,7 +183,7 @@ def test_two_node_sharding_halves_weights():
 
 @pytest.mark.parametrize("variant", ["fused", "chunked_ac"])
 def test_estimate_within_25pct_of_measured_tiny_peak(testbed, tmp_path, variant):
-    extra = [] if variant == "fused" else ["loss_form=chunked", "loss._component_=kd.losses.ChunkedCrossEntropyLoss",
+    extra = [] if variant == "fused" else ["loss_form=chunked", "loss._component_=kd.losses.distillation.ChunkedCrossEntropyLoss",
                                            "enable_activation_checkpointing=True"]
     m = run_measure(testbed, tmp_path, *extra)
     print(f"\n[{variant}] measured {m['measured'] / 2**20:.1f} MiB (peak RSS {m['peak_rss'] / 2**20:.1f} - "

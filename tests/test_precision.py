@@ -1,4 +1,4 @@
-"""kd.precision: the FP8 rounding against an independent float64 reference, NF4 -> FP8, the registry/fallbacks,
+"""kd.teacher.precision: the FP8 rounding against an independent float64 reference, NF4 -> FP8, the registry/fallbacks,
 FSDP2 rules, preflight, and the tiny recipe through the real `tune run` with every precision."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from kd import precision as P
+from kd.teacher import precision as P
 
 FP8 = torch.float8_e4m3fn
 
@@ -35,7 +35,7 @@ def fp32_round(v: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_rowwise_ref(x: torch.Tensor):
-    """Reference of kd.precision.quantize_rowwise in float64: scale = amax / 448 evaluated in x's dtype (torch
+    """Reference of kd.teacher.precision.quantize_rowwise in float64: scale = amax / 448 evaluated in x's dtype (torch
     computes it in fp32 and rounds to x's dtype), x / scale correctly rounded to fp32, then e4m3."""
     amax = x.to(torch.float64).abs().amax(-1, keepdim=True)
     scale = fp32_round(amax / 448.0).to(x.dtype).to(torch.float64)
@@ -154,7 +154,7 @@ def test_nf4_row_absmax_is_exact(dtype):
 
 @pytest.mark.parametrize("shape", [(48, 1024), (16, 1024)])
 def test_nf4_to_fp8_equals_float64_reference(shape):
-    from kd.nf4 import dequantize_scalers
+    from kd.teacher.nf4 import dequantize_scalers
 
     w4 = _nf4(shape, seed=shape[1])
     s, inv = P.nf4_fp8_scales(w4)
@@ -204,7 +204,7 @@ def test_linear_bytes_per_precision():
 # Registry, fallbacks, sharding rules
 # --------------------------------------------------------------------------------------------------
 def test_parse_precision_names_and_errors():
-    from kd.config import ConfigError
+    from kd.core.config import ConfigError
 
     assert P.parse_precision(None) == "bf16"
     assert P.parse_precision("NF4_FP8") == "nf4_fp8"
@@ -228,7 +228,7 @@ def test_gpu_without_fp8_falls_back_with_one_warning(monkeypatch, caplog):
     monkeypatch.setattr(P, "_PROBE_CACHE", {})
     monkeypatch.setattr(P, "_WARNED", set())
     dev = torch.device("cuda", 0)
-    with caplog.at_level(logging.WARNING, logger="kd.precision"):
+    with caplog.at_level(logging.WARNING, logger="kd.teacher.precision"):
         a = P.resolve_precision("fp8", dev)
         b = P.resolve_precision("nf4_fp8", dev)
         P.resolve_precision("fp8", dev)
@@ -244,7 +244,7 @@ def test_registry_is_pluggable(monkeypatch, caplog):
     monkeypatch.setattr(P, "_WARNED", set())
     P.register(P.PrecisionSpec("fake4", "fp8", "fp8", "nf4_fp8", True, "test entry",
                                lambda d, t: (None, "no such kernel here")))
-    with caplog.at_level(logging.WARNING, logger="kd.precision"):
+    with caplog.at_level(logging.WARNING, logger="kd.teacher.precision"):
         p = P.resolve_precision("fake4", "cpu")
     assert (p.requested, p.name, p.impl) == ("fake4", "nf4_fp8", "nf4_fp8:emulated")
     assert "no such kernel here" in caplog.text
@@ -253,7 +253,7 @@ def test_registry_is_pluggable(monkeypatch, caplog):
 
 
 def test_sharding_rules():
-    from kd.config import ConfigError
+    from kd.core.config import ConfigError
 
     for q in ("bf16", "nf4", "nf4_fp8", "fp8"):
         p = P.resolve_precision(q, "cpu")
@@ -268,7 +268,7 @@ def test_sharding_rules():
 
 def test_preflight_reports_precision_path(testbed, tmp_path, monkeypatch):
     monkeypatch.setenv("KD_TESTBED_DIR", str(testbed.root))
-    from kd.preflight import NodeReport, _precision_check, load_config
+    from kd.ops.preflight import NodeReport, _precision_check, load_config
 
     cfg = load_config("configs/tiny/kd_lora.yaml", [f"output_dir={tmp_path}", "teacher_quantization=nf4_fp8"])
     rep = NodeReport(0, 0, "h", "0", {}, "", 0, "", "cpu")

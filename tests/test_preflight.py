@@ -1,4 +1,4 @@
-"""kd.preflight checks in one process (the two-node path is covered by tests/test_launch.py)."""
+"""kd.ops.preflight checks in one process (the two-node path is covered by tests/test_launch.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ CFG = REPO / "configs" / "tiny" / "kd_lora.yaml"
 @pytest.fixture()
 def cfg(testbed, tmp_path, monkeypatch):
     monkeypatch.setenv("KD_TESTBED_DIR", str(testbed.root))
-    from kd.preflight import load_config
+    from kd.ops.preflight import load_config
 
     return load_config(str(CFG), [f"output_dir={tmp_path / 'out'}"])
 
@@ -31,7 +31,7 @@ def _teacher_copy(testbed, tmp_path) -> Path:
 def test_complete_checkpoints_pass(cfg):
     import torch
 
-    from kd.preflight import check_checkpoint
+    from kd.ops.preflight import check_checkpoint
 
     for which, ck, m in (("teacher", "teacher_checkpointer", "teacher_model"), ("student", "checkpointer", "model")):
         problems, facts = check_checkpoint(which, cfg[ck], cfg[m], torch.float32)
@@ -42,7 +42,7 @@ def test_complete_checkpoints_pass(cfg):
 def test_truncated_shard_and_index_size(cfg, testbed, tmp_path):
     import torch
 
-    from kd.preflight import check_checkpoint
+    from kd.ops.preflight import check_checkpoint
 
     d = _teacher_copy(testbed, tmp_path)
     shard = sorted(d.glob("*.safetensors"))[0]
@@ -62,7 +62,7 @@ def test_truncated_shard_and_index_size(cfg, testbed, tmp_path):
 def test_builder_mismatch_named(cfg):
     import torch
 
-    from kd.preflight import check_checkpoint
+    from kd.ops.preflight import check_checkpoint
 
     cfg.teacher_model.num_layers = 3
     problems, _ = check_checkpoint("teacher", cfg.teacher_checkpointer, cfg.teacher_model, torch.float32)
@@ -74,7 +74,7 @@ def test_compare_reports_versions_code_config(cfg):
 
     import torch
 
-    from kd.preflight import compare_reports, local_checks
+    from kd.ops.preflight import compare_reports, local_checks
 
     rep = local_checks(cfg, world_size=1, rank=0, local_rank=0, device=torch.device("cpu"))
     assert rep.problems == [], rep.problems

@@ -1,4 +1,4 @@
-"""Quantized deployment export (kd.quantize, recipes/export.py quantize=...): GPTQ is correct, the
+"""Quantized deployment export (kd.train.quantize, recipes/export.py quantize=...): GPTQ is correct, the
 compressed-tensors checkpoint loads back in transformers and stays close to the merged model."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def _w4a16_args():
 def _rtn(W, args):
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
-    from kd.quantize import minmax_qparams
+    from kd.train.quantize import minmax_qparams
 
     s, z = minmax_qparams(W, args)
     return fake_quantize(W.float(), s, z, args), s
@@ -33,7 +33,7 @@ def _rtn(W, args):
 def test_gptq_on_the_grid_and_better_than_round_to_nearest():
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
-    from kd.quantize import gptq_quantize
+    from kd.train.quantize import gptq_quantize
 
     args = _w4a16_args()
     g = torch.Generator().manual_seed(0)
@@ -56,7 +56,7 @@ def test_gptq_on_the_grid_and_better_than_round_to_nearest():
 
 def test_gptq_with_identity_hessian_is_round_to_nearest():
     """With H = c*I there is no correlation to feed errors into: GPTQ must reduce exactly to RTN."""
-    from kd.quantize import gptq_quantize
+    from kd.train.quantize import gptq_quantize
 
     args = _w4a16_args()
     W = torch.randn(8, 384, generator=torch.Generator().manual_seed(1))
@@ -66,8 +66,8 @@ def test_gptq_with_identity_hessian_is_round_to_nearest():
 
 
 def test_missing_deploy_extra_names_it(monkeypatch):
-    from kd.config import ConfigError
-    from kd.quantize import check_scheme, require_deploy_extra
+    from kd.core.config import ConfigError
+    from kd.train.quantize import check_scheme, require_deploy_extra
 
     monkeypatch.setitem(sys.modules, "compressed_tensors", None)  # import -> ImportError
     with pytest.raises(ConfigError, match=r"quantize=w4a16 needs the optional 'deploy' extra: pip install -e \"\.\[deploy\]\""):
@@ -82,7 +82,7 @@ def test_export_quantized_loads_in_transformers_close_to_merged(testbed, tmp_pat
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from kd.quantize import calibration_prompts, compare_logits
+    from kd.train.quantize import calibration_prompts, compare_logits
 
     out = tmp_path / "exp"
     adapter = _adapter(testbed, tmp_path)
@@ -92,7 +92,7 @@ def test_export_quantized_loads_in_transformers_close_to_merged(testbed, tmp_pat
     merged = out / "merged"
     # held-out check samples: the validation split (GPTQ calibrated on the train split)
     tok = testbed.tokenizer()
-    from kd.data import AlpacaKDDataset
+    from kd.data.alpaca import AlpacaKDDataset
 
     val = AlpacaKDDataset(tok, testbed.data_json, split="val", val_size=0.1, seed=0, max_seq_len=256)
     held_out = [val[i]["tokens"] for i in range(len(val))]

@@ -37,7 +37,7 @@ def _records(cache: Path):
     """sample id -> payload bytes of the newest record of every sample (any shard)."""
     import json
 
-    from kd.teacher_cache import CacheKey, TeacherCacheStore
+    from kd.teacher.cache import CacheKey, TeacherCacheStore
 
     key = CacheKey(**json.loads((cache / "cache.json").read_text()))
     s = TeacherCacheStore(cache, key)
@@ -90,7 +90,7 @@ def test_cache_training_counts_and_matches_online(testbed, tmp_path, built_cache
     assert ca[0]["kl"] == pytest.approx(on[0]["kl"], rel=0.05)
     import json
 
-    from kd.teacher_cache import CacheKey, TeacherCacheStore
+    from kd.teacher.cache import CacheKey, TeacherCacheStore
 
     s = TeacherCacheStore(built_cache, CacheKey(**json.loads((built_cache / "cache.json").read_text())))
     s.scan()
@@ -283,7 +283,7 @@ def _entries(cache: Path):
     """sample id -> (hash, n, draws expanded to K per position, top1, entropy) of the newest record."""
     import json
 
-    from kd.teacher_cache import CacheKey, TeacherCacheStore
+    from kd.teacher.cache import CacheKey, TeacherCacheStore
 
     key = CacheKey(**json.loads((cache / "cache.json").read_text()))
     s = TeacherCacheStore(cache, key)

@@ -26,8 +26,8 @@ def _recipe_student(testbed, adapter_dir: Path):
     """The student exactly as the recipe builds it (meta build + streamed HF load + saved adapter)."""
     from omegaconf import OmegaConf
 
-    from kd.adapter_io import load_peft_adapter
-    from kd.models import build_on_meta, is_adapter_param, load_adapter_state_dict, load_hf_into_model
+    from kd.train.adapter_io import load_peft_adapter
+    from kd.train.models import build_on_meta, is_adapter_param, load_adapter_state_dict, load_hf_into_model
 
     cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs/tiny/kd_lora.yaml")
     model = build_on_meta(cfg.model, torch.float32)
@@ -71,7 +71,8 @@ def test_adapter_loads_in_peft_with_same_logits(testbed, trained_run):
 def _teacher_logits(testbed, nf4: bool, tokens):
     from omegaconf import OmegaConf
 
-    from kd.models import build_on_meta, load_hf_into_model, use_fast_nf4
+    from kd.teacher.nf4 import use_fast_nf4
+    from kd.train.models import build_on_meta, load_hf_into_model
 
     cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs/tiny/kd_lora.yaml")
     dtype = torch.bfloat16
@@ -87,7 +88,7 @@ def _teacher_logits(testbed, nf4: bool, tokens):
 def test_nf4_teacher_close_to_bf16(testbed):
     data = json.loads(Path(testbed.data_json).read_text())[:8]
     tok = testbed.tokenizer(max_seq_len=128)
-    from kd.data import prompt_messages
+    from kd.data.alpaca import prompt_messages
     from torchtune.data import Message
 
     seqs = []

@@ -1,4 +1,4 @@
-"""The evaluation pictures (kd.report) show the data they claim to, and log lines print above the bar."""
+"""The evaluation pictures (kd.train.report) show the data they claim to, and log lines print above the bar."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def _is_png_with_content(path) -> bool:
 
 
 def test_metrics_jsonl_reader_and_training_curves(tmp_path):
-    from kd.report import plot_training_curves, read_metrics_jsonl
+    from kd.train.report import plot_training_curves, read_metrics_jsonl
 
     rows = [{"step": s, "kind": "train", "loss": 3 - 0.1 * s, "ce_loss": 2.0, "kd_loss": 1.0 + 1 / s,
              "kl": 1.0 + 1 / s, "top1_agreement": 0.05 * s} for s in range(1, 11)]
@@ -46,7 +46,7 @@ def test_metrics_jsonl_reader_and_training_curves(tmp_path):
 
 
 def test_heldout_bars_and_length_histogram(tmp_path):
-    from kd.report import plot_heldout_bars, plot_length_histogram
+    from kd.train.report import plot_heldout_bars, plot_length_histogram
 
     metrics = {"base": {"kl": 2.5, "ce_teacher": 3.1, "top1": 0.2},
                "distilled": {"kl": 1.1, "ce_teacher": 2.0, "top1": 0.6},
@@ -67,7 +67,7 @@ def test_log_lines_print_above_the_bar(monkeypatch):
     """A log record during a bar clears the bar, prints on its own line, and the bar is redrawn after it."""
     from tqdm import tqdm
 
-    from kd.progress import TqdmLoggingHandler
+    from kd.core.progress import TqdmLoggingHandler
 
     buf = io.StringIO()
     bar = tqdm(total=10, desc="epoch 1", file=buf, ncols=60, mininterval=0)
@@ -90,7 +90,7 @@ def test_log_lines_print_above_the_bar(monkeypatch):
 
 
 def test_bars_only_on_rank_zero(monkeypatch):
-    from kd.progress import bars_enabled, progress
+    from kd.core.progress import bars_enabled, progress
 
     monkeypatch.setenv("RANK", "1")
     assert not bars_enabled() and progress(range(3)).disable
@@ -103,9 +103,9 @@ def test_bars_only_on_rank_zero(monkeypatch):
 def test_run_summary_three_lines(tmp_path):
     """`kd summary` (the end of launch/demo.sh): KL before -> after from the validation points, the latest
     checkpoint's adapter, and runnable next commands."""
-    from kd.step_checkpoint import CheckpointManager
-    from kd.cli import main as kd_main
-    from kd.summary import summarize_run, summary_lines
+    from kd.train.step_checkpoint import CheckpointManager
+    from kd.ops.cli import main as kd_main
+    from kd.ops.summary import summarize_run, summary_lines
 
     run = tmp_path / "run"
     run.mkdir()

@@ -1,4 +1,4 @@
-"""kd.schema: the one table of keys per recipe, the "did you mean" derived from it, and the generated docs."""
+"""kd.ops.schema: the one table of keys per recipe, the "did you mean" derived from it, and the generated docs."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from kd import schema
-from kd.config import ConfigError
+from kd.ops import schema
+from kd.core.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_docs_key_table_is_up_to_date():
     doc = REPO / "docs" / "config_keys.md"
     assert doc.read_text(encoding="utf-8") == schema.markdown(), (
-        "docs/config_keys.md is stale: run `python -m kd.schema --write`")
+        "docs/config_keys.md is stale: run `python -m kd.ops.schema --write`")
 
 
 def test_every_key_the_kd_recipe_reads_is_in_its_schema():
@@ -27,7 +27,7 @@ def test_every_key_the_kd_recipe_reads_is_in_its_schema():
     read = set(re.findall(r'cfg\.get\("([a-z_]+)"', src)) | set(re.findall(r'SCHEMA\.get\((?:self\._)?cfg, "([a-z_]+)"', src))
     read |= set(re.findall(r"\bcfg\.([a-z_]+)\b", src)) - {"get"}
     assert read - schema.KD_LORA.names == set()
-    everywhere = "".join(p.read_text() for p in [*REPO.glob("recipes/*.py"), *REPO.glob("kd/*.py")]
+    everywhere = "".join(p.read_text() for p in [*REPO.glob("recipes/*.py"), *REPO.glob("kd/**/*.py")]
                          if p.name != "schema.py")
     unread = {k for k in schema.KD_LORA.names if f'"{k}"' not in everywhere and f".{k}" not in everywhere}
     assert unread == set()

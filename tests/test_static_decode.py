@@ -1,11 +1,11 @@
-"""kd.static_decode: same tokens as today's generate_batch (CPU, fp32 and NF4), buckets reused, cost model."""
+"""kd.teacher.static_decode: same tokens as today's generate_batch (CPU, fp32 and NF4), buckets reused, cost model."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kd.generation import SamplingParams, generate_batch, sample_next, sample_seed, stop_token_ids, counter_uniform
-from kd.static_decode import StaticDecoder, decode_step_cost
+from kd.teacher.generation import SamplingParams, generate_batch, sample_next, sample_seed, stop_token_ids, counter_uniform
+from kd.teacher.static_decode import StaticDecoder, decode_step_cost
 
 from test_generation import _prompts, _teacher
 
@@ -68,8 +68,9 @@ def test_static_decoder_nf4_equals_generate_batch(testbed, tiny_tokenizer):
     """NF4 teacher (bf16): the decode hook (auto -> eager dequant on CPU) gives today's tokens."""
     from omegaconf import OmegaConf
 
-    from kd.generation import install_last_token_head
-    from kd.models import build_on_meta, load_hf_into_model, use_fast_nf4
+    from kd.teacher.generation import install_last_token_head
+    from kd.teacher.nf4 import use_fast_nf4
+    from kd.train.models import build_on_meta, load_hf_into_model
 
     cfg = OmegaConf.create({"_component_": "torchtune.models.qwen2.qwen2", **testbed.teacher_dims})
     m = build_on_meta(cfg, torch.bfloat16)
@@ -105,8 +106,9 @@ def test_cuda_graphs_equal_eager_static_step(testbed, tiny_tokenizer):
     fused decode kernels; fp32 teacher: same greedy tokens as generate_batch."""
     from omegaconf import OmegaConf
 
-    from kd.generation import install_last_token_head
-    from kd.models import build_on_meta, load_hf_into_model, use_fast_nf4
+    from kd.teacher.generation import install_last_token_head
+    from kd.teacher.nf4 import use_fast_nf4
+    from kd.train.models import build_on_meta, load_hf_into_model
 
     dev = torch.device("cuda")
     cfg = OmegaConf.create({"_component_": "torchtune.models.qwen2.qwen2", **testbed.teacher_dims})

@@ -1,4 +1,4 @@
-"""kd.teacher_cache and the sparse (Random-Sampling KD) fused loss, against float64 references written here."""
+"""kd.teacher.cache and the sparse (Random-Sampling KD) fused loss, against float64 references written here."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd.losses import DistillationLoss, fused_linear_kd_ce, sparse_soft_ce_sum
-from kd.teacher_cache import (
+from kd.losses.distillation import DistillationLoss, fused_linear_kd_ce, sparse_soft_ce_sum
+from kd.teacher.cache import (
     FORMAT,
     CacheError,
     CacheKey,
@@ -234,7 +234,7 @@ def _samples_for(labels, K=12, V=50, sampling="random", seed=0):
     B, S = labels.shape
     t = torch.randn(B * S, V, generator=torch.Generator().manual_seed(seed)) * 2
     ids, probs, ent, top1 = sample_teacher_rows(t, row_seeds(list(range(B)), S, 0), K, 1.0, sampling)
-    from kd.teacher_cache import TeacherSamples
+    from kd.teacher.cache import TeacherSamples
 
     return TeacherSamples(ids, probs, ent, top1), t
 
@@ -344,8 +344,8 @@ def test_fingerprints_see_changes(tmp_path, testbed, tiny_tokenizer):
     prompt or the masking rule change (and not otherwise)."""
     import shutil
 
-    from kd.data import AlpacaKDDataset
-    from kd.teacher_cache import checkpoint_fingerprint, template_fingerprint, tokenizer_fingerprint
+    from kd.data.alpaca import AlpacaKDDataset
+    from kd.teacher.cache import checkpoint_fingerprint, template_fingerprint, tokenizer_fingerprint
 
     tdir = tmp_path / "teacher"
     shutil.copytree(testbed.teacher_dir, tdir)
@@ -369,7 +369,7 @@ def test_fingerprints_see_changes(tmp_path, testbed, tiny_tokenizer):
 
     src = testbed.root / "demo_buddhist_qa.json"
     ds = AlpacaKDDataset(tiny_tokenizer, src)
-    c = {"_component_": "kd.data.alpaca_kd_dataset", "source": str(src)}
+    c = {"_component_": "kd.data.alpaca.alpaca_kd_dataset", "source": str(src)}
     t0 = template_fingerprint(c, ds, tiny_tokenizer)
     assert template_fingerprint({**c, "val_size": 0.2}, ds, tiny_tokenizer) == t0  # selection only
     ds2 = AlpacaKDDataset(tiny_tokenizer, src, system_prompt="another prompt")
@@ -385,7 +385,7 @@ def test_planner_knows_the_cache():
 
     from omegaconf import OmegaConf
 
-    from kd import planner
+    from kd.ops import planner
 
     cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs/tiny/kd_lora.yaml")
     online = planner.plan_from_config(cfg)
@@ -403,7 +403,7 @@ def test_planner_knows_the_cache():
 
 def _complete_prefix(blob: bytes, n: int) -> int:
     """Bytes of whole records in blob[:n]."""
-    from kd.teacher_cache import _parse
+    from kd.teacher.cache import _parse
 
     return _parse(blob[:n], 0)[1]
 
@@ -411,7 +411,7 @@ def _complete_prefix(blob: bytes, n: int) -> int:
 def _sync_worker(rank, dirs, port, results):
     import torch.distributed as dist
 
-    from kd.teacher_cache import sync_shards
+    from kd.teacher.cache import sync_shards
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -469,7 +469,7 @@ def _fake_teacher_logits(segs, B, S, V, salt=0):
 @pytest.mark.parametrize("packing,train_on_input", [("best_fit", False), ("greedy", False), ("best_fit", True)])
 def test_packed_batches_write_and_read_the_records_of_unpacked_ones(tiny_tokenizer, tmp_path, packing,
                                                                     train_on_input):
-    """Packs (kd.data best_fit / greedy) carry their samples' ids; CacheCollate splits them by seq_lens: the
+    """Packs (kd.data.alpaca best_fit / greedy) carry their samples' ids; CacheCollate splits them by seq_lens: the
     same keys and per-position seeds as the samples alone, so records written from packed batches equal, byte
     for byte, records written from padded batches (given the same teacher logits), and records read back into
     packs line up with every valid (shifted label != -100) row of the pack. With train_on_input the first
@@ -478,8 +478,8 @@ def test_packed_batches_write_and_read_the_records_of_unpacked_ones(tiny_tokeniz
     from torch.utils.data import ConcatDataset
     from torchtune.data import padded_collate_packed, padded_collate_sft
 
-    from kd.data import DEMO_DATA_PATH, alpaca_kd_dataset
-    from kd.teacher_cache import (
+    from kd.data.alpaca import DEMO_DATA_PATH, alpaca_kd_dataset
+    from kd.teacher.cache import (
         CacheCollate, Segments, TeacherSamples, index_dataset, item_segments, unpacked_view)
 
     kw = dict(split="all", max_seq_len=256, train_on_input=train_on_input)

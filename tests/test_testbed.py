@@ -4,13 +4,13 @@ import math
 import pytest
 import torch
 
-from kd.testbed import TINY_STUDENT, TINY_TEACHER, answer_ce, build_testbed, load_tune_model, write_tiny_qwen2
+from kd.testing.testbed import TINY_STUDENT, TINY_TEACHER, answer_ce, build_testbed, load_tune_model, write_tiny_qwen2
 
 
 def _sample_tokens(testbed, n=3):
     from torchtune.data import padded_collate_sft
 
-    from kd.data import alpaca_kd_dataset
+    from kd.data.alpaca import alpaca_kd_dataset
 
     ds = alpaca_kd_dataset(testbed.tokenizer(), str(testbed.data_json), split="all")
     return padded_collate_sft([ds[i] for i in range(n)], padding_idx=1000)["tokens"]

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from kd.tokenizer import (
+from kd.testing.tokenizer import (
     TINY_NUM_REGULAR,
     TINY_VOCAB_SIZE,
     load_qwen2_5_tokenizer,
@@ -68,7 +68,7 @@ def test_tiny_tokenizer_agrees_with_hf_tokenizers():
     """torchtune's regex + BPE and the HF tokenizers library give the same ids (incl. specials)."""
     from tokenizers import Tokenizer
 
-    from kd.data import demo_records
+    from kd.data.alpaca import demo_records
 
     tok = load_tiny_tokenizer()
     hf = Tokenizer.from_file(str(tiny_tokenizer_files()["special_tokens"]))

@@ -1,0 +1,582 @@
+"""Job-time planner: how long one epoch, the whole run and plan A's teacher generation take (``kd plan --time``).
+
+The estimate is built per component from the work it must do (FLOPs and bytes per token, from the models the
+config names, built on the meta device) against a hardware profile (tensor rate per dtype, memory bandwidth),
+times an efficiency per component that was *measured* on one H200 by the per-piece benchmarks (sources beside
+each constant in :data:`H200`). Token counts come from the data set the config names, tokenized by the config's
+tokenizer through the recipe's own dataset code, packed or padded as the recipe's loader does.
+
+Per micro-batch of ``T`` processed positions (padding included: the GPU computes it):
+
+- teacher forward: ``L_t * (2 * P_layer * T + attention) / (R * eff_teacher)`` plus, for an NF4 teacher, the
+  dequantisation traffic ``4.5 B * P_linear / BW`` (read 0.5 B, write and read back a 2 B copy, per weight);
+- student forward + backward (LoRA: activation gradients, no base weight gradients):
+  ``(2 + 2) * P_layer * T * L_s / (R * eff_student)`` plus one extra forward per checkpointed layer;
+- loss head (fused): teacher and student projections ``2 * V * d * T`` each, student backward ``2 * V * d_s * T``,
+  at ``eff_head``;
+- per optimizer step: AdamW over the LoRA parameters (``16 B`` per parameter through memory);
+- per validation: forward of both models over ``max_eval_batches`` batches; per checkpoint: adapter + optimizer
+  state written at ``disk_gbps``.
+
+Attention FLOPs count each sample's causal block only (document masking with packing, padding without).
+Everything not listed (launches, host work, the data loader) is taken as hidden; the recipe benchmark
+(``bench/recipe_bench.py``) compares the prediction with the measured step, see docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from kd.core.config import ConfigError
+from kd.teacher.static_decode import decode_step_cost
+
+TFLOP = 1e12
+
+
+@dataclass
+class Hardware:
+    """One device's rates. ``*_eff`` are achieved fractions of ``bf16_tflops`` (or of fp8) per component."""
+
+    name: str
+    bf16_tflops: float
+    fp8_tflops: float
+    mem_gbps: float
+    interconnect_gbps: float  # GB/s between nodes (data-parallel gradient all-reduce)
+    teacher_eff: float
+    student_eff: float
+    head_eff: float
+    disk_gbps: float = 1.0
+    decode_overhead_ms: float = 0.0  # fixed cost per decode step (launches), generation only
+    decode_bw_eff: float = 1.0
+    measured: bool = True
+    sources: Dict[str, str] = field(default_factory=dict)
+
+
+# H200 constants. Rates: measured on the H200 of this workplace (shared/reference/gpu-baseline.md, turn 2):
+# bf16 8192^3 GEMM 735-755 TFLOP/s, fp8 rowwise 1,336-1,429, device copy 4.18-4.20 TB/s. Efficiencies: from the
+# per-piece measurements of the same file (not from the recipe benchmark they are checked against):
+#  - teacher: one 72B layer, bf16, 8,192 tokens, forward 23.9 ms = 14.9 TFLOP -> 625 TFLOP/s = 0.84 of 745;
+#  - student: one 7B LoRA r64 layer, fwd+bwd, 8,192 tokens, 19.7 ms = 7.9 TFLOP -> 400 TFLOP/s = 0.54;
+#  - head: fused KD+CE head fwd+bwd, 8,192 tokens, V=152,064, 73.8 ms = 38.3 TFLOP -> 519 TFLOP/s = 0.70;
+#  - decode: batch-1 NF4 generation 6.2 tokens/s = 161 ms per step against 75 ms of weight traffic
+#    (4.5 B x 70 B weights at 4.19 TB/s) -> 86 ms of fixed per-step overhead.
+H200 = Hardware(
+    name="h200", bf16_tflops=745.0, fp8_tflops=1380.0, mem_gbps=4190.0, interconnect_gbps=25.0,
+    teacher_eff=0.84, student_eff=0.54, head_eff=0.70, disk_gbps=1.0, decode_overhead_ms=86.0,
+    measured=True,
+    sources={
+        "bf16_tflops": "measured, bf16 8192^3 matmul on one H200 (gpu-baseline.md, turn 2)",
+        "fp8_tflops": "measured, fp8 rowwise _scaled_mm (gpu-baseline.md, turn 2)",
+        "mem_gbps": "measured, device-to-device copy 4.18-4.20 TB/s",
+        "efficiencies": "per-piece H200 timings (gpu-baseline.md): 72B layer fwd, 7B LoRA layer fwd+bwd, fused head",
+    },
+)
+
+# GB10 (DGX Spark). NOT MEASURED: no GB10 was available. Each constant and where it comes from:
+#  - fp4 1,000 TFLOP/s *sparse* is NVIDIA's DGX Spark headline figure; dense is half (500); each wider dtype
+#    halves again on Blackwell tensor cores: fp8 250, bf16 125 TFLOP/s dense (derived, not published per dtype);
+#  - memory: 273 GB/s LPDDR5x (NVIDIA DGX Spark specification), shared by CPU and GPU;
+#  - interconnect: ConnectX-7 200 Gb/s = 25 GB/s per direction;
+#  - efficiencies: the H200's measured fractions, assumed to carry over (unverified);
+#  - decode overhead: the H200's measured 86 ms per step (same kernel count; a Grace CPU launches them).
+GB10 = dataclasses.replace(
+    H200,  # efficiencies, disk, interconnect and decode overhead: the H200's, as said above
+    name="gb10", bf16_tflops=125.0, fp8_tflops=250.0, mem_gbps=273.0,
+    measured=False,
+    sources={
+        "bf16_tflops": "derived from NVIDIA's 1 PFLOP FP4 (sparse) DGX Spark figure: /2 dense, /2 per dtype width",
+        "fp8_tflops": "same derivation",
+        "mem_gbps": "NVIDIA DGX Spark specification: 273 GB/s LPDDR5x unified memory",
+        "interconnect_gbps": "ConnectX-7 200 Gb/s RoCE",
+        "efficiencies": "assumed equal to the H200's measured fractions (not measured on a GB10)",
+    },
+)
+
+PROFILES = {"h200": H200, "gb10": GB10}
+
+
+def load_hardware(name_or_path: str) -> Hardware:
+    """``h200``, ``gb10`` or a YAML file with the :class:`Hardware` fields (missing fields: the H200's)."""
+    if name_or_path.lower() in PROFILES:
+        return PROFILES[name_or_path.lower()]
+    p = Path(name_or_path)
+    if not p.is_file():
+        raise ConfigError(f"--hardware {name_or_path!r}: use h200, gb10 or a YAML file with the profile's fields.")
+    import yaml
+
+    data = yaml.safe_load(p.read_text()) or {}
+    known = set(Hardware.__dataclass_fields__)
+    bad = sorted(set(data) - known)
+    if bad:
+        raise ConfigError(f"{p}: unknown hardware field(s) {bad}; known: {sorted(known)}.")
+    base = asdict(H200)
+    base.update(data, measured=bool(data.get("measured", False)), name=data.get("name", p.stem))
+    return Hardware(**base)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data statistics (real token counts of the data set the config names)
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class DataStats:
+    lengths: List[int]  # tokens per training sample (after the recipe's template and max_seq_len cut)
+    answers: List[int]  # answer (loss) tokens per sample
+    val_samples: int
+    max_seq_len: int
+    packed: bool
+    batch_size: int
+    packing: str = "best_fit"  # best_fit (kd's default) | greedy (torchtune's PackedDataset)
+
+    @property
+    def samples(self) -> int:
+        return len(self.lengths)
+
+
+def _cache_key(cfg) -> str:
+    from omegaconf import OmegaConf
+
+    ds = OmegaConf.to_container(cfg.dataset, resolve=True)
+    tok = OmegaConf.to_container(cfg.tokenizer, resolve=True)
+    h = hashlib.sha256(json.dumps([ds, tok], sort_keys=True, default=str).encode())
+    src = ds.get("source") if isinstance(ds, dict) else None
+    if src and Path(src).is_file():
+        st = Path(src).stat()
+        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def data_stats(cfg, sample_records: Optional[int] = None) -> DataStats:
+    """Token counts of the config's training split, through the recipe's own dataset builder (cached).
+
+    ``sample_records=N``: tokenize N records drawn evenly from the split and resample their (length, answer)
+    pairs, seeded, up to the split's size (a quick estimate of a large data set; the table says so)."""
+    from torchtune import config as tt_config
+
+    cache = Path(os.environ.get("KD_CACHE_DIR", Path.home() / ".cache" / "kd")) / "jobtime"
+    key = _cache_key(cfg) + (f"-s{sample_records}" if sample_records else "")
+    path = cache / f"{key}.json"
+    packed = bool(cfg.dataset.get("packed", False))
+    packing = str(cfg.dataset.get("packing", "best_fit"))
+    bs = int(cfg.get("batch_size", 1))
+    if path.is_file():
+        d = json.loads(path.read_text())
+        return DataStats(d["lengths"], d["answers"], d["val_samples"], d["max_seq_len"], packed, bs, packing)
+    try:
+        tok = tt_config.instantiate(cfg.tokenizer)
+        kw = {"split": "train"} if str(cfg.dataset.get("_component_", "")).startswith("kd.") else {}
+        dcfg = cfg.dataset.copy()
+        dcfg.packed = False
+        ds = tt_config.instantiate(dcfg, tok, **kw)
+        val = tt_config.instantiate(dcfg, tok, split="val") if kw and cfg.dataset.get("val_size") else []
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        raise ConfigError(f"kd plan --time: cannot read the config's data set or tokenizer: {e}") from None
+    from tqdm import tqdm
+
+    lengths, answers = [], []
+    n = len(ds)
+    idx = list(range(n)) if not sample_records or sample_records >= n else \
+        [int(k * n / sample_records) for k in range(sample_records)]
+    for i in tqdm(idx, desc="tokenizing", disable=len(idx) < 2000):
+        s = ds[i]
+        lengths.append(len(s["tokens"]))
+        answers.append(sum(1 for x in s["labels"] if x != -100))
+    if len(idx) < n:
+        import random
+
+        rng = random.Random(0)
+        pick = [rng.randrange(len(idx)) for _ in range(n)]
+        lengths, answers = [lengths[j] for j in pick], [answers[j] for j in pick]
+    msl = int(getattr(tok, "max_seq_len", None) or max(lengths))
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"lengths": lengths, "answers": answers, "val_samples": len(val), "max_seq_len": msl}))
+    os.replace(tmp, path)
+    return DataStats(lengths, answers, len(val), msl, packed, bs, packing)
+
+
+def micro_batches(stats: DataStats, world_size: int = 1, seed: int = 0) -> List[List[int]]:
+    """Sample indices of each micro-batch of one epoch on one rank, as the recipe's loader forms them:
+    packed = kd.data.alpaca's packing rule (best-fit-decreasing, or torchtune's next-fit with ``packing: greedy``) into
+    packs of max_seq_len, then batch_size packs per batch; unpacked = batch_size samples per batch, each batch padded to its longest sample."""
+    import random
+
+    from kd.data.alpaca import best_fit_bins, greedy_bins
+
+    if stats.packed:
+        units = (best_fit_bins if stats.packing == "best_fit" else greedy_bins)(stats.lengths, stats.max_seq_len)
+    else:
+        units = [[i] for i in range(stats.samples)]
+    order = list(range(len(units)))
+    random.Random(seed).shuffle(order)
+    per_rank = order[: len(order) // world_size]
+    bs = stats.batch_size
+    return [[i for u in per_rank[k:k + bs] for i in units[u]] for k in range(0, len(per_rank) - bs + 1, bs)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Cost model
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Component:
+    name: str
+    seconds: float
+    note: str = ""
+
+
+@dataclass
+class Phase:
+    """A part of the job that repeats ``count`` times at ``seconds`` each (an epoch of one kind, or a pass)."""
+
+    name: str
+    count: int
+    seconds: float
+    components: List[Component]
+
+    @property
+    def total_s(self) -> float:
+        return self.count * self.seconds
+
+
+@dataclass
+class JobEstimate:
+    hardware: Hardware
+    components: List[Component]  # of the first phase (the online epoch without a cache)
+    epoch_s: float  # seconds of the first phase (one epoch; the build pass for teacher_cache.mode=build)
+    run_s: float  # the whole job: sum over the phases
+    epochs: int
+    steps_per_epoch: int
+    micro_batches_per_epoch: int
+    processed_tokens_per_epoch: int
+    answer_tokens_per_epoch: int
+    padding_fraction: float
+    step_s: float  # optimizer step of the first phase
+    phases: List[Phase] = field(default_factory=list)
+    cache_mode: Optional[str] = None
+    online_run_s: float = 0.0  # the same job without a teacher cache (for the ratio line)
+
+    def table(self) -> str:
+        hw = self.hardware
+        flag = "" if hw.measured else "  (profile NOT measured: constants from data sheets, see kd/ops/jobtime.py)"
+        lines = [f"job time on {hw.name}{flag}" + (f", teacher_cache.mode={self.cache_mode}" if self.cache_mode else ""),
+                 f"  {self.micro_batches_per_epoch} micro-batches/epoch/rank, {self.steps_per_epoch} optimizer steps/epoch, "
+                 f"{self.processed_tokens_per_epoch:,} positions/epoch ({self.padding_fraction:.1%} padding), "
+                 f"{self.answer_tokens_per_epoch:,} answer tokens/epoch"]
+        phases = self.phases or [Phase("one epoch", self.epochs, self.epoch_s, self.components)]
+        unit = "pass" if self.cache_mode == "build" else "epoch"
+        for ph in phases:
+            many = len(phases) > 1
+            if many:
+                lines.append(f"  {ph.name}" + (f" (x {ph.count})" if ph.count != 1 else ""))
+            lines.append(f"  {'component':<34}{'each' if many else 'per ' + unit:>14}")
+            for c in ph.components:
+                lines.append(f"  {c.name:<34}{_hms(c.seconds):>14}  {c.note}")
+            lines.append(f"  {('= ' + ph.name.split(':')[0].split(' (')[0]) if many else 'one ' + unit:<34}"
+                         f"{_hms(ph.seconds):>14}")
+        what = f"{self.epochs} epochs" if self.cache_mode != "build" else "teacher-only pass"
+        lines.append(f"  {f'whole run ({what})':<34}{_hms(self.run_s):>14}")
+        if self.cache_mode in ("online_then_cache", "use"):
+            lines.append(f"  vs {self.epochs} epochs online (no cache): {self.run_s / max(1e-9, self.online_run_s):.2f}x "
+                         f"of {_hms(self.online_run_s)}")
+        if self.cache_mode == "build":
+            return "\n".join(lines)
+        lines.append(f"  optimizer step: {self.step_s:.2f} s")
+        return "\n".join(lines)
+
+
+def _hms(s: float) -> str:
+    if s < 120:
+        return f"{s:.1f} s"
+    h, m = divmod(s / 60, 60)
+    return f"{int(h)} h {int(m):02d} min" if h else f"{m:.1f} min"
+
+
+def _attn_flops(doc_lens: Sequence[int], n_layers: int, n_heads: int, head_dim: int, passes: float) -> float:
+    """Causal attention FLOPs for documents of the given lengths: QK^T and AV, 2*2*L^2/2*h*d per layer per pass."""
+    return passes * n_layers * 2.0 * n_heads * head_dim * sum(n * n for n in doc_lens)
+
+
+# Teacher cache costs (modelled from bytes moved, not measured; bench/recipe_bench.py measures the real step):
+# drawing K samples from one teacher row (kd.teacher.cache.sample_teacher_rows) reads/writes ~60 B per vocab
+# entry (fp32 upcast, log-softmax, exp, entropy, argmax, fp64 CDF + cumsum, searchsorted); reading a cached
+# micro-batch moves its records (<= 5K+7 B per answer token, from disk the first time) and ships the dense
+# sparse targets to the device (ids int64 [K] + weights fp32 [K] + top1 + entropy = 12K + 12 B per position).
+SAMPLER_BYTES_PER_VOCAB = 60.0
+H2D_GBPS = 25.0  # host -> device (PCIe Gen5 x16 is 64 GB/s nominal; assumed achieved, not measured)
+
+
+@dataclass
+class _JobModel:
+    """What the phases of :func:`estimate_job` share: the inputs, both models' counts, one epoch's micro-batches
+    and the rates (FLOP/s) of the student (``R``) and teacher (``R_t``) GEMMs."""
+
+    cfg: Any
+    hw: Hardware
+    stats: DataStats
+    world_size: int
+    s: Any  # student counts (kd.ops.planner.build_and_count)
+    t: Any  # teacher counts, None without a teacher
+    batches: List[List[int]]
+    steps: int
+    R: float
+    R_t: float
+    nf4: bool
+    ac: int  # layers under activation checkpointing
+    k: int  # teacher-cache draws per position
+    sampler_s_per_row: float
+
+    def teacher_fwd(self, T: int, docs: Sequence[int]) -> float:
+        t = self.t
+        f = 2.0 * (t.linear + t.other_layer) * T + _attn_flops(docs, t.num_layers, t.num_heads, t.head_dim, 1)
+        return f / (self.R_t * self.hw.teacher_eff)
+
+
+def _total(cs: List[Component]) -> float:
+    return sum(c.seconds for c in cs)
+
+
+def _epoch(m: "_JobModel", teacher: bool, write: bool, read: bool) -> List[Component]:
+    """One epoch's components: online (``teacher``), writing the cache (``write``) or reading it (``read``)."""
+    cfg, hw, stats, s, t, batches, steps, k = m.cfg, m.hw, m.stats, m.s, m.t, m.batches, m.steps, m.k
+    L, A, R, R_t, world_size = stats.lengths, stats.answers, m.R, m.R_t, m.world_size
+    n_pos = 0
+    t_teacher = t_student = t_head = t_dequant = t_write = t_read = 0.0
+    for ids in batches:
+        b = [L[i] for i in ids]
+        T = stats.max_seq_len * stats.batch_size if stats.packed else max(b) * len(b)
+        n_pos += T
+        docs = b if stats.packed else [max(b)] * len(b)  # padding rows compute full causal blocks
+        n_ans = sum(A[i] for i in ids)
+        if teacher:
+            t_teacher += m.teacher_fwd(T, docs)
+            if m.nf4:
+                t_dequant += 4.5 * t.linear / (hw.mem_gbps * 1e9)
+            t_head += 2.0 * t.vocab_size * t.embed_dim * T / (R * hw.head_eff)
+        if write:  # the fused head draws for every row it computes (prompt rows too), the writer keeps answers
+            t_write += T * m.sampler_s_per_row
+        if read:
+            t_read += n_ans * (5 * k + 7) / (hw.disk_gbps * 1e9) + T * (12 * k + 12) / (H2D_GBPS * 1e9)
+        per_layer = 2.0 * (s.linear + s.adapter) / max(1, s.num_layers) * T
+        attn1 = _attn_flops(docs, 1, s.num_heads, s.head_dim, 1)
+        fwd = s.num_layers * per_layer + s.num_layers * attn1
+        bwd = s.num_layers * per_layer + 2 * s.num_layers * attn1  # activation grads; attention bwd ~2x fwd
+        recompute = m.ac * (per_layer + attn1)
+        t_student += (fwd + bwd + recompute) / (R * hw.student_eff)
+        t_head += 3 * 2.0 * s.vocab_size * s.embed_dim * T / (R * hw.head_eff)  # fwd + grad wrt hidden + lse
+    t_opt = steps * 16.0 * s.adapter / (hw.mem_gbps * 1e9)
+    if world_size > 1:
+        t_opt += steps * 2.0 * 2 * s.adapter / (hw.interconnect_gbps * 1e9)  # ring all-reduce of bf16 grads
+    comps = []
+    if teacher:
+        comps.append(Component("teacher forward", t_teacher, f"{t.num_layers} layers, {'fp8' if R_t != R else 'bf16'} GEMMs"))
+        if t_dequant:
+            comps.append(Component("teacher NF4 dequantisation", t_dequant, "4.5 B/weight per micro-batch"))
+    comps.append(Component("student forward + backward", t_student, f"LoRA, AC on {m.ac}/{s.num_layers} layers"))
+    comps.append(Component("loss head (fused)", t_head, "teacher + student projections" if teacher
+                           else f"student projection + sparse soft-CE over K={k}"))
+    if write:
+        comps.append(Component("teacher cache write", t_write, f"K={k} draws per position (modelled)"))
+    if read:
+        comps.append(Component("teacher cache read", t_read, "records + sparse targets to the device (modelled)"))
+    comps.append(Component("optimizer", t_opt, f"AdamW over {s.adapter:,} LoRA params"))
+    # validation and checkpoints (per epoch)
+    eval_every = cfg.get("eval_every_n_steps", None)
+    if eval_every:
+        n_evals = steps // int(eval_every) + 1
+        vb = int(cfg.get("max_eval_batches", 0) or 0) or math.ceil(stats.val_samples / stats.batch_size)
+        mean_T = n_pos / max(1, len(batches))
+        tl = t.linear if (t is not None and teacher) else 0
+        per_val = vb * mean_T * (2.0 * (tl + s.linear + s.adapter)) / (R * hw.teacher_eff)
+        comps.append(Component("validation", n_evals * per_val, f"{n_evals} x {vb} batches"))
+    save_every = cfg.get("save_every_n_steps", None)
+    n_saves = (steps // int(save_every) if save_every else 0) + 1
+    ckpt_bytes = s.adapter * (2 + 8)  # bf16 adapter + AdamW's two states
+    comps.append(Component("checkpoints", n_saves * ckpt_bytes / (hw.disk_gbps * 1e9), f"{n_saves} saves"))
+    return comps
+
+
+def _teacher_only_pass(m: "_JobModel", fraction: float) -> List[Component]:
+    """The build / fill pass (kd.train.cache_session.CacheSession.fill): the samples (and the validation
+    split if validation is on, at the training samples' mean length), right-padded, longest first,
+    data-parallel (batch b to rank b % world_size); the teacher head projects the answer rows only.
+    ``fraction``: the share of the samples the pass must compute (the fill after epoch 1)."""
+    from kd.teacher.generation import plan_batches
+
+    cfg, hw, stats, t, k, world_size = m.cfg, m.hw, m.stats, m.t, m.k, m.world_size
+    L, A, R = stats.lengths, stats.answers, m.R
+
+    sec = cfg.teacher_cache
+    bt = stats.batch_size * stats.max_seq_len if stats.packed else None
+    bs = sec.get("build_batch_size", None) or (stats.batch_size if bt is None else bt)
+    max_tok = sec.get("build_max_tokens", None) or bt
+    lens, ans = list(L), list(A)
+    if cfg.get("eval_every_n_steps", None) and stats.val_samples:
+        ml, ma = round(sum(L) / max(1, len(L))), round(sum(A) / max(1, len(A)))
+        lens += [ml] * stats.val_samples
+        ans += [ma] * stats.val_samples
+    plan = plan_batches(dict(enumerate(lens)), batch_size=int(bs), max_new_tokens=0,
+                        max_batch_tokens=int(max_tok) if max_tok else None)
+    cost = []
+    for b in plan:
+        w = max(lens[i] for i in b)
+        n_ans = sum(ans[i] for i in b)
+        c = m.teacher_fwd(w * len(b), [w] * len(b))
+        c_head = 2.0 * t.vocab_size * t.embed_dim * n_ans / (R * hw.head_eff)
+        c_dq = 4.5 * t.linear / (hw.mem_gbps * 1e9) if m.nf4 else 0.0
+        cost.append((c, c_head, c_dq, n_ans * m.sampler_s_per_row))
+    # the slowest rank's share (rank 0: the longest batches)
+    share = [cost[r::world_size] for r in range(world_size)]
+    mine = max(share, key=lambda cs: sum(sum(c) for c in cs)) if cost else []
+    tot = [fraction * sum(c[j] for c in mine) for j in range(4)]
+    n_tok = sum(lens)
+    comps = [Component("teacher forward", tot[0], f"{len(plan)} batches of <= {bs} rows"
+                       + (f" / {max_tok} tokens" if max_tok else "") + f", {n_tok:,} tokens, {world_size} rank(s)")]
+    if m.nf4:
+        comps.append(Component("teacher NF4 dequantisation", tot[2], "per batch"))
+    comps.append(Component("teacher head (answer rows)", tot[1], "no student"))
+    comps.append(Component("teacher cache write", tot[3], f"K={k} draws per answer token (modelled)"))
+    return comps
+
+
+def estimate_job(cfg, hw: Hardware, stats: Optional[DataStats] = None, world_size: int = 1) -> JobEstimate:
+    """Seconds per component for one epoch and the whole run of ``recipes/kd_lora.py`` under ``cfg``.
+
+    With a ``teacher_cache`` section the job has phases (:func:`kd.ops.planner.teacher_forward_epochs` says how
+    many epochs run the teacher): ``online_then_cache`` = epoch 1 online + the cache write, a teacher-only
+    fill over the samples epoch 1 did not see, then ``epochs - 1`` student-only epochs that read the cache;
+    ``build`` = one teacher-only pass over every sample (the recipe exits after it); ``use`` = ``epochs``
+    student-only epochs from the cache."""
+    from kd.core.config import activation_checkpoint_layers
+    from kd.ops.planner import _cache_mode, build_and_count, teacher_forward_epochs
+
+    stats = stats or data_stats(cfg)
+    s = build_and_count(cfg.model)
+    has_teacher = cfg.get("teacher_model", None) is not None
+    t = build_and_count(cfg.teacher_model) if has_teacher else None
+    mode = _cache_mode(cfg) if has_teacher else None
+    batches = micro_batches(stats, world_size, int(cfg.get("seed", 0) or 0))
+    ga = int(cfg.get("gradient_accumulation_steps", 1))
+    steps = len(batches) // ga
+    if cfg.get("max_steps_per_epoch", None):
+        steps = min(steps, int(cfg.max_steps_per_epoch))
+    batches = batches[: steps * ga]
+    R = hw.bf16_tflops * TFLOP
+    if has_teacher and str(cfg.get("teacher_quantization", "") or "") in ("fp8", "nf4_fp8"):
+        R_t = hw.fp8_tflops * TFLOP
+    else:
+        R_t = R
+    nf4 = has_teacher and cfg.get("teacher_quantization", None) in ("nf4",)
+    ac = len(activation_checkpoint_layers(cfg, s.num_layers))
+    k = int(cfg.teacher_cache.get("k", 12)) if mode else 12
+    sampler_s_per_row = (SAMPLER_BYTES_PER_VOCAB * t.vocab_size / (hw.mem_gbps * 1e9)) if t is not None else 0.0
+    m = _JobModel(cfg, hw, stats, world_size, s, t, batches, steps, R, R_t, nf4, ac, k, sampler_s_per_row)
+    epochs = int(cfg.get("epochs", 1))
+    online = _epoch(m, teacher=has_teacher, write=False, read=False)
+    phases: List[Phase] = []
+    if mode is None:
+        phases.append(Phase("one epoch", epochs, _total(online), online))
+    else:
+        n_online, _n_passes = teacher_forward_epochs(cfg)
+        n_online = int(n_online)
+        if mode == "build":
+            cs = _teacher_only_pass(m, 1.0)
+            phases.append(Phase("teacher-only build pass", 1, _total(cs), cs))
+        else:
+            if mode == "online_then_cache":
+                cs = _epoch(m, teacher=True, write=True, read=False)
+                phases.append(Phase("epoch 1: online + cache write", n_online, _total(cs), cs))
+                if epochs > n_online:
+                    n_all = stats.samples + (stats.val_samples if cfg.get("eval_every_n_steps", None) else 0)
+                    seen = min(stats.samples, world_size * sum(len(b) for b in batches)) if not stats.packed else \
+                        min(stats.samples, world_size * len({i for b in batches for i in b}))
+                    frac = (n_all - seen) / max(1, n_all)
+                    cs = _teacher_only_pass(m, frac)
+                    phases.append(Phase(f"fill: teacher-only pass over {n_all - seen} samples epoch 1 did not see",
+                                        1, _total(cs), cs))
+            n_cache = epochs - n_online
+            if n_cache > 0:
+                cs = _epoch(m, teacher=False, write=False, read=True)
+                phases.append(Phase("epochs from the cache (no teacher)" if mode == "online_then_cache"
+                                    else "epoch from the cache (no teacher)", n_cache, _total(cs), cs))
+    first = phases[0]
+    run = sum(ph.total_s for ph in phases)
+    n_pos = sum((stats.max_seq_len * stats.batch_size if stats.packed else max(stats.lengths[i] for i in ids) * len(ids))
+                for ids in batches)
+    pad = 1 - sum(stats.lengths[i] for ids in batches for i in ids) / max(1, n_pos)
+    n_ans = sum(stats.answers[i] for ids in batches for i in ids)
+    per_epoch = [c for c in first.components if c.name not in ("validation", "checkpoints")]
+    step = _total(per_epoch) / max(1, steps)
+    return JobEstimate(hw, first.components, first.seconds, run, epochs, steps, len(batches), n_pos, n_ans, pad,
+                       step, phases=phases, cache_mode=mode, online_run_s=epochs * _total(online))
+
+
+# --------------------------------------------------------------------------------------------------
+# Plan A: teacher generation
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class GenerationEstimate:
+    hardware: Hardware
+    prompts: int
+    generated_tokens: int
+    batch_size: int
+    step_ms: float
+    tokens_per_s: float
+    hours: Dict[int, float]  # nodes -> hours
+    fused_step_ms: float
+    fused_hours: Dict[int, float]
+
+    def table(self) -> str:
+        hw = self.hardware
+        flag = "" if hw.measured else "  (profile NOT measured)"
+        return "\n".join([
+            f"plan A teacher generation on {hw.name}{flag}",
+            f"  {self.prompts:,} prompts, ~{self.generated_tokens:,} generated tokens, batch {self.batch_size}",
+            f"  today's NF4 decode (bf16 dequant per step): {self.step_ms:.0f} ms/step, {self.tokens_per_s:,.0f} tokens/s: "
+            + ", ".join(f"{n} node(s) {_hms(h * 3600)}" for n, h in self.hours.items()),
+            f"  fused 4-bit decode (weights read once, 0.53 B/weight): {self.fused_step_ms:.0f} ms/step: "
+            + ", ".join(f"{n} node(s) {_hms(h * 3600)}" for n, h in self.fused_hours.items()),
+        ])
+
+
+def estimate_generation(gen_cfg, hw: Hardware, expected_new_tokens: Optional[List[int]] = None,
+                        n_prompts: Optional[int] = None) -> GenerationEstimate:
+    """Decode time of plan A from :func:`kd.teacher.static_decode.decode_step_cost`: every step reads the weights (4.53
+    B/weight today: NF4 read + bf16 copy written and read; 0.53 B/weight with a fused 4-bit kernel) and the KV
+    cache, and does the matrix and attention FLOPs; the roofline of the two at the profile's rates, plus its
+    measured per-step overhead. Generated length per prompt: the expected answer length (capped at
+    max_new_tokens)."""
+    from kd.ops.planner import build_and_count
+
+    m = build_and_count(gen_cfg.model)
+    B = int(gen_cfg.get("batch_size", 1))
+    max_new = int(gen_cfg.get("max_new_tokens", 1024))
+    if expected_new_tokens is None:
+        expected_new_tokens = [max_new] * int(n_prompts or 0)
+    gen = [min(max_new, n) for n in expected_new_tokens]
+    n = len(gen)
+    total = sum(gen)
+    mean_ctx = 128 + (sum(gen) / max(1, n)) / 2
+    dims = dict(num_layers=m.num_layers, embed_dim=m.embed_dim, intermediate_dim=m.intermediate_dim,
+                num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, vocab_size=m.vocab_size)
+
+    def step_ms(weight_format: str) -> float:
+        # the same bytes/FLOPs model as kd.teacher.static_decode (one cost model for the decoder and the planner)
+        cost = decode_step_cost(B, int(mean_ctx), weight_format=weight_format, **dims)
+        return 1e3 * cost.seconds(hw.mem_gbps * 1e9 * hw.decode_bw_eff,
+                                  hw.bf16_tflops * TFLOP * hw.teacher_eff) + hw.decode_overhead_ms
+
+    # rows finish at different lengths: a batch runs as long as its longest row (sorted batching: ~mean of max)
+    steps = 0
+    srt = sorted(gen)
+    for i in range(0, n, B):
+        steps += max(srt[i:i + B])
+    today, fused = step_ms("nf4_dequant"), step_ms("nf4")
+    hours = {k: steps * today / 1e3 / 3600 / k for k in (1, 2)}
+    fhours = {k: steps * fused / 1e3 / 3600 / k for k in (1, 2)}
+    return GenerationEstimate(hw, n, total, B, today, total / max(1e-9, steps * today / 1e3), hours, fused, fhours)

@@ -1,0 +1,595 @@
+"""Preflight checks for a (multi-node) KD run, executed under the same launcher as the training run.
+
+    torchrun --nnodes 2 --nproc_per_node 1 --rdzv-backend c10d --rdzv-endpoint HOST:PORT \
+        -m kd.ops.preflight --config configs/qwen2_5/72B_to_7B_kd_lora.yaml [key=value ...]
+    kd preflight --config ... [key=value ...]          # one process, this node only
+
+Every rank checks its own node and the results are exchanged with ``all_gather_object``:
+
+- world size, ranks, hostnames; torch / torchtune / torchao / CUDA / Python versions identical everywhere;
+- a hash of the code (git tracked + untracked-not-ignored files, or the package sources) and of the resolved
+  config identical everywhere (nodes with different code or config refuse to start);
+- GPU arch supported by the installed torch (GB10 = sm_121 needs a CUDA >= 12.8 build);
+- an all-reduce bandwidth test through the real process group (bus GB/s vs the link's nominal rate);
+- both checkpoints complete (every shard in model.safetensors.index.json present, with the size its
+  safetensors header implies; index total_size consistent) and matching the configured builders
+  (layers, hidden size, heads, vocab; teacher vocab == student vocab);
+- free memory vs the planner's estimate, free disk in output_dir vs the checkpoints to be written;
+- the teacher precision path (``kd.teacher.precision``: e.g. ``fp8 [fp8:torchao]``, or the fallback and why).
+
+Each problem is printed as one line naming the node (hostname + rank), what is wrong and how to fix it;
+the exit code is 1 on every rank when any rank found a problem (2 for a config error).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_NOMINAL_GBPS = 25.0  # 200 Gb/s RoCE (ConnectX-7) = 25 GB/s
+CODE_DIRS = ("kd", "recipes", "configs", "launch")
+SAFETENSORS_HEADER_LIMIT = 100 * 2**20
+
+
+# --------------------------------------------------------------------------------------------------
+# Local facts
+# --------------------------------------------------------------------------------------------------
+def versions() -> Dict[str, str]:
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": str(torch.version.cuda)}
+    for mod in ("torchtune", "torchao"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception as e:  # pragma: no cover
+            out[mod] = f"missing ({type(e).__name__})"
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except Exception:
+        out["triton"] = "none"
+    if torch.cuda.is_available():
+        out["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else "?"
+    return out
+
+
+def _code_files(root: Path) -> List[Path]:
+    try:
+        res = subprocess.run(
+            ["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            capture_output=True, check=True, timeout=60,
+        )
+        names = sorted(set(n for n in res.stdout.decode().split("\0") if n))
+        files = [root / n for n in names]
+        return [f for f in files if f.is_file()]
+    except (OSError, subprocess.SubprocessError):
+        files = []
+        for d in CODE_DIRS:
+            files += [p for p in (root / d).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+        for n in ("pyproject.toml", "kd_recipes_hook.py"):
+            if (root / n).is_file():
+                files.append(root / n)
+        return sorted(files)
+
+
+def code_hash(root: Path = REPO_ROOT) -> Tuple[str, int]:
+    """sha256 over (path, content) of the repository's source files; (hex digest, number of files)."""
+    h = hashlib.sha256()
+    files = _code_files(root)
+    for f in files:
+        h.update(str(f.relative_to(root)).encode() + b"\0")
+        h.update(f.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest(), len(files)
+
+
+def config_text(cfg) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(cfg, resolve=True, sort_keys=True)
+
+
+def config_hash(cfg) -> str:
+    return hashlib.sha256(config_text(cfg).encode()).hexdigest()
+
+
+def mem_available_bytes() -> Optional[int]:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _existing_parent(p: Path) -> Path:
+    p = p.resolve()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint checks
+# --------------------------------------------------------------------------------------------------
+def _safetensors_expected_size(path: Path) -> Tuple[int, int, List[str]]:
+    """(file size implied by the header, sum of tensor bytes, tensor names) of a safetensors file."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError("file shorter than the 8-byte safetensors header length")
+        n = int.from_bytes(raw, "little")
+        if n <= 0 or n > SAFETENSORS_HEADER_LIMIT:
+            raise ValueError(f"implausible safetensors header length {n}")
+        header = f.read(n)
+        if len(header) < n:
+            raise ValueError("file truncated inside the safetensors header")
+    meta = json.loads(header)
+    end, data = 0, 0
+    names = []
+    for k, v in meta.items():
+        if k == "__metadata__":
+            continue
+        a, b = v["data_offsets"]
+        end = max(end, b)
+        data += b - a
+        names.append(k)
+    return 8 + n + end, data, names
+
+
+def _check_shards(which: str, files: List[Path], ckdir: Path, fix_copy: str, problems: List[str]) -> int:
+    """Shard sizes vs their headers, the index's tensors vs their shards, index ``total_size`` vs the shards'
+    tensor bytes; appends to ``problems``. Returns the shards' tensor bytes."""
+    total_data = 0
+    index = ckdir / "model.safetensors.index.json"
+    weight_map: Dict[str, str] = {}
+    idx_total = None
+    if index.is_file():
+        try:
+            idx = json.loads(index.read_text())
+            weight_map = idx.get("weight_map", {})
+            idx_total = (idx.get("metadata") or {}).get("total_size")
+        except ValueError as e:
+            problems.append(f"{which} checkpoint: {index} is not valid JSON ({e}); fix: {fix_copy}.")
+    shard_names: Dict[str, set] = {}
+    for f in files:
+        try:
+            expected, data, names = _safetensors_expected_size(f)
+        except (OSError, ValueError) as e:
+            problems.append(f"{which} checkpoint: shard {f} is unreadable ({e}); fix: {fix_copy}.")
+            continue
+        actual = f.stat().st_size
+        if actual != expected:
+            problems.append(
+                f"{which} checkpoint: shard {f} has {actual:,} bytes but its header describes {expected:,} "
+                f"({'truncated' if actual < expected else 'trailing data'}: incomplete download/copy?); "
+                f"fix: {fix_copy}."
+            )
+        total_data += data
+        shard_names[f.name] = set(names)
+    if files and weight_map and len(shard_names) == len(files):
+        lost = [t for t, fn in weight_map.items() if fn in shard_names and t not in shard_names[fn]]
+        if lost:
+            problems.append(f"{which} checkpoint: {len(lost)} tensor(s) listed in {index} are not in their "
+                            f"shard (e.g. {lost[0]!r} in {weight_map[lost[0]]}); fix: {fix_copy}.")
+    if idx_total is not None and files and len(shard_names) == len(files) and not problems:
+        # HF writes total_size = sum of tensor bytes (some tools include headers: allow 1%)
+        if abs(int(idx_total) - total_data) > 0.01 * max(total_data, 1):
+            problems.append(
+                f"{which} checkpoint: index metadata.total_size={int(idx_total):,} bytes but the shards hold "
+                f"{total_data:,} bytes of tensors; fix: {fix_copy}."
+            )
+    return total_data
+
+
+def check_checkpoint(which: str, section, model_cfg, dtype) -> Tuple[List[str], Dict[str, Any]]:
+    """Problems (fix included) with one checkpoint directory, and facts (vocab, total bytes)."""
+    from kd.core.errors import CheckpointError
+    from kd.train.models import check_matches_hf_config, read_hf_config, resolve_checkpoint_files
+
+    problems: List[str] = []
+    facts: Dict[str, Any] = {}
+    key = "checkpointer" if which == "student" else "teacher_checkpointer"
+    ckdir = Path(str(section.get("checkpoint_dir")))
+    fix_copy = (f"copy the complete checkpoint to {ckdir} on this node (e.g. rsync -a --partial from the node "
+                f"where it is complete) or fix {key}.checkpoint_dir")
+    try:
+        files = resolve_checkpoint_files(ckdir, section.get("checkpoint_files", None))
+    except CheckpointError as e:
+        index = ckdir / "model.safetensors.index.json"
+        missing = []
+        if index.is_file():
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                missing = [n for n in names if not (ckdir / n).is_file()]
+            except (ValueError, KeyError):
+                pass
+        if missing:
+            problems.append(f"{which} checkpoint: {len(missing)} shard(s) named in {index} are missing: "
+                            f"{', '.join(missing)}; fix: {fix_copy}.")
+        else:
+            problems.append(f"{which} checkpoint: {e} Fix: {fix_copy}.")
+        files = []
+    total_data = _check_shards(which, files, ckdir, fix_copy, problems)
+    facts["bytes"] = total_data
+    # config.json vs the configured builder
+    try:
+        hf = read_hf_config(ckdir)
+        facts["hf_vocab"] = hf.get("vocab_size")
+    except CheckpointError as e:
+        problems.append(f"{which} checkpoint: {e} Fix: {fix_copy}.")
+        hf = None
+    try:
+        from kd.train.models import build_on_meta, model_dims
+
+        model = build_on_meta(model_cfg, dtype)
+        facts["vocab"] = model_dims(model)["vocab_size"]
+        if hf is not None:
+            try:
+                check_matches_hf_config(model, hf, which=which, path=str(ckdir))
+            except CheckpointError as e:
+                problems.append(" ".join(str(e).split()))
+    except Exception as e:
+        problems.append(f"{which} model builder {model_cfg.get('_component_')!r} failed on the meta device: {e}; "
+                        f"fix the '{'model' if which == 'student' else 'teacher_model'}' section.")
+    return problems, facts
+
+
+def check_gpu_arch() -> List[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    major, minor = torch.cuda.get_device_capability()
+    archs = torch.cuda.get_arch_list()
+    name = torch.cuda.get_device_name()
+    problems = []
+    cuda = torch.version.cuda or "0"
+    cv = tuple(int(x) for x in cuda.split(".")[:2])
+    if major >= 12 and cv < (12, 8):
+        problems.append(
+            f"GPU {name} is sm_{major}{minor} but torch {torch.__version__} was built with CUDA {cuda}; "
+            "Blackwell (GB10 = sm_121) needs a CUDA >= 12.8 build: install a cu128/cu130 torch wheel "
+            "(aarch64: https://download.pytorch.org/whl/cu130) or use NVIDIA's PyTorch container."
+        )
+    cc = major * 10 + minor
+    ok = False
+    for a in archs:
+        kind, _, num = a.partition("_")
+        if not num.isdigit():
+            continue
+        v = int(num)
+        if kind == "sm" and v // 10 == major and v <= cc:  # cubins run on later minor revisions
+            ok = True
+        if kind == "compute" and v <= cc:  # PTX is JIT-compiled forward
+            ok = True
+    if not ok:
+        problems.append(
+            f"GPU {name} is sm_{major}{minor} but this torch build only has kernels for {' '.join(archs)}; "
+            "install a torch build that includes this architecture (CUDA >= 12.8 for Blackwell)."
+        )
+    return problems
+
+
+# --------------------------------------------------------------------------------------------------
+# Bandwidth
+# --------------------------------------------------------------------------------------------------
+def allreduce_bandwidth(device, size_mb: float, iters: int = 5, warmup: int = 2) -> Tuple[float, float]:
+    """(bus GB/s, seconds per all-reduce) through the default process group (nccl-tests convention:
+    busbw = bytes * 2(n-1)/n / time)."""
+    import torch
+    import torch.distributed as dist
+
+    n = dist.get_world_size()
+    numel = max(1, int(size_mb * 2**20 / 4))
+    t = torch.ones(numel, dtype=torch.float32, device=device)
+    for _ in range(warmup):
+        dist.all_reduce(t)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        dist.all_reduce(t)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dt = (time.perf_counter() - t0) / iters
+    busbw = numel * 4 * 2 * (n - 1) / n / dt / 1e9
+    return busbw, dt
+
+
+# --------------------------------------------------------------------------------------------------
+# Main check
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class NodeReport:
+    rank: int
+    local_rank: int
+    hostname: str
+    node_rank_env: str
+    versions: Dict[str, str]
+    code: str
+    code_files: int
+    config: str
+    gpu: str
+    problems: List[str] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
+    info: List[str] = field(default_factory=list)
+    vocab: Dict[str, Any] = field(default_factory=dict)
+    config_text: str = ""
+
+    @property
+    def where(self) -> str:
+        return f"{self.hostname} rank {self.rank}"
+
+
+def _memory_and_disk_checks(cfg, rep: NodeReport, device, world_size: int, rank: int) -> None:
+    """The memory plan (kd.ops.planner) against this node's free memory, and (global rank 0) the checkpoints' size
+    against output_dir's free disk; adds to ``rep``."""
+    import torch
+
+    from kd.ops.planner import GiB, checkpoint_bytes, plan_from_config
+
+    try:
+        plan = plan_from_config(cfg, world_size)
+        need = plan.peak_bytes + plan.inputs.reserve_bytes
+        avail = mem_available_bytes()
+        src = "MemAvailable"
+        if device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            integrated = bool(getattr(torch.cuda.get_device_properties(device), "is_integrated", False))
+            if integrated and avail is not None:
+                free, src = max(free, avail), "unified memory (max of cudaMemGetInfo, MemAvailable)"
+            else:
+                avail, src = free, "cudaMemGetInfo free"
+            avail = free
+        rep.info.append(f"memory: plan peak {plan.peak_gib:.2f} GiB + reserve {plan.inputs.reserve_bytes / GiB:.1f} "
+                        f"GiB, available {avail / GiB if avail else float('nan'):.1f} GiB ({src})")
+        if avail is not None and need > avail:
+            rep.problems.append(
+                f"memory: the plan needs {need / GiB:.1f} GiB (peak {plan.peak_gib:.1f} + reserve) but only "
+                f"{avail / GiB:.1f} GiB is available ({src}); fix: stop other processes (on GB10 also "
+                "'sync; echo 3 | sudo tee /proc/sys/vm/drop_caches'), lower batch_size, set "
+                "enable_activation_checkpointing=True or a smaller fused_chunk_size (see `kd plan`)."
+            )
+        # disk (only global rank 0 writes checkpoints)
+        if rank == 0:
+            disk = checkpoint_bytes(cfg, plan)
+            out = _existing_parent(Path(str(cfg.get("output_dir", "."))))
+            free_disk = shutil.disk_usage(out).free
+            rep.info.append(f"disk: {free_disk / GiB:.1f} GiB free at {out}, checkpoints need "
+                            f"{disk['total'] / GiB:.2f} GiB")
+            if disk["total"] > free_disk:
+                rep.problems.append(
+                    f"disk: output_dir {cfg.get('output_dir')} ({out}) has {free_disk / GiB:.1f} GiB free but the "
+                    f"run writes ~{disk['total'] / GiB:.1f} GiB of checkpoints; fix: free space, point output_dir "
+                    "elsewhere, lower keep_last_n_checkpoints or disable save_merged_model."
+                )
+    except Exception as e:
+        from kd.core.config import ConfigError
+
+        if isinstance(e, ConfigError):
+            rep.problems.append(f"memory plan: {e}")
+        else:
+            rep.warnings.append(f"memory plan failed ({type(e).__name__}: {e}); memory not checked")
+
+
+def local_checks(cfg, *, world_size: int, rank: int, local_rank: int, device) -> NodeReport:
+    import torch
+
+    ch, nfiles = code_hash()
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    rep = NodeReport(
+        rank=rank, local_rank=local_rank, hostname=socket.gethostname(),
+        node_rank_env=os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "?")),
+        versions=versions(), code=ch, code_files=nfiles, config=config_hash(cfg), gpu=gpu,
+        config_text=config_text(cfg),
+    )
+    rep.problems += check_gpu_arch()
+    from kd.ops.kernel_check import kernel_report
+
+    for name, verdict in kernel_report(device):  # compiled and checked on this node's GPU
+        rep.info.append(f"kernel {name}: {verdict}")
+        if verdict.startswith(("FAILED", "MISMATCH")):
+            rep.warnings.append(f"kernel {name} {verdict} (the run stays correct, on the slower eager path)")
+    if cfg.get("fsdp_cpu_offload", False):
+        unified = device.type == "cuda" and (
+            bool(getattr(torch.cuda.get_device_properties(device), "is_integrated", False)) or "GB10" in gpu)
+        if unified:
+            rep.warnings.append("fsdp_cpu_offload=True on a unified-memory GPU (GB10): CPU and GPU share the same "
+                                "memory, offloading saves nothing and adds copies; set fsdp_cpu_offload=False.")
+    dtype_name = str(cfg.get("dtype", "bf16"))
+    dtype = torch.float32 if dtype_name in ("fp32", "float32") else torch.bfloat16
+    rep.problems += _precision_check(cfg, rep, device, dtype, world_size)
+    for which, key, mkey in (("student", "checkpointer", "model"), ("teacher", "teacher_checkpointer", "teacher_model")):
+        if cfg.get(key) is None or cfg.get(mkey) is None:
+            rep.problems.append(f"config has no '{key}'/'{mkey}' section; fix the config.")
+            continue
+        probs, facts = check_checkpoint(which, cfg[key], cfg[mkey], dtype)
+        rep.problems += probs
+        rep.vocab[which] = facts.get("vocab")
+        rep.vocab[which + "_hf"] = facts.get("hf_vocab")
+    sv, tv = rep.vocab.get("student"), rep.vocab.get("teacher")
+    if sv is not None and tv is not None and sv != tv:
+        rep.problems.append(
+            f"vocab size mismatch: teacher {tv} vs student {sv} (model.vocab_size / teacher_model.vocab_size "
+            f"and the checkpoints' config.json {rep.vocab.get('teacher_hf')} / {rep.vocab.get('student_hf')}); "
+            "fix: pair models of the same vocabulary (Qwen2.5 7B/14B/32B/72B: 152,064; 0.5B-3B: 151,936)."
+        )
+    _memory_and_disk_checks(cfg, rep, device, world_size, rank)
+    return rep
+
+
+def _precision_check(cfg, rep: NodeReport, device, dtype, world_size: int) -> List[str]:
+    """The teacher precision path this node will run (kd.teacher.precision: probes its kernels, applies fallbacks)."""
+    from kd.core.config import ConfigError
+    from kd.teacher.precision import check_sharding, resolve_precision
+
+    if cfg.get("teacher_model") is None:
+        return []
+    try:
+        prec = resolve_precision(cfg.get("teacher_quantization", None), device, dtype, warn=False)
+        check_sharding(prec, str(cfg.get("teacher_sharding", "shard")), world_size > 1)
+    except ConfigError as e:
+        return [f"teacher precision: {e}"]
+    rep.info.append(f"teacher precision: {prec.describe()}")
+    if prec.name != prec.requested:
+        rep.warnings.append(f"teacher_quantization={prec.requested} falls back to {prec.name} on this node "
+                            f"({prec.fallback_reason}): slower than planned, and nodes may differ.")
+    return []
+
+
+def compare_reports(reports: List[NodeReport]) -> List[str]:
+    """Cross-node problems: versions, code and config must be identical everywhere."""
+    problems = []
+    ref = reports[0]
+    for r in reports[1:]:
+        diff = {k: (ref.versions.get(k), r.versions.get(k)) for k in set(ref.versions) | set(r.versions)
+                if ref.versions.get(k) != r.versions.get(k)}
+        if diff:
+            d = ", ".join(f"{k} {a} vs {b}" for k, (a, b) in sorted(diff.items()))
+            problems.append(f"[{r.where}] software differs from {ref.where}: {d}; fix: install the same "
+                            "wheelhouse on every node (launch/wheelhouse.sh install).")
+        if r.code != ref.code:
+            problems.append(f"[{r.where}] code differs from {ref.where} (hash {r.code[:12]} over {r.code_files} "
+                            f"files vs {ref.code[:12]} over {ref.code_files}); fix: sync the repository "
+                            "(same commit, no local edits) to every node, e.g. git pull or rsync -a --delete.")
+        if r.config != ref.config:
+            a, b = ref.config_text.splitlines(), r.config_text.splitlines()
+            import difflib
+
+            delta = [l for l in difflib.unified_diff(a, b, lineterm="", n=0) if l[:1] in "+-" and l[:3] not in ("+++", "---")]
+            problems.append(f"[{r.where}] resolved config differs from {ref.where}: {'; '.join(delta[:6])}; "
+                            "fix: pass the same config file and key=value overrides (and environment "
+                            "variables it references) on every node.")
+    return problems
+
+
+def run(cfg, *, nominal_gbps: float = DEFAULT_NOMINAL_GBPS, bw_mb: Optional[float] = None,
+        warn_fraction: float = 0.5) -> int:
+    import torch.distributed as dist
+
+    from kd.train import dist as kdist
+
+    device = kdist.resolve_device(cfg.get("device", "auto"))
+    info = kdist.init_distributed(device, timeout_s=600)
+    rep = local_checks(cfg, world_size=info.world_size, rank=info.rank, local_rank=info.local_rank, device=device)
+    bw_line = None
+    if info.distributed and info.world_size > 1:
+        size = bw_mb if bw_mb is not None else (256.0 if device.type == "cuda" else 16.0)
+        try:
+            bus, dt = allreduce_bandwidth(device, size)
+            backend = dist.get_backend()
+            bw_line = (f"all-reduce {size:g} MiB over {info.world_size} ranks ({backend}): bus {bus:.2f} GB/s "
+                       f"({dt * 1e3:.1f} ms) vs nominal {nominal_gbps:g} GB/s ({100 * bus / nominal_gbps:.0f}%)")
+            if backend == "nccl" and bus < warn_fraction * nominal_gbps:
+                rep.warnings.append(
+                    f"inter-node bandwidth {bus:.2f} GB/s is far below the nominal {nominal_gbps:g} GB/s: NCCL "
+                    "probably fell back to TCP sockets; rerun with NCCL_DEBUG=INFO and look for 'NET/IB' (good) vs "
+                    "'NET/Socket'; check NCCL_IB_HCA / NCCL_IB_GID_INDEX / NCCL_SOCKET_IFNAME (launch/nccl_env.sh)."
+                )
+        except Exception as e:
+            rep.problems.append(f"all-reduce through the process group failed: {e}; check the network "
+                                "interfaces (NCCL_SOCKET_IFNAME/GLOO_SOCKET_IFNAME) and firewalls.")
+    if info.distributed:
+        gathered: List[Any] = [None] * info.world_size
+        dist.all_gather_object(gathered, rep)
+        reports = gathered
+    else:
+        reports = [rep]
+    cross = compare_reports(reports)
+    failed = bool(cross) or any(r.problems for r in reports)
+    if info.local_rank == 0:  # full report in every node's log
+        lines = [f"kd preflight: world size {info.world_size}, {len({r.hostname for r in reports})} host(s)"]
+        for r in reports:
+            v = r.versions
+            lines.append(
+                f"  rank {r.rank} (local {r.local_rank}, NODE_RANK {r.node_rank_env}) on {r.hostname}: {r.gpu}; "
+                f"torch {v['torch']} cuda {v['cuda']} torchtune {v['torchtune']} torchao {v['torchao']} "
+                f"python {v['python']}; code {r.code[:12]} ({r.code_files} files), config {r.config[:12]}"
+            )
+            for i in r.info:
+                lines.append(f"    {i}")
+        if bw_line:
+            lines.append(f"  {bw_line}")
+        print("\n".join(lines), flush=True)
+        for r in reports:
+            for w in r.warnings:
+                print(f"kd preflight: WARNING [{r.where}] {w}", flush=True)
+        for r in reports:
+            for p in r.problems:
+                print(f"kd preflight: FAIL [{r.where}] {p}", file=sys.stderr, flush=True)
+        for p in cross:
+            print(f"kd preflight: FAIL {p}", file=sys.stderr, flush=True)
+        print(f"kd preflight: {'FAILED' if failed else 'OK'}", file=sys.stderr if failed else sys.stdout, flush=True)
+    kdist.barrier()
+    kdist.destroy()
+    status_dir = os.environ.get("KD_PREFLIGHT_STATUS_DIR")
+    if status_dir:
+        # launcher mode (launch/run_node.sh): the verdict goes to a file and the process exits 0, so that
+        # torchrun does not print its own failure report on top of the clean lines above
+        Path(status_dir, f"rank{info.rank}.status").write_text("FAIL\n" if failed else "OK\n")
+        return 0
+    return 1 if failed else 0
+
+
+def add_args(p) -> None:
+    p.add_argument("--nominal-gbps", type=float, default=float(os.environ.get("KD_NOMINAL_GBPS", DEFAULT_NOMINAL_GBPS)),
+                   help="nominal inter-node rate in GB/s (default 25 = 200 Gb/s)")
+    p.add_argument("--bw-mb", type=float, default=None, help="all-reduce test size in MiB (default 256 GPU / 16 CPU)")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import argparse
+
+    from kd.train.cli_util import user_error_types
+
+    p = argparse.ArgumentParser(prog="kd preflight", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True)
+    add_args(p)
+    args, overrides = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config, overrides)
+        from kd.ops.planner import validate_recipe_config
+
+        validate_recipe_config(cfg)  # the recipe's own key/value checks
+        return run(cfg, nominal_gbps=args.nominal_gbps, bw_mb=args.bw_mb)
+    except user_error_types() as e:
+        from kd.train.cli_util import one_line
+
+        print(f"kd preflight: FAIL [{socket.gethostname()} rank {os.environ.get('RANK', '0')}] {one_line(e)}",
+              file=sys.stderr)
+        return 2
+
+
+def load_config(path: str, overrides: List[str]):
+    """YAML + key=value / ~key overrides, as torchtune's ``tune run`` merges them."""
+    from omegaconf import OmegaConf
+
+    from kd.core.config import ConfigError
+
+    from kd.train.cli_util import load_yaml_file, merge_overrides
+
+    cfg = merge_overrides(load_yaml_file(path), list(overrides))
+    try:
+        OmegaConf.to_container(cfg, resolve=True)  # surface interpolation errors now
+    except Exception as e:
+        raise ConfigError(f"cannot resolve config {path!r} with overrides {overrides}: {e}") from None
+    return cfg
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""One table of config keys per recipe: the single source of the keys a recipe accepts.
+
+From each :class:`Schema` come
+
+- the unknown-key check with its "did you mean" (:meth:`Schema.check`, via :func:`kd.core.config.check_keys`);
+- the value of a key with its default and range (:meth:`Schema.get`), so the recipe and ``kd plan``
+  (:mod:`kd.ops.planner`, which runs the recipe's own ``_validate``) read the same default and reject the same
+  values;
+- the key tables of ``docs/config_keys.md`` (:func:`markdown`; ``python -m kd.ops.schema --write`` regenerates
+  the file, ``tests/test_schema.py`` fails when it is stale).
+
+torchtune's ``config.parse`` accepts any key, so without this a typo such as ``kd_ration=0.7`` would
+silently train with the default. Sections whose keys belong to a component (``loss``, ``kd_loss``,
+``optimizer``, ``model``, ...) are checked by instantiating that component as written; sections owned by a
+kd module list their keys there (``teacher_cache``: :mod:`kd.train.cache_session`, ``on_policy``:
+:mod:`kd.train.on_policy`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from kd.core.config import ConfigError, check_keys, choice, number
+from kd.losses.distillation import check_kd_ratio
+
+TORCHTUNE = "torchtune"
+KD = "kd"
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key. ``kind``: int | float | bool | choice | section | value (anything, read as is);
+    ``lo``/``hi``: numeric range; ``nullable``: null is allowed; ``check``: the key's own validator
+    (ValueError -> ConfigError), used instead of the range; ``origin``: torchtune's key or kd's."""
+
+    name: str
+    doc: str
+    kind: str = "value"
+    default: Any = None
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    choices: Tuple[Any, ...] = ()
+    nullable: bool = False
+    required: bool = False
+    origin: str = KD
+    check: Optional[Callable[[Any], Any]] = None
+
+    def describe_default(self) -> str:
+        if self.required:
+            return "required"
+        return "null" if self.default is None else repr(self.default) if isinstance(self.default, str) else str(self.default)
+
+    def describe_values(self) -> str:
+        if self.kind == "choice":
+            return " \\| ".join(str(c) for c in self.choices)
+        if self.kind in ("int", "float"):
+            if self.check is not None:
+                return f"{self.kind} (see `{self.check.__module__}.{self.check.__name__}`)"
+            rng = ""
+            if self.lo is not None or self.hi is not None:
+                rng = f" in [{'-inf' if self.lo is None else self.lo}, {'inf' if self.hi is None else self.hi}]"
+            return f"{self.kind}{rng}" + (" or null" if self.nullable else "")
+        return {"bool": "bool", "section": "section", "value": "value"}[self.kind]
+
+
+class Schema:
+    """The keys of one recipe's config (or of one section of it)."""
+
+    def __init__(self, name: str, where: str, keys: Sequence[Key], doc: str = ""):
+        self.name, self.where, self.doc = name, where, doc
+        self.keys: Dict[str, Key] = {}
+        for k in keys:
+            if k.name in self.keys:
+                raise AssertionError(f"{name}: key {k.name!r} listed twice")
+            self.keys[k.name] = k
+
+    @property
+    def names(self) -> frozenset:
+        return frozenset(self.keys)
+
+    @property
+    def required(self) -> Tuple[str, ...]:
+        return tuple(k.name for k in self.keys.values() if k.required)
+
+    def check(self, cfg: Any, where: Optional[str] = None, required: Optional[Iterable[str]] = None) -> None:
+        """Unknown keys ("did you mean") and missing required keys -> ConfigError."""
+        check_keys(cfg, self.names, where=where or self.where, required=self.required if required is None else required)
+
+    def get(self, cfg: Any, name: str) -> Any:
+        """The value of ``name`` in ``cfg`` (its default when absent), checked by the key's kind and range."""
+        k = self.keys[name]
+        if k.check is not None:
+            value = cfg.get(name, k.default)
+            if value is None and k.nullable:
+                return None
+            try:
+                return k.check(value)
+            except ValueError as e:
+                raise ConfigError(f"{e} (config key '{name}').") from None
+        if k.kind in ("int", "float"):
+            return number(cfg, name, k.default, kind=int if k.kind == "int" else float, min_value=k.lo,
+                          max_value=k.hi, allow_none=k.nullable)
+        if k.kind == "choice":
+            return choice(cfg, name, k.choices, k.default)
+        if k.kind == "bool":
+            return bool(cfg.get(name, k.default))
+        return cfg.get(name, k.default)
+
+    def markdown(self) -> str:
+        rows = [f"### {self.name}", "", self.doc, "", "| key | default | values | from | meaning |",
+                "|---|---|---|---|---|"]
+        for k in self.keys.values():
+            rows.append(f"| `{k.name}` | {k.describe_default()} | {k.describe_values()} | {k.origin} | {k.doc} |")
+        return "\n".join(rows) + "\n"
+
+
+def _k(name, doc, kind="value", default=None, **kw) -> Key:
+    return Key(name, doc, kind, default, **kw)
+
+
+def _tt(name, doc, kind="value", default=None, **kw) -> Key:
+    return Key(name, doc, kind, default, origin=TORCHTUNE, **kw)
+
+
+HF_CHECKPOINTER = Schema("checkpointer / teacher_checkpointer (kd_lora)", "'checkpointer'", [
+    _tt("_component_", "must be torchtune.training.FullModelHFCheckpointer (HF safetensors are streamed)",
+        default="torchtune.training.FullModelHFCheckpointer"),
+    _tt("checkpoint_dir", "directory of the HF checkpoint", required=True),
+    _tt("checkpoint_files", "safetensors files (default: all in checkpoint_dir)"),
+    _tt("output_dir", "accepted for torchtune compatibility; checkpoints go under the run's output_dir"),
+    _tt("model_type", "QWEN2 (Qwen2 / Qwen2.5)", default="QWEN2"),
+    _tt("recipe_checkpoint", "rejected: resume reads the latest checkpoint under output_dir"),
+    _tt("adapter_checkpoint", "rejected: resume reads the latest checkpoint under output_dir"),
+    _tt("safe_serialization", "accepted for torchtune compatibility"),
+], doc="Sections `checkpointer` and `teacher_checkpointer` of recipes/kd_lora.py.")
+
+KD_LORA = Schema("recipes/kd_lora.py", "the kd_lora config", [
+    # torchtune's KD recipe keys
+    _tt("output_dir", "run directory: checkpoints, metrics.jsonl, torchtune_config.yaml", required=True),
+    _tt("model", "student builder (`lora_*` builder: LoRA; plain builder: full fine-tune)", "section", required=True),
+    _tt("teacher_model", "teacher builder; absent: plain LoRA SFT (kd_ratio must be 0)", "section"),
+    _tt("tokenizer", "tokenizer component (max_seq_len is the padded length)", "section", required=True),
+    _tt("checkpointer", "student HF checkpoint (table `checkpointer`)", "section", required=True),
+    _tt("teacher_checkpointer", "teacher HF checkpoint (required with teacher_model)", "section"),
+    _tt("resume_from_checkpoint", "resume from the latest checkpoint under output_dir", "bool", False),
+    _tt("dataset", "dataset component (or a list of them)", "section", required=True),
+    _tt("seed", "global seed (null: random)", "int", None, nullable=True),
+    _tt("shuffle", "shuffle the training data each epoch", "bool", True),
+    _tt("batch_size", "micro-batch size per rank", "int", 1, lo=1),
+    _tt("optimizer", "optimizer component (over the trainable parameters)", "section", required=True),
+    _tt("lr_scheduler", "LR scheduler component (gets num_training_steps)", "section"),
+    _tt("loss", "CE term: kd.losses.distillation.FusedKDCELoss (fused) or a chunked CE (kd/losses/components.py)", "section"),
+    _tt("kd_loss", "divergence: kd.losses.distillation.DistillationLoss (or torchtune's chunked KD losses, loss_form=chunked)",
+        "section"),
+    _tt("kd_ratio", "weight r of the KD term: loss = (1 - r) CE + r KD", "float", 0.5, check=check_kd_ratio),
+    _tt("epochs", "training epochs", "int", 1, lo=1),
+    _tt("max_steps_per_epoch", "cap on optimizer steps per epoch", "int", None, lo=1, nullable=True),
+    _tt("compile", "torch.compile the decoder layers", "bool", False),
+    _tt("gradient_accumulation_steps", "micro-batches per optimizer step", "int", 1, lo=1),
+    _tt("metric_logger", "torchtune metric logger component (rank 0)", "section"),
+    _tt("log_every_n_steps", "optimizer steps between logged metrics", "int", 10, lo=1),
+    _tt("log_peak_memory_stats", "log peak memory with the metrics", "bool", True),
+    _tt("device", "auto | cpu | cuda[:i]", default="auto"),
+    _tt("dtype", "bf16 | fp32 (fp16 is rejected)", default="bf16"),
+    _tt("enable_activation_checkpointing", "checkpoint every student layer (see ac_mode)", "bool", False),
+    _tt("enable_activation_offloading", "rejected (use activation checkpointing)", "bool", False),
+    _tt("profiler", "torchtune profiler section (enabled: true to use)", "section"),
+    _tt("clip_grad_norm", "max gradient norm (null: no clipping)", "float", 1.0, lo=0.0, nullable=True),
+    _tt("save_adapter_weights_only", "False also writes merged weights at the end (see save_merged_model)", "bool",
+        True),
+    _tt("fsdp_cpu_offload", "FSDP2 CPU offload (device=cuda only)", "bool", False),
+    _tt("fsdp_reshard_after_forward", "FSDP2 reshard_after_forward of the student", "bool", True),
+    _tt("custom_sharded_layers", "rejected: every layer and the root are FSDP2 units already"),
+    _tt("cudnn_deterministic_mode", "torchtune's debug_mode of set_seed", default=None),
+    _tt("ac_mode", "none | full | selective (kd.core.config.activation_checkpoint_layers)", default=None),
+    _tt("ac_option", "selective: checkpoint every x-th layer", default=None),
+    # kd's keys
+    _k("teacher_quantization", "bf16 (= null) | nf4 | fp8 | nf4_fp8 (kd.teacher.precision)", default=None),
+    _k("student_quantization", "nf4 (QLoRA base) | null", default=None),
+    _k("loss_form", "fused: loss from hidden states, never [tokens, vocab] logits; chunked: torchtune's chunked "
+       "logits", "choice", "fused", choices=("fused", "chunked")),
+    _k("fused_chunk_size", "tokens per chunk of the fused loss", "int", 1024, lo=1),
+    _k("fsdp_strategy", "shard | hybrid (HSDP: replicate across nodes, shard within)", default="shard"),
+    _k("teacher_sharding", "shard (FSDP2 like the student) | replicate (whole frozen teacher per rank)", "choice",
+       "shard", choices=("shard", "replicate")),
+    _k("save_every_n_steps", "optimizer steps between checkpoints (null: epoch ends only)", "int", None, lo=1,
+       nullable=True),
+    _k("keep_last_n_checkpoints", "older checkpoints are deleted (null: keep all)", "int", None, lo=1, nullable=True),
+    _k("save_merged_model", "write a merged HF checkpoint at the end (null: from save_adapter_weights_only)",
+       default=None),
+    _k("base_model_name_or_path", "base_model_name_or_path of the PEFT adapter (default: checkpoint_dir)"),
+    _k("eval_every_n_steps", "optimizer steps between validations (null: none)", "int", None, lo=1, nullable=True),
+    _k("max_eval_batches", "cap on validation batches", "int", None, lo=1, nullable=True),
+    _k("val_dataset", "validation dataset (default: the dataset's val split)", "section"),
+    _k("num_workers", "dataloader workers", "int", 0, lo=0),
+    _k("progress_bar", "tqdm progress bars (rank 0)", "bool", True),
+    _k("overwrite", "a fresh run may replace the checkpoints already in output_dir", "bool", False),
+    _k("teacher_cache", "online_then_cache | build | use (kd.train.cache_session; docs/teacher_cache.md)",
+       "section"),
+    _k("on_policy", "on-policy (student-generated) distillation: lmbda, temperature, ... (kd.train.on_policy)",
+       "section"),
+], doc="Online KD (and, without a teacher, LoRA SFT): `tune run recipes/kd_lora.py --config ...`.")
+
+def _head(output_dir: str, model: str, checkpointer: str, *, checkpointer_required: bool = True) -> List[Key]:
+    """The keys every offline recipe starts with: where it writes, the model builder and its HF checkpoint."""
+    return [_tt("output_dir", output_dir, required=True), _tt("model", model, "section", required=True),
+            _tt("checkpointer", checkpointer, "section", required=checkpointer_required)]
+
+
+# device and dtype of the offline recipes (kd_lora has its own defaults and the fp16 rejection)
+_DEVICE_DTYPE = [_tt("device", "auto | cpu | cuda[:i]"), _tt("dtype", "bf16 | fp32")]
+
+
+EVALUATE = Schema("recipes/evaluate.py", "the evaluate config", [
+    *_head("where the report and plots go", "student builder", "student HF checkpoint"),
+    _k("adapters", "adapter directories to compare"),
+    _tt("teacher_model", "teacher builder", "section"),
+    _tt("teacher_checkpointer", "teacher HF checkpoint", "section"),
+    _k("teacher_quantization", "bf16 (= null) | nf4 | fp8 | nf4_fp8"),
+    _k("evaluate_teacher", "also evaluate the teacher"),
+    _tt("tokenizer", "tokenizer component", "section", required=True),
+    _tt("dataset", "held-out data (source, split, ...)", "section", required=True),
+    _tt("batch_size", "batch size"),
+    _k("max_samples", "cap on evaluated samples"),
+    _k("questions", "questions answered in the report"),
+    _k("max_new_tokens", "generation length"),
+    _k("temperature", "sampling temperature"),
+    _k("top_p", "nucleus sampling"),
+    _tt("seed", "seed"),
+    *_DEVICE_DTYPE,
+    _k("plots", "write plots"),
+    _k("length_samples", "samples for the answer-length statistics"),
+    _k("training_metrics", "metrics.jsonl files to plot"),
+    _k("progress_bar", "tqdm progress bars"),
+], doc="Held-out evaluation of saved adapters: `tune run recipes/evaluate.py --config ...`.")
+
+EXPORT = Schema("recipes/export.py", "the export config", [
+    *_head("where merged/ and adapter/ go", "student builder", "base HF checkpoint"),
+    _k("adapter_dir", "the PEFT adapter to merge"),
+    *_DEVICE_DTYPE,
+    _k("max_shard_size_gb", "safetensors shard size"),
+    _tt("tokenizer", "the student's tokenizer (calibration prompts)", "section"),
+    _k("overwrite", "replace a non-empty merged/ or adapter/"),
+    _k("quantize", "post-training quantization schemes (kd.train.quantize)"),
+    _k("calibration", "calibration data of the quantization", "section"),
+    _k("full_checkpoint", "export a full fine-tune checkpoint instead of an adapter"),
+], doc="Merged HF export: `tune run recipes/export.py --config ...`.")
+
+GENERATE_TEACHER = Schema("recipes/generate_teacher.py", "the generate_teacher config", [
+    *_head("where the generated dataset goes", "teacher builder", "teacher HF checkpoint (or teacher_checkpointer)",
+           checkpointer_required=False),
+    _tt("teacher_checkpointer", "teacher HF checkpoint (alias of checkpointer)", "section"),
+    _tt("tokenizer", "tokenizer component", "section", required=True),
+    _k("source", "prompts (alpaca JSON)", required=True),
+    _k("system_prompt", "system prompt of the chat template"),
+    _k("on_bad_record", "error | skip"),
+    _k("teacher_quantization", "teacher precision: bf16 (= null) | nf4 | fp8 | nf4_fp8"),
+    *_DEVICE_DTYPE,
+    _tt("seed", "seed"),
+    _tt("batch_size", "prompts per batch"),
+    _k("max_batch_tokens", "token budget per batch"),
+    _k("max_new_tokens", "generation length"),
+    _k("temperature", "sampling temperature"),
+    _k("top_p", "nucleus sampling"),
+    _k("top_k", "top-k sampling"),
+    _k("dataset_name", "name of the generated dataset"),
+    _k("merge", "merge the answers of several runs"),
+    _k("allow_missing", "allow prompts without an answer"),
+    _k("progress_bar", "tqdm progress bars"),
+    _k("on_source_change", "what to do when the prompts changed since the last run"),
+    _k("max_samples", "cap on prompts"),
+    _k("log_level", "logging level"),
+    _k("decode_engine", "decode implementation"),
+    _k("cuda_graphs", "capture the decode step in CUDA graphs"),
+    _k("nf4_decode_kernel", "NF4 decode kernel"),
+    _k("nf4_fused_max_batch", "largest batch of the fused NF4 decode kernel"),
+], doc="Offline teacher generation: `tune run recipes/generate_teacher.py --config ...`.")
+
+SCHEMAS = (KD_LORA, HF_CHECKPOINTER, EVALUATE, EXPORT, GENERATE_TEACHER)
+DOC = Path(__file__).resolve().parents[2] / "docs" / "config_keys.md"
+_HEADER = """# Config keys
+
+Generated from `kd/ops/schema.py` by `python -m kd.ops.schema --write`; do not edit by hand (`tests/test_schema.py`
+fails when this file is stale). Every recipe rejects a key that is not listed here, with a "did you mean"
+suggestion. "from": torchtune = the key of torchtune's recipes, read with the same meaning; kd = this project's.
+Sections that name a `_component_` (model, loss, kd_loss, optimizer, ...) take the arguments of that component.
+"""
+
+
+def markdown() -> str:
+    return _HEADER + "\n" + "\n".join(s.markdown() for s in SCHEMAS)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kd.ops.schema", description="Print or write docs/config_keys.md.")
+    p.add_argument("--write", action="store_true", help=f"write {DOC}")
+    a = p.parse_args(argv)
+    if a.write:
+        DOC.write_text(markdown(), encoding="utf-8")
+    else:
+        sys.stdout.write(markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
