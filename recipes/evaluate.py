@@ -31,9 +31,24 @@ from typing import Any, Dict, List
 import torch
 from omegaconf import DictConfig
 
-from kd.train import run_checks as checks
-from kd.ops import schema
+from kd.core.atomic import atomic_write_text
 from kd.core.config import ConfigError, DataError, check_keys, number, require_component, to_container
+from kd.core.progress import configure_logging, progress
+from kd.data.alpaca import DEFAULT_SYSTEM_PROMPT, AlpacaKDDataset
+from kd.losses.distillation import DistillationLoss, cross_entropy_sum
+from kd.ops import schema
+from kd.teacher.generation import (
+    SamplingParams,
+    generate_batch,
+    install_last_token_head,
+    prompt_tokens,
+    remove_last_token_head,
+    sample_seed,
+    stop_token_ids,
+)
+from kd.teacher.precision import parse_precision, resolve_precision
+from kd.train import report, run_checks as checks
+from kd.train.models import load_adapter_dir, load_frozen_model, shift_labels
 
 log = logging.getLogger("kd.evaluate")
 
@@ -59,9 +74,6 @@ def _batches(ds, batch_size: int, pad_id: int):
 @torch.no_grad()
 def _metrics(models: Dict[str, Any], teacher, ds_teacher, ds_orig, batch_size, pad_id, device) -> Dict[str, Dict[str, float]]:
     """models: name -> callable(tokens) -> logits [B, S, V] (fp32)."""
-    from kd.losses.distillation import DistillationLoss, cross_entropy_sum
-    from kd.train.models import shift_labels
-    from kd.core.progress import progress
 
     kl_fn = DistillationLoss(kind="forward_kl", scale_by_t2=False)
     sums = {n: {"ce_t": 0.0, "n_t": 0.0, "kl": 0.0, "agree": 0.0, "ce_o": 0.0, "n_o": 0.0} for n in models}
@@ -112,10 +124,6 @@ def teacher_vocab(model) -> int:
 def _generate(model, tokenizer, records, system_prompt, *, max_new_tokens, params, seed, device, dtype,
               batch_size: int = 8, desc: str = "generate"):
     """Answers (kd.teacher.generation.Generation) of ``model`` to alpaca ``records``, in batches of ``batch_size``."""
-    from kd.teacher.generation import (
-        generate_batch, install_last_token_head, prompt_tokens, remove_last_token_head, sample_seed, stop_token_ids,
-    )
-    from kd.core.progress import progress
 
     prompts = [prompt_tokens(tokenizer, r, system_prompt) for r in records]
     gens = []
@@ -142,8 +150,6 @@ def _answers(model, tokenizer, questions, system_prompt, *, max_new_tokens, para
 
 
 def _report(path: Path, metrics, answers, questions, meta, figures=None) -> None:
-    from kd.core.atomic import atomic_write_text
-
     cols = [("ce_teacher", "CE on teacher answers"), ("ppl_teacher", "PPL (teacher ans.)"),
             ("ce_original", "CE on original labels"), ("ppl_original", "PPL (orig.)"),
             ("kl", "KL(teacher‖model)/token"), ("top1", "top-1 agreement")]
@@ -176,7 +182,6 @@ def _metrics_path(p) -> Path:
 
 def _figures(out: Path, cfg, metrics, lengths, adapters, max_new: int):
     """Write the report's PNGs; returns (title, file name, caption) per picture written."""
-    from kd.train import report
 
     given = dict(to_container(cfg.get("training_metrics", None)) or {})
     paths = {name: _metrics_path(given[name]) if name in given else report.find_run_metrics(adir)
@@ -214,7 +219,6 @@ def _figures(out: Path, cfg, metrics, lengths, adapters, max_new: int):
 def _datasets(cfg: DictConfig, tokenizer):
     """The same held-out split twice: with the teacher's answers and (when the file has them) the original labels.
     Returns (ds_teacher, ds_original or None, dataset settings)."""
-    from kd.data.alpaca import DEFAULT_SYSTEM_PROMPT, AlpacaKDDataset
 
     d = cfg.dataset
     dkw = dict(system_prompt=d.get("system_prompt", DEFAULT_SYSTEM_PROMPT), split=d.get("split", "val"),
@@ -238,8 +242,6 @@ def _datasets(cfg: DictConfig, tokenizer):
 
 def _load_models(cfg: DictConfig, device, dtype):
     """(student, teacher or None, adapters {name: dir}); the student is frozen, its LoRA loaded later per adapter."""
-    from kd.train.models import load_frozen_model
-    from kd.teacher.precision import resolve_precision
 
     t0 = time.perf_counter()
     student = load_frozen_model(cfg.model, cfg.checkpointer, device=device, dtype=dtype, which="student")
@@ -261,8 +263,6 @@ def _evaluate_all(cfg, student, teacher, adapters, ds_t, ds_o, tokenizer, *, que
     """Held-out metrics, answers to ``questions`` and answer lengths (first ``n_len`` held-out prompts) of the base
     student (adapter disabled), each adapter and the teacher. Returns (metrics, answers, lengths, models_meta)."""
     from torchtune.modules.peft import disable_adapter
-
-    from kd.train.models import load_adapter_dir
 
     sp, pad, dev = system_prompt, tokenizer.pad_id, gen_kw["device"]
     is_lora = "lora_rank" in cfg.model
@@ -315,15 +315,11 @@ def _evaluate_all(cfg, student, teacher, adapters, ds_t, ds_o, tokenizer, *, que
 def recipe_main(cfg: DictConfig) -> None:
     from torchtune import training
 
-    from kd.teacher.generation import SamplingParams
-    from kd.core.progress import configure_logging
-
     configure_logging()
     check_keys(cfg, KEYS, where="the evaluate config", required=("output_dir", "model", "checkpointer", "tokenizer", "dataset"))
     require_component(cfg, "model")
     require_component(cfg, "tokenizer")
     check_keys(cfg.dataset, DATASET_KEYS, where="'dataset'", required=("source",))
-    from kd.teacher.precision import parse_precision
 
     parse_precision(cfg.get("teacher_quantization", None))  # bad value: one clear line before any loading
     device = checks.check_device(cfg, "auto")
@@ -351,7 +347,6 @@ def recipe_main(cfg: DictConfig) -> None:
         batch_size=bs, n_len=n_len, gen_kw=gen_kw)
     meta = {"source": str(cfg.dataset.source), "split": dkw["split"], "n_samples": len(ds_t), "models": models_meta,
             "max_new_tokens": max_new, "temperature": params.temperature}
-    from kd.core.atomic import atomic_write_text
 
     figures = _figures(out, cfg, metrics, lengths, adapters, max_new) if plots else []
     atomic_write_text(out / "eval_metrics.json",

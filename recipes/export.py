@@ -28,8 +28,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from kd.core.atomic import atomic_write_dir
+from kd.core.config import ConfigError, check_keys, number, require_component, to_container
+from kd.core.progress import configure_logging
 from kd.ops import schema
-from kd.core.config import ConfigError, check_keys, number, require_component
+from kd.train import quantize as kq, run_checks as checks
+from kd.train.full import SHARDS, assemble_full_state_dict
+from kd.train.hf_export import save_merged_hf, write_hf_checkpoint
+from kd.train.models import build_on_meta, load_adapter_dir, load_frozen_model, model_dims
 
 log = logging.getLogger("kd.export")
 KEYS = schema.EXPORT.names  # the one table of this recipe's keys (kd/ops/schema.py, docs/config_keys.md)
@@ -51,12 +57,6 @@ def _check_targets(out: Path, adapter_dir: Path, overwrite: bool) -> None:
 
 def recipe_main(cfg: DictConfig) -> None:
     from torchtune import training
-
-    from kd.train import run_checks as checks
-    from kd.core.atomic import atomic_write_dir
-    from kd.train.hf_export import save_merged_hf
-    from kd.train.models import load_adapter_dir, load_frozen_model
-    from kd.core.progress import configure_logging
 
     configure_logging()
     check_keys(cfg, KEYS, where="the export config", required=("output_dir", "model", "checkpointer"))
@@ -99,11 +99,6 @@ def _export_full(cfg: DictConfig) -> None:
     """A full fine-tune's sharded checkpoint (kd.train.full) -> full HF checkpoint in <output_dir>/merged, offline."""
     from torchtune import training
 
-    from kd.train import run_checks as checks
-    from kd.train.full import SHARDS, assemble_full_state_dict
-    from kd.train.hf_export import write_hf_checkpoint
-    from kd.train.models import build_on_meta, model_dims
-
     if "lora_rank" in cfg.model:
         raise ConfigError("full_checkpoint is a full fine-tune's checkpoint: model must be the plain builder it was "
                           "trained with (e.g. torchtune.models.qwen2_5.qwen2_5_7b_instruct), not a LoRA builder.")
@@ -129,9 +124,6 @@ def _export_full(cfg: DictConfig) -> None:
 def _quantize(cfg: DictConfig, merged, out: Path, device) -> None:
     """The optional quantized deployment copies (kd.train.quantize), each checked against the merged model."""
     import json
-
-    from kd.train import quantize as kq
-    from kd.core.config import to_container
 
     q = cfg.get("quantize", None)
     schemes = [] if q is None else ([q] if isinstance(q, str) else list(to_container(q)))

@@ -25,10 +25,27 @@ from typing import Dict
 import torch
 from omegaconf import DictConfig
 
-from kd.train import dist as kdist
-from kd.train import run_checks as checks
-from kd.ops import schema
+from kd.core.atomic import atomic_write_text
 from kd.core.config import ConfigError, DataError, check_keys, choice, number, require_component
+from kd.core.progress import configure_logging
+from kd.data.alpaca import DEFAULT_SYSTEM_PROMPT, load_alpaca_records
+from kd.ops import schema
+from kd.teacher.generation import (
+    ResultStore,
+    SamplingParams,
+    generate_batch,
+    install_last_token_head,
+    merge_results,
+    plan_batches,
+    prompt_hash,
+    prompt_tokens,
+    sample_seed,
+    stop_token_ids,
+    summarize,
+)
+from kd.teacher.precision import parse_precision, resolve_precision
+from kd.train import dist as kdist, run_checks as checks
+from kd.train.models import load_frozen_model
 
 log = logging.getLogger("kd.generate")
 
@@ -38,8 +55,6 @@ META_KEYS = ("teacher_quantization", "dtype", "temperature", "top_p", "top_k", "
 
 
 def _settings(cfg: DictConfig) -> Dict:
-    from kd.data.alpaca import DEFAULT_SYSTEM_PROMPT
-
     if "quantization" in cfg:
         raise ConfigError("generate_teacher: the key 'quantization' is now 'teacher_quantization' (as in the KD "
                           "recipe and evaluate): rename it in the config / command line.")
@@ -76,7 +91,6 @@ def _settings(cfg: DictConfig) -> Dict:
         "nf4_decode_kernel": choice(cfg, "nf4_decode_kernel", ["auto", "triton", "bnb", "dequant"], "auto"),
         "nf4_fused_max_batch": number(cfg, "nf4_fused_max_batch", 64, kind=int, min_value=0),
     }
-    from kd.teacher.precision import parse_precision
 
     parse_precision(s["teacher_quantization"])  # bf16 (= null) | nf4 | fp8 | nf4_fp8
     if s["top_p"] <= 0.0:
@@ -104,10 +118,6 @@ def _check_run_meta(out: Path, meta: Dict, is_rank_zero: bool) -> None:
 
 
 def load_teacher(cfg: DictConfig, s: Dict, device: torch.device, dtype: torch.dtype):
-    from kd.teacher.generation import install_last_token_head
-    from kd.train.models import load_frozen_model
-    from kd.teacher.precision import resolve_precision
-
     prec = resolve_precision(s["teacher_quantization"], device, dtype)
     return install_last_token_head(load_frozen_model(cfg.model, s["ck"], device=device, dtype=dtype, precision=prec))
 
@@ -116,8 +126,6 @@ def _generate_mine(cfg: DictConfig, s: Dict, mine, n_mine: int, prompts, hashes,
                    info, stop_ids, pad_id) -> None:
     """Generate this rank's batches ``mine`` (lists of sample ids), appending each batch's rows to ``store``."""
     from tqdm import tqdm
-
-    from kd.teacher.generation import SamplingParams, generate_batch, sample_seed
 
     model = load_teacher(cfg, s, device, dtype)
     params = SamplingParams(temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"])
@@ -169,8 +177,6 @@ def _generate_mine(cfg: DictConfig, s: Dict, mine, n_mine: int, prompts, hashes,
 
 def _merge(s: Dict, store, records, hashes, out: Path) -> None:
     """Rank 0: every rank's answers -> ``<dataset_name>.json`` + ``dataset_info.json`` + ``summary.json``."""
-    from kd.core.atomic import atomic_write_text
-    from kd.teacher.generation import merge_results, summarize
 
     results, _ = store.scan(hashes)
     results = {i: r for i, r in results.items() if i in records}
@@ -187,10 +193,6 @@ def _merge(s: Dict, store, records, hashes, out: Path) -> None:
 
 def recipe_main(cfg: DictConfig) -> None:
     from torchtune import training
-
-    from kd.data.alpaca import load_alpaca_records
-    from kd.teacher.generation import ResultStore, plan_batches, prompt_hash, prompt_tokens, stop_token_ids
-    from kd.core.progress import configure_logging
 
     configure_logging(choice(cfg, "log_level", ["DEBUG", "INFO", "WARNING", "ERROR"], "INFO"))
     s = _settings(cfg)

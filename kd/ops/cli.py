@@ -20,12 +20,13 @@ import os
 import sys
 from typing import List, Optional
 
+from kd.core.config import ConfigError
+from kd.ops import jobtime, planner
+from kd.ops.preflight import load_config
+from kd.train.cli_util import user_error_types
+
 
 def _plan(argv: List[str]) -> int:
-    from kd.ops import planner
-    from kd.core.config import ConfigError
-    from kd.ops.preflight import load_config
-
     p = argparse.ArgumentParser(prog="kd plan", description="Estimate peak memory per device for a kd_lora config.")
     p.add_argument("--config", required=True)
     p.add_argument("--world-size", type=int, default=1, help="total processes (nodes x GPUs per node)")
@@ -77,8 +78,6 @@ def _plan(argv: List[str]) -> int:
 
 
 def _plan_time(cfg, args) -> int:
-    from kd.ops import jobtime
-
     names = [args.hardware] if args.hardware else ["h200", "gb10"]
     hws = [jobtime.load_hardware(n) for n in names]
     if cfg.get("max_new_tokens", None) is not None and cfg.get("teacher_model", None) is None:
@@ -87,7 +86,6 @@ def _plan_time(cfg, args) -> int:
         for hw in hws:
             print(jobtime.estimate_generation(cfg, hw, expected_new_tokens=expected).table())
         return 0
-    from kd.ops import planner
 
     planner.validate_recipe_config(cfg)  # a kd_lora config: the recipe's own checks first
     stats = jobtime.data_stats(cfg, sample_records=args.sample_records)
@@ -101,7 +99,6 @@ def _plan_time(cfg, args) -> int:
 def _expected_answer_lengths(cfg, sample_records=None) -> List[int]:
     """Generation configs: the teacher's answers are expected as long as the data set's reference answers."""
     from omegaconf import OmegaConf
-    from kd.ops import jobtime
 
     ds = OmegaConf.create({
         "tokenizer": OmegaConf.to_container(cfg.tokenizer, resolve=True),
@@ -114,8 +111,6 @@ def _expected_answer_lengths(cfg, sample_records=None) -> List[int]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     import logging
-
-    from kd.train.cli_util import user_error_types
 
     logging.getLogger("torchao").setLevel(logging.ERROR)
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -25,16 +25,19 @@ Everything not listed (launches, host work, the data loader) is taken as hidden;
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
-import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from kd.core.config import ConfigError
+from kd.core.config import ConfigError, activation_checkpoint_layers
+from kd.data.alpaca import best_fit_bins, greedy_bins
+from kd.ops.planner import _cache_mode, build_and_count, teacher_forward_epochs
+from kd.teacher.generation import plan_batches
 from kd.teacher.static_decode import decode_step_cost
 
 TFLOP = 1e12
@@ -206,8 +209,6 @@ def micro_batches(stats: DataStats, world_size: int = 1, seed: int = 0) -> List[
     packed = kd.data.alpaca's packing rule (best-fit-decreasing, or torchtune's next-fit with ``packing: greedy``) into
     packs of max_seq_len, then batch_size packs per batch; unpacked = batch_size samples per batch, each batch padded to its longest sample."""
     import random
-
-    from kd.data.alpaca import best_fit_bins, greedy_bins
 
     if stats.packed:
         units = (best_fit_bins if stats.packing == "best_fit" else greedy_bins)(stats.lengths, stats.max_seq_len)
@@ -406,7 +407,6 @@ def _teacher_only_pass(m: "_JobModel", fraction: float) -> List[Component]:
     split if validation is on, at the training samples' mean length), right-padded, longest first,
     data-parallel (batch b to rank b % world_size); the teacher head projects the answer rows only.
     ``fraction``: the share of the samples the pass must compute (the fill after epoch 1)."""
-    from kd.teacher.generation import plan_batches
 
     cfg, hw, stats, t, k, world_size = m.cfg, m.hw, m.stats, m.t, m.k, m.world_size
     L, A, R = stats.lengths, stats.answers, m.R
@@ -452,8 +452,6 @@ def estimate_job(cfg, hw: Hardware, stats: Optional[DataStats] = None, world_siz
     fill over the samples epoch 1 did not see, then ``epochs - 1`` student-only epochs that read the cache;
     ``build`` = one teacher-only pass over every sample (the recipe exits after it); ``use`` = ``epochs``
     student-only epochs from the cache."""
-    from kd.core.config import activation_checkpoint_layers
-    from kd.ops.planner import _cache_mode, build_and_count, teacher_forward_epochs
 
     stats = stats or data_stats(cfg)
     s = build_and_count(cfg.model)
@@ -551,7 +549,6 @@ def estimate_generation(gen_cfg, hw: Hardware, expected_new_tokens: Optional[Lis
     cache, and does the matrix and attention FLOPs; the roofline of the two at the profile's rates, plus its
     measured per-step overhead. Generated length per prompt: the expected answer length (capped at
     max_new_tokens)."""
-    from kd.ops.planner import build_and_count
 
     m = build_and_count(gen_cfg.model)
     B = int(gen_cfg.get("batch_size", 1))

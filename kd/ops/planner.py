@@ -37,8 +37,10 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from kd.core.config import ConfigError, activation_checkpoint_layers
+from kd.core.config import ConfigError, activation_checkpoint_layers, number
 from kd.ops.schema import KD_LORA  # the recipe's keys, defaults and ranges: the plan reads what the recipe reads
+from kd.teacher.precision import parse_precision
+from kd.train.models import build_on_meta, model_dims
 
 GiB = 2**30
 GB10_MEMORY_GIB = 128e9 / GiB  # 128 GB unified memory (CPU + GPU) per DGX Spark = 119.2 GiB
@@ -101,7 +103,6 @@ class ModelCount:
 
 def count_model(model: torch.nn.Module) -> ModelCount:
     """Count parameters of a (meta) torchtune TransformerDecoder by role."""
-    from kd.train.models import model_dims
 
     c = ModelCount()
     dims = model_dims(model)
@@ -142,8 +143,6 @@ def count_model(model: torch.nn.Module) -> ModelCount:
 
 
 def build_and_count(model_cfg, dtype: torch.dtype = torch.bfloat16) -> ModelCount:
-    from kd.train.models import build_on_meta
-
     try:
         model = build_on_meta(model_cfg, dtype)
     except Exception as e:  # bad builder name / kwargs
@@ -279,7 +278,6 @@ def activation_elems_per_token(m: ModelCount, lora_dropout: float = 0.0) -> Dict
 
 def _teacher_quant(cfg) -> Optional[str]:
     """The config's teacher precision (kd.teacher.precision names), None for dense (bf16 / null)."""
-    from kd.teacher.precision import parse_precision
 
     q = parse_precision(cfg.get("teacher_quantization", None))
     return None if q == "bf16" else q
@@ -456,7 +454,6 @@ def _seq_len(cfg) -> int:
 
 def check_plan_args(**kw) -> None:
     """The plan's numeric inputs (``kd plan`` flags, or what the recipe passes): one check for both."""
-    from kd.core.config import number
 
     rules = {  # key: (flag, kind, min)
         "world_size": ("--world-size", int, 1), "local_world_size": ("--nproc-per-node", int, 1),

@@ -36,6 +36,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from kd.core.config import ConfigError
+from kd.core.errors import CheckpointError
+from kd.ops.kernel_check import kernel_report
+from kd.ops.planner import GiB, checkpoint_bytes, plan_from_config
+from kd.teacher.precision import check_sharding, resolve_precision
+from kd.train import dist as kdist
+from kd.train.cli_util import load_yaml_file, merge_overrides, user_error_types
+from kd.train.models import check_matches_hf_config, read_hf_config, resolve_checkpoint_files
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_NOMINAL_GBPS = 25.0  # 200 Gb/s RoCE (ConnectX-7) = 25 GB/s
 CODE_DIRS = ("kd", "recipes", "configs", "launch")
@@ -197,8 +206,6 @@ def _check_shards(which: str, files: List[Path], ckdir: Path, fix_copy: str, pro
 
 def check_checkpoint(which: str, section, model_cfg, dtype) -> Tuple[List[str], Dict[str, Any]]:
     """Problems (fix included) with one checkpoint directory, and facts (vocab, total bytes)."""
-    from kd.core.errors import CheckpointError
-    from kd.train.models import check_matches_hf_config, read_hf_config, resolve_checkpoint_files
 
     problems: List[str] = []
     facts: Dict[str, Any] = {}
@@ -341,8 +348,6 @@ def _memory_and_disk_checks(cfg, rep: NodeReport, device, world_size: int, rank:
     against output_dir's free disk; adds to ``rep``."""
     import torch
 
-    from kd.ops.planner import GiB, checkpoint_bytes, plan_from_config
-
     try:
         plan = plan_from_config(cfg, world_size)
         need = plan.peak_bytes + plan.inputs.reserve_bytes
@@ -399,7 +404,6 @@ def local_checks(cfg, *, world_size: int, rank: int, local_rank: int, device) ->
         config_text=config_text(cfg),
     )
     rep.problems += check_gpu_arch()
-    from kd.ops.kernel_check import kernel_report
 
     for name, verdict in kernel_report(device):  # compiled and checked on this node's GPU
         rep.info.append(f"kernel {name}: {verdict}")
@@ -435,8 +439,6 @@ def local_checks(cfg, *, world_size: int, rank: int, local_rank: int, device) ->
 
 def _precision_check(cfg, rep: NodeReport, device, dtype, world_size: int) -> List[str]:
     """The teacher precision path this node will run (kd.teacher.precision: probes its kernels, applies fallbacks)."""
-    from kd.core.config import ConfigError
-    from kd.teacher.precision import check_sharding, resolve_precision
 
     if cfg.get("teacher_model") is None:
         return []
@@ -481,8 +483,6 @@ def compare_reports(reports: List[NodeReport]) -> List[str]:
 def run(cfg, *, nominal_gbps: float = DEFAULT_NOMINAL_GBPS, bw_mb: Optional[float] = None,
         warn_fraction: float = 0.5) -> int:
     import torch.distributed as dist
-
-    from kd.train import dist as kdist
 
     device = kdist.resolve_device(cfg.get("device", "auto"))
     info = kdist.init_distributed(device, timeout_s=600)
@@ -555,8 +555,6 @@ def add_args(p) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     import argparse
 
-    from kd.train.cli_util import user_error_types
-
     p = argparse.ArgumentParser(prog="kd preflight", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True)
     add_args(p)
@@ -578,10 +576,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 def load_config(path: str, overrides: List[str]):
     """YAML + key=value / ~key overrides, as torchtune's ``tune run`` merges them."""
     from omegaconf import OmegaConf
-
-    from kd.core.config import ConfigError
-
-    from kd.train.cli_util import load_yaml_file, merge_overrides
 
     cfg = merge_overrides(load_yaml_file(path), list(overrides))
     try:

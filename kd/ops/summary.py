@@ -18,6 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
+from kd.core.config import ConfigError
+from kd.train.report import read_metrics_jsonl
+from kd.train.step_checkpoint import CheckpointManager
+
 
 @dataclass
 class RunSummary:
@@ -32,10 +36,6 @@ class RunSummary:
 
 
 def summarize_run(output_dir: str | Path) -> RunSummary:
-    from kd.train.step_checkpoint import CheckpointManager
-    from kd.core.config import ConfigError
-    from kd.train.report import read_metrics_jsonl
-
     out = Path(output_dir)
     mf = out / "metrics.jsonl"
     if not mf.is_file():

@@ -60,6 +60,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kd.core.atomic import atomic_write_text
+from kd.teacher.generation import counter_uniform, plan_batches
+
 log = logging.getLogger(__name__)
 
 FORMAT = "kd-teacher-cache-v1"
@@ -144,7 +147,6 @@ def sample_teacher_rows(t: torch.Tensor, seeds: torch.Tensor, k: int, temperatur
     topk: the ``k`` largest probabilities renormalised to sum 1 (biased; comparison only).
     Returns ``(ids [n, k] int32, probs [n, k] float32 or empty, entropy [n] float32, top1 [n] int32)``.
     """
-    from kd.teacher.generation import counter_uniform
 
     x = t.float()
     if temperature != 1.0:
@@ -379,7 +381,6 @@ class TeacherCacheStore:
     # -- key ------------------------------------------------------------------------------------
     def check_or_init_key(self, *, rebuild: bool = False, create: bool = True, is_writer: bool = True) -> None:
         """Refuse a cache built for another setup (naming the fields), or move it aside with ``rebuild``."""
-        from kd.core.atomic import atomic_write_text
 
         kf = self.root / self.KEY_FILE
         if kf.is_file():
@@ -771,7 +772,6 @@ def build_batches(index: DatasetIndex, positions: Sequence[int], batch_size: int
                   max_batch_tokens: Optional[int] = None) -> List[List[int]]:
     """Data-set positions grouped into teacher-only batches: longest first, ties by sample id; depends only
     on the data, so a resumed build re-runs exactly the batches of an uninterrupted one."""
-    from kd.teacher.generation import plan_batches
 
     by_sid = {index.sample_ids[i]: i for i in positions}
     lengths = {index.sample_ids[i]: index.lengths[i] for i in positions}

@@ -38,6 +38,8 @@ import torch
 from torch import nn
 
 from kd.core.atomic import append_durably, atomic_write_text, truncate_durably
+from kd.core.config import DataError
+from kd.data.alpaca import prompt_messages
 
 log = logging.getLogger(__name__)
 
@@ -373,8 +375,6 @@ def prompt_tokens(tokenizer, record: dict, system_prompt: Optional[str]) -> List
     """ChatML prompt ending in ``<|im_start|>assistant\\n`` (the tokenizer's own template)."""
     from torchtune.data import Message
 
-    from kd.data.alpaca import prompt_messages
-
     msgs = prompt_messages(record, system_prompt) + [Message(role="assistant", content="", masked=True)]
     toks, _ = tokenizer.tokenize_messages(msgs, add_eos=False)
     return list(toks)
@@ -530,7 +530,6 @@ def merge_results(
     ``output`` is the teacher's answer; an EMPTY teacher answer is replaced by the original label
     (``teacher_empty: true``) so every record stays trainable; ``teacher_truncated`` flags answers that hit
     ``max_new_tokens``."""
-    from kd.core.config import DataError
 
     missing = [i for i in sorted(records) if i not in results]
     if hashes is not None:

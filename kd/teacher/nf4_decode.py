@@ -44,6 +44,8 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from kd.teacher.nf4 import dequantize_nf4, dequantize_scalers
+
 try:
     import triton
     import triton.language as tl
@@ -98,7 +100,6 @@ def _cached(cache: dict, w, make):
 
 def decode_scalers(w) -> torch.Tensor:
     """Per-64-weight scalers of ``w`` in ``w.dtype`` (torchao's formula, bit-identical), computed once per weight."""
-    from kd.teacher.nf4 import dequantize_scalers
 
     return _cached(_SCALERS, w, lambda: dequantize_scalers(w).contiguous())
 
@@ -277,7 +278,6 @@ def nf4_matmul_bnb(x: torch.Tensor, w) -> torch.Tensor:
 
 def _nf4_matmul_torch(x: torch.Tensor, w) -> torch.Tensor:
     """Eager reference of the fused kernel: dequantise (bit-identical to torchao) and multiply."""
-    from kd.teacher.nf4 import dequantize_nf4
 
     return F.linear(x, dequantize_nf4(w, impl="torch").to(x.dtype))
 

@@ -57,6 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kd.core.config import ConfigError, _suggest
+from kd.teacher.nf4 import FastNF4Linear, dequantize_scalers, frozen_nf4_params_
 
 log = logging.getLogger("kd.teacher.precision")
 
@@ -201,8 +202,6 @@ def _probe_dense(device, dtype):
 
 
 def _probe_nf4(device, dtype):
-    from kd.teacher.nf4 import _HAS_TRITON
-
     return ("nf4:triton" if device.type == "cuda" and _HAS_TRITON else "nf4:torch"), ""
 
 
@@ -275,8 +274,6 @@ def _probe_nf4_fp8(device, dtype):
     if verdict is not None:
         return verdict
     from torchao.dtypes.nf4tensor import to_nf4
-
-    from kd.teacher.nf4 import _HAS_TRITON
 
     problem = _try_module(
         lambda: NF4FP8Linear(to_nf4(torch.randn(64, 256, device=device, dtype=torch.bfloat16) * 0.02), None),
@@ -442,7 +439,6 @@ def nf4_to_device(w, device) -> "torch.Tensor":
 def nf4_row_absmax(w) -> torch.Tensor:
     """Per-output-row absmax [N] fp32 of the NF4 weight's dequantised values, from its block scalers alone:
     ``max_b |scaler[n, b]| * max|code|`` (needs in_features % block_size == 0, so each block lies in one row)."""
-    from kd.teacher.nf4 import dequantize_scalers
 
     n, k = w.shape
     if k % w.block_size:
@@ -529,7 +525,6 @@ def _(qdata, scalers, code, inv, block_size, impl):
 def nf4_to_fp8(w, inv: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
     """NF4Tensor [N, K] -> e4m3 [N, K] with row reciprocals ``inv`` [N] (from :func:`nf4_fp8_scales`), one pass;
     impl: auto | triton | torch (bit-identical)."""
-    from kd.teacher.nf4 import dequantize_scalers
 
     return _nf4_to_fp8_op(w.quantized_data, dequantize_scalers(w), w.nf4, inv.to(torch.float32),
                           w.block_size, impl)
@@ -543,7 +538,6 @@ class NF4FP8Linear(nn.Module):
     def __init__(self, weight, bias: Optional[torch.Tensor] = None, *, impl: str = "auto",
                  dequant_impl: str = "auto"):
         super().__init__()
-        from kd.teacher.nf4 import frozen_nf4_params_
 
         frozen_nf4_params_(self, weight, bias, "NF4FP8Linear needs an NF4Tensor weight")
         s, inv = nf4_fp8_scales(weight)
@@ -593,8 +587,6 @@ def quantize_layer_(layer: nn.Module, precision: str, *, fp8_backend: str = "kd"
     """Convert the dense linears of one decoder layer to ``precision`` in place (benchmarks, tests; the recipes
     go through ``load_kwargs`` + :func:`apply_precision`, which end in the same modules). Returns the count."""
     from torchao.dtypes.nf4tensor import to_nf4
-
-    from kd.teacher.nf4 import FastNF4Linear
 
     precision = parse_precision(precision)
     if precision == "bf16":
@@ -660,7 +652,6 @@ def apply_precision(model: nn.Module, prec: TeacherPrecision) -> int:
 
 def linear_bytes(module: nn.Module) -> int:
     """Bytes held by the linears of ``module`` (parameters + buffers, NF4/FP8 subclasses included)."""
-    from kd.teacher.nf4 import FastNF4Linear
 
     kinds = (nn.Linear, RowwiseFP8Linear, NF4FP8Linear, FastNF4Linear)
     total = 0

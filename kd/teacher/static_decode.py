@@ -43,9 +43,21 @@ import torch
 from torch import nn
 
 from kd.teacher.generation import (
-    Generation, LastTokenHead, SamplingParams, _signed64, check_batch, decode_qkv, grouped_decode_attend, left_pad,
-    patched_attention, sample_next, setup_kv_caches, teardown_kv_caches, to_generations,
+    Generation,
+    LastTokenHead,
+    SamplingParams,
+    _signed64,
+    check_batch,
+    decode_qkv,
+    grouped_decode_attend,
+    left_pad,
+    patched_attention,
+    sample_next,
+    setup_kv_caches,
+    teardown_kv_caches,
+    to_generations,
 )
+from kd.teacher.nf4 import set_decode_
 
 __all__ = ["StaticDecoder", "DecodeStepCost", "decode_step_cost", "QWEN2_5_72B_SHAPE"]
 
@@ -257,8 +269,6 @@ class StaticDecoder:
                  pad_id: int, params: SamplingParams = SamplingParams(), seeds: Optional[Sequence[int]] = None
                  ) -> List[Generation]:
         from torchtune.generation import get_causal_mask_from_padding_mask, get_position_ids_from_padding_mask
-
-        from kd.teacher.nf4 import set_decode_
 
         B = check_batch(prompts, params, seeds)
         if B == 0:

@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+from kd.data.alpaca import DEMO_DATA_PATH, alpaca_kd_dataset
+from kd.testing.tokenizer import TINY_NUM_REGULAR, load_tiny_tokenizer, tiny_tokenizer_files
+
 TESTBED_VERSION = "3"
 TINY_VOCAB_SIZE = 1024
 STAMP_NAME = "TESTBED.json"
@@ -73,8 +76,6 @@ def hf_kwargs_from_dims(dims: Dict[str, Any]) -> Dict[str, Any]:
 def _hf_config(*, num_layers, hidden_size, num_heads, num_kv_heads, intermediate_size, vocab_size,
                tie_word_embeddings, max_position_embeddings, rope_theta, rms_norm_eps):
     from transformers import Qwen2Config
-
-    from kd.testing.tokenizer import TINY_NUM_REGULAR
 
     im_end, eot = TINY_NUM_REGULAR + 2, TINY_NUM_REGULAR  # <|im_end|>, <|endoftext|>
     return Qwen2Config(
@@ -153,7 +154,6 @@ def write_tiny_qwen2(
     """Write a randomly initialised (fixed seed) fp32 tiny Qwen2 in HF format; returns the
     safetensors file names (several + ``model.safetensors.index.json`` with ``max_shard_size``).
     Tokenizer files (default: the tiny asset) and generation_config.json are written alongside."""
-    from kd.testing.tokenizer import tiny_tokenizer_files
 
     config = _hf_config(
         num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
@@ -193,9 +193,6 @@ def _batches(data_json: Union[str, Path], *, train_on_input: bool, batch_size: i
              split: str = "all", val_size: float = 0.0, split_seed: int = 0):
     import torch
     from torchtune.data import padded_collate_sft
-
-    from kd.data.alpaca import alpaca_kd_dataset
-    from kd.testing.tokenizer import load_tiny_tokenizer
 
     tok = load_tiny_tokenizer()
     ds = alpaca_kd_dataset(tok, str(data_json), split=split, val_size=val_size, seed=split_seed,
@@ -317,7 +314,6 @@ class Testbed:
 
     def tokenizer(self, max_seq_len: Optional[int] = None):
         """torchtune Qwen2_5Tokenizer on the tiny vocab."""
-        from kd.testing.tokenizer import load_tiny_tokenizer
 
         return load_tiny_tokenizer(max_seq_len, self.tokenizer_dir)
 
@@ -341,9 +337,6 @@ def _file_sha(p: Path) -> str:
 
 
 def _params_hash() -> str:
-    from kd.data.alpaca import DEMO_DATA_PATH
-    from kd.testing.tokenizer import tiny_tokenizer_files
-
     tf = tiny_tokenizer_files()
     params = {
         "version": TESTBED_VERSION, "teacher": TINY_TEACHER, "student": TINY_STUDENT,
@@ -400,9 +393,6 @@ def _load_existing(root: Path, phash: str) -> Optional[Testbed]:
 def build_testbed(root: Union[str, Path], force: bool = False, verbose: bool = False) -> Testbed:
     """Build (or return the cached) tiny test bed under ``root``."""
     import torch
-
-    from kd.data.alpaca import DEMO_DATA_PATH
-    from kd.testing.tokenizer import tiny_tokenizer_files
 
     root = Path(root).resolve()
     phash = _params_hash()

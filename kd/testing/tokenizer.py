@@ -21,6 +21,8 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
+from kd.data import alpaca as data
+
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 TINY_TOKENIZER_DIR = ASSETS_DIR / "tiny_tokenizer"
 TINY_NUM_REGULAR = 1000  # regular BPE tokens (256 bytes + 744 merges): ids 0..999
@@ -133,8 +135,6 @@ def _write_tokenizer_config(path: Path, special_first_id: int) -> None:
 # Tiny tokenizer
 # ----------------------------------------------------------------------------------------------
 def _tiny_corpus() -> List[str]:
-    from kd.data import alpaca as data
-
     texts = []
     for r in data.demo_records():
         texts += [r["instruction"], r["input"], r["output"]]

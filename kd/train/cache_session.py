@@ -36,17 +36,17 @@ import torch.nn.functional as F
 
 from kd.core.config import ConfigError, check_keys, choice, number, to_container
 from kd.teacher.cache import (
+    _C_POS,
     FORMAT,
     MODES,
     SAMPLINGS,
-    _C_POS,
     CacheCollate,
     CacheError,
     CacheKey,
-    SparseTargets,
     CacheWriter,
     DatasetIndex,
     Segments,
+    SparseTargets,
     TeacherCacheStore,
     TeacherSampler,
     TeacherSamples,
@@ -62,6 +62,8 @@ from kd.teacher.cache import (
     tokenizer_fingerprint,
     unpacked_view,
 )
+from kd.train import dist as kdist
+from kd.train.step_checkpoint import CheckpointManager
 
 log = logging.getLogger("kd.teacher.cache")
 
@@ -109,7 +111,6 @@ def resume_epoch(output_dir: Path, resume: bool) -> int:
     meta.json only, so the recipe can decide whether to load the teacher before restoring anything."""
     if not resume:
         return 0
-    from kd.train.step_checkpoint import CheckpointManager
 
     latest = CheckpointManager(Path(output_dir) / "checkpoints").latest()
     if latest is None:
@@ -175,7 +176,6 @@ class CacheSession:
         key = make_key(cfg, self.opts, temperature=loss.temperature, tokenizer=tokenizer, dataset=self.datasets[0])
         self.store = TeacherCacheStore(self.opts.dir, key)
         writes = self.mode != "use"
-        from kd.train import dist as kdist
 
         # mode=use on a node without the cache (no shared FS): if another node has one, this node takes the
         # same key and receives the shards below; a node with a cache of another key still fails
@@ -283,8 +283,6 @@ class CacheSession:
         batched up to that many padded tokens instead (unless ``build_batch_size``/``build_max_tokens`` say
         otherwise), so the pass does as much work per forward as a training step and fits the same memory."""
         from tqdm import tqdm
-
-        from kd.train import dist as kdist
 
         self.flush()
         sync_shards(self.store, self.rank, self.world_size, self.local_rank, self.device)

@@ -15,12 +15,12 @@ from typing import Callable
 
 from omegaconf import DictConfig
 
+from kd.core.config import ConfigError, DataError
+from kd.core.errors import CheckpointError
+from kd.train.guard import NonFiniteError
+
 
 def user_error_types() -> tuple:
-    from kd.core.config import ConfigError, DataError
-    from kd.core.errors import CheckpointError
-    from kd.train.guard import NonFiniteError
-
     return (ConfigError, DataError, CheckpointError, NonFiniteError)
 
 
@@ -44,8 +44,6 @@ def load_yaml_file(path: str):
     import os as _os
 
     from omegaconf import OmegaConf
-
-    from kd.core.config import ConfigError
 
     if not _os.path.isfile(path):
         raise ConfigError(f"config file {path!r} not found (paths are relative to {_os.getcwd()}).")
@@ -72,8 +70,6 @@ def parse_config() -> DictConfig:
     yaml_args, cli_args = parser.parse_known_args()
     from omegaconf import OmegaConf
 
-    from kd.core.config import ConfigError
-
     cfg = merge_overrides(OmegaConf.create(vars(yaml_args)), cli_args)
     try:
         OmegaConf.to_container(cfg, resolve=True)  # an unresolvable ${...} fails now, as one line
@@ -87,8 +83,6 @@ def merge_overrides(yaml_cfg, cli_args) -> DictConfig:
     Shared by the recipes, ``kd plan`` and ``kd preflight`` so all of them read a command line the same way."""
     from omegaconf import OmegaConf
     from torchtune.config._utils import _merge_yaml_and_cli_args
-
-    from kd.core.config import ConfigError
 
     bad = [a for a in cli_args if "=" not in a and not a.startswith("~")]
     if bad:

@@ -16,7 +16,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from kd.core import statecodec
 from kd.core.config import ConfigError
+from kd.train.cli_util import one_line, user_error_types
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,6 @@ def broadcast_object(obj, src: int = 0):
     """Broadcast a tree of tensors / JSON-able values from ``src`` to every rank, without pickle
     (:mod:`kd.core.statecodec`: the JSON text travels as a uint8 tensor, then every tensor by shape and dtype).
     Identity when not distributed. Tensors come back on the CPU."""
-    from kd.core import statecodec
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return obj
@@ -191,7 +192,6 @@ def rank0_then_broadcast(fn, error_type=RuntimeError):
     the same message elsewhere), so no rank is left waiting in a collective."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return fn()
-    from kd.train.cli_util import one_line, user_error_types
 
     err, res, exc = None, None, None
     if dist.get_rank() == 0:

@@ -36,7 +36,9 @@ from torch import nn
 
 from kd.core import statecodec
 from kd.core.atomic import atomic_path, atomic_write_dir, atomic_write_text, cleanup_stale_temps
+from kd.core.config import ConfigError
 from kd.core.state_dict import strip_wrappers
+from kd.train import dist as kdist
 from kd.train.step_checkpoint import read_recipe_state, step_meta
 
 FORMAT = "kd-full-checkpoint-v1"
@@ -54,7 +56,6 @@ def all_trainable(name: str) -> bool:
 
 def check_config(cfg) -> None:
     """Full fine-tune settings the recipe cannot honour fail before anything is loaded."""
-    from kd.core.config import ConfigError
 
     if cfg.get("student_quantization", None) is not None:
         raise ConfigError(
@@ -129,8 +130,6 @@ def load_shard(shard_dir: Path, model: nn.Module, optimizer, *, rank: int, world
     """Inverse of :func:`save_shard` for the same world size and mesh (checked)."""
     from safetensors.torch import load_file
 
-    from kd.core.config import ConfigError
-
     jp, sp = shard_dir / f"rank-{rank:05d}.json", shard_dir / f"rank-{rank:05d}.safetensors"
     if not (jp.is_file() and sp.is_file()):
         raise ConfigError(f"rank {rank}: shard {sp} is missing. Each node keeps its own ranks' shards under "
@@ -201,7 +200,6 @@ def save_checkpoint(ckpt, step: int, epoch: int, model: nn.Module, optimizer, re
                     *, rank: int, world_size: int, mesh_shape) -> Optional[Path]:
     """Collective: every rank writes its shard, then (after a barrier) rank 0 commits ``step_N`` and
     ``latest``; retention applies to step dirs (rank 0) and to every rank's own shards."""
-    from kd.train import dist as kdist
 
     name = ckpt.step_dir_name(step)
     save_shard(ckpt.output_dir / SHARDS / name, model, optimizer, rank=rank, world_size=world_size,
@@ -230,7 +228,6 @@ def save_checkpoint(ckpt, step: int, epoch: int, model: nn.Module, optimizer, re
 def load_checkpoint(ckpt, model: nn.Module, optimizer, *, rank: int, world_size: int, mesh_shape):
     """Resume: rank 0 finds the latest complete step and reads its recipe state, every rank loads its own
     shard. Returns (step dir name, recipe_state)."""
-    from kd.core.config import ConfigError
 
     info = None
     if rank == 0:
@@ -258,8 +255,6 @@ def load_checkpoint(ckpt, model: nn.Module, optimizer, *, rank: int, world_size:
 def assemble_full_state_dict(shard_dir: str | Path) -> Dict[str, torch.Tensor]:
     """Full model tensors (torchtune names) from every rank's shard in ``shard_dir`` (offline, one process)."""
     from safetensors import safe_open
-
-    from kd.core.config import ConfigError
 
     d = Path(shard_dir)
     metas = sorted(d.glob("rank-*.json"))

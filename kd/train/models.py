@@ -20,8 +20,11 @@ import torch
 from torch import nn
 
 from kd.core.errors import CheckpointError
+from kd.core.progress import progress as _progress
 from kd.core.state_dict import strip_wrappers
 from kd.teacher.nf4 import use_fast_nf4
+from kd.teacher.precision import apply_precision
+from kd.train.adapter_io import load_peft_adapter
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +329,6 @@ def _load_hf_into_model(
     fsdp_kw = _fsdp_kwargs(mesh, reshard_after_forward, cpu_offload) if fsdp else None
     loaded: set = set()
     n_layers = len(model.layers)
-    from kd.core.progress import progress as _progress
 
     # one bar step per decoder layer, with the checkpoint read rate (GB/s) as the postfix
     bar = _progress(total=n_layers, desc=f"{which}: load", unit="layer", enabled=progress)
@@ -465,7 +467,6 @@ def load_frozen_model(
     while loading; None: dense in ``dtype``). Not sharded: shard it afterwards (``fully_shard`` after
     :func:`kd.teacher.precision.apply_precision`, as the recipe does).
     """
-    from kd.teacher.precision import apply_precision
 
     if checkpointer is None or checkpointer.get("checkpoint_dir") is None:
         raise CheckpointError(f"{which}: checkpointer.checkpoint_dir is missing (the folder of its HF checkpoint).")
@@ -487,7 +488,6 @@ def load_adapter_dir(model: nn.Module, adapter_dir: str | Path, model_cfg) -> No
     """Load a PEFT adapter folder (``<output_dir>/checkpoints/step_NNNNNNN/adapter`` or any peft save of a Qwen2
     LoRA) into the torchtune LoRA ``model`` built from ``model_cfg``; its ``r`` / ``lora_alpha`` must match the
     config's ``lora_rank`` / ``lora_alpha`` (:class:`kd.core.errors.CheckpointError` otherwise)."""
-    from kd.train.adapter_io import load_peft_adapter
 
     d = Path(adapter_dir)
     if not (d / "adapter_config.json").is_file():

@@ -38,6 +38,15 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
+from kd.core.config import ConfigError, check_keys, number
+from kd.teacher.generation import (
+    SamplingParams,
+    generate_batch,
+    install_last_token_head,
+    remove_last_token_head,
+    stop_token_ids,
+)
+
 __all__ = [
     "ON_POLICY_KEYS",
     "OnPolicyConfig",
@@ -72,7 +81,6 @@ class OnPolicyConfig:
 def parse_on_policy(section: Any, run_seed: Optional[int]) -> Optional[OnPolicyConfig]:
     """The recipe's ``on_policy:`` section (a mapping or None) -> :class:`OnPolicyConfig`, or None when the section
     is absent. Raises :class:`kd.core.config.ConfigError` for unknown keys and bad values."""
-    from kd.core.config import ConfigError, check_keys, number
 
     if section is None:
         return None
@@ -193,7 +201,6 @@ def student_generation(model: nn.Module, *, reshard_after_forward: bool = True) 
       False on the root as FSDP2's own root heuristic has it). Costs the full unsharded student in memory while
       generating. With HSDP of one GPU per node (the two-node config) the shard group has size 1: nothing moves.
     """
-    from kd.teacher.generation import install_last_token_head, remove_last_token_head
 
     fsdp = _fsdp_modules(model)
     was_training = model.training
@@ -250,7 +257,6 @@ def generate_on_policy(
     generation, :func:`kd.teacher.generation.generate_batch`, all rows of the step in one call), with the student's CURRENT
     weights (LoRA included); one on-policy batch per micro-batch. The result never carries gradients (GKD's
     stop-gradient on the samples)."""
-    from kd.teacher.generation import SamplingParams, generate_batch, stop_token_ids
 
     t0 = time.perf_counter()
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)

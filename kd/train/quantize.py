@@ -45,6 +45,12 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
+from kd.core.atomic import atomic_write_dir
+from kd.core.config import ConfigError
+from kd.core.progress import progress as bar
+from kd.data.alpaca import DEFAULT_SYSTEM_PROMPT, AlpacaKDDataset
+from kd.train.hf_export import HF_SIDE_FILES
+
 log = logging.getLogger(__name__)
 
 SCHEMES = {
@@ -59,7 +65,6 @@ DEPLOY_EXTRA_HINT = 'pip install -e ".[deploy]"  (installs compressed-tensors)'
 
 def require_deploy_extra(scheme: str):
     """Import compressed-tensors or fail with one line naming the extra."""
-    from kd.core.config import ConfigError
 
     try:
         import compressed_tensors  # noqa: F401
@@ -69,8 +74,6 @@ def require_deploy_extra(scheme: str):
 
 
 def check_scheme(scheme: str) -> str:
-    from kd.core.config import ConfigError
-
     s = str(scheme).lower()
     if s not in SCHEMES:
         raise ConfigError(f"quantize={scheme!r}: use one of {sorted(SCHEMES)} (or null for no quantized copy).")
@@ -200,7 +203,6 @@ def gptq_model(model: nn.Module, samples: Sequence[torch.Tensor], args, *, dampe
                progress: bool = True) -> Dict[str, GPTQResult]:
     """GPTQ every ``nn.Linear`` of every decoder layer of an HF causal LM in place (weights replaced by
     their dequantized values); returns module name -> :class:`GPTQResult`."""
-    from kd.core.progress import progress as bar
 
     device = next(model.parameters()).device
     inputs = _capture_layer0_inputs(model, samples, device)
@@ -309,15 +311,14 @@ def quantize_checkpoint(
     ``calibration``: token id lists (the user's training prompts), required by ``w4a16``."""
     from transformers import AutoModelForCausalLM
 
-    from kd.core.atomic import atomic_write_dir
-    from kd.train.hf_export import HF_SIDE_FILES
-    from kd.core.config import ConfigError
-
     scheme = check_scheme(scheme)
     require_deploy_extra(scheme)
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
-        QuantizationConfig, QuantizationStatus, apply_quantization_config, preset_name_to_scheme,
+        QuantizationConfig,
+        QuantizationStatus,
+        apply_quantization_config,
+        preset_name_to_scheme,
     )
 
     preset, needs_calib, solver = SCHEMES[scheme]
@@ -368,8 +369,6 @@ def calibration_prompts(tokenizer, source: str | Path, *, num_samples: int, max_
     recipes), each the full chat-formatted conversation (system + question + answer) cut at
     ``max_seq_len`` tokens: what the deployed model will see. A seeded random subset, not the first rows."""
     import random
-
-    from kd.data.alpaca import DEFAULT_SYSTEM_PROMPT, AlpacaKDDataset
 
     ds = AlpacaKDDataset(tokenizer, source, split="train", val_size=val_size, seed=seed,
                          system_prompt=DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt,

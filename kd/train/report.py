@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
+from kd.core.atomic import atomic_write_bytes
+
 # (metrics.jsonl key, panel title)
 CURVE_METRICS = (
     ("loss", "total loss"),
@@ -74,8 +76,6 @@ def read_metrics_jsonl(path: str | Path) -> List[dict]:
 
 
 def _save(fig, path: Path) -> None:
-    from kd.core.atomic import atomic_write_bytes
-
     import io
 
     buf = io.BytesIO()

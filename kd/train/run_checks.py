@@ -20,7 +20,12 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
+from kd.core.atomic import delete_dir
 from kd.core.config import ConfigError, number, to_container
+from kd.losses.distillation import KINDS, DistillationLoss
+from kd.train import dist as kdist
+from kd.train.models import build_on_meta
+from kd.train.step_checkpoint import CheckpointManager
 
 log = logging.getLogger("kd.checks")
 
@@ -79,8 +84,6 @@ def _diff(a: Any, b: Any, path: str) -> List[str]:
 def check_run_dir(output_dir: Any, *, resume: bool, overwrite: bool, info: Mapping[str, Any],
                   ckpt_subdir: str = "checkpoints") -> None:
     """Rank 0, before anything is written to ``output_dir`` (so a refused run changes nothing there)."""
-    from kd.core.atomic import delete_dir
-    from kd.train.step_checkpoint import CheckpointManager
 
     mgr = CheckpointManager(Path(str(output_dir)) / ckpt_subdir)
     existing = mgr.list_checkpoints()
@@ -144,7 +147,6 @@ def check_dtype(cfg, key: str = "dtype", default: str = "bf16") -> str:
 
 def check_device(cfg, default: str = "auto") -> "torch.device":
     """``cfg.device`` (auto | cpu | cuda | cuda:N, ...) as a torch.device; a bad value is one ConfigError line."""
-    from kd.train import dist as kdist
 
     try:
         return kdist.resolve_device(cfg.get("device", default))
@@ -236,8 +238,6 @@ def embedding_rows(model_cfg) -> int:
         return int(v)
     import torch
 
-    from kd.train.models import build_on_meta
-
     model = build_on_meta(model_cfg, torch.bfloat16)
     return int(model.tok_embeddings.num_embeddings)
 
@@ -286,7 +286,6 @@ def check_kd_loss(cfg, key: str = "kd_loss") -> None:
     section = cfg.get(key, None)
     if section is None or not str(section.get("_component_", "")).startswith("kd.losses.distillation."):
         return
-    from kd.losses.distillation import KINDS, DistillationLoss
 
     kind = section.get("kind", "forward_kl")
     if kind not in KINDS:
