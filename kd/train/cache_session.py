@@ -23,6 +23,7 @@ re-running exactly the planned batches that still miss samples.
 from __future__ import annotations
 
 import json
+from functools import partial
 import logging
 import math
 import time
@@ -34,7 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kd.core.config import ConfigError, check_keys, choice, number, to_container
+from kd.core.config import ConfigError, to_container
+from kd.core.keys import Schema, _k
 from kd.teacher.cache import (
     _C_POS,
     FORMAT,
@@ -67,7 +69,19 @@ from kd.train.step_checkpoint import CheckpointManager
 
 log = logging.getLogger("kd.teacher.cache")
 
-CACHE_KEYS = {"mode", "dir", "k", "sampling", "seed", "build_batch_size", "build_max_tokens", "rebuild"}
+TEACHER_CACHE = Schema("teacher_cache (section of kd_lora)", "'teacher_cache'", [
+    _k("mode", "online_then_cache | build | use (docs/teacher_cache.md)", "choice", choices=tuple(MODES),
+       required=True),
+    _k("dir", "cache directory, one per node (default ${output_dir}/teacher_cache)"),
+    _k("k", "sampled teacher tokens per answer token", "int", 12, lo=1, hi=255),
+    _k("sampling", "random (Random-Sampling KD, unbiased) | topk (renormalised top-k: biased, for comparison)",
+       "choice", "random", choices=tuple(SAMPLINGS)),
+    _k("seed", "seed of the teacher draws", "int", 0, lo=0),
+    _k("build_batch_size", "samples per teacher-only batch (default: batch_size)", "int", None, lo=1, nullable=True),
+    _k("build_max_tokens", "token budget of a teacher-only batch", "int", None, lo=1, nullable=True),
+    _k("rebuild", "discard a cache whose key no longer matches and build again", "bool", False),
+])
+CACHE_KEYS = TEACHER_CACHE.names
 
 
 @dataclass(frozen=True)
@@ -87,8 +101,8 @@ def parse_options(cfg) -> Optional[CacheOptions]:
     sec = cfg.get("teacher_cache", None)
     if sec is None:
         return None
-    check_keys(sec, CACHE_KEYS, where="'teacher_cache'", required=("mode",))
-    mode = choice(sec, "mode", MODES, None)
+    TEACHER_CACHE.check(sec)
+    mode = TEACHER_CACHE.get(sec, "mode")
     if cfg.get("teacher_model", None) is None:
         raise ConfigError("teacher_cache needs teacher_model and teacher_checkpointer (the cache is built from, "
                           "and checked against, that teacher).")
@@ -96,13 +110,10 @@ def parse_options(cfg) -> Optional[CacheOptions]:
         raise ConfigError("teacher_cache needs loss_form=fused (the sparse targets are gathered per chunk in the "
                           "fused head).")
     d = sec.get("dir", None) or str(Path(cfg.output_dir) / "teacher_cache")
-    k = number(sec, "k", 12, kind=int, min_value=1, max_value=255)
+    get = partial(TEACHER_CACHE.get, sec)
     return CacheOptions(
-        mode=mode, dir=Path(d), k=k, sampling=choice(sec, "sampling", list(SAMPLINGS), "random"),
-        seed=number(sec, "seed", 0, kind=int, min_value=0),
-        build_batch_size=number(sec, "build_batch_size", None, kind=int, min_value=1, allow_none=True),
-        build_max_tokens=number(sec, "build_max_tokens", None, kind=int, min_value=1, allow_none=True),
-        rebuild=bool(sec.get("rebuild", False)),
+        mode=mode, dir=Path(d), k=get("k"), sampling=get("sampling"), seed=get("seed"),
+        build_batch_size=get("build_batch_size"), build_max_tokens=get("build_max_tokens"), rebuild=get("rebuild"),
     )
 
 

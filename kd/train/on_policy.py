@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from functools import partial
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence
@@ -38,7 +39,8 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
-from kd.core.config import ConfigError, check_keys, number
+from kd.core.config import ConfigError
+from kd.core.keys import Schema, _k
 from kd.teacher.generation import (
     SamplingParams,
     generate_batch,
@@ -61,7 +63,17 @@ __all__ = [
     "generate_on_policy",
 ]
 
-ON_POLICY_KEYS = {"lmbda", "temperature", "top_p", "top_k", "max_new_tokens", "seed"}
+ON_POLICY = Schema("on_policy (section of kd_lora)", "'on_policy'", [
+    _k("lmbda", "probability that an optimizer step is on-policy (GKD's lambda)", "float", None, lo=0.0, hi=1.0,
+       required=True),
+    _k("temperature", "the student's sampling temperature (0 = greedy)", "float", 0.9, lo=0.0),
+    _k("top_p", "nucleus sampling", "float", 1.0, lo=1e-6, hi=1.0),
+    _k("top_k", "top-k sampling (null = off)", "int", None, lo=1, nullable=True),
+    _k("max_new_tokens", "longest student answer", "int", 128, lo=1),
+    _k("seed", "seed of the on-policy coin and the sampling (default: the run's seed)", "int", None, lo=0,
+       nullable=True),
+])
+ON_POLICY_KEYS = ON_POLICY.names
 
 
 @dataclass(frozen=True)
@@ -86,15 +98,12 @@ def parse_on_policy(section: Any, run_seed: Optional[int]) -> Optional[OnPolicyC
         return None
     if not hasattr(section, "keys"):
         raise ConfigError(f"'on_policy' must be a mapping (lmbda, temperature, max_new_tokens, ...), got {section!r}.")
-    check_keys(section, ON_POLICY_KEYS, where="'on_policy'", required=("lmbda",))
-    top_k = number(section, "top_k", None, kind=int, min_value=1, allow_none=True)
-    seed = number(section, "seed", None, kind=int, min_value=0, allow_none=True)
+    ON_POLICY.check(section)
+    get = partial(ON_POLICY.get, section)
+    seed = get("seed")
     return OnPolicyConfig(
-        lmbda=number(section, "lmbda", None, min_value=0.0, max_value=1.0),
-        temperature=number(section, "temperature", 0.9, min_value=0.0),
-        top_p=number(section, "top_p", 1.0, min_value=1e-6, max_value=1.0),
-        top_k=top_k,
-        max_new_tokens=number(section, "max_new_tokens", 128, kind=int, min_value=1),
+        lmbda=get("lmbda"), temperature=get("temperature"), top_p=get("top_p"), top_k=get("top_k"),
+        max_new_tokens=get("max_new_tokens"),
         seed=int(seed if seed is not None else (run_seed or 0)),
     )
 
