@@ -65,36 +65,15 @@ def _settings(cfg: DictConfig) -> Dict:
     if cfg.get(ck_key) is None:
         raise ConfigError("Missing 'checkpointer' section (checkpoint_dir of the teacher's HF checkpoint).")
     check_keys(cfg[ck_key], CHECKPOINTER_KEYS, where=f"'{ck_key}'", required=("checkpoint_dir",))
-    s = {
-        "ck": cfg[ck_key],
-        "teacher_quantization": cfg.get("teacher_quantization", None),
-        "dtype": str(cfg.get("dtype", "bf16")),
-        "temperature": number(cfg, "temperature", 0.7, min_value=0.0),
-        "top_p": number(cfg, "top_p", 1.0, min_value=0.0, max_value=1.0),
-        "top_k": number(cfg, "top_k", None, kind=int, min_value=1, allow_none=True),
-        "max_new_tokens": number(cfg, "max_new_tokens", 1024, kind=int, min_value=1),
-        "seed": number(cfg, "seed", 0, kind=int, min_value=0),
-        "batch_size": number(cfg, "batch_size", 64, kind=int, min_value=1),
-        "max_batch_tokens": number(cfg, "max_batch_tokens", None, kind=int, min_value=1, allow_none=True),
-        "max_samples": number(cfg, "max_samples", None, kind=int, min_value=1, allow_none=True),
-        "system_prompt": cfg.get("system_prompt", DEFAULT_SYSTEM_PROMPT),
-        "on_bad_record": choice(cfg, "on_bad_record", ["error", "skip"], "error"),
-        "on_source_change": choice(cfg, "on_source_change", ["error", "regenerate"], "error"),
-        "dataset_name": str(cfg.get("dataset_name", "teacher_distill")),
-        "merge": bool(cfg.get("merge", True)),
-        "allow_missing": bool(cfg.get("allow_missing", False)),
-        "progress_bar": bool(cfg.get("progress_bar", True)),
-        # decode: kd.teacher.static_decode (static KV cache per bucket, CUDA graphs on CUDA, fused NF4 decode kernel)
-        # or the per-batch eager loop (kd.teacher.generation.generate_batch); both give the same tokens (tested on CPU)
-        "decode_engine": choice(cfg, "decode_engine", ["static", "eager"], "static"),
-        "cuda_graphs": bool(cfg.get("cuda_graphs", True)),
-        "nf4_decode_kernel": choice(cfg, "nf4_decode_kernel", ["auto", "triton", "bnb", "dequant"], "auto"),
-        "nf4_fused_max_batch": number(cfg, "nf4_fused_max_batch", 64, kind=int, min_value=0),
-    }
+    # every value through the recipe's one key table (kd.ops.schema.GENERATE_TEACHER): defaults and ranges as documented
+    names = [k for k in schema.GENERATE_TEACHER.keys
+             if k not in ("output_dir", "model", "checkpointer", "teacher_checkpointer", "tokenizer", "source",
+                          "device", "log_level")]
+    s = {"ck": cfg[ck_key], **{k: schema.GENERATE_TEACHER.get(cfg, k) for k in names}}
+    s["dtype"] = str(s["dtype"])
+    s["dataset_name"] = str(s["dataset_name"])
 
     parse_precision(s["teacher_quantization"])  # bf16 (= null) | nf4 | fp8 | nf4_fp8
-    if s["top_p"] <= 0.0:
-        raise ConfigError("top_p must be in (0, 1].")
     return s
 
 
@@ -194,7 +173,7 @@ def _merge(s: Dict, store, records, hashes, out: Path) -> None:
 def recipe_main(cfg: DictConfig) -> None:
     from torchtune import training
 
-    configure_logging(choice(cfg, "log_level", ["DEBUG", "INFO", "WARNING", "ERROR"], "INFO"))
+    configure_logging(schema.GENERATE_TEACHER.get(cfg, "log_level"))
     s = _settings(cfg)
     device = checks.check_device(cfg, "auto")
     info = kdist.init_distributed(device)

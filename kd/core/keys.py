@@ -110,3 +110,11 @@ def _k(name, doc, kind="value", default=None, **kw) -> Key:
 
 def _tt(name, doc, kind="value", default=None, **kw) -> Key:
     return Key(name, doc, kind, default, origin=TORCHTUNE, **kw)
+
+
+def top_p_value(v) -> float:
+    """A nucleus-sampling ``top_p`` in (0, 1]."""
+    v = float(v)
+    if not 0.0 < v <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {v}")
+    return v

@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from kd.core.keys import Key, Schema, _k, _tt
+from kd.core.keys import Key, Schema, _k, _tt, top_p_value
+from kd.data.alpaca import DEFAULT_SYSTEM_PROMPT
 from kd.losses.distillation import check_kd_ratio
 from kd.train.cache_session import TEACHER_CACHE
 from kd.train.on_policy import ON_POLICY
@@ -158,28 +159,31 @@ GENERATE_TEACHER = Schema("recipes/generate_teacher.py", "the generate_teacher c
     _tt("teacher_checkpointer", "teacher HF checkpoint (alias of checkpointer)", "section"),
     _tt("tokenizer", "tokenizer component", "section", required=True),
     _k("source", "prompts (alpaca JSON)", required=True),
-    _k("system_prompt", "system prompt of the chat template"),
-    _k("on_bad_record", "error | skip"),
+    _k("system_prompt", "system prompt of the chat template", default=DEFAULT_SYSTEM_PROMPT),
+    _k("on_bad_record", "what a malformed record does", "choice", "error", choices=("error", "skip")),
     _k("teacher_quantization", "teacher precision: bf16 (= null) | nf4 | fp8 | nf4_fp8"),
-    *_DEVICE_DTYPE,
-    _tt("seed", "seed"),
-    _tt("batch_size", "prompts per batch"),
-    _k("max_batch_tokens", "token budget per batch"),
-    _k("max_new_tokens", "generation length"),
-    _k("temperature", "sampling temperature"),
-    _k("top_p", "nucleus sampling"),
-    _k("top_k", "top-k sampling"),
-    _k("dataset_name", "name of the generated dataset"),
-    _k("merge", "merge the answers of several runs"),
-    _k("allow_missing", "allow prompts without an answer"),
-    _k("progress_bar", "tqdm progress bars"),
-    _k("on_source_change", "what to do when the prompts changed since the last run"),
-    _k("max_samples", "cap on prompts"),
-    _k("log_level", "logging level"),
-    _k("decode_engine", "decode implementation"),
-    _k("cuda_graphs", "capture the decode step in CUDA graphs"),
-    _k("nf4_decode_kernel", "NF4 decode kernel"),
-    _k("nf4_fused_max_batch", "largest batch of the fused NF4 decode kernel"),
+    _tt("device", "auto | cpu | cuda[:i]"),
+    _tt("dtype", "bf16 | fp32", default="bf16"),
+    _tt("seed", "seed of the sampling", "int", 0, lo=0),
+    _tt("batch_size", "prompts per batch", "int", 64, lo=1),
+    _k("max_batch_tokens", "token budget per batch", "int", None, lo=1, nullable=True),
+    _k("max_new_tokens", "generation length", "int", 1024, lo=1),
+    _k("temperature", "sampling temperature (0 = greedy)", "float", 0.7, lo=0.0),
+    _k("top_p", "nucleus sampling", "float", 1.0, check=top_p_value),
+    _k("top_k", "top-k sampling (null = off)", "int", None, lo=1, nullable=True),
+    _k("dataset_name", "name of the generated dataset", default="teacher_distill"),
+    _k("merge", "also write the SFT file that merges the answers with the prompts", "bool", True),
+    _k("allow_missing", "allow prompts without an answer", "bool", False),
+    _k("progress_bar", "tqdm progress bars", "bool", True),
+    _k("on_source_change", "what to do when the prompts changed since the last run", "choice", "error",
+       choices=("error", "regenerate")),
+    _k("max_samples", "cap on prompts", "int", None, lo=1, nullable=True),
+    _k("log_level", "logging level", "choice", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+    _k("decode_engine", "static (KV cache per bucket, CUDA graphs) | eager (same tokens)", "choice", "static",
+       choices=("static", "eager")),
+    _k("cuda_graphs", "capture the decode step in CUDA graphs", "bool", True),
+    _k("nf4_decode_kernel", "NF4 decode kernel", "choice", "auto", choices=("auto", "triton", "bnb", "dequant")),
+    _k("nf4_fused_max_batch", "largest batch of the fused NF4 decode kernel", "int", 64, lo=0),
 ], doc="Offline teacher generation: `tune run recipes/generate_teacher.py --config ...`.")
 
 SCHEMAS = (KD_LORA, HF_CHECKPOINTER, TEACHER_CACHE, ON_POLICY, EVALUATE, EXPORT, GENERATE_TEACHER)
