@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 import math
 import sys
 import time
@@ -231,7 +232,7 @@ def _datasets(cfg: DictConfig, tokenizer):
         ds_o = AlpacaKDDataset(tokenizer, d.source, output_field="original_output", **dkw) if has_orig else None
     except (ValueError, FileNotFoundError) as e:
         raise DataError(f"dataset: {e}") from e
-    n_max = number(cfg, "max_samples", None, kind=int, min_value=1, allow_none=True)
+    n_max = schema.EVALUATE.get(cfg, "max_samples")
     for ds in (ds_t, ds_o):
         if ds is not None and n_max:
             ds.ids = ds.ids[:n_max]
@@ -250,7 +251,7 @@ def _load_models(cfg: DictConfig, device, dtype):
         raise ConfigError("adapters are given but model is not a LoRA builder (use e.g. lora_qwen2_5_7b_instruct "
                           "with the adapter's lora_rank/lora_alpha/lora_attn_modules).")
     teacher = None
-    if bool(cfg.get("evaluate_teacher", True)) and cfg.get("teacher_model") is not None:
+    if schema.EVALUATE.get(cfg, "evaluate_teacher") and cfg.get("teacher_model") is not None:
         require_component(cfg, "teacher_model")
         teacher = load_frozen_model(cfg.teacher_model, cfg.get("teacher_checkpointer"), device=device, dtype=dtype,
                                     precision=resolve_precision(cfg.get("teacher_quantization", None), device, dtype))
@@ -326,14 +327,14 @@ def recipe_main(cfg: DictConfig) -> None:
     dtype = training.get_dtype(checks.check_dtype(cfg), device=device)
     out = checks.writable_dir(cfg.output_dir)
     tokenizer = checks.build_tokenizer(cfg)
-    bs = number(cfg, "batch_size", 4, kind=int, min_value=1)
-    max_new = number(cfg, "max_new_tokens", 256, kind=int, min_value=1)
-    params = SamplingParams(temperature=number(cfg, "temperature", 0.0, min_value=0.0),
-                            top_p=number(cfg, "top_p", 1.0, min_value=0.0, max_value=1.0))
-    seed = number(cfg, "seed", 0, kind=int)
-    questions = list(to_container(cfg.get("questions", None)) or DEFAULT_QUESTIONS)
-    plots = bool(cfg.get("plots", True))
-    if not bool(cfg.get("progress_bar", True)):
+    get = partial(schema.EVALUATE.get, cfg)  # every value with the default and range of the one key table
+    bs = get("batch_size")
+    max_new = get("max_new_tokens")
+    params = SamplingParams(temperature=get("temperature"), top_p=get("top_p"))
+    seed = get("seed")
+    questions = list(to_container(get("questions")) or DEFAULT_QUESTIONS)
+    plots = get("plots")
+    if not get("progress_bar"):
         import os
 
         os.environ["KD_PROGRESS"] = "0"
@@ -341,7 +342,7 @@ def recipe_main(cfg: DictConfig) -> None:
     sp = dkw["system_prompt"]
     student, teacher, adapters = _load_models(cfg, device, dtype)
     gen_kw = dict(max_new_tokens=max_new, params=params, seed=seed, device=device, dtype=dtype)
-    n_len = number(cfg, "length_samples", 32, kind=int, min_value=0) if plots else 0
+    n_len = get("length_samples") if plots else 0
     metrics, answers, lengths, models_meta = _evaluate_all(
         cfg, student, teacher, adapters, ds_t, ds_o, tokenizer, questions=questions, system_prompt=sp,
         batch_size=bs, n_len=n_len, gen_kw=gen_kw)

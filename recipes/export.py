@@ -79,11 +79,11 @@ def recipe_main(cfg: DictConfig) -> None:
     checks.check_lora(cfg.model)
     dtype = training.get_dtype(checks.check_dtype(cfg), device=device)
     checks.writable_dir(cfg.output_dir)
-    _check_targets(Path(cfg.output_dir), adapter_dir, bool(cfg.get("overwrite", False)))
+    _check_targets(Path(cfg.output_dir), adapter_dir, schema.EXPORT.get(cfg, "overwrite"))
     model = load_frozen_model(cfg.model, ck, device=device, dtype=dtype, which="student")
     load_adapter_dir(model, adapter_dir, cfg.model)
     out = Path(cfg.output_dir)
-    shard = number(cfg, "max_shard_size_gb", 5.0, min_value=0.001)
+    shard = schema.EXPORT.get(cfg, "max_shard_size_gb")
     path = save_merged_hf(model, ck.checkpoint_dir, out / "merged", rank=int(cfg.model.lora_rank),
                           alpha=float(cfg.model.lora_alpha), max_shard_size_bytes=shard * 1e9, dtype=dtype)
     if (out / "adapter").resolve() != adapter_dir.resolve():
@@ -116,7 +116,7 @@ def _export_full(cfg: DictConfig) -> None:
     out = Path(cfg.output_dir)
     path = write_hf_checkpoint(sd, cfg.checkpointer.checkpoint_dir, out / "merged",
                                dims=(dims["num_heads"], dims["num_kv_heads"], dims["embed_dim"], dims["head_dim"]),
-                               dtype=dtype, max_shard_size_bytes=number(cfg, "max_shard_size_gb", 5.0, min_value=0.001) * 1e9)
+                               dtype=dtype, max_shard_size_bytes=schema.EXPORT.get(cfg, "max_shard_size_gb") * 1e9)
     log.info(f"full HF checkpoint: {path} (from {shard_dir})")
     _quantize(cfg, out / "merged", out, device)
 
@@ -155,7 +155,7 @@ def _quantize(cfg: DictConfig, merged, out: Path, device) -> None:
         dest = out / f"quantized-{scheme}"
         res = kq.quantize_checkpoint(merged, dest, scheme, calibration=samples, device=device,
                                      dampening=number(cal, "dampening", 0.01, min_value=0.0),
-                                     max_shard_size_gb=number(cfg, "max_shard_size_gb", 5.0, min_value=0.001))
+                                     max_shard_size_gb=schema.EXPORT.get(cfg, "max_shard_size_gb"))
         log.info(f"{scheme}: {res.modules} linear layers -> {res.format}; weights {res.weight_bytes_before / 1e9:.3f} GB "
                  f"-> {res.weight_bytes_after / 1e9:.3f} GB ({res.weight_bytes_before / max(res.weight_bytes_after, 1):.2f}x "
                  f"smaller) in {res.seconds:.1f}s; {dest}")
