@@ -34,6 +34,7 @@ import time
 import traceback
 
 import torch
+from _common import call_times_ms, random_init_  # bench/ is on sys.path when run as a script
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -53,6 +54,7 @@ def emit(name, **kv):
 
 class Timer:
     def __init__(self, dev):
+        self.dev = dev
         self.cuda = dev.type == "cuda"
 
     def sync(self):
@@ -61,23 +63,7 @@ class Timer:
 
     def ms(self, fn, n=10, warm=2):
         """Median ms per call."""
-        for _ in range(warm):
-            fn()
-        self.sync()
-        ts = []
-        for _ in range(n):
-            if self.cuda:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                ts.append(a.elapsed_time(b))
-            else:
-                t = time.perf_counter()
-                fn()
-                ts.append(1e3 * (time.perf_counter() - t))
-        return statistics.median(ts)
+        return statistics.median(call_times_ms(fn, self.dev, n, warm))
 
     def wall(self, fn):
         self.sync()
@@ -108,18 +94,7 @@ def build_teacher(S, n_layers, dev, precision="nf4"):
     g = torch.Generator(device=dev).manual_seed(0)
 
     def init(mod):
-        mod.to_empty(device=dev)
-        with torch.no_grad():
-            for n, p in mod.named_parameters():
-                if p.dim() == 1 and not n.endswith("bias"):
-                    p.fill_(1.0)
-                else:
-                    p.normal_(0, 0.02, generator=g)
-        with torch.device(dev):  # rope caches are created on the default device
-            for sub in mod.modules():
-                if hasattr(sub, "rope_init"):
-                    sub.rope_init()
-        mod.to(torch.bfloat16)
+        random_init_(mod, dev, g, torch.bfloat16)
 
     for mod in (m.tok_embeddings, m.norm, m.output):
         init(mod)
@@ -448,9 +423,8 @@ def main():
     runs = {}  # (path, B, layers) -> result
     model = build_teacher(S, lb, dev)
     log(f"[bench] teacher {lb} layers built ({time.perf_counter() - t_start:.0f}s)")
-    for path in ("today", "ours"):
-        if path in skip:
-            continue
+    def gen_runs(model, path):
+        """Every batch size at both depths through one engine, failures recorded (the bench goes on)."""
         for B in batches:
             for nl in (la, lb):
                 try:
@@ -463,20 +437,15 @@ def main():
                 runs[(path, B, nl)] = r
                 emit(f"gen {path} B={B} layers={nl}", **r)
                 save()
+
+    for path in ("today", "ours"):
+        if path not in skip:
+            gen_runs(model, path)
     del model
     gc.collect()
     if "ours_fp8" not in skip:  # issue 12's second decode option: the nf4_fp8 teacher (same weights, FP8 GEMM)
         model = build_teacher(S, lb, dev, precision="nf4_fp8")
-        for B in batches:
-            for nl in (la, lb):
-                try:
-                    r = run_ours(args, S, dev, T, cut(model, nl), B, n_new1 if B == 1 else n_new, "ours_fp8", choice)
-                except Exception as e:
-                    traceback.print_exc()
-                    r = {"batch": B, "error": f"{type(e).__name__}: {str(e)[:300]}"}
-                runs[("ours_fp8", B, nl)] = r
-                emit(f"gen ours_fp8 B={B} layers={nl}", **r)
-                save()
+        gen_runs(model, "ours_fp8")
         del model
         gc.collect()
     if dev.type == "cuda":

@@ -35,6 +35,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from _common import call_times_ms, random_init_  # bench/ is on sys.path when run as a script
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -64,22 +65,7 @@ def sync(dev):
 
 def time_ms(fn, dev, iters, warmup):
     """(median, min, max) ms: CUDA events on cuda, perf_counter elsewhere."""
-    for _ in range(warmup):
-        fn()
-    sync(dev)
-    ts = []
-    for _ in range(iters):
-        if dev.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
+    ts = call_times_ms(fn, dev, iters, warmup)
     return statistics.median(ts), min(ts), max(ts)
 
 
@@ -120,19 +106,8 @@ def make_layer(dims, dev, seed, dtype=torch.bfloat16):
         m = qwen2(vocab_size=128, num_layers=1, num_heads=dims["heads"], num_kv_heads=dims["kv"],
                   embed_dim=dims["dim"], intermediate_dim=dims["ffn"], max_seq_len=8192, rope_base=1e6)
     layer = m.layers[0]
-    layer.to_empty(device=dev)
-    g = torch.Generator(device=dev).manual_seed(seed)
-    with torch.no_grad():
-        for n, p in layer.named_parameters():
-            if p.dim() == 1 and not n.endswith("bias"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0, 0.02, generator=g)
-    with torch.device(dev):  # rope caches are created on the default device
-        for mod in layer.modules():
-            if hasattr(mod, "rope_init"):
-                mod.rope_init()
-    layer.to(dtype).eval()
+    random_init_(layer, dev, torch.Generator(device=dev).manual_seed(seed), dtype)
+    layer.eval()
     for p in layer.parameters():
         p.requires_grad_(False)
     return layer

@@ -33,6 +33,7 @@ import traceback
 import types
 
 import torch
+from _common import call_times_ms  # bench/ is on sys.path when run as a script
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -66,17 +67,7 @@ def import_torchtune():
 
 def time_cuda(fn, n=10, warm=3):
     """Median (and min, max) ms of n calls, timed with CUDA events, after warm-up."""
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
+    ts = call_times_ms(fn, torch.device("cuda"), n, warm)
     return statistics.median(ts), min(ts), max(ts)
 
 

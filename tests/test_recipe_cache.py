@@ -3,6 +3,7 @@ build / use / online_then_cache, kill -9 and resume in each, valid-token counts,
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from kd.teacher.cache import CacheKey, TeacherCacheStore
 from recipe_utils import REPO, TUNE, env_for, free_port, metrics, tune_run
 
 BASE = ["log_every_n_steps=1", "~eval_every_n_steps", "save_every_n_steps=100", "progress_bar=False", "kd_ratio=1"]
@@ -33,21 +35,21 @@ def _assert_same_adapter(a: Path, b: Path):
         assert torch.equal(sa[k], sb[k]), (k, (sa[k] - sb[k]).abs().max())
 
 
-def _records(cache: Path):
-    """sample id -> payload bytes of the newest record of every sample (any shard)."""
-    import json
-
-    from kd.teacher.cache import CacheKey, TeacherCacheStore
-
+def _newest_records(cache: Path, read):
+    """sample id -> read(store, key, entry) for the newest record of every sample (any shard)."""
     key = CacheKey(**json.loads((cache / "cache.json").read_text()))
     s = TeacherCacheStore(cache, key)
     s.scan()
-    out = {}
-    for sid, ents in s.index.items():
-        e = ents[-1]
-        out[sid] = (e.hash, bytes(s._maps[e.shard][e.offset - 48: e.offset + 5 * e.e + 7 * e.n]))
-    s.close()
-    return out
+    try:
+        return {sid: read(s, key, ents[-1]) for sid, ents in s.index.items()}
+    finally:
+        s.close()
+
+
+def _records(cache: Path):
+    """sample id -> payload bytes of the newest record of every sample (any shard)."""
+    return _newest_records(cache, lambda s, key, e: (
+        e.hash, bytes(s._maps[e.shard][e.offset - 48: e.offset + 5 * e.e + 7 * e.n])))
 
 
 def _kill_when(cmd, testbed, ready, timeout=300):
@@ -281,21 +283,12 @@ def test_packed_online_then_cache_writes_the_records_of_an_unpacked_build(testbe
 
 def _entries(cache: Path):
     """sample id -> (hash, n, draws expanded to K per position, top1, entropy) of the newest record."""
-    import json
-
-    from kd.teacher.cache import CacheKey, TeacherCacheStore
-
-    key = CacheKey(**json.loads((cache / "cache.json").read_text()))
-    s = TeacherCacheStore(cache, key)
-    s.scan()
-    out = {}
-    for sid, ents in s.index.items():
-        e = ents[-1]
+    def read(s, key, e):
         ids, w, nuniq, top1, ent = (np.array(x) for x in s.read(e))
         draws = np.repeat(ids, np.rint(w * key.k).astype(np.int64))  # sorted unique ids x counts = the K draws
-        out[sid] = (e.hash, e.n, draws, top1, ent.astype(np.float32))
-    s.close()
-    return out
+        return e.hash, e.n, draws, top1, ent.astype(np.float32)
+
+    return _newest_records(cache, read)
 
 
 def test_packed_kill9_during_use_then_resume_gives_identical_adapter(testbed, tmp_path, built_cache):
