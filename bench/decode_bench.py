@@ -126,6 +126,30 @@ def prompts_for(B, plen, vocab, seed):
 
 
 # ------------------------------------------------------------------------------------------------ 1. kernels
+def graph_ms(fn, dev, calls: int = 10, replays: int = 20) -> float:
+    """GPU ms per call of ``fn`` with launch overhead removed, as in the decode step: ``calls`` calls captured in
+    one CUDA graph (after eager warm-up, which also runs any one-time tuning), replayed ``replays`` times."""
+    s = torch.cuda.Stream(dev)
+    s.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(dev).wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    torch.cuda.synchronize(dev)
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(replays):
+        g.replay()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / (calls * replays)
+
+
 def piece_kernels(args, S, dev, T, batches):
     from torchao.dtypes.nf4tensor import to_nf4
 
@@ -148,6 +172,8 @@ def piece_kernels(args, S, dev, T, batches):
             impls = {"bf16_cublas": lambda: F.linear(x, W), "dequant_cublas": lambda: nd.nf4_matmul(x, w4, impl="dequant")}
             if nd.fused_available(dev):
                 impls["triton"] = lambda: nd.nf4_matmul(x, w4, impl="triton")
+            if M == 1 and nd.fused_available(dev):
+                impls["kd_gemv"] = lambda: nd.nf4_matmul(x, w4, impl="gemv")
             if M == 1 and dev.type == "cuda" and nd.bnb_available():
                 impls["bnb_gemv"] = lambda: nd.nf4_matmul(x, w4, impl="bnb")
             if dev.type == "cpu":
@@ -156,7 +182,7 @@ def piece_kernels(args, S, dev, T, batches):
                 try:
                     y = fn()
                     err = ((y.float() - ref).norm() / ref.norm()).item()
-                    row[k + "_ms"] = T.ms(fn, n=args.iters)
+                    row[k + "_ms"] = graph_ms(fn, dev) if dev.type == "cuda" else T.ms(fn, n=args.iters)
                     row[k + "_relerr"] = err
                     if k not in ("bf16_cublas",) and err > 2e-2:
                         row[k + "_WRONG"] = True
@@ -164,6 +190,8 @@ def piece_kernels(args, S, dev, T, batches):
                     row[k + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             if "triton" in impls:
                 row["triton_config"] = str(nd.tune_config(M, N, K, w4, x))  # the tuned (cached) choice
+            if "kd_gemv" in impls:
+                row["gemv_config"] = str(nd.tune_gemv(N, K))
             out[(name, M)] = row
             emit(f"kernel {name} M={M}", **row)
         del W, w4, wd
@@ -171,14 +199,15 @@ def piece_kernels(args, S, dev, T, batches):
     choice = {}
     for M in batches:
         tot = {}
-        for k in ("dequant_cublas", "triton", "bnb_gemv", "bf16_cublas", "floor"):
+        for k in ("dequant_cublas", "triton", "kd_gemv", "bnb_gemv", "bf16_cublas", "floor"):
             vals = [out[(n, M)].get(k + "_ms") for n in shapes]
             if all(v is not None for v in vals) and not any(out[(n, M)].get(k + "_WRONG") for n in shapes):
                 tot[k] = sum(count[n] * v for n, v in zip(shapes, vals))
-        fused = {k: v for k, v in tot.items() if k in ("triton", "bnb_gemv")}
+        fused = {k: v for k, v in tot.items() if k in ("triton", "kd_gemv", "bnb_gemv")}
         best = min(fused, key=fused.get) if fused else None
         use = best if best and fused[best] < tot.get("dequant_cublas", float("inf")) else "dequant"
-        choice[M] = {"kernel": {"triton": "triton", "bnb_gemv": "bnb"}.get(use, "dequant"), "layer_ms": tot}
+        choice[M] = {"kernel": {"triton": "triton", "kd_gemv": "gemv", "bnb_gemv": "bnb"}.get(use, "dequant"),
+                     "layer_ms": tot}
         emit(f"kernel choice M={M}", **choice[M])
     RES["kernel_choice"] = {str(k): v for k, v in choice.items()}
     return choice
@@ -318,7 +347,7 @@ def piece_breakdown(args, S, dev, T, B, ctx, choice, step80_ms):
     H, V = S["embed_dim"], S["vocab_size"]
     nkv, hd, nh = S["num_kv_heads"], S["head_dim"], S["num_heads"]
     k = choice.get(B, {}).get("kernel", "dequant") if choice else "dequant"
-    lin_key = {"triton": "triton", "bnb": "bnb_gemv"}.get(k, "dequant_cublas")
+    lin_key = {"triton": "triton", "gemv": "kd_gemv", "bnb": "bnb_gemv"}.get(k, "dequant_cublas")
     lin_layer = choice[B]["layer_ms"].get(lin_key, float("nan")) if choice else float("nan")
     head_w = torch.randn(V, H, device=dev, dtype=torch.bfloat16) * 0.02
     x = torch.randn(B, H, device=dev, dtype=torch.bfloat16)

@@ -118,20 +118,82 @@ def test_triton_kernel_in_interpreter():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["triton", "bnb"])
+@pytest.mark.parametrize("impl", ["triton", "bnb", "gemv"])
 def test_gpu_decode_kernels(impl):
     if impl == "bnb":
         pytest.importorskip("bitsandbytes")
     w4 = _w4(1024, 8192, seed=3, device="cuda")
     wd = w4.get_original_weight()
-    for m in ((1,) if impl == "bnb" else (1, 8, 64, 512)):
+    for m in ((1,) if impl in ("bnb", "gemv") else (1, 8, 64, 512)):
         x = torch.randn(m, 8192, device="cuda", dtype=torch.bfloat16)
         ref = F.linear(x.float(), wd.float())
         y = nd.nf4_matmul(x, w4, impl=impl)
         assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
+    if impl == "gemv":  # one-hot row: the column of torchao's dequantised weight, bit for bit
+        for c in (0, 37, 8191):
+            x = torch.zeros(1, 8192, device="cuda", dtype=torch.bfloat16)
+            x[0, c] = 1
+            assert torch.equal(nd.nf4_gemv(x, w4)[0], wd[:, c])
     if impl == "triton":  # one-hot rows pick weight columns: the in-register weights are torchao's, bit for bit
         cols = torch.arange(16, device="cuda") * 37
         x = torch.zeros(16, 8192, device="cuda", dtype=torch.bfloat16)
         x[torch.arange(16), cols] = 1
         y = nd.nf4_matmul_triton(x, w4, nd.DecodeConfig(16, 64, 128, 1))
         assert torch.equal(y, wd[:, cols].T.contiguous())
+
+
+_INTERP_GEMV = textwrap.dedent("""
+import torch
+import torch.nn.functional as F
+from torchao.dtypes.nf4tensor import to_nf4
+from kd.teacher import nf4_decode as nd
+torch.manual_seed(0)
+worst = 0.0
+for N, K in ((48, 1024), (130, 640)):  # N not a multiple of BLOCK_N; K / 64 = 10 blocks: ragged last split
+    w = to_nf4((torch.randn(N, K) * 0.05).to(torch.bfloat16), 64, 4)  # 4: 130 * 640 / 64 scalers divide
+    wd = w.get_original_weight()
+    for cfg in (nd.GemvConfig(16, 2, 1), nd.GemvConfig(8, 4, 2), nd.GemvConfig(32, 1, 3),
+                nd.GemvConfig(16, 2, 1, flat=True), nd.GemvConfig(4, 4, 2, flat=True), nd.GemvConfig(2, 1, 3, flat=True)):
+        # one-hot rows: y = scaler * code, one rounding = torchao's dequantised column, bit for bit (split_k > 1:
+        # torch rounds the fp32 sum; split_k 1: the interpreter truncates its bf16 store, so within one ulp)
+        for c in (0, 1, 63, 64, K - 1):
+            x = torch.zeros(1, K, dtype=torch.bfloat16)
+            x[0, c] = 1
+            y = nd.nf4_gemv(x, w, cfg)
+            if cfg.split_k > 1:
+                assert torch.equal(y[0], wd[:, c]), (N, K, cfg, c)
+            else:
+                assert ((y[0].float() - wd[:, c].float()).abs() <= wd[:, c].float().abs() * 2 ** -7).all()
+        x = torch.randn(3, 1, K).to(torch.bfloat16)[1:2]  # leading dims kept
+        ref = F.linear(x.double(), wd.double())
+        y = nd.nf4_gemv(x, w, cfg)
+        assert y.shape == (1, 1, N) and y.dtype == torch.bfloat16
+        worst = max(worst, ((y.double() - ref).abs().max() / ref.abs().max()).item())
+x = torch.randn(1, 1024).to(torch.bfloat16)
+w = to_nf4((torch.randn(48, 1024) * 0.05).to(torch.bfloat16))
+assert torch.equal(nd.nf4_matmul(x, w, impl="gemv"), nd.nf4_gemv(x, w))
+print("WORST", worst)
+""")
+
+
+def test_gemv_kernel_in_interpreter():
+    """kd's batch-1 GEMV under TRITON_INTERPRET=1: one-hot inputs return torchao's dequantised columns bit for bit
+    (nibble order, scaler indexing, x word split, masking of ragged N and K splits); random inputs match the
+    float64 product within the bf16 output rounding."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", _INTERP_GEMV], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    worst = float(next(l for l in r.stdout.splitlines() if l.startswith("WORST")).split()[1])
+    assert worst < 2 ** -7, worst
+
+
+def test_gemv_rejects_what_it_cannot_do():
+    w = _w4(64, 512, seed=1)
+    with pytest.raises(ValueError, match="one row"):
+        nd.nf4_gemv(torch.zeros(2, 512, dtype=torch.bfloat16), w)
+    with pytest.raises(ValueError, match="bf16"):
+        nd.nf4_gemv(torch.zeros(1, 512), w)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        nd.nf4_gemv(torch.zeros(1, 256, dtype=torch.bfloat16), w)
