@@ -637,12 +637,13 @@ def cache_bench(results: dict, work: Path, assets: Path, a, small: bool, extra: 
         raise SystemExit(f"--cache-depth {n} must be one of --depths {depths}")
     res: dict = {"depth": n}
     # (b)
-    wdir = work / f"cache_write_L{n}"
-    shutil.rmtree(wdir, ignore_errors=True)
-    _ours_one(results, {}, work, assets, n, a, small,
-              extra + ["teacher_cache.mode=online_then_cache", f"teacher_cache.dir={wdir}"], tdims,
-              validate=False, variant="cache_write")
-    save()
+    if not a.cache_skip_write:
+        wdir = work / f"cache_write_L{n}"
+        shutil.rmtree(wdir, ignore_errors=True)
+        _ours_one(results, {}, work, assets, n, a, small,
+                  extra + ["teacher_cache.mode=online_then_cache", f"teacher_cache.dir={wdir}"], tdims,
+                  validate=False, variant="cache_write")
+        save()
     # (c0)
     m = cache_samples_needed(results, a, small, recs)
     sub = work / "data_cache.json"
@@ -870,8 +871,10 @@ def print_table(results: dict, depths: List[int], stock_depths: List[int], targe
         print(f"teacher cache (teacher L{n}; issue 11 targets: write <= 3%, 3 epochs <= 0.55x):")
         for who in ("ours", "ours_cache_write", "ours_cache_use"):
             r = results.get(f"{who}_L{n}")
+            skipped = who == "ours_cache_write" and results.get("args", {}).get("cache_skip_write")
             print(f"  {who + ' L' + str(n):<24}" + (f"step {r['step_s']:.3f} s, {r['tokens_per_s']:.0f} tok/s"
-                                                     if r else "FAILED"))
+                                                     if r else "skipped (--cache-skip-write)" if skipped
+                                                     else "FAILED"))
         b = tc.get("build")
         print("  build pass: " + (f"{b['samples']} samples, {b['tokens']:,} tokens in {b['seconds']:.2f} s = "
                                   f"{b['tokens_per_s']:.0f} teacher tokens/s ({b['positions_per_s']:.0f} padded)"
@@ -921,6 +924,8 @@ def main(argv=None) -> None:
     r.add_argument("--cache", action="store_true",
                    help="teacher cache (issue 11): online_then_cache write step, build pass, step from the cache, "
                         "and the 3-epoch projection, at --cache-depth")
+    r.add_argument("--cache-skip-write", action="store_true",
+                   help="leave out the online_then_cache write run (b): only the build and the step from the cache")
     r.add_argument("--cache-depth", type=int, default=None, help="teacher depth of the cache runs (default: the "
                                                                   "shallowest of --depths)")
     r.add_argument("--cache-samples", type=int, default=None,
