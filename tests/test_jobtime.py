@@ -113,7 +113,7 @@ def test_teacher_cache_modes_count_teacher_forwards_and_cost_cache_epochs_studen
     from kd.ops.planner import teacher_forward_epochs
 
     stats = _stats_72b()
-    on = jobtime.estimate_job(_cfg72(), jobtime.H200, stats)
+    on = jobtime.estimate_job(_cfg72("~teacher_cache"), jobtime.H200, stats)  # the shipped config's cache off
     otc = jobtime.estimate_job(_cfg72("teacher_cache.mode=online_then_cache"), jobtime.H200, stats)
     use = jobtime.estimate_job(_cfg72("teacher_cache.mode=use"), jobtime.H200, stats)
     build = jobtime.estimate_job(_cfg72("teacher_cache.mode=build"), jobtime.H200, stats)
@@ -124,6 +124,7 @@ def test_teacher_cache_modes_count_teacher_forwards_and_cost_cache_epochs_studen
     e1, fill, cached = otc.phases
     assert (e1.count, fill.count, cached.count) == (1, 1, 2)
     assert teacher_forward_epochs(_cfg72("teacher_cache.mode=online_then_cache")) == (1.0, 0.0)
+    assert teacher_forward_epochs(_cfg72()) == (1.0, 0.0)  # what the shipped config runs
     t_fwd_online = comp(on.phases[0], "teacher forward")
     assert sum(ph.count * comp(ph, "teacher forward") for ph in (e1, cached)) == pytest.approx(t_fwd_online)
     assert 0 < comp(fill, "teacher forward") < 0.2 * t_fwd_online  # the few samples epoch 1 did not see

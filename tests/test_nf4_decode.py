@@ -152,11 +152,10 @@ worst = 0.0
 for N, K in ((48, 1024), (130, 640)):  # N not a multiple of BLOCK_N; K / 64 = 10 blocks: ragged last split
     w = to_nf4((torch.randn(N, K) * 0.05).to(torch.bfloat16), 64, 4)  # 4: 130 * 640 / 64 scalers divide
     wd = w.get_original_weight()
-    for cfg in (nd.GemvConfig(16, 2, 1), nd.GemvConfig(8, 4, 2), nd.GemvConfig(32, 1, 3),
-                nd.GemvConfig(16, 2, 1, flat=True), nd.GemvConfig(4, 4, 2, flat=True), nd.GemvConfig(2, 1, 3, flat=True)):
+    for cfg in (nd.GemvConfig(8, 4, 2), nd.GemvConfig(16, 2, 1, flat=True), nd.GemvConfig(2, 1, 3, flat=True)):
         # one-hot rows: y = scaler * code, one rounding = torchao's dequantised column, bit for bit (split_k > 1:
         # torch rounds the fp32 sum; split_k 1: the interpreter truncates its bf16 store, so within one ulp)
-        for c in (0, 1, 63, 64, K - 1):
+        for c in (1, 64, K - 1):
             x = torch.zeros(1, K, dtype=torch.bfloat16)
             x[0, c] = 1
             y = nd.nf4_gemv(x, w, cfg)
