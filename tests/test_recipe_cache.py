@@ -299,3 +299,29 @@ def test_packed_kill9_during_use_then_resume_gives_identical_adapter(testbed, tm
     tune_run(testbed, [*common, f"output_dir={tmp_path}/killed", "resume_from_checkpoint=True"])
     assert [r["step"] for r in metrics(tmp_path / "killed")][-1] == 8
     _assert_same_adapter(tmp_path / "ref", tmp_path / "killed")
+
+
+@pytest.mark.slow
+def test_two_node_online_then_cache_with_a_sharded_teacher(testbed, tmp_path):
+    """The bf16 two-node config ships teacher_sharding=shard with online_then_cache: epoch 1 (FSDP2-sharded
+    teacher, each node its own cache dir), the fill, then epoch 2 from the cache on both nodes; every node ends
+    with both ranks' shards."""
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        cmd = [TUNE, "run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
+               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "recipes/kd_lora.py", "--config",
+               "configs/tiny/kd_lora.yaml", *BASE, "epochs=2", "max_steps_per_epoch=3", "batch_size=2",
+               f"output_dir={tmp_path}/out", "teacher_cache.mode=online_then_cache",
+               f"teacher_cache.dir={tmp_path}/node{node}", "teacher_sharding=shard"]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env_for(testbed), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o[-4000:]
+    rows = metrics(tmp_path / "out")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and all(r["kl"] == r["kl"] for r in rows)
+    for node in (0, 1):
+        assert sorted(p.name for p in (tmp_path / f"node{node}" / "shards").iterdir()) == ["rank-00000.bin",
+                                                                                           "rank-00001.bin"]
+    assert _records(tmp_path / "node0") == _records(tmp_path / "node1")
