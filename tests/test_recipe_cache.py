@@ -21,6 +21,19 @@ BASE = ["log_every_n_steps=1", "~eval_every_n_steps", "save_every_n_steps=100", 
 TRAIN = ["epochs=1", "max_steps_per_epoch=6"]
 
 
+def _assert_cache_run_tracks_online(on, ca, steps: int) -> None:
+    """A from-cache run against the online run of the same steps: the same valid tokens every step, a finite
+    positive loss whose KD part is the logged KL estimate, and (same initial student) the same top-1 agreement
+    with the cached teacher top-1 and a KL estimate close to the true KL at step 1."""
+    assert len(on) == len(ca) == steps
+    for a, b in zip(on, ca):
+        assert a["valid_tokens"] == b["valid_tokens"]
+        assert math.isfinite(b["loss"]) and b["loss"] > 0
+        assert b["kd_loss"] == pytest.approx(b["kl"], rel=1e-6)
+    assert ca[0]["top1_agreement"] == on[0]["top1_agreement"]
+    assert ca[0]["kl"] == pytest.approx(on[0]["kl"], rel=0.05)
+
+
 def _adapter(out: Path):
     from safetensors.torch import load_file
 
@@ -82,14 +95,7 @@ def test_cache_training_counts_and_matches_online(testbed, tmp_path, built_cache
     tune_run(testbed, [*BASE, *TRAIN, f"output_dir={tmp_path}/cached", "teacher_cache.mode=use",
                        f"teacher_cache.dir={built_cache}"])
     on, ca = metrics(tmp_path / "online"), metrics(tmp_path / "cached")
-    assert len(on) == len(ca) == 6
-    for a, b in zip(on, ca):
-        assert a["valid_tokens"] == b["valid_tokens"]
-        assert math.isfinite(b["loss"]) and b["loss"] > 0
-        assert b["kd_loss"] == pytest.approx(b["kl"], rel=1e-6)
-    # same initial student: identical argmax agreement with the (cached) teacher top-1, KL estimate ~ true KL
-    assert ca[0]["top1_agreement"] == on[0]["top1_agreement"]
-    assert ca[0]["kl"] == pytest.approx(on[0]["kl"], rel=0.05)
+    _assert_cache_run_tracks_online(on, ca, 6)
     import json
 
     from kd.teacher.cache import CacheKey, TeacherCacheStore
@@ -248,13 +254,7 @@ def test_packed_training_from_an_unpacked_cache_counts_and_matches_online(testbe
     tune_run(testbed, [*BASE, *PACKED, "epochs=1", "max_steps_per_epoch=5", f"output_dir={tmp_path}/cached",
                        "teacher_cache.mode=use", f"teacher_cache.dir={built_cache}"])
     on, ca = metrics(tmp_path / "online"), metrics(tmp_path / "cached")
-    assert len(on) == len(ca) == 5
-    for a, b in zip(on, ca):
-        assert a["valid_tokens"] == b["valid_tokens"]
-        assert math.isfinite(b["loss"]) and b["loss"] > 0
-        assert b["kd_loss"] == pytest.approx(b["kl"], rel=1e-6)
-    assert ca[0]["top1_agreement"] == on[0]["top1_agreement"]
-    assert ca[0]["kl"] == pytest.approx(on[0]["kl"], rel=0.05)
+    _assert_cache_run_tracks_online(on, ca, 5)
 
 
 def test_packed_online_then_cache_writes_the_records_of_an_unpacked_build(testbed, tmp_path, built_cache):

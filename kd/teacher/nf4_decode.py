@@ -274,6 +274,34 @@ def _default_config(M: int, N: int, K: int) -> DecodeConfig:
 _TUNED: Dict[Tuple[int, int, int, torch.dtype], DecodeConfig] = {}
 
 
+def _can_time(w, x: Optional[torch.Tensor]) -> bool:
+    """Tile timing runs on CUDA only, never while a CUDA graph is being captured, and not with KD_NF4_TUNE=0."""
+    return (w is not None and x is not None and x.is_cuda and not torch.cuda.is_current_stream_capturing()
+            and os.environ.get("KD_NF4_TUNE", "1") != "0")
+
+
+def _fastest(candidates, run, iters: int):
+    """The candidate whose ``run(cfg)`` takes the least GPU time (2 warm-up calls, then ``iters`` between CUDA
+    events); candidates that fail to compile or launch (shared memory, registers) are skipped. None if all fail."""
+    best, best_t = None, float("inf")
+    for cfg in candidates:
+        try:
+            for _ in range(2):
+                run(cfg)
+            st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            st.record()
+            for _ in range(iters):
+                run(cfg)
+            en.record()
+            en.synchronize()
+            t = st.elapsed_time(en) / iters
+        except Exception:  # a config that does not compile/fit is skipped
+            continue
+        if t < best_t:
+            best, best_t = cfg, t
+    return best
+
+
 def _launch(x2: torch.Tensor, w, s: torch.Tensor, cfg: DecodeConfig) -> torch.Tensor:
     M, K = x2.shape
     N = w.shape[0]
@@ -298,27 +326,10 @@ def tune_config(M: int, N: int, K: int, w=None, x2: Optional[torch.Tensor] = Non
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg
-    if w is None or x2 is None or not x2.is_cuda or torch.cuda.is_current_stream_capturing() \
-            or os.environ.get("KD_NF4_TUNE", "1") == "0":
+    if not _can_time(w, x2):
         return _default_config(M, N, K)
     s = decode_scalers(w)
-    best, best_t = None, float("inf")
-    for cfg in _candidates(M, N, K):
-        try:
-            for _ in range(2):
-                _launch(x2, w, s, cfg)
-            st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            st.record()
-            for _ in range(5):
-                _launch(x2, w, s, cfg)
-            en.record()
-            en.synchronize()
-            t = st.elapsed_time(en) / 5
-        except Exception:  # a config that does not compile/fit (shared memory) is skipped
-            continue
-        if t < best_t:
-            best, best_t = cfg, t
-    best = best or _default_config(M, N, K)
+    best = _fastest(_candidates(M, N, K), lambda cfg: _launch(x2, w, s, cfg), iters=5) or _default_config(M, N, K)
     _TUNED[key] = best
     return best
 
@@ -389,26 +400,10 @@ def tune_gemv(N: int, K: int, w=None, x1: Optional[torch.Tensor] = None) -> Gemv
     cfg = _TUNED_GEMV.get((N, K))
     if cfg is not None:
         return cfg
-    if w is None or x1 is None or not x1.is_cuda or torch.cuda.is_current_stream_capturing() \
-            or os.environ.get("KD_NF4_TUNE", "1") == "0":
+    if not _can_time(w, x1):
         return _gemv_default(N, K)
     s = decode_scalers(w)
-    best, best_t = None, float("inf")
-    for cfg in _gemv_candidates(N, K):
-        try:
-            for _ in range(2):
-                _launch_gemv(x1, w, s, cfg)
-            st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            st.record()
-            for _ in range(10):
-                _launch_gemv(x1, w, s, cfg)
-            en.record()
-            en.synchronize()
-            t = st.elapsed_time(en) / 10
-        except Exception:  # a config that does not compile is skipped
-            continue
-        if t < best_t:
-            best, best_t = cfg, t
+    best = _fastest(_gemv_candidates(N, K), lambda cfg: _launch_gemv(x1, w, s, cfg), iters=10)
     best = best or _gemv_default(N, K)
     _TUNED_GEMV[(N, K)] = best
     return best
