@@ -182,8 +182,10 @@ GENERATE_TEACHER = Schema("recipes/generate_teacher.py", "the generate_teacher c
     _k("decode_engine", "static (KV cache per bucket, CUDA graphs) | eager (same tokens)", "choice", "static",
        choices=("static", "eager")),
     _k("cuda_graphs", "capture the decode step in CUDA graphs", "bool", True),
-    _k("nf4_decode_kernel", "NF4 decode kernel", "choice", "auto", choices=("auto", "gemv", "triton", "bnb", "dequant")),
-    _k("nf4_fused_max_batch", "largest batch of the fused NF4 decode kernel", "int", 64, lo=0),
+    _k("nf4_decode_kernel", "NF4 decode kernel (auto: kd's CUDA GEMV up to 8 rows, Triton tiles to 64, CUDA "
+       "dequantisation + cuBLAS above)", "choice", "auto", choices=("auto", "cuda", "gemv", "triton", "bnb", "dequant")),
+    _k("nf4_fused_max_batch", "largest batch of a non-auto NF4 decode kernel (larger: dequantise + cuBLAS)", "int",
+       64, lo=0),
 ], doc="Offline teacher generation: `tune run recipes/generate_teacher.py --config ...`.")
 
 SCHEMAS = (KD_LORA, HF_CHECKPOINTER, TEACHER_CACHE, ON_POLICY, EVALUATE, EXPORT, GENERATE_TEACHER)

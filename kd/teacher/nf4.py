@@ -212,8 +212,7 @@ class FastNF4Linear(nn.Module):
                 and x.numel() <= self.decode_max_tokens * x.shape[-1]:
             from kd.teacher.nf4_decode import nf4_matmul
 
-            y = nf4_matmul(x, self.weight, impl=self.decode_impl)
-            return y + self.bias if self.bias is not None else y
+            return nf4_matmul(x, self.weight, impl=self.decode_impl, bias=self.bias)
         if self.fast:
             return linear_nf4_fast(x, self.weight, self.bias)
         y = linear_nf4(x, self.weight)  # stock torchao path

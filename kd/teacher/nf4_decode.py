@@ -5,6 +5,9 @@ path (:func:`kd.teacher.nf4.linear_nf4_fast`) dequantises each weight to a trans
 2 B written + 2 B read per weight and step, ~9x the bytes the 4-bit weight itself occupies. Here the weight is read
 as packed nibbles and dequantised in registers:
 
+- ``impl="cuda"`` (:mod:`kd.teacher.nf4_cuda`, ``auto``'s choice on CUDA): kd's NVRTC-compiled CUDA kernels -- the
+  tensor-core GEMV for up to 8 rows (0.233 ms per 72B layer on the H200 against bitsandbytes' 0.434; bias added
+  in the kernel), and for more rows the CUDA dequantisation (bit-identical to torchao, cached scalers) + cuBLAS.
 - ``impl="triton"`` (:func:`nf4_matmul_triton`): one Triton kernel, any M. A program owns a
   ``BLOCK_M x BLOCK_N`` tile of ``y`` and walks ``K`` in ``BLOCK_K`` steps: it loads ``BLOCK_N x BLOCK_K/2`` packed
   bytes, looks the two nibbles up in the 16-entry NF4 code book (high nibble = even column, low = odd, torchao's
@@ -35,7 +38,8 @@ Without CUDA + Triton everything falls back to the eager math (used on CPU); ``T
 Triton kernel on CPU for tests.
 
 Public API:
-- ``nf4_matmul(x, w: NF4Tensor, *, impl="auto"|"gemv"|"triton"|"bnb"|"dequant"|"torch") -> Tensor``  x [..., K] -> [..., N]
+- ``nf4_matmul(x, w: NF4Tensor, *, impl="auto"|"cuda"|"gemv"|"triton"|"bnb"|"dequant"|"torch", bias=None) -> Tensor``
+  x [..., K] -> [..., N]
 - ``nf4_gemv(x, w)`` (one bf16 row), ``GemvConfig`` / ``tune_gemv(N, K)``
 - ``decode_scalers(w) -> Tensor [N*K/64]`` (bf16), ``clear_cache()``
 - ``DecodeConfig`` / ``tune_config(M, N, K)``: the Triton tile choice (timed once per shape on CUDA)
@@ -280,21 +284,39 @@ def _can_time(w, x: Optional[torch.Tensor]) -> bool:
             and os.environ.get("KD_NF4_TUNE", "1") != "0")
 
 
-def _fastest(candidates, run, iters: int):
-    """The candidate whose ``run(cfg)`` takes the least GPU time (2 warm-up calls, then ``iters`` between CUDA
-    events); candidates that fail to compile or launch (shared memory, registers) are skipped. None if all fail."""
+def _fastest(candidates, run, iters: int, graph: bool = False):
+    """The candidate whose ``run(cfg)`` takes the least GPU time (2 eager warm-up calls, then ``iters`` calls between
+    CUDA events); candidates that fail to compile or launch (shared memory, registers) are skipped. None if all
+    fail. ``graph=True`` times ``iters`` calls captured in one CUDA graph (replayed 3 times), as the decode step
+    runs them: for kernels launched from Python (NVRTC, ctypes) eager timing would measure the launch, not the
+    kernel."""
     best, best_t = None, float("inf")
     for cfg in candidates:
         try:
             for _ in range(2):
                 run(cfg)
             st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            st.record()
-            for _ in range(iters):
-                run(cfg)
-            en.record()
-            en.synchronize()
-            t = st.elapsed_time(en) / iters
+            if graph:
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    for _ in range(iters):
+                        run(cfg)
+                g.replay()
+                st.record()
+                for _ in range(3):
+                    g.replay()
+                en.record()
+                en.synchronize()
+                t = st.elapsed_time(en) / (3 * iters)
+                del g
+            else:
+                st.record()
+                for _ in range(iters):
+                    run(cfg)
+                en.record()
+                en.synchronize()
+                t = st.elapsed_time(en) / iters
         except Exception:  # a config that does not compile/fit is skipped
             continue
         if t < best_t:
@@ -448,17 +470,57 @@ def _nf4_matmul_torch(x: torch.Tensor, w) -> torch.Tensor:
     return F.linear(x, dequantize_nf4(w, impl="torch").to(x.dtype))
 
 
-def nf4_matmul(x: torch.Tensor, w, *, impl: str = "auto") -> torch.Tensor:
-    """``F.linear(x, dequant(w))`` for decode-sized ``x``. ``auto`` for one row on CUDA: bitsandbytes'
-    ``gemv_4bit`` when it is installed (0.43 ms per 72B layer on the H200), else kd's Triton GEMV (bf16; 0.69 ms,
-    against 2.68 for the tiled kernel at one row; docs/offline.md); the tiled Triton kernel for more rows; the
-    eager math on CPU. ``gemv`` with more than one row (or non-bf16) uses the tiled kernel."""
+def _nf4_matmul_cuda(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """kd's CUDA kernels (:mod:`kd.teacher.nf4_cuda`): the tensor-core GEMV for at most 8 rows, else the CUDA
+    dequantisation (bit-identical to torchao) + cuBLAS."""
+    from kd.teacher import nf4_cuda
+
+    K, N = x.shape[-1], w.shape[0]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if M <= 8 and x.dtype == torch.bfloat16:
+        cfg = nf4_cuda.tune(N, K, M, w, x2)
+        return nf4_cuda.gemv(x2, w, decode_scalers(w), cfg, bias).reshape(*x.shape[:-1], N)
+    return F.linear(x, nf4_cuda.dequant(w, decode_scalers(w)).to(x.dtype), bias)
+
+
+#: ``auto`` sends more rows than this to dequantise + cuBLAS (compute-bound there; the tiled kernel is 14x slower
+#: at 512 rows, docs/offline.md)
+_TILED_MAX_ROWS = 64
+
+
+def _cuda_ok(x: torch.Tensor, w) -> bool:
+    if not x.is_cuda or w.block_size != 64 or w.nf4.dtype != torch.bfloat16 or x.shape[-1] % 64:
+        return False
+    from kd.teacher import nf4_cuda
+
+    return nf4_cuda.available(x.device)
+
+
+def nf4_matmul(x: torch.Tensor, w, *, impl: str = "auto", bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, dequant(w), bias)`` for decode-sized ``x``. ``auto`` on CUDA: kd's CUDA kernels (``cuda``:
+    the tensor-core NF4 GEMV up to 8 bf16 rows, NVRTC-compiled; 0.233 ms per 72B layer against bitsandbytes' 0.434,
+    docs/offline.md) where NVRTC works, else bitsandbytes' ``gemv_4bit`` at one row when it is installed, kd's
+    Triton GEMV at one row without it, the tiled Triton kernel up to 64 rows; above 64 rows dequantise + cuBLAS
+    (the CUDA dequantisation where NVRTC works); the eager math on CPU. ``gemv`` with
+    more than one row (or non-bf16) uses the tiled kernel; ``cuda`` with more than 8 rows is the CUDA
+    dequantisation + cuBLAS, and falls back to ``auto``'s next choice where NVRTC does not work."""
+    rows = x.numel() // x.shape[-1]
+    if impl in ("auto", "cuda") and _cuda_ok(x, w) and (
+            impl == "cuda" or (rows <= 8 and x.dtype == torch.bfloat16) or rows > _TILED_MAX_ROWS):
+        return _nf4_matmul_cuda(x, w, bias)
+    y = _nf4_matmul_nobias(x, w, "auto" if impl == "cuda" else impl)
+    return y if bias is None else y + bias
+
+
+def _nf4_matmul_nobias(x: torch.Tensor, w, impl: str) -> torch.Tensor:
     one_row = x.numel() == x.shape[-1]
     if impl == "auto":
         if x.is_cuda and one_row and bnb_available():
             impl = "bnb"
         elif fused_available(x.device):
-            impl = "gemv" if one_row and x.dtype == torch.bfloat16 else "triton"
+            impl = "gemv" if one_row and x.dtype == torch.bfloat16 else (
+                "triton" if x.numel() <= _TILED_MAX_ROWS * x.shape[-1] else "dequant")
         else:
             impl = "torch"
     if impl == "gemv":
@@ -477,4 +539,4 @@ def nf4_matmul(x: torch.Tensor, w, *, impl: str = "auto") -> torch.Tensor:
         return F.linear(x, dequantize_nf4(w).to(x.dtype))
     if impl == "torch":
         return _nf4_matmul_torch(x, w)
-    raise ValueError(f"kd: unknown NF4 decode impl {impl!r} (auto, gemv, triton, bnb, dequant, torch)")
+    raise ValueError(f"kd: unknown NF4 decode impl {impl!r} (auto, cuda, gemv, triton, bnb, dequant, torch)")
