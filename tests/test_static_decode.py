@@ -123,8 +123,8 @@ def test_cuda_graphs_equal_eager_static_step(testbed, tiny_tokenizer):
     for kernel in ("triton", "auto"):
         for batch in (ps, ps[:1]):
             s = seeds[:len(batch)]
-            g = StaticDecoder(m, device=dev, attn_bucket=16, nf4_kernel=kernel, cuda_graphs=True)
-            e = StaticDecoder(m, device=dev, attn_bucket=16, nf4_kernel=kernel, cuda_graphs=False)
+            g = StaticDecoder(m, device=dev, attn_bucket=16, nf4_kernel=kernel, cuda_graphs=True, fuse_glue=False)
+            e = StaticDecoder(m, device=dev, attn_bucket=16, nf4_kernel=kernel, cuda_graphs=False, fuse_glue=False)
             a = g.generate(batch, params=sp, seeds=s, **kw)
             assert g.n_captures > 0
             g.close()
@@ -133,5 +133,50 @@ def test_cuda_graphs_equal_eager_static_step(testbed, tiny_tokenizer):
             assert [x.tokens for x in a] == [x.tokens for x in b]
     t = _teacher(testbed).to(dev)
     ref = generate_batch(t, ps, device=dev, **kw)
-    got = StaticDecoder(t, device=dev, attn_bucket=16).generate(ps, **kw)
+    got = StaticDecoder(t, device=dev, attn_bucket=16).generate(ps, **kw)  # fp32, compiled glue (fuse_glue)
     assert [x.tokens for x in got] == [x.tokens for x in ref]
+    from kd.teacher.static_decode import _Glue
+
+    assert _Glue.failed is None and _Glue.fns is not None
+
+
+def test_fused_glue_formulas_and_patching(testbed, teacher, monkeypatch):
+    """The decode glue's functions (uncompiled here: Inductor is the GPU path) are the torchtune modules' own math,
+    bit for bit in fp32 and bf16; fused_glue patches RMSNorm / RoPE / SiLU feed-forward and restores them; a compile
+    failure warns once and falls back to the eager modules."""
+    from torchtune.modules import FeedForward, RMSNorm
+
+    from kd.teacher import static_decode as sd
+
+    rms, rope, silu_mul = sd._Glue.raw()
+    layer = teacher.layers[0]
+    pe = layer.attn.pos_embeddings
+    for dt in (torch.float32, torch.bfloat16):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(3, 1, layer.sa_norm.scale.numel(), generator=g).to(dt)
+        assert torch.equal(rms(x, layer.sa_norm.scale, float(layer.sa_norm.eps)), layer.sa_norm(x))
+        q = torch.randn(3, 1, layer.attn.num_heads, layer.attn.head_dim, generator=g).to(dt)
+        pos = torch.tensor([[5], [0], [17]])
+        assert torch.equal(rope(q, pe.cache, pos), pe(q, input_pos=pos))
+        a, b = torch.randn(2, 3, 1, 40, generator=g).to(dt)
+        assert torch.equal(silu_mul(a, b), torch.nn.functional.silu(a) * b)
+    monkeypatch.setattr(sd._Glue, "fns", sd._Glue.raw())
+    monkeypatch.setattr(sd._Glue, "failed", None)
+    x = torch.randn(2, 1, layer.sa_norm.scale.numel())
+    pos = torch.tensor([[3], [9]])
+    with torch.no_grad():
+        ref = layer(x, input_pos=pos)
+        with sd.fused_glue(teacher) as fg:
+            kinds = {type(m) for m, _ in fg.mods}
+            assert RMSNorm in kinds and FeedForward in kinds and type(pe) in kinds
+            assert "forward" in layer.sa_norm.__dict__
+            assert torch.equal(layer(x, input_pos=pos), ref)
+        assert "forward" not in layer.sa_norm.__dict__ and "forward" not in pe.__dict__
+
+        def broken():
+            raise RuntimeError("no compiler")
+        monkeypatch.setattr(sd._Glue, "fns", None)
+        monkeypatch.setattr(sd._Glue, "get", classmethod(lambda cls: broken()))
+        with sd.fused_glue(teacher), pytest.warns(UserWarning, match="fused decode glue disabled"):
+            assert torch.equal(layer(x, input_pos=pos), ref)
+        assert sd._Glue.failed == "RuntimeError: no compiler"
