@@ -153,8 +153,12 @@ def graph_ms(fn, dev, calls: int = 10, replays: int = 20) -> float:
 def piece_kernels(args, S, dev, T, batches):
     from torchao.dtypes.nf4tensor import to_nf4
 
+    from kd.teacher import nf4_cuda as nc
     from kd.teacher import nf4_decode as nd
 
+    if dev.type == "cuda":
+        RES["nf4_cuda"] = nc.why_unavailable(dev) or "available"
+        log(f"[bench] kd CUDA NF4 kernels: {RES['nf4_cuda']}")
     H, I, kvd = S["embed_dim"], S["intermediate_dim"], S["num_kv_heads"] * S["head_dim"]
     shapes = {"q/o": (H, H), "k/v": (kvd, H), "w1/w3": (I, H), "w2": (H, I)}
     count = {"q/o": 2, "k/v": 2, "w1/w3": 2, "w2": 1}
@@ -176,6 +180,8 @@ def piece_kernels(args, S, dev, T, batches):
                 impls["kd_gemv"] = lambda: nd.nf4_matmul(x, w4, impl="gemv")
             if M == 1 and dev.type == "cuda" and nd.bnb_available():
                 impls["bnb_gemv"] = lambda: nd.nf4_matmul(x, w4, impl="bnb")
+            if dev.type == "cuda" and nc.available(dev):  # kd's CUDA kernels: tensor-core GEMV (M <= 8) / dequant
+                impls["kd_cuda"] = lambda: nd.nf4_matmul(x, w4, impl="cuda")
             if dev.type == "cpu":
                 impls["torch"] = lambda: nd.nf4_matmul(x, w4, impl="torch")
             for k, fn in impls.items():
@@ -192,6 +198,21 @@ def piece_kernels(args, S, dev, T, batches):
                 row["triton_config"] = str(nd.tune_config(M, N, K, w4, x))  # the tuned (cached) choice
             if "kd_gemv" in impls:
                 row["gemv_config"] = str(nd.tune_gemv(N, K))
+            if "kd_cuda" in impls and M <= 8:
+                row["cuda_config"] = str(nc.tune(N, K, M))
+                cand = {}  # every CUDA tile choice, graph-timed, with its error (the tuner keeps the fastest)
+                sc = nd.decode_scalers(w4)
+                for cfg in nc.gemv_candidates(N, K, M):
+                    try:
+                        fn = (lambda c=cfg: nc.gemv(x, w4, sc, c))
+                        y = fn()
+                        err = ((y.float() - ref).norm() / ref.norm()).item()
+                        cand[str(cfg)] = {"ms": graph_ms(fn, dev), "relerr": err}
+                    except Exception as e:
+                        cand[str(cfg)] = {"error": f"{type(e).__name__}: {str(e)[:160]}"}
+                row["cuda_candidates"] = cand
+            if "kd_cuda" in impls and M == batches[-1]:
+                row["cuda_dequant_bit_exact"] = bool(torch.equal(nc.dequant(w4, nd.decode_scalers(w4)), wd))
             out[(name, M)] = row
             emit(f"kernel {name} M={M}", **row)
         del W, w4, wd
@@ -199,14 +220,14 @@ def piece_kernels(args, S, dev, T, batches):
     choice = {}
     for M in batches:
         tot = {}
-        for k in ("dequant_cublas", "triton", "kd_gemv", "bnb_gemv", "bf16_cublas", "floor"):
+        for k in ("dequant_cublas", "triton", "kd_gemv", "bnb_gemv", "kd_cuda", "bf16_cublas", "floor"):
             vals = [out[(n, M)].get(k + "_ms") for n in shapes]
             if all(v is not None for v in vals) and not any(out[(n, M)].get(k + "_WRONG") for n in shapes):
                 tot[k] = sum(count[n] * v for n, v in zip(shapes, vals))
-        fused = {k: v for k, v in tot.items() if k in ("triton", "kd_gemv", "bnb_gemv")}
+        fused = {k: v for k, v in tot.items() if k in ("triton", "kd_gemv", "bnb_gemv", "kd_cuda")}
         best = min(fused, key=fused.get) if fused else None
         use = best if best and fused[best] < tot.get("dequant_cublas", float("inf")) else "dequant"
-        choice[M] = {"kernel": {"triton": "triton", "kd_gemv": "gemv", "bnb_gemv": "bnb"}.get(use, "dequant"),
+        choice[M] = {"kernel": {"triton": "triton", "kd_gemv": "gemv", "bnb_gemv": "bnb", "kd_cuda": "cuda"}.get(use, "dequant"),
                      "layer_ms": tot}
         emit(f"kernel choice M={M}", **choice[M])
     RES["kernel_choice"] = {str(k): v for k, v in choice.items()}
@@ -347,7 +368,7 @@ def piece_breakdown(args, S, dev, T, B, ctx, choice, step80_ms):
     H, V = S["embed_dim"], S["vocab_size"]
     nkv, hd, nh = S["num_kv_heads"], S["head_dim"], S["num_heads"]
     k = choice.get(B, {}).get("kernel", "dequant") if choice else "dequant"
-    lin_key = {"triton": "triton", "gemv": "kd_gemv", "bnb": "bnb_gemv"}.get(k, "dequant_cublas")
+    lin_key = {"triton": "triton", "gemv": "kd_gemv", "bnb": "bnb_gemv", "cuda": "kd_cuda"}.get(k, "dequant_cublas")
     lin_layer = choice[B]["layer_ms"].get(lin_key, float("nan")) if choice else float("nan")
     head_w = torch.randn(V, H, device=dev, dtype=torch.bfloat16) * 0.02
     x = torch.randn(B, H, device=dev, dtype=torch.bfloat16)
