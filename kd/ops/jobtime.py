@@ -56,8 +56,14 @@ class Hardware:
     student_eff: float
     head_eff: float
     disk_gbps: float = 1.0
-    decode_overhead_ms: float = 0.0  # fixed cost per decode step (launches), generation only
+    decode_overhead_ms: float = 0.0  # fixed cost per decode step (launches), eager generation ("today")
     decode_bw_eff: float = 1.0
+    # the static decode engine as built (kd's CUDA NF4 kernels, CUDA graphs, fused glue), calibrated on the H200:
+    gemv_bw_eff: float = 0.48  # <= 8 rows: the 4-bit GEMV's share of the memory bandwidth (0.111 / 0.233 ms per layer)
+    decode_gemm_eff: float = 0.98  # > 8 rows: bf16 cuBLAS at M = 512, 1.227 ms per 72B layer = 733 TFLOP/s
+    dequant_bw_eff: float = 0.90  # > 8 rows: NF4 -> bf16 copy, 2.5 B/weight, 0.58 ms per layer = 3.8 TB/s
+    static_overhead_ms: float = 4.8  # per step beyond the linears and the KV cache: head, sampler, glue (batch 1)
+    static_overhead_ms_per_row: float = 0.072  # ... growing with the rows (attention matmuls, glue): batch 512
     measured: bool = True
     sources: Dict[str, str] = field(default_factory=dict)
 
@@ -69,7 +75,10 @@ class Hardware:
 #  - student: one 7B LoRA r64 layer, fwd+bwd, 8,192 tokens, 19.7 ms = 7.9 TFLOP -> 400 TFLOP/s = 0.54;
 #  - head: fused KD+CE head fwd+bwd, 8,192 tokens, V=152,064, 73.8 ms = 38.3 TFLOP -> 519 TFLOP/s = 0.70;
 #  - decode: batch-1 NF4 generation 6.2 tokens/s = 161 ms per step against 75 ms of weight traffic
-#    (4.5 B x 70 B weights at 4.19 TB/s) -> 86 ms of fixed per-step overhead.
+#    (4.5 B x 70 B weights at 4.19 TB/s) -> 86 ms of fixed per-step overhead (the eager path, "today");
+#  - static decode (bench/logs/decode_bench_h200_s5.json): 23.4 ms per step at batch 1 = 80 x 0.233 ms of kd CUDA
+#    GEMV + 4.8 ms; 191.1 ms at batch 512 = 80 x 1.806 ms of CUDA dequantisation + cuBLAS + 5.1 ms of KV cache +
+#    41.5 ms -> the static_* and *_eff fields (two points, a line in the rows).
 H200 = Hardware(
     name="h200", bf16_tflops=745.0, fp8_tflops=1380.0, mem_gbps=4190.0, interconnect_gbps=25.0,
     teacher_eff=0.84, student_eff=0.54, head_eff=0.70, disk_gbps=1.0, decode_overhead_ms=86.0,
@@ -537,17 +546,35 @@ class GenerationEstimate:
             f"  {self.prompts:,} prompts, ~{self.generated_tokens:,} generated tokens, batch {self.batch_size}",
             f"  today's NF4 decode (bf16 dequant per step): {self.step_ms:.0f} ms/step, {self.tokens_per_s:,.0f} tokens/s: "
             + ", ".join(f"{n} node(s) {_hms(h * 3600)}" for n, h in self.hours.items()),
-            f"  fused 4-bit decode (weights read once, 0.53 B/weight): {self.fused_step_ms:.0f} ms/step: "
+            f"  static decode as built (kd NF4 kernels, CUDA graphs; H200-calibrated): {self.fused_step_ms:.0f} ms/step: "
             + ", ".join(f"{n} node(s) {_hms(h * 3600)}" for n, h in self.fused_hours.items()),
         ])
 
 
+def static_step_ms(hw: Hardware, B: int, context: int, dims: Dict[str, int]) -> float:
+    """One decode step of ``kd.teacher.static_decode`` with the NF4 teacher as built, ms: the linears (up to 8 rows
+    kd's 4-bit GEMV, reading 0.53 B/weight at ``gemv_bw_eff`` of the bandwidth; more rows dequantise to bf16, 2.5
+    B/weight at ``dequant_bw_eff``, then bf16 GEMMs at ``decode_gemm_eff``), the KV cache read, and the measured
+    rest (head, sampler, attention matmuls, glue: ``static_overhead_ms`` + ``static_overhead_ms_per_row`` per row).
+    Calibrated on the H200 (the fields' comments); other profiles reuse the efficiencies, unmeasured."""
+    H, I, L = dims["embed_dim"], dims["intermediate_dim"], dims["num_layers"]
+    q_out, kvd = dims["num_heads"] * dims["head_dim"], dims["num_kv_heads"] * dims["head_dim"]
+    n_lin = L * (2 * H * q_out + 2 * H * kvd + 3 * H * I)
+    bw = hw.mem_gbps * 1e9
+    if B <= 8:
+        lin = n_lin * (0.5 + 2 / 64) / (bw * hw.gemv_bw_eff)
+    else:
+        lin = 2 * n_lin * B / (hw.bf16_tflops * TFLOP * hw.decode_gemm_eff) + n_lin * 2.5 / (bw * hw.dequant_bw_eff)
+    kv = decode_step_cost(B, context, weight_format="nf4", **dims).kv_bytes / bw
+    return 1e3 * (lin + kv) + hw.static_overhead_ms + hw.static_overhead_ms_per_row * (B - 1)
+
+
 def estimate_generation(gen_cfg, hw: Hardware, expected_new_tokens: Optional[List[int]] = None,
                         n_prompts: Optional[int] = None) -> GenerationEstimate:
-    """Decode time of plan A from :func:`kd.teacher.static_decode.decode_step_cost`: every step reads the weights (4.53
-    B/weight today: NF4 read + bf16 copy written and read; 0.53 B/weight with a fused 4-bit kernel) and the KV
-    cache, and does the matrix and attention FLOPs; the roofline of the two at the profile's rates, plus its
-    measured per-step overhead. Generated length per prompt: the expected answer length (capped at
+    """Decode time of plan A. "today" (the eager path) from :func:`kd.teacher.static_decode.decode_step_cost`: every
+    step reads the weights (4.53 B/weight: NF4 read + bf16 copy written and read) and the KV cache, and does the
+    matrix and attention FLOPs; the roofline of the two at the profile's rates, plus its measured per-step overhead.
+    The static engine as built: :func:`static_step_ms`. Generated length per prompt: the expected answer length (capped at
     max_new_tokens)."""
 
     m = build_and_count(gen_cfg.model)
@@ -573,7 +600,7 @@ def estimate_generation(gen_cfg, hw: Hardware, expected_new_tokens: Optional[Lis
     srt = sorted(gen)
     for i in range(0, n, B):
         steps += max(srt[i:i + B])
-    today, fused = step_ms("nf4_dequant"), step_ms("nf4")
+    today, fused = step_ms("nf4_dequant"), static_step_ms(hw, B, int(mean_ctx), dims)
     hours = {k: steps * today / 1e3 / 3600 / k for k in (1, 2)}
     fhours = {k: steps * fused / 1e3 / 3600 / k for k in (1, 2)}
     return GenerationEstimate(hw, n, total, B, today, total / max(1e-9, steps * today / 1e3), hours, fused, fhours)
