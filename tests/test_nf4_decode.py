@@ -196,3 +196,28 @@ def test_gemv_rejects_what_it_cannot_do():
         nd.nf4_gemv(torch.zeros(1, 512), w)
     with pytest.raises(ValueError, match="shape mismatch"):
         nd.nf4_gemv(torch.zeros(1, 256, dtype=torch.bfloat16), w)
+
+
+def test_auto_routing_by_rows(monkeypatch):
+    """``auto`` where kd's CUDA kernels work: up to 8 bf16 rows the CUDA GEMV, 9..64 the tiled Triton kernel, more
+    than 64 the CUDA dequantisation + cuBLAS (both through _nf4_matmul_cuda), the bias passed along; where they do not
+    work, more than 64 rows dequantise + cuBLAS instead of the tiled kernel (14x slower there)."""
+    w = _w4(64, 512, seed=5)
+    bias = torch.randn(64, dtype=torch.bfloat16)
+    seen = []
+    monkeypatch.setattr(nd, "_cuda_ok", lambda x, w: True)
+    monkeypatch.setattr(nd, "_nf4_matmul_cuda", lambda x, w, b=None: seen.append(("cuda", x.numel() // 512, b is bias))
+                        or torch.zeros(*x.shape[:-1], 64, dtype=x.dtype))
+    monkeypatch.setattr(nd, "nf4_matmul_triton", lambda x, w, cfg=None: seen.append(("triton", x.numel() // 512))
+                        or torch.zeros(*x.shape[:-1], 64, dtype=x.dtype))
+    monkeypatch.setattr(nd, "fused_available", lambda dev: True)
+    for rows in (1, 8, 9, 64, 65, 512):
+        nd.nf4_matmul(torch.zeros(rows, 1, 512, dtype=torch.bfloat16), w, bias=bias)
+    assert seen == [("cuda", 1, True), ("cuda", 8, True), ("triton", 9), ("triton", 64), ("cuda", 65, True),
+                    ("cuda", 512, True)]
+    seen.clear()
+    monkeypatch.setattr(nd, "_cuda_ok", lambda x, w: False)
+    x = torch.randn(65, 512, dtype=torch.bfloat16)
+    y = nd.nf4_matmul(x, w, bias=bias)
+    assert seen == []  # dequantise + cuBLAS, not the tiled kernel
+    assert torch.equal(y, F.linear(x, w.get_original_weight()) + bias)
