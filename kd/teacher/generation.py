@@ -229,27 +229,34 @@ def grouped_decode_attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return attn.output_proj(out)
 
 
-class patched_attention:
-    """Context manager: every torchtune ``MultiHeadAttention`` of ``model`` runs ``forward`` (bound to the module)
-    instead of its own until exit (``enabled=False``: nothing is patched)."""
+class patched_forwards:
+    """Context manager: each ``(module, forward)`` pair of ``self.mods`` runs ``forward`` instead of the module's own
+    until exit (an instance attribute, removed again on exit). Subclasses fill ``mods``."""
 
-    def __init__(self, model: nn.Module, forward, enabled: bool = True):
-        from torchtune.modules import MultiHeadAttention
-
-        self.forward = forward
-        self.mods = [m for m in model.modules() if isinstance(m, MultiHeadAttention)] if enabled else []
+    mods: List[Tuple[nn.Module, object]]
 
     def __enter__(self):
-        import types
-
-        for m in self.mods:
-            m.forward = types.MethodType(self.forward, m)
+        for m, fwd in self.mods:
+            m.forward = fwd
         return self
 
     def __exit__(self, *exc):
-        for m in self.mods:
+        for m, _ in self.mods:
             m.__dict__.pop("forward", None)
         return False
+
+
+class patched_attention(patched_forwards):
+    """Every torchtune ``MultiHeadAttention`` of ``model`` runs ``forward`` (bound to the module) instead of its own
+    until exit (``enabled=False``: nothing is patched)."""
+
+    def __init__(self, model: nn.Module, forward, enabled: bool = True):
+        import types
+
+        from torchtune.modules import MultiHeadAttention
+
+        self.mods = [(m, types.MethodType(forward, m)) for m in model.modules()
+                     if isinstance(m, MultiHeadAttention)] if enabled else []
 
 
 def grouped_decode_attention(model: nn.Module, enabled: bool = True) -> patched_attention:

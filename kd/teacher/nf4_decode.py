@@ -169,6 +169,13 @@ if _HAS_TRITON:
 
 
     @triton.jit
+    def _gemv_rows(N, BLOCK_N: tl.constexpr):
+        """This program's output rows of a GEMV (shared by both GEMV kernels): (K split, rows, mask, rows as int64)."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        return tl.program_id(1), rows, rows < N, rows.to(tl.int64)
+
+
+    @triton.jit
     def _nf4_gemv_kernel(x_ptr, q_ptr, s_ptr, nf4_ptr, out_ptr, N, K, stride_os,
                          N_ITER: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
         """One row of ``x`` (batch-1 decode): a program owns ``BLOCK_N`` outputs and a K range of
@@ -177,12 +184,8 @@ if _HAS_TRITON:
         and sums ``code * x`` per scaler block BEFORE multiplying by the block's scaler: one multiply per 64
         weights instead of one per weight (the price: the weight is not rounded to bf16 first, so the result is
         not bit-identical to dequantise + matmul; within the bf16 rounding of the weights)."""
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
         HB: tl.constexpr = QBLOCK // 2
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = rows < N
-        rows64 = rows.to(tl.int64)
+        pid_k, rows, n_mask, rows64 = _gemv_rows(N, BLOCK_N)
         nb = tl.arange(0, NB)
         j = tl.arange(0, HB)
         n_blocks = K // QBLOCK
@@ -212,12 +215,8 @@ if _HAS_TRITON:
         """2-D variant of :func:`_nf4_gemv_kernel`: ``[BLOCK_N, BLOCK_B]`` bytes per step, the block scaler
         gathered per byte (32 neighbouring bytes share one: an L1 hit), products accumulated elementwise in
         registers and reduced once after the K loop (no per-step reductions)."""
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
         HB: tl.constexpr = QBLOCK // 2
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = rows < N
-        rows64 = rows.to(tl.int64)
+        pid_k, rows, n_mask, rows64 = _gemv_rows(N, BLOCK_N)
         jb = tl.arange(0, BLOCK_B)
         KB = K // 2
         acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)

@@ -52,6 +52,7 @@ from kd.teacher.generation import (
     grouped_decode_attend,
     left_pad,
     patched_attention,
+    patched_forwards,
     sample_next,
     setup_kv_caches,
     teardown_kv_caches,
@@ -144,8 +145,9 @@ class _Glue:
     """``torch.compile``'d versions of the decode step's pointwise glue: torchtune's ``RMSNorm`` (fp32 ``rms_norm``,
     cast back), Qwen2's RoPE (the inference branch: cache rows at ``input_pos``, rotate-half) and ``silu(w1 x) * w3 x``.
 
-    Why: at batch 1 the 4-bit linears take ~0.2 ms of a 72B layer and the glue ~55 small kernels (~0.15 ms in a
-    CUDA graph, each a few us); norms and RoPE alone are ~25 of them. Inductor fuses each into one kernel. Shapes
+    Why: at batch 1 a 72B layer's 4-bit linears take ~0.23 ms, and eagerly its two norms, two RoPEs and the gate are
+    ~28 small kernels of a few us each in a CUDA graph; Inductor fuses each into one kernel (with them, all of a
+    layer's non-linear kernels take 0.034 ms on the H200: bench/logs/decode_profile_h200_s5_b1.log). Shapes
     are static per batch bucket (``dynamic=False``), so there is one compile per shape, done in the eager warm-up
     step before capture. The math is the modules' own (fp32 where they use fp32), rounded once instead of per op:
     GPU decode only; CPU decoding never uses it, so it stays bit-identical to ``generate_batch``. If compiling
@@ -194,7 +196,7 @@ class _Glue:
         return eager()
 
 
-class fused_glue:
+class fused_glue(patched_forwards):
     """Context manager: the decode step's RMSNorms, Qwen2 RoPEs and SiLU feed-forwards run :class:`_Glue`'s
     compiled functions (``enabled=False``: nothing is patched)."""
 
@@ -227,16 +229,6 @@ class fused_glue:
     def _ffn(m, x):
         a, b = m.w1(x), m.w3(x)
         return m.w2(_Glue.call(2, lambda: m.activation(a) * b, a, b))
-
-    def __enter__(self):
-        for m, fwd in self.mods:
-            m.forward = fwd
-        return self
-
-    def __exit__(self, *exc):
-        for m, _ in self.mods:
-            m.__dict__.pop("forward", None)
-        return False
 
 
 # --------------------------------------------------------------------------------------------------
