@@ -100,6 +100,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
     dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("kd: error: --device cuda but no CUDA device (use --device cpu --small)")
     small = args.small
     la, lb = [int(v) for v in (args.layers or ("1,2" if small else "2,4")).split(",")]
     batches = [int(v) for v in (args.batches or ("1,4" if small else "1,512")).split(",")]

@@ -11,6 +11,11 @@ from torchao.dtypes.nf4tensor import to_nf4
 from kd.teacher import nf4_cuda as nc
 from kd.teacher import nf4_decode as nd
 
+if not torch.cuda.is_available():
+    sys.exit("kd: error: bench/nf4_cuda_check.py needs a CUDA device")
+why = nc.why_unavailable(torch.device("cuda"))
+if why:
+    sys.exit(f"kd: error: kd's CUDA NF4 kernels are unavailable here: {why}")
 torch.manual_seed(0)
 bad = 0
 for N, K in ((1024, 8192), (40, 576), (8192, 29568)):
