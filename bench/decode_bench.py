@@ -281,6 +281,16 @@ def run_ours(args, S, dev, T, model, B, n_new, engine, choice):
     n_tok = sum(len(g.tokens) for g in gens)
     r = {"batch": B, "new_tokens": n_new, "generated": n_tok, "seconds": tn, **decode_split(tn, th, n_new),
          "tokens_per_s": n_tok / tn}
+    if dec is not None:
+        # the decode phase itself, CUDA events around the step loop (StaticDecoder.last_timing), median of 3 calls:
+        # the wall-clock split above subtracts two prefills and swings by +-10% at batch 512 (session 5 logs)
+        r["decode_ms_per_step_wall"] = r["decode_ms_per_step"]
+        ev = []
+        for _ in range(3):
+            call(n_new)
+            ev.append(dec.last_timing.ms_per_step())
+        r["decode_ms_per_step_events"] = ev
+        r["decode_ms_per_step"] = sorted(ev)[1]
     if dev.type == "cuda":
         r["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
     if dec is not None:
@@ -356,8 +366,12 @@ def extrapolate(ra, rb, a, b, L=80):
     d = lin("decode_ms_per_step") / 1e3
     pf = lin("prefill_s")
     B, n = ra["batch"], ra["new_tokens"]
-    return {"batch": B, "decode_ms_per_step": 1e3 * d, "prefill_s": pf, "decode_tokens_per_s": B / d,
-            "tokens_per_s": B * n / (pf + (n - 1) * d), "new_tokens": n}
+    r = {"batch": B, "decode_ms_per_step": 1e3 * d, "prefill_s": pf, "decode_tokens_per_s": B / d,
+         "tokens_per_s": B * n / (pf + (n - 1) * d), "new_tokens": n}
+    if "decode_ms_per_step_wall" in ra and "decode_ms_per_step_wall" in rb:  # the wall-clock split, for comparison
+        r["decode_ms_per_step_wall"] = lin("decode_ms_per_step_wall")
+        r["decode_tokens_per_s_wall"] = B / (r["decode_ms_per_step_wall"] / 1e3)
+    return r
 
 
 # ------------------------------------------------------------------------------------------------ 3. breakdown
@@ -382,6 +396,16 @@ def piece_breakdown(args, S, dev, T, B, ctx, choice, step80_ms):
         s = torch.matmul(q, kc.transpose(-1, -2)).float() * hd ** -0.5
         s = s.masked_fill(~mask[:, None], float("-inf"))
         return torch.matmul(torch.softmax(s, -1).to(vc.dtype), vc)
+
+    from kd.teacher import decode_attention as DA
+
+    if DA.available(dev) and B * nkv >= torch.cuda.get_device_properties(dev).multi_processor_count:
+        # what StaticDecoder runs at this batch (fused_attention): one kernel over the filled slots
+        q3 = q.reshape(B, nh, hd)
+        last = torch.tensor([ctx - 1], device=dev)
+
+        def attn():  # noqa: F811
+            return DA.decode_attention(q3, kc, vc, mask, scale=hd ** -0.5, last=last)
     att = T.ms(attn, n=args.iters)
     logits = torch.randn(B, V, device=dev) * 3
     seeds = torch.tensor([sample_seed(0, i) for i in range(B)], device=dev)

@@ -5,7 +5,7 @@ device times are the graph's minus the gaps between kernels). Two answers of N a
 divided by D is one decode step, free of prefill and warm-up. Kernels are grouped (NF4 linears, head, attention,
 sampling, norms/RoPE/elementwise) and the per-layer cost comes from two depths, like bench/decode_bench.py.
 
-    python3 bench/decode_profile.py --layers 2,4 --batches 1,512 [--kernel-b1 cuda] [--out $OUT]
+    python3 bench/decode_profile.py --layers 2,4 --batches 1,512 [--kernel-b1 cuda] [--precision nf4_fp8] [--out $OUT]
     python3 bench/decode_profile.py --device cpu --small            # smoke test
 """
 from __future__ import annotations
@@ -96,6 +96,8 @@ def main():
     ap.add_argument("--batches", default=None, help="default 1,512 (small 1,4)")
     ap.add_argument("--kernel-b1", default="auto", help="nf4 decode kernel at batch <= 8")
     ap.add_argument("--kernel", default="dequant", help="nf4 decode kernel at larger batches")
+    ap.add_argument("--precision", default="nf4", choices=["nf4", "nf4_fp8"],
+                    help="teacher linears (bench/decode_bench.build_teacher); nf4_fp8 ignores --kernel*")
     ap.add_argument("--steps", type=int, default=None, help="profiled extra steps D (default 16; small 3)")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
@@ -108,10 +110,12 @@ def main():
     d = args.steps or (3 if small else 16)
     S = db.shape_of(small)
     plen = 12 if small else 96
-    model = db.build_teacher(S, lb, dev)
+    model = db.build_teacher(S, lb, dev, precision=args.precision)
     res = {}
     for B in batches:
         kern = args.kernel_b1 if B <= 8 else args.kernel
+        if args.precision == "nf4_fp8":
+            kern = "dequant"  # NF4FP8Linear does its own dequantisation (nf4_kernel=None)
         per_depth = {}
         for nl in (la, lb):
             per_depth[nl] = step_profile(db.cut(model, nl), S, dev, B, 4, d, kern, plen)
@@ -127,7 +131,7 @@ def main():
                   "step80_total_ms": sum(step80.values()), "top_kernels_at_%d_layers" % lb: [
                       {"name": k[:160], "ms_per_step": v[0], "calls_per_step": v[1], "group": group_of(k)}
                       for k, v in top]}
-        print(f"\n## batch {B} ({kern}): device ms per decode step, 80 layers = fixed + 80 x per layer "
+        print(f"\n## batch {B} ({args.precision}, {kern}): device ms per decode step, 80 layers = fixed + 80 x per layer "
               f"(from {la} and {lb} layers): total {sum(step80.values()):.1f} ms")
         print("| group | per layer ms | fixed ms | 80 layers ms |")
         print("|---|---|---|---|")

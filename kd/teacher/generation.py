@@ -177,18 +177,25 @@ def setup_kv_caches(model: nn.Module, batch_size: int, max_len: int, dtype: torc
         model.setup_caches(batch_size=batch_size, dtype=dtype, decoder_max_seq_len=max_len)
 
 
-def decode_qkv(attn, x: torch.Tensor, y: torch.Tensor, input_pos) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def decode_qkv(attn, x: torch.Tensor, y: torch.Tensor, input_pos, qkv=None
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [b, H, 1, d], k and v [b, H_kv, 1, d] of one decode token through a torchtune attention module's
-    projections, RoPE and q/k norms (shared by the eager grouped decode and kd.teacher.static_decode)."""
+    projections, RoPE and q/k norms (shared by the eager grouped decode and kd.teacher.static_decode).
+    ``qkv``: optional callable ``x -> (q_proj(x), k_proj(x), v_proj(x))`` for self-attention (``y is x``), e.g. a
+    :class:`kd.teacher.linear_groups.LinearGroup` running the three as one GEMM."""
     b = x.shape[0]
-    q = attn.q_proj(x).view(b, 1, attn.num_heads, attn.head_dim)
+    if qkv is not None and y is x:
+        qp, kp, vp = qkv(x)
+    else:
+        qp, kp, vp = attn.q_proj(x), attn.k_proj(y), attn.v_proj(y)
+    q = qp.view(b, 1, attn.num_heads, attn.head_dim)
     if attn.pos_embeddings is not None:
         q = attn.pos_embeddings(q, input_pos=input_pos)
     q = q.transpose(1, 2)
     if attn.q_norm is not None:
         q = attn.q_norm(q)
-    k = attn.k_proj(y).view(b, 1, -1, attn.head_dim)
-    v = attn.v_proj(y).view(b, 1, -1, attn.head_dim)
+    k = kp.view(b, 1, -1, attn.head_dim)
+    v = vp.view(b, 1, -1, attn.head_dim)
     if attn.pos_embeddings is not None:
         k = attn.pos_embeddings(k, input_pos=input_pos)
     k, v = k.transpose(1, 2), v.transpose(1, 2)

@@ -40,7 +40,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["available", "why_unavailable", "CudaGemvConfig", "gemv", "dequant", "gemv_candidates", "tune", "SOURCE"]
+__all__ = ["available", "why_unavailable", "CudaGemvConfig", "gemv", "dequant", "dequant_fp8", "fp8_available",
+           "fp8_from_packed", "gemv_candidates", "tune",
+           "SOURCE"]
 
 SOURCE = r"""
 typedef unsigned int u32;
@@ -371,6 +373,52 @@ kd_nf4_dequant(const u32* __restrict__ q, const u16* __restrict__ s, const u32* 
     }
   }
 }
+
+// NF4 -> e4m3 for the nf4_fp8 teacher (kd.teacher.precision): w8 = e4m3_rne(satfinite((code * scaler) * inv[row]))
+// in fp32, as the Triton kernel / torch reference there. The same 4-byte reads per lane; 8 bytes written per word
+#if __CUDA_ARCH__ >= 890
+__device__ __forceinline__ u32 pack_e4m3x2(float first, float second) {  // first -> the low byte (lower column)
+  unsigned short r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(second), "f"(first));
+  return (u32)r;
+}
+#else
+__device__ __forceinline__ u32 pack_e4m3x2(float, float) { __trap(); return 0u; }  // no FP8 before sm_89
+#endif
+extern "C" __global__ void __launch_bounds__(256)
+kd_nf4_fp8(const u32* __restrict__ q, const u16* __restrict__ s, const u32* __restrict__ lut,
+           const float* __restrict__ inv, U2* __restrict__ out, int n_words, int blocks_per_row) {
+  __shared__ float tab[16];
+  if (threadIdx.x < 16) tab[threadIdx.x] = __uint_as_float(lut[threadIdx.x]);
+  __syncthreads();
+  const long long stride = (long long)gridDim.x * 256 * 4;
+  for (long long base = (long long)blockIdx.x * 256 * 4 + (threadIdx.x & ~31) * 4 + (threadIdx.x & 31);
+       base < n_words; base += stride) {
+    u32 wv[4];
+    float sc[4], iv[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const long long idx = base + 32 * i;
+      const bool ok = idx < n_words;
+      wv[i] = ok ? __ldg(q + idx) : 0u;
+      sc[i] = ok ? bf1(s[idx >> 3]) : 0.f;
+      iv[i] = ok ? __ldg(inv + (idx >> 3) / blocks_per_row) : 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const long long idx = base + 32 * i;
+      if (idx < n_words) {
+        u32 o[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const u32 byte = (wv[i] >> (8 * j)) & 0xffu;
+          o[j] = pack_e4m3x2((tab[byte >> 4] * sc[i]) * iv[i], (tab[byte & 15u] * sc[i]) * iv[i]);
+        }
+        out[idx] = U2{o[0] | (o[1] << 16), o[2] | (o[3] << 16)};
+      }
+    }
+  }
+}
 """
 
 
@@ -454,20 +502,17 @@ def available(device: torch.device) -> bool:
 
 def _lut(w, pair: bool) -> torch.Tensor:
     """The code book as 32-bit words on ``w``'s device: 16 fp32 values, or 256 bf16 pairs (byte -> (code[hi], code[lo]))."""
+    if not pair:
+        return _code_words(w.nf4)
     key = (w.nf4.device, w.nf4.dtype, pair, w.nf4.data_ptr())
     t = _LUTS.get(key)
     if t is None:
         if w.nf4.dtype != torch.bfloat16:
             raise ValueError(f"kd: the CUDA NF4 kernels take a bf16 code book, got {w.nf4.dtype}")
-        code = w.nf4.detach()
-        if pair:
-            bits = code.view(torch.int16).to(torch.int64) & 0xFFFF
-            b = torch.arange(256, device=code.device)
-            words = bits[b >> 4] | (bits[b & 15] << 16)  # even column (high nibble) in the low half
-            t = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32).contiguous()
-        else:
-            t = code.float().view(torch.int32).contiguous()
-        _LUTS[key] = t
+        bits = w.nf4.detach().view(torch.int16).to(torch.int64) & 0xFFFF
+        b = torch.arange(256, device=bits.device)
+        words = bits[b >> 4] | (bits[b & 15] << 16)  # even column (high nibble) in the low half
+        t = _LUTS[key] = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32).contiguous()
     return t
 
 
@@ -522,8 +567,9 @@ def gemv(x: torch.Tensor, w, scalers: torch.Tensor, cfg: CudaGemvConfig,
     return y if bias is None or b is not None else y + bias
 
 
-def dequant(w, scalers: torch.Tensor) -> torch.Tensor:
-    """The bf16 weight of ``w`` (bit-identical to torchao's ``get_original_weight()``) with the CUDA kernel."""
+def _check_dequant(w, out: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The packed data of ``w`` after the kernels' layout checks; ``out`` (if given) must be a contiguous
+    ``[N, K]`` tensor of ``dtype`` (e.g. a row slice of a buffer shared by several weights)."""
     N, K = w.shape
     if w.block_size % 8 or w.dtype != torch.bfloat16:
         raise ValueError(f"kd: CUDA NF4 dequant wants bf16 weights in blocks of a multiple of 8 (got {w.dtype}, "
@@ -533,13 +579,69 @@ def dequant(w, scalers: torch.Tensor) -> torch.Tensor:
         raise ValueError("kd: the packed NF4 data is not 16-byte aligned (a view at an odd offset)")
     if w.block_size != 64:
         raise ValueError("kd: CUDA NF4 dequant assumes 64-weight blocks (8 words per scaler)")
+    if out is not None and (tuple(out.shape) != (N, K) or out.dtype != dtype or not out.is_contiguous()
+                            or not _aligned(out)):
+        raise ValueError(f"kd: dequant out= must be a contiguous, 16-byte aligned {dtype} [{N}, {K}] tensor")
+    return qd
+
+
+def dequant(w, scalers: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The bf16 weight of ``w`` (bit-identical to torchao's ``get_original_weight()``) with the CUDA kernel,
+    written into ``out`` when given (a contiguous bf16 ``[N, K]``, e.g. rows of a fused q/k/v buffer)."""
+    N, K = w.shape
+    qd = _check_dequant(w, out, torch.bfloat16)
     dev = qd.device
     k = _compile("kd_nf4_dequant", CudaGemvConfig().defines(), dev)
-    out = torch.empty(N, K, dtype=torch.bfloat16, device=dev)
+    out = torch.empty(N, K, dtype=torch.bfloat16, device=dev) if out is None else out
     n_words = N * K // 8
     grid = min(-(-n_words // 1024), 8 * _sm_count(dev))
     k(grid=(grid, 1, 1), block=(256, 1, 1), args=[qd, scalers, _lut(w, False), out, n_words])
     return out
+
+
+def dequant_fp8(w, scalers: torch.Tensor, inv: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``w`` as e4m3 ``[N, K]`` for the nf4_fp8 teacher: ``e4m3(satfinite((code * scaler) * inv[row]))`` in fp32,
+    bit-identical to :func:`kd.teacher.precision.nf4_to_fp8` (``inv`` [N] fp32 from ``nf4_fp8_scales``); 0.5 B read
+    and 1 B written per weight. Needs sm_89+ (FP8 conversions). ``out``: as :func:`dequant`, in e4m3."""
+    qd = _check_dequant(w, out, torch.float8_e4m3fn)
+    return fp8_from_packed(qd, scalers, w.nf4, inv, w.shape, out)
+
+
+def fp8_available(device: torch.device) -> bool:
+    """The NF4 -> FP8 kernel runs here: NVRTC works and the GPU has FP8 conversions (sm_89+)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9) and available(device)
+
+
+def fp8_from_packed(qd: torch.Tensor, scalers: torch.Tensor, code: torch.Tensor, inv: torch.Tensor, shape,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`dequant_fp8` on the raw pieces of a torchao NF4 weight (64-weight blocks): packed bytes ``qd``, bf16
+    per-block ``scalers``, the bf16 16-entry code book, ``inv`` [N] fp32; ``shape`` = (N, K)."""
+    N, K = int(shape[0]), int(shape[1])
+    dev = qd.device
+    if torch.cuda.get_device_capability(dev) < (8, 9):
+        raise ValueError("kd: the CUDA NF4 -> FP8 kernel needs compute capability 8.9+")
+    if inv.dtype != torch.float32 or inv.numel() != N or not inv.is_contiguous():
+        raise ValueError(f"kd: dequant_fp8 wants inv as a contiguous fp32 [{N}]")
+    if K % 64 or scalers.dtype != torch.bfloat16 or scalers.numel() != N * K // 64 or not _aligned(qd):
+        raise ValueError(f"kd: dequant_fp8 wants K % 64 == 0, bf16 scalers [{N * K // 64}] and aligned data")
+    k = _compile("kd_nf4_fp8", CudaGemvConfig().defines(), dev)
+    out = torch.empty(N, K, dtype=torch.float8_e4m3fn, device=dev) if out is None else out
+    n_words = N * K // 8
+    grid = min(-(-n_words // 1024), 8 * _sm_count(dev))
+    k(grid=(grid, 1, 1), block=(256, 1, 1), args=[qd, scalers.contiguous(), _code_words(code), inv, out, n_words,
+                                                  K // 64])
+    return out
+
+
+def _code_words(code: torch.Tensor) -> torch.Tensor:
+    """The 16 bf16 codes as fp32 bit patterns (int32), cached per code-book tensor."""
+    key = (code.device, code.dtype, False, code.data_ptr())
+    t = _LUTS.get(key)
+    if t is None:
+        if code.dtype != torch.bfloat16:
+            raise ValueError(f"kd: the CUDA NF4 kernels take a bf16 code book, got {code.dtype}")
+        t = _LUTS[key] = code.detach().float().view(torch.int32).contiguous()
+    return t
 
 
 _TUNED: Dict[Tuple[int, int, int], CudaGemvConfig] = {}

@@ -510,7 +510,11 @@ def _nf4_to_fp8_triton(qdata, scalers, code, inv, block_size: int) -> torch.Tens
 def _nf4_to_fp8_op(qdata: torch.Tensor, scalers: torch.Tensor, code: torch.Tensor, inv: torch.Tensor,
                    block_size: int, impl: str) -> torch.Tensor:
     if impl == "auto":
-        impl = "triton" if (qdata.is_cuda and _HAS_TRITON) else "torch"
+        impl = "cuda" if _cuda_fp8_ok(qdata, block_size) else ("triton" if (qdata.is_cuda and _HAS_TRITON) else "torch")
+    if impl == "cuda":
+        from kd.teacher import nf4_cuda
+
+        return nf4_cuda.fp8_from_packed(qdata, scalers, code, inv, (inv.numel(), 2 * qdata.numel() // inv.numel()))
     if impl == "triton":
         return _nf4_to_fp8_triton(qdata, scalers, code, inv, block_size)
     return _nf4_to_fp8_torch(qdata, scalers, code, inv, block_size)
@@ -522,10 +526,30 @@ def _(qdata, scalers, code, inv, block_size, impl):
     return qdata.new_empty((n, 2 * qdata.numel() // n), dtype=FP8_DTYPE)
 
 
-def nf4_to_fp8(w, inv: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
-    """NF4Tensor [N, K] -> e4m3 [N, K] with row reciprocals ``inv`` [N] (from :func:`nf4_fp8_scales`), one pass;
-    impl: auto | triton | torch (bit-identical)."""
+def _cuda_fp8_ok(qdata: torch.Tensor, block_size: int) -> bool:
+    if not qdata.is_cuda or block_size != 64:
+        return False
+    from kd.teacher import nf4_cuda
 
+    return nf4_cuda.fp8_available(qdata.device)
+
+
+def nf4_to_fp8(w, inv: torch.Tensor, *, impl: str = "auto", out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """NF4Tensor [N, K] -> e4m3 [N, K] with row reciprocals ``inv`` [N] (from :func:`nf4_fp8_scales`), one pass;
+    impl: auto | cuda | triton | torch (bit-identical). ``auto`` on CUDA: kd's NVRTC kernel
+    (:func:`kd.teacher.nf4_cuda.dequant_fp8`, 0.5 B read + 1 B written per weight at ~3.6 TB/s on the H200, where the
+    Triton kernel ran at ~2 TB/s: bench/logs/decode_b512_probe_h200_s6.log) where NVRTC works, else Triton.
+    Outside ``torch.compile`` the CUDA kernel reads the scalers cached per weight
+    (:func:`kd.teacher.nf4_decode.decode_scalers`) and writes into ``out`` when given (contiguous e4m3 [N, K]);
+    under compile it runs inside the ``kd::nf4_to_fp8`` custom op."""
+    if impl in ("auto", "cuda") and not torch.compiler.is_compiling() and _cuda_fp8_ok(w.quantized_data,
+                                                                                        w.block_size):
+        from kd.teacher import nf4_cuda
+        from kd.teacher.nf4_decode import decode_scalers
+
+        return nf4_cuda.dequant_fp8(w, decode_scalers(w), inv.to(torch.float32).contiguous(), out)
+    if out is not None:
+        raise ValueError("kd: nf4_to_fp8(out=...) needs the CUDA kernel")
     return _nf4_to_fp8_op(w.quantized_data, dequantize_scalers(w), w.nf4, inv.to(torch.float32),
                           w.block_size, impl)
 

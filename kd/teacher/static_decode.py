@@ -58,6 +58,7 @@ from kd.teacher.generation import (
     teardown_kv_caches,
     to_generations,
 )
+from kd.teacher.linear_groups import LinearGroups
 from kd.teacher.nf4 import set_decode_
 
 __all__ = ["StaticDecoder", "DecodeStepCost", "decode_step_cost", "QWEN2_5_72B_SHAPE"]
@@ -121,20 +122,39 @@ def decode_step_cost(batch: int, context: int, *, num_layers: int = 80, embed_di
 # --------------------------------------------------------------------------------------------------
 # Attention for the static step
 # --------------------------------------------------------------------------------------------------
+@dataclass
+class _StepKernels:
+    """What a decode step's attention forward uses besides torchtune's modules (passed in, not stashed on them)."""
+
+    slot: torch.Tensor  # [1] int64: the cache slot of this step's token
+    first: Optional[torch.Tensor] = None  # [B] int64: each row's first prompt slot (fused attention reads from it)
+    groups: Optional[LinearGroups] = None  # q/k/v as one GEMM where that pays (large batches on CUDA)
+    fused_attention: bool = False  # kd.teacher.decode_attention (one Triton kernel) instead of the eager maths
+
+
 def _static_decode_forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, mask=None, input_pos=None,
-                           slot: torch.Tensor):
-    """torchtune ``MultiHeadAttention.forward`` for one new token per row at cache slot ``slot`` (int64 [1], device).
+                           step: _StepKernels):
+    """torchtune ``MultiHeadAttention.forward`` for one new token per row at cache slot ``step.slot``.
 
     Writes K/V with ``index_copy_`` (no host value needed) and attends to the first ``mask.shape[-1]`` slots,
-    the query heads of a group batched against their shared K/V (as :func:`kd.teacher.generation._grouped_decode_forward`).
+    the query heads of a group batched against their shared K/V (as :func:`kd.teacher.generation._grouped_decode_forward`),
+    or, with ``step.fused_attention``, in one kernel that reads only slots ``step.first[row] .. step.slot``.
     Prefill (more than one token) goes to the stock forward."""
     if x.shape[1] != 1 or mask is None or self.kv_cache is None:
         return type(self).forward(self, x, y, mask=mask, input_pos=input_pos)
-    q, k, v = decode_qkv(self, x, y, input_pos)
+    grp = step.groups.attn.get(id(self)) if step.groups is not None else None
+    q, k, v = decode_qkv(self, x, y, input_pos, qkv=grp)
     kc, vc = self.kv_cache.k_cache, self.kv_cache.v_cache
-    kc.index_copy_(2, slot, k.to(kc.dtype))
-    vc.index_copy_(2, slot, v.to(vc.dtype))
+    kc.index_copy_(2, step.slot, k.to(kc.dtype))
+    vc.index_copy_(2, step.slot, v.to(vc.dtype))
     Lc = mask.shape[-1]
+    if step.fused_attention and q.dtype == kc.dtype:
+        from kd.teacher.decode_attention import decode_attention
+
+        b = q.shape[0]
+        out = decode_attention(q[:, :, 0], kc, vc, mask, scale=self.head_dim ** -0.5, first=step.first,
+                               last=step.slot)
+        return self.output_proj(out.view(b, 1, -1))
     return grouped_decode_attend(self, q, kc[:, :, :Lc], vc[:, :, :Lc], mask)
 
 
@@ -198,22 +218,23 @@ class _Glue:
 
 class fused_glue(patched_forwards):
     """Context manager: the decode step's RMSNorms, Qwen2 RoPEs and SiLU feed-forwards run :class:`_Glue`'s
-    compiled functions (``enabled=False``: nothing is patched)."""
+    compiled functions (``enabled=False``: none of that), and feed-forwards in ``groups`` run w1 and w3 through
+    their :class:`kd.teacher.linear_groups.LinearGroup` (one GEMM where that pays)."""
 
-    def __init__(self, model: nn.Module, enabled: bool = True):
+    def __init__(self, model: nn.Module, enabled: bool = True, groups: Optional[LinearGroups] = None):
         self.mods = []
-        if not enabled:
-            return
         from torchtune.models.qwen2._positional_embeddings import Qwen2RotaryPositionalEmbeddings
         from torchtune.modules import FeedForward, RMSNorm
 
         for m in model.modules():
-            if type(m) is RMSNorm:
+            if enabled and type(m) is RMSNorm:
                 self.mods.append((m, partial(self._rms, m)))
-            elif type(m) is Qwen2RotaryPositionalEmbeddings:
+            elif enabled and type(m) is Qwen2RotaryPositionalEmbeddings:
                 self.mods.append((m, partial(self._rope, m)))
             elif type(m) is FeedForward and isinstance(m.activation, nn.SiLU) and m.w3 is not None:
-                self.mods.append((m, partial(self._ffn, m)))
+                grp = groups.ffn.get(id(m)) if groups is not None else None
+                if enabled or grp is not None:  # the gate compiled, and/or w1 and w3 as one GEMM
+                    self.mods.append((m, partial(self._ffn, m, grp, enabled)))
 
     @staticmethod
     def _rms(m, x):
@@ -226,8 +247,10 @@ class fused_glue(patched_forwards):
         return _Glue.call(1, lambda: type(m).forward(m, x, input_pos=input_pos), x, m.cache, input_pos)
 
     @staticmethod
-    def _ffn(m, x):
-        a, b = m.w1(x), m.w3(x)
+    def _ffn(m, grp, glue: bool, x):
+        a, b = grp(x) if grp is not None else (m.w1(x), m.w3(x))
+        if not glue:
+            return m.w2(m.activation(a) * b)
         return m.w2(_Glue.call(2, lambda: m.activation(a) * b, a, b))
 
 
@@ -251,8 +274,37 @@ class _Bucket:
     out: torch.Tensor  # [B, max_new] int64
     s: torch.Tensor  # [1] int64: index of the answer token fed to the next step
     q: torch.Tensor  # [1] int64: cache slot of the next step (= P + s)
+    first: torch.Tensor  # [B] int64: each row's first prompt slot (P - its prompt length)
     graphs: Dict[int, "torch.cuda.CUDAGraph"]  # Lc -> graph
     warm: set  # Lc buckets whose eager warm-up step ran
+
+
+class DecodeTiming:
+    """The decode phase of the last :meth:`StaticDecoder.generate` call (prefill excluded): ``steps`` decode steps
+    between two marks, CUDA events on the GPU (no sync until :meth:`ms_per_step` is read), the host clock on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.steps = device, 0
+        self._t: List[object] = []
+
+    def mark(self) -> None:
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._t.append(ev)
+        else:
+            import time
+
+            self._t.append(time.perf_counter())
+
+    def ms_per_step(self) -> float:
+        if len(self._t) != 2 or self.steps == 0:
+            return float("nan")
+        a, b = self._t
+        if self.device.type == "cuda":
+            b.synchronize()
+            return a.elapsed_time(b) / self.steps
+        return (b - a) * 1e3 / self.steps
 
 
 class StaticDecoder:
@@ -269,11 +321,17 @@ class StaticDecoder:
             batch that uses it (bigger batches: dequantise + cuBLAS; with ``auto`` every batch goes through
             :func:`kd.teacher.nf4_decode.nf4_matmul`, which picks that itself). ``nf4_kernel=None`` leaves the linears alone.
         fuse_glue: on CUDA, run norms, RoPE and the SiLU gate of decode steps as compiled kernels (:class:`fused_glue`).
+        fuse_linears: on CUDA, q/k/v and w1/w3 of NF4 / nf4_fp8 teachers as one GEMM each at batches that take the
+            dequantise + GEMM route (:mod:`kd.teacher.linear_groups`).
+        fused_attention: on CUDA with Triton, a decode step's attention is one kernel reading only the filled slots
+            (:mod:`kd.teacher.decode_attention`), for batches with at least one (row, KV head) per SM (smaller ones
+            keep the batched-GEMM path, which spreads a row's work over more SMs).
     """
 
     def __init__(self, model: nn.Module, *, device: torch.device, cache_dtype: Optional[torch.dtype] = None,
                  cuda_graphs: Optional[bool] = None, attn_bucket: int = 256, check_every: int = 16,
-                 nf4_kernel: Optional[str] = "auto", nf4_fused_max_batch: int = 64, fuse_glue: bool = True):
+                 nf4_kernel: Optional[str] = "auto", nf4_fused_max_batch: int = 64, fuse_glue: bool = True,
+                 fuse_linears: bool = True, fused_attention: bool = True):
         if not isinstance(model.output, LastTokenHead):
             raise ValueError("StaticDecoder needs install_last_token_head(model) first")
         self.model = model
@@ -288,10 +346,15 @@ class StaticDecoder:
         self.nf4_kernel = nf4_kernel
         self.nf4_fused_max_batch = int(nf4_fused_max_batch)
         self.fuse_glue = bool(fuse_glue) and self.device.type == "cuda"
+        self.groups = LinearGroups(model) if fuse_linears and self.device.type == "cuda" else None
+        from kd.teacher import decode_attention
+
+        self.fused_attention = bool(fused_attention) and decode_attention.available(self.device)
         self._bucket: Optional[_Bucket] = None
         self._key: Optional[tuple] = None
         self._pool = None
         self.n_captures = 0  # graphs captured so far (tests, logs)
+        self.last_timing = DecodeTiming(self.device)  # decode phase of the last generate() (benchmarks)
 
     # ---- state ---------------------------------------------------------------------------------------------
     def _get_bucket(self, B: int, need_L: int, max_new: int, n_stop: int, key_extra: tuple) -> _Bucket:
@@ -312,7 +375,7 @@ class StaticDecoder:
                      key_pos=torch.arange(L, device=dev), seeds=z(B, dtype=torch.long),
                      stop=z(n_stop, dtype=torch.long), done=z(B, dtype=torch.bool),
                      out=z((B, max_new), dtype=torch.long), s=z(1, dtype=torch.long), q=z(1, dtype=torch.long),
-                     graphs={}, warm=set())
+                     first=z(B, dtype=torch.long), graphs={}, warm=set())
         self._bucket, self._key = bk, key_extra
         return bk
 
@@ -392,6 +455,7 @@ class StaticDecoder:
         if seeds is not None:
             bk.seeds.copy_(torch.tensor([_signed64(s) for s in seeds], dtype=torch.int64))
         bk.stop.copy_(torch.tensor(stops, dtype=torch.long))
+        bk.first.copy_(torch.tensor([P - len(p) for p in prompts], dtype=torch.long))
         tok = tok.to(self.device)
 
         n_dec = 0
@@ -415,19 +479,31 @@ class StaticDecoder:
             bk.s.fill_(0)
             bk.q.fill_(P)
             n_steps = 1
+            timing = self.last_timing = DecodeTiming(self.device)
+            timing.mark()
             pending: List[Tuple[object, torch.Tensor]] = []
-            with patched_attention(self.model, partial(_static_decode_forward, slot=bk.q)), \
-                    fused_glue(self.model, self.fuse_glue):
+            step = _StepKernels(slot=bk.q, first=bk.first, groups=self.groups,
+                                fused_attention=self.fused_attention and self._attention_fills_gpu(B))
+            with patched_attention(self.model, partial(_static_decode_forward, step=step)), \
+                    fused_glue(self.model, self.fuse_glue, self.groups):
                 for s in range(max_new_tokens - 1):
                     if s % self.check_every == 0 and self._all_done(bk, pending):
                         break
                     Lc = min(L, int(math.ceil((P + s + 1) / self.attn_bucket) * self.attn_bucket))
                     self._run_step(bk, Lc, params, pad_id)
                     n_steps = s + 2
+            timing.mark()
+            timing.steps = n_steps - 1
         finally:
             if n_dec:
                 set_decode_(self.model, None)
         return to_generations(bk.out[:n_real, :n_steps].cpu().tolist(), stops, max_new_tokens)
+
+    def _attention_fills_gpu(self, B: int) -> bool:
+        from torchtune.modules import MultiHeadAttention
+
+        nkv = next((m.num_kv_heads for m in self.model.modules() if isinstance(m, MultiHeadAttention)), 1)
+        return B * nkv >= torch.cuda.get_device_properties(self.device).multi_processor_count
 
     def _all_done(self, bk: _Bucket, pending: list) -> bool:
         """Whether every row had stopped as of a previous check (CUDA: without waiting for the GPU, except to
