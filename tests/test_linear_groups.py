@@ -121,3 +121,79 @@ def test_gpu_nf4_to_fp8_cuda_bit_exact():
         buf = torch.empty(N + 16, K, dtype=torch.float8_e4m3fn, device="cuda")
         P.nf4_to_fp8(w4, inv, out=buf[16:])
         assert torch.equal(buf[16:].view(torch.uint8), ref.view(torch.uint8))
+
+
+def _units(groups, model):
+    """Every projection group of the model in a layer's call order (q/k/v, output, w1/w3, w2)."""
+    seq = []
+    for layer in model.layers:
+        seq += [groups.attn[id(layer.attn)], groups.out[id(layer.attn)], groups.ffn[id(layer.mlp)],
+                groups.down[id(layer.mlp)]]
+    return seq
+
+
+@pytest.mark.parametrize("precision", ["nf4", "nf4_fp8"])
+def test_weight_prefetch_follows_recorded_order(monkeypatch, precision):
+    """Pass 1 records the order and sizes the buffers; pass 2 takes every weight from a prefetch issued BEFORE the
+    previous unit's GEMM (in issue order on CPU, as a stream keeps it): outputs bit-equal to the direct route, so a
+    prefetch overwriting a buffer that a pending GEMM still reads fails here; an out-of-order call falls back."""
+    m = _tiny(precision, seed=3)
+    groups = LG.LinearGroups(m, prefetch=torch.device("cpu"))
+    units = _units(groups, m)
+    assert [len(u.mods) for u in units[:4]] == [3, 1, 2, 1]
+    _fake_kernels(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(5, 1, u.mods[0].in_features, generator=g).to(torch.bfloat16) for u in units]
+    pf = groups.prefetch
+    with torch.no_grad():
+        ref = [u(x) for u, x in zip(units, xs)]  # no prefetcher: dequantise, then GEMM
+        pf.begin(5)
+        assert all(all(torch.equal(a, b) for a, b in zip(u(x, pf), r)) for u, x, r in zip(units, xs, ref))
+        pf.end()
+        assert pf.orders[5] == units and pf.n_overlapped == 0
+        assert len(pf.bufs) == 2 and pf.bufs[0].numel() == max(u.weight_bytes for u in units)
+        for _ in range(2):
+            pf.begin(5)
+            for u, x, r in zip(units, xs, ref):
+                assert all(torch.equal(a, b) for a, b in zip(u(x, pf), r)), u
+            pf.end()
+        assert pf.n_overlapped == 2 * len(units)
+        # another batch bucket: recorded separately, nothing prefetched in its first pass
+        pf.begin(9)
+        units[0](torch.randn(9, 1, 256).to(torch.bfloat16), pf)
+        pf.end()
+        assert pf.orders[9] == units[:1] and pf.n_overlapped == 2 * len(units)
+        # out of order: unit 2 before unit 1 -> direct from there, still the right outputs
+        pf.begin(5)
+        got = [units[0](xs[0], pf), units[2](xs[2], pf), units[1](xs[1], pf)]
+        pf.end()
+        for a, r in zip(got, (ref[0], ref[2], ref[1])):
+            assert all(torch.equal(p, q) for p, q in zip(a, r))
+        assert pf.n_overlapped == 2 * len(units) + 1
+        pf.close()
+        assert pf.bufs == [] and pf.orders == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["nf4", "nf4_fp8"])
+def test_gpu_static_decoder_prefetch_same_tokens(precision):
+    """StaticDecoder with the side-stream prefetch (CUDA graphs) gives the tokens of the same decoder without it."""
+    from kd.teacher import nf4_cuda
+    from kd.teacher.generation import install_last_token_head
+    from kd.teacher.static_decode import StaticDecoder
+
+    if not nf4_cuda.available(torch.device("cuda")):
+        pytest.skip(nf4_cuda.why_unavailable(torch.device("cuda")))
+    m = _tiny(precision, "cuda", seed=4)
+    install_last_token_head(m)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 90, (int(n),), generator=g).tolist() for n in torch.randint(3, 9, (300,), generator=g)]
+    toks = {}
+    for pre in (False, True):
+        dec = StaticDecoder(m, device=torch.device("cuda"), prefetch_weights=pre, attn_bucket=16)
+        gens = dec.generate(prompts, max_new_tokens=12, stop_ids=[], pad_id=95)
+        toks[pre] = [x.tokens for x in gens]
+        if pre:
+            assert dec.groups.prefetch.n_overlapped > 0 and dec.n_captures > 0
+        dec.close()
+    assert toks[True] == toks[False]
