@@ -265,8 +265,6 @@ def run_ours(args, S, dev, T, model, B, n_new, engine, choice):
         c = (choice or {}).get(B) or (choice or {}).get(str(B))
         if engine == "ours_fp8":  # NF4 storage, NF4 -> e4m3 per call + FP8 GEMM (kd.teacher.precision nf4_fp8): as built
             kw_dec = dict(nf4_kernel=None)
-        elif engine == "ours_serial":  # the library's defaults minus the side-stream weight prefetch
-            kw_dec = dict(prefetch_weights=False)
         elif c is None:  # no kernel measurement for this batch: the library's defaults
             kw_dec = {}
         else:
@@ -452,7 +450,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=None, help="answer length at batch > 1 (default 64)")
     ap.add_argument("--new-tokens-b1", type=int, default=None, help="answer length at batch 1 (default 32)")
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--skip", default="", help="comma list of: kernels,today,ours,ours_serial,ours_fp8,hf,breakdown")
+    ap.add_argument("--skip", default="", help="comma list of: kernels,today,ours,ours_fp8,hf,breakdown")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -502,8 +500,6 @@ def main():
     def gen_runs(model, path):
         """Every batch size at both depths through one engine, failures recorded (the bench goes on)."""
         for B in batches:
-            if path == "ours_serial" and B == 1:  # the prefetch only acts on the dequantise + GEMM route
-                continue
             for nl in (la, lb):
                 try:
                     r = run_ours(args, S, dev, T, cut(model, nl), B, n_new1 if B == 1 else n_new, path, choice)
@@ -516,7 +512,7 @@ def main():
                 emit(f"gen {path} B={B} layers={nl}", **r)
                 save()
 
-    for path in ("today", "ours", "ours_serial"):
+    for path in ("today", "ours"):
         if path not in skip:
             gen_runs(model, path)
     del model
@@ -588,13 +584,10 @@ def main():
     log("| path | batch | decode ms/step | decode tokens/s | prefill s | tokens/s (answer of N) |")
     log("|---|---|---|---|---|---|")
     names = {"today": "today (eager, dequant + cuBLAS)", "ours": "kd.teacher.static_decode (graphs, fused NF4)",
-             "ours_serial": "kd.teacher.static_decode without the weight prefetch",
              "ours_fp8": "kd.teacher.static_decode, nf4_fp8 teacher (graphs, FP8 GEMM)",
              "hf": "transformers generate + bnb NF4"}
-    for path in ("today", "ours", "ours_serial", "ours_fp8", "hf"):
+    for path in ("today", "ours", "ours_fp8", "hf"):
         for B in batches:
-            if path == "ours_serial" and B == 1:
-                continue
             e = ext.get((path, B))
             if e:
                 log(f"| {names[path]} | {B} | {e['decode_ms_per_step']:.1f} | {e['decode_tokens_per_s']:,.1f} | "

@@ -1,12 +1,15 @@
-"""Batch-512 NF4 decode: (1) variants of the CUDA NF4 -> bf16 dequantisation kernel against copy bandwidth, and
-(2) one 72B layer's projections with the dequantisation run before each GEMM (serial) against
-kd.teacher.linear_groups.WeightPrefetch (the next weight dequantised on a side stream during the current GEMM).
+"""Variants of the CUDA NF4 -> bf16 dequantisation kernel (the batch-512 decode route's weight pass), at two 72B
+shapes, against bf16 copy and fill bandwidth: words per lane (4, 8), plain or streaming (.cs) stores, grid-stride
+loops over 4 / 8 / 16 blocks per SM or one block per 256 x words (``gall``), and 16-byte loads per lane (``v4``).
+CUDA-graph timed (bench/decode_bench.graph_ms); every variant's output is compared bit for bit with
+kd.teacher.nf4_cuda.dequant (``*_MISMATCH`` marks a difference).
 
-Everything CUDA-graph timed (bench/decode_bench.graph_ms); each variant is checked bit for bit against
-kd.teacher.nf4_cuda.dequant first.
+Session 7 (bench/logs/dequant_probe_h200_s7_call1.*): ``gall`` was the fastest (w1 0.156 ms against 0.170 with
+8 blocks per SM, 3.93 TB/s against 3.62; copy 4.25), so kd.teacher.nf4_cuda now launches one block per 1,024
+words. That call also timed a side-stream prefetch of the next projection's weight during the current GEMM
+(commit 71dbe31): no overlap (1.784 against 1.783 ms per layer at batch 512), so it was removed.
 
-    python3 bench/dequant_probe.py [--batch 512] [--out $OUT]
-    python3 bench/dequant_probe.py --device cpu --small     # smoke test: part 2 only, eager, no kernels
+    python3 bench/dequant_probe.py [--out $OUT]       # one H200: ~30 s
 """
 from __future__ import annotations
 
@@ -15,7 +18,6 @@ import json
 import os
 import sys
 import time
-import traceback
 
 import torch
 
@@ -176,90 +178,20 @@ def kernels(dev, ms):
         del w4, s, ref, out
 
 
-def overlap(S, dev, B, ms):
-    """One layer's four projection groups, serial vs WeightPrefetch (and GEMM only / dequantisation only)."""
-    from kd.teacher import linear_groups as LG
-    from kd.teacher.nf4 import set_decode_
-
-    model = db.build_teacher(S, 1, dev)
-    set_decode_(model, "auto", 1 << 20)
-    groups = LG.LinearGroups(model, prefetch=dev)
-    layer = model.layers[0]
-    units = [groups.attn[id(layer.attn)], groups.out[id(layer.attn)], groups.ffn[id(layer.mlp)],
-             groups.down[id(layer.mlp)]]
-    g = torch.Generator(device=dev).manual_seed(1)
-    xs = [torch.randn(B, 1, u.mods[0].in_features, device=dev, generator=g).to(torch.bfloat16) for u in units]
-    if dev.type == "cuda":
-        assert all(u.fused_here(x) for u, x in zip(units, xs)), "the probe's batch does not take the GEMM route"
-    else:  # CPU smoke test: the torch references stand in for the CUDA kernels
-        return emit("overlap (cpu smoke: route not taken)", units=[repr(u) for u in units])
-    ws = [u.dequant_into(None, dev) for u in units]
-    pf = groups.prefetch
-    row = {"batch": B, "units": [repr(u) for u in units]}
-
-    def serial():
-        for u, x in zip(units, xs):
-            u(x)
-
-    def gemm_only():
-        for u, x, w in zip(units, xs, ws):
-            u.gemm(x, w)
-
-    def dequant_only():
-        for u, w in zip(units, ws):
-            u.dequant_into(None, dev)
-
-    def prefetched():
-        pf.begin(B)
-        for u, x in zip(units, xs):
-            u(x, pf)
-        pf.end()
-
-    prefetched()  # recording pass: sizes the buffers
-    ref = [u(x) for u, x in zip(units, xs)]
-    pf.begin(B)
-    got = [u(x, pf) for u, x in zip(units, xs)]
-    pf.end()
-    row["prefetch_bit_equal"] = all(torch.equal(a, b) for r, o in zip(ref, got) for a, b in zip(r, o))
-    for name, fn in (("serial", serial), ("gemm_only", gemm_only), ("dequant_only", dequant_only),
-                     ("prefetch", prefetched)):
-        row[name + "_ms"] = ms(fn)
-    row["saved_ms"] = row["serial_ms"] - row["prefetch_ms"]
-    row["hidden_fraction_of_dequant"] = row["saved_ms"] / row["dequant_only_ms"]
-    emit(f"layer overlap B={B}", **row)
-
-
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--small", action="store_true")
-    ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
-    dev = torch.device(args.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("kd: error: --device cuda but no CUDA device (use --device cpu --small)")
-    S = db.shape_of(args.small)
-    B = args.batch or (300 if args.small else 512)
-    if dev.type == "cuda":
-        def ms(fn):
-            return db.graph_ms(fn, dev, calls=5, replays=10)
-    else:
-        def ms(fn):
-            t = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t) * 1e3
+    if not torch.cuda.is_available():
+        sys.exit("kd: error: bench/dequant_probe.py times CUDA kernels; no CUDA device here")
+    dev = torch.device("cuda")
+    from kd.teacher import nf4_cuda
+
+    if not nf4_cuda.available(dev):
+        sys.exit(f"kd: error: {nf4_cuda.why_unavailable(dev)}")
     t0 = time.perf_counter()
     with torch.no_grad():
-        for part in ((kernels,) if dev.type == "cuda" else ()):
-            try:
-                part(dev, ms)
-            except Exception:
-                traceback.print_exc()
-        try:
-            overlap(S, dev, B, ms)
-        except Exception:
-            traceback.print_exc()
+        kernels(dev, lambda fn: db.graph_ms(fn, dev, calls=5, replays=10))
     RES["wall_s"] = time.perf_counter() - t0
     if args.out:
         os.makedirs(args.out, exist_ok=True)

@@ -219,14 +219,12 @@ def _grouped_decode_forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = N
     return grouped_decode_attend(self, q, k, v, mask)
 
 
-def grouped_decode_attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                          out_proj=None) -> torch.Tensor:
+def grouped_decode_attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """One decode step of ``attn`` (a torchtune ``MultiHeadAttention``): the ``g = n_h / n_kv`` query heads of a group
     attend to their shared K/V without expanding it, then the output projection.
 
     q: [b, n_h, 1, d] (from :func:`decode_qkv`); k, v: [b, n_kv, L, d]; mask: [b, 1, L] bool (True = attend).
-    Returns [b, 1, n_h * d] projected to [b, 1, dim] by ``out_proj`` (default ``attn.output_proj``). Scores and
-    softmax in fp32."""
+    Returns [b, 1, n_h * d] projected to [b, 1, dim]. Scores and softmax in fp32."""
     b = q.shape[0]
     g = attn.num_heads // attn.num_kv_heads
     qg = q.reshape(b, attn.num_kv_heads, g, attn.head_dim)
@@ -235,7 +233,7 @@ def grouped_decode_attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     out = torch.matmul(probs, v)  # [b, n_kv, g, d]
     out = out.reshape(b, attn.num_heads, 1, attn.head_dim).transpose(1, 2).reshape(b, 1, -1)
-    return (out_proj or attn.output_proj)(out)
+    return attn.output_proj(out)
 
 
 class patched_forwards:

@@ -142,15 +142,8 @@ def _static_decode_forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = No
     Prefill (more than one token) goes to the stock forward."""
     if x.shape[1] != 1 or mask is None or self.kv_cache is None:
         return type(self).forward(self, x, y, mask=mask, input_pos=input_pos)
-    groups = step.groups
-    if groups is not None:
-        qkv = partial(groups.run, groups.attn, self, lambda t: (self.q_proj(t), self.k_proj(t), self.v_proj(t)))
-
-        def out_proj(t):
-            return groups.run(groups.out, self, lambda u: (self.output_proj(u),), t)[0]
-    else:
-        qkv, out_proj = None, self.output_proj
-    q, k, v = decode_qkv(self, x, y, input_pos, qkv=qkv)
+    grp = step.groups.attn.get(id(self)) if step.groups is not None else None
+    q, k, v = decode_qkv(self, x, y, input_pos, qkv=grp)
     kc, vc = self.kv_cache.k_cache, self.kv_cache.v_cache
     kc.index_copy_(2, step.slot, k.to(kc.dtype))
     vc.index_copy_(2, step.slot, v.to(vc.dtype))
@@ -161,8 +154,8 @@ def _static_decode_forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = No
         b = q.shape[0]
         out = decode_attention(q[:, :, 0], kc, vc, mask, scale=self.head_dim ** -0.5, first=step.first,
                                last=step.slot)
-        return out_proj(out.view(b, 1, -1))
-    return grouped_decode_attend(self, q, kc[:, :, :Lc], vc[:, :, :Lc], mask, out_proj=out_proj)
+        return self.output_proj(out.view(b, 1, -1))
+    return grouped_decode_attend(self, q, kc[:, :, :Lc], vc[:, :, :Lc], mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,8 +232,9 @@ class fused_glue(patched_forwards):
             elif enabled and type(m) is Qwen2RotaryPositionalEmbeddings:
                 self.mods.append((m, partial(self._rope, m)))
             elif type(m) is FeedForward and isinstance(m.activation, nn.SiLU) and m.w3 is not None:
-                if enabled or groups is not None:  # the gate compiled, and/or the projections grouped
-                    self.mods.append((m, partial(self._ffn, m, groups, enabled)))
+                grp = groups.ffn.get(id(m)) if groups is not None else None
+                if enabled or grp is not None:  # the gate compiled, and/or w1 and w3 as one GEMM
+                    self.mods.append((m, partial(self._ffn, m, grp, enabled)))
 
     @staticmethod
     def _rms(m, x):
@@ -253,18 +247,11 @@ class fused_glue(patched_forwards):
         return _Glue.call(1, lambda: type(m).forward(m, x, input_pos=input_pos), x, m.cache, input_pos)
 
     @staticmethod
-    def _ffn(m, groups: Optional[LinearGroups], glue: bool, x):
-        if groups is None:
-            a, b = m.w1(x), m.w3(x)
-            w2 = m.w2
-        else:
-            a, b = groups.run(groups.ffn, m, lambda t: (m.w1(t), m.w3(t)), x)
-
-            def w2(t):
-                return groups.run(groups.down, m, lambda u: (m.w2(u),), t)[0]
+    def _ffn(m, grp, glue: bool, x):
+        a, b = grp(x) if grp is not None else (m.w1(x), m.w3(x))
         if not glue:
-            return w2(m.activation(a) * b)
-        return w2(_Glue.call(2, lambda: m.activation(a) * b, a, b))
+            return m.w2(m.activation(a) * b)
+        return m.w2(_Glue.call(2, lambda: m.activation(a) * b, a, b))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -339,15 +326,12 @@ class StaticDecoder:
         fused_attention: on CUDA with Triton, a decode step's attention is one kernel reading only the filled slots
             (:mod:`kd.teacher.decode_attention`), for batches with at least one (row, KV head) per SM (smaller ones
             keep the batched-GEMM path, which spreads a row's work over more SMs).
-        prefetch_weights: with ``fuse_linears``, dequantise each projection's weight on a side stream while the
-            previous projection's GEMM runs (:class:`kd.teacher.linear_groups.WeightPrefetch`; two reused buffers
-            the size of the largest group, ~1.9 GB for the 72B teacher's w1/w3).
     """
 
     def __init__(self, model: nn.Module, *, device: torch.device, cache_dtype: Optional[torch.dtype] = None,
                  cuda_graphs: Optional[bool] = None, attn_bucket: int = 256, check_every: int = 16,
                  nf4_kernel: Optional[str] = "auto", nf4_fused_max_batch: int = 64, fuse_glue: bool = True,
-                 fuse_linears: bool = True, fused_attention: bool = True, prefetch_weights: bool = True):
+                 fuse_linears: bool = True, fused_attention: bool = True):
         if not isinstance(model.output, LastTokenHead):
             raise ValueError("StaticDecoder needs install_last_token_head(model) first")
         self.model = model
@@ -362,8 +346,7 @@ class StaticDecoder:
         self.nf4_kernel = nf4_kernel
         self.nf4_fused_max_batch = int(nf4_fused_max_batch)
         self.fuse_glue = bool(fuse_glue) and self.device.type == "cuda"
-        self.groups = (LinearGroups(model, prefetch=self.device if prefetch_weights else None)
-                       if fuse_linears and self.device.type == "cuda" else None)
+        self.groups = LinearGroups(model) if fuse_linears and self.device.type == "cuda" else None
         from kd.teacher import decode_attention
 
         self.fused_attention = bool(fused_attention) and decode_attention.available(self.device)
@@ -402,8 +385,6 @@ class StaticDecoder:
             self._bucket.graphs.clear()
             self._bucket = None
             teardown_kv_caches(self.model)
-            if self.groups is not None and self.groups.prefetch is not None:
-                self.groups.prefetch.close()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -413,12 +394,7 @@ class StaticDecoder:
         B = bk.B
         mask = ((bk.key_pos[:Lc] <= bk.q) & bk.pad_mask[:, :Lc])[:, None, :]  # [B, 1, Lc]
         pos = bk.input_pos.gather(1, bk.q.expand(B, 1))  # [B, 1]
-        pf = self.groups.prefetch if self.groups is not None else None
-        if pf is not None:
-            pf.begin(B)
         logits = self.model(bk.tok, mask=mask, input_pos=pos)[:, -1]
-        if pf is not None:
-            pf.end()
         nxt = sample_next(logits.float(), params, bk.seeds, bk.s + 1)
         nxt = torch.where(bk.done, torch.full_like(nxt, pad_id), nxt)
         bk.out.index_copy_(1, bk.s + 1, nxt[:, None])
