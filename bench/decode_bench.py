@@ -263,13 +263,16 @@ def run_ours(args, S, dev, T, model, B, n_new, engine, choice):
         dec = None
     else:
         c = (choice or {}).get(B) or (choice or {}).get(str(B))
-        if engine == "ours_fp8":  # NF4 storage, NF4 -> e4m3 per call + FP8 GEMM (kd.teacher.precision nf4_fp8): as built
+        base, _, ahead = engine.partition("_ahead")  # ours_ahead16: the same with StaticDecoder(dequant_ahead=16)
+        if base == "ours_fp8":  # NF4 storage, NF4 -> e4m3 per call + FP8 GEMM (kd.teacher.precision nf4_fp8): as built
             kw_dec = dict(nf4_kernel=None)
         elif c is None:  # no kernel measurement for this batch: the library's defaults
             kw_dec = {}
         else:
             k = c["kernel"]
             kw_dec = dict(nf4_kernel=None if k == "dequant" else k, nf4_fused_max_batch=B if k != "dequant" else 0)
+        if ahead:
+            kw_dec["dequant_ahead"] = int(ahead)
         dec = StaticDecoder(model, device=dev, cache_dtype=torch.bfloat16, cuda_graphs=dev.type == "cuda", **kw_dec)
 
         def call(n):
@@ -295,6 +298,8 @@ def run_ours(args, S, dev, T, model, B, n_new, engine, choice):
         r["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
     if dec is not None:
         r["graphs_captured"] = dec.n_captures
+        if dec.groups is not None and dec.groups.ahead is not None:
+            r["ahead_passes"] = dec.groups.ahead.n_passes
         dec.close()
     return r
 
@@ -381,12 +386,15 @@ def piece_breakdown(args, S, dev, T, B, ctx, choice, step80_ms):
 
     H, V = S["embed_dim"], S["vocab_size"]
     nkv, hd, nh = S["num_kv_heads"], S["head_dim"], S["num_heads"]
+
+    def piece_ms(fn):  # as the decode step runs them: CUDA-graph replays (eager timing adds ~10 us of launch each)
+        return graph_ms(fn, dev) if dev.type == "cuda" else T.ms(fn, n=args.iters)
     k = choice.get(B, {}).get("kernel", "dequant") if choice else "dequant"
     lin_key = {"triton": "triton", "gemv": "kd_gemv", "bnb": "bnb_gemv", "cuda": "kd_cuda"}.get(k, "dequant_cublas")
     lin_layer = choice[B]["layer_ms"].get(lin_key, float("nan")) if choice else float("nan")
     head_w = torch.randn(V, H, device=dev, dtype=torch.bfloat16) * 0.02
     x = torch.randn(B, H, device=dev, dtype=torch.bfloat16)
-    head = T.ms(lambda: F.linear(x, head_w), n=args.iters)
+    head = piece_ms(lambda: F.linear(x, head_w))
     q = torch.randn(B, nkv, nh // nkv, hd, device=dev, dtype=torch.bfloat16)
     kc = torch.randn(B, nkv, ctx, hd, device=dev, dtype=torch.bfloat16)
     vc = torch.randn_like(kc)
@@ -406,11 +414,11 @@ def piece_breakdown(args, S, dev, T, B, ctx, choice, step80_ms):
 
         def attn():  # noqa: F811
             return DA.decode_attention(q3, kc, vc, mask, scale=hd ** -0.5, last=last)
-    att = T.ms(attn, n=args.iters)
+    att = piece_ms(attn)
     logits = torch.randn(B, V, device=dev) * 3
     seeds = torch.tensor([sample_seed(0, i) for i in range(B)], device=dev)
     st = torch.tensor([5], device=dev)
-    smp = T.ms(lambda: sample_next(logits, SamplingParams(temperature=0.7, top_p=0.9), seeds, st), n=args.iters)
+    smp = piece_ms(lambda: sample_next(logits, SamplingParams(temperature=0.7, top_p=0.9), seeds, st))
     cost = decode_step_cost(B, ctx, num_layers=80, **{kk: S[kk] for kk in S})
     floor_b = 1e3 * cost.bytes / RES["ceiling"]["copy_bytes_per_s"]
     floor_f = 1e3 * cost.flops / RES["ceiling"]["matmul_flops_per_s"]
@@ -451,6 +459,8 @@ def main():
     ap.add_argument("--new-tokens-b1", type=int, default=None, help="answer length at batch 1 (default 32)")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--skip", default="", help="comma list of: kernels,today,ours,ours_fp8,hf,breakdown")
+    ap.add_argument("--ahead", default="", help="comma list of SM carve-outs: also run ours / ours_fp8 with "
+                    "StaticDecoder(dequant_ahead=c) at batches > 64 (paths ours_ahead<c>, ours_fp8_ahead<c>)")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -500,6 +510,8 @@ def main():
     def gen_runs(model, path):
         """Every batch size at both depths through one engine, failures recorded (the bench goes on)."""
         for B in batches:
+            if "_ahead" in path and B <= 64:  # DequantAhead acts on the dequantise + GEMM route only
+                continue
             for nl in (la, lb):
                 try:
                     r = run_ours(args, S, dev, T, cut(model, nl), B, n_new1 if B == 1 else n_new, path, choice)
@@ -512,14 +524,16 @@ def main():
                 emit(f"gen {path} B={B} layers={nl}", **r)
                 save()
 
-    for path in ("today", "ours"):
-        if path not in skip:
+    aheads = [f"_ahead{int(c)}" for c in filter(None, args.ahead.split(","))]
+    for path in ["today", "ours"] + ["ours" + a for a in aheads]:
+        if path not in skip and path.split("_ahead")[0] not in skip:
             gen_runs(model, path)
     del model
     gc.collect()
     if "ours_fp8" not in skip:  # issue 12's second decode option: the nf4_fp8 teacher (same weights, FP8 GEMM)
         model = build_teacher(S, lb, dev, precision="nf4_fp8")
-        gen_runs(model, "ours_fp8")
+        for path in ["ours_fp8"] + ["ours_fp8" + a for a in aheads]:
+            gen_runs(model, path)
         del model
         gc.collect()
     if dev.type == "cuda":
@@ -586,8 +600,14 @@ def main():
     names = {"today": "today (eager, dequant + cuBLAS)", "ours": "kd.teacher.static_decode (graphs, fused NF4)",
              "ours_fp8": "kd.teacher.static_decode, nf4_fp8 teacher (graphs, FP8 GEMM)",
              "hf": "transformers generate + bnb NF4"}
-    for path in ("today", "ours", "ours_fp8", "hf"):
+    for a in aheads:
+        names["ours" + a] = f"{names['ours']}, dequant_ahead={a[6:]}"
+        names["ours_fp8" + a] = f"{names['ours_fp8']}, dequant_ahead={a[6:]}"
+    for path in ["today", "ours"] + ["ours" + a for a in aheads] + ["ours_fp8"] + ["ours_fp8" + a for a in aheads] \
+            + ["hf"]:
         for B in batches:
+            if "_ahead" in path and B <= 64:
+                continue
             e = ext.get((path, B))
             if e:
                 log(f"| {names[path]} | {B} | {e['decode_ms_per_step']:.1f} | {e['decode_tokens_per_s']:,.1f} | "
@@ -613,6 +633,11 @@ def main():
         f512 = ext.get(("ours_fp8", 512), {}).get("decode_tokens_per_s")
         log(f"nf4_fp8 teacher, batch 512: {f512 and f'{f512:,.0f}'} tok/s "
             f"({'MET' if f512 and f512 >= 3000 else 'MISSED'} against 3000)")
+        for a in aheads:
+            for path in ("ours" + a, "ours_fp8" + a):
+                t = ext.get((path, 512), {}).get("decode_tokens_per_s")
+                log(f"{path}, batch 512: {t and f'{t:,.0f}'} tok/s ({'MET' if t and t >= 3000 else 'MISSED'} "
+                    f"against 3000)")
         log(f"targets: batch 1 >= 40 tok/s: {t1 and f'{t1:.1f}'} {'MET' if t1 and t1 >= 40 else 'MISSED'}; "
             f"batch 512 >= 3000 tok/s: {t512 and f'{t512:,.0f}'} {'MET' if t512 and t512 >= 3000 else 'MISSED'}")
     log("DECODE BENCH DONE")

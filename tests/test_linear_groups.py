@@ -56,8 +56,8 @@ def _fake_kernels(monkeypatch):
     real = P.nf4_to_fp8
 
     def to8(w, inv, impl="auto", out=None):
-        out.copy_(real(w, inv, impl="torch"))
-        return out
+        ref = real(w, inv, impl="torch")
+        return ref if out is None else out.copy_(ref)
 
     monkeypatch.setattr(nf4_cuda, "dequant", deq)
     monkeypatch.setattr(P, "nf4_to_fp8", to8)
@@ -121,3 +121,95 @@ def test_gpu_nf4_to_fp8_cuda_bit_exact():
         buf = torch.empty(N + 16, K, dtype=torch.float8_e4m3fn, device="cuda")
         P.nf4_to_fp8(w4, inv, out=buf[16:])
         assert torch.equal(buf[16:].view(torch.uint8), ref.view(torch.uint8))
+
+
+def _layer_order(ahead):
+    """Every projection group in a decode step's call order (layer by layer: q/k/v, output, w1/w3, w2)."""
+    return [g for grps in ahead.layers for g in grps]
+
+
+@pytest.mark.parametrize("precision", ["nf4", "nf4_fp8"])
+def test_dequant_ahead_pass_matches_the_direct_route(monkeypatch, precision):
+    """On CPU (issue order = stream order) a pass takes every weight from the half of the double buffer that the
+    pass filled one layer ahead: outputs bit-equal to dequantise-then-GEMM. Three layers with different weights,
+    so a GEMM reading the wrong half (or a half overwritten too early) fails; an out-of-order call abandons the pass
+    and still returns the right outputs; the output / w2 fallback is used where the route does not apply."""
+    from torchtune.models.qwen2 import qwen2
+
+    from kd.teacher import precision as P
+
+    torch.manual_seed(5)
+    m = qwen2(vocab_size=96, num_layers=3, num_heads=4, num_kv_heads=2, embed_dim=256, intermediate_dim=384,
+              max_seq_len=64, norm_eps=1e-6).to(torch.bfloat16)
+    for p in m.parameters():
+        p.data.normal_(0, 0.05)
+    for layer in m.layers:
+        P.quantize_layer_(layer, precision)
+    m.eval()
+    groups = LG.LinearGroups(m, ahead_carveout=8, device=torch.device("cpu"))
+    ahead = groups.ahead
+    assert ahead is not None and len(ahead.layers) == 3 and len(ahead.singles) == 6
+    order = _layer_order(ahead)
+    assert [len(g.mods) for g in order[:4]] == [3, 1, 2, 1]
+    _fake_kernels(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(5, 1, u.mods[0].in_features, generator=g).to(torch.bfloat16) for u in order]
+    with torch.no_grad():
+        ref = [u.gemm(x, u.dequant_into(None, x.device)) for u, x in zip(order, xs)]
+        for _ in range(2):  # two passes: the second reuses the buffers
+            for u, x, r in zip(order, xs, ref):
+                got = groups.call(u, x)
+                assert all(torch.equal(a, b) for a, b in zip(got, r)), u
+        assert ahead.n_passes == 2 and len(ahead.halves) == 2
+        # out of order (layer 0's w1/w3 before its output projection): abandoned, right outputs, no pass counted
+        got = [groups.call(order[0], xs[0]), groups.call(order[2], xs[2]), groups.call(order[1], xs[1])]
+        for a, r in zip(got, (ref[0], ref[2], ref[1])):
+            assert all(torch.equal(p, q) for p, q in zip(a, r))
+        assert ahead.n_passes == 2
+        # the next layer-0 q/k/v starts a fresh pass that completes
+        for u, x, r in zip(order, xs, ref):
+            assert all(torch.equal(a, b) for a, b in zip(groups.call(u, x), r))
+        assert ahead.n_passes == 3
+        # a call that does not take the route runs the fallback (the module's class forward for output / w2)
+        monkeypatch.setattr(LG.LinearGroup, "fused_here", lambda self, x: False)
+        mod, single = ahead.singles[0]
+        x = xs[1]
+        assert torch.equal(ahead.run(single, x, fallback=lambda: (type(mod).forward(mod, x),))[0], mod(x))
+        ahead.close()
+        assert ahead.halves == []
+
+
+def test_dequant_ahead_needs_every_layer_grouped():
+    """A decoder whose projections are not all NF4 (here: bf16 linears) gets no DequantAhead: nothing changes."""
+    from torchtune.models.qwen2 import qwen2
+
+    m = qwen2(vocab_size=96, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=256, intermediate_dim=384,
+              max_seq_len=64, norm_eps=1e-6)
+    groups = LG.LinearGroups(m, ahead_carveout=8, device=torch.device("cpu"))
+    assert groups.ahead is None and len(groups) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["nf4", "nf4_fp8"])
+def test_gpu_static_decoder_dequant_ahead_same_tokens(precision):
+    """StaticDecoder with DequantAhead (side stream, SM carve-out, CUDA graphs) gives the tokens of the same decoder
+    without it, and every captured step ran its layers ahead."""
+    from kd.teacher import nf4_cuda
+    from kd.teacher.generation import install_last_token_head
+    from kd.teacher.static_decode import StaticDecoder
+
+    if not nf4_cuda.available(torch.device("cuda")):
+        pytest.skip(nf4_cuda.why_unavailable(torch.device("cuda")))
+    m = _tiny(precision, "cuda", seed=4)
+    install_last_token_head(m)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 90, (int(n),), generator=g).tolist() for n in torch.randint(3, 9, (300,), generator=g)]
+    toks = {}
+    for ahead in (None, 16):
+        dec = StaticDecoder(m, device=torch.device("cuda"), dequant_ahead=ahead, attn_bucket=16)
+        gens = dec.generate(prompts, max_new_tokens=12, stop_ids=[], pad_id=95)
+        toks[ahead] = [x.tokens for x in gens]
+        if ahead is not None:
+            assert dec.groups.ahead is not None and dec.groups.ahead.n_passes > 0 and dec.n_captures > 0
+        dec.close()
+    assert toks[16] == toks[None]

@@ -16,13 +16,15 @@ the sums are cuBLAS's over a wider matrix: equal to the separate GEMMs up to acc
 """
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LinearGroup", "LinearGroups"]
+__all__ = ["LinearGroup", "LinearGroups", "DequantAhead", "sm_carveout"]
 
 
 def _kind(mods: Sequence[nn.Module]) -> Optional[str]:
@@ -92,34 +94,66 @@ class LinearGroup:
         return self._scale[device]
 
     # ---- run ----------------------------------------------------------------------------------------------
-    def __call__(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        if not self.fused_here(x):
-            return tuple(m(x) for m in self.mods)
-        K = x.shape[-1]
-        N = sum(self.sizes)
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype the GEMM reads the stacked weight in (bf16 for NF4, e4m3 for nf4_fp8)."""
+        if self.kind == "nf4":
+            return torch.bfloat16
+        from kd.teacher.precision import FP8_DTYPE
+
+        return FP8_DTYPE
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the stacked weight ``[sum N_i, K]`` in :attr:`weight_dtype`."""
+        return sum(self.sizes) * self.mods[0].in_features * torch.empty((), dtype=self.weight_dtype).element_size()
+
+    def dequant_into(self, buf: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """Every member's weight dequantised into its rows of one ``[sum N_i, K]`` matrix (on the current stream):
+        a view of the flat uint8 ``buf`` (at least :attr:`weight_bytes`), or a new tensor when ``buf`` is None."""
+        K, N = self.mods[0].in_features, sum(self.sizes)
+        if buf is None:
+            w = torch.empty(N, K, dtype=self.weight_dtype, device=device)
+        else:
+            w = buf[: self.weight_bytes].view(self.weight_dtype).view(N, K)
         if self.kind == "nf4":
             from kd.teacher import nf4_cuda
             from kd.teacher.nf4_decode import decode_scalers
 
-            w = torch.empty(N, K, dtype=torch.bfloat16, device=x.device)
             for m, off, n in zip(self.mods, self.offsets, self.sizes):
                 nf4_cuda.dequant(m.weight, decode_scalers(m.weight), out=w[off:off + n])
+        else:
+            from kd.teacher.precision import nf4_to_fp8
+
+            for m, off, n in zip(self.mods, self.offsets, self.sizes):
+                nf4_to_fp8(m.weight, m.weight_inv_scale, out=w[off:off + n])
+        return w
+
+    def gemm(self, x: torch.Tensor, w: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """``x [..., K]`` times the stacked weight ``w`` (from :meth:`dequant_into`), split into the members'
+        outputs (column views)."""
+        if self.kind == "nf4":
             y = F.linear(x, w, self.bias(x.device, x.dtype))
         else:
-            from kd.teacher.precision import FP8_DTYPE, fp8_linear, nf4_to_fp8
+            from kd.teacher.precision import fp8_linear
 
-            w8 = torch.empty(N, K, dtype=FP8_DTYPE, device=x.device)
-            for m, off, n in zip(self.mods, self.offsets, self.sizes):
-                nf4_to_fp8(m.weight, m.weight_inv_scale, out=w8[off:off + n])
-            y = fp8_linear(x, w8, self.row_scale(x.device), self.bias(x.device, torch.bfloat16))
+            y = fp8_linear(x, w, self.row_scale(x.device), self.bias(x.device, torch.bfloat16))
         return tuple(y[..., off:off + n] for off, n in zip(self.offsets, self.sizes))
+
+    def __call__(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        if not self.fused_here(x):
+            return tuple(m(x) for m in self.mods)
+        return self.gemm(x, self.dequant_into(None, x.device))
 
 
 class LinearGroups:
     """The groups of a torchtune decoder: ``attn[id(attention)]`` (q, k, v) and ``ffn[id(feed_forward)]`` (w1, w3),
-    for the members that can be grouped (see :class:`LinearGroup`)."""
+    for the members that can be grouped (see :class:`LinearGroup`). With ``ahead_carveout`` (an SM count, see
+    :class:`DequantAhead`) also ``ahead``, which then runs every projection of a decode step; call sites go through
+    :meth:`call`."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, ahead_carveout: Optional[int] = None,
+                 device: Optional[torch.device] = None):
         from torchtune.modules import FeedForward, MultiHeadAttention
 
         self.attn: Dict[int, LinearGroup] = {}
@@ -133,9 +167,194 @@ class LinearGroups:
                 g = LinearGroup([m.w1, m.w3])
                 if g.kind is not None:
                     self.ffn[id(m)] = g
+        self.ahead: Optional[DequantAhead] = None
+        if ahead_carveout is not None:
+            ahead = DequantAhead(model, self, int(ahead_carveout), torch.device(device or "cuda"))
+            self.ahead = ahead if ahead.layers else None
 
     def __len__(self) -> int:
         return len(self.attn) + len(self.ffn)
 
     def members(self) -> List[LinearGroup]:
         return list(self.attn.values()) + list(self.ffn.values())
+
+    def call(self, grp: LinearGroup, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """``grp(x)``, through :attr:`ahead` when there is one."""
+        return self.ahead.run(grp, x) if self.ahead is not None else grp(x)
+
+
+@contextmanager
+def sm_carveout(c: int):
+    """cuBLAS(Lt) GEMMs issued inside leave ``c`` SMs free (``CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET`` through
+    PyTorch's experimental carve-out, which only the cuBLASLt path reads: the preferred BLAS library is cuBLASLt
+    inside). Both settings are restored on exit."""
+    prev_c = torch._C._get_sm_carveout_experimental()
+    prev_lib = torch.backends.cuda.preferred_blas_library()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "temporary experimental mitigation": known, measured (see DequantAhead)
+        torch._C._set_sm_carveout_experimental(int(c))
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+    try:
+        yield
+    finally:
+        torch._C._set_sm_carveout_experimental(prev_c)
+        torch.backends.cuda.preferred_blas_library(prev_lib)
+
+
+def carveout_supported() -> bool:
+    return hasattr(torch._C, "_set_sm_carveout_experimental") and hasattr(torch.backends.cuda,
+                                                                           "preferred_blas_library")
+
+
+class DequantAhead:
+    """Large-batch CUDA decode steps: layer ``l + 1``'s projection weights are dequantised on a low-priority side
+    stream, on the ``carveout`` SMs that layer ``l``'s GEMMs leave free, into the spare half of a double buffer.
+
+    Why: at batch 512 a 72B layer's GEMMs are compute-bound (1.14 ms, bf16 at the chip's ceiling) and its NF4
+    dequantisation is memory-bound (~0.57 ms); run one after the other they add up. Dequantising the *next
+    projection* on a side stream without a carve-out overlapped nothing (cuBLAS's persistent Hopper GEMM takes every
+    SM's register file; 1.784 vs 1.783 ms per layer, session 7). ``bench/overlap_probe.py`` times carve-outs and
+    stream priorities; docs/offline.md has the measurements.
+
+    Every decoder layer must have its four projection groups (q/k/v, output, w1/w3, w2) of one kind, else
+    :attr:`layers` is empty and nothing changes. A pass is a decode step calling the groups in layer order through
+    :meth:`run`: at layer ``l``'s q/k/v the side stream dequantises layer ``l + 1`` into half ``(l + 1) % 2`` (after
+    layer ``l - 1``'s GEMMs, the last readers of that half, are done), and the current stream waits for layer
+    ``l``'s weights; the last layer's w2 joins the side stream (so a CUDA-graph capture closes). A call out of that
+    order, or one that does not take the one-GEMM route, abandons the pass (joins the side stream) and runs as
+    :class:`LinearGroup` would. Memory: two layers' weights in the GEMM's dtype (2 x 1.75 GB bf16 for the 72B
+    teacher), allocated at the first pass (an eager warm-up step; never inside a capture).
+    """
+
+    POSITIONS = ("qkv", "output", "w1w3", "w2")
+
+    def __init__(self, model: nn.Module, groups: LinearGroups, carveout: int, device: torch.device):
+        from torchtune.modules import FeedForward, MultiHeadAttention
+
+        self.carveout, self.device = int(carveout), torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.layers: List[List[LinearGroup]] = []
+        self.singles: List[Tuple[nn.Module, LinearGroup]] = []  # (output_proj / w2 module, its group of one)
+        for layer in getattr(model, "layers", []):
+            attn = next((m for m in layer.modules() if isinstance(m, MultiHeadAttention)), None)
+            ffn = next((m for m in layer.modules() if type(m) is FeedForward), None)
+            qkv = groups.attn.get(id(attn)) if attn is not None else None
+            up = groups.ffn.get(id(ffn)) if ffn is not None else None
+            if qkv is None or up is None:
+                self.layers = []
+                break
+            out, down = LinearGroup([attn.output_proj]), LinearGroup([ffn.w2])
+            if not (qkv.kind == out.kind == up.kind == down.kind):
+                self.layers = []
+                break
+            self.layers.append([qkv, out, up, down])
+            self.singles += [(attn.output_proj, out), (ffn.w2, down)]
+        if not self.layers:
+            self.singles = []
+        self.where = {id(g): (i, k) for i, grps in enumerate(self.layers) for k, g in enumerate(grps)}
+        self.halves: List[List[torch.Tensor]] = []  # [2][4] flat uint8 buffers
+        self.side = None
+        self.n_passes = 0  # passes that ran every layer ahead (tests, logs)
+        self._idle()
+
+    def _idle(self) -> None:
+        self._next: Optional[Tuple[int, int]] = (0, 0)
+        self._ready: Dict[int, object] = {}
+        self._free: Dict[int, object] = {}
+        self._forked = False
+
+    # ---- streams (no-ops off CUDA, where everything runs in issue order) -------------------------------------
+    def _main(self):
+        return torch.cuda.current_stream(self.device) if self.cuda else None
+
+    def _record(self, stream):
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(stream)
+        return ev
+
+    def _alloc(self) -> bool:
+        if self.halves:
+            return True
+        if self.cuda and torch.cuda.is_current_stream_capturing():
+            return False  # buffers come from an eager pass, never from a graph's pool
+        need = [max(grps[k].weight_bytes for grps in self.layers) for k in range(4)]
+        self.halves = [[torch.empty(n, dtype=torch.uint8, device=self.device) for n in need] for _ in range(2)]
+        if self.cuda:
+            # CUDA's lowest priority (0); the decoder runs its steps on a high-priority stream, so that when both
+            # have blocks waiting, the GEMM's are placed first
+            self.side = torch.cuda.Stream(self.device, priority=0)
+        return True
+
+    def _issue(self, layer: int) -> None:
+        half = self.halves[layer % 2]
+        if self.cuda:
+            if layer - 2 in self._free:
+                self.side.wait_event(self._free.pop(layer - 2))
+            with torch.cuda.stream(self.side):
+                for k, g in enumerate(self.layers[layer]):
+                    g.dequant_into(half[k], self.device)
+        else:
+            for k, g in enumerate(self.layers[layer]):
+                g.dequant_into(half[k], self.device)
+        self._ready[layer] = self._record(self.side)
+
+    def _join(self) -> None:
+        if self.cuda and self._forked:
+            self._main().wait_stream(self.side)
+        self._idle()
+
+    def abandon(self) -> None:
+        """End a pass early (joins the side stream); the next q/k/v of layer 0 starts a new one."""
+        self._join()
+
+    # ---- run ----------------------------------------------------------------------------------------------
+    def run(self, grp: LinearGroup, x: torch.Tensor, fallback=None) -> Tuple[torch.Tensor, ...]:
+        """``grp``'s outputs for ``x`` (a tuple, one per member). ``fallback()`` computes them where the pass does
+        not apply (default ``grp(x)``; the output / w2 modules pass their class forward, since their own forward
+        is patched to come here)."""
+        pos = self.where.get(id(grp))
+        if pos is None or not grp.fused_here(x):
+            if self._next != (0, 0):
+                self.abandon()
+            return fallback() if fallback is not None else grp(x)
+        if pos == (0, 0) and self._next != (0, 0):
+            self.abandon()  # a new step began before the last one finished (e.g. an exception): start over
+        if pos != self._next or (pos == (0, 0) and not self._alloc()):
+            self.abandon()
+            self._next = None  # nothing ahead until the next layer-0 q/k/v
+            return grp(x) if fallback is None else fallback()
+        layer, k = pos
+        if pos == (0, 0):
+            if self.cuda:
+                self.side.wait_stream(self._main())  # fork (the side stream joins a capture here)
+            self._forked = True
+            self._issue(0)
+        if k == 0:
+            if layer + 1 < len(self.layers):
+                self._issue(layer + 1)
+            ev = self._ready.pop(layer)
+            if self.cuda:
+                self._main().wait_event(ev)
+        w = self.halves[layer % 2][k]
+        w = w[: grp.weight_bytes].view(grp.weight_dtype).view(sum(grp.sizes), grp.mods[0].in_features)
+        if self.cuda:
+            with sm_carveout(self.carveout):
+                y = grp.gemm(x, w)
+        else:
+            y = grp.gemm(x, w)
+        if k < 3:
+            self._next = (layer, k + 1)
+        else:
+            self._free[layer] = self._record(self._main())
+            self._next = (layer + 1, 0)
+            if layer + 1 == len(self.layers):
+                self._join()
+                self.n_passes += 1
+        return y
+
+    def close(self) -> None:
+        """Free the buffers (a pass in flight is abandoned)."""
+        self.abandon()
+        self.halves = []

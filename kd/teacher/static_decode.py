@@ -35,6 +35,7 @@ estimate of generation time on other hardware: ``max(bytes / bandwidth, flops / 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -58,7 +59,7 @@ from kd.teacher.generation import (
     teardown_kv_caches,
     to_generations,
 )
-from kd.teacher.linear_groups import LinearGroups
+from kd.teacher.linear_groups import LinearGroups, carveout_supported
 from kd.teacher.nf4 import set_decode_
 
 __all__ = ["StaticDecoder", "DecodeStepCost", "decode_step_cost", "QWEN2_5_72B_SHAPE"]
@@ -143,7 +144,7 @@ def _static_decode_forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = No
     if x.shape[1] != 1 or mask is None or self.kv_cache is None:
         return type(self).forward(self, x, y, mask=mask, input_pos=input_pos)
     grp = step.groups.attn.get(id(self)) if step.groups is not None else None
-    q, k, v = decode_qkv(self, x, y, input_pos, qkv=grp)
+    q, k, v = decode_qkv(self, x, y, input_pos, qkv=partial(step.groups.call, grp) if grp is not None else None)
     kc, vc = self.kv_cache.k_cache, self.kv_cache.v_cache
     kc.index_copy_(2, step.slot, k.to(kc.dtype))
     vc.index_copy_(2, step.slot, v.to(vc.dtype))
@@ -218,8 +219,9 @@ class _Glue:
 
 class fused_glue(patched_forwards):
     """Context manager: the decode step's RMSNorms, Qwen2 RoPEs and SiLU feed-forwards run :class:`_Glue`'s
-    compiled functions (``enabled=False``: none of that), and feed-forwards in ``groups`` run w1 and w3 through
-    their :class:`kd.teacher.linear_groups.LinearGroup` (one GEMM where that pays)."""
+    compiled functions (``enabled=False``: none of that), feed-forwards in ``groups`` run w1 and w3 through
+    their :class:`kd.teacher.linear_groups.LinearGroup` (one GEMM where that pays), and with ``groups.ahead`` the
+    output projections and w2 go through that :class:`kd.teacher.linear_groups.DequantAhead` too."""
 
     def __init__(self, model: nn.Module, enabled: bool = True, groups: Optional[LinearGroups] = None):
         self.mods = []
@@ -234,7 +236,11 @@ class fused_glue(patched_forwards):
             elif type(m) is FeedForward and isinstance(m.activation, nn.SiLU) and m.w3 is not None:
                 grp = groups.ffn.get(id(m)) if groups is not None else None
                 if enabled or grp is not None:  # the gate compiled, and/or w1 and w3 as one GEMM
-                    self.mods.append((m, partial(self._ffn, m, grp, enabled)))
+                    run = partial(groups.call, grp) if grp is not None else None
+                    self.mods.append((m, partial(self._ffn, m, run, enabled)))
+        ahead = groups.ahead if groups is not None else None
+        for m, grp in (ahead.singles if ahead is not None else ()):  # output_proj, w2: through the pass too
+            self.mods.append((m, partial(self._single, m, grp, ahead)))
 
     @staticmethod
     def _rms(m, x):
@@ -247,8 +253,12 @@ class fused_glue(patched_forwards):
         return _Glue.call(1, lambda: type(m).forward(m, x, input_pos=input_pos), x, m.cache, input_pos)
 
     @staticmethod
-    def _ffn(m, grp, glue: bool, x):
-        a, b = grp(x) if grp is not None else (m.w1(x), m.w3(x))
+    def _single(m, grp, ahead, x):
+        return ahead.run(grp, x, fallback=lambda: (type(m).forward(m, x),))[0]
+
+    @staticmethod
+    def _ffn(m, run, glue: bool, x):
+        a, b = run(x) if run is not None else (m.w1(x), m.w3(x))
         if not glue:
             return m.w2(m.activation(a) * b)
         return m.w2(_Glue.call(2, lambda: m.activation(a) * b, a, b))
@@ -326,12 +336,15 @@ class StaticDecoder:
         fused_attention: on CUDA with Triton, a decode step's attention is one kernel reading only the filled slots
             (:mod:`kd.teacher.decode_attention`), for batches with at least one (row, KV head) per SM (smaller ones
             keep the batched-GEMM path, which spreads a row's work over more SMs).
+        dequant_ahead: with ``fuse_linears``, the number of SMs the GEMMs leave to dequantising the next layer's
+            weights on a side stream (:class:`kd.teacher.linear_groups.DequantAhead`; steps then run on a
+            high-priority stream); ``None``: off.
     """
 
     def __init__(self, model: nn.Module, *, device: torch.device, cache_dtype: Optional[torch.dtype] = None,
                  cuda_graphs: Optional[bool] = None, attn_bucket: int = 256, check_every: int = 16,
                  nf4_kernel: Optional[str] = "auto", nf4_fused_max_batch: int = 64, fuse_glue: bool = True,
-                 fuse_linears: bool = True, fused_attention: bool = True):
+                 fuse_linears: bool = True, fused_attention: bool = True, dequant_ahead: Optional[int] = None):
         if not isinstance(model.output, LastTokenHead):
             raise ValueError("StaticDecoder needs install_last_token_head(model) first")
         self.model = model
@@ -346,7 +359,17 @@ class StaticDecoder:
         self.nf4_kernel = nf4_kernel
         self.nf4_fused_max_batch = int(nf4_fused_max_batch)
         self.fuse_glue = bool(fuse_glue) and self.device.type == "cuda"
-        self.groups = LinearGroups(model) if fuse_linears and self.device.type == "cuda" else None
+        cuda = self.device.type == "cuda"
+        if dequant_ahead is not None:
+            sms = torch.cuda.get_device_properties(self.device).multi_processor_count if cuda else None
+            if int(dequant_ahead) < 0 or (sms is not None and int(dequant_ahead) >= sms):
+                raise ValueError(f"kd: dequant_ahead is a number of SMs in [0, {sms or 'SM count'}) "
+                                 f"(got {dequant_ahead})")
+        ahead = dequant_ahead if cuda and carveout_supported() else None
+        self.groups = LinearGroups(model, ahead_carveout=ahead, device=self.device) if fuse_linears and cuda else None
+        # the decode steps' stream when a DequantAhead runs: high priority, above its side stream's
+        self._stream = (torch.cuda.Stream(self.device, priority=-100)
+                        if self.groups is not None and self.groups.ahead is not None else None)
         from kd.teacher import decode_attention
 
         self.fused_attention = bool(fused_attention) and decode_attention.available(self.device)
@@ -385,6 +408,8 @@ class StaticDecoder:
             self._bucket.graphs.clear()
             self._bucket = None
             teardown_kv_caches(self.model)
+            if self.groups is not None and self.groups.ahead is not None:
+                self.groups.ahead.close()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -417,7 +442,7 @@ class StaticDecoder:
             self._pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
-        with torch.cuda.graph(g, pool=self._pool):
+        with torch.cuda.graph(g, pool=self._pool, stream=self._stream):
             self._step(bk, Lc, params, pad_id)  # recorded, not run
         bk.graphs[Lc] = g
         self.n_captures += 1
@@ -479,25 +504,33 @@ class StaticDecoder:
             bk.s.fill_(0)
             bk.q.fill_(P)
             n_steps = 1
-            timing = self.last_timing = DecodeTiming(self.device)
-            timing.mark()
             pending: List[Tuple[object, torch.Tensor]] = []
             step = _StepKernels(slot=bk.q, first=bk.first, groups=self.groups,
                                 fused_attention=self.fused_attention and self._attention_fills_gpu(B))
+            if self._stream is not None:
+                self._stream.wait_stream(torch.cuda.current_stream(self.device))
             with patched_attention(self.model, partial(_static_decode_forward, step=step)), \
-                    fused_glue(self.model, self.fuse_glue, self.groups):
+                    fused_glue(self.model, self.fuse_glue, self.groups), self._steps_stream():
+                timing = self.last_timing = DecodeTiming(self.device)
+                timing.mark()
                 for s in range(max_new_tokens - 1):
                     if s % self.check_every == 0 and self._all_done(bk, pending):
                         break
                     Lc = min(L, int(math.ceil((P + s + 1) / self.attn_bucket) * self.attn_bucket))
                     self._run_step(bk, Lc, params, pad_id)
                     n_steps = s + 2
-            timing.mark()
-            timing.steps = n_steps - 1
+                timing.mark()
+                timing.steps = n_steps - 1
+            if self._stream is not None:
+                torch.cuda.current_stream(self.device).wait_stream(self._stream)
         finally:
             if n_dec:
                 set_decode_(self.model, None)
         return to_generations(bk.out[:n_real, :n_steps].cpu().tolist(), stops, max_new_tokens)
+
+    def _steps_stream(self):
+        """Where decode steps run: :attr:`_stream` when set (a :class:`DequantAhead` pass), else the current one."""
+        return torch.cuda.stream(self._stream) if self._stream is not None else nullcontext()
 
     def _attention_fills_gpu(self, B: int) -> bool:
         from torchtune.modules import MultiHeadAttention

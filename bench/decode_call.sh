@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One device call (one H200 or H100) for issue 12's decode figures, everything compared in the same call:
+#   1. bench/overlap_probe.py: one 72B layer at batch 512, dequantisation of the next layer on a side stream under
+#      SM carve-outs / stream priorities vs serial (kd.teacher.linear_groups.DequantAhead's mechanism);
+#   2. bench/decode_bench.py: static decode (NF4 auto, nf4_fp8), each also with dequant_ahead at the probe's best
+#      carve-out and 16 / 32, the per-kernel pieces, the transformers + bitsandbytes anchor, the breakdown;
+#   3. the GPU tests of the decode modules.
+# Needs carry [".whl", ".whlb"] (docs/benchmarks.md's wheels + bitsandbytes==0.50.2, manylinux x86_64).
+#   device tool: bash bench/decode_call.sh        (~8 min; writes $OUT/{overlap_probe,decode_bench}.{json,log})
+set -o pipefail
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl .whlb/*.whl || exit 1
+rm -rf /tmp/site/recipes  # torchtune's top-level `recipes` package would shadow ./recipes
+export PYTHONPATH=$PWD:/tmp/site
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu --format=csv
+timeout 150 python3 bench/overlap_probe.py --out "$OUT" 2>&1 | grep -v -i warn > "$OUT/overlap_probe.log"
+grep -E '"name"' "$OUT/overlap_probe.log" | cut -c1-200
+AHEAD=$(python3 - "$OUT/overlap_probe.json" <<'PY'
+import json, re, sys
+try:
+    rows = {r["name"]: r for r in json.load(open(sys.argv[1]))["rows"]}
+    best = re.search(r"c=(\d+)", rows["summary"]["best_ahead"]).group(1)
+except Exception:
+    best = "16"
+print(",".join(sorted({best, "16", "32"}, key=int)))
+PY
+)
+echo "decode bench with dequant_ahead carve-outs: $AHEAD"
+timeout 360 python3 bench/decode_bench.py --layers 2,6 --skip today --ahead "$AHEAD" --out "$OUT" \
+    > "$OUT/decode_bench.log" 2>&1
+echo "bench rc=$?"
+sed -n '/^## decode/,$p' "$OUT/decode_bench.log" | grep -v "^per-layer"
+nvidia-smi --query-gpu=clocks.sm,power.draw,temperature.gpu --format=csv,noheader
+timeout 110 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_linear_groups.py tests/test_nf4_cuda.py \
+    tests/test_decode_attention.py 2>&1 | tail -8
