@@ -11,16 +11,16 @@ from torch import nn
 from kd.teacher import linear_groups as LG
 
 
-def _tiny(precision: str, device="cpu", seed=0):
-    """A 2-layer torchtune Qwen2 (bf16, q/k/v of unequal widths with biases) with NF4 / nf4_fp8 linears (every
+def _tiny(precision: str, device="cpu", seed=0, num_layers=2):
+    """A ``num_layers``-layer torchtune Qwen2 (bf16, q/k/v of unequal widths with biases) with NF4 / nf4_fp8 linears (every
     weight a whole number of torchao's 256-block scaler groups)."""
     from torchtune.models.qwen2 import qwen2
 
     from kd.teacher import precision as P
 
     torch.manual_seed(seed)
-    m = qwen2(vocab_size=96, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=256, intermediate_dim=384,
-              max_seq_len=64, norm_eps=1e-6).to(torch.bfloat16)
+    m = qwen2(vocab_size=96, num_layers=num_layers, num_heads=4, num_kv_heads=2, embed_dim=256,
+              intermediate_dim=384, max_seq_len=64, norm_eps=1e-6).to(torch.bfloat16)
     for p in m.parameters():
         p.data.normal_(0, 0.05)
     for layer in m.layers:
@@ -134,18 +134,7 @@ def test_dequant_ahead_pass_matches_the_direct_route(monkeypatch, precision):
     pass filled one layer ahead: outputs bit-equal to dequantise-then-GEMM. Three layers with different weights,
     so a GEMM reading the wrong half (or a half overwritten too early) fails; an out-of-order call abandons the pass
     and still returns the right outputs; the output / w2 fallback is used where the route does not apply."""
-    from torchtune.models.qwen2 import qwen2
-
-    from kd.teacher import precision as P
-
-    torch.manual_seed(5)
-    m = qwen2(vocab_size=96, num_layers=3, num_heads=4, num_kv_heads=2, embed_dim=256, intermediate_dim=384,
-              max_seq_len=64, norm_eps=1e-6).to(torch.bfloat16)
-    for p in m.parameters():
-        p.data.normal_(0, 0.05)
-    for layer in m.layers:
-        P.quantize_layer_(layer, precision)
-    m.eval()
+    m = _tiny(precision, seed=5, num_layers=3)
     groups = LG.LinearGroups(m, ahead_carveout=8, device=torch.device("cpu"))
     ahead = groups.ahead
     assert ahead is not None and len(ahead.layers) == 3 and len(ahead.singles) == 6
