@@ -4,7 +4,7 @@
 #      SM carve-outs / stream priorities vs serial (kd.teacher.linear_groups.DequantAhead's mechanism);
 #   2. bench/decode_bench.py: static decode (NF4 auto, nf4_fp8), each also with dequant_ahead at the probe's best
 #      carve-out and 16 / 32, the per-kernel pieces, the transformers + bitsandbytes anchor, the breakdown;
-#   3. the GPU tests of the decode modules.
+#   3. the GPU tests of the modules these change (linear groups / DequantAhead, the CUDA NF4 kernels).
 # Needs carry [".whl", ".whlb"] (docs/benchmarks.md's wheels + bitsandbytes==0.50.2, manylinux x86_64).
 #   device tool: bash bench/decode_call.sh        (~8 min; writes $OUT/{overlap_probe,decode_bench}.{json,log})
 set -o pipefail
@@ -34,4 +34,4 @@ echo "bench rc=$?"
 sed -n '/^## decode/,$p' "$OUT/decode_bench.log" | grep -v "^per-layer"
 nvidia-smi --query-gpu=clocks.sm,power.draw,temperature.gpu --format=csv,noheader
 timeout 110 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_linear_groups.py tests/test_nf4_cuda.py \
-    tests/test_decode_attention.py 2>&1 | tail -8
+    2>&1 | tail -8
