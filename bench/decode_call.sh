@@ -33,5 +33,5 @@ timeout 360 python3 bench/decode_bench.py --layers 2,6 --skip today --ahead "$AH
 echo "bench rc=$?"
 sed -n '/^## decode/,$p' "$OUT/decode_bench.log" | grep -v "^per-layer"
 nvidia-smi --query-gpu=clocks.sm,power.draw,temperature.gpu --format=csv,noheader
-timeout 110 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_linear_groups.py tests/test_nf4_cuda.py \
-    2>&1 | tail -8
+timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_linear_groups.py tests/test_nf4_cuda.py \
+    -k "ahead or bit_exact or dequant" 2>&1 | tail -8
