@@ -7,6 +7,7 @@
 #   3. the GPU tests of the modules these change (linear groups / DequantAhead, the CUDA NF4 kernels).
 # Needs carry [".whl", ".whlb"] (docs/benchmarks.md's wheels + bitsandbytes==0.50.2, manylinux x86_64).
 #   device tool: bash bench/decode_call.sh        (~8 min; writes $OUT/{overlap_probe,decode_bench}.{json,log})
+#   shorter: PROBE_CARVEOUTS=0,16,32 BENCH_SKIP=today,kernels EXTRA_AHEAD= bash bench/decode_call.sh
 set -o pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -15,23 +16,23 @@ rm -rf /tmp/site/recipes  # torchtune's top-level `recipes` package would shadow
 export PYTHONPATH=$PWD:/tmp/site
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu --format=csv
-timeout 150 python3 bench/overlap_probe.py --out "$OUT" 2>&1 | grep -v -i warn > "$OUT/overlap_probe.log"
+timeout 150 python3 bench/overlap_probe.py --carveouts "${PROBE_CARVEOUTS:-0,8,16,24,32,48}" --out "$OUT" 2>&1 | grep -v -i warn > "$OUT/overlap_probe.log"
 grep -E '"name"' "$OUT/overlap_probe.log" | cut -c1-200
-AHEAD=$(python3 - "$OUT/overlap_probe.json" <<'PY'
+AHEAD=$(python3 - "$OUT/overlap_probe.json" ${EXTRA_AHEAD-32} <<'PY'
 import json, re, sys
 try:
     rows = {r["name"]: r for r in json.load(open(sys.argv[1]))["rows"]}
     best = re.search(r"c=(\d+)", rows["summary"]["best_ahead"]).group(1)
 except Exception:
     best = "16"
-print(",".join(sorted({best, "16", "32"}, key=int)))
+print(",".join(sorted({best, "16"} | set(sys.argv[2:]), key=int)))
 PY
 )
 echo "decode bench with dequant_ahead carve-outs: $AHEAD"
-timeout 360 python3 bench/decode_bench.py --layers 2,6 --skip today --ahead "$AHEAD" --out "$OUT" \
+timeout 360 python3 bench/decode_bench.py --layers 2,6 --skip "${BENCH_SKIP:-today}" --ahead "$AHEAD" --out "$OUT" \
     > "$OUT/decode_bench.log" 2>&1
 echo "bench rc=$?"
 sed -n '/^## decode/,$p' "$OUT/decode_bench.log" | grep -v "^per-layer"
 nvidia-smi --query-gpu=clocks.sm,power.draw,temperature.gpu --format=csv,noheader
-timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_linear_groups.py tests/test_nf4_cuda.py \
+timeout "${TEST_TIMEOUT:-100}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_linear_groups.py tests/test_nf4_cuda.py \
     -k "ahead or bit_exact or dequant" 2>&1 | tail -8
