@@ -8,6 +8,7 @@
 # Needs carry [".whl", ".whlb"] (docs/benchmarks.md's wheels + bitsandbytes==0.50.2, manylinux x86_64).
 #   device tool: bash bench/decode_call.sh        (~8 min; writes $OUT/{overlap_probe,decode_bench}.{json,log})
 #   shorter: PROBE_CARVEOUTS=0,16,32 BENCH_SKIP=today,kernels EXTRA_AHEAD= bash bench/decode_call.sh
+#   shortest: SKIP_PROBE=1 BENCH_SKIP=today,kernels,hf bash bench/decode_call.sh   (carve-outs 16 and 32)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -16,7 +17,7 @@ rm -rf /tmp/site/recipes  # torchtune's top-level `recipes` package would shadow
 export PYTHONPATH=$PWD:/tmp/site
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu --format=csv
-timeout 150 python3 bench/overlap_probe.py --carveouts "${PROBE_CARVEOUTS:-0,8,16,24,32,48}" --out "$OUT" 2>&1 | grep -v -i warn > "$OUT/overlap_probe.log"
+[ -n "${SKIP_PROBE:-}" ] || timeout 150 python3 bench/overlap_probe.py --carveouts "${PROBE_CARVEOUTS:-0,8,16,24,32,48}" --out "$OUT" 2>&1 | grep -v -i warn > "$OUT/overlap_probe.log"
 grep -E '"name"' "$OUT/overlap_probe.log" | cut -c1-200
 AHEAD=$(python3 - "$OUT/overlap_probe.json" ${EXTRA_AHEAD-32} <<'PY'
 import json, re, sys
