@@ -60,10 +60,10 @@ class Hardware:
     decode_bw_eff: float = 1.0
     # the static decode engine as built (kd's CUDA NF4 kernels, CUDA graphs, fused glue), calibrated on the H200:
     gemv_bw_eff: float = 0.48  # <= 8 rows: the 4-bit GEMV's share of the memory bandwidth (0.111 / 0.233 ms per layer)
-    decode_gemm_eff: float = 0.98  # > 8 rows: bf16 cuBLAS at M = 512, 1.227 ms per 72B layer = 733 TFLOP/s
-    dequant_bw_eff: float = 0.90  # > 8 rows: NF4 -> bf16 copy, 2.5 B/weight, 0.58 ms per layer = 3.8 TB/s
+    decode_gemm_eff: float = 1.0  # > 8 rows: grouped bf16 GEMMs at M = 512, 1.1385 ms per 72B layer = 789 TFLOP/s
+    dequant_bw_eff: float = 0.85  # > 8 rows: NF4 -> bf16 copy, 2.5 B/weight, 0.617 ms per layer = 3.56 TB/s
     static_overhead_ms: float = 4.8  # per step beyond the linears and the KV cache: head, sampler, glue (batch 1)
-    static_overhead_ms_per_row: float = 0.072  # ... growing with the rows (attention matmuls, glue): batch 512
+    static_overhead_ms_per_row: float = 0.0306  # ... growing with the rows (attention, glue): batch 512
     measured: bool = True
     sources: Dict[str, str] = field(default_factory=dict)
 
@@ -76,9 +76,11 @@ class Hardware:
 #  - head: fused KD+CE head fwd+bwd, 8,192 tokens, V=152,064, 73.8 ms = 38.3 TFLOP -> 519 TFLOP/s = 0.70;
 #  - decode: batch-1 NF4 generation 6.2 tokens/s = 161 ms per step against 75 ms of weight traffic
 #    (4.5 B x 70 B weights at 4.19 TB/s) -> 86 ms of fixed per-step overhead (the eager path, "today");
-#  - static decode (bench/logs/decode_bench_h200_s5.json): 23.4 ms per step at batch 1 = 80 x 0.233 ms of kd CUDA
-#    GEMV + 4.8 ms; 191.1 ms at batch 512 = 80 x 1.806 ms of CUDA dequantisation + cuBLAS + 5.1 ms of KV cache +
-#    41.5 ms -> the static_* and *_eff fields (two points, a line in the rows).
+#  - static decode: 23.4 ms per step at batch 1 (bench/logs/decode_bench_h200_s5.json) = 80 x 0.233 ms of kd CUDA
+#    GEMV + 4.8 ms; 171.4 ms at batch 512 (bench/logs/decode_bench_h200_s6_call3.json; 171.6 in session 7) = 80 x
+#    (1.1385 ms of grouped GEMMs, 789 TFLOP/s, above the 745 reference: efficiency capped at 1.0, + 0.617 ms of
+#    CUDA dequantisation, 3.56 TB/s; bench/logs/decode_profile_h200_s6_call2_b512_nf4.log) + 5.2 ms of KV cache +
+#    4.8 + 15.6 ms (0.0306 per row) -> the static_* and *_eff fields (two points, a line in the rows).
 H200 = Hardware(
     name="h200", bf16_tflops=745.0, fp8_tflops=1380.0, mem_gbps=4190.0, interconnect_gbps=25.0,
     teacher_eff=0.84, student_eff=0.54, head_eff=0.70, disk_gbps=1.0, decode_overhead_ms=86.0,

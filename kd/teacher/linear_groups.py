@@ -13,6 +13,9 @@ splits the product back into the members' outputs (column views). Only where tha
 take anyway -- CUDA, more rows than ``kd.teacher.nf4_decode``'s GEMV/tiled kernels cover, NVRTC working; anything
 else (CPU, small batches, other weights) runs the members as before, so CPU decoding stays bit-identical. On the GPU
 the sums are cuBLAS's over a wider matrix: equal to the separate GEMMs up to accumulation order.
+
+:class:`DequantAhead` (opt-in, ``StaticDecoder(dequant_ahead=SMs)``) runs every projection of a decode step from
+a double buffer that a low-priority side stream fills one layer ahead, on SMs the GEMMs leave free.
 """
 from __future__ import annotations
 
@@ -214,7 +217,8 @@ class DequantAhead:
     dequantisation is memory-bound (~0.57 ms); run one after the other they add up. Dequantising the *next
     projection* on a side stream without a carve-out overlapped nothing (cuBLAS's persistent Hopper GEMM takes every
     SM's register file; 1.784 vs 1.783 ms per layer, session 7). ``bench/overlap_probe.py`` times carve-outs and
-    stream priorities; docs/offline.md has the measurements.
+    stream priorities, ``bench/decode_bench.py --ahead`` the decoder with it; neither has run on a GPU yet
+    (docs/offline.md, "Sessions 7-8"), so it is off unless asked for.
 
     Every decoder layer must have its four projection groups (q/k/v, output, w1/w3, w2) of one kind, else
     :attr:`layers` is empty and nothing changes. A pass is a decode step calling the groups in layer order through
