@@ -5,7 +5,11 @@
 #   2. bench/decode_bench.py: static decode (NF4 auto, nf4_fp8), each also with dequant_ahead at the probe's best
 #      carve-out and 16 / 32, the per-kernel pieces, the transformers + bitsandbytes anchor, the breakdown;
 #   3. the GPU tests of the modules these change (linear groups / DequantAhead, the CUDA NF4 kernels).
-# Needs carry [".whl", ".whlb"] (docs/benchmarks.md's wheels + bitsandbytes==0.50.2, manylinux x86_64).
+# Needs carry [".whl", ".whlb"] (docs/benchmarks.md's wheels + bitsandbytes==0.50.2, manylinux x86_64; ~54 MiB).
+# Here, once: pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 (and
+# the other manylinux tags) -d .whl torchtune==0.6.1 torchao==0.15.0 omegaconf==2.4.0 torchdata==0.11.0 datasets dill
+# multiprocess blobfile kagglehub kagglesdk pycryptodomex; antlr4-python3-runtime 4.9.3 has no wheel on the index:
+# pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3; bitsandbytes==0.50.2 the same way into .whlb.
 #   device tool: bash bench/decode_call.sh        (~8 min; writes $OUT/{overlap_probe,decode_bench}.{json,log})
 #   shorter: PROBE_CARVEOUTS=0,16,32 BENCH_SKIP=today,kernels EXTRA_AHEAD= bash bench/decode_call.sh
 #   shortest: SKIP_PROBE=1 BENCH_SKIP=today,kernels,hf bash bench/decode_call.sh   (carve-outs 16 and 32)
