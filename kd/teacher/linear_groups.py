@@ -20,7 +20,7 @@ a double buffer that a low-priority side stream fills one layer ahead, on SMs th
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -114,11 +114,10 @@ class LinearGroup:
     def dequant_into(self, buf: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
         """Every member's weight dequantised into its rows of one ``[sum N_i, K]`` matrix (on the current stream):
         a view of the flat uint8 ``buf`` (at least :attr:`weight_bytes`), or a new tensor when ``buf`` is None."""
-        K, N = self.mods[0].in_features, sum(self.sizes)
         if buf is None:
-            w = torch.empty(N, K, dtype=self.weight_dtype, device=device)
+            w = torch.empty(sum(self.sizes), self.mods[0].in_features, dtype=self.weight_dtype, device=device)
         else:
-            w = buf[: self.weight_bytes].view(self.weight_dtype).view(N, K)
+            w = self.weight_in(buf)
         if self.kind == "nf4":
             from kd.teacher import nf4_cuda
             from kd.teacher.nf4_decode import decode_scalers
@@ -131,6 +130,10 @@ class LinearGroup:
             for m, off, n in zip(self.mods, self.offsets, self.sizes):
                 nf4_to_fp8(m.weight, m.weight_inv_scale, out=w[off:off + n])
         return w
+
+    def weight_in(self, buf: torch.Tensor) -> torch.Tensor:
+        """The stacked ``[sum N_i, K]`` weight as a view of the flat uint8 ``buf`` (at least :attr:`weight_bytes`)."""
+        return buf[: self.weight_bytes].view(self.weight_dtype).view(sum(self.sizes), self.mods[0].in_features)
 
     def gemm(self, x: torch.Tensor, w: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """``x [..., K]`` times the stacked weight ``w`` (from :meth:`dequant_into`), split into the members'
@@ -230,8 +233,6 @@ class DequantAhead:
     teacher), allocated at the first pass (an eager warm-up step; never inside a capture).
     """
 
-    POSITIONS = ("qkv", "output", "w1w3", "w2")
-
     def __init__(self, model: nn.Module, groups: LinearGroups, carveout: int, device: torch.device):
         from torchtune.modules import FeedForward, MultiHeadAttention
 
@@ -293,13 +294,9 @@ class DequantAhead:
 
     def _issue(self, layer: int) -> None:
         half = self.halves[layer % 2]
-        if self.cuda:
-            if layer - 2 in self._free:
-                self.side.wait_event(self._free.pop(layer - 2))
-            with torch.cuda.stream(self.side):
-                for k, g in enumerate(self.layers[layer]):
-                    g.dequant_into(half[k], self.device)
-        else:
+        if self.cuda and layer - 2 in self._free:
+            self.side.wait_event(self._free.pop(layer - 2))  # layer l-1's GEMMs, the last readers of this half
+        with torch.cuda.stream(self.side) if self.cuda else nullcontext():
             for k, g in enumerate(self.layers[layer]):
                 g.dequant_into(half[k], self.device)
         self._ready[layer] = self._record(self.side)
@@ -341,13 +338,8 @@ class DequantAhead:
             ev = self._ready.pop(layer)
             if self.cuda:
                 self._main().wait_event(ev)
-        w = self.halves[layer % 2][k]
-        w = w[: grp.weight_bytes].view(grp.weight_dtype).view(sum(grp.sizes), grp.mods[0].in_features)
-        if self.cuda:
-            with sm_carveout(self.carveout):
-                y = grp.gemm(x, w)
-        else:
-            y = grp.gemm(x, w)
+        with sm_carveout(self.carveout) if self.cuda else nullcontext():
+            y = grp.gemm(x, grp.weight_in(self.halves[layer % 2][k]))
         if k < 3:
             self._next = (layer, k + 1)
         else:
