@@ -271,8 +271,9 @@ def run_ours(args, S, dev, T, model, B, n_new, engine, choice):
         else:
             k = c["kernel"]
             kw_dec = dict(nf4_kernel=None if k == "dequant" else k, nf4_fused_max_batch=B if k != "dequant" else 0)
-        if ahead:
-            kw_dec["dequant_ahead"] = int(ahead)
+        if ahead:  # "16": cuBLAS with cublasSetSmCountTarget; "16lt": cuBLASLt with PyTorch's carve-out
+            kw_dec["dequant_ahead"] = int(ahead.removesuffix("lt"))
+            kw_dec["dequant_ahead_blas"] = "cublaslt" if ahead.endswith("lt") else "cublas"
         dec = StaticDecoder(model, device=dev, cache_dtype=torch.bfloat16, cuda_graphs=dev.type == "cuda", **kw_dec)
 
         def call(n):
@@ -460,7 +461,8 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--skip", default="", help="comma list of: kernels,today,ours,ours_fp8,hf,breakdown")
     ap.add_argument("--ahead", default="", help="comma list of SM carve-outs: also run ours / ours_fp8 with "
-                    "StaticDecoder(dequant_ahead=c) at batches > 64 (paths ours_ahead<c>, ours_fp8_ahead<c>)")
+                    "StaticDecoder(dequant_ahead=c) at batches > 64 (paths ours_ahead<c>, ours_fp8_ahead<c>; "
+                    "<c>lt: with dequant_ahead_blas='cublaslt')")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -524,7 +526,8 @@ def main():
                 emit(f"gen {path} B={B} layers={nl}", **r)
                 save()
 
-    aheads = [f"_ahead{int(c)}" for c in filter(None, args.ahead.split(","))]
+    aheads = [f"_ahead{int(c.removesuffix('lt'))}{'lt' if c.endswith('lt') else ''}"
+              for c in filter(None, args.ahead.split(","))]
     for path in ["today", "ours"] + ["ours" + a for a in aheads]:
         if path not in skip and path.split("_ahead")[0] not in skip:
             gen_runs(model, path)
@@ -532,7 +535,7 @@ def main():
     gc.collect()
     if "ours_fp8" not in skip:  # issue 12's second decode option: the nf4_fp8 teacher (same weights, FP8 GEMM)
         model = build_teacher(S, lb, dev, precision="nf4_fp8")
-        for path in ["ours_fp8"] + ["ours_fp8" + a for a in aheads]:
+        for path in ["ours_fp8"] + ["ours_fp8" + a for a in aheads if not a.endswith("lt")]:  # _scaled_mm: cuBLASLt
             gen_runs(model, path)
         del model
         gc.collect()
@@ -601,9 +604,11 @@ def main():
              "ours_fp8": "kd.teacher.static_decode, nf4_fp8 teacher (graphs, FP8 GEMM)",
              "hf": "transformers generate + bnb NF4"}
     for a in aheads:
-        names["ours" + a] = f"{names['ours']}, dequant_ahead={a[6:]}"
-        names["ours_fp8" + a] = f"{names['ours_fp8']}, dequant_ahead={a[6:]}"
-    for path in ["today", "ours"] + ["ours" + a for a in aheads] + ["ours_fp8"] + ["ours_fp8" + a for a in aheads] \
+        how = f"dequant_ahead={a[6:].removesuffix('lt')}" + (" (cuBLASLt)" if a.endswith("lt") else "")
+        names["ours" + a] = f"{names['ours']}, {how}"
+        names["ours_fp8" + a] = f"{names['ours_fp8']}, {how}"
+    fp8_aheads = [a for a in aheads if not a.endswith("lt")]
+    for path in ["today", "ours"] + ["ours" + a for a in aheads] + ["ours_fp8"] + ["ours_fp8" + a for a in fp8_aheads] \
             + ["hf"]:
         for B in batches:
             if "_ahead" in path and B <= 64:
@@ -634,7 +639,7 @@ def main():
         log(f"nf4_fp8 teacher, batch 512: {f512 and f'{f512:,.0f}'} tok/s "
             f"({'MET' if f512 and f512 >= 3000 else 'MISSED'} against 3000)")
         for a in aheads:
-            for path in ("ours" + a, "ours_fp8" + a):
+            for path in ("ours" + a,) + (("ours_fp8" + a,) if a in fp8_aheads else ()):
                 t = ext.get((path, 512), {}).get("decode_tokens_per_s")
                 log(f"{path}, batch 512: {t and f'{t:,.0f}'} tok/s ({'MET' if t and t >= 3000 else 'MISSED'} "
                     f"against 3000)")

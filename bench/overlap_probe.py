@@ -80,7 +80,7 @@ class Probe:
             self.sms = torch.cuda.get_device_properties(dev).multi_processor_count
 
     # ---- pieces --------------------------------------------------------------------------------------------
-    def dequant_group(self, ws, out, grid_mode="all", smem=0, blocks=0):
+    def dequant_group(self, ws, out):
         off = 0
         for w in ws:
             n = w.shape[0]
@@ -89,10 +89,8 @@ class Probe:
                 dst.copy_(w.get_original_weight())
             else:
                 n_words = w.shape[0] * w.shape[1] // 8
-                grid = -(-n_words // 1024) if grid_mode == "all" else max(1, min(blocks, -(-n_words // 1024)))
-                self.kernel(grid=(grid, 1, 1), block=(256, 1, 1),
-                            args=[w.quantized_data, self.scal[id(w)], self.nc._lut(w, False), dst, n_words],
-                            shared_mem=smem)
+                self.kernel(grid=(-(-n_words // 1024), 1, 1), block=(256, 1, 1),
+                            args=[w.quantized_data, self.scal[id(w)], self.nc._lut(w, False), dst, n_words])
             off += n
         return out
 
@@ -109,9 +107,9 @@ class Probe:
                 outs.append(self.gemm_group(gi, w))
         return outs
 
-    def gemm_only(self, n_layers, carveout=None):
+    def gemm_only(self, n_layers, carveout=None, blas="cublaslt"):
         outs = []
-        with Carveout(carveout):
+        with Carveout(carveout, blas):
             for _ in range(n_layers):
                 for gi in range(len(self.groups)):
                     outs.append(self.gemm_group(gi, self.bufs[0][gi]))
@@ -123,7 +121,7 @@ class Probe:
             for gi in range(len(self.groups)):
                 self.dequant_group(ws[gi], self.bufs[0][gi])
 
-    def ahead(self, n_layers, side, carveout=None, grid_mode="all", blocks=0, smem=0):
+    def ahead(self, n_layers, side, carveout=None, blas="cublaslt"):
         """Layer l's GEMMs on the current stream read half l % 2; layer l+1's weights are dequantised on ``side``
         into half (l+1) % 2 meanwhile, once layer l-1's GEMMs (the last readers of that half) are done."""
         main = torch.cuda.current_stream(self.dev) if self.cuda else None
@@ -137,7 +135,7 @@ class Probe:
                     side.wait_event(free[layer - 2])
                 with torch.cuda.stream(side):
                     for gi in range(len(self.groups)):
-                        self.dequant_group(ws[gi], half[gi], grid_mode, smem, blocks)
+                        self.dequant_group(ws[gi], half[gi])
                     ready[layer] = torch.cuda.Event()
                     ready[layer].record(side)
             else:
@@ -153,7 +151,7 @@ class Probe:
                 issue(layer + 1)
             if self.cuda:
                 main.wait_event(ready[layer])
-            with Carveout(carveout):
+            with Carveout(carveout, blas):
                 for gi in range(len(self.groups)):
                     outs.append(self.gemm_group(gi, self.bufs[layer % 2][gi]))
             if self.cuda:
@@ -164,20 +162,16 @@ class Probe:
         return outs
 
 
-class Carveout:
-    """GEMMs issued inside leave ``c`` SMs free (cuBLASLt SM count target; None = no carve-out)."""
+def Carveout(c, blas="cublaslt"):
+    """GEMMs issued inside leave ``c`` SMs free (:func:`kd.teacher.linear_groups.sm_carveout`; None: no carve-out):
+    ``blas="cublaslt"`` through PyTorch's cuBLASLt carve-out, ``"cublas"`` through cuBLAS's SM-count target."""
+    from contextlib import nullcontext
 
-    def __init__(self, c):
-        self.c = c
+    if c is None or not torch.cuda.is_available():
+        return nullcontext()
+    from kd.teacher.linear_groups import sm_carveout
 
-    def __enter__(self):
-        if self.c is not None and torch.cuda.is_available():
-            self.prev = torch._C._get_sm_carveout_experimental()
-            torch._C._set_sm_carveout_experimental(self.c)
-
-    def __exit__(self, *exc):
-        if self.c is not None and torch.cuda.is_available():
-            torch._C._set_sm_carveout_experimental(self.prev)
+    return sm_carveout(c, blas)
 
 
 def graph_ms(fn, dev, stream, replays=10, calls=1):
@@ -233,7 +227,7 @@ def main():
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--carveouts", default="0,8,16,24,32,48")
+    ap.add_argument("--carveouts", default="0,8,16,24,32")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -281,28 +275,32 @@ def main():
         t("serial", lambda: p.serial(L))
         t("dequant_only", lambda: p.dequant_only(L))
         t("gemm_only cublas", lambda: p.gemm_only(L))
+        cs = [int(c) for c in args.carveouts.split(",")]
+        for c in cs:  # cuBLAS with cublasSetSmCountTarget (kd's default since session 9)
+            if c:
+                t(f"gemm_only cublas smtarget carveout={c}", lambda c=c: p.gemm_only(L, c, "cublas"))
+        t("ahead c=none equal-priority", lambda: p.ahead(L, lo_side), stream=eq_main, check=True)
+        for c in cs:
+            t(f"ahead c={c} prio", lambda c=c: p.ahead(L, lo_side, c, blas="cublas"), check=True)
+        # cuBLASLt with PyTorch's carve-out (sessions 7-8's mechanism). Session 9 (H100) also timed the side kernel
+        # as a few resident blocks (2.25 / 2.20 ms at c=16 / 32 vs 1.94 / 2.11 for many short blocks) and c=48
+        # (2.20 ms): both dropped
         torch.backends.cuda.preferred_blas_library("cublaslt")
         t("gemm_only cublaslt", lambda: p.gemm_only(L))
-        cs = [int(c) for c in args.carveouts.split(",")]
         for c in cs:
             if c:
                 t(f"gemm_only cublaslt carveout={c}", lambda c=c: p.gemm_only(L, c))
-        t("ahead c=none equal-priority", lambda: p.ahead(L, lo_side), stream=eq_main, check=True)
         for c in cs:
-            t(f"ahead c={c} prio", lambda c=c: p.ahead(L, lo_side, c), check=True)
-        for c in (16, 32):  # the side kernel as a few resident blocks (8 per SM, 26 KB each) instead of many short ones
-            t(f"ahead c={c} prio persistent-dequant", lambda c=c: p.ahead(L, lo_side, c, "persist", 8 * c, 26 * 1024),
-              check=True)
-        t("ahead c=16 equal-priority", lambda: p.ahead(L, lo_side, 16), stream=eq_main, check=True)
+            t(f"ahead c={c} prio lt", lambda c=c: p.ahead(L, lo_side, c), check=True)
+        torch.backends.cuda.preferred_blas_library("cublas")
         eager = {}
         for c in (None, 16):
             try:
-                eager[str(c)] = eager_ms(lambda c=c: p.ahead(L, lo_side, c), dev, hi) / L
+                eager[str(c)] = eager_ms(lambda c=c: p.ahead(L, lo_side, c, blas="cublas"), dev, hi) / L
             except Exception as e:  # noqa: BLE001
                 eager[str(c)] = repr(e)[:200]
         eager["serial"] = eager_ms(lambda: p.serial(L), dev, hi) / L
         emit("eager (no graph) per-layer ms", **eager)
-        torch.backends.cuda.preferred_blas_library("cublas")
         ok = [(v["per_layer_ms"], k) for k, v in rows.items() if k.startswith("ahead") and "per_layer_ms" in v
               and v.get("relerr_vs_serial", 1) < 1e-2]
         if ok and "per_layer_ms" in rows["serial"]:

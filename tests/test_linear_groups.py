@@ -194,11 +194,45 @@ def test_gpu_static_decoder_dequant_ahead_same_tokens(precision):
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 90, (int(n),), generator=g).tolist() for n in torch.randint(3, 9, (300,), generator=g)]
     toks = {}
-    for ahead in (None, 16):
-        dec = StaticDecoder(m, device=torch.device("cuda"), dequant_ahead=ahead, attn_bucket=16)
+    for ahead, blas in ((None, "cublas"), (16, "cublas"), (16, "cublaslt")):
+        dec = StaticDecoder(m, device=torch.device("cuda"), dequant_ahead=ahead, dequant_ahead_blas=blas,
+                            attn_bucket=16)
         gens = dec.generate(prompts, max_new_tokens=12, stop_ids=[], pad_id=95)
-        toks[ahead] = [x.tokens for x in gens]
+        toks[ahead, blas] = [x.tokens for x in gens]
         if ahead is not None:
             assert dec.groups.ahead is not None and dec.groups.ahead.n_passes > 0 and dec.n_captures > 0
+            assert dec.groups.ahead.blas == blas
         dec.close()
-    assert toks[16] == toks[None]
+    assert toks[16, "cublas"] == toks[None, "cublas"]
+    assert toks[16, "cublaslt"] == toks[None, "cublas"]
+
+
+def test_sm_carveout_rejects_an_unknown_library():
+    with pytest.raises(ValueError, match="cublas"):
+        with LG.sm_carveout(8, "cutlass"):
+            pass
+    m = _tiny("nf4")
+    with pytest.raises(ValueError, match="cublas"):
+        LG.LinearGroups(m, ahead_carveout=8, device=torch.device("cpu"), ahead_blas="cutlass")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("blas", ["cublas", "cublaslt"])
+def test_gpu_sm_carveout_runs_and_restores(blas):
+    """GEMMs under a carve-out give the product (cuBLAS's own rounding: a different kernel may sum in another
+    order), cuBLAS's SM-count function is found, and the BLAS settings are PyTorch's again afterwards."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(512, 1024, device="cuda", generator=g).to(torch.bfloat16)
+    w = torch.randn(3072, 1024, device="cuda", generator=g).to(torch.bfloat16)
+    bias = torch.randn(3072, device="cuda", generator=g).to(torch.bfloat16)
+    ref = x.double() @ w.double().T
+    lib, c = torch.backends.cuda.preferred_blas_library(), torch._C._get_sm_carveout_experimental()
+    with LG.sm_carveout(16, blas):
+        y, yb = F.linear(x, w), F.linear(x, w, bias)
+    torch.cuda.synchronize()
+    assert ((y.double() - ref).norm() / ref.norm()) < 5e-3
+    assert ((yb.double() - ref - bias.double()).norm() / ref.norm()) < 5e-3
+    assert torch.backends.cuda.preferred_blas_library() == lib and torch._C._get_sm_carveout_experimental() == c
+    assert LG._cublas_sm_count_target() is not None

@@ -159,7 +159,7 @@ class LinearGroups:
     :meth:`call`."""
 
     def __init__(self, model: nn.Module, ahead_carveout: Optional[int] = None,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, ahead_blas: str = "cublas"):
         from torchtune.modules import FeedForward, MultiHeadAttention
 
         self.attn: Dict[int, LinearGroup] = {}
@@ -175,7 +175,7 @@ class LinearGroups:
                     self.ffn[id(m)] = g
         self.ahead: Optional[DequantAhead] = None
         if ahead_carveout is not None:
-            ahead = DequantAhead(model, self, int(ahead_carveout), torch.device(device or "cuda"))
+            ahead = DequantAhead(model, self, int(ahead_carveout), torch.device(device or "cuda"), ahead_blas)
             self.ahead = ahead if ahead.layers else None
 
     def __len__(self) -> int:
@@ -189,20 +189,64 @@ class LinearGroups:
         return self.ahead.run(grp, x) if self.ahead is not None else grp(x)
 
 
+_SET_SM_TARGET: Dict[str, object] = {}
+
+
+def _cublas_sm_count_target():
+    """``cublasSetSmCountTarget`` of the libcublas this process has loaded (PyTorch's), or None.
+
+    Why not PyTorch's carve-out alone: ``torch._C._set_sm_carveout_experimental`` only reaches cuBLASLt
+    (``CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET``), and on the H100 cuBLASLt ran a 72B layer's batch-512 GEMMs in
+    1.367 ms against cuBLAS's 1.249 (bench/logs/overlap_probe_h100_s9_call1.log). cuBLAS has the same target
+    per handle; the library is found in ``/proc/self/maps`` so that the handle and the function are the same
+    library's (a second copy would not know the handle)."""
+    if "fn" not in _SET_SM_TARGET:
+        fn = None
+        try:
+            import ctypes
+
+            with open("/proc/self/maps") as f:
+                paths = {line.split()[-1] for line in f if "/libcublas.so" in line}
+            if paths:
+                lib = ctypes.CDLL(sorted(paths)[0])
+                fn = lib.cublasSetSmCountTarget
+                fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int], ctypes.c_int
+        except (OSError, AttributeError):
+            fn = None
+        if fn is None and not torch.cuda.is_available():
+            return None  # nothing loaded yet on a machine without CUDA: ask again later, it costs nothing
+        _SET_SM_TARGET["fn"] = fn
+    return _SET_SM_TARGET["fn"]
+
+
 @contextmanager
-def sm_carveout(c: int):
-    """cuBLAS(Lt) GEMMs issued inside leave ``c`` SMs free (``CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET`` through
-    PyTorch's experimental carve-out, which only the cuBLASLt path reads: the preferred BLAS library is cuBLASLt
-    inside). Both settings are restored on exit."""
+def sm_carveout(c: int, blas: str = "cublas"):
+    """GEMMs issued inside leave ``c`` SMs of the current device free. cuBLASLt calls (``_scaled_mm``, a linear
+    with a bias epilogue, everything with ``blas="cublaslt"``, which makes cuBLASLt the preferred library inside)
+    through PyTorch's experimental carve-out; with ``blas="cublas"`` the other GEMMs stay on cuBLAS and its handle
+    gets ``cublasSetSmCountTarget(SMs - c)`` (cuBLASLt everywhere if that function cannot be found). Every setting
+    is restored on exit."""
+    if blas not in ("cublas", "cublaslt"):
+        raise ValueError(f"kd: blas is 'cublas' or 'cublaslt' (got {blas!r})")
     prev_c = torch._C._get_sm_carveout_experimental()
     prev_lib = torch.backends.cuda.preferred_blas_library()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "temporary experimental mitigation": known, measured (see DequantAhead)
         torch._C._set_sm_carveout_experimental(int(c))
-    torch.backends.cuda.preferred_blas_library("cublaslt")
+    target = _cublas_sm_count_target() if blas == "cublas" else None
+    handle = None
+    if target is None:
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+    else:
+        handle = torch.cuda.current_blas_handle()
+        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        if target(handle, sms - int(c)) != 0:
+            raise RuntimeError(f"kd: cublasSetSmCountTarget({sms - int(c)}) failed")
     try:
         yield
     finally:
+        if handle is not None:
+            target(handle, 0)  # 0: cuBLAS's own choice again
         torch._C._set_sm_carveout_experimental(prev_c)
         torch.backends.cuda.preferred_blas_library(prev_lib)
 
@@ -233,10 +277,13 @@ class DequantAhead:
     teacher), allocated at the first pass (an eager warm-up step; never inside a capture).
     """
 
-    def __init__(self, model: nn.Module, groups: LinearGroups, carveout: int, device: torch.device):
+    def __init__(self, model: nn.Module, groups: LinearGroups, carveout: int, device: torch.device,
+                 blas: str = "cublas"):
         from torchtune.modules import FeedForward, MultiHeadAttention
 
-        self.carveout, self.device = int(carveout), torch.device(device)
+        if blas not in ("cublas", "cublaslt"):
+            raise ValueError(f"kd: blas is 'cublas' or 'cublaslt' (got {blas!r})")
+        self.carveout, self.device, self.blas = int(carveout), torch.device(device), blas
         self.cuda = self.device.type == "cuda"
         self.layers: List[List[LinearGroup]] = []
         self.singles: List[Tuple[nn.Module, LinearGroup]] = []  # (output_proj / w2 module, its group of one)
@@ -338,7 +385,7 @@ class DequantAhead:
             ev = self._ready.pop(layer)
             if self.cuda:
                 self._main().wait_event(ev)
-        with sm_carveout(self.carveout) if self.cuda else nullcontext():
+        with sm_carveout(self.carveout, self.blas) if self.cuda else nullcontext():
             y = grp.gemm(x, grp.weight_in(self.halves[layer % 2][k]))
         if k < 3:
             self._next = (layer, k + 1)

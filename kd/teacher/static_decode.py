@@ -338,13 +338,15 @@ class StaticDecoder:
             keep the batched-GEMM path, which spreads a row's work over more SMs).
         dequant_ahead: with ``fuse_linears``, the number of SMs the GEMMs leave to dequantising the next layer's
             weights on a side stream (:class:`kd.teacher.linear_groups.DequantAhead`; steps then run on a
-            high-priority stream); ``None``: off.
+            high-priority stream); ``None``: off. ``dequant_ahead_blas``: which library's SM-count target the
+            bf16 GEMMs use (:func:`kd.teacher.linear_groups.sm_carveout`).
     """
 
     def __init__(self, model: nn.Module, *, device: torch.device, cache_dtype: Optional[torch.dtype] = None,
                  cuda_graphs: Optional[bool] = None, attn_bucket: int = 256, check_every: int = 16,
                  nf4_kernel: Optional[str] = "auto", nf4_fused_max_batch: int = 64, fuse_glue: bool = True,
-                 fuse_linears: bool = True, fused_attention: bool = True, dequant_ahead: Optional[int] = None):
+                 fuse_linears: bool = True, fused_attention: bool = True, dequant_ahead: Optional[int] = None,
+                 dequant_ahead_blas: str = "cublas"):
         if not isinstance(model.output, LastTokenHead):
             raise ValueError("StaticDecoder needs install_last_token_head(model) first")
         self.model = model
@@ -366,7 +368,8 @@ class StaticDecoder:
                 raise ValueError(f"kd: dequant_ahead is a number of SMs in [0, {sms or 'SM count'}) "
                                  f"(got {dequant_ahead})")
         ahead = dequant_ahead if cuda and carveout_supported() else None
-        self.groups = LinearGroups(model, ahead_carveout=ahead, device=self.device) if fuse_linears and cuda else None
+        self.groups = LinearGroups(model, ahead_carveout=ahead, device=self.device, ahead_blas=dequant_ahead_blas) \
+            if fuse_linears and cuda else None
         # the decode steps' stream when a DequantAhead runs: high priority, above its side stream's
         self._stream = (torch.cuda.Stream(self.device, priority=-100)
                         if self.groups is not None and self.groups.ahead is not None else None)
