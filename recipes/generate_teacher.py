@@ -115,7 +115,8 @@ def _generate_mine(cfg: DictConfig, s: Dict, mine, n_mine: int, prompts, hashes,
         decoder = StaticDecoder(
             model, device=device, cache_dtype=dtype, cuda_graphs=s["cuda_graphs"] and device.type == "cuda",
             nf4_kernel=s["nf4_decode_kernel"] if s["teacher_quantization"] == "nf4" else None,
-            nf4_fused_max_batch=s["nf4_fused_max_batch"])
+            nf4_fused_max_batch=s["nf4_fused_max_batch"], dequant_ahead=s["dequant_ahead"],
+            dequant_ahead_blas=s["dequant_ahead_blas"])
     store.open_for_append(info.rank)
     kill_after = int(os.environ.get("KD_GEN_KILL_AFTER_BATCHES", "0"))  # crash test hook
     pbar = tqdm(total=n_mine, disable=not (info.is_rank_zero and s["progress_bar"]), desc="teacher",
