@@ -271,9 +271,9 @@ def run_ours(args, S, dev, T, model, B, n_new, engine, choice):
         else:
             k = c["kernel"]
             kw_dec = dict(nf4_kernel=None if k == "dequant" else k, nf4_fused_max_batch=B if k != "dequant" else 0)
-        if ahead:  # "16": cuBLAS with cublasSetSmCountTarget; "16lt": cuBLASLt with PyTorch's carve-out
-            kw_dec["dequant_ahead"] = int(ahead.removesuffix("lt"))
-            kw_dec["dequant_ahead_blas"] = "cublaslt" if ahead.endswith("lt") else "cublas"
+        if ahead:  # "16": cuBLASLt with PyTorch's carve-out (the default); "16cb": cuBLAS with cublasSetSmCountTarget
+            kw_dec["dequant_ahead"] = int(ahead.removesuffix("cb"))
+            kw_dec["dequant_ahead_blas"] = "cublas" if ahead.endswith("cb") else "cublaslt"
         dec = StaticDecoder(model, device=dev, cache_dtype=torch.bfloat16, cuda_graphs=dev.type == "cuda", **kw_dec)
 
         def call(n):
@@ -462,7 +462,7 @@ def main():
     ap.add_argument("--skip", default="", help="comma list of: kernels,today,ours,ours_fp8,hf,breakdown")
     ap.add_argument("--ahead", default="", help="comma list of SM carve-outs: also run ours / ours_fp8 with "
                     "StaticDecoder(dequant_ahead=c) at batches > 64 (paths ours_ahead<c>, ours_fp8_ahead<c>; "
-                    "<c>lt: with dequant_ahead_blas='cublaslt')")
+                    "<c>cb: with dequant_ahead_blas='cublas')")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -526,7 +526,7 @@ def main():
                 emit(f"gen {path} B={B} layers={nl}", **r)
                 save()
 
-    aheads = [f"_ahead{int(c.removesuffix('lt'))}{'lt' if c.endswith('lt') else ''}"
+    aheads = [f"_ahead{int(c.removesuffix('cb'))}{'cb' if c.endswith('cb') else ''}"
               for c in filter(None, args.ahead.split(","))]
     for path in ["today", "ours"] + ["ours" + a for a in aheads]:
         if path not in skip and path.split("_ahead")[0] not in skip:
@@ -535,7 +535,7 @@ def main():
     gc.collect()
     if "ours_fp8" not in skip:  # issue 12's second decode option: the nf4_fp8 teacher (same weights, FP8 GEMM)
         model = build_teacher(S, lb, dev, precision="nf4_fp8")
-        for path in ["ours_fp8"] + ["ours_fp8" + a for a in aheads if not a.endswith("lt")]:  # _scaled_mm: cuBLASLt
+        for path in ["ours_fp8"] + ["ours_fp8" + a for a in aheads if not a.endswith("cb")]:  # _scaled_mm: cuBLASLt
             gen_runs(model, path)
         del model
         gc.collect()
@@ -604,10 +604,10 @@ def main():
              "ours_fp8": "kd.teacher.static_decode, nf4_fp8 teacher (graphs, FP8 GEMM)",
              "hf": "transformers generate + bnb NF4"}
     for a in aheads:
-        how = f"dequant_ahead={a[6:].removesuffix('lt')}" + (" (cuBLASLt)" if a.endswith("lt") else "")
+        how = f"dequant_ahead={a[6:].removesuffix('cb')}" + (" (cuBLAS SM target)" if a.endswith("cb") else "")
         names["ours" + a] = f"{names['ours']}, {how}"
         names["ours_fp8" + a] = f"{names['ours_fp8']}, {how}"
-    fp8_aheads = [a for a in aheads if not a.endswith("lt")]
+    fp8_aheads = [a for a in aheads if not a.endswith("cb")]
     for path in ["today", "ours"] + ["ours" + a for a in aheads] + ["ours_fp8"] + ["ours_fp8" + a for a in fp8_aheads] \
             + ["hf"]:
         for B in batches:

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One device call (one H200 or H100) for issue 12's decode figures, everything compared in the same call:
 #   1. bench/overlap_probe.py: one 72B layer at batch 512, dequantisation of the next layer on a side stream under
-#      SM carve-outs (cuBLAS SM target / cuBLASLt) and stream priorities vs serial (DequantAhead's mechanism);
+#      SM carve-outs (cuBLASLt / cuBLAS SM target) and stream priorities vs serial (DequantAhead's mechanism);
 #   2. bench/decode_bench.py: static decode (NF4 auto, nf4_fp8), each also with dequant_ahead at the probe's best
-#      carve-out, 16, and EXTRA_AHEAD (default 16lt), at BATCHES (default 1,128,512), the per-kernel pieces, the transformers + bitsandbytes
+#      carve-out, 16, and EXTRA_AHEAD (default 16cb: cuBLAS's SM target), at BATCHES (default 1,128,512), the per-kernel pieces, the transformers + bitsandbytes
 #      anchor, the breakdown;
 #   3. the GPU tests of the modules these change (linear groups / DequantAhead, the CUDA NF4 kernels).
 # Needs carry [".whl", ".whlb"] (docs/benchmarks.md's wheels + bitsandbytes==0.50.2, manylinux x86_64; ~54 MiB).
@@ -24,15 +24,15 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu --format=csv
 [ -n "${SKIP_PROBE:-}" ] || timeout 150 python3 bench/overlap_probe.py --carveouts "${PROBE_CARVEOUTS:-0,8,16,24,32}" --out "$OUT" 2>&1 | grep -v -i warn > "$OUT/overlap_probe.log"
 grep -E '"name"' "$OUT/overlap_probe.log" | cut -c1-200
-AHEAD=$(python3 - "$OUT/overlap_probe.json" ${EXTRA_AHEAD-16lt} <<'PY'
+AHEAD=$(python3 - "$OUT/overlap_probe.json" ${EXTRA_AHEAD-16cb} <<'PY'
 import json, re, sys
-try:  # the probe's best pipelined row: "ahead c=24 prio" (cuBLAS SM target) or "ahead c=24 prio lt" (cuBLASLt)
+try:  # the probe's best pipelined row: "ahead c=24 prio" (cuBLASLt) or "ahead c=24 prio cublas" (cuBLAS SM target)
     rows = {r["name"]: r for r in json.load(open(sys.argv[1]))["rows"]}
     name = rows["summary"]["best_ahead"]
-    best = re.search(r"c=(\d+)", name).group(1) + ("lt" if name.endswith(" lt") else "")
+    best = re.search(r"c=(\d+)", name).group(1) + ("cb" if name.endswith(" cublas") else "")
 except Exception:
     best = "16"
-print(",".join(sorted({best, "16"} | set(sys.argv[2:]), key=lambda a: (int(a.rstrip("lt")), a))))
+print(",".join(sorted({best, "16"} | set(sys.argv[2:]), key=lambda a: (int(a.rstrip("cb")), a))))
 PY
 )
 echo "decode bench with dequant_ahead carve-outs: $AHEAD"

@@ -276,13 +276,13 @@ def main():
         t("dequant_only", lambda: p.dequant_only(L))
         t("gemm_only cublas", lambda: p.gemm_only(L))
         cs = [int(c) for c in args.carveouts.split(",")]
-        for c in cs:  # cuBLAS with cublasSetSmCountTarget (kd's default since session 9)
+        for c in cs:  # cuBLAS with cublasSetSmCountTarget (session 9's opt-in, dequant_ahead_blas="cublas")
             if c:
                 t(f"gemm_only cublas smtarget carveout={c}", lambda c=c: p.gemm_only(L, c, "cublas"))
         t("ahead c=none equal-priority", lambda: p.ahead(L, lo_side), stream=eq_main, check=True)
         for c in cs:
-            t(f"ahead c={c} prio", lambda c=c: p.ahead(L, lo_side, c, blas="cublas"), check=True)
-        # cuBLASLt with PyTorch's carve-out (sessions 7-8's mechanism). Session 9 (H100) also timed the side kernel
+            t(f"ahead c={c} prio cublas", lambda c=c: p.ahead(L, lo_side, c, blas="cublas"), check=True)
+        # cuBLASLt with PyTorch's carve-out (the default). Session 9 (H100) also timed the side kernel
         # as a few resident blocks (2.25 / 2.20 ms at c=16 / 32 vs 1.94 / 2.11 for many short blocks) and c=48
         # (2.20 ms): both dropped
         torch.backends.cuda.preferred_blas_library("cublaslt")
@@ -291,12 +291,12 @@ def main():
             if c:
                 t(f"gemm_only cublaslt carveout={c}", lambda c=c: p.gemm_only(L, c))
         for c in cs:
-            t(f"ahead c={c} prio lt", lambda c=c: p.ahead(L, lo_side, c), check=True)
+            t(f"ahead c={c} prio", lambda c=c: p.ahead(L, lo_side, c), check=True)
         torch.backends.cuda.preferred_blas_library("cublas")
         eager = {}
         for c in (None, 16):
             try:
-                eager[str(c)] = eager_ms(lambda c=c: p.ahead(L, lo_side, c, blas="cublas"), dev, hi) / L
+                eager[str(c)] = eager_ms(lambda c=c: p.ahead(L, lo_side, c), dev, hi) / L
             except Exception as e:  # noqa: BLE001
                 eager[str(c)] = repr(e)[:200]
         eager["serial"] = eager_ms(lambda: p.serial(L), dev, hi) / L

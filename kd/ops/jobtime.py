@@ -64,6 +64,7 @@ class Hardware:
     dequant_bw_eff: float = 0.85  # > 8 rows: NF4 -> bf16 copy, 2.5 B/weight, 0.617 ms per layer = 3.56 TB/s
     static_overhead_ms: float = 4.8  # per step beyond the linears and the KV cache: head, sampler, glue (batch 1)
     static_overhead_ms_per_row: float = 0.0306  # ... growing with the rows (attention, glue): batch 512
+    ahead_hidden_frac: float = 0.173  # dequant_ahead on (> 64 rows): share of the dequantisation time it saves
     measured: bool = True
     sources: Dict[str, str] = field(default_factory=dict)
 
@@ -80,7 +81,11 @@ class Hardware:
 #    GEMV + 4.8 ms; 171.4 ms at batch 512 (bench/logs/decode_bench_h200_s6_call3.json; 171.6 in session 7) = 80 x
 #    (1.1385 ms of grouped GEMMs, 789 TFLOP/s, above the 745 reference: efficiency capped at 1.0, + 0.617 ms of
 #    CUDA dequantisation, 3.56 TB/s; bench/logs/decode_profile_h200_s6_call2_b512_nf4.log) + 5.2 ms of KV cache +
-#    4.8 + 15.6 ms (0.0306 per row) -> the static_* and *_eff fields (two points, a line in the rows).
+#    4.8 + 15.6 ms (0.0306 per row) -> the static_* and *_eff fields (two points, a line in the rows);
+#  - dequant_ahead (kd.teacher.linear_groups.DequantAhead, 16 SMs): measured on an H100 only (session 9,
+#    bench/logs/decode_bench_h100_s9_call1.json): batch-512 step 181.8 -> 171.1 ms, i.e. 10.7 of the 62.0 ms of
+#    dequantisation (80 x 0.775 ms, bench/logs/overlap_probe_h100_s9_call1.json) = 0.173 saved; assumed to carry over
+#    to other batch sizes (> 64 rows) and profiles (unverified).
 H200 = Hardware(
     name="h200", bf16_tflops=745.0, fp8_tflops=1380.0, mem_gbps=4190.0, interconnect_gbps=25.0,
     teacher_eff=0.84, student_eff=0.54, head_eff=0.70, disk_gbps=1.0, decode_overhead_ms=86.0,
@@ -539,6 +544,7 @@ class GenerationEstimate:
     hours: Dict[int, float]  # nodes -> hours
     fused_step_ms: float
     fused_hours: Dict[int, float]
+    dequant_ahead: bool = False
 
     def table(self) -> str:
         hw = self.hardware
@@ -548,17 +554,21 @@ class GenerationEstimate:
             f"  {self.prompts:,} prompts, ~{self.generated_tokens:,} generated tokens, batch {self.batch_size}",
             f"  today's NF4 decode (bf16 dequant per step): {self.step_ms:.0f} ms/step, {self.tokens_per_s:,.0f} tokens/s: "
             + ", ".join(f"{n} node(s) {_hms(h * 3600)}" for n, h in self.hours.items()),
-            f"  static decode as built (kd NF4 kernels, CUDA graphs; H200-calibrated): {self.fused_step_ms:.0f} ms/step: "
+            f"  static decode as built (kd NF4 kernels, CUDA graphs; H200-calibrated"
+            + (", dequant_ahead: H100-measured share" if self.dequant_ahead and self.batch_size > 64 else "")
+            + f"): {self.fused_step_ms:.0f} ms/step: "
             + ", ".join(f"{n} node(s) {_hms(h * 3600)}" for n, h in self.fused_hours.items()),
         ])
 
 
-def static_step_ms(hw: Hardware, B: int, context: int, dims: Dict[str, int]) -> float:
+def static_step_ms(hw: Hardware, B: int, context: int, dims: Dict[str, int], dequant_ahead: bool = False) -> float:
     """One decode step of ``kd.teacher.static_decode`` with the NF4 teacher as built, ms: the linears (up to 8 rows
     kd's 4-bit GEMV, reading 0.53 B/weight at ``gemv_bw_eff`` of the bandwidth; more rows dequantise to bf16, 2.5
     B/weight at ``dequant_bw_eff``, then bf16 GEMMs at ``decode_gemm_eff``), the KV cache read, and the measured
     rest (head, sampler, attention matmuls, glue: ``static_overhead_ms`` + ``static_overhead_ms_per_row`` per row).
-    Calibrated on the H200 (the fields' comments); other profiles reuse the efficiencies, unmeasured."""
+    ``dequant_ahead`` (the generate config's key set): past 64 rows ``ahead_hidden_frac`` of the dequantisation is
+    hidden under the GEMMs. Calibrated on the H200 (the fields' comments; dequant_ahead on an H100); other profiles
+    reuse the efficiencies, unmeasured."""
     H, I, L = dims["embed_dim"], dims["intermediate_dim"], dims["num_layers"]
     q_out, kvd = dims["num_heads"] * dims["head_dim"], dims["num_kv_heads"] * dims["head_dim"]
     n_lin = L * (2 * H * q_out + 2 * H * kvd + 3 * H * I)
@@ -566,7 +576,10 @@ def static_step_ms(hw: Hardware, B: int, context: int, dims: Dict[str, int]) -> 
     if B <= 8:
         lin = n_lin * (0.5 + 2 / 64) / (bw * hw.gemv_bw_eff)
     else:
-        lin = 2 * n_lin * B / (hw.bf16_tflops * TFLOP * hw.decode_gemm_eff) + n_lin * 2.5 / (bw * hw.dequant_bw_eff)
+        dq = n_lin * 2.5 / (bw * hw.dequant_bw_eff)
+        if dequant_ahead and B > 64:  # DequantAhead acts where the decoder takes the dequantise + GEMM route
+            dq *= 1 - hw.ahead_hidden_frac
+        lin = 2 * n_lin * B / (hw.bf16_tflops * TFLOP * hw.decode_gemm_eff) + dq
     kv = decode_step_cost(B, context, weight_format="nf4", **dims).kv_bytes / bw
     return 1e3 * (lin + kv) + hw.static_overhead_ms + hw.static_overhead_ms_per_row * (B - 1)
 
@@ -602,7 +615,9 @@ def estimate_generation(gen_cfg, hw: Hardware, expected_new_tokens: Optional[Lis
     srt = sorted(gen)
     for i in range(0, n, B):
         steps += max(srt[i:i + B])
-    today, fused = step_ms("nf4_dequant"), static_step_ms(hw, B, int(mean_ctx), dims)
+    ahead = gen_cfg.get("dequant_ahead", 16) is not None  # the schema's default: on (16 SMs)
+    today, fused = step_ms("nf4_dequant"), static_step_ms(hw, B, int(mean_ctx), dims, dequant_ahead=ahead)
     hours = {k: steps * today / 1e3 / 3600 / k for k in (1, 2)}
     fhours = {k: steps * fused / 1e3 / 3600 / k for k in (1, 2)}
-    return GenerationEstimate(hw, n, total, B, today, total / max(1e-9, steps * today / 1e3), hours, fused, fhours)
+    return GenerationEstimate(hw, n, total, B, today, total / max(1e-9, steps * today / 1e3), hours, fused, fhours,
+                              dequant_ahead=ahead)

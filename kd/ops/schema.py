@@ -189,7 +189,7 @@ GENERATE_TEACHER = Schema("recipes/generate_teacher.py", "the generate_teacher c
     _k("dequant_ahead", "SMs the GEMMs of batches on the dequantise + GEMM route leave to dequantising the next "
        "layer's weights on a side stream (null = off; CUDA only)", "int", 16, lo=0, nullable=True),
     _k("dequant_ahead_blas", "how those GEMMs leave the SMs free: cublas (cublasSetSmCountTarget) or cublaslt "
-       "(PyTorch's carve-out)", "choice", "cublas", choices=("cublas", "cublaslt")),
+       "(PyTorch's carve-out)", "choice", "cublaslt", choices=("cublaslt", "cublas")),
 ], doc="Offline teacher generation: `tune run recipes/generate_teacher.py --config ...`.")
 
 SCHEMAS = (KD_LORA, HF_CHECKPOINTER, TEACHER_CACHE, ON_POLICY, EVALUATE, EXPORT, GENERATE_TEACHER)

@@ -14,8 +14,9 @@ take anyway -- CUDA, more rows than ``kd.teacher.nf4_decode``'s GEMV/tiled kerne
 else (CPU, small batches, other weights) runs the members as before, so CPU decoding stays bit-identical. On the GPU
 the sums are cuBLAS's over a wider matrix: equal to the separate GEMMs up to accumulation order.
 
-:class:`DequantAhead` (opt-in, ``StaticDecoder(dequant_ahead=SMs)``) runs every projection of a decode step from
-a double buffer that a low-priority side stream fills one layer ahead, on SMs the GEMMs leave free.
+:class:`DequantAhead` (``StaticDecoder(dequant_ahead=SMs)``; the generate recipe's default 16) runs every projection
+of a decode step from a double buffer that a low-priority side stream fills one layer ahead, on SMs the GEMMs leave
+free.
 """
 from __future__ import annotations
 
@@ -159,7 +160,7 @@ class LinearGroups:
     :meth:`call`."""
 
     def __init__(self, model: nn.Module, ahead_carveout: Optional[int] = None,
-                 device: Optional[torch.device] = None, ahead_blas: str = "cublas"):
+                 device: Optional[torch.device] = None, ahead_blas: str = "cublaslt"):
         from torchtune.modules import FeedForward, MultiHeadAttention
 
         self.attn: Dict[int, LinearGroup] = {}
@@ -199,7 +200,8 @@ def _cublas_sm_count_target():
     (``CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET``), and on the H100 cuBLASLt ran a 72B layer's batch-512 GEMMs in
     1.367 ms against cuBLAS's 1.249 (bench/logs/overlap_probe_h100_s9_call1.log). cuBLAS has the same target
     per handle; the library is found in ``/proc/self/maps`` so that the handle and the function are the same
-    library's (a second copy would not know the handle)."""
+    library's (a second copy would not know the handle). Not yet timed on a GPU as a carve-out (docs/offline.md,
+    session 9), hence opt-in (``dequant_ahead_blas="cublas"``)."""
     if "fn" not in _SET_SM_TARGET:
         fn = None
         try:
@@ -220,12 +222,12 @@ def _cublas_sm_count_target():
 
 
 @contextmanager
-def sm_carveout(c: int, blas: str = "cublas"):
-    """GEMMs issued inside leave ``c`` SMs of the current device free. cuBLASLt calls (``_scaled_mm``, a linear
-    with a bias epilogue, everything with ``blas="cublaslt"``, which makes cuBLASLt the preferred library inside)
-    through PyTorch's experimental carve-out; with ``blas="cublas"`` the other GEMMs stay on cuBLAS and its handle
-    gets ``cublasSetSmCountTarget(SMs - c)`` (cuBLASLt everywhere if that function cannot be found). Every setting
-    is restored on exit."""
+def sm_carveout(c: int, blas: str = "cublaslt"):
+    """GEMMs issued inside leave ``c`` SMs of the current device free. ``blas="cublaslt"`` (measured, the
+    default): cuBLASLt is the preferred library inside and reads PyTorch's experimental carve-out. ``"cublas"``
+    (opt-in, unmeasured): the GEMMs stay on cuBLAS and its handle gets ``cublasSetSmCountTarget(SMs - c)``; the
+    calls that go to cuBLASLt anyway (``_scaled_mm``, a linear with a bias epilogue) keep PyTorch's carve-out
+    (cuBLASLt everywhere if the cuBLAS function cannot be found). Every setting is restored on exit."""
     if blas not in ("cublas", "cublaslt"):
         raise ValueError(f"kd: blas is 'cublas' or 'cublaslt' (got {blas!r})")
     prev_c = torch._C._get_sm_carveout_experimental()
@@ -263,9 +265,10 @@ class DequantAhead:
     Why: at batch 512 a 72B layer's GEMMs are compute-bound (1.14 ms, bf16 at the chip's ceiling) and its NF4
     dequantisation is memory-bound (~0.57 ms); run one after the other they add up. Dequantising the *next
     projection* on a side stream without a carve-out overlapped nothing (cuBLAS's persistent Hopper GEMM takes every
-    SM's register file; 1.784 vs 1.783 ms per layer, session 7). ``bench/overlap_probe.py`` times carve-outs and
-    stream priorities, ``bench/decode_bench.py --ahead`` the decoder with it; neither has run on a GPU yet
-    (docs/offline.md, "Sessions 7-8"), so it is off unless asked for.
+    SM's register file; 1.784 vs 1.783 ms per layer, session 7). Measured on one H100 (session 9,
+    bench/logs/decode_bench_h100_s9_call1.log, same call): the 72B-shaped NF4 step at batch 512 took 171.1 ms with a
+    16-SM cuBLASLt carve-out against 181.8 without the pass (24 SMs: 173.8, 32: 187.4); nf4_fp8 120.6 against
+    122.9. The generate recipe turns it on (``dequant_ahead: 16``); ``StaticDecoder`` leaves it to the caller.
 
     Every decoder layer must have its four projection groups (q/k/v, output, w1/w3, w2) of one kind, else
     :attr:`layers` is empty and nothing changes. A pass is a decode step calling the groups in layer order through
@@ -278,7 +281,7 @@ class DequantAhead:
     """
 
     def __init__(self, model: nn.Module, groups: LinearGroups, carveout: int, device: torch.device,
-                 blas: str = "cublas"):
+                 blas: str = "cublaslt"):
         from torchtune.modules import FeedForward, MultiHeadAttention
 
         if blas not in ("cublas", "cublaslt"):

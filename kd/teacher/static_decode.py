@@ -346,7 +346,7 @@ class StaticDecoder:
                  cuda_graphs: Optional[bool] = None, attn_bucket: int = 256, check_every: int = 16,
                  nf4_kernel: Optional[str] = "auto", nf4_fused_max_batch: int = 64, fuse_glue: bool = True,
                  fuse_linears: bool = True, fused_attention: bool = True, dequant_ahead: Optional[int] = None,
-                 dequant_ahead_blas: str = "cublas"):
+                 dequant_ahead_blas: str = "cublaslt"):
         if not isinstance(model.output, LastTokenHead):
             raise ValueError("StaticDecoder needs install_last_token_head(model) first")
         self.model = model
