@@ -203,6 +203,9 @@ def _cublas_sm_count_target():
     library's (a second copy would not know the handle). Not yet timed on a GPU as a carve-out (docs/offline.md,
     session 9), hence opt-in (``dequant_ahead_blas="cublas"``)."""
     if "fn" not in _SET_SM_TARGET:
+        if not torch.cuda.is_available():
+            return None
+        torch.cuda.current_blas_handle()  # creating PyTorch's handle loads libcublas: it is in the maps from here on
         fn = None
         try:
             import ctypes
@@ -215,8 +218,6 @@ def _cublas_sm_count_target():
                 fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int], ctypes.c_int
         except (OSError, AttributeError):
             fn = None
-        if fn is None and not torch.cuda.is_available():
-            return None  # nothing loaded yet on a machine without CUDA: ask again later, it costs nothing
         _SET_SM_TARGET["fn"] = fn
     return _SET_SM_TARGET["fn"]
 
