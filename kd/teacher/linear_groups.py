@@ -193,6 +193,11 @@ class LinearGroups:
 _SET_SM_TARGET: Dict[str, object] = {}
 
 
+def _check_blas(blas: str) -> None:
+    if blas not in ("cublaslt", "cublas"):
+        raise ValueError(f"kd: blas is 'cublaslt' or 'cublas' (got {blas!r})")
+
+
 def _cublas_sm_count_target():
     """``cublasSetSmCountTarget`` of the libcublas this process has loaded (PyTorch's), or None.
 
@@ -229,8 +234,7 @@ def sm_carveout(c: int, blas: str = "cublaslt"):
     (opt-in, unmeasured): the GEMMs stay on cuBLAS and its handle gets ``cublasSetSmCountTarget(SMs - c)``; the
     calls that go to cuBLASLt anyway (``_scaled_mm``, a linear with a bias epilogue) keep PyTorch's carve-out
     (cuBLASLt everywhere if the cuBLAS function cannot be found). Every setting is restored on exit."""
-    if blas not in ("cublas", "cublaslt"):
-        raise ValueError(f"kd: blas is 'cublas' or 'cublaslt' (got {blas!r})")
+    _check_blas(blas)
     prev_c = torch._C._get_sm_carveout_experimental()
     prev_lib = torch.backends.cuda.preferred_blas_library()
     with warnings.catch_warnings():
@@ -285,8 +289,7 @@ class DequantAhead:
                  blas: str = "cublaslt"):
         from torchtune.modules import FeedForward, MultiHeadAttention
 
-        if blas not in ("cublas", "cublaslt"):
-            raise ValueError(f"kd: blas is 'cublas' or 'cublaslt' (got {blas!r})")
+        _check_blas(blas)
         self.carveout, self.device, self.blas = int(carveout), torch.device(device), blas
         self.cuda = self.device.type == "cuda"
         self.layers: List[List[LinearGroup]] = []
