@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from kd.core.config import ConfigError, activation_checkpoint_layers
 from kd.data.alpaca import best_fit_bins, greedy_bins
 from kd.ops.planner import _cache_mode, build_and_count, teacher_forward_epochs
+from kd.ops.schema import GENERATE_TEACHER
 from kd.teacher.generation import plan_batches
 from kd.teacher.static_decode import decode_step_cost
 
@@ -64,7 +65,7 @@ class Hardware:
     dequant_bw_eff: float = 0.85  # > 8 rows: NF4 -> bf16 copy, 2.5 B/weight, 0.617 ms per layer = 3.56 TB/s
     static_overhead_ms: float = 4.8  # per step beyond the linears and the KV cache: head, sampler, glue (batch 1)
     static_overhead_ms_per_row: float = 0.0306  # ... growing with the rows (attention, glue): batch 512
-    ahead_hidden_frac: float = 0.173  # dequant_ahead on (> 64 rows): share of the dequantisation time it saves
+    ahead_hidden_frac: float = 0.115  # dequant_ahead on (> 64 rows): share of min(dequantisation, GEMM time) saved
     measured: bool = True
     sources: Dict[str, str] = field(default_factory=dict)
 
@@ -82,10 +83,15 @@ class Hardware:
 #    (1.1385 ms of grouped GEMMs, 789 TFLOP/s, above the 745 reference: efficiency capped at 1.0, + 0.617 ms of
 #    CUDA dequantisation, 3.56 TB/s; bench/logs/decode_profile_h200_s6_call2_b512_nf4.log) + 5.2 ms of KV cache +
 #    4.8 + 15.6 ms (0.0306 per row) -> the static_* and *_eff fields (two points, a line in the rows);
-#  - dequant_ahead (kd.teacher.linear_groups.DequantAhead, 16 SMs): measured on an H100 only (session 9,
-#    bench/logs/decode_bench_h100_s9_call1.json): batch-512 step 181.8 -> 171.1 ms, i.e. 10.7 of the 62.0 ms of
-#    dequantisation (80 x 0.775 ms, bench/logs/overlap_probe_h100_s9_call1.json) = 0.173 saved; assumed to carry over
-#    to other batch sizes (> 64 rows) and profiles (unverified).
+#  - dequant_ahead (kd.teacher.linear_groups.DequantAhead): the pass runs the dequantisation beside the GEMMs, so it
+#    can hide at most the shorter of the two; the saving is a share of min(dequantisation, GEMM time).
+#    H200 (24 SMs, the config's default; session 10, bench/logs/decode_bench_h200_s10_call{3,4}.json), batch 512,
+#    where the dequantisation is the shorter (80 x 0.564 ms = 45.2 ms, overlap_probe_h200_s10_call3.json):
+#    172.7 -> 168.8 and 174.7 -> 168.2 ms, 0.086 and 0.144 of it: 0.115, the value used.
+#    The min() form comes from the H100 (16 SMs, its best): batch 512 (dequantisation 62.0 ms the shorter) 181.8 ->
+#    171.1 (session 9) and 182.2 -> 172.2 ms (session 10): 0.173, 0.161; batch 128 (GEMMs the shorter, ~25 ms = the
+#    batch-512 GEMMs' 99.8 ms / 4) 122.6 -> 118.2 ms: 0.176. A share of the dequantisation alone would give 0.071 at
+#    batch 128. Batch 128 on the H200 and any GB10 figure are unmeasured.
 H200 = Hardware(
     name="h200", bf16_tflops=745.0, fp8_tflops=1380.0, mem_gbps=4190.0, interconnect_gbps=25.0,
     teacher_eff=0.84, student_eff=0.54, head_eff=0.70, disk_gbps=1.0, decode_overhead_ms=86.0,
@@ -555,7 +561,8 @@ class GenerationEstimate:
             f"  today's NF4 decode (bf16 dequant per step): {self.step_ms:.0f} ms/step, {self.tokens_per_s:,.0f} tokens/s: "
             + ", ".join(f"{n} node(s) {_hms(h * 3600)}" for n, h in self.hours.items()),
             f"  static decode as built (kd NF4 kernels, CUDA graphs; H200-calibrated"
-            + (", dequant_ahead: H100-measured share" if self.dequant_ahead and self.batch_size > 64 else "")
+            + (", dequant_ahead: H200-measured share at batch 512" if self.dequant_ahead and self.batch_size > 64
+               else "")
             + f"): {self.fused_step_ms:.0f} ms/step: "
             + ", ".join(f"{n} node(s) {_hms(h * 3600)}" for n, h in self.fused_hours.items()),
         ])
@@ -566,8 +573,8 @@ def static_step_ms(hw: Hardware, B: int, context: int, dims: Dict[str, int], deq
     kd's 4-bit GEMV, reading 0.53 B/weight at ``gemv_bw_eff`` of the bandwidth; more rows dequantise to bf16, 2.5
     B/weight at ``dequant_bw_eff``, then bf16 GEMMs at ``decode_gemm_eff``), the KV cache read, and the measured
     rest (head, sampler, attention matmuls, glue: ``static_overhead_ms`` + ``static_overhead_ms_per_row`` per row).
-    ``dequant_ahead`` (the generate config's key set): past 64 rows ``ahead_hidden_frac`` of the dequantisation is
-    hidden under the GEMMs. Calibrated on the H200 (the fields' comments; dequant_ahead on an H100); other profiles
+    ``dequant_ahead`` (the generate config's key set): past 64 rows ``ahead_hidden_frac`` of the shorter of the
+    dequantisation and the GEMMs is hidden (the two run side by side; neither can hide more than the other lasts). Calibrated on the H200 (the fields' comments; dequant_ahead on an H100); other profiles
     reuse the efficiencies, unmeasured."""
     H, I, L = dims["embed_dim"], dims["intermediate_dim"], dims["num_layers"]
     q_out, kvd = dims["num_heads"] * dims["head_dim"], dims["num_kv_heads"] * dims["head_dim"]
@@ -577,9 +584,10 @@ def static_step_ms(hw: Hardware, B: int, context: int, dims: Dict[str, int], deq
         lin = n_lin * (0.5 + 2 / 64) / (bw * hw.gemv_bw_eff)
     else:
         dq = n_lin * 2.5 / (bw * hw.dequant_bw_eff)
+        gemm = 2 * n_lin * B / (hw.bf16_tflops * TFLOP * hw.decode_gemm_eff)
+        lin = gemm + dq
         if dequant_ahead and B > 64:  # DequantAhead acts where the decoder takes the dequantise + GEMM route
-            dq *= 1 - hw.ahead_hidden_frac
-        lin = 2 * n_lin * B / (hw.bf16_tflops * TFLOP * hw.decode_gemm_eff) + dq
+            lin -= hw.ahead_hidden_frac * min(dq, gemm)
     kv = decode_step_cost(B, context, weight_format="nf4", **dims).kv_bytes / bw
     return 1e3 * (lin + kv) + hw.static_overhead_ms + hw.static_overhead_ms_per_row * (B - 1)
 
@@ -615,7 +623,7 @@ def estimate_generation(gen_cfg, hw: Hardware, expected_new_tokens: Optional[Lis
     srt = sorted(gen)
     for i in range(0, n, B):
         steps += max(srt[i:i + B])
-    ahead = gen_cfg.get("dequant_ahead", 16) is not None  # the schema's default: on (16 SMs)
+    ahead = GENERATE_TEACHER.get(gen_cfg, "dequant_ahead") is not None  # the recipe's own default and check
     today, fused = step_ms("nf4_dequant"), static_step_ms(hw, B, int(mean_ctx), dims, dequant_ahead=ahead)
     hours = {k: steps * today / 1e3 / 3600 / k for k in (1, 2)}
     fhours = {k: steps * fused / 1e3 / 3600 / k for k in (1, 2)}
