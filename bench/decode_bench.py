@@ -633,18 +633,22 @@ def main():
             f"M={M}: " + ", ".join(f"{k} {v:.3f}" for k, v in c["layer_ms"].items()) + f" -> {c['kernel']}"
             for M, c in choice.items()))
     if not small:
-        t1 = ext.get(("ours", 1), {}).get("decode_tokens_per_s")
-        t512 = ext.get(("ours", 512), {}).get("decode_tokens_per_s")
-        f512 = ext.get(("ours_fp8", 512), {}).get("decode_tokens_per_s")
-        log(f"nf4_fp8 teacher, batch 512: {f512 and f'{f512:,.0f}'} tok/s "
-            f"({'MET' if f512 and f512 >= 3000 else 'MISSED'} against 3000)")
-        for a in aheads:
-            for path in ("ours" + a,) + (("ours_fp8" + a,) if a in fp8_aheads else ()):
-                t = ext.get((path, 512), {}).get("decode_tokens_per_s")
-                log(f"{path}, batch 512: {t and f'{t:,.0f}'} tok/s ({'MET' if t and t >= 3000 else 'MISSED'} "
-                    f"against 3000)")
-        log(f"targets: batch 1 >= 40 tok/s: {t1 and f'{t1:.1f}'} {'MET' if t1 and t1 >= 40 else 'MISSED'}; "
-            f"batch 512 >= 3000 tok/s: {t512 and f'{t512:,.0f}'} {'MET' if t512 and t512 >= 3000 else 'MISSED'}")
+        # the targets are judged on what the generate config runs: its dequant_ahead default (kd/ops/schema.py)
+        from kd.ops.schema import GENERATE_TEACHER
+        dflt = GENERATE_TEACHER.get({}, "dequant_ahead")
+        cfg_path = "ours" if dflt is None else f"ours_ahead{dflt}"
+        if GENERATE_TEACHER.get({}, "dequant_ahead_blas") == "cublas" and dflt is not None:
+            cfg_path += "cb"
+        t1 = ext.get(("ours", 1), {}).get("decode_tokens_per_s")  # <= 64 rows: no dequantisation, nothing ahead
+        t512 = ext.get((cfg_path, 512), {}).get("decode_tokens_per_s")
+        for path in ["ours", "ours_fp8"] + [p + a for a in aheads for p in ("ours", "ours_fp8")
+                                            if p == "ours" or a in fp8_aheads]:
+            t = ext.get((path, 512), {}).get("decode_tokens_per_s")
+            if t is not None:
+                log(f"{path}, batch 512: {t:,.0f} tok/s ({'MET' if t >= 3000 else 'MISSED'} against 3000)")
+        log(f"targets (the generate config's path, {cfg_path}): batch 1 >= 40 tok/s: {t1 and f'{t1:.1f}'} "
+            f"{'MET' if t1 and t1 >= 40 else 'MISSED'}; batch 512 >= 3000 tok/s: {t512 and f'{t512:,.0f}'} "
+            f"{'MET' if t512 and t512 >= 3000 else ('MISSED' if t512 else 'NOT RUN')}")
     log("DECODE BENCH DONE")
 
 

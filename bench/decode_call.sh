@@ -3,7 +3,7 @@
 #   1. bench/overlap_probe.py: one 72B layer at batch 512, dequantisation of the next layer on a side stream under
 #      SM carve-outs (cuBLASLt / cuBLAS SM target) and stream priorities vs serial (DequantAhead's mechanism);
 #   2. bench/decode_bench.py: static decode (NF4 auto, nf4_fp8), each also with dequant_ahead at the probe's best
-#      carve-out, 16, and EXTRA_AHEAD (default 16cb: cuBLAS's SM target), at BATCHES (default 1,128,512), the per-kernel pieces, the transformers + bitsandbytes
+#      carve-out, 24 (the generate config's default), and EXTRA_AHEAD (default 16: the H100's best), at BATCHES (default 1,128,512), the per-kernel pieces, the transformers + bitsandbytes
 #      anchor, the breakdown;
 #   3. the GPU tests of the modules these change (linear groups / DequantAhead, the CUDA NF4 kernels).
 # Needs carry [".whl", ".whlb"] (docs/benchmarks.md's wheels + bitsandbytes==0.50.2, manylinux x86_64; ~54 MiB).
@@ -13,7 +13,8 @@
 # pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3; bitsandbytes==0.50.2 the same way into .whlb.
 #   device tool: bash bench/decode_call.sh        (~8 min; writes $OUT/{overlap_probe,decode_bench}.{json,log})
 #   shorter: PROBE_CARVEOUTS=0,16,32 BENCH_SKIP=today,kernels EXTRA_AHEAD= bash bench/decode_call.sh
-#   shortest: SKIP_PROBE=1 BENCH_SKIP=today,kernels,hf bash bench/decode_call.sh   (carve-outs 16 and 32)
+#   issue 12's figures only (~3 min): SKIP_PROBE=1 BATCHES=1,512 BENCH_SKIP=today,kernels,ours_fp8,breakdown \
+#       EXTRA_AHEAD= TEST_TIMEOUT=1 bash bench/decode_call.sh   (session 10 H200 call 4 also ran 16)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -23,16 +24,16 @@ export PYTHONPATH=$PWD:/tmp/site
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu --format=csv
 [ -n "${SKIP_PROBE:-}" ] || timeout 150 python3 bench/overlap_probe.py --carveouts "${PROBE_CARVEOUTS:-0,8,16,24,32}" --out "$OUT" 2>&1 | grep -v -i warn > "$OUT/overlap_probe.log"
-grep -E '"name"' "$OUT/overlap_probe.log" | cut -c1-200
-AHEAD=$(python3 - "$OUT/overlap_probe.json" ${EXTRA_AHEAD-16cb} <<'PY'
+grep -sE '"name"' "$OUT/overlap_probe.log" | cut -c1-200
+AHEAD=$(python3 - "$OUT/overlap_probe.json" ${EXTRA_AHEAD-16} <<'PY'
 import json, re, sys
 try:  # the probe's best pipelined row: "ahead c=24 prio" (cuBLASLt) or "ahead c=24 prio cublas" (cuBLAS SM target)
     rows = {r["name"]: r for r in json.load(open(sys.argv[1]))["rows"]}
     name = rows["summary"]["best_ahead"]
     best = re.search(r"c=(\d+)", name).group(1) + ("cb" if name.endswith(" cublas") else "")
 except Exception:
-    best = "16"
-print(",".join(sorted({best, "16"} | set(sys.argv[2:]), key=lambda a: (int(a.rstrip("cb")), a))))
+    best = "24"
+print(",".join(sorted({best, "24"} | set(sys.argv[2:]), key=lambda a: (int(a.rstrip("cb")), a))))
 PY
 )
 echo "decode bench with dequant_ahead carve-outs: $AHEAD"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The smallest device call for issue 12's large-batch question (~3 min on one H100/H200): NF4 static decode at
-# batches 128 and 512 without DequantAhead, with dequant_ahead=16 (cuBLASLt carve-out, the generate config's
-# default) and 16cb (cuBLAS SM target, opt-in), extrapolated from 2 and 6 layers, then the DequantAhead and
+# batches 128 and 512 without DequantAhead, with dequant_ahead=24 (cuBLASLt carve-out, the generate config's
+# default, the H200's best) and 16 (the H100's best), extrapolated from 2 and 6 layers, then the DequantAhead and
 # carve-out GPU tests. Needs carry [".whl"] (docs/benchmarks.md's wheels; no bitsandbytes: the anchor is not run here).
 #   device tool: bash bench/decode_call_min.sh
 set -o pipefail
@@ -13,7 +13,7 @@ export PYTHONPATH=$PWD:/tmp/site
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,power.draw,temperature.gpu --format=csv,noheader
 timeout 300 python3 bench/decode_bench.py --layers 2,6 --batches 128,512 --skip today,kernels,hf,ours_fp8,breakdown \
-    --ahead 16,16cb --out "$OUT" > "$OUT/decode_bench.log" 2>&1
+    --ahead 16,24 --out "$OUT" > "$OUT/decode_bench.log" 2>&1
 echo "bench rc=$?"
 grep -E '"name": "(gen|80)' "$OUT/decode_bench.log" | cut -c1-160
 sed -n '/^## decode/,$p' "$OUT/decode_bench.log"
