@@ -148,11 +148,15 @@ def _generate_mine(cfg: DictConfig, s: Dict, mine, n_mine: int, prompts, hashes,
     finally:
         pbar.close()
         store.close()
+        ahead = decoder.groups.ahead if decoder is not None and decoder.groups is not None else None
         if decoder is not None:
             decoder.close()
     dt = time.perf_counter() - t0
     log.info(f"rank {info.rank}: {n_mine} samples, {n_tok} tokens in {dt:.1f}s "
              f"({n_tok / max(dt, 1e-9):.1f} generated tokens/s on this rank); truncated {n_trunc}, empty {n_empty}")
+    if ahead is not None:  # says whether the configured dequant_ahead ran (only NF4 batches past 64 rows use it)
+        log.info(f"rank {info.rank}: dequant_ahead {ahead.carveout} SMs ({ahead.blas}): "
+                 f"{ahead.n_passes} steps dequantised a layer ahead (eager or captured; replays not counted)")
 
 
 def _merge(s: Dict, store, records, hashes, out: Path) -> None:

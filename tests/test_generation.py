@@ -280,3 +280,28 @@ def test_scan_prefers_current_prompt_hash(tmp_path):
     st.close()
     assert st.scan()[0][1]["output"] == "stale"
     assert st.scan({1: "new"})[0][1]["output"] == "fresh"
+
+
+@pytest.mark.gpu
+def test_gpu_recipe_dequant_ahead_same_file_and_sm_check(testbed, tmp_path):
+    """Through `tune run` on CUDA with the NF4 teacher at 96 rows (the dequantise + GEMM route): the generate
+    config's dequant_ahead (on, side stream + SM carve-out + CUDA graphs) writes the same bytes as dequant_ahead=null,
+    its pass ran, and a carve-out of at least the GPU's SMs is one ConfigError line before the teacher loads."""
+    from kd.teacher import nf4_cuda
+
+    if not nf4_cuda.available(torch.device("cuda")):
+        pytest.skip(nf4_cuda.why_unavailable(torch.device("cuda")))
+    opts = ("device=cuda", "teacher_quantization=nf4", "dtype=bf16", "temperature=0", "max_samples=96",
+            "batch_size=96", "max_new_tokens=16")
+    on = _run(testbed, tmp_path / "on", *opts, "dequant_ahead=24")
+    assert on.returncode == 0, on.stdout + on.stderr
+    txt = on.stdout + on.stderr
+    assert "dequant_ahead 24 SMs (cublaslt): " in txt and "(cublaslt): 0 steps" not in txt
+    off = _run(testbed, tmp_path / "off", *opts, "dequant_ahead=null")
+    assert off.returncode == 0, off.stdout + off.stderr
+    assert "dequant_ahead" not in off.stdout + off.stderr
+    a, b = ((tmp_path / d / "teacher_distill.json").read_bytes() for d in ("on", "off"))
+    assert a == b
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    bad = _run(testbed, tmp_path / "bad", *opts, f"dequant_ahead={sms}")
+    assert bad.returncode == 2 and f"dequant_ahead: {sms} SMs" in bad.stderr and "Traceback" not in bad.stderr
