@@ -43,6 +43,7 @@ from kd.teacher.generation import (
     stop_token_ids,
     summarize,
 )
+from kd.teacher.linear_groups import check_dequant_ahead
 from kd.teacher.precision import parse_precision, resolve_precision
 from kd.train import dist as kdist, run_checks as checks
 from kd.train.models import load_frozen_model
@@ -181,11 +182,10 @@ def recipe_main(cfg: DictConfig) -> None:
     configure_logging(schema.GENERATE_TEACHER.get(cfg, "log_level"))
     s = _settings(cfg)
     device = checks.check_device(cfg, "auto")
-    if device.type == "cuda" and s["dequant_ahead"] is not None:  # before the teacher loads (minutes), not after
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        if s["dequant_ahead"] >= sms:
-            raise ConfigError(f"dequant_ahead: {s['dequant_ahead']} SMs, but {torch.cuda.get_device_name(device)} has "
-                              f"{sms}: give fewer, or null to turn it off")
+    try:  # before the teacher loads (minutes), not after
+        check_dequant_ahead(s["dequant_ahead"], device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     info = kdist.init_distributed(device)
     dtype = training.get_dtype(checks.check_dtype(cfg, default=s["dtype"]), device=device)
     out = Path(cfg.output_dir)

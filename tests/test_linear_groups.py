@@ -236,3 +236,10 @@ def test_gpu_sm_carveout_runs_and_restores(blas):
     assert ((yb.double() - ref - bias.double()).norm() / ref.norm()) < 5e-3
     assert torch.backends.cuda.preferred_blas_library() == lib and torch._C._get_sm_carveout_experimental() == c
     assert LG._cublas_sm_count_target() is not None
+
+
+def test_check_dequant_ahead_one_line_errors():
+    LG.check_dequant_ahead(None, "cpu")
+    LG.check_dequant_ahead(10_000, "cpu")  # no SM count to compare with off CUDA; the pass is CUDA-only
+    with pytest.raises(ValueError, match=r"^dequant_ahead: -1 SMs: give 0 or more"):
+        LG.check_dequant_ahead(-1, "cpu")

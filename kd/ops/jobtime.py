@@ -574,8 +574,8 @@ def static_step_ms(hw: Hardware, B: int, context: int, dims: Dict[str, int], deq
     B/weight at ``dequant_bw_eff``, then bf16 GEMMs at ``decode_gemm_eff``), the KV cache read, and the measured
     rest (head, sampler, attention matmuls, glue: ``static_overhead_ms`` + ``static_overhead_ms_per_row`` per row).
     ``dequant_ahead`` (the generate config's key set): past 64 rows ``ahead_hidden_frac`` of the shorter of the
-    dequantisation and the GEMMs is hidden (the two run side by side; neither can hide more than the other lasts). Calibrated on the H200 (the fields' comments; dequant_ahead on an H100); other profiles
-    reuse the efficiencies, unmeasured."""
+    dequantisation and the GEMMs is hidden (the two run side by side; neither can hide more than the other lasts).
+    Calibrated on the H200 (the fields' comments); other profiles reuse the efficiencies, unmeasured."""
     H, I, L = dims["embed_dim"], dims["intermediate_dim"], dims["num_layers"]
     q_out, kvd = dims["num_heads"] * dims["head_dim"], dims["num_kv_heads"] * dims["head_dim"]
     n_lin = L * (2 * H * q_out + 2 * H * kvd + 3 * H * I)

@@ -14,7 +14,7 @@ take anyway -- CUDA, more rows than ``kd.teacher.nf4_decode``'s GEMV/tiled kerne
 else (CPU, small batches, other weights) runs the members as before, so CPU decoding stays bit-identical. On the GPU
 the sums are cuBLAS's over a wider matrix: equal to the separate GEMMs up to accumulation order.
 
-:class:`DequantAhead` (``StaticDecoder(dequant_ahead=SMs)``; the generate recipe's default 16) runs every projection
+:class:`DequantAhead` (``StaticDecoder(dequant_ahead=SMs)``; the generate recipe's default 24) runs every projection
 of a decode step from a double buffer that a low-priority side stream fills one layer ahead, on SMs the GEMMs leave
 free.
 """
@@ -205,8 +205,9 @@ def _cublas_sm_count_target():
     (``CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET``), and on the H100 cuBLASLt ran a 72B layer's batch-512 GEMMs in
     1.367 ms against cuBLAS's 1.249 (bench/logs/overlap_probe_h100_s9_call1.log). cuBLAS has the same target
     per handle; the library is found in ``/proc/self/maps`` so that the handle and the function are the same
-    library's (a second copy would not know the handle). Not yet timed on a GPU as a carve-out (docs/offline.md,
-    session 9), hence opt-in (``dequant_ahead_blas="cublas"``)."""
+    library's (a second copy would not know the handle). Timed in the decoder in session 10 (docs/offline.md) it
+    gained nothing: batch 512, H100 2,982 against 2,974 tokens/s at 16 SMs, H200 3,030 against 3,033 at 24; hence
+    opt-in (``dequant_ahead_blas="cublas"``)."""
     if "fn" not in _SET_SM_TARGET:
         if not torch.cuda.is_available():
             return None
@@ -231,7 +232,7 @@ def _cublas_sm_count_target():
 def sm_carveout(c: int, blas: str = "cublaslt"):
     """GEMMs issued inside leave ``c`` SMs of the current device free. ``blas="cublaslt"`` (measured, the
     default): cuBLASLt is the preferred library inside and reads PyTorch's experimental carve-out. ``"cublas"``
-    (opt-in, unmeasured): the GEMMs stay on cuBLAS and its handle gets ``cublasSetSmCountTarget(SMs - c)``; the
+    (opt-in; no faster in session 10's decoder runs): the GEMMs stay on cuBLAS and its handle gets ``cublasSetSmCountTarget(SMs - c)``; the
     calls that go to cuBLASLt anyway (``_scaled_mm``, a linear with a bias epilogue) keep PyTorch's carve-out
     (cuBLASLt everywhere if the cuBLAS function cannot be found). Every setting is restored on exit."""
     _check_blas(blas)
@@ -263,6 +264,22 @@ def carveout_supported() -> bool:
                                                                            "preferred_blas_library")
 
 
+def check_dequant_ahead(sms_free: Optional[int], device) -> None:
+    """``dequant_ahead`` (SMs left to the side stream) against ``device``: one-line ValueError unless None or in
+    [0, the GPU's SM count). The one check for ``StaticDecoder`` and the generate recipe (which runs it before the
+    teacher loads)."""
+    if sms_free is None:
+        return
+    if int(sms_free) < 0:
+        raise ValueError(f"dequant_ahead: {sms_free} SMs: give 0 or more, or null to turn it off")
+    device = torch.device(device)
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        if int(sms_free) >= sms:
+            raise ValueError(f"dequant_ahead: {sms_free} SMs, but {torch.cuda.get_device_name(device)} has {sms}: "
+                             "give fewer, or null to turn it off")
+
+
 class DequantAhead:
     """Large-batch CUDA decode steps: layer ``l + 1``'s projection weights are dequantised on a low-priority side
     stream, on the ``carveout`` SMs that layer ``l``'s GEMMs leave free, into the spare half of a double buffer.
@@ -273,7 +290,9 @@ class DequantAhead:
     SM's register file; 1.784 vs 1.783 ms per layer, session 7). Measured on one H100 (session 9,
     bench/logs/decode_bench_h100_s9_call1.log, same call): the 72B-shaped NF4 step at batch 512 took 171.1 ms with a
     16-SM cuBLASLt carve-out against 181.8 without the pass (24 SMs: 173.8, 32: 187.4); nf4_fp8 120.6 against
-    122.9. The generate recipe turns it on (``dequant_ahead: 16``); ``StaticDecoder`` leaves it to the caller.
+    122.9. On one H200 (session 10, bench/logs/decode_bench_h200_s10_call{3,4}.log) 24 SMs was best: 168.8 and
+    168.2 ms against 172.7 and 174.7 without the pass (16: 172.1 / 173.0). The generate recipe turns it on
+    (``dequant_ahead: 24``); ``StaticDecoder`` leaves it to the caller.
 
     Every decoder layer must have its four projection groups (q/k/v, output, w1/w3, w2) of one kind, else
     :attr:`layers` is empty and nothing changes. A pass is a decode step calling the groups in layer order through

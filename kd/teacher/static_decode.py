@@ -59,7 +59,7 @@ from kd.teacher.generation import (
     teardown_kv_caches,
     to_generations,
 )
-from kd.teacher.linear_groups import LinearGroups, carveout_supported
+from kd.teacher.linear_groups import LinearGroups, carveout_supported, check_dequant_ahead
 from kd.teacher.nf4 import set_decode_
 
 __all__ = ["StaticDecoder", "DecodeStepCost", "decode_step_cost", "QWEN2_5_72B_SHAPE"]
@@ -362,11 +362,7 @@ class StaticDecoder:
         self.nf4_fused_max_batch = int(nf4_fused_max_batch)
         self.fuse_glue = bool(fuse_glue) and self.device.type == "cuda"
         cuda = self.device.type == "cuda"
-        if dequant_ahead is not None:
-            sms = torch.cuda.get_device_properties(self.device).multi_processor_count if cuda else None
-            if int(dequant_ahead) < 0 or (sms is not None and int(dequant_ahead) >= sms):
-                raise ValueError(f"kd: dequant_ahead is a number of SMs in [0, {sms or 'SM count'}) "
-                                 f"(got {dequant_ahead})")
+        check_dequant_ahead(dequant_ahead, self.device)
         ahead = dequant_ahead if cuda and carveout_supported() else None
         self.groups = LinearGroups(model, ahead_carveout=ahead, device=self.device, ahead_blas=dequant_ahead_blas) \
             if fuse_linears and cuda else None
