@@ -29,6 +29,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from kd.core.atomic import atomic_write_dir
+from kd.core import run_lock
 from kd.core.config import ConfigError, check_keys, number, require_component, to_container
 from kd.core.progress import configure_logging
 from kd.ops import schema
@@ -79,6 +80,7 @@ def recipe_main(cfg: DictConfig) -> None:
     checks.check_lora(cfg.model)
     dtype = training.get_dtype(checks.check_dtype(cfg), device=device)
     checks.writable_dir(cfg.output_dir)
+    run_lock.acquire(cfg.output_dir, "an export")  # no other run / export writes here until this one ends
     _check_targets(Path(cfg.output_dir), adapter_dir, schema.EXPORT.get(cfg, "overwrite"))
     model = load_frozen_model(cfg.model, ck, device=device, dtype=dtype, which="student")
     load_adapter_dir(model, adapter_dir, cfg.model)
@@ -112,6 +114,7 @@ def _export_full(cfg: DictConfig) -> None:
     device = checks.check_device(cfg, "cpu")
     dtype = training.get_dtype(cfg.get("dtype", "bf16"), device=device)
     dims = model_dims(build_on_meta(cfg.model, dtype))
+    run_lock.acquire(cfg.output_dir, "an export")
     sd = assemble_full_state_dict(shard_dir)
     out = Path(cfg.output_dir)
     path = write_hf_checkpoint(sd, cfg.checkpointer.checkpoint_dir, out / "merged",

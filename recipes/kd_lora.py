@@ -58,6 +58,7 @@ from kd.train import run_checks as checks
 from kd.train.adapter_io import lora_state_dict
 from kd.train.cli_util import run_recipe
 from kd.core.config import ConfigError, DataError, activation_checkpoint_layers, require_component
+from kd.core import run_lock
 from kd.data.alpaca import check_truncation
 from kd.train.full import all_trainable, check_config, is_full_finetune
 from kd.train.guard import NonFiniteGuard
@@ -264,6 +265,8 @@ class KDLoRARecipe:
 
         def check():
             checks.writable_dir(cfg.output_dir)
+            # one live run per output_dir (kd.core.run_lock): held until cleanup / process exit
+            self._run_lock = run_lock.acquire(cfg.output_dir, "a kd_lora run" + (" (resumed)" if self._resume else ""))
             checks.check_run_dir(cfg.output_dir, resume=self._resume, overwrite=bool(cfg.get("overwrite", False)),
                                  info=self._run_info)
 
@@ -1049,6 +1052,8 @@ class KDLoRARecipe:
                 self._metric_logger.close()
             self._metrics_file.close()
         kdist.destroy()
+        if getattr(self, "_run_lock", None) is not None:
+            self._run_lock.release()
 
     def _log(self, msg: str) -> None:
         if self._is_rank_zero:
