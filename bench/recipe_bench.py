@@ -717,6 +717,8 @@ def cache_bench(results: dict, work: Path, assets: Path, a, small: bool, extra: 
 def run_cmd(a) -> None:
     import torch
 
+    global USER_CONFIG
+    USER_CONFIG = a.config  # every run and the planner's prediction read this config
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     assets = Path(a.assets).resolve()
@@ -799,7 +801,7 @@ def run_cmd(a) -> None:
         results["stock_extrapolated"] = extrapolate(stock, "step", target)
     # the job-time planner's prediction for the same job, at the deepest measured depth and at 80 layers
     try:
-        results["planner"] = predict(work, assets, depths + [target], small, a.hardware)
+        results["planner"] = predict(work, assets, depths + [target], small, a.hardware, extra)
     except Exception as e:  # the measurement stands without it
         results["planner_error"] = repr(e)
     save()
@@ -812,8 +814,10 @@ def run_cmd(a) -> None:
     print_table(results, depths, stock_depths, target, [name for name, _ in variants])
 
 
-def predict(work: Path, assets: Path, depths: List[int], small: bool, hardware: str) -> dict:
-    """``kd plan --time``'s step time (kd.ops.jobtime) for the benchmark's own job, per teacher depth."""
+def predict(work: Path, assets: Path, depths: List[int], small: bool, hardware: str,
+            extra: Sequence[str] = ()) -> dict:
+    """``kd plan --time``'s step time (kd.ops.jobtime) for the benchmark's own job, per teacher depth: the
+    overrides of the baseline recipe runs (``--extra``, and the teacher cache off as ``run_ours`` does)."""
     from kd.ops.jobtime import estimate_job, load_hardware
     from kd.ops.preflight import load_config
 
@@ -824,6 +828,9 @@ def predict(work: Path, assets: Path, depths: List[int], small: bool, hardware: 
               *student_overrides(small), "epochs=1"]
         if small:
             ov += ["tokenizer.max_seq_len=256", "batch_size=1", "gradient_accumulation_steps=1"]
+        ov += list(extra)
+        if _user_has_cache() and not any(x.startswith("teacher_cache.mode=") for x in extra):
+            ov.append("~teacher_cache")
         est = estimate_job(load_config(str(REPO / USER_CONFIG), ov), hw)
         out[f"L{n}"] = {"step_s": est.step_s,
                         "per_step": {c.name: c.seconds / max(1, est.steps_per_epoch) for c in est.components}}
@@ -894,6 +901,11 @@ def print_table(results: dict, depths: List[int], stock_depths: List[int], targe
             print(f"  WARNING: {tc['warning']}")
     if "planner" in results:
         print(f"planner: {json.dumps(results['planner'])}")
+        for n in depths:  # the planner's optimizer step against the measured one (same config, same overrides)
+            pr, me = results["planner"].get(f"L{n}"), results.get(f"ours_L{n}")
+            if pr and me:
+                print(f"planner vs measured, L{n}: {pr['step_s']:.2f} s predicted, {me['step_s']:.2f} s measured "
+                      f"({100 * (pr['step_s'] / me['step_s'] - 1):+.1f}%)")
     elif "planner_error" in results:
         print(f"planner error: {results['planner_error']}")
 
@@ -917,7 +929,11 @@ def main(argv=None) -> None:
     r.add_argument("--extra", default="", help="extra overrides for the recipe runs (space separated)")
     r.add_argument("--variants", default="",
                    help="more recipe runs per depth: 'name:overrides;...', e.g. 'fp8:teacher_quantization=nf4_fp8'")
-    r.add_argument("--hardware", default="h200")
+    r.add_argument("--config", default=USER_CONFIG,
+                   help="the kd_lora config the recipe runs use (default: the 1-node config); stock runs copy its "
+                        "model, batch and optimizer settings")
+    r.add_argument("--hardware", default="h200",
+                   help="profile of the planner's prediction: h200, gb10 or a YAML file (kd calibrate --out ...)")
     r.add_argument("--ac-variants", default="",
                    help="';'-separated override sets run at the shallowest depth to compare peak memory with the "
                         "planner, e.g. 'ac_mode=full;ac_mode=selective ac_option=2'")

@@ -38,7 +38,8 @@ def _plan(argv: List[str]) -> int:
     p.add_argument("--device-memory-gib", type=float, default=None, help="memory of one device in GiB")
     p.add_argument("--gb10", action="store_true", help="device memory = 128 GB unified (DGX Spark / GB10)")
     p.add_argument("--reserve-gib", type=float, default=None,
-                   help="kept free for CUDA context, allocator slack and the OS (default 8 on GPU)")
+                   help="kept free for CUDA context, allocator slack and the OS (default 8 on GPU; 12 with --gb10: + the "
+                        "page cache of a checkpoint shard)")
     p.add_argument("--sweep", action="store_true", help="also print the peak for batch sizes 1, 2, 4, ...")
     p.add_argument("--time", action="store_true",
                    help="estimate the job's time (one epoch, the whole run; plan A's generation for a generate config)")
@@ -58,7 +59,7 @@ def _plan(argv: List[str]) -> int:
     kw = dict(local_world_size=args.nproc_per_node or args.world_size, seq_len=args.seq_len,
               ac_layers=args.ac_layers, device_memory_gib=mem, reserve_gib=args.reserve_gib)
     if (args.gb10 or mem is not None) and args.reserve_gib is None:
-        kw["reserve_gib"] = 8.0
+        kw["reserve_gib"] = planner.GB10_RESERVE_GIB if args.gb10 else 8.0
     plan = planner.plan_from_config(cfg, args.world_size, batch_size=args.batch_size, **kw)
     print(plan.table())
     cache = planner.cache_summary(cfg, args.world_size, batch_size=args.batch_size, **kw)

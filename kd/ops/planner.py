@@ -44,6 +44,10 @@ from kd.train.models import build_on_meta, model_dims
 
 GiB = 2**30
 GB10_MEMORY_GIB = 128e9 / GiB  # 128 GB unified memory (CPU + GPU) per DGX Spark = 119.2 GiB
+# What a GB10 keeps out of the plan: 8 GiB for the OS, the CUDA context and allocator slack (as on any GPU), plus
+# the page cache of the checkpoint shard being read (unified memory: the kernel's cache of a safetensors file
+# takes the same DRAM the model does; Qwen2.5-72B-Instruct's shards are <= 3.9 GB) = 12 GiB (`kd plan --gb10`).
+GB10_RESERVE_GIB = 8.0 + 4.0
 
 # torchao NF4 layout (block 64, scaler block 256), bytes per weight element
 NF4_BYTES_PER_ELEM = 0.5 + 1 / 64  # packed 4-bit data + int8 block scalers
@@ -235,7 +239,8 @@ class Plan:
             verdict = "FITS" if need <= cap else "DOES NOT FIT"
             lines.append(
                 f"{'device memory':<{w}}{cap / GiB:>9.2f}  peak + {i.reserve_bytes / GiB:.1f} GiB reserve "
-                f"(CUDA context, allocator slack, OS) = {need / GiB:.1f} GiB -> {verdict} "
+                f"({'OS, CUDA context, allocator slack, page cache of a checkpoint shard' if i.reserve_bytes >= GB10_RESERVE_GIB * GiB else 'CUDA context, allocator slack, OS'}) "
+                f"= {need / GiB:.1f} GiB -> {verdict} "
                 f"(headroom {(cap - need) / GiB:+.1f} GiB)"
             )
         return "\n".join(lines)
