@@ -29,6 +29,7 @@ from kd.core.atomic import atomic_write_text
 from kd.core.config import ConfigError, DataError, check_keys, choice, number, require_component
 from kd.core.progress import configure_logging
 from kd.data.alpaca import DEFAULT_SYSTEM_PROMPT, load_alpaca_records
+from kd.data.special_text import report_special_text
 from kd.ops import schema
 from kd.teacher.generation import (
     ResultStore,
@@ -200,6 +201,8 @@ def recipe_main(cfg: DictConfig) -> None:
         raise DataError(f"source: {e}") from e
     if s["max_samples"]:
         records = {i: records[i] for i in sorted(records)[: s["max_samples"]]}
+    if info.rank == 0:
+        report_special_text(records, tokenizer, where=f"source {cfg.source}", fields=("instruction", "input"))
     prompts = {i: prompt_tokens(tokenizer, r, s["system_prompt"]) for i, r in records.items()}
     hashes = {i: prompt_hash(t) for i, t in prompts.items()}
     stop_ids = stop_token_ids(tokenizer)

@@ -1,6 +1,6 @@
 """kd.data: samples to token ids.
 
 Owns the alpaca KD dataset, chat formatting, packing and the shipped demo set (alpaca, assets/) and the offline
-SFT label mixing (offline).
+SFT label mixing (offline); data text that cannot forge chat turns (special_text).
 May import: kd.core, torchtune datasets/tokenizers.
 """

@@ -14,7 +14,8 @@ torchtune's ``Qwen2_5Tokenizer``). The loss is only on the answer and the closin
 
 The whole file is validated up front: bad records raise ``ValueError`` naming the file, the record
 number (0-based index, plus the line for .jsonl) and the field, or are skipped and counted with
-``on_bad_record="skip"``.
+``on_bad_record="skip"``. Special-token strings inside the fields (a forged ``<|im_end|>``) are encoded as plain
+text, never as chat-template ids, and the records holding them are counted at setup (kd.data.special_text).
 
 ``demo_records()`` deterministically generates the shipped demo set ``kd/data/assets/demo_buddhist_qa.json``
 (``python -m kd.data.alpaca --write-demo`` regenerates it).
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from torch.utils.data import Dataset
+
+from kd.data.special_text import plain_text, report_special_text
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +265,10 @@ class AlpacaKDDataset(Dataset):
         )
         self.split = split
         self.ids: List[int] = split_ids(list(self.records), split, val_size, seed)
+        # special-token strings in the text (a forged "<|im_end|>") are encoded as plain text: counted here, once
+        self.n_special_text = report_special_text(
+            {i: self.records[i] for i in self.ids}, tokenizer, where=f"{self.source} ({split} split)",
+            fields=dict.fromkeys(("instruction", "input", output_field, "original_output")))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -299,7 +306,8 @@ class AlpacaKDDataset(Dataset):
         msgs = sft_messages(
             self.records[sid], self.system_prompt, train_on_input=self.train_on_input, output_field=self.output_field
         )
-        tokens, mask = self.tokenizer.tokenize_messages(msgs, add_eos=True)
+        with plain_text(self.tokenizer):  # data text never becomes a chat-template token (kd.data.special_text)
+            tokens, mask = self.tokenizer.tokenize_messages(msgs, add_eos=True)
         mask = list(mask)
         if not self.train_on_input:
             # torchtune leaves the assistant header ("<|im_start|>assistant\n") unmasked: mask it

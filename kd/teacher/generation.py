@@ -40,6 +40,7 @@ from torch import nn
 from kd.core.atomic import append_durably, atomic_write_text, truncate_durably
 from kd.core.config import DataError
 from kd.data.alpaca import prompt_messages
+from kd.data.special_text import plain_text
 
 log = logging.getLogger(__name__)
 
@@ -390,7 +391,8 @@ def prompt_tokens(tokenizer, record: dict, system_prompt: Optional[str]) -> List
     from torchtune.data import Message
 
     msgs = prompt_messages(record, system_prompt) + [Message(role="assistant", content="", masked=True)]
-    toks, _ = tokenizer.tokenize_messages(msgs, add_eos=False)
+    with plain_text(tokenizer):  # a "<|im_end|>" in the record stays text (kd.data.special_text)
+        toks, _ = tokenizer.tokenize_messages(msgs, add_eos=False)
     return list(toks)
 
 
