@@ -7,10 +7,16 @@
 # with link layer Ethernet (= RoCE); NCCL_IB_HCA lists them; NCCL_SOCKET_IFNAME is the netdev of the first
 # one (bootstrap + fallback traffic on the same 200G link); NCCL_IB_GID_INDEX is the GID whose type is
 # "RoCE v2" and that carries an IPv4-mapped address (routable RoCE v2; usually 3). Without any RDMA device
-# nothing NCCL-specific is set (CPU/gloo test runs).
+# nothing NCCL-specific is set (CPU/gloo test runs). sysfs is read through $KD_SYSFS_ROOT (default /sys; tests
+# point it at a fake tree).
+#
+# Then `python -m kd.ops.netcheck` reports what NCCL will use and warns, each with its fix, when (DGX Spark) only
+# one of the two PCIe halves of a ConnectX-7 port is in NCCL_IB_HCA, the other half is down, the RoCE MTU is below
+# 9000, NCCL_IB_GID_INDEX is not the RoCE v2 IPv4 GID, NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME are missing or down;
+# and what can be read about GPUDirect RDMA (nvidia_peermem, DMA-BUF; "unknown" when it cannot be read).
 
 kd_nccl_env() {
-  local ib=/sys/class/infiniband hcas=() hca netdev="" gid_idx=""
+  local ib=${KD_SYSFS_ROOT:-/sys}/class/infiniband hcas=() hca netdev="" gid_idx=""
   if [ -d "$ib" ]; then
     for hca in "$ib"/*; do
       [ -e "$hca" ] || continue
@@ -18,8 +24,10 @@ kd_nccl_env() {
       [ -r "$port/state" ] || continue
       grep -q ACTIVE "$port/state" 2>/dev/null || continue
       [ "$(cat "$port/link_layer" 2>/dev/null)" = "Ethernet" ] || continue
-      hcas+=("$(basename "$hca")")
+      hcas+=("$(basename "$(readlink -f "$hca/device" 2>/dev/null || echo zzzz)") $(basename "$hca")")
     done
+    # PCI address order (0000:01:00.0 before 0002:01:00.0), the same on every node whatever the locale
+    mapfile -t hcas < <(printf '%s\n' "${hcas[@]}" | LC_ALL=C sort | awk 'NF {print $2}')
   fi
   if [ ${#hcas[@]} -gt 0 ]; then
     hca=${hcas[0]}
@@ -54,5 +62,12 @@ kd_nccl_env() {
   export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
   echo "[kd launch] network environment:"
   env | grep -E '^(NCCL_|GLOO_SOCKET_IFNAME|TORCH_NCCL_|UCX_NET_DEVICES)' | sort | sed 's/^/[kd launch]   /'
+  # the report: devices found vs used, both halves of the port, MTU, GID index, interfaces up, GPUDirect
+  if command -v python >/dev/null 2>&1; then
+    echo "[kd launch] NCCL environment check (kd.ops.netcheck):"
+    local expect=()
+    [ ${#hcas[@]} -gt 0 ] && expect=(--expect-rdma)
+    python -m kd.ops.netcheck "${expect[@]}" || true
+  fi
 }
 kd_nccl_env
