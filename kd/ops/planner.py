@@ -656,3 +656,94 @@ def checkpoint_bytes(cfg, plan: Plan) -> Dict[str, float]:
     n = (int(keep) if keep else 1) + 1  # +1: a new checkpoint is written before the oldest is deleted
     merged = (s.total - s.adapter) * eb if cfg.get("save_merged_model", False) else 0.0  # full: = weights
     return {"checkpoints": n * one, "merged": merged, "total": n * one + merged}
+
+
+@dataclass
+class CrossNodeTraffic:
+    """Bytes one rank moves over the inter-node link per optimizer step (:func:`cross_node_bytes_per_step`)."""
+
+    rows: List[Tuple[str, float, str]]  # (collective, bytes per optimizer step, note)
+    nodes: int
+    micro_batches: int  # per optimizer step (gradient_accumulation_steps)
+
+    @property
+    def total(self) -> float:
+        return float(sum(b for _, b, _ in self.rows))
+
+    def seconds(self, bus_gbps: float) -> float:
+        """Time at a bus bandwidth of ``bus_gbps`` GB/s (nccl-tests' busbw, what kd preflight measures)."""
+        return self.total / (bus_gbps * 1e9) if bus_gbps > 0 else float("inf")
+
+    def describe(self) -> str:
+        return "; ".join(f"{n} {b / 1e9:.3g} GB ({note})" for n, b, note in self.rows) or "nothing crosses nodes"
+
+
+def cross_node_bytes_per_step(cfg, world_size: int, *, local_world_size: Optional[int] = None,
+                              plan: Optional[Plan] = None) -> CrossNodeTraffic:
+    """Bytes per optimizer step that cross the link between nodes, per rank, in **bus bytes**: the unit of
+    nccl-tests' (and ``kd preflight``'s) bus bandwidth, so ``bytes / busbw`` is the time the collectives take.
+
+    n = ``world_size`` ranks, l = ranks per node (``local_world_size``), N = n / l nodes, G =
+    ``gradient_accumulation_steps`` micro-batches per optimizer step, P = trainable parameters (the LoRA adapter,
+    or every student weight for a full fine-tune), g = bytes per gradient element (the config's dtype: 2 for bf16),
+    W_s = the student's weights in bytes (LoRA base + adapter, or all), W_t = the teacher's gathered weights
+    (decoder linears in their storage format -- NF4 0.516 B/weight, FP8 1 B, else dtype -- plus the rest in dtype,
+    less the output head that the fused loss keeps replicated).
+    The recipe does not skip the gradient sync during accumulation, so gradient collectives run every micro-batch.
+    Bus bytes of a collective over k ranks of S bytes: all-reduce 2(k-1)/k S; all-gather and reduce-scatter
+    (k-1)/k S.
+
+    - ``fsdp_strategy: hybrid`` (replicate across nodes, shard within a node): weights are gathered inside a node
+      only; each micro-batch all-reduces the gradients of a rank's 1/l shard across the N replicas:
+      G * 2(N-1)/N * P g / l. (LoRA + hybrid + ``teacher_sharding: replicate`` = the two-Spark LoRA config: only
+      this row.)
+    - ``fsdp_strategy: shard`` (over all n ranks, so across nodes): each micro-batch all-gathers the student's
+      weights for forward and again for backward (once if ``fsdp_reshard_after_forward: False``):
+      G * 2 * (n-1)/n * W_s, and reduce-scatters the gradients: G * (n-1)/n * P g.
+    - ``teacher_sharding: shard`` with ``fsdp_strategy: shard``: the teacher's weights are all-gathered for every
+      micro-batch's forward (no backward): G * (n-1)/n * W_t. (With ``hybrid`` the teacher's shards stay inside a
+      node; with ``replicate`` no teacher weights move.) Epochs served by the teacher cache skip this row.
+    - a full fine-tune is the same formulas with P = W_s / g = every student weight.
+
+    With one node (N = 1) nothing crosses nodes. For l > 1 the rows count the whole collective per rank (the
+    intra-node part included), as the all-reduce bandwidth test over all ranks does.
+    """
+    if plan is None:
+        plan = plan_from_config(cfg, world_size, local_world_size=local_world_size)
+    i = plan.inputs
+    n, l = max(1, int(i.world_size)), max(1, int(i.local_world_size))
+    nodes = max(1, n // l)
+    G = int(KD_LORA.get(cfg, "gradient_accumulation_steps"))
+    rows: List[Tuple[str, float, str]] = []
+    if nodes <= 1:
+        return CrossNodeTraffic(rows, nodes, G)
+    s, t = i.student, i.teacher
+    g = _dtype_bytes(i.dtype)
+    full = s.adapter == 0
+    P = s.total if full else s.adapter
+    what = "every student weight (full fine-tune)" if full else "LoRA"
+
+    def stored(numel: int, quant: Optional[str]) -> float:
+        if quant in ("nf4", "nf4_fp8"):
+            return numel * NF4_BYTES_PER_ELEM + math.ceil(numel / NF4_FACTOR_BLOCK) * g
+        if quant == "fp8":
+            return float(numel)
+        return float(numel * g)
+
+    W_s = stored(s.linear, i.student_quant) + (s.total - s.linear) * g
+    if i.fsdp_strategy == "hybrid":
+        rows.append(("gradient all-reduce", G * 2 * (nodes - 1) / nodes * P * g / l,
+                     f"{P:,} {what} grads x {g} B across {nodes} nodes, x {G} micro-batches"))
+    else:
+        passes = 2 if bool(cfg.get("fsdp_reshard_after_forward", True)) else 1
+        rows.append(("student weight all-gather", G * passes * (n - 1) / n * W_s,
+                     f"{W_s / 1e9:.3g} GB of student weights, {passes} per micro-batch (forward"
+                     f"{' + backward' if passes == 2 else ''}) x {G}"))
+        rows.append(("gradient reduce-scatter", G * (n - 1) / n * P * g,
+                     f"{P:,} {what} grads x {g} B, x {G} micro-batches"))
+        if i.teacher_sharding == "shard" and i.teacher_resident:
+            head = t.output if (i.loss_form == "fused" and not t.tied) else 0  # the fused head keeps it replicated
+            W_t = stored(t.linear, i.teacher_quant) + (t.total - t.linear - head) * g
+            rows.append(("teacher weight all-gather", G * (n - 1) / n * W_t,
+                         f"{W_t / 1e9:.3g} GB of teacher weights gathered every micro-batch forward x {G}"))
+    return CrossNodeTraffic(rows, nodes, G)
