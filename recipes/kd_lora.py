@@ -208,9 +208,9 @@ class KDLoRARecipe:
         self._setup_run_dir(cfg)
         # 1. tokenizer (needed by the dataset); its ids must fit both embeddings (checked before loading)
         self._tokenizer = checks.build_tokenizer(cfg)
-        checks.check_tokenizer_fits(
-            self._tokenizer, (("model", cfg.model), ("teacher_model", cfg.get("teacher_model", None)))
-        )
+        models = (("model", cfg.model), ("teacher_model", cfg.get("teacher_model", None)))
+        checks.check_tokenizer_fits(self._tokenizer, models)
+        checks.check_seq_len_fits(cfg, models)  # tokenizer.max_seq_len <= each model's max_seq_len
         # 2. metric logger and run info (rank 0 only)
         self._setup_logging(cfg)
         # 3. memory plan (rank 0), then the FSDP2 device mesh (None for one process)

@@ -31,7 +31,8 @@ log = logging.getLogger("kd.checks")
 
 __all__ = [
     "writable_dir", "run_info", "check_run_dir", "check_optimizer", "check_dtype", "check_lora",
-    "check_tokenizer_section", "build_tokenizer", "check_tokenizer_fits", "embedding_rows",
+    "check_tokenizer_section", "build_tokenizer", "check_tokenizer_fits", "embedding_rows", "model_max_seq_len",
+    "check_seq_len_fits",
 ]
 
 DTYPES = ("bf16", "bfloat16", "fp32", "float32")
@@ -236,10 +237,59 @@ def embedding_rows(model_cfg) -> int:
     v = model_cfg.get("vocab_size", None)
     if v is not None:
         return int(v)
+    return _meta_dims(model_cfg)[0]
+
+
+_META_DIMS: Dict[str, tuple] = {}
+
+
+def _meta_dims(model_cfg) -> tuple:
+    """(embedding rows, max_seq_len or None) of a model builder, from one meta-device build per section."""
+    import json
+
     import torch
 
-    model = build_on_meta(model_cfg, torch.bfloat16)
-    return int(model.tok_embeddings.num_embeddings)
+    key = json.dumps(to_container(model_cfg), sort_keys=True, default=str)
+    if key not in _META_DIMS:
+        model = build_on_meta(model_cfg, torch.bfloat16)
+        msl = getattr(model, "max_seq_len", None)
+        _META_DIMS[key] = (int(model.tok_embeddings.num_embeddings), int(msl) if isinstance(msl, int) else None)
+    return _META_DIMS[key]
+
+
+def model_max_seq_len(model_cfg) -> Optional[int]:
+    """The longest sequence a torchtune model builder accepts (``max_seq_len`` if given, else a meta-device build)."""
+    v = model_cfg.get("max_seq_len", None)
+    return int(v) if v is not None else _meta_dims(model_cfg)[1]
+
+
+def check_seq_len_fits(cfg, models: Iterable[tuple]) -> None:
+    """``tokenizer.max_seq_len`` (and a dataset's own ``max_seq_len``) must not exceed any model's ``max_seq_len``:
+    the first sample that long would otherwise stop the run with torchtune's traceback. ``models`` as in
+    :func:`check_tokenizer_fits`."""
+    lens = []
+    tok = cfg.get("tokenizer", None)
+    if tok is not None and tok.get("max_seq_len", None) is not None:
+        lens.append(("tokenizer.max_seq_len", int(tok.max_seq_len)))
+    ds = cfg.get("dataset", None)
+    many = ds is not None and not hasattr(ds, "keys")  # a list of datasets (ConcatDataset)
+    for i, d in enumerate(ds if many else [ds]):
+        if hasattr(d, "get") and d.get("max_seq_len", None) is not None:
+            lens.append((f"dataset{f'[{i}]' if many else ''}.max_seq_len", int(d.max_seq_len)))
+    if not lens:
+        return
+    for key, section in models:
+        if section is None:
+            continue
+        m = model_max_seq_len(section)
+        if m is None:
+            continue
+        for name, n in lens:
+            if n > m:
+                raise ConfigError(
+                    f"{name}={n} is above {key}'s max_seq_len={m}: a sample that long would stop the run at its "
+                    f"first batch; set {name} <= {m} (or use a {key} built for longer sequences)."
+                )
 
 
 def tokenizer_max_id(tokenizer) -> Optional[int]:
