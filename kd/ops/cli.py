@@ -9,6 +9,13 @@
     kd plan --time --config CFG [key=value ...] [--hardware h200|gb10|PROFILE.yaml] [--world-size N]
         Estimated time of one epoch and of the whole run (a kd_lora config), or of plan A's teacher
         generation (a generate_teacher config), per component, from the config's real token counts (kd.ops.jobtime).
+    kd calibrate --config CFG [key=value ...] [--out PROFILE.yaml] [--name NAME] [--overwrite] [--base h200|gb10|YAML]
+            [--device cuda|cpu] [--doc-len N] [--reps N] [--disk-mb N] [--allreduce-mb N]
+        1-3 minutes on a GPU (seconds for the tiny CPU config): measures this machine at the config's shapes (GEMMs
+        in bf16 and FP8, NF4 dequantisation, copy bandwidth, one teacher and one student layer as configured,
+        attention at the packed length, the fused loss head, disk; the all-reduce under torchrun) with random
+        weights, no model files, and writes a hardware profile for kd plan --time --hardware PROFILE.yaml
+        (kd.ops.calibrate). Refuses to replace an existing --out without --overwrite.
     kd summary OUTPUT_DIR [--evaluate-config CFG] [--export-config CFG] [--eval-data JSON]
         Three lines about a finished run: KL before -> after, where the adapter is, the next command.
 """
@@ -122,6 +129,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if cmd == "plan":
             return _plan(rest)
+        if cmd == "calibrate":
+            from kd.ops.calibrate import main as calibrate_main
+
+            return calibrate_main(rest)
         if cmd == "summary":
             from kd.ops.summary import main as summary_main
 
@@ -137,7 +148,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         print(f"kd {cmd}: error: {one_line(e)}", file=sys.stderr)
         return 2
-    print(f"kd: unknown command {cmd!r}; use 'kd plan', 'kd preflight' or 'kd summary' (kd --help).", file=sys.stderr)
+    print(f"kd: unknown command {cmd!r}; use 'kd plan', 'kd calibrate', 'kd preflight' or 'kd summary' (kd --help).", file=sys.stderr)
     return 2
 
 

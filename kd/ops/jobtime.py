@@ -57,6 +57,7 @@ class Hardware:
     student_eff: float
     head_eff: float
     disk_gbps: float = 1.0
+    optimizer_eff: float = 1.0  # achieved share of mem_gbps by the optimizer step (16 B/param; kd calibrate measures it)
     decode_overhead_ms: float = 0.0  # fixed cost per decode step (launches), eager generation ("today")
     decode_bw_eff: float = 1.0
     # the static decode engine as built (kd's CUDA NF4 kernels, CUDA graphs, fused glue), calibrated on the H200:
@@ -67,6 +68,9 @@ class Hardware:
     static_overhead_ms_per_row: float = 0.0306  # ... growing with the rows (attention, glue): batch 512
     ahead_hidden_frac: float = 0.115  # dequant_ahead on (> 64 rows): share of min(dequantisation, GEMM time) saved
     measured: bool = True
+    # kd calibrate: the teacher precision (+ "+compile") teacher_eff was measured for ("" = not calibrated; the
+    # built-in profiles); kd plan --time warns when a config's teacher differs (teacher_profile_warning)
+    teacher_calibrated_for: str = ""
     sources: Dict[str, str] = field(default_factory=dict)
 
 
@@ -125,6 +129,13 @@ GB10 = dataclasses.replace(
 )
 
 PROFILES = {"h200": H200, "gb10": GB10}
+
+
+def unmeasured_note(hw: Hardware) -> str:
+    """The label of a profile that nobody measured (the GB10's data-sheet constants)."""
+    where, out = ("the DGX Spark", "my_spark.yaml") if hw.name == "gb10" else ("that machine", "my_machine.yaml")
+    return (f"data sheet, NOT measured: run `kd calibrate --config CFG --out {out}` on {where}, then "
+            f"`kd plan --time --hardware {out}`")
 
 
 def load_hardware(name_or_path: str) -> Hardware:
@@ -283,14 +294,16 @@ class JobEstimate:
     phases: List[Phase] = field(default_factory=list)
     cache_mode: Optional[str] = None
     online_run_s: float = 0.0  # the same job without a teacher cache (for the ratio line)
+    warnings: List[str] = field(default_factory=list)  # printed under the title (teacher_profile_warning)
 
     def table(self) -> str:
         hw = self.hardware
-        flag = "" if hw.measured else "  (profile NOT measured: constants from data sheets, see kd/ops/jobtime.py)"
+        flag = "" if hw.measured else f"  ({unmeasured_note(hw)})"
         lines = [f"job time on {hw.name}{flag}" + (f", teacher_cache.mode={self.cache_mode}" if self.cache_mode else ""),
                  f"  {self.micro_batches_per_epoch} micro-batches/epoch/rank, {self.steps_per_epoch} optimizer steps/epoch, "
                  f"{self.processed_tokens_per_epoch:,} positions/epoch ({self.padding_fraction:.1%} padding), "
                  f"{self.answer_tokens_per_epoch:,} answer tokens/epoch"]
+        lines[1:1] = [f"  {w}" for w in self.warnings]
         phases = self.phases or [Phase("one epoch", self.epochs, self.epoch_s, self.components)]
         unit = "pass" if self.cache_mode == "build" else "epoch"
         for ph in phases:
@@ -309,11 +322,32 @@ class JobEstimate:
                          f"of {_hms(self.online_run_s)}")
         if self.cache_mode == "build":
             return "\n".join(lines)
-        lines.append(f"  optimizer step: {self.step_s:.2f} s")
+        lines.append(f"  optimizer step: {self.step_s:.2f} s" if self.step_s >= 1 else f"  optimizer step: {_hms(self.step_s)}")
         return "\n".join(lines)
 
 
+def teacher_calibration(cfg) -> str:
+    """The teacher setting a calibrated ``teacher_eff`` holds for: its precision, ``+compile`` when compiled."""
+    from kd.teacher.precision import parse_precision
+
+    return parse_precision(cfg.get("teacher_quantization", None)) + ("+compile" if cfg.get("compile", False) else "")
+
+
+def teacher_profile_warning(hw: Hardware, cfg) -> Optional[str]:
+    """One line when ``hw`` (written by ``kd calibrate``) calibrated its teacher efficiency for another teacher
+    precision / compile setting than ``cfg`` runs; None otherwise."""
+    if not hw.teacher_calibrated_for or cfg.get("teacher_model", None) is None:
+        return None
+    want = teacher_calibration(cfg)
+    if want == hw.teacher_calibrated_for:
+        return None
+    return (f"warning: profile {hw.name!r} calibrated teacher_eff for a {hw.teacher_calibrated_for} teacher; this "
+            f"config runs {want}, so the teacher forward estimate is not calibrated (run kd calibrate with this config)")
+
+
 def _hms(s: float) -> str:
+    if s < 1:
+        return f"{s * 1e3:.1f} ms"
     if s < 120:
         return f"{s:.1f} s"
     h, m = divmod(s / 60, 60)
@@ -392,7 +426,7 @@ def _epoch(m: "_JobModel", teacher: bool, write: bool, read: bool) -> List[Compo
         recompute = m.ac * (per_layer + attn1)
         t_student += (fwd + bwd + recompute) / (R * hw.student_eff)
         t_head += 3 * 2.0 * s.vocab_size * s.embed_dim * T / (R * hw.head_eff)  # fwd + grad wrt hidden + lse
-    t_opt = steps * 16.0 * s.adapter / (hw.mem_gbps * 1e9)
+    t_opt = steps * 16.0 * s.adapter / (hw.mem_gbps * 1e9 * hw.optimizer_eff)
     if world_size > 1:
         t_opt += steps * 2.0 * 2 * s.adapter / (hw.interconnect_gbps * 1e9)  # ring all-reduce of bf16 grads
     comps = []
@@ -533,7 +567,8 @@ def estimate_job(cfg, hw: Hardware, stats: Optional[DataStats] = None, world_siz
     per_epoch = [c for c in first.components if c.name not in ("validation", "checkpoints")]
     step = _total(per_epoch) / max(1, steps)
     return JobEstimate(hw, first.components, first.seconds, run, epochs, steps, len(batches), n_pos, n_ans, pad,
-                       step, phases=phases, cache_mode=mode, online_run_s=epochs * _total(online))
+                       step, phases=phases, cache_mode=mode, online_run_s=epochs * _total(online),
+                       warnings=[w for w in [teacher_profile_warning(hw, cfg)] if w])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -554,7 +589,7 @@ class GenerationEstimate:
 
     def table(self) -> str:
         hw = self.hardware
-        flag = "" if hw.measured else "  (profile NOT measured)"
+        flag = "" if hw.measured else f"  ({unmeasured_note(hw)})"
         return "\n".join([
             f"plan A teacher generation on {hw.name}{flag}",
             f"  {self.prompts:,} prompts, ~{self.generated_tokens:,} generated tokens, batch {self.batch_size}",
