@@ -44,10 +44,10 @@ CALIBRATION_KEYS = {"source", "num_samples", "max_seq_len", "seed", "system_prom
                     "dampening"}
 
 
-def _check_targets(out: Path, adapter_dir: Path, overwrite: bool) -> None:
-    """Refuse to replace a non-empty ``merged/`` or ``adapter/`` (they may hold the user's files) unless
-    ``overwrite=True``; checked before the model is loaded."""
-    for sub in ("merged", "adapter"):
+def _check_targets(out: Path, adapter_dir: Path, overwrite: bool, quantized=()) -> None:
+    """Refuse to replace a non-empty ``merged/``, ``adapter/`` or ``quantized-<scheme>/`` (they may hold the user's
+    files) unless ``overwrite=True``; checked before the model is loaded."""
+    for sub in ("merged", "adapter", *(f"quantized-{q}" for q in quantized)):
         t = out / sub
         if sub == "adapter" and t.resolve() == adapter_dir.resolve():
             continue  # exporting next to the adapter itself: it is not rewritten
@@ -80,12 +80,13 @@ def recipe_main(cfg: DictConfig) -> None:
     checks.check_lora(cfg.model)
     dtype = training.get_dtype(checks.check_dtype(cfg), device=device)
     checks.writable_dir(cfg.output_dir)
+    shard = schema.EXPORT.get(cfg, "max_shard_size_gb")
+    qplan = _quantize_plan(cfg)  # every key checked before anything is written
     run_lock.acquire(cfg.output_dir, "an export")  # no other run / export writes here until this one ends
-    _check_targets(Path(cfg.output_dir), adapter_dir, schema.EXPORT.get(cfg, "overwrite"))
+    _check_targets(Path(cfg.output_dir), adapter_dir, schema.EXPORT.get(cfg, "overwrite"), qplan["schemes"])
     model = load_frozen_model(cfg.model, ck, device=device, dtype=dtype, which="student")
     load_adapter_dir(model, adapter_dir, cfg.model)
     out = Path(cfg.output_dir)
-    shard = schema.EXPORT.get(cfg, "max_shard_size_gb")
     path = save_merged_hf(model, ck.checkpoint_dir, out / "merged", rank=int(cfg.model.lora_rank),
                           alpha=float(cfg.model.lora_alpha), max_shard_size_bytes=shard * 1e9, dtype=dtype)
     if (out / "adapter").resolve() != adapter_dir.resolve():
@@ -94,7 +95,7 @@ def recipe_main(cfg: DictConfig) -> None:
                 if f.is_file():
                     shutil.copy2(f, tmp / f.name)
     log.info(f"merged HF checkpoint: {path}; PEFT adapter: {out / 'adapter'}")
-    _quantize(cfg, out / "merged", out, device)
+    _quantize(cfg, out / "merged", out, device, qplan)
 
 
 def _export_full(cfg: DictConfig) -> None:
@@ -114,29 +115,34 @@ def _export_full(cfg: DictConfig) -> None:
     device = checks.check_device(cfg, "cpu")
     dtype = training.get_dtype(cfg.get("dtype", "bf16"), device=device)
     dims = model_dims(build_on_meta(cfg.model, dtype))
+    shard = schema.EXPORT.get(cfg, "max_shard_size_gb")
+    qplan = _quantize_plan(cfg)  # every key checked before anything is written
     run_lock.acquire(cfg.output_dir, "an export")
+    _check_targets(Path(cfg.output_dir), Path(cfg.output_dir) / "adapter", schema.EXPORT.get(cfg, "overwrite"),
+                   qplan["schemes"])
     sd = assemble_full_state_dict(shard_dir)
     out = Path(cfg.output_dir)
     path = write_hf_checkpoint(sd, cfg.checkpointer.checkpoint_dir, out / "merged",
                                dims=(dims["num_heads"], dims["num_kv_heads"], dims["embed_dim"], dims["head_dim"]),
-                               dtype=dtype, max_shard_size_bytes=schema.EXPORT.get(cfg, "max_shard_size_gb") * 1e9)
+                               dtype=dtype, max_shard_size_bytes=shard * 1e9)
     log.info(f"full HF checkpoint: {path} (from {shard_dir})")
-    _quantize(cfg, out / "merged", out, device)
+    _quantize(cfg, out / "merged", out, device, qplan)
 
 
-def _quantize(cfg: DictConfig, merged, out: Path, device) -> None:
-    """The optional quantized deployment copies (kd.train.quantize), each checked against the merged model."""
-    import json
-
+def _quantize_plan(cfg: DictConfig) -> dict:
+    """Every quantize= / calibration.* value checked (and the calibration prompts read) *before* anything is
+    written: a mistake there must not leave a merged/ that the corrected re-run's overwrite rail refuses."""
     q = cfg.get("quantize", None)
+    if q is not None and not isinstance(q, str) and not hasattr(q, "__iter__"):
+        raise ConfigError(f"quantize={q!r}: use a scheme name or a list of them, e.g. quantize=[fp8_dynamic,w4a16].")
     schemes = [] if q is None else ([q] if isinstance(q, str) else list(to_container(q)))
-    schemes = [kq.check_scheme(x) for x in schemes]
-    if not schemes:
-        return
-    kq.require_deploy_extra(schemes[0])
+    schemes = list(dict.fromkeys(kq.check_scheme(x) for x in schemes))
     cal = cfg.get("calibration", None) or {}
     if cal:
         check_keys(cal, CALIBRATION_KEYS, where="'calibration'")
+    if not schemes:
+        return {"schemes": []}
+    kq.require_deploy_extra(schemes[0])
     samples = []
     if cal.get("source") is not None:
         from torchtune import config as tt_config
@@ -153,11 +159,23 @@ def _quantize(cfg: DictConfig, merged, out: Path, device) -> None:
             from kd.core.config import DataError
 
             raise DataError(f"calibration.source: {e}") from e
-    n_check = number(cal, "check_samples", 8, kind=int, min_value=0)
+    for scheme in schemes:
+        if kq.SCHEMES[scheme][1] and not samples:
+            raise ConfigError(f"quantize={scheme} is calibrated on your training prompts: set calibration.source "
+                              "(the training data json) and calibration.num_samples.")
+    return {"schemes": schemes, "samples": samples, "n_check": number(cal, "check_samples", 8, kind=int, min_value=0),
+            "dampening": number(cal, "dampening", 0.01, min_value=0.0)}
+
+
+def _quantize(cfg: DictConfig, merged, out: Path, device, plan: dict) -> None:
+    """The optional quantized deployment copies (kd.train.quantize), each checked against the merged model."""
+    import json
+
+    schemes, samples, n_check = plan["schemes"], plan.get("samples", []), plan.get("n_check", 0)
     for scheme in schemes:
         dest = out / f"quantized-{scheme}"
         res = kq.quantize_checkpoint(merged, dest, scheme, calibration=samples, device=device,
-                                     dampening=number(cal, "dampening", 0.01, min_value=0.0),
+                                     dampening=plan["dampening"],
                                      max_shard_size_gb=schema.EXPORT.get(cfg, "max_shard_size_gb"))
         log.info(f"{scheme}: {res.modules} linear layers -> {res.format}; weights {res.weight_bytes_before / 1e9:.3f} GB "
                  f"-> {res.weight_bytes_after / 1e9:.3f} GB ({res.weight_bytes_before / max(res.weight_bytes_after, 1):.2f}x "
