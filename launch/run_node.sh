@@ -22,7 +22,12 @@
 #   KD_LOG_DIR=logs/launch   KD_VENV=.venv (activated when present)
 #   KD_PREFLIGHT=1|0 (0 skips the checks: nodes with different code/config are then NOT detected)
 #   KD_PREFLIGHT_ONLY=1 (stop after the checks)   KD_PREFLIGHT_ARGS="--nominal-gbps 25 --bw-mb 256"
-#   KD_RDZV_TIMEOUT=900 (seconds to wait for the other node)
+#   KD_RDZV_TIMEOUT=900 (seconds to wait for the other node). Before torchrun, node 0 checks that MASTER_ADDR is
+#     one of its addresses (warning) and MASTER_PORT is free (error); every other node TCP-connects to
+#     MASTER_ADDR:MASTER_PORT, retrying until KD_RDZV_TIMEOUT, and stops with one line naming the address and port
+#     ("cannot reach the rendezvous at A:P within T s") instead of torchrun's 600 s wait and traceback
+#     (launch/rdzv_check.py); torchrun's own static rendezvous gets the same timeout (--rdzv-conf timeout=).
+#   KD_DEBUG=1 keeps torchrun's failure report (a traceback) after a 'kd: error' / 'kd preflight: FAIL' line
 #   KD_RDZV_BACKEND=static|c10d (default static: global rank = NODE_RANK * NPROC_PER_NODE + local rank, so
 #     node 0 is rank 0 and writes the checkpoints; with c10d the first node to join would get rank 0)
 set -uo pipefail
@@ -61,10 +66,23 @@ done
 [ -f "$CONFIG" ] || die "config file '$CONFIG' not found (paths are relative to $REPO)"
 case "$NODE_RANK" in ''|*[!0-9]*) die "NODE_RANK must be an integer, got '$NODE_RANK'" ;; esac
 [ "$NODE_RANK" -lt "$NNODES" ] || die "NODE_RANK=$NODE_RANK but NNODES=$NNODES"
+case "$KD_RDZV_TIMEOUT" in ''|*[!0-9]*) die "KD_RDZV_TIMEOUT must be a whole number of seconds, got '$KD_RDZV_TIMEOUT'" ;; esac
+case "$MASTER_PORT" in ''|*[!0-9]*) die "MASTER_PORT must be a port number, got '$MASTER_PORT'" ;; esac
 
 mkdir -p "$KD_LOG_DIR"
 HOST=$(hostname)
 LOG="$KD_LOG_DIR/node${NODE_RANK}-${HOST}-$(date +%Y%m%d-%H%M%S).log"
+
+# After a clean one-line error ('kd: error', 'kd preflight: FAIL'), torchrun adds its own failure report (a
+# Python traceback and a ChildFailedError box): leave that out unless KD_DEBUG=1.
+quiet_torchrun_report() {
+  if [ -n "${KD_DEBUG:-}" ]; then cat; return; fi
+  awk '
+    /kd: error|kd preflight: FAIL/ { err = 1 }
+    err && !skip && /^Traceback \(most recent call last\):/ { skip = 1; eq = 0; next }
+    skip { if ($0 ~ /^=+$/ && ++eq == 2) { skip = 0; print "[kd launch] (torchrun failure report left out; KD_DEBUG=1 shows it)"; fflush() }; next }
+    { print; fflush() }'
+}
 
 main() {
   echo "[kd launch] node $NODE_RANK/$NNODES on $HOST, rendezvous $MASTER_ADDR:$MASTER_PORT (id $KD_RUN_ID), log $LOG"
@@ -83,12 +101,20 @@ main() {
   # shellcheck disable=SC1091
   . "$HERE/nccl_env.sh"
 
+  # the rendezvous: node 0 listens on MASTER_PORT, the others must reach it within KD_RDZV_TIMEOUT
+  if [ "$NODE_RANK" = 0 ]; then
+    python "$HERE/rdzv_check.py" host "$MASTER_ADDR" "$MASTER_PORT" || return 2
+  else
+    python "$HERE/rdzv_check.py" client "$NODE_RANK" "$MASTER_ADDR" "$MASTER_PORT" "$KD_RDZV_TIMEOUT" || return 2
+  fi
+
   local is_host=false
   [ "$NODE_RANK" = 0 ] && is_host=true
   local rdzv=(--nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE")
   if [ "${KD_RDZV_BACKEND:-static}" = static ]; then
     # global ranks follow NODE_RANK (rank 0 = NODE_RANK 0 writes checkpoints/metrics)
-    rdzv+=(--rdzv-backend static --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --node-rank "$NODE_RANK")
+    rdzv+=(--rdzv-backend static --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --node-rank "$NODE_RANK"
+           --rdzv-conf "timeout=$KD_RDZV_TIMEOUT")
   else
     # c10d: node 0 hosts the store; global ranks follow the order in which nodes join (see the preflight report)
     rdzv+=(--rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"
@@ -101,14 +127,18 @@ main() {
     echo "[kd launch] preflight: torchrun ${rdzv[*]} --rdzv-id $KD_RUN_ID-preflight -m kd.ops.preflight --config $CONFIG ${ARGS[*]:-}"
     # shellcheck disable=SC2086
     KD_PREFLIGHT_STATUS_DIR=$sdir torchrun "${rdzv[@]}" --rdzv-id "$KD_RUN_ID-preflight" \
-      -m kd.ops.preflight --config "$CONFIG" ${KD_PREFLIGHT_ARGS:-} "${ARGS[@]}"
-    local rc=$? ok=1 n=0 f
+      -m kd.ops.preflight --config "$CONFIG" ${KD_PREFLIGHT_ARGS:-} "${ARGS[@]}" 2>&1 | quiet_torchrun_report
+    local rc=${PIPESTATUS[0]} ok=1 n=0 f
     for f in "$sdir"/*.status; do
       [ -e "$f" ] || continue
       n=$((n + 1))
       grep -qx OK "$f" || ok=0
     done
     rm -rf "$sdir"
+    if [ $n -eq 0 ] && [ $rc -ne 0 ] && ! grep -qs "kd preflight: FAIL" "$LOG"; then
+      echo "[kd launch] node $NODE_RANK ($HOST): the preflight did not start: the $NNODES nodes did not all join the rendezvous at $MASTER_ADDR:$MASTER_PORT within $KD_RDZV_TIMEOUT s (are they all started, with the same MASTER_ADDR and MASTER_PORT?); not starting training" >&2
+      return 1
+    fi
     if [ $rc -ne 0 ] || [ $n -lt "$NPROC_PER_NODE" ] || [ $ok -ne 1 ]; then
       echo "[kd launch] node $NODE_RANK ($HOST): preflight FAILED (see the 'kd preflight: FAIL' lines above); not starting training" >&2
       return 1
@@ -120,8 +150,9 @@ main() {
   [ "${KD_PREFLIGHT_ONLY:-0}" = 1 ] && { echo "[kd launch] KD_PREFLIGHT_ONLY=1: done"; return 0; }
 
   echo "[kd launch] training: tune run ${rdzv[*]} --rdzv-id $KD_RUN_ID recipes/kd_lora.py --config $CONFIG ${ARGS[*]:-}"
-  tune run "${rdzv[@]}" --rdzv-id "$KD_RUN_ID" recipes/kd_lora.py --config "$CONFIG" "${ARGS[@]}"
-  local trc=$?
+  tune run "${rdzv[@]}" --rdzv-id "$KD_RUN_ID" recipes/kd_lora.py --config "$CONFIG" "${ARGS[@]}" 2>&1 \
+    | quiet_torchrun_report
+  local trc=${PIPESTATUS[0]}
   if [ $trc -ne 0 ]; then
     echo "[kd launch] node $NODE_RANK ($HOST): training exited with code $trc (log: $LOG)" >&2
   else

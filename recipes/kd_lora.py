@@ -203,6 +203,7 @@ class KDLoRARecipe:
     # Setup
     # ----------------------------------------------------------------------------------------------
     def setup(self, cfg: DictConfig) -> None:
+        kdist.check_same_run(cfg)  # every rank: same resolved config + package versions, else one error line (issue 27)
         self._cfg = cfg
         # 0. output_dir: writable; a fresh run never overwrites another run, a resume needs the same data
         self._setup_run_dir(cfg)

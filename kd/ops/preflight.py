@@ -10,7 +10,12 @@ Every rank checks its own node and the results are exchanged with ``all_gather_o
 - a hash of the code (git tracked + untracked-not-ignored files, or the package sources) and of the resolved
   config identical everywhere (nodes with different code or config refuse to start);
 - GPU arch supported by the installed torch (GB10 = sm_121 needs a CUDA >= 12.8 build);
-- an all-reduce bandwidth test through the real process group (bus GB/s vs the link's nominal rate);
+- an all-reduce bandwidth test through the real process group with a bounded payload (``--bw-mb``, at most
+  ``MAX_BW_MB``: a 16 GB test has frozen a DGX Spark through unified-memory exhaustion), compared with the bytes
+  the planner says cross the link per optimizer step (:func:`kd.ops.planner.cross_node_bytes_per_step`): one
+  ``link:`` line, and a WARNING with the expected slowdown per step when NCCL's rate is below half the nominal;
+- the NCCL / RoCE environment of every node (:mod:`kd.ops.netcheck`: both halves of the ConnectX-7 port in
+  NCCL_IB_HCA, MTU 9000, GID index, socket interfaces, GPUDirect facts) when the run spans several processes;
 - both checkpoints complete (every shard in model.safetensors.index.json present, with the size its
   safetensors header implies; index total_size consistent) and matching the configured builders
   (layers, hidden size, heads, vocab; teacher vocab == student vocab);
@@ -39,14 +44,18 @@ from typing import Any, Dict, List, Optional, Tuple
 from kd.core.config import ConfigError
 from kd.core.errors import CheckpointError
 from kd.ops.kernel_check import kernel_report
-from kd.ops.planner import GiB, checkpoint_bytes, plan_from_config
+from kd.ops.netcheck import cuda_dmabuf_supported, nccl_report
+from kd.ops.planner import GiB, checkpoint_bytes, cross_node_bytes_per_step, plan_from_config
 from kd.teacher.precision import check_sharding, resolve_precision
 from kd.train import dist as kdist
 from kd.train.cli_util import load_yaml_file, merge_overrides, user_error_types
 from kd.train.models import check_matches_hf_config, read_hf_config, resolve_checkpoint_files
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_NOMINAL_GBPS = 25.0  # 200 Gb/s RoCE (ConnectX-7) = 25 GB/s
+# What NCCL reaches between two DGX Sparks over one 200 Gb/s RoCE port (ConnectX-7, line rate 25 GB/s) with both
+# PCIe halves in NCCL_IB_HCA and MTU 9000: ~24 GB/s bus bandwidth (23.74 GB/s in dgx-spark-playbooks PR 103).
+DEFAULT_NOMINAL_GBPS = 24.0
+MAX_BW_MB = 512.0  # the bandwidth test's payload cap, whatever --bw-mb says (unified memory: see run())
 CODE_DIRS = ("kd", "recipes", "configs", "launch")
 SAFETENSORS_HEADER_LIMIT = 100 * 2**20
 
@@ -318,6 +327,59 @@ def allreduce_bandwidth(device, size_mb: float, iters: int = 5, warmup: int = 2)
     return busbw, dt
 
 
+def bw_payload_mb(requested: Optional[float], device_type: str) -> Tuple[float, Optional[str]]:
+    """(MiB to all-reduce, a one-line notice when ``requested`` was clamped). Default 256 MiB on GPUs, 16 on CPU;
+    never above ``MAX_BW_MB``: the test tensor and NCCL's buffers live in the GB10's unified memory, and a 16 GB
+    nccl-tests run has frozen a Spark (dgx-spark-playbooks issue 102); a few hundred MB measure the bus rate as well."""
+    size = (256.0 if device_type == "cuda" else 16.0) if requested is None else float(requested)
+    if not size > 0:
+        raise ConfigError(f"--bw-mb must be > 0 (MiB), got {requested}")
+    if size > MAX_BW_MB:
+        return MAX_BW_MB, (f"--bw-mb {requested:g} clamped to {MAX_BW_MB:g} MiB (a larger all-reduce payload can "
+                           "exhaust a GB10's unified memory and freeze the node; this size measures the bus rate as well)")
+    return size, None
+
+
+def link_report(bus_gbps: float, traffic, nominal_gbps: float, *, step_s: Optional[float] = None,
+                step_src: str = "", slow: bool = False) -> Tuple[str, Optional[str]]:
+    """The ``link:`` line (measured bus rate vs the bytes this config moves across nodes per optimizer step) and,
+    when ``slow``, a warning with the expected slowdown: seconds per step beyond the nominal rate, and their share of
+    the planner's step time ``step_s`` (kd.ops.jobtime, profile ``step_src``) when known."""
+    y = traffic.total / 1e9
+    if traffic.nodes <= 1 or traffic.total <= 0:
+        line = (f"link: {bus_gbps:.2f} GB/s measured; this config moves nothing across nodes per optimizer step "
+                f"({'one node' if traffic.nodes <= 1 else traffic.describe()})")
+        return line, None
+    z, w = traffic.seconds(bus_gbps), traffic.seconds(nominal_gbps)
+    line = (f"link: {bus_gbps:.2f} GB/s measured; this config moves {y:.3g} GB per optimizer step across nodes = "
+            f"{z:.2f} s per step at this rate ({w:.2f} s at the nominal {nominal_gbps:g} GB/s) [{traffic.describe()}]")
+    if not slow:
+        return line, None
+    extra = z - w
+    share = (f" = +{100 * extra / step_s:.0f}% of the planner's {step_s:.2f} s step ({step_src})"
+             if step_s and step_s > 0 else "")
+    warning = (f"inter-node bus bandwidth {bus_gbps:.2f} GB/s is {100 * bus_gbps / nominal_gbps:.0f}% of the nominal "
+               f"{nominal_gbps:g} GB/s: this config's {y:.3g} GB per optimizer step across nodes take {z:.2f} s instead "
+               f"of {w:.2f} s, expected slowdown +{extra:.2f} s per step{share} (less where FSDP overlaps it with "
+               "compute). NCCL probably uses TCP sockets or one half of the ConnectX-7 port: see the NCCL environment "
+               "lines (NCCL_IB_HCA naming both halves, MTU 9000), rerun with NCCL_DEBUG=INFO and look for 'NET/IB' "
+               "(good) vs 'NET/Socket'.")
+    return line, warning
+
+
+def planner_step_s(cfg, world_size: int, hardware: str) -> Tuple[Optional[float], str]:
+    """kd.ops.jobtime's optimizer-step time for ``cfg`` on the ``hardware`` profile, from a 200-record sample of
+    the data set (about a second); (None, why) when it cannot be estimated here."""
+    try:
+        from kd.ops.jobtime import data_stats, estimate_job, load_hardware
+
+        hw = load_hardware(hardware)
+        est = estimate_job(cfg, hw, stats=data_stats(cfg, sample_records=200), world_size=world_size)
+        return est.step_s, f"kd plan --time, {hw.name} profile"
+    except Exception as e:  # advice only: never fail the preflight on it
+        return None, f"no step-time estimate: {type(e).__name__}"
+
+
 # --------------------------------------------------------------------------------------------------
 # Main check
 # --------------------------------------------------------------------------------------------------
@@ -434,6 +496,12 @@ def local_checks(cfg, *, world_size: int, rank: int, local_rank: int, device) ->
             "fix: pair models of the same vocabulary (Qwen2.5 7B/14B/32B/72B: 152,064; 0.5B-3B: 151,936)."
         )
     _memory_and_disk_checks(cfg, rep, device, world_size, rank)
+    if world_size > 1:  # the NCCL / RoCE environment of this node (both halves, MTU, GID index, interfaces, GPUDirect)
+        nodes = world_size // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+        net = nccl_report(expect_rdma=device.type == "cuda" and nodes > 1,
+                          cuda_dmabuf=cuda_dmabuf_supported() if device.type == "cuda" else None)
+        rep.info += [f"net: {l}" for l in net.info]
+        rep.warnings += [f"net: {w}" for w in net.warnings]
     return rep
 
 
@@ -454,56 +522,67 @@ def _precision_check(cfg, rep: NodeReport, device, dtype, world_size: int) -> Li
     return []
 
 
+def _config_flat(text: str) -> Dict[str, Any]:
+    """The resolved config (YAML text) as {dotted.key: value}, less ``output_dir`` and the values under it
+    (each node may write to its own disk; only global rank 0 writes)."""
+    import yaml
+
+    try:
+        flat = kdist.flatten(yaml.safe_load(text) or {})
+    except Exception:
+        return {}
+    out_dir = str(flat.get("output_dir", "") or "")
+    return {k: v for k, v in flat.items()
+            if k not in kdist.PER_NODE_KEYS and not (out_dir and isinstance(v, str) and v.startswith(out_dir))}
+
+
 def compare_reports(reports: List[NodeReport]) -> List[str]:
-    """Cross-node problems: versions, code and config must be identical everywhere."""
+    """Cross-node problems: versions, code and config must be identical everywhere. One line per rank that differs
+    from rank 0, naming the differing packages and config keys (values: rank 0's vs this rank's)."""
     problems = []
     ref = reports[0]
+    ref_flat = _config_flat(ref.config_text)
     for r in reports[1:]:
+        parts, fixes = [], []
         diff = {k: (ref.versions.get(k), r.versions.get(k)) for k in set(ref.versions) | set(r.versions)
                 if ref.versions.get(k) != r.versions.get(k)}
         if diff:
             d = ", ".join(f"{k} {a} vs {b}" for k, (a, b) in sorted(diff.items()))
-            problems.append(f"[{r.where}] software differs from {ref.where}: {d}; fix: install the same "
-                            "wheelhouse on every node (launch/wheelhouse.sh install).")
+            parts.append(f"software differs: {d}")
+            fixes.append("install the same wheelhouse on every node (launch/wheelhouse.sh install)")
         if r.code != ref.code:
-            problems.append(f"[{r.where}] code differs from {ref.where} (hash {r.code[:12]} over {r.code_files} "
-                            f"files vs {ref.code[:12]} over {ref.code_files}); fix: sync the repository "
-                            "(same commit, no local edits) to every node, e.g. git pull or rsync -a --delete.")
+            parts.append(f"code differs (hash {ref.code[:12]} over {ref.code_files} files vs {r.code[:12]} over "
+                         f"{r.code_files})")
+            fixes.append("sync the repository (same commit, no local edits) to every node, e.g. git pull or "
+                         "rsync -a --delete")
         if r.config != ref.config:
-            a, b = ref.config_text.splitlines(), r.config_text.splitlines()
-            import difflib
-
-            delta = [l for l in difflib.unified_diff(a, b, lineterm="", n=0) if l[:1] in "+-" and l[:3] not in ("+++", "---")]
-            problems.append(f"[{r.where}] resolved config differs from {ref.where}: {'; '.join(delta[:6])}; "
-                            "fix: pass the same config file and key=value overrides (and environment "
-                            "variables it references) on every node.")
+            flat = _config_flat(r.config_text)
+            keys = kdist.fingerprint_differences(ref_flat, flat)
+            if keys:
+                shown = "; ".join(f"{k}: {ref_flat.get(k, '<unset>')} vs {flat.get(k, '<unset>')}" for k in keys[:4])
+                more = f" (and {len(keys) - 4} more: {', '.join(keys[4:8])})" if len(keys) > 4 else ""
+                parts.append(f"resolved config differs: {shown}{more}")
+                fixes.append("pass the same config file and key=value overrides (and environment variables it "
+                             "references) on every node")
+        if parts:
+            problems.append(f"[{r.where}] differs from {ref.where} ({ref.where}'s value first): {'; '.join(parts)}; "
+                            f"fix: {'; '.join(fixes)}.")
     return problems
 
 
 def run(cfg, *, nominal_gbps: float = DEFAULT_NOMINAL_GBPS, bw_mb: Optional[float] = None,
-        warn_fraction: float = 0.5) -> int:
+        warn_fraction: float = 0.5, hardware: str = "gb10") -> int:
+    import torch
     import torch.distributed as dist
 
     device = kdist.resolve_device(cfg.get("device", "auto"))
+    size, clamp_notice = bw_payload_mb(bw_mb, device.type)
     info = kdist.init_distributed(device, timeout_s=600)
+    if clamp_notice and info.local_rank == 0:
+        print(f"kd preflight: {clamp_notice}", flush=True)
     rep = local_checks(cfg, world_size=info.world_size, rank=info.rank, local_rank=info.local_rank, device=device)
-    bw_line = None
-    if info.distributed and info.world_size > 1:
-        size = bw_mb if bw_mb is not None else (256.0 if device.type == "cuda" else 16.0)
-        try:
-            bus, dt = allreduce_bandwidth(device, size)
-            backend = dist.get_backend()
-            bw_line = (f"all-reduce {size:g} MiB over {info.world_size} ranks ({backend}): bus {bus:.2f} GB/s "
-                       f"({dt * 1e3:.1f} ms) vs nominal {nominal_gbps:g} GB/s ({100 * bus / nominal_gbps:.0f}%)")
-            if backend == "nccl" and bus < warn_fraction * nominal_gbps:
-                rep.warnings.append(
-                    f"inter-node bandwidth {bus:.2f} GB/s is far below the nominal {nominal_gbps:g} GB/s: NCCL "
-                    "probably fell back to TCP sockets; rerun with NCCL_DEBUG=INFO and look for 'NET/IB' (good) vs "
-                    "'NET/Socket'; check NCCL_IB_HCA / NCCL_IB_GID_INDEX / NCCL_SOCKET_IFNAME (launch/nccl_env.sh)."
-                )
-        except Exception as e:
-            rep.problems.append(f"all-reduce through the process group failed: {e}; check the network "
-                                "interfaces (NCCL_SOCKET_IFNAME/GLOO_SOCKET_IFNAME) and firewalls.")
+    # the reports first: nodes with other code / config / versions stop here, before any collective whose shape
+    # depends on them (the bandwidth test's size comes from each node's own --bw-mb)
     if info.distributed:
         gathered: List[Any] = [None] * info.world_size
         dist.all_gather_object(gathered, rep)
@@ -511,6 +590,32 @@ def run(cfg, *, nominal_gbps: float = DEFAULT_NOMINAL_GBPS, bw_mb: Optional[floa
     else:
         reports = [rep]
     cross = compare_reports(reports)
+    bw_line, link_warning = None, None
+    if info.distributed and info.world_size > 1 and not cross:
+        agreed = torch.tensor([size], dtype=torch.float64, device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)  # the same payload on every rank
+        size = float(agreed.item())
+        try:
+            bus, dt = allreduce_bandwidth(device, size)
+            backend = dist.get_backend()
+            bw_line = (f"all-reduce {size:g} MiB over {info.world_size} ranks ({backend}): bus {bus:.2f} GB/s "
+                       f"({dt * 1e3:.1f} ms) vs nominal {nominal_gbps:g} GB/s ({100 * bus / nominal_gbps:.0f}%)")
+            slow = backend == "nccl" and bus < warn_fraction * nominal_gbps
+            try:
+                traffic = cross_node_bytes_per_step(cfg, info.world_size, local_world_size=info.local_world_size)
+                step_s, src = planner_step_s(cfg, info.world_size, hardware) if slow else (None, "")
+                line, link_warning = link_report(bus, traffic, nominal_gbps, step_s=step_s, step_src=src, slow=slow)
+                bw_line += "\n  " + line
+            except Exception as e:  # the planner is advice: the measured rate is still reported
+                bw_line += f"\n  link: {bus:.2f} GB/s measured; bytes per step unknown ({type(e).__name__}: {e})"
+                if slow:
+                    link_warning = (f"inter-node bus bandwidth {bus:.2f} GB/s is far below the nominal {nominal_gbps:g} "
+                                    "GB/s: NCCL probably fell back to TCP sockets or uses one half of the port; see the "
+                                    "NCCL environment lines, rerun with NCCL_DEBUG=INFO ('NET/IB' vs 'NET/Socket').")
+        except Exception as e:
+            rep.problems.append(f"all-reduce through the process group failed: {e}; check the network "
+                                "interfaces (NCCL_SOCKET_IFNAME/GLOO_SOCKET_IFNAME) and firewalls.")
+            reports[info.rank] = rep
     failed = bool(cross) or any(r.problems for r in reports)
     if info.local_rank == 0:  # full report in every node's log
         lines = [f"kd preflight: world size {info.world_size}, {len({r.hostname for r in reports})} host(s)"]
@@ -529,6 +634,8 @@ def run(cfg, *, nominal_gbps: float = DEFAULT_NOMINAL_GBPS, bw_mb: Optional[floa
         for r in reports:
             for w in r.warnings:
                 print(f"kd preflight: WARNING [{r.where}] {w}", flush=True)
+        if link_warning:
+            print(f"kd preflight: WARNING [{rep.where}] {link_warning}", flush=True)
         for r in reports:
             for p in r.problems:
                 print(f"kd preflight: FAIL [{r.where}] {p}", file=sys.stderr, flush=True)
@@ -548,8 +655,11 @@ def run(cfg, *, nominal_gbps: float = DEFAULT_NOMINAL_GBPS, bw_mb: Optional[floa
 
 def add_args(p) -> None:
     p.add_argument("--nominal-gbps", type=float, default=float(os.environ.get("KD_NOMINAL_GBPS", DEFAULT_NOMINAL_GBPS)),
-                   help="nominal inter-node rate in GB/s (default 25 = 200 Gb/s)")
-    p.add_argument("--bw-mb", type=float, default=None, help="all-reduce test size in MiB (default 256 GPU / 16 CPU)")
+                   help="inter-node bus rate to expect in GB/s (default 24: NCCL over a 200 Gb/s port, both halves)")
+    p.add_argument("--bw-mb", type=float, default=None,
+                   help=f"all-reduce test size in MiB (default 256 GPU / 16 CPU; clamped to {MAX_BW_MB:g})")
+    p.add_argument("--hardware", default=os.environ.get("KD_HARDWARE", "gb10"),
+                   help="kd plan --time profile (gb10, h200 or a YAML) for the slowdown estimate of a slow link")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -564,7 +674,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from kd.ops.planner import validate_recipe_config
 
         validate_recipe_config(cfg)  # the recipe's own key/value checks
-        return run(cfg, nominal_gbps=args.nominal_gbps, bw_mb=args.bw_mb)
+        return run(cfg, nominal_gbps=args.nominal_gbps, bw_mb=args.bw_mb, hardware=args.hardware)
     except user_error_types() as e:
         from kd.train.cli_util import one_line
 

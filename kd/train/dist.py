@@ -205,3 +205,109 @@ def rank0_then_broadcast(fn, error_type=RuntimeError):
             raise exc
         raise error_type(msg["error"])
     return msg["result"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Same config and software on every rank (issue 27): one exchange right after init
+# --------------------------------------------------------------------------------------------------
+PER_NODE_KEYS = ("output_dir",)  # each node may write to its own disk (only rank 0 writes); values under it too
+
+
+def package_versions() -> dict:
+    """The versions that must agree across nodes (the ones kd preflight compares)."""
+    import platform
+    import sys
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": str(torch.version.cuda)}
+    for mod in ("torchtune", "torchao", "kd"):
+        try:
+            m = sys.modules.get(mod) or __import__(mod)
+            out[mod] = str(getattr(m, "__version__", "?"))
+        except Exception as e:  # pragma: no cover
+            out[mod] = f"missing ({type(e).__name__})"
+    return out
+
+
+def flatten(obj, prefix: str = "") -> dict:
+    """Nested dicts/lists -> {dotted.key: leaf value}."""
+    out = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(obj, (list, tuple)) and obj and any(isinstance(v, (dict, list, tuple)) for v in obj):
+        for i, v in enumerate(obj):
+            out.update(flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = obj
+    return out
+
+
+def run_fingerprint(cfg) -> dict:
+    """{"config <key>": value, ..., "version <package>": version} of the resolved config and the software;
+    ``output_dir`` and every value under it are left out (each node may use its own disk)."""
+    from omegaconf import OmegaConf
+
+    conf = flatten(OmegaConf.to_container(cfg, resolve=True))
+    out_dir = str(conf.get("output_dir", "") or "")
+    fp = {}
+    for k, v in conf.items():
+        if k in PER_NODE_KEYS or (out_dir and isinstance(v, str) and v.startswith(out_dir)):
+            continue
+        fp[f"config {k}"] = v
+    fp.update({f"version {k}": v for k, v in package_versions().items()})
+    return fp
+
+
+def fingerprint_differences(ref: dict, other: dict) -> list:
+    """Sorted keys whose values differ between two fingerprints ("config ..." before "version ...")."""
+    missing = "<unset>"
+    return [k for k in sorted(set(ref) | set(other)) if ref.get(k, missing) != other.get(k, missing)]
+
+
+def _all_gather_text(text: str) -> list:
+    """Every rank's ``text`` (JSON travels as uint8 tensors, no pickle): two small collectives."""
+    dev = _bcast_device()
+    data = text.encode()
+    n = torch.tensor([len(data)], dtype=torch.int64, device=dev)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    size = max(int(s.item()) for s in sizes)
+    buf = torch.zeros(size, dtype=torch.uint8, device=dev)
+    if data:
+        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev)
+    bufs = [torch.empty_like(buf) for _ in sizes]
+    dist.all_gather(bufs, buf)
+    return [bytes(b[: int(s.item())].cpu().tolist()).decode() for b, s in zip(bufs, sizes)]
+
+
+def check_same_run(cfg) -> None:
+    """Every rank runs the same resolved config (``output_dir`` excepted) and the same package versions, or every
+    rank raises one ConfigError naming the first differing key, instead of hanging later in a collective that the
+    ranks call with different shapes. Call it right after init, before any other collective; no-op for one process.
+    ``kd preflight`` (launch/run_node.sh) checks the same and more before training; this covers ``KD_PREFLIGHT=0``
+    and a bare ``tune run --nnodes N``."""
+    import json
+    import socket
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    mine = {"host": socket.gethostname(), "fp": run_fingerprint(cfg)}
+    texts = _all_gather_text(json.dumps(mine, sort_keys=True, default=str))
+    allfp = [json.loads(t) for t in texts]
+    ref = allfp[0]
+    ref_fp = json.loads(json.dumps(ref["fp"], default=str))  # the same JSON round trip as the others
+    for r, other in enumerate(allfp[1:], start=1):
+        keys = fingerprint_differences(ref_fp, other["fp"])
+        if not keys:
+            continue
+        k = keys[0]
+        kind, _, name = k.partition(" ")
+        a, b = ref_fp.get(k, "<unset>"), other["fp"].get(k, "<unset>")
+        more = f" ({len(keys)} keys differ: {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''})" if len(keys) > 1 else ""
+        fix = ("install the same wheelhouse on every node (launch/wheelhouse.sh install)" if kind == "version" else
+               "pass the same config file and key=value overrides on every node")
+        raise ConfigError(
+            f"the nodes do not run the same {'software' if kind == 'version' else 'config'}: {name} is {b!r} on rank {r} "
+            f"({other['host']}) but {a!r} on rank 0 ({ref['host']}){more}; fix: {fix} (launch/run_node.sh's "
+            "preflight checks this before training unless KD_PREFLIGHT=0)."
+        )
