@@ -8,13 +8,37 @@ site-packages comes first, so without this hook every custom recipe in ``./recip
 The finder below only acts for the names ``recipes`` and ``recipes.*`` and only when the working
 directory holds ``recipes/__init__.py``; everything else falls through to the normal import system.
 It is loaded by ``kd_recipes_hook.pth`` at interpreter start and imports nothing heavy.
+
+It also silences one harmless line: torchao 0.15 (pinned, see the README's Versions section) logs "Skipping import
+of cpp extensions due to incompatible torch version ..." at import, i.e. in every ``kd`` / ``tune run`` command,
+and torchtune imports torchao before any kd code runs, so the filter has to be in place at interpreter start.
+Every other torchao message still prints.
 """
 
 from __future__ import annotations
 
 import importlib.machinery
+import logging
 import os
 import sys
+
+TORCHAO_NOISE = "Skipping import of cpp extensions"
+
+
+class _QuietTorchao(logging.Filter):
+    """Drops torchao's "Skipping import of cpp extensions ..." record (and only that one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            return not str(record.getMessage()).startswith(TORCHAO_NOISE)
+        except Exception:
+            return True
+
+
+def quiet_torchao() -> None:
+    lg = logging.getLogger("torchao")
+    if not any(isinstance(f, _QuietTorchao) for f in lg.filters):
+        lg.addFilter(_QuietTorchao())
 
 
 class _CwdRecipesFinder:
@@ -34,5 +58,6 @@ class _CwdRecipesFinder:
 
 
 def install() -> None:
+    quiet_torchao()
     if not any(isinstance(f, _CwdRecipesFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _CwdRecipesFinder())

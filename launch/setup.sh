@@ -21,7 +21,7 @@ if ! python -c "import torch" 2>/dev/null; then
   pip install -q "$TORCH_SPEC"
 fi
 if ! python -c "import kd, torchtune, torchao, peft, omegaconf, transformers, dashscope, matplotlib" 2>/dev/null \
-   || [ pyproject.toml -nt .venv/.kd-installed ]; then
+   || [ pyproject.toml -nt .venv/.kd-installed ] || [ kd_recipes_hook.py -nt .venv/.kd-installed ]; then
   echo "[setup] installing kd (editable) with test extras"
   pip install -q -e ".[test]"
   touch .venv/.kd-installed
