@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_pair(testbed, tmp_path, args0, args1=None, *, env_extra=None, timeout=300):
+def launch_pair(testbed, tmp_path, args0, args1=None, *, env_extra=None, env_per_node=None, timeout=300):
     """Run the launcher twice (NODE_RANK 0 and 1) in the background; return [(rc, output), ...]."""
     port = _free_port()
     args1 = args0 if args1 is None else args1
@@ -38,7 +39,7 @@ def launch_pair(testbed, tmp_path, args0, args1=None, *, env_extra=None, timeout
         env = dict(os.environ, NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    KD_LOG_DIR=str(tmp_path / "logs"), KD_TESTBED_DIR=str(testbed.root),
                    OMP_NUM_THREADS="1", KD_RDZV_TIMEOUT="120", KD_RUN_ID=f"kdtest-{port}",
-                   **(env_extra or {}))
+                   **(env_extra or {}), **((env_per_node or {}).get(rank, {})))
         env.pop("RANK", None)
         env.pop("WORLD_SIZE", None)
         procs.append(subprocess.Popen(
@@ -96,12 +97,90 @@ def test_preflight_refuses_missing_shard(testbed, tmp_path):
     assert shard in o0 and "rsync" in o0
 
 
-def test_preflight_refuses_different_configs(testbed, tmp_path):
-    res = launch_pair(testbed, tmp_path, _common(tmp_path) + ["kd_ratio=0.5"], _common(tmp_path) + ["kd_ratio=0.7"])
+def _fake_version_dir(tmp_path) -> Path:
+    """PYTHONPATH entry whose sitecustomize makes this "node" report another torchtune version."""
+    d = tmp_path / "fake_version"
+    d.mkdir(exist_ok=True)
+    (d / "sitecustomize.py").write_text("import torchtune\ntorchtune.__version__ = '0.6.2-fake'\n")
+    return d
+
+
+def _torchtune_version() -> str:
+    import torchtune
+
+    return torchtune.__version__
+
+
+def _fail_lines(o: str):
+    return [l for l in o.splitlines() if "FAIL" in l and "kd preflight" in l and "FAILED" not in l]
+
+
+def test_preflight_refuses_different_configs_and_versions_on_both_nodes(testbed, tmp_path):
+    """Node 1 gets another override and another (faked) torchtune: each launcher prints ONE 'kd preflight: FAIL'
+    line naming the key and the package, exits non-zero, in bounded time, without a traceback."""
+    t0 = time.time()
+    fake = str(_fake_version_dir(tmp_path))
+    res = launch_pair(testbed, tmp_path, _common(tmp_path) + ["kd_ratio=0.5"], _common(tmp_path) + ["kd_ratio=0.7"],
+                      env_per_node={1: {"PYTHONPATH": fake}}, timeout=240)
+    assert time.time() - t0 < 240
     for rc, o in res:
         assert rc != 0 and "not starting training" in o, o[-3000:]
-    o0 = res[0][1]
-    assert "resolved config differs" in o0 and "kd_ratio: 0.7" in o0, o0[-4000:]
+        fails = _fail_lines(o)
+        assert len(fails) == 1, fails
+        assert "resolved config differs: kd_ratio: 0.5 vs 0.7" in fails[0], fails
+        assert f"torchtune {_torchtune_version()} vs 0.6.2-fake" in fails[0], fails
+        assert "Traceback" not in o, o[-3000:]
+
+
+def test_recipe_refuses_different_configs_without_preflight(testbed, tmp_path):
+    """KD_PREFLIGHT=0: the recipe itself compares config + versions right after init; every rank prints one
+    'kd: error' line naming the first differing key and the launchers exit non-zero (no hang, no traceback)."""
+    fake = str(_fake_version_dir(tmp_path))
+    t0 = time.time()
+    res = launch_pair(testbed, tmp_path, _common(tmp_path) + ["kd_ratio=0.5"], _common(tmp_path) + ["kd_ratio=0.7"],
+                      env_extra={"KD_PREFLIGHT": "0"}, env_per_node={1: {"PYTHONPATH": fake}}, timeout=240)
+    assert time.time() - t0 < 240
+    for rank, (rc, o) in enumerate(res):
+        assert rc != 0, o[-3000:]
+        errs = [l for l in o.splitlines() if l.startswith("kd: error")]
+        assert len(errs) == 1, o[-3000:]
+        assert f"kd: error (rank {rank}): the nodes do not run the same config: kd_ratio is 0.7 on rank 1" in errs[0]
+        assert "but 0.5 on rank 0" in errs[0] and "version torchtune" in errs[0], errs
+        assert "Traceback" not in o and "ChildFailedError" not in o, o[-3000:]
+
+
+def test_unreachable_rendezvous_fails_within_the_timeout(tmp_path):
+    """Node 1 with a MASTER_ADDR:port nobody listens on: one line naming the address and port, within
+    KD_RDZV_TIMEOUT + slack (torchrun's static rendezvous alone waits 600 s, then prints a traceback)."""
+    port = _free_port()
+    env = dict(os.environ, NODE_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), KD_RDZV_TIMEOUT="20",
+               KD_LOG_DIR=str(tmp_path / "logs"), OMP_NUM_THREADS="1")
+    t0 = time.time()
+    r = subprocess.run(["bash", str(LAUNCH), "--config", CFG], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=120)
+    took = time.time() - t0
+    assert r.returncode != 0
+    assert 19 <= took < 20 + 30, took
+    line = (f"[kd launch] node 1: cannot reach the rendezvous at 127.0.0.1:{port} within 20 s (last error: "
+            "Connection refused; is node 0 started? is the port open? check MASTER_ADDR)")
+    out = r.stdout + r.stderr  # the launcher tees everything to stdout and the log
+    assert line in out, out[-2000:]
+    assert "Traceback" not in out
+
+
+def test_node0_checks_its_address_and_port(tmp_path):
+    port = _free_port()
+    env = dict(os.environ, NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               KD_LOG_DIR=str(tmp_path / "logs"), KD_PREFLIGHT_ONLY="1")
+    with socket.socket() as s:  # somebody already listens on MASTER_PORT
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        r = subprocess.run(["bash", str(LAUNCH), "--config", CFG], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert r.returncode == 2 and f"MASTER_PORT={port} is already in use on this host" in r.stdout + r.stderr, r.stdout
+    r = subprocess.run([sys.executable, str(REPO / "launch" / "rdzv_check.py"), "host", "192.0.2.77", str(port)],
+                       capture_output=True, text=True, timeout=60)  # TEST-NET address: not this host's
+    assert r.returncode == 0 and "MASTER_ADDR=192.0.2.77 is not an address of this host" in r.stderr, r.stderr
 
 
 def test_preflight_refuses_vocab_mismatch(testbed, tmp_path):
