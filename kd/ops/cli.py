@@ -7,8 +7,11 @@
             [--seq-len S] [--ac-layers K] [--device-memory-gib G | --gb10] [--reserve-gib R] [--sweep]
         Per-device peak-memory estimate of recipes/kd_lora.py for that config (kd.ops.planner).
     kd plan --time --config CFG [key=value ...] [--hardware h200|gb10|PROFILE.yaml] [--world-size N]
+            [--data FILE.json | --lengths records=N,prompt=D,answer=D]
         Estimated time of one epoch and of the whole run (a kd_lora config), or of plan A's teacher
-        generation (a generate_teacher config), per component, from the config's real token counts (kd.ops.jobtime).
+        generation (a generate_teacher config), per component, from the config's real token counts (kd.ops.jobtime):
+        of its data file, of --data FILE, or drawn from a stated length distribution (--lengths; kd plan --help).
+        Without the model files the tokens are counted with kd's offline Qwen2.5 tokenizer (the output says which).
     kd calibrate --config CFG [key=value ...] [--out PROFILE.yaml] [--name NAME] [--overwrite] [--base h200|gb10|YAML]
             [--device cuda|cpu] [--doc-len N] [--reps N] [--disk-mb N] [--allreduce-mb N]
         1-3 minutes on a GPU (seconds for the tiny CPU config): measures this machine at the config's shapes (GEMMs
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from kd.core.config import ConfigError
@@ -54,6 +58,14 @@ def _plan(argv: List[str]) -> int:
                    help="with --time: tokenize only this many records and resample them to the data set's size")
     p.add_argument("--hardware", default=None,
                    help="with --time: h200, gb10 or a YAML profile (default: both h200 and gb10)")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="with --time: count the tokens of this alpaca JSON/JSONL file (the recipe reads it as "
+                        "dataset.source=FILE, or source=FILE for a generate config)")
+    p.add_argument("--lengths", default=None, metavar="SPEC",
+                   help="with --time, no data file: draw the records from a stated length distribution, seeded. "
+                        + jobtime.LENGTHS_HELP.replace("%", "%%") + ". The chat template and the config's "
+                        "system_prompt are added as measured on an empty record, each sample is cut at max_seq_len. "
+                        "E.g. records=23683,prompt=19-109,answer=p50:400/p95:1500")
     args, overrides = p.parse_known_args(argv)
     flags = [a for a in overrides if a.startswith("-")]
     if flags:
@@ -86,26 +98,51 @@ def _plan(argv: List[str]) -> int:
 
 
 def _plan_time(cfg, args) -> int:
+    from omegaconf import OmegaConf, open_dict
+
     names = [args.hardware] if args.hardware else ["h200", "gb10"]
     hws = [jobtime.load_hardware(n) for n in names]
-    if cfg.get("max_new_tokens", None) is not None and cfg.get("teacher_model", None) is None:
+    generate = cfg.get("max_new_tokens", None) is not None and cfg.get("teacher_model", None) is None
+    if not generate:
+        planner.validate_recipe_config(cfg)  # a kd_lora config: the recipe's own checks first
+    # where the token counts come from: the config's data file, --data FILE, or --lengths (no file at all)
+    key = "source" if generate else "dataset.source"
+    if args.data and args.lengths:
+        raise ConfigError("kd plan --time: give --data FILE or --lengths SPEC, not both.")
+    if args.lengths and args.sample_records:
+        raise ConfigError("kd plan --time: --sample-records samples a data file; --lengths draws every record already.")
+    lengths = jobtime.parse_lengths(args.lengths) if args.lengths else None
+    if args.data:
+        if not generate and not str(cfg.dataset.get("_component_", "")).startswith("kd.data."):
+            raise ConfigError(f"kd plan --time --data: dataset {cfg.dataset.get('_component_')} is not a kd.data "
+                              "dataset; set its own keys instead (dataset.source=..., data_files=...).")
+        with open_dict(cfg):
+            OmegaConf.update(cfg, key, args.data, force_add=True)
+    src = OmegaConf.select(cfg, key, default=None)
+    if lengths is None and isinstance(src, str) and not Path(src).is_file():
+        raise ConfigError(f"kd plan --time: no data to count tokens from: {'--data' if args.data else key} {src} "
+                          "does not exist here; give the data file (--data FILE.json, alpaca JSON/JSONL) or the data's "
+                          "stated length distribution (--lengths records=N,prompt=MEAN:STD,answer=MEAN:STD; "
+                          "kd plan --help).")
+    print(jobtime.resolve_tokenizer(cfg))  # the config's tokenizer files, or kd's offline Qwen2.5 tokenizer
+    if generate:
         # a generation config (recipes/generate_teacher.py): plan A's decode time
-        expected = _expected_answer_lengths(cfg, args.sample_records)
+        expected, source = _expected_answer_lengths(cfg, args.sample_records, lengths)
+        print(f"answer lengths: {source}")
         for hw in hws:
             print(jobtime.estimate_generation(cfg, hw, expected_new_tokens=expected).table())
         return 0
 
-    planner.validate_recipe_config(cfg)  # a kd_lora config: the recipe's own checks first
-    stats = jobtime.data_stats(cfg, sample_records=args.sample_records)
-    if args.sample_records:
-        print(f"(token counts estimated from {min(args.sample_records, stats.samples)} of {stats.samples} records)")
+    stats = jobtime.data_stats(cfg, sample_records=args.sample_records, lengths=lengths)
+    print(f"token counts: {stats.source}")
     for hw in hws:
         print(jobtime.estimate_job(cfg, hw, stats, world_size=args.world_size).table())
     return 0
 
 
-def _expected_answer_lengths(cfg, sample_records=None) -> List[int]:
-    """Generation configs: the teacher's answers are expected as long as the data set's reference answers."""
+def _expected_answer_lengths(cfg, sample_records=None, lengths=None):
+    """Generation configs: the teacher's answers are expected as long as the data set's reference answers
+    (or as the stated answer lengths); returns (answer lengths, where they come from)."""
     from omegaconf import OmegaConf
 
     ds = OmegaConf.create({
@@ -114,7 +151,8 @@ def _expected_answer_lengths(cfg, sample_records=None) -> List[int]:
                     **({"system_prompt": cfg.system_prompt} if cfg.get("system_prompt") else {})},
         "batch_size": 1,
     })
-    return jobtime.data_stats(ds, sample_records=sample_records).answers
+    stats = jobtime.data_stats(ds, sample_records=sample_records, lengths=lengths)
+    return stats.answers, stats.source
 
 
 def main(argv: Optional[List[str]] = None) -> int:

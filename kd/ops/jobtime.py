@@ -169,18 +169,22 @@ class DataStats:
     packed: bool
     batch_size: int
     packing: str = "best_fit"  # best_fit (kd's default) | greedy (torchtune's PackedDataset)
+    source: str = ""  # where the counts come from ("from N training records of FILE", "from the stated ...")
 
     @property
     def samples(self) -> int:
         return len(self.lengths)
 
 
-def _cache_key(cfg) -> str:
+def _cache_key(cfg, lengths: Optional[str] = None) -> str:
     from omegaconf import OmegaConf
 
     ds = OmegaConf.to_container(cfg.dataset, resolve=True)
     tok = OmegaConf.to_container(cfg.tokenizer, resolve=True)
     h = hashlib.sha256(json.dumps([ds, tok], sort_keys=True, default=str).encode())
+    if lengths:  # a stated length distribution (kd plan --time --lengths): no data file is read
+        h.update(f"lengths:{lengths}".encode())
+        return h.hexdigest()[:16]
     src = ds.get("source") if isinstance(ds, dict) else None
     if src and Path(src).is_file():
         st = Path(src).stat()
@@ -188,22 +192,29 @@ def _cache_key(cfg) -> str:
     return h.hexdigest()[:16]
 
 
-def data_stats(cfg, sample_records: Optional[int] = None) -> DataStats:
+def data_stats(cfg, sample_records: Optional[int] = None, lengths: Optional["StatedLengths"] = None) -> DataStats:
     """Token counts of the config's training split, through the recipe's own dataset builder (cached).
 
     ``sample_records=N``: tokenize N records drawn evenly from the split and resample their (length, answer)
-    pairs, seeded, up to the split's size (a quick estimate of a large data set; the table says so)."""
+    pairs, seeded, up to the split's size (a quick estimate of a large data set; the table says so).
+    ``lengths``: no data file; draw the samples from a stated length distribution (:func:`stated_stats`)."""
     from torchtune import config as tt_config
 
     cache = Path(os.environ.get("KD_CACHE_DIR", Path.home() / ".cache" / "kd")) / "jobtime"
-    key = _cache_key(cfg) + (f"-s{sample_records}" if sample_records else "")
+    key = _cache_key(cfg, lengths.spec if lengths else None) + (f"-s{sample_records}" if sample_records else "")
     path = cache / f"{key}.json"
     packed = bool(cfg.dataset.get("packed", False))
     packing = str(cfg.dataset.get("packing", "best_fit"))
     bs = int(cfg.get("batch_size", 1))
     if path.is_file():
         d = json.loads(path.read_text())
-        return DataStats(d["lengths"], d["answers"], d["val_samples"], d["max_seq_len"], packed, bs, packing)
+        return DataStats(d["lengths"], d["answers"], d["val_samples"], d["max_seq_len"], packed, bs, packing,
+                         d.get("source", ""))
+    if lengths is not None:
+        lens, ans, n_val, msl, source = stated_stats(cfg, lengths)
+        _write_cache(path, {"lengths": lens, "answers": ans, "val_samples": n_val, "max_seq_len": msl,
+                            "source": source})
+        return DataStats(lens, ans, n_val, msl, packed, bs, packing, source)
     try:
         tok = tt_config.instantiate(cfg.tokenizer)
         kw = {"split": "train"} if str(cfg.dataset.get("_component_", "")).startswith("kd.") else {}
@@ -230,11 +241,224 @@ def data_stats(cfg, sample_records: Optional[int] = None) -> DataStats:
         pick = [rng.randrange(len(idx)) for _ in range(n)]
         lengths, answers = [lengths[j] for j in pick], [answers[j] for j in pick]
     msl = int(getattr(tok, "max_seq_len", None) or max(lengths))
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"lengths": lengths, "answers": answers, "val_samples": len(val), "max_seq_len": msl}))
+    src = cfg.dataset.get("source", None) or "the config's data set"
+    source = (f"from {len(idx):,} of {n:,} training records of {src} (resampled)" if len(idx) < n
+              else f"from {n:,} training records of {src}")
+    _write_cache(path, {"lengths": lengths, "answers": answers, "val_samples": len(val), "max_seq_len": msl,
+                        "source": source})
+    return DataStats(lengths, answers, len(val), msl, packed, bs, packing, source)
+
+
+def _write_cache(path: Path, d: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(d, ensure_ascii=False))
     os.replace(tmp, path)
-    return DataStats(lengths, answers, len(val), msl, packed, bs, packing)
+
+
+# --------------------------------------------------------------------------------------------------
+# Without the model files or the data file: the tokenizer kd derives offline, a stated length distribution
+# --------------------------------------------------------------------------------------------------
+QWEN2_5_TOKENIZERS = ("torchtune.models.qwen2_5.qwen2_5_tokenizer",)
+
+
+def resolve_tokenizer(cfg) -> str:
+    """Make ``cfg.tokenizer`` name files that exist here; returns the line saying which tokenizer counts the tokens.
+
+    The config's own files when they are all there. Otherwise, for a Qwen2.5 tokenizer only, the real Qwen2.5
+    vocabulary kd derives offline from dashscope's ``qwen.tiktoken`` (:func:`kd.testing.tokenizer.qwen2_5_tokenizer_files`:
+    the same vocab, merges and special-token ids) replaces them in ``cfg``; any other tokenizer: one error."""
+    from omegaconf import OmegaConf, open_dict
+
+    if cfg.get("tokenizer", None) is None:
+        raise ConfigError("kd plan --time: the config has no tokenizer section.")
+    tok = OmegaConf.to_container(cfg.tokenizer, resolve=True)
+    files = {k: v for k, v in tok.items()
+             if (k == "path" or k.endswith(("_path", "_file"))) and isinstance(v, str) and v}
+    missing = [v for v in files.values() if not Path(v).is_file()]
+    if not missing:
+        return f"tokens counted with: {files.get('path') or next(iter(files.values()), tok.get('_component_'))} " \
+               "(the config's)"
+    comp = str(tok.get("_component_", ""))
+    if comp not in QWEN2_5_TOKENIZERS:
+        raise ConfigError(f"kd plan --time: the config's tokenizer file {missing[0]} is absent and {comp} is not a "
+                          "Qwen2.5 tokenizer (the only one kd can stand in for offline): put the files there or "
+                          "point tokenizer.path=... (and merges_file=...) at them.")
+    from kd.testing.tokenizer import qwen2_5_tokenizer_files
+
+    try:
+        q = qwen2_5_tokenizer_files()
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"kd plan --time: the config's tokenizer file {missing[0]} is absent and kd's offline "
+                          f"Qwen2.5 tokenizer cannot be derived here: {e}") from None
+    new = {"path": str(q["vocab"]), "merges_file": str(q["merges"])}
+    if "special_tokens_path" in files:
+        new["special_tokens_path"] = str(q["special_tokens"])
+    with open_dict(cfg):
+        for k in files:
+            if k not in new:  # a file-valued key kd has no stand-in for: leave it out (the builder's default)
+                cfg.tokenizer.pop(k)
+        for k, v in new.items():
+            cfg.tokenizer[k] = v
+    return f"tokens counted with: kd's offline Qwen2.5 tokenizer, {q['dir']} (the config's {missing[0]} is absent)"
+
+
+@dataclass(frozen=True)
+class StatedLengths:
+    """``kd plan --time --lengths records=N,prompt=D,answer=D[,seed=S]``: the data set described, not read.
+
+    ``prompt``: tokens of the user's question (instruction + input), ``answer``: tokens of the answer, both
+    without the chat template and the system prompt (added as measured, :func:`template_overhead`). ``D``:
+    ``MEAN:STD`` (log-normal with this mean and standard deviation; STD 0 = every record the same), ``LO-HI``
+    (uniform integers), ``pA:X/pB:Y`` (log-normal through two quantiles, e.g. ``p50:400/p95:1500``; ``median``
+    = ``p50``) or ``N`` (every record N)."""
+
+    records: int
+    prompt: str
+    answer: str
+    seed: int = 0
+
+    @property
+    def spec(self) -> str:
+        return f"records={self.records},prompt={self.prompt},answer={self.answer},seed={self.seed}"
+
+
+LENGTHS_HELP = ("records=N,prompt=D,answer=D[,seed=S]: N records in the data file, question and answer tokens "
+                "without template/system prompt; D is MEAN:STD (log-normal), LO-HI (uniform), pA:X/pB:Y "
+                "(log-normal through two quantiles, e.g. p50:400/p95:1500) or N")
+
+
+def parse_lengths(text: str) -> StatedLengths:
+    """``--lengths`` -> :class:`StatedLengths` (every distribution checked by drawing once); errors are one line."""
+    bad = lambda why: ConfigError(f"--lengths {text!r}: {why} (format: {LENGTHS_HELP}).")  # noqa: E731
+    kv = {}
+    for part in str(text).split(","):
+        k, sep, v = part.partition("=")
+        if not sep or not v.strip() or k.strip() not in ("records", "prompt", "answer", "seed") or k.strip() in kv:
+            raise bad(f"cannot read {part!r}")
+        kv[k.strip()] = v.strip()
+    if not {"records", "prompt", "answer"} <= set(kv):
+        raise bad(f"missing {', '.join(sorted({'records', 'prompt', 'answer'} - set(kv)))}")
+    try:
+        st = StatedLengths(int(kv["records"]), kv["prompt"], kv["answer"], int(kv.get("seed", 0)))
+    except ValueError:
+        raise bad("records and seed are whole numbers") from None
+    if st.records < 1:
+        raise bad("records must be >= 1")
+    for name in ("prompt", "answer"):
+        try:
+            _length_sampler(getattr(st, name))
+        except ValueError as e:
+            raise bad(f"{name}={getattr(st, name)}: {e}") from None
+    return st
+
+
+def _length_sampler(d: str):
+    """A function ``rng -> int`` (tokens >= 0) for one distribution of :class:`StatedLengths`."""
+    from statistics import NormalDist
+
+    if ":" in d and "/" not in d:  # MEAN:STD, log-normal
+        m, s = (float(x) for x in d.split(":"))
+        if m <= 0 or s < 0:
+            raise ValueError("MEAN > 0 and STD >= 0")
+        if s == 0:
+            return lambda rng: int(round(m))
+        sig = math.sqrt(math.log1p((s / m) ** 2))
+        mu = math.log(m) - sig * sig / 2
+        return lambda rng: max(1, int(round(rng.lognormvariate(mu, sig))))
+    if "/" in d:  # pA:X/pB:Y
+        q = []
+        for t in d.split("/"):
+            p, _, v = t.replace("median", "p50").partition(":")
+            if not p.startswith("p") or not v:
+                raise ValueError(f"quantile {t!r} is not pA:X")
+            q.append((float(p[1:]) / 100, float(v)))
+        if len(q) != 2 or not all(0 < p < 1 and v > 0 for p, v in q) or q[0][0] == q[1][0]:
+            raise ValueError("two quantiles pA:X/pB:Y with 0 < A, B < 100, A != B, X, Y > 0")
+        (pa, xa), (pb, xb) = sorted(q)
+        if xb < xa:
+            raise ValueError("the higher quantile is the longer length")
+        za, zb = NormalDist().inv_cdf(pa), NormalDist().inv_cdf(pb)
+        sig = (math.log(xb) - math.log(xa)) / (zb - za)
+        mu = math.log(xa) - za * sig
+        return lambda rng: max(1, int(round(rng.lognormvariate(mu, sig))))
+    if "-" in d:  # LO-HI
+        lo, hi = (int(x) for x in d.split("-"))
+        if not 0 <= lo <= hi:
+            raise ValueError("0 <= LO <= HI")
+        return lambda rng: rng.randint(lo, hi)
+    n = int(d)
+    if n < 0:
+        raise ValueError("N >= 0")
+    return lambda rng: n
+
+
+def template_overhead(cfg, tok) -> "tuple[int, int, int]":
+    """(tokens, loss tokens) of one record with an empty question and answer, through the recipe's template
+    (:class:`kd.data.alpaca.AlpacaKDDataset`) with the config's ``system_prompt`` and ``train_on_input``: what
+    every record adds to its question and answer tokens; third, the positions after the answer's last loss token
+    (the closing ``<|im_end|>``, outside the loss when the tokenizer has a max_seq_len), measured on a 1-token answer."""
+    import tempfile
+
+    from kd.data.alpaca import DEFAULT_SYSTEM_PROMPT, AlpacaKDDataset
+
+    d = cfg.dataset
+    comp = str(d.get("_component_", ""))
+    if not comp.startswith("kd.data."):
+        raise ConfigError(f"--lengths: the template is measured with kd's alpaca template; dataset {comp} is not a "
+                          "kd.data dataset (give a data file instead).")
+    sp = d.get("system_prompt", DEFAULT_SYSTEM_PROMPT) if "system_prompt" in d else DEFAULT_SYSTEM_PROMPT
+    with tempfile.TemporaryDirectory() as td:
+        one = Path(td) / "one.json"
+        one.write_text(json.dumps([{"instruction": "q", "input": "", "output": "a"}]))
+        ds = AlpacaKDDataset(tok, one, system_prompt=sp, train_on_input=bool(d.get("train_on_input", False)))
+        sid = ds.ids[0]
+        _, mask1 = ds._encode(sid)
+        ds.records[sid] = {"instruction": "", "input": "", "output": ""}
+        tokens, mask = ds._encode(sid)
+    last = max((j for j, m in enumerate(mask1) if not m), default=len(mask1) - 1)
+    return len(tokens), sum(1 for m in mask if not m), len(mask1) - 1 - last
+
+
+def stated_stats(cfg, st: StatedLengths):
+    """(lengths, answers, val_samples, max_seq_len, source line) of the training split drawn from ``st``: the
+    config's ``val_size`` split of ``st.records`` (kd.data.alpaca.split_ids), each sample the template overhead +
+    a drawn question + a drawn answer (seeded), cut at max_seq_len as the recipe cuts (the tail, the answer's end,
+    goes first; the last kept position is the EOS, outside the loss)."""
+    import random
+
+    from torchtune import config as tt_config
+
+    from kd.data.alpaca import split_ids
+
+    try:
+        tok = tt_config.instantiate(cfg.tokenizer)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        raise ConfigError(f"kd plan --time: cannot load the tokenizer: {e}") from None
+    ov, ov_loss, tail = template_overhead(cfg, tok)
+    d = cfg.dataset
+    try:
+        n_val = len(split_ids(range(st.records), "val", d.get("val_size", 0.0) or 0.0, int(d.get("seed", 0) or 0)))
+    except ValueError as e:
+        raise ConfigError(f"--lengths: {e}") from None
+    n_train = st.records - n_val
+    msl = d.get("max_seq_len", None) or getattr(tok, "max_seq_len", None)
+    train_on_input = bool(d.get("train_on_input", False))
+    draw_p, draw_a = _length_sampler(st.prompt), _length_sampler(st.answer)
+    rng = random.Random(st.seed)
+    lengths, answers = [], []
+    for _ in range(n_train):
+        p, a = draw_p(rng), draw_a(rng)
+        n, n_ans = ov + p + a, ov_loss + a + (p if train_on_input else 0)
+        if msl and n > msl:  # the cut drops the tail, then the last kept position becomes the (masked) EOS
+            n_ans, n = max(0, n_ans - max(0, n - msl - tail) - 1), int(msl)
+        lengths.append(n)
+        answers.append(n_ans)
+    cut = f"cut at max_seq_len {msl}" if msl else "no max_seq_len cut"
+    msl = int(msl or max(lengths or [1]))
+    source = (f"from the stated distribution {st.spec}: {n_train:,} training records ({n_val:,} held out), each "
+              f"+ {ov} template and system-prompt tokens ({ov_loss} in the loss; measured on an empty record), {cut}")
+    return lengths, answers, n_val, msl, source
 
 
 def micro_batches(stats: DataStats, world_size: int = 1, seed: int = 0) -> List[List[int]]:
