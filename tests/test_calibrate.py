@@ -176,10 +176,10 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, monkeypatch, args, needle):
 # --------------------------------------------------------------------------------------------------
 STEPS, SKIP = 16, 4
 # measured / predicted optimizer step must lie in [1/TOL, TOL]. Why 1.5: the model leaves out the recipe's per-step
-# Python work (embeddings, norms, metrics, NaN guard, LR schedule: ~10-25% of a tiny CPU step, measured 92 ms of
-# CPU per step vs 69-79 ms predicted on a quiet core), and this 2-core machine is shared: other processes change
-# wall times 2-3x within a minute (one teacher layer timed 8.7 then 21 ms a minute apart). Calibrating right before
-# AND right after the run and using the mean of the two predictions takes out the slow drift, not the jitter.
+# Python work (embeddings, norms, metrics, NaN guard, LR schedule: the recipe used 92 ms of CPU time per step, a
+# 25-step minus a 5-step run, against 69 ms predicted at a quieter moment), and this 2-core machine is shared: other
+# processes change wall times 2-3x within a minute (one teacher layer timed 8.7 then 21 ms a minute apart).
+# Calibrating right before AND right after the run and using the mean of the two predictions takes out the slow drift, not the jitter.
 TOL = 1.5
 
 

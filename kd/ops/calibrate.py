@@ -988,6 +988,10 @@ def main(argv: List[str]) -> int:
             raise
         raise ConfigError(f"calibration could not start: {type(e).__name__}: {' '.join(str(e).split())[:300]} "
                           "(KD_DEBUG=1 shows the traceback)") from None
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     if rank != 0:
         print(f"kd calibrate: rank {rank}: all-reduce measured; rank 0 writes the profile")
         return 0
