@@ -187,3 +187,16 @@ def test_link_report_and_slowdown_warning():
     assert "+0.26 s per step" in warn and "planner" not in warn
     line, warn = link_report(3.0, CrossNodeTraffic([], nodes=1, micro_batches=1), 24.0, slow=True)
     assert "moves nothing across nodes" in line and warn is None
+    line, _ = link_report(0.8, CrossNodeTraffic([("gradient all-reduce", 352_256, "LoRA")], 2, 1), 24.0)
+    assert "= 0.00044 s per step at this rate (1.5e-05 s at the nominal 24 GB/s)" in line, line
+
+
+def test_planner_step_time_for_the_slowdown(testbed, monkeypatch):
+    monkeypatch.setenv("KD_TESTBED_DIR", str(testbed.root))
+    from kd.ops.preflight import load_config, planner_step_s
+
+    cfg = load_config(str(CFG), [])
+    step, src = planner_step_s(cfg, 2, "gb10")
+    assert step is not None and step > 0 and src == "kd plan --time, gb10 profile", (step, src)
+    step, src = planner_step_s(cfg, 2, "no_such_profile.yaml")
+    assert step is None and src.startswith("no step-time estimate")

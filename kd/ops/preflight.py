@@ -49,6 +49,7 @@ from kd.ops.planner import GiB, checkpoint_bytes, cross_node_bytes_per_step, pla
 from kd.teacher.precision import check_sharding, resolve_precision
 from kd.train import dist as kdist
 from kd.train.cli_util import load_yaml_file, merge_overrides, user_error_types
+from kd.train.run_checks import unwritable_reason
 from kd.train.models import check_matches_hf_config, read_hf_config, resolve_checkpoint_files
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -351,8 +352,13 @@ def link_report(bus_gbps: float, traffic, nominal_gbps: float, *, step_s: Option
                 f"({'one node' if traffic.nodes <= 1 else traffic.describe()})")
         return line, None
     z, w = traffic.seconds(bus_gbps), traffic.seconds(nominal_gbps)
+
+    def secs(x: float) -> str:
+        return f"{x:.2f}" if x >= 0.01 else f"{x:.2g}"
+
     line = (f"link: {bus_gbps:.2f} GB/s measured; this config moves {y:.3g} GB per optimizer step across nodes = "
-            f"{z:.2f} s per step at this rate ({w:.2f} s at the nominal {nominal_gbps:g} GB/s) [{traffic.describe()}]")
+            f"{secs(z)} s per step at this rate ({secs(w)} s at the nominal {nominal_gbps:g} GB/s) "
+            f"[{traffic.describe()}]")
     if not slow:
         return line, None
     extra = z - w
@@ -436,6 +442,11 @@ def _memory_and_disk_checks(cfg, rep: NodeReport, device, world_size: int, rank:
         if rank == 0:
             disk = checkpoint_bytes(cfg, plan)
             out = _existing_parent(Path(str(cfg.get("output_dir", "."))))
+            why = unwritable_reason(cfg.get("output_dir", "."))
+            if why:  # a read-only mount reports 0 free bytes: name the real cause, not the free space
+                rep.problems.append(f"disk: output_dir {cfg.get('output_dir')} is not writable ({why}); fix: point "
+                                    "output_dir at a directory you can write to.")
+                return
             free_disk = shutil.disk_usage(out).free
             rep.info.append(f"disk: {free_disk / GiB:.1f} GiB free at {out}, checkpoints need "
                             f"{disk['total'] / GiB:.2f} GiB")
