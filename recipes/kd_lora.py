@@ -195,6 +195,7 @@ class KDLoRARecipe:
         checks.check_dtype(cfg)
         checks.check_tokenizer_section(cfg, files=False)  # the files are checked when it is built (setup)
         checks.check_optimizer(cfg)
+        checks.check_lr_scheduler(cfg)  # num_warmup_steps >= 0, arguments it takes
         checks.check_kd_loss(cfg)
         loss_components.check_loss_components(cfg, SCHEMA.get(cfg, "loss_form"))
         checks.check_ignore_index(cfg)

@@ -212,6 +212,18 @@ def test_cache_errors_are_clear(testbed, tmp_path, built_cache):
 
 
 @pytest.mark.slow
+def test_cache_of_another_data_set_is_named_as_such(testbed, tmp_path, built_cache):
+    """Issue 31 item 6: a cache built from another data set is reported as that (with both data hashes), not as
+    "lacks N of N samples"."""
+    recs = json.loads(Path(testbed.data_json).read_text())
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([dict(r, output=r["output"] + "（另一版本）") for r in recs], ensure_ascii=False))
+    p = tune_run(testbed, [*BASE, f"output_dir={tmp_path}/x", "teacher_cache.mode=use",
+                           f"teacher_cache.dir={built_cache}", f"dataset.source={other}"], check=False)
+    last = [l for l in p.stderr.splitlines() if l.strip()][-1]
+    assert p.returncode == 2 and "belongs to another data set (data hash " in last and "lacks" not in last, last
+
+
 def test_two_node_use_from_one_nodes_cache_matches_single_process(testbed, tmp_path, built_cache):
     """mode=use on two 'nodes' where only node 0 has the cache: node 1 receives the key and the shards, and
     the run (2 x batch 2, FSDP2) logs what one process with batch 4 logs."""

@@ -83,6 +83,16 @@ def _check_record(rec: Any, output_field: str) -> Optional[Tuple[Optional[str], 
     return None
 
 
+def check_local_source(source: Any) -> None:
+    """A URL is not a data file: say so with the URL as given (``Path`` would turn ``https://`` into ``https:/``)."""
+    import re
+
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", str(source))
+    if m:
+        raise FileNotFoundError(f"{str(source)!r} is a URL; kd reads local .json/.jsonl files: download it first "
+                                "(e.g. curl -LO <url>) and pass the local path.")
+
+
 def load_alpaca_records(
     source: Union[str, Path],
     *,
@@ -97,6 +107,7 @@ def load_alpaca_records(
     """
     if on_bad_record not in ("error", "skip"):
         raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+    check_local_source(source)
     source = Path(source)
     if not source.is_file():
         raise FileNotFoundError(f"data file not found: {source}")
@@ -254,6 +265,7 @@ class AlpacaKDDataset(Dataset):
         on_bad_record: str = "error",
         output_field: str = "output",
     ):
+        check_local_source(source)
         self.source = Path(source)
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt

@@ -146,6 +146,16 @@ def make_key(cfg, opts: CacheOptions, *, temperature: float, tokenizer, dataset)
     )
 
 
+def _data_hash(samples: Dict[int, bytes]) -> str:
+    """Short identity of a data set as the cache sees it: its (sample id, token hash) pairs."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for sid in sorted(samples):
+        h.update(int(sid).to_bytes(8, "little", signed=True) + bytes(samples[sid]))
+    return h.hexdigest()[:12]
+
+
 class CacheSession:
     """State of the teacher cache during one recipe run (see the module docstring)."""
 
@@ -227,6 +237,15 @@ class CacheSession:
 
     def require_complete(self) -> None:
         miss = self.missing()
+        wanted = self.wanted()
+        if miss and len(miss) == len(wanted) and self.store.index:
+            # not one of this run's samples, yet the cache holds others: it was built from another data set
+            held = {sid: ents[-1].hash for sid, ents in self.store.index.items()}
+            raise ConfigError(
+                f"the teacher cache in {self.store.root} belongs to another data set (data hash "
+                f"{_data_hash(held)}, {len(held)} samples; this run's data hash {_data_hash(wanted)}, {len(wanted)} "
+                "samples, none of them in it); point teacher_cache.dir at a cache for this data set, or build one "
+                "with teacher_cache.mode=build.")
         if miss:
             raise ConfigError(
                 f"the teacher cache in {self.store.root} lacks {len(miss)} of {len(self.wanted())} samples "

@@ -56,6 +56,9 @@ def load_yaml_file(path: str):
         raise ConfigError(f"config file {path!r} is not valid YAML{where}: {problem}.") from None
     if not hasattr(cfg, "keys"):
         raise ConfigError(f"config file {path!r} must be a YAML mapping of key: value, got {type(cfg).__name__}.")
+    if len(cfg) == 0:
+        raise ConfigError(f"config file {path!r} is empty (no key: value lines); start from one of the shipped "
+                          "configs in configs/ (each config's header gives its command).")
     return cfg
 
 

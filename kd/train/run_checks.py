@@ -13,6 +13,7 @@ names the key, *before* any model is loaded (a 72B teacher takes minutes to stre
 from __future__ import annotations
 
 import difflib
+import errno
 import inspect
 import logging
 import os
@@ -32,7 +33,7 @@ log = logging.getLogger("kd.checks")
 __all__ = [
     "writable_dir", "run_info", "check_run_dir", "check_optimizer", "check_dtype", "check_lora",
     "check_tokenizer_section", "build_tokenizer", "check_tokenizer_fits", "embedding_rows", "model_max_seq_len",
-    "check_seq_len_fits",
+    "check_seq_len_fits", "unwritable_reason", "check_lr_scheduler",
 ]
 
 DTYPES = ("bf16", "bfloat16", "fp32", "float32")
@@ -52,6 +53,24 @@ def writable_dir(path: Any, key: str = "output_dir") -> Path:
             f"{key}={str(path)!r} is not writable ({e.strerror or e}); pick a directory you can write to."
         ) from None
     return p
+
+
+def unwritable_reason(path: Any) -> Optional[str]:
+    """Why ``path`` (or, when it does not exist yet, its nearest existing parent) cannot take a new file, else None.
+    Probes with a temporary file, so a read-only mount is told apart from a full disk, also for root."""
+    import tempfile
+
+    p = Path(str(path)).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=p, prefix=".kd-write-test-"):
+            pass
+    except OSError as e:
+        return f"{p} is read-only" if e.errno == errno.EROFS else f"cannot write in {p}: {e.strerror or e}"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,6 +213,31 @@ def check_optimizer(cfg, key: str = "optimizer") -> None:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise ConfigError(f"bad {key} settings ({section.get('_component_')}): {msg}.") from None
     except Exception as e:  # e.g. a GPU-only optimizer refusing a CPU tensor: judged at the real build
+        log.debug(f"{key}: dry build skipped ({type(e).__name__}: {e})")
+
+
+def check_lr_scheduler(cfg, key: str = "lr_scheduler") -> None:
+    """Warm-up / cycle counts in range, and the scheduler built once on a dummy optimizer (a misspelled argument
+    fails now, as one line, instead of after the models are loaded)."""
+    import torch
+    from torchtune import config as tt_config
+
+    section = cfg.get(key, None)
+    if section is None or not hasattr(section, "get"):
+        return
+    for k in ("num_warmup_steps",):
+        if k in section:
+            number(section, k, 0, kind=int, min_value=0, name=f"{key}.{k}")
+    if "num_cycles" in section:
+        number(section, "num_cycles", 0.5, min_value=0.0, name=f"{key}.num_cycles")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    try:
+        tt_config.instantiate(section, opt, num_training_steps=1 + int(section.get("num_warmup_steps", 0) or 0),
+                              last_epoch=-1)
+    except (TypeError, ValueError) as e:
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"bad {key} settings ({section.get('_component_')}): {msg}.") from None
+    except Exception as e:  # judged at the real build
         log.debug(f"{key}: dry build skipped ({type(e).__name__}: {e})")
 
 
