@@ -65,7 +65,7 @@ def test_cli_units_and_run_line(testbed, cache):
                        capture_output=True, text=True, cwd=REPO, env={**__import__("os").environ,
                                                                       "KD_CACHE_DIR": str(cache / "c2")})
     assert p.returncode == 0, p.stderr
-    unit = r"[\d.]+ (ms|s|min)|\d+ h \d\d min"
+    unit = r"[\d.]+ (µs|ms|s|min)|\d+ h \d\d min"
     assert re.search(rf"one epoch\s+({unit})", p.stdout), p.stdout
     assert re.search(rf"whole run \(2 epochs\)\s+({unit})", p.stdout), p.stdout
     assert "teacher forward" in p.stdout and "optimizer step:" in p.stdout

@@ -570,6 +570,8 @@ def teacher_profile_warning(hw: Hardware, cfg) -> Optional[str]:
 
 
 def _hms(s: float) -> str:
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} µs"
     if s < 1:
         return f"{s * 1e3:.1f} ms"
     if s < 120:
