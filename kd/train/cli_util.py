@@ -102,6 +102,10 @@ def merge_overrides(yaml_cfg, cli_args) -> DictConfig:
         if node is None or not hasattr(node, "keys") or leaf not in node:
             raise ConfigError(f"~{dotpath}: there is no key '{dotpath}' in the config to remove.")
         del node[leaf]
+    # `section=null` (e.g. teacher_model=null, the README's LoRA SFT form): torchtune reads `section=value` as
+    # section._component_=value, which leaves a section without a component; set the whole section to null instead
+    nulls = [a.split("=", 1)[0] for a in overrides if _is_null(a.split("=", 1)[1]) and _is_section(yaml_cfg, a)]
+    overrides = [a for a in overrides if a.split("=", 1)[0] not in nulls]
     try:
         cfg = _merge_yaml_and_cli_args(
             argparse.Namespace(**OmegaConf.to_container(yaml_cfg, resolve=False)), overrides
@@ -109,7 +113,20 @@ def merge_overrides(yaml_cfg, cli_args) -> DictConfig:
     except Exception as e:  # ValueError, yaml's ParserError for a value such as `key=...`: a user mistake
         msg = " ".join(str(e).split())
         raise ConfigError(f"bad command-line override ({' '.join(overrides)}): {msg}") from None
+    for key in nulls:
+        OmegaConf.update(cfg, key, None, merge=False)
     return cfg
+
+
+def _is_null(value: str) -> bool:
+    return value.strip().lower() in ("null", "none", "~")
+
+
+def _is_section(cfg, override: str) -> bool:
+    node = cfg
+    for p in override.split("=", 1)[0].split("."):
+        node = node.get(p) if hasattr(node, "keys") else None
+    return hasattr(node, "keys")
 
 
 def _finish_wandb() -> None:
