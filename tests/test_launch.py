@@ -132,6 +132,20 @@ def test_preflight_refuses_different_configs_and_versions_on_both_nodes(testbed,
         assert "Traceback" not in o, o[-3000:]
 
 
+def test_bad_override_on_one_node_fails_both_nodes_at_once(testbed, tmp_path):
+    """Node 1 alone gets an invalid value: its preflight stops on it before any check, yet joins the report
+    exchange, so node 0 prints the same FAIL line and stops too, instead of waiting for node 1 until a timeout."""
+    t0 = time.time()
+    res = launch_pair(testbed, tmp_path, _common(tmp_path), _common(tmp_path) + ["kd_ratio=7"], timeout=240)
+    assert time.time() - t0 < 240
+    for rc, o in res:
+        assert rc != 0 and "not starting training" in o, o[-3000:]
+        fails = _fail_lines(o)
+        assert len(fails) == 1 and fails[0].startswith(f"kd preflight: FAIL [{HOST} rank 1]"), fails
+        assert "kd_ratio" in fails[0] and "Traceback" not in o, o[-3000:]
+    assert "rank 1 (NODE_RANK 1) on" in res[0][1] and "stopped before its checks" in res[0][1]
+
+
 def test_recipe_refuses_different_configs_without_preflight(testbed, tmp_path):
     """KD_PREFLIGHT=0: the recipe itself compares config + versions right after init; every rank prints one
     'kd: error' line naming the first differing key and the launchers exit non-zero (no hang, no traceback)."""

@@ -200,3 +200,21 @@ def test_planner_step_time_for_the_slowdown(testbed, monkeypatch):
     assert step is not None and step > 0 and src == "kd plan --time, gb10 profile", (step, src)
     step, src = planner_step_s(cfg, 2, "no_such_profile.yaml")
     assert step is None and src.startswith("no step-time estimate")
+
+
+def test_local_checks_report_the_nccl_environment(cfg, tmp_path, monkeypatch):
+    """kd preflight on one node with RDMA devices (a fake DGX Spark sysfs tree): the NCCL environment is in the
+    report, with the MTU warning and its fix."""
+    import torch
+
+    from kd.ops.preflight import local_checks
+    from test_netcheck import fake_sys
+
+    monkeypatch.setenv("KD_SYSFS_ROOT", str(fake_sys(tmp_path / "sys", mtu=1500)))
+    monkeypatch.setenv("KD_PROCFS_ROOT", str(tmp_path / "proc"))
+    monkeypatch.setenv("NCCL_IB_HCA", "rocep1s0f0")
+    rep = local_checks(cfg, world_size=1, rank=0, local_rank=0, device=torch.device("cpu"))
+    assert any(i.startswith("net: RDMA roceP2p1s0f0: ACTIVE Ethernet") for i in rep.info), rep.info
+    assert any(w.startswith("net: MTU of enp1s0f0np0 (rocep1s0f0) is 1500") for w in rep.warnings), rep.warnings
+    assert any("export NCCL_IB_HCA=rocep1s0f0,roceP2p1s0f0" in w for w in rep.warnings), rep.warnings
+    assert rep.problems == []  # advice, not a refusal

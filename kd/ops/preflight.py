@@ -507,10 +507,12 @@ def local_checks(cfg, *, world_size: int, rank: int, local_rank: int, device) ->
             "fix: pair models of the same vocabulary (Qwen2.5 7B/14B/32B/72B: 152,064; 0.5B-3B: 151,936)."
         )
     _memory_and_disk_checks(cfg, rep, device, world_size, rank)
-    if world_size > 1:  # the NCCL / RoCE environment of this node (both halves, MTU, GID index, interfaces, GPUDirect)
-        nodes = world_size // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
-        net = nccl_report(expect_rdma=device.type == "cuda" and nodes > 1,
-                          cuda_dmabuf=cuda_dmabuf_supported() if device.type == "cuda" else None)
+    # the NCCL / RoCE environment of this node (both halves, MTU, GID index, interfaces, GPUDirect): for a run over
+    # several processes, and for a single `kd preflight` on a machine with RDMA devices (checking a Spark alone)
+    nodes = world_size // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    net = nccl_report(expect_rdma=device.type == "cuda" and nodes > 1,
+                      cuda_dmabuf=cuda_dmabuf_supported() if device.type == "cuda" else None)
+    if world_size > 1 or net.hcas:
         rep.info += [f"net: {l}" for l in net.info]
         rep.warnings += [f"net: {w}" for w in net.warnings]
     return rep
@@ -551,9 +553,12 @@ def compare_reports(reports: List[NodeReport]) -> List[str]:
     """Cross-node problems: versions, code and config must be identical everywhere. One line per rank that differs
     from rank 0, naming the differing packages and config keys (values: rank 0's vs this rank's)."""
     problems = []
-    ref = reports[0]
+    full = [r for r in reports if r.code]  # stubs of ranks that stopped on a user error carry only that error
+    if len(full) < 2:
+        return problems
+    ref = full[0]
     ref_flat = _config_flat(ref.config_text)
-    for r in reports[1:]:
+    for r in full[1:]:
         parts, fixes = [], []
         diff = {k: (ref.versions.get(k), r.versions.get(k)) for k in set(ref.versions) | set(r.versions)
                 if ref.versions.get(k) != r.versions.get(k)}
@@ -594,15 +599,10 @@ def run(cfg, *, nominal_gbps: float = DEFAULT_NOMINAL_GBPS, bw_mb: Optional[floa
     rep = local_checks(cfg, world_size=info.world_size, rank=info.rank, local_rank=info.local_rank, device=device)
     # the reports first: nodes with other code / config / versions stop here, before any collective whose shape
     # depends on them (the bandwidth test's size comes from each node's own --bw-mb)
-    if info.distributed:
-        gathered: List[Any] = [None] * info.world_size
-        dist.all_gather_object(gathered, rep)
-        reports = gathered
-    else:
-        reports = [rep]
+    reports = _gather_reports(info, rep)
     cross = compare_reports(reports)
     bw_line, link_warning = None, None
-    if info.distributed and info.world_size > 1 and not cross:
+    if info.distributed and info.world_size > 1 and not cross and not any(r.problems for r in reports):
         agreed = torch.tensor([size], dtype=torch.float64, device=device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)  # the same payload on every rank
         size = float(agreed.item())
@@ -627,11 +627,34 @@ def run(cfg, *, nominal_gbps: float = DEFAULT_NOMINAL_GBPS, bw_mb: Optional[floa
             rep.problems.append(f"all-reduce through the process group failed: {e}; check the network "
                                 "interfaces (NCCL_SOCKET_IFNAME/GLOO_SOCKET_IFNAME) and firewalls.")
             reports[info.rank] = rep
+    return _report_and_finish(info, reports, cross, bw_line=bw_line, link_warning=link_warning, rep=rep)
+
+
+_GATHERED = False  # this process has taken part in the report exchange (see main())
+
+
+def _gather_reports(info, rep: NodeReport) -> List[NodeReport]:
+    global _GATHERED
+    import torch.distributed as dist
+
+    if not info.distributed:
+        return [rep]
+    gathered: List[Any] = [None] * info.world_size
+    dist.all_gather_object(gathered, rep)
+    _GATHERED = True
+    return gathered
+
+
+def _report_and_finish(info, reports: List[NodeReport], cross: List[str], *, bw_line: Optional[str] = None,
+                       link_warning: Optional[str] = None, rep: NodeReport) -> int:
     failed = bool(cross) or any(r.problems for r in reports)
     if info.local_rank == 0:  # full report in every node's log
         lines = [f"kd preflight: world size {info.world_size}, {len({r.hostname for r in reports})} host(s)"]
         for r in reports:
             v = r.versions
+            if not r.code:  # a rank that stopped on a user error before its checks (see share_early_failure)
+                lines.append(f"  rank {r.rank} (NODE_RANK {r.node_rank_env}) on {r.hostname}: stopped before its checks")
+                continue
             lines.append(
                 f"  rank {r.rank} (local {r.local_rank}, NODE_RANK {r.node_rank_env}) on {r.hostname}: {r.gpu}; "
                 f"torch {v['torch']} cuda {v['cuda']} torchtune {v['torchtune']} torchao {v['torchao']} "
@@ -664,6 +687,31 @@ def run(cfg, *, nominal_gbps: float = DEFAULT_NOMINAL_GBPS, bw_mb: Optional[floa
     return 1 if failed else 0
 
 
+def share_early_failure(message: str) -> Optional[int]:
+    """A user error on this rank before its report existed (a bad config file or override on this node only):
+    under the launcher, join the other ranks' report exchange with a report that carries only this problem, so that
+    every node prints it and stops at once instead of waiting in the rendezvous / first collective until its timeout.
+    Returns the exit code once the report is printed, None when there is nobody to tell (the caller prints it)."""
+    import torch
+
+    if _GATHERED or not kdist.launched_by_torchrun() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    try:
+        if torch.cuda.is_available():  # the backend the other ranks' device=auto picks
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+        info = kdist.init_distributed(device, timeout_s=600)
+        rep = NodeReport(rank=info.rank, local_rank=info.local_rank, hostname=socket.gethostname(),
+                         node_rank_env=os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "?")),
+                         versions=versions(), code="", code_files=0, config="", gpu="?", problems=[message])
+        reports = _gather_reports(info, rep)
+        return _report_and_finish(info, reports, compare_reports(reports), rep=rep)
+    except Exception:  # the exchange is a courtesy: the caller prints this rank's line
+        return None
+
+
 def add_args(p) -> None:
     p.add_argument("--nominal-gbps", type=float, default=float(os.environ.get("KD_NOMINAL_GBPS", DEFAULT_NOMINAL_GBPS)),
                    help="inter-node bus rate to expect in GB/s (default 24: NCCL over a 200 Gb/s port, both halves)")
@@ -689,9 +737,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except user_error_types() as e:
         from kd.train.cli_util import one_line
 
-        print(f"kd preflight: FAIL [{socket.gethostname()} rank {os.environ.get('RANK', '0')}] {one_line(e)}",
-              file=sys.stderr)
-        return 2
+        rc = share_early_failure(one_line(e))  # under the launcher: every node prints it, nobody waits
+        if rc is None:
+            print(f"kd preflight: FAIL [{socket.gethostname()} rank {os.environ.get('RANK', '0')}] {one_line(e)}",
+                  file=sys.stderr, flush=True)
+            return 2
+        return rc
 
 
 def load_config(path: str, overrides: List[str]):
