@@ -21,6 +21,7 @@ checkpoint, then loads it back with transformers and logs its max logit differen
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import sys
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from kd.core.atomic import atomic_write_dir
+from kd.core.atomic import atomic_write_dir, atomic_write_text
 from kd.core import run_lock
 from kd.core.config import ConfigError, check_keys, number, require_component, to_container
 from kd.core.progress import configure_logging
@@ -44,10 +45,34 @@ CALIBRATION_KEYS = {"source", "num_samples", "max_seq_len", "seed", "system_prom
                     "dampening"}
 
 
-def _check_targets(out: Path, adapter_dir: Path, overwrite: bool, quantized=()) -> None:
+PROVENANCE = "kd_export.json"  # next to merged/: what it was exported from (adapter files, base, dtype, builder)
+
+
+def _provenance(cfg: DictConfig, adapter_dir: Path, dtype) -> dict:
+    """What makes ``merged/`` what it is: the adapter's files (sha256), the base checkpoint, dtype and builder."""
+    import hashlib
+
+    files = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(adapter_dir.iterdir()) if f.is_file()}
+    base = Path(str(cfg.checkpointer.checkpoint_dir)).resolve()
+    base_files = {f.name: f.stat().st_size for f in sorted(base.iterdir()) if f.is_file()} if base.is_dir() else {}
+    return {"adapter": files, "base": str(base), "base_files": base_files, "dtype": str(dtype),
+            "model": to_container(cfg.model), "max_shard_size_gb": schema.EXPORT.get(cfg, "max_shard_size_gb")}
+
+
+def _same_export(out: Path, prov: dict) -> bool:
+    """``merged/`` (and ``adapter/``) already hold the export of this very adapter and base: reuse, don't refuse."""
+    try:
+        return (out / "merged").is_dir() and any((out / "merged").iterdir()) and \
+            json.loads((out / PROVENANCE).read_text()) == json.loads(json.dumps(prov))
+    except (OSError, ValueError):
+        return False
+
+
+def _check_targets(out: Path, adapter_dir: Path, overwrite: bool, quantized=(), reuse: bool = False) -> None:
     """Refuse to replace a non-empty ``merged/``, ``adapter/`` or ``quantized-<scheme>/`` (they may hold the user's
-    files) unless ``overwrite=True``; checked before the model is loaded."""
-    for sub in ("merged", "adapter", *(f"quantized-{q}" for q in quantized)):
+    files) unless ``overwrite=True``; checked before the model is loaded. ``reuse``: merged/ and adapter/ hold this
+    adapter's export already (kd_export.json) and are kept as they are."""
+    for sub in (*(() if reuse else ("merged", "adapter")), *(f"quantized-{q}" for q in quantized)):
         t = out / sub
         if sub == "adapter" and t.resolve() == adapter_dir.resolve():
             continue  # exporting next to the adapter itself: it is not rewritten
@@ -83,18 +108,27 @@ def recipe_main(cfg: DictConfig) -> None:
     shard = schema.EXPORT.get(cfg, "max_shard_size_gb")
     qplan = _quantize_plan(cfg)  # every key checked before anything is written
     run_lock.acquire(cfg.output_dir, "an export")  # no other run / export writes here until this one ends
-    _check_targets(Path(cfg.output_dir), adapter_dir, schema.EXPORT.get(cfg, "overwrite"), qplan["schemes"])
-    model = load_frozen_model(cfg.model, ck, device=device, dtype=dtype, which="student")
-    load_adapter_dir(model, adapter_dir, cfg.model)
     out = Path(cfg.output_dir)
-    path = save_merged_hf(model, ck.checkpoint_dir, out / "merged", rank=int(cfg.model.lora_rank),
-                          alpha=float(cfg.model.lora_alpha), max_shard_size_bytes=shard * 1e9, dtype=dtype)
-    if (out / "adapter").resolve() != adapter_dir.resolve():
-        with atomic_write_dir(out / "adapter") as tmp:
-            for f in adapter_dir.iterdir():
-                if f.is_file():
-                    shutil.copy2(f, tmp / f.name)
-    log.info(f"merged HF checkpoint: {path}; PEFT adapter: {out / 'adapter'}")
+    prov = _provenance(cfg, adapter_dir, dtype)
+    overwrite = schema.EXPORT.get(cfg, "overwrite")
+    reuse = not overwrite and _same_export(out, prov)
+    _check_targets(out, adapter_dir, overwrite, qplan["schemes"], reuse=reuse)
+    if reuse:  # e.g. the README's quantized export right after the plain one, into the same output_dir
+        log.info(f"{out / 'merged'} already holds this adapter's merged export ({out / PROVENANCE}): kept as it is"
+                 + ("; writing the quantized copies" if qplan["schemes"] else "; nothing to do"))
+    else:
+        model = load_frozen_model(cfg.model, ck, device=device, dtype=dtype, which="student")
+        load_adapter_dir(model, adapter_dir, cfg.model)
+        (out / PROVENANCE).unlink(missing_ok=True)  # stale while merged/ is being replaced
+        path = save_merged_hf(model, ck.checkpoint_dir, out / "merged", rank=int(cfg.model.lora_rank),
+                              alpha=float(cfg.model.lora_alpha), max_shard_size_bytes=shard * 1e9, dtype=dtype)
+        if (out / "adapter").resolve() != adapter_dir.resolve():
+            with atomic_write_dir(out / "adapter") as tmp:
+                for f in adapter_dir.iterdir():
+                    if f.is_file():
+                        shutil.copy2(f, tmp / f.name)
+        atomic_write_text(out / PROVENANCE, json.dumps(prov, indent=1, sort_keys=True) + "\n")
+        log.info(f"merged HF checkpoint: {path}; PEFT adapter: {out / 'adapter'}")
     _quantize(cfg, out / "merged", out, device, qplan)
 
 
