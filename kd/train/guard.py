@@ -10,6 +10,10 @@ checkpoint time, which is not the hot path). Which value went bad names the culp
 - ``ce`` finite but ``kd``/``kl`` non-finite: the teacher's logits (the CE term does not involve the teacher);
 - only the gradient norm non-finite: an overflow in the backward pass.
 
+The culprit is the one of the *first* bad step, whatever the check's schedule: a NaN teacher makes the KD term
+NaN, the update then makes the student NaN too, and by the next log line both are non-finite -- the one that went
+bad first is named (the flags keep a one-hot of the first bad step's culprit).
+
 A non-finite step is never checkpointed (:meth:`NonFiniteGuard.check_before_save`) and the run stops with
 :class:`NonFiniteError`, so retention never removes the last finite checkpoint in favour of a broken one.
 """
@@ -33,12 +37,13 @@ _FIELDS = ("student", "teacher", "grad_norm")
 class NonFiniteGuard:
     """Device-side record of non-finite values since the last check.
 
-    ``flags()`` is a float32 tensor ``[n_student, n_teacher, n_grad, first_bad_step]`` (counts of bad
-    optimizer steps on this rank; ``first_bad_step`` is 0 when none) meant to be SUM-all-reduced with the
-    logging metrics; :meth:`check` reads the reduced values and raises.
+    ``flags()`` is a float32 tensor ``[n_student, n_teacher, n_grad, first_bad_step, first_student,
+    first_teacher, first_grad]`` (counts of bad optimizer steps on this rank; ``first_bad_step`` is 0 when none;
+    the last three: the one-hot culprit of that first bad step) meant to be SUM-all-reduced with the logging
+    metrics; :meth:`check` reads the reduced values and raises.
     """
 
-    n_flags = 4
+    n_flags = 7
 
     def __init__(self, device: torch.device, last_checkpoint: Optional[Callable[[], Optional[str]]] = None):
         self._device = device
@@ -60,8 +65,10 @@ class NonFiniteGuard:
         any_bad = bad.sum() > 0
         first = self._acc[3]
         step_t = torch.full((), float(step), dtype=torch.float32, device=self._device)
-        new_first = torch.where(any_bad & (first == 0), step_t, first)
-        self._acc = torch.cat([self._acc[:3] + bad, new_first.reshape(1)])
+        is_first = any_bad & (first == 0)
+        new_first = torch.where(is_first, step_t, first)
+        culprit = torch.where(is_first, bad, self._acc[4:7])  # kept from the first bad step on
+        self._acc = torch.cat([self._acc[:3] + bad, new_first.reshape(1), culprit])
 
     def flags(self) -> torch.Tensor:
         return self._acc
@@ -73,17 +80,21 @@ class NonFiniteGuard:
         """Raise :class:`NonFiniteError` if the (all-reduced) ``flags()`` record a bad step; else reset.
         Collective-safe: every rank holds the same reduced values, so every rank raises together."""
         vals = [float(x) for x in reduced.tolist()]
-        n_student, n_teacher, n_grad, first_sum = vals
+        n_student, n_teacher, n_grad, first_sum = vals[:4]
         if n_student == 0 and n_teacher == 0 and n_grad == 0:
             self.reset()
             return
         first = self._first_bad_step(first_sum, world_size)
-        if n_student:
+        c_student, c_teacher, _ = self._first_culprit(first, world_size)
+        later = ""
+        if c_teacher and n_student:
+            later = " (the student's loss went non-finite after it, from the teacher's NaN/Inf in the update)"
+        if c_student:
             what = ("the student's loss (CE) is NaN/Inf: the student's output is non-finite, typically a diverged "
                     "run (lower optimizer.lr, keep clip_grad_norm set, use dtype=bf16/fp32)")
-        elif n_teacher:
+        elif c_teacher:
             what = ("the KD/KL terms are NaN/Inf while the student's CE is finite: the teacher's output (logits) is "
-                    "non-finite (check the teacher checkpoint for NaN/Inf weights and the teacher precision)")
+                    f"non-finite{later} (check the teacher checkpoint for NaN/Inf weights and the teacher precision)")
         else:
             what = ("the gradient norm is NaN/Inf while the losses are finite: the backward pass overflowed "
                     "(lower optimizer.lr or kd_loss.temperature, use dtype=fp32)")
@@ -105,6 +116,17 @@ class NonFiniteGuard:
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
             return int(t.item())
         return int(first_sum)
+
+    def _first_culprit(self, first: int, world_size: int):
+        """(student, teacher, grad) culprit flags of the earliest bad step, over ranks (failure path only)."""
+        import torch.distributed as dist
+
+        mine = self._acc[4:7] * (self._acc[3] == float(first)).to(torch.float32)
+        if world_size > 1 and dist.is_available() and dist.is_initialized():
+            mine = mine.clone()
+            dist.all_reduce(mine, op=dist.ReduceOp.SUM)
+        vals = [float(x) > 0 for x in mine.tolist()]
+        return tuple(vals) if any(vals) else (False, False, True)
 
     def check_before_save(self, step: int, *, world_size: int = 1) -> None:
         """Collective (call on every rank, like the save itself): all-reduce the pending flags and raise
