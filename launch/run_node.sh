@@ -75,13 +75,10 @@ LOG="$KD_LOG_DIR/node${NODE_RANK}-${HOST}-$(date +%Y%m%d-%H%M%S).log"
 
 # After a clean one-line error ('kd: error', 'kd preflight: FAIL'), torchrun adds its own failure report (a
 # Python traceback and a ChildFailedError box): leave that out unless KD_DEBUG=1.
+# (launch/quiet_torchrun.py passes bytes through as they come, so progress bars keep redrawing)
 quiet_torchrun_report() {
   if [ -n "${KD_DEBUG:-}" ]; then cat; return; fi
-  awk '
-    /kd: error|kd preflight: FAIL/ { err = 1 }
-    err && !skip && /^Traceback \(most recent call last\):/ { skip = 1; eq = 0; next }
-    skip { if ($0 ~ /^=+$/ && ++eq == 2) { skip = 0; print "[kd launch] (torchrun failure report left out; KD_DEBUG=1 shows it)"; fflush() }; next }
-    { print; fflush() }'
+  python "$HERE/quiet_torchrun.py"
 }
 
 main() {

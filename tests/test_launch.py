@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -228,3 +229,28 @@ def test_wheelhouse_requirements_are_the_pins():
     reqs = r.stdout.split()
     assert "torch==2.11.0" in reqs and "torchtune==0.6.1" in reqs and "torchao==0.15.0" in reqs
     assert all("==" in x for x in reqs)
+
+
+def test_quiet_torchrun_filter():
+    """launch/quiet_torchrun.py: torchrun's report after a 'kd: error' line is left out, everything else passes,
+    and an unfinished line (a progress bar redrawn with \\r) comes through before its newline."""
+    filt = [sys.executable, str(REPO / "launch" / "quiet_torchrun.py")]
+    text = ("step 1\nkd: error (rank 1): the nodes do not run the same config\nTraceback (most recent call last):\n"
+            "  File \"run.py\"\ntorch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n" + "=" * 20 +
+            "\nrecipes.kd_lora FAILED\n" + "-" * 20 + "\n" + "=" * 20 + "\n[kd launch] node 1: training exited\n")
+    r = subprocess.run(filt, input=text, capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in r.stdout and "ChildFailedError" not in r.stdout and "FAILED" not in r.stdout
+    assert r.stdout.startswith("step 1\nkd: error (rank 1)") and r.stdout.endswith("[kd launch] node 1: training exited\n")
+    assert "left out; KD_DEBUG=1 shows it" in r.stdout
+    plain = "Traceback (most recent call last):\n  a real crash\n"  # no one-line error before it: kept
+    assert subprocess.run(filt, input=plain, capture_output=True, text=True, timeout=60).stdout == plain
+    p = subprocess.Popen(filt, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        p.stdin.write(b"progress 10%\r")
+        p.stdin.flush()
+        ready, _, _ = select.select([p.stdout], [], [], 20)
+        assert ready, "the filter held an unfinished line back"
+        assert os.read(p.stdout.fileno(), 100) == b"progress 10%\r"
+    finally:
+        p.stdin.close()
+        p.wait(timeout=30)
