@@ -61,8 +61,35 @@ def summarize_run(output_dir: str | Path) -> RunSummary:
                       last and last["step"], ckpt, full, latest)
 
 
+def run_eval_data(output_dir: str | Path) -> str:
+    """`` dataset.source=... dataset.val_size=... dataset.seed=...`` of the run's own data set (its
+    ``torchtune_config.yaml``), so the printed evaluate command reads the training data's held-out split rather
+    than the evaluate config's default file; "" when the run's config cannot be read."""
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = OmegaConf.load(Path(output_dir) / "torchtune_config.yaml")
+        ds = cfg.get("dataset", None)
+        key = "dataset" if ds is not None and hasattr(ds, "keys") else "dataset[0]"
+        if key != "dataset":
+            if not ds:
+                return ""
+            ds = ds[0]
+        src = OmegaConf.select(cfg, f"{key}.source", throw_on_resolution_failure=True)
+        if not src:
+            return ""
+        parts = [f"dataset.source={shlex.quote(str(Path(str(src)).absolute()))}"]
+        for k in ("val_size", "seed"):
+            v = OmegaConf.select(cfg, f"{key}.{k}", throw_on_resolution_failure=True)
+            if v is not None:
+                parts.append(f"dataset.{k}={v}")
+        return " " + " ".join(parts)
+    except Exception:  # no config (an old run), an unresolvable interpolation: the evaluate config's default
+        return ""
+
+
 def summary_lines(s: RunSummary, *, evaluate_config: str, export_config: str,
-                  eval_data: Optional[str] = None) -> List[str]:
+                  eval_data: Optional[str] = None, run_data: str = "") -> List[str]:
     if s.kl_before is None:
         kl = f"{s.kind} KL: not logged"
     else:
@@ -76,7 +103,7 @@ def summary_lines(s: RunSummary, *, evaluate_config: str, export_config: str,
                f"full_checkpoint={shlex.quote(str(s.step_dir))}   (HF + optional quantize=[fp8_dynamic,w4a16])")
     else:
         q = shlex.quote(str(s.checkpoint))
-        data = f" dataset.source={shlex.quote(eval_data)}" if eval_data else ""
+        data = f" dataset.source={shlex.quote(eval_data)}" if eval_data else run_data
         nxt = (f"next: tune run recipes/evaluate.py --config {evaluate_config} adapters.distilled={q}{data}"
                f"   |   tune run recipes/export.py --config {export_config} adapter_dir={q}")
     return [kl, where, nxt]
@@ -87,9 +114,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("output_dir")
     p.add_argument("--evaluate-config", default="configs/tiny/evaluate.yaml")
     p.add_argument("--export-config", default="configs/tiny/export.yaml")
-    p.add_argument("--eval-data", default=None, help="dataset.source for the evaluate command")
+    p.add_argument("--eval-data", default=None,
+                   help="dataset.source for the evaluate command (default: the run's own data set)")
     a = p.parse_args(argv)
     for line in summary_lines(summarize_run(a.output_dir), evaluate_config=a.evaluate_config,
-                              export_config=a.export_config, eval_data=a.eval_data):
+                              export_config=a.export_config, eval_data=a.eval_data,
+                              run_data="" if a.eval_data else run_eval_data(a.output_dir)):
         print(line)
     return 0
