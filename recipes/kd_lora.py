@@ -76,7 +76,7 @@ from kd.train.models import (
     shift_labels,
 )
 from kd.train.on_policy import count_on_policy_steps, generate_on_policy, is_on_policy_step, parse_on_policy
-from kd.ops.planner import plan_from_config
+from kd.ops.planner import chunked_extra_gib, plan_from_config
 from kd.teacher.precision import check_sharding, parse_precision, resolve_precision
 from kd.core.progress import configure_logging, progress
 from kd.train.step_checkpoint import CheckpointManager
@@ -116,7 +116,8 @@ class KDLoRARecipe:
         self._kd_ratio = SCHEMA.get(cfg, "kd_ratio")
         self._grad_accum = SCHEMA.get(cfg, "gradient_accumulation_steps")
         self._clip_grad_norm = SCHEMA.get(cfg, "clip_grad_norm")
-        self._loss_form = SCHEMA.get(cfg, "loss_form")
+        # torchtune's chunked losses named with loss_form=fused run chunked (kd.losses.components.effective_loss_form)
+        self._loss_form, self._loss_form_note = loss_components.effective_loss_form(cfg, SCHEMA.get(cfg, "loss_form"))
         self._fused_chunk_size = SCHEMA.get(cfg, "fused_chunk_size")
         self.total_epochs = SCHEMA.get(cfg, "epochs")
         self.max_steps_per_epoch = SCHEMA.get(cfg, "max_steps_per_epoch")
@@ -197,7 +198,7 @@ class KDLoRARecipe:
         checks.check_optimizer(cfg)
         checks.check_lr_scheduler(cfg)  # num_warmup_steps >= 0, arguments it takes
         checks.check_kd_loss(cfg)
-        loss_components.check_loss_components(cfg, SCHEMA.get(cfg, "loss_form"))
+        loss_components.check_loss_components(cfg, loss_components.effective_loss_form(cfg, SCHEMA.get(cfg, "loss_form"))[0])
         checks.check_ignore_index(cfg)
 
     # ----------------------------------------------------------------------------------------------
@@ -391,6 +392,10 @@ class KDLoRARecipe:
         self._ignore_index = -100  # kd's datasets mask with -100; checks.check_ignore_index rejects any other
         self._ce_loss, self._kd_loss = loss_components.build_losses(cfg, self._loss_form)
         self._log("losses: " + ", ".join(f"{k}={v}" for k, v in loss_components.describe(self._ce_loss, self._kd_loss).items()))
+        if self._loss_form_note and self._is_rank_zero:
+            extra = chunked_extra_gib(cfg, self.world_size)
+            log.warning(self._loss_form_note + ("" if extra is None else f"; the memory plan puts its peak {extra:+.2f} "
+                                                "GiB per device above the fused head's"))
         if self._loss_form == "chunked":
             n = loss_components.num_output_chunks(self._ce_loss, self._kd_loss)
             self._model.set_num_output_chunks(n)

@@ -14,7 +14,8 @@ chunked      ``kd.losses.distillation.ChunkedCrossEntropyLoss``,               `
 ===========  ===================================================  ================================================
 
 A component the form cannot run is a one-line :class:`~kd.core.config.ConfigError` that names the kd equivalent.
-An absent section means the kd default of the form (first entry of each cell).
+An absent section means the kd default of the form (first entry of each cell). torchtune's chunked losses named
+with ``loss_form=fused`` run in the chunked form, with one log line (:func:`effective_loss_form`).
 """
 
 from __future__ import annotations
@@ -54,6 +55,31 @@ def _component(section: Optional[DictConfig]) -> Optional[str]:
     if not comp:
         raise ConfigError("the loss section must be a mapping with a '_component_' entry.")
     return str(comp)
+
+
+def effective_loss_form(cfg: DictConfig, loss_form: str) -> Tuple[str, Optional[str]]:
+    """The form the named components run in, and why when that is not ``loss_form``.
+
+    A torchtune config names torchtune's chunked losses (``CEWithChunkedOutputLoss``, ``*KLWithChunkedOutputLoss``);
+    they need materialised logits, so with ``loss_form=fused`` (the kd default) they run in the chunked form
+    instead of being refused. Only a config naming losses of both forms, or losses neither form runs, is refused
+    (by :func:`check_loss_components`)."""
+    if loss_form != "fused":
+        return loss_form, None
+    try:
+        ce, kd = _component(cfg.get("loss", None)), _component(cfg.get("kd_loss", None))
+    except ConfigError:
+        return loss_form, None
+    needs_logits = [f"{k}._component_={c}" for k, c in (("loss", ce), ("kd_loss", kd))
+                    if c in CHUNKED_CE or c in TORCHTUNE_CHUNKED_KD]
+    chunked_ok = (ce is None or ce in CHUNKED_CE) and (kd is None or kd == KD_LOSS or kd in TORCHTUNE_CHUNKED_KD)
+    if not needs_logits or not chunked_ok:
+        return loss_form, None
+    same = TORCHTUNE_CHUNKED_KD.get(kd or "", None)
+    avoid = f"loss._component_={FUSED_CE} with kd_loss._component_={KD_LOSS}" + (f" ({same})" if same else "")
+    return "chunked", (f"{' and '.join(needs_logits)} need materialised logits: running loss_form=chunked, which "
+                       "materialises the student's and the teacher's [tokens, vocab] logits chunk by chunk (slower "
+                       f"than the fused head, docs/benchmarks.md); {avoid} gives the same loss without them")
 
 
 def check_loss_components(cfg: DictConfig, loss_form: str) -> Tuple[str, str]:

@@ -39,6 +39,7 @@ import torch
 
 from kd.core.config import ConfigError, activation_checkpoint_layers, number
 from kd.ops.schema import KD_LORA  # the recipe's keys, defaults and ranges: the plan reads what the recipe reads
+from kd.losses.components import effective_loss_form
 from kd.teacher.precision import parse_precision
 from kd.train.models import build_on_meta, model_dims
 
@@ -490,6 +491,21 @@ def validate_recipe_config(cfg) -> None:
     mod.KDLoRARecipe._validate(cfg)
 
 
+def chunked_extra_gib(cfg, world_size: int = 1) -> Optional[float]:
+    """How much more peak memory per device the config's (chunked) loss form plans than the fused head would,
+    in GiB; None when the plan cannot be made (the plan is advice)."""
+    from omegaconf import OmegaConf
+
+    try:
+        fused = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+        for k in ("loss", "kd_loss"):
+            fused.pop(k, None)
+        fused.loss_form = "fused"
+        return (plan_from_config(cfg, world_size).peak_bytes - plan_from_config(fused, world_size).peak_bytes) / 2**30
+    except Exception:
+        return None
+
+
 def plan_from_config(
     cfg,
     world_size: int = 1,
@@ -548,7 +564,7 @@ def plan_from_config(
         batch_size=int(batch_size if batch_size is not None else KD_LORA.get(cfg, "batch_size")),
         seq_len=int(seq_len if seq_len is not None else _seq_len(cfg)),
         ac_layers=int(ac_layers),
-        loss_form=KD_LORA.get(cfg, "loss_form"),
+        loss_form=effective_loss_form(cfg, KD_LORA.get(cfg, "loss_form"))[0],  # torchtune's chunked losses: chunked
         fused_chunk_size=KD_LORA.get(cfg, "fused_chunk_size"),
         world_size=int(world_size),
         local_world_size=int(local_world_size),
