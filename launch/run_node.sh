@@ -8,9 +8,11 @@
 #   bash launch/run_node.sh --help
 #
 # Steps: (1) set + print the NCCL/RoCE and allocator environment (launch/nccl_env.sh; every variable can be
-# overridden), (2) preflight under the same rendezvous (python -m kd.ops.preflight: versions, code + config hashes
-# of all nodes, checkpoints, memory, disk, GPU kernels, all-reduce bandwidth) and refuse to start on any failure,
-# (3)
+# overridden) and check it (python -m kd.ops.netcheck: both halves of the ConnectX-7 port in NCCL_IB_HCA, MTU 9000,
+# GID index, interfaces up, GPUDirect facts), (2) check the rendezvous address and port (launch/rdzv_check.py, see
+# KD_RDZV_TIMEOUT), (3) preflight under the same rendezvous (python -m kd.ops.preflight: versions, code + config
+# hashes of all nodes, checkpoints, memory, disk, GPU kernels, all-reduce bandwidth vs the bytes the config moves
+# across nodes per step) and refuse to start on any failure, (4)
 #   tune run --nnodes $NNODES --nproc_per_node $NPROC_PER_NODE --rdzv-backend static --node-rank $NODE_RANK \
 #       --rdzv-endpoint $MASTER_ADDR:$MASTER_PORT recipes/kd_lora.py --config ... [key=value ...]
 # Only global rank 0 (= NODE_RANK 0, local rank 0) writes checkpoints and metrics, to node 0's output_dir; on
@@ -158,5 +160,5 @@ main() {
   return $trc
 }
 
-main 2>&1 | tee -a "$LOG"
-exit "${PIPESTATUS[0]}"
+# one line: bash reads a script as it runs it, so an edit of this file during a run must not shift what comes next
+main 2>&1 | tee -a "$LOG"; exit "${PIPESTATUS[0]}"
