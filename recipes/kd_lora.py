@@ -272,8 +272,11 @@ class KDLoRARecipe:
             self._run_lock = run_lock.acquire(cfg.output_dir, "a kd_lora run" + (" (resumed)" if self._resume else ""))
             checks.check_run_dir(cfg.output_dir, resume=self._resume, overwrite=bool(cfg.get("overwrite", False)),
                                  info=self._run_info)
+            return self._run_lock.info
 
-        kdist.rank0_then_broadcast(check, error_type=ConfigError)
+        rank0_lock = kdist.rank0_then_broadcast(check, error_type=ConfigError)
+        # several nodes: each node's own output_dir is locked too (kd.train.run_checks.lock_node_dir)
+        self._node_lock = checks.lock_node_dir(cfg.output_dir, self._dist, rank0_lock, "a kd_lora run")
 
     def _setup_logging(self, cfg: DictConfig) -> None:
         self._metric_logger = None
@@ -1059,8 +1062,9 @@ class KDLoRARecipe:
                 self._metric_logger.close()
             self._metrics_file.close()
         kdist.destroy()
-        if getattr(self, "_run_lock", None) is not None:
-            self._run_lock.release()
+        for lk in (getattr(self, "_run_lock", None), getattr(self, "_node_lock", None)):
+            if lk is not None:
+                lk.release()
 
     def _log(self, msg: str) -> None:
         if self._is_rank_zero:

@@ -86,3 +86,36 @@ def test_run_resume_and_export_into_a_live_runs_dir_are_refused(testbed, tmp_pat
     finally:
         holder.kill()
         holder.wait()
+
+
+def _two_nodes(testbed, dirs, *extra):
+    from recipe_utils import TUNE, env_for, free_port
+
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        cmd = [TUNE, "run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node), "--rdzv_backend",
+               "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "recipes/kd_lora.py", "--config",
+               "configs/tiny/kd_lora.yaml", f"output_dir={dirs[node]}", "epochs=1", "max_steps_per_epoch=1",
+               "~eval_every_n_steps", "progress_bar=False", *extra]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env_for(testbed), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    return [(p, p.communicate(timeout=600)[0]) for p in procs]
+
+
+def test_two_nodes_each_nodes_own_dir_is_locked_and_a_shared_dir_runs(testbed, tmp_path):
+    """Without a shared file system node 1 writes to its own disk: a live run there refuses the whole job (every
+    rank, one line naming the holder); on a shared directory node 1 finds rank 0's own lock and runs."""
+    dirs = [tmp_path / "node0", tmp_path / "node1"]
+    holder = _holder(dirs[1])
+    try:
+        for p, out in _two_nodes(testbed, dirs):
+            err = [l for l in out.splitlines() if l.startswith("kd: error")]
+            assert p.returncode != 0 and err and f"pid {holder.pid}" in err[0] and "in use by" in err[0], out[-3000:]
+    finally:
+        holder.kill()
+        holder.wait()
+    shared = tmp_path / "shared"
+    for p, out in _two_nodes(testbed, [shared, shared]):
+        assert p.returncode == 0, out[-3000:]
+    assert (shared / "checkpoints" / "latest").is_file() and not (shared / run_lock.LOCK_NAME).exists()

@@ -100,13 +100,19 @@ def _same_file(fd: int, path: Path) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def acquire(directory: Any, what: str, key: str = "output_dir") -> RunLock:
+def _same_holder(a: Dict[str, Any], b: Optional[Dict[str, Any]]) -> bool:
+    return bool(b) and all(a.get(k) == b.get(k) for k in ("host", "pid", "started"))
+
+
+def acquire(directory: Any, what: str, key: str = "output_dir",
+            shared_with: Optional[Dict[str, Any]] = None) -> RunLock:
     """Take ``<directory>/.kd-run.lock`` for this process (the directory is created if needed).
 
     The file carries an exclusive ``flock`` for as long as the process holds it, so the kernel drops it when the
     process dies however it dies; what the file says (host, pid, start time) names the holder. Raises
     :class:`ConfigError` (one line naming the holder) when a live process holds it; a lock file whose holder is
-    gone (a killed run) is taken over with a warning."""
+    gone (a killed run) is taken over with a warning. ``shared_with``: the ``info`` of a lock this run already holds
+    (rank 0's, seen by another node): finding that one here means a shared file system, and nothing more is taken."""
     d = Path(str(directory))
     d.mkdir(parents=True, exist_ok=True)
     path = d / LOCK_NAME
@@ -127,6 +133,8 @@ def acquire(directory: Any, what: str, key: str = "output_dir") -> RunLock:
                 return RunLock(path, None, me)
             if info is None:
                 continue  # released between our open and read: try again
+            if info and _same_holder(info, shared_with):
+                return RunLock(path, None, dict(info))  # this run's own lock (rank 0's, on a shared file system)
             if not info:
                 raise ConfigError(f"{key}={str(d)!r} is in use by another kd process (its lock {path} names no "
                                   "holder yet); wait for it to finish or stop it, or use another output_dir.")

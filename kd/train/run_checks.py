@@ -33,7 +33,7 @@ log = logging.getLogger("kd.checks")
 __all__ = [
     "writable_dir", "run_info", "check_run_dir", "check_optimizer", "check_dtype", "check_lora",
     "check_tokenizer_section", "build_tokenizer", "check_tokenizer_fits", "embedding_rows", "model_max_seq_len",
-    "check_seq_len_fits", "unwritable_reason", "check_lr_scheduler",
+    "check_seq_len_fits", "unwritable_reason", "check_lr_scheduler", "lock_node_dir",
 ]
 
 DTYPES = ("bf16", "bfloat16", "fp32", "float32")
@@ -71,6 +71,31 @@ def unwritable_reason(path: Any) -> Optional[str]:
     except OSError as e:
         return f"{p} is read-only" if e.errno == errno.EROFS else f"cannot write in {p}: {e.strerror or e}"
     return None
+
+
+def lock_node_dir(output_dir: Any, info, rank0_lock: Optional[Dict[str, Any]], what: str):
+    """Several nodes: each node's local rank 0 (global rank 0 holds the run's lock already) also holds the lock of
+    ``output_dir`` as its node sees it -- its own disk without a shared file system, where another run could be
+    writing -- or finds rank 0's own lock there (shared file system) and takes nothing. Collective: every rank
+    raises the same one-line ConfigError when a node's directory is in use. Returns the held lock or None."""
+    import json
+
+    from kd.core import run_lock
+
+    if not (kdist.dist.is_available() and kdist.dist.is_initialized()) or info.world_size == 1:
+        return None
+    lock, err = None, ""
+    if info.local_rank == 0 and info.rank != 0:
+        try:
+            lock = run_lock.acquire(output_dir, what, shared_with=rank0_lock)
+        except ConfigError as e:
+            err = f"rank {info.rank}: {e}"
+    errs = [json.loads(t) for t in kdist._all_gather_text(json.dumps(err)) if json.loads(t)]
+    if errs:
+        if lock is not None:
+            lock.release()
+        raise ConfigError(errs[0])
+    return lock
 
 
 # --------------------------------------------------------------------------------------------------
