@@ -156,7 +156,7 @@ class _FastCounter:
 
 
 def data_cmd(a) -> None:
-    from kd.testing.tokenizer import qwen2_5_tokenizer_files
+    from kd.data.qwen_tokenizer import qwen2_5_tokenizer_files
     from torchtune.models.qwen2_5 import qwen2_5_tokenizer
 
     out = Path(a.out)

@@ -225,6 +225,8 @@ def gpudirect_facts(env: Mapping[str, str], sys_root: Path, proc_root: Path,
     return f"GPUDirect RDMA: {verdict} [{'; '.join(facts)}]"
 
 
+# One pass over every check a user needs on a Spark (HCAs vs NCCL_IB_HCA, port halves, MTU, GID, interfaces,
+# GPUDirect): kept together so the report's lines come out in the order the docs explain them.
 def nccl_report(env: Optional[Mapping[str, str]] = None, *, expect_rdma: bool = False,
                 cuda_dmabuf: Optional[bool] = None) -> NetReport:
     """The NCCL environment of this node vs what sysfs shows. ``expect_rdma``: a multi-node GPU run, where
