@@ -136,7 +136,8 @@ def _plan_time(cfg, args) -> int:
     stats = jobtime.data_stats(cfg, sample_records=args.sample_records, lengths=lengths)
     print(f"token counts: {stats.source}")
     for hw in hws:
-        print(jobtime.estimate_job(cfg, hw, stats, world_size=args.world_size).table())
+        print(jobtime.estimate_job(cfg, hw, stats, world_size=args.world_size,
+                                   nproc_per_node=args.nproc_per_node or 1).table())
     return 0
 
 

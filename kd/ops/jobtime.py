@@ -9,7 +9,8 @@ tokenizer through the recipe's own dataset code, packed or padded as the recipe'
 Per micro-batch of ``T`` processed positions (padding included: the GPU computes it):
 
 - teacher forward: ``L_t * (2 * P_layer * T + attention) / (R * eff_teacher)`` plus, for an NF4 teacher, the
-  dequantisation traffic ``4.5 B * P_linear / BW`` (read 0.5 B, write and read back a 2 B copy, per weight);
+  dequantisation traffic ``b * P_linear / BW`` (b = 4.5 B for nf4: read 0.5 B, write and read back a 2 B copy;
+  2.5 B for nf4_fp8 with a 1 B e4m3 copy; :data:`DEQUANT_BYTES_PER_WEIGHT`);
 - student forward + backward (LoRA: activation gradients, no base weight gradients):
   ``(2 + 2) * P_layer * T * L_s / (R * eff_student)`` plus one extra forward per checkpointed layer;
 - loss head (fused): teacher and student projections ``2 * V * d * T`` each, student backward ``2 * V * d_s * T``,
@@ -266,7 +267,7 @@ def resolve_tokenizer(cfg) -> str:
     """Make ``cfg.tokenizer`` name files that exist here; returns the line saying which tokenizer counts the tokens.
 
     The config's own files when they are all there. Otherwise, for a Qwen2.5 tokenizer only, the real Qwen2.5
-    vocabulary kd derives offline from dashscope's ``qwen.tiktoken`` (:func:`kd.testing.tokenizer.qwen2_5_tokenizer_files`:
+    vocabulary kd derives offline from dashscope's ``qwen.tiktoken`` (:func:`kd.data.qwen_tokenizer.qwen2_5_tokenizer_files`:
     the same vocab, merges and special-token ids) replaces them in ``cfg``; any other tokenizer: one error."""
     from omegaconf import OmegaConf, open_dict
 
@@ -284,7 +285,7 @@ def resolve_tokenizer(cfg) -> str:
         raise ConfigError(f"kd plan --time: the config's tokenizer file {missing[0]} is absent and {comp} is not a "
                           "Qwen2.5 tokenizer (the only one kd can stand in for offline): put the files there or "
                           "point tokenizer.path=... (and merges_file=...) at them.")
-    from kd.testing.tokenizer import qwen2_5_tokenizer_files
+    from kd.data.qwen_tokenizer import qwen2_5_tokenizer_files
 
     try:
         q = qwen2_5_tokenizer_files()
@@ -609,15 +610,30 @@ class _JobModel:
     steps: int
     R: float
     R_t: float
-    nf4: bool
+    dequant_bpw: float  # teacher dequantisation traffic, bytes per linear weight per micro-batch (0: none)
     ac: int  # layers under activation checkpointing
     k: int  # teacher-cache draws per position
     sampler_s_per_row: float
+    link: Any = None  # kd.ops.planner.CrossNodeTraffic per optimizer step (None on one node)
+    full: bool = False  # full fine-tune: weight gradients too, AdamW over every student weight
+    opt_shards: int = 1  # ranks the optimizer state is sharded over
 
     def teacher_fwd(self, T: int, docs: Sequence[int]) -> float:
         t = self.t
         f = 2.0 * (t.linear + t.other_layer) * T + _attn_flops(docs, t.num_layers, t.num_heads, t.head_dim, 1)
         return f / (self.R_t * self.hw.teacher_eff)
+
+
+# Memory traffic of a teacher that stores 4-bit weights and dequantises them on every forward, per linear weight
+# and micro-batch: nf4 reads 0.5 B, writes a 2 B bf16 copy and the GEMM reads it back (4.5 B); nf4_fp8 reads 0.5 B,
+# writes a 1 B e4m3 copy and the FP8 GEMM reads it back (2.5 B). bf16 and fp8 weights are read by the GEMM itself,
+# inside its measured efficiency. On a 273 GB/s GB10 this traffic is a quarter of an FP8 teacher forward.
+DEQUANT_BYTES_PER_WEIGHT = {"nf4": 4.5, "nf4_fp8": 2.5}
+
+
+def dequant_bytes_per_weight(teacher_quantization) -> float:
+    """Bytes moved per teacher linear weight per micro-batch by the dequantisation (0 for bf16 / fp8)."""
+    return DEQUANT_BYTES_PER_WEIGHT.get(str(teacher_quantization or ""), 0.0)
 
 
 def _total(cs: List[Component]) -> float:
@@ -638,8 +654,8 @@ def _epoch(m: "_JobModel", teacher: bool, write: bool, read: bool) -> List[Compo
         n_ans = sum(A[i] for i in ids)
         if teacher:
             t_teacher += m.teacher_fwd(T, docs)
-            if m.nf4:
-                t_dequant += 4.5 * t.linear / (hw.mem_gbps * 1e9)
+            if m.dequant_bpw:
+                t_dequant += m.dequant_bpw * t.linear / (hw.mem_gbps * 1e9)
             t_head += 2.0 * t.vocab_size * t.embed_dim * T / (R * hw.head_eff)
         if write:  # the fused head draws for every row it computes (prompt rows too), the writer keeps answers
             t_write += T * m.sampler_s_per_row
@@ -648,18 +664,29 @@ def _epoch(m: "_JobModel", teacher: bool, write: bool, read: bool) -> List[Compo
         per_layer = 2.0 * (s.linear + s.adapter) / max(1, s.num_layers) * T
         attn1 = _attn_flops(docs, 1, s.num_heads, s.head_dim, 1)
         fwd = s.num_layers * per_layer + s.num_layers * attn1
-        bwd = s.num_layers * per_layer + 2 * s.num_layers * attn1  # activation grads; attention bwd ~2x fwd
+        # activation grads (+ weight grads for a full fine-tune); attention bwd ~2x fwd
+        bwd = (2 if m.full else 1) * s.num_layers * per_layer + 2 * s.num_layers * attn1
         recompute = m.ac * (per_layer + attn1)
         t_student += (fwd + bwd + recompute) / (R * hw.student_eff)
         t_head += 3 * 2.0 * s.vocab_size * s.embed_dim * T / (R * hw.head_eff)  # fwd + grad wrt hidden + lse
-    t_opt = steps * 16.0 * s.adapter / (hw.mem_gbps * 1e9 * hw.optimizer_eff)
-    if world_size > 1:
-        t_opt += steps * 2.0 * 2 * s.adapter / (hw.interconnect_gbps * 1e9)  # ring all-reduce of bf16 grads
+    n_opt = (s.total if m.full else s.adapter) / max(1, m.opt_shards)
+    t_opt = steps * 16.0 * n_opt / (hw.mem_gbps * 1e9 * hw.optimizer_eff)
+    # The inter-node link (kd.ops.planner.cross_node_bytes_per_step): FSDP2 prefetches the weight gathers and
+    # reduces gradients during the backward, so only the part beyond the model's compute shows in the step.
+    t_link = link_raw = 0.0
+    link_note = ""
+    if m.link is not None and m.link.rows:
+        rows = [r for r in m.link.rows if teacher or r[0] != "teacher weight all-gather"]
+        per_step = sum(b for _, b, _ in rows)
+        link_raw = steps * per_step / (hw.interconnect_gbps * 1e9)
+        t_link = max(0.0, link_raw - (t_student + (t_teacher if teacher else 0.0)))
+        link_note = (f"{per_step / 1e9:.3g} GB/step at {hw.interconnect_gbps:g} GB/s = {link_raw / max(1, steps):.2f} s/step, "
+                     f"{'all hidden' if t_link == 0 else 'the rest hidden'} behind compute")
     comps = []
     if teacher:
         comps.append(Component("teacher forward", t_teacher, f"{t.num_layers} layers, {'fp8' if R_t != R else 'bf16'} GEMMs"))
         if t_dequant:
-            comps.append(Component("teacher NF4 dequantisation", t_dequant, "4.5 B/weight per micro-batch"))
+            comps.append(Component("teacher NF4 dequantisation", t_dequant, f"{m.dequant_bpw:g} B/weight per micro-batch"))
     comps.append(Component("student forward + backward", t_student, f"LoRA, AC on {m.ac}/{s.num_layers} layers"))
     comps.append(Component("loss head (fused)", t_head, "teacher + student projections" if teacher
                            else f"student projection + sparse soft-CE over K={k}"))
@@ -667,7 +694,10 @@ def _epoch(m: "_JobModel", teacher: bool, write: bool, read: bool) -> List[Compo
         comps.append(Component("teacher cache write", t_write, f"K={k} draws per position (modelled)"))
     if read:
         comps.append(Component("teacher cache read", t_read, "records + sparse targets to the device (modelled)"))
-    comps.append(Component("optimizer", t_opt, f"AdamW over {s.adapter:,} LoRA params"))
+    comps.append(Component("optimizer", t_opt, f"AdamW over {int(n_opt):,} "
+                           f"{'student weights' if m.full else 'LoRA params'} per rank"))
+    if m.link is not None and m.link.rows:
+        comps.append(Component("inter-node link (not hidden)", t_link, link_note))
     # validation and checkpoints (per epoch)
     eval_every = cfg.get("eval_every_n_steps", None)
     if eval_every:
@@ -710,7 +740,7 @@ def _teacher_only_pass(m: "_JobModel", fraction: float) -> List[Component]:
         n_ans = sum(ans[i] for i in b)
         c = m.teacher_fwd(w * len(b), [w] * len(b))
         c_head = 2.0 * t.vocab_size * t.embed_dim * n_ans / (R * hw.head_eff)
-        c_dq = 4.5 * t.linear / (hw.mem_gbps * 1e9) if m.nf4 else 0.0
+        c_dq = m.dequant_bpw * t.linear / (hw.mem_gbps * 1e9)
         cost.append((c, c_head, c_dq, n_ans * m.sampler_s_per_row))
     # the slowest rank's share (rank 0: the longest batches)
     share = [cost[r::world_size] for r in range(world_size)]
@@ -719,14 +749,15 @@ def _teacher_only_pass(m: "_JobModel", fraction: float) -> List[Component]:
     n_tok = sum(lens)
     comps = [Component("teacher forward", tot[0], f"{len(plan)} batches of <= {bs} rows"
                        + (f" / {max_tok} tokens" if max_tok else "") + f", {n_tok:,} tokens, {world_size} rank(s)")]
-    if m.nf4:
-        comps.append(Component("teacher NF4 dequantisation", tot[2], "per batch"))
+    if m.dequant_bpw:
+        comps.append(Component("teacher NF4 dequantisation", tot[2], f"{m.dequant_bpw:g} B/weight per batch"))
     comps.append(Component("teacher head (answer rows)", tot[1], "no student"))
     comps.append(Component("teacher cache write", tot[3], f"K={k} draws per answer token (modelled)"))
     return comps
 
 
-def estimate_job(cfg, hw: Hardware, stats: Optional[DataStats] = None, world_size: int = 1) -> JobEstimate:
+def estimate_job(cfg, hw: Hardware, stats: Optional[DataStats] = None, world_size: int = 1,
+                 nproc_per_node: int = 1) -> JobEstimate:
     """Seconds per component for one epoch and the whole run of ``recipes/kd_lora.py`` under ``cfg``.
 
     With a ``teacher_cache`` section the job has phases (:func:`kd.ops.planner.teacher_forward_epochs` says how
@@ -751,11 +782,20 @@ def estimate_job(cfg, hw: Hardware, stats: Optional[DataStats] = None, world_siz
         R_t = hw.fp8_tflops * TFLOP
     else:
         R_t = R
-    nf4 = has_teacher and cfg.get("teacher_quantization", None) in ("nf4",)
+    dq = dequant_bytes_per_weight(cfg.get("teacher_quantization", None)) if has_teacher else 0.0
     ac = len(activation_checkpoint_layers(cfg, s.num_layers))
     k = int(cfg.teacher_cache.get("k", 12)) if mode else 12
     sampler_s_per_row = (SAMPLER_BYTES_PER_VOCAB * t.vocab_size / (hw.mem_gbps * 1e9)) if t is not None else 0.0
-    m = _JobModel(cfg, hw, stats, world_size, s, t, batches, steps, R, R_t, nf4, ac, k, sampler_s_per_row)
+    full = s.adapter == 0
+    link = None
+    if world_size > nproc_per_node:
+        from kd.ops.planner import cross_node_bytes_per_step
+
+        link = cross_node_bytes_per_step(cfg, world_size, local_world_size=nproc_per_node)
+    strategy = str(cfg.get("fsdp_strategy", "shard"))
+    opt_shards = 1 if world_size == 1 else (world_size if strategy == "shard" else nproc_per_node)
+    m = _JobModel(cfg, hw, stats, world_size, s, t, batches, steps, R, R_t, dq, ac, k, sampler_s_per_row,
+                  link, full, opt_shards)
     epochs = int(cfg.get("epochs", 1))
     online = _epoch(m, teacher=has_teacher, write=False, read=False)
     phases: List[Phase] = []
