@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -188,3 +189,48 @@ def test_dequant_ahead_hides_a_share_of_the_shorter_stream_past_64_rows():
     assert est[16].fused_step_ms < est[None].fused_step_ms
     assert default.fused_step_ms == est[16].fused_step_ms  # no key: the schema's default, on
     assert "dequant_ahead" in est[16].table() and "dequant_ahead" not in est[None].table()
+
+
+def test_dequant_traffic_link_and_full_finetune_terms(tmp_path, monkeypatch):
+    """The cost model's terms that decide what a second Spark buys: nf4_fp8 moves 2.5 B per teacher linear weight per
+    micro-batch (nf4 4.5 B, fp8 none); the inter-node link shows only beyond the compute it overlaps; a full fine-tune
+    pays the weight gradients (its student backward > LoRA's) and AdamW over its shard of every weight."""
+    from kd.ops.planner import build_and_count
+    from kd.ops.preflight import load_config
+
+    monkeypatch.setenv("KD_CACHE_DIR", str(tmp_path))
+    lengths = jobtime.parse_lengths("records=400,prompt=40,answer=300")
+    hw = jobtime.GB10
+
+    def est(config, *ov, ws=1):
+        cfg = load_config(str(REPO / config), list(ov))
+        jobtime.resolve_tokenizer(cfg)  # no /models here: kd's offline Qwen2.5 tokenizer
+        return cfg, jobtime.estimate_job(cfg, hw, jobtime.data_stats(cfg, lengths=lengths), world_size=ws)
+
+    def comp(e, name):
+        return next((c.seconds for c in e.components if c.name.startswith(name)), 0.0)
+
+    cfg, e = est("configs/qwen2_5/72B_to_7B_kd_lora_1node.yaml", "~teacher_cache")
+    lin = build_and_count(cfg.teacher_model).linear
+    assert comp(e, "teacher NF4 dequantisation") == pytest.approx(
+        e.micro_batches_per_epoch * 2.5 * lin / (hw.mem_gbps * 1e9), rel=1e-9)
+    _, e4 = est("configs/qwen2_5/72B_to_7B_kd_lora_1node.yaml", "~teacher_cache", "teacher_quantization=nf4")
+    assert comp(e4, "teacher NF4 dequantisation") == pytest.approx(comp(e, "teacher NF4 dequantisation") * 4.5 / 2.5)
+    _, e8 = est("configs/qwen2_5/72B_to_7B_kd_lora_1node.yaml", "~teacher_cache", "teacher_quantization=fp8")
+    assert comp(e8, "teacher NF4 dequantisation") == 0.0
+    # two nodes, LoRA hybrid: the LoRA gradients cross, hidden behind compute; the bf16 sharded teacher's gathers at a
+    # slow link do not hide
+    _, e2 = est("configs/qwen2_5/72B_to_7B_kd_lora.yaml", "~teacher_cache", ws=2)
+    assert comp(e2, "inter-node link") == 0.0
+    slow = dataclasses.replace(hw, interconnect_gbps=1.0)
+    cfg_b = load_config(str(REPO / "configs/qwen2_5/72B_to_7B_kd_lora_bf16_2node.yaml"), ["~teacher_cache"])
+    jobtime.resolve_tokenizer(cfg_b)
+    eb = jobtime.estimate_job(cfg_b, slow, jobtime.data_stats(cfg_b, lengths=lengths), world_size=2)
+    assert comp(eb, "inter-node link") > 0.5 * comp(eb, "teacher forward")
+    # full fine-tune vs LoRA on the same two nodes: more backward, AdamW over every (sharded) student weight
+    # (the LoRA two-Spark config: the same student, batch, accumulation and AC as the full fine-tune config)
+    cfg_f, ef = est("configs/qwen2_5/72B_to_7B_kd_full_2node.yaml", ws=2)
+    assert comp(ef, "student forward + backward") > 1.3 * comp(e2, "student forward + backward")
+    n = build_and_count(cfg_f.model).total
+    assert comp(ef, "optimizer") == pytest.approx(
+        ef.steps_per_epoch * 16.0 * n / 2 / (hw.mem_gbps * 1e9 * hw.optimizer_eff), rel=1e-9)
