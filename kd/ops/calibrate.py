@@ -469,7 +469,8 @@ def _attention(run: _Run, counts, batch: Batch, inputs) -> float:
 
 
 def _student_layer(run: _Run, cfg, batch: Batch, inputs, checkpointed: bool) -> float:
-    """Seconds of one student LoRA layer forward + backward (activation gradients, adapter gradients)."""
+    """Seconds of one student LoRA layer forward + backward (activation gradients, adapter gradients; every weight's
+    gradient for a full fine-tune, as the recipe trains it)."""
     from torchtune import training
 
     from kd.train.models import apply_activation_checkpointing, build_on_meta, is_adapter_param
@@ -478,8 +479,9 @@ def _student_layer(run: _Run, cfg, batch: Batch, inputs, checkpointed: bool) -> 
     d = meta.tok_embeddings.embedding_dim
     layer = random_init_(meta.layers[0], run.dev, run.dtype, seed=2)
     del meta
+    full = not any(is_adapter_param(n) for n, _ in layer.named_parameters())  # a plain builder: full fine-tune
     for n, p in layer.named_parameters():
-        p.requires_grad_(is_adapter_param(n))
+        p.requires_grad_(full or is_adapter_param(n))
     h = _holder(layer)
     if checkpointed:
         apply_activation_checkpointing(h, [0])
