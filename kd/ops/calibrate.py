@@ -356,10 +356,9 @@ def _gemm(run: _Run, counts, T: int, which: str) -> Tuple[float, str]:
     for n, k, m in linear_shapes(counts):
         x = torch.randn(T, k, device=dev, dtype=dt)
         w = torch.randn(n, k, device=dev, dtype=dt) * 0.02
-        s = run.t(lambda: torch.nn.functional.linear(x, w))
+        s = run.t(lambda x=x, w=w: torch.nn.functional.linear(x, w))
         flops += m * 2.0 * T * n * k
         secs += m * s
-        del x, w
     return flops / secs, f"{which} layer's 7 projections at T={T} ({', '.join(f'{n}x{k}' for n, k, _ in linear_shapes(counts))})"
 
 
@@ -455,7 +454,7 @@ def _attention(run: _Run, counts, batch: Batch, inputs) -> float:
     from torchtune.modules.attention_utils import _sdpa_or_flex_attention
 
     attn = _sdpa_or_flex_attention()
-    B, S, h, kv, hd = batch.rows, batch.width, counts.num_heads, counts.num_kv_heads, counts.head_dim
+    B, S, h, hd = batch.rows, batch.width, counts.num_heads, counts.head_dim
     q = torch.randn(B, h, S, hd, device=run.dev, dtype=run.dtype)
     k = torch.randn(B, h, S, hd, device=run.dev, dtype=run.dtype)  # torchtune expands the kv heads before the call
     v = torch.randn(B, h, S, hd, device=run.dev, dtype=run.dtype)
