@@ -212,6 +212,7 @@ def test_calibrated_plan_predicts_the_tiny_cpu_step(testbed, tmp_path):
             assert "measured" in prof.sources.get(k, "") or "derived" in prof.sources.get(k, ""), (k, prof.sources)
         assert "not available" in prof.sources["fp8_tflops"] and prof.fp8_tflops == jobtime.H200.fp8_tflops
         assert "base" in prof.sources["decode"] and prof.decode_overhead_ms == jobtime.H200.decode_overhead_ms
+        assert prof.dequant_bw_eff == jobtime.H200.dequant_bw_eff and "nf4_dequant" in prof.sources
         assert not list(run_dir.parent.glob(".kd_calibrate_*"))  # the disk test's file is gone
         pred, table = _predicted_step(env, out, ov, cli=i == 1)
         preds.append(pred)

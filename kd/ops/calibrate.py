@@ -21,8 +21,8 @@ measurement that fails records its error in ``sources`` and the field keeps the 
   tokens (``bf16_tflops``: the teacher's shapes; the student's are in ``sources``);
 - FP8 rowwise ``torch._scaled_mm`` (as :func:`kd.teacher.precision.fp8_linear` calls it) at the teacher's shapes
   (``fp8_tflops``; CUDA sm_89+ only, elsewhere "not available" and the base value);
-- NF4 dequantisation of the teacher's largest linear by :func:`kd.teacher.nf4.dequantize_nf4` (``dequant_bw_eff`` on
-  CUDA: its 2.5 B/weight rate over ``mem_gbps``);
+- NF4 dequantisation of the teacher's largest linear by :func:`kd.teacher.nf4.dequantize_nf4` (reported in ``sources``;
+  the decode field ``dequant_bw_eff`` describes the static decode engine's CUDA kernel and keeps the base value);
 - device-to-device copy (``mem_gbps``: bytes read + written per second, bounded buffer);
 - one teacher decoder layer forward in the config's ``teacher_quantization`` (converted by
   :func:`kd.teacher.precision.quantize_layer_` after :func:`~kd.teacher.precision.resolve_precision`, so a device that
@@ -656,12 +656,12 @@ def teacher_calibration(cfg) -> str:
 def derive(cfg, base: Hardware, batch: Batch, m: Dict[str, float], *, name: str,
            sources: Dict[str, str]) -> Tuple[Hardware, Dict[str, Tuple[float, float]]]:
     """The profile from the measurements ``m`` (keys: bf16_tflops, fp8_tflops, mem_gbps, disk_gbps,
-    interconnect_gbps, dequant_bw_eff, teacher_layer_s, student_layer_s / student_layer_ac_s, head_s); absent keys keep
+    interconnect_gbps, teacher_layer_s, student_layer_s / student_layer_ac_s, head_s); absent keys keep
     ``base``'s values. Returns (profile, {component: (model s, measured s)})."""
     from kd.ops.planner import build_and_count
 
     hw = replace(base, name=name, measured=True, sources=dict(sources))
-    for k in ("bf16_tflops", "fp8_tflops", "mem_gbps", "disk_gbps", "interconnect_gbps", "dequant_bw_eff"):
+    for k in ("bf16_tflops", "fp8_tflops", "mem_gbps", "disk_gbps", "interconnect_gbps"):
         if k in m:
             setattr(hw, k, _sig(m[k]))
     one = replace(hw, teacher_eff=1.0, student_eff=1.0, head_eff=1.0)
@@ -795,12 +795,11 @@ def calibrate(cfg, *, name: Optional[str] = None, base: Hardware = jobtime.H200,
             run.values["nf4_dequant_gbps"] = rate
             run.rows.append(Row("NF4 dequantisation", f"{n / s / 1e9:,.2f} Gweights/s = {rate:,.1f} GB/s", impl))
             src = f"kd.teacher.nf4.dequantize_nf4 ({impl}) {n / s / 1e9:.3f} Gweights/s = {rate:.1f} GB/s, {tag}"
-            if cuda and "mem_gbps" in run.values:
-                run.values["dequant_bw_eff"] = min(1.0, rate / run.values["mem_gbps"])
-                run.sources["dequant_bw_eff"] = f"measured: {src}, over mem_gbps"
-            else:
-                run.sources["dequant_bw_eff"] = f"base {base.name}'s value (static decode is CUDA-only); measured {src}"
-            run.sources["nf4_dequant"] = src
+            # the training path's kernel; dequant_bw_eff is the static decode engine's (kd.teacher.nf4_cuda): a decode
+            # field, kept from the base profile
+            run.sources["dequant_bw_eff"] = (f"base {base.name}'s value (the static decode engine's CUDA kernel is not "
+                                             f"measured); the training path's NF4 dequantisation: {src}")
+            run.sources["nf4_dequant"] = f"measured: {src} (inside the teacher layer time)"
 
         run.attempt("NF4 dequantisation", nf4)
 
@@ -877,8 +876,8 @@ def calibrate(cfg, *, name: Optional[str] = None, base: Hardware = jobtime.H200,
         run.sources.setdefault("fp8_tflops", f"base {base.name}'s value (FP8 measurement failed)")
     if "dequant_bw_eff" not in run.sources:
         run.sources["dequant_bw_eff"] = f"base {base.name}'s value (no teacher / not measured)"
-    run.sources["decode"] = (f"{', '.join(DECODE_FIELDS)}: base {base.name}'s values (decode is not measured by "
-                             "kd calibrate)")
+    run.sources["decode"] = (f"{', '.join(DECODE_FIELDS)}, dequant_bw_eff: base {base.name}'s values (decode is "
+                             "not measured by kd calibrate)")
     name = name or _slug(dname)
     try:
         hw, check = derive(cfg, base, batch, run.values, name=name, sources=run.sources)
@@ -887,7 +886,7 @@ def calibrate(cfg, *, name: Optional[str] = None, base: Hardware = jobtime.H200,
         run.sources["error_derive"] = msg
         run.rows.append(Row("derive efficiencies", "FAILED", msg[:80]))
         hw = replace(base, name=name, measured=True, sources=dict(run.sources))
-        for k in ("bf16_tflops", "fp8_tflops", "mem_gbps", "disk_gbps", "interconnect_gbps", "dequant_bw_eff"):
+        for k in ("bf16_tflops", "fp8_tflops", "mem_gbps", "disk_gbps", "interconnect_gbps"):
             if k in run.values:
                 setattr(hw, k, _sig(run.values[k]))
         check = {}
