@@ -42,8 +42,8 @@ Derivation: ``teacher_eff``, ``student_eff`` and ``head_eff`` are chosen so that
 itself, run on this one micro-batch, gives the measured times: the model's component at efficiency 1 divided by
 the measured time (teacher: layers x the layer time, minus the model's separate NF4 dequantisation term for
 ``nf4``; the model's teacher rate is ``fp8_tflops`` for fp8 / nf4_fp8 and ``bf16_tflops`` otherwise, exactly as in
-``estimate_job``). ``interconnect_gbps`` = 2 x payload / all-reduce time (the model's all-reduce term); NCCL's bus
-bandwidth is in ``sources``. The decode fields keep the base profile's values. ``teacher_calibrated_for`` records
+``estimate_job``). ``interconnect_gbps`` = the all-reduce's bus bandwidth, 2(n-1)/n x payload / time (nccl-tests'
+unit, which :func:`kd.ops.planner.cross_node_bytes_per_step` counts the link's bytes in). The decode fields keep the base profile's values. ``teacher_calibrated_for`` records
 the precision (and ``+compile``) the teacher efficiency holds for: ``kd plan --time`` warns when a config differs.
 """
 
@@ -730,11 +730,11 @@ def calibrate(cfg, *, name: Optional[str] = None, base: Hardware = jobtime.H200,
     if world > 1:
         def ar():
             s, bus, nbytes, n = allreduce(dev, allreduce_mb, reps)
-            run.values["interconnect_gbps"] = 2.0 * nbytes / s / 1e9
+            run.values["interconnect_gbps"] = bus  # kd plan --time divides bus bytes by it
             run.sources["interconnect_gbps"] = (
                 f"measured: all-reduce of {nbytes / 1e6:.0f} MB bf16 over {n} ranks "
                 f"({os.environ.get('LOCAL_WORLD_SIZE', '?')} per node) {_ms(s)}, bus bandwidth {bus:.2f} GB/s; "
-                f"value = 2 x payload / time (kd plan --time's all-reduce term), {tag}")
+                f"value = the bus bandwidth (kd plan --time counts the link's bytes as bus bytes), {tag}")
             run.rows.append(Row("all-reduce bus bandwidth", f"{bus:.2f} GB/s", f"{nbytes / 1e6:.0f} MB x {n} ranks"))
         run.attempt("all-reduce", ar)
         if int(os.environ.get("RANK", "0") or 0) != 0:  # the other ranks only join the all-reduce
