@@ -147,15 +147,17 @@ def test_planner_full_finetune_two_sparks(capsys):
     out = capsys.readouterr().out
     assert "FULL fine-tune" in out and "-> FITS" in out
     cfg = load_config(cfg_path, [])
-    p = planner.plan_from_config(cfg, 2, device_memory_gib=planner.GB10_MEMORY_GIB, reserve_gib=8.0)
+    p = planner.plan_from_config(cfg, 2, device_memory_gib=planner.GB10_MEMORY_GIB, reserve_gib=planner.GB10_RESERVE_GIB)
     n = p.inputs.student.total
     assert 7.6e9 < n < 7.7e9 and p.inputs.student.adapter == 0
     assert p.row("student weights (trainable)") == pytest.approx(n * 2 / 2, rel=1e-6)
     assert p.row("gradients") == pytest.approx(n * 2 / 2, rel=1e-6)
     assert p.row("optimizer state") == pytest.approx(2 * n * 2 / 2, rel=1e-6)
-    assert p.fits and p.peak_gib < 90
+    # the config ships no activation checkpointing (compiled nf4_fp8 teacher): 91.3 GiB planned, still >= 10% of
+    # the node's memory free beyond the reserve (tests/test_two_spark_plan.py checks every two-node config so)
+    assert p.fits and p.peak_gib < 95
     # torchao's 8-bit AdamW halves the state (measured 2.03 B/param); one node alone would be near the limit
     p8 = planner.plan_from_config(load_config(cfg_path, ["optimizer._component_=torchao.optim.AdamW8bit"]), 2)
     assert p8.row("optimizer state") == pytest.approx(2 * n * (1 + 4 / 256) / 2, rel=1e-6)
     one = planner.plan_from_config(cfg, 1, device_memory_gib=planner.GB10_MEMORY_GIB, reserve_gib=8.0)
-    assert one.peak_gib > p.peak_gib + 30
+    assert one.peak_gib > p.peak_gib + 25 and not one.fits  # one GB10 cannot hold it; two can

@@ -536,8 +536,8 @@ def _precision_check(cfg, rep: NodeReport, device, dtype, world_size: int) -> Li
 
 
 def _config_flat(text: str) -> Dict[str, Any]:
-    """The resolved config (YAML text) as {dotted.key: value}, less ``output_dir`` and the values under it
-    (each node may write to its own disk; only global rank 0 writes)."""
+    """The resolved config (YAML text) as {dotted.key: value}, less the per-node paths (kdist.PER_NODE_KEYS and the
+    values under output_dir: each node may write to its own disk; only global rank 0 writes)."""
     import yaml
 
     try:

@@ -210,7 +210,9 @@ def rank0_then_broadcast(fn, error_type=RuntimeError):
 # --------------------------------------------------------------------------------------------------
 # Same config and software on every rank (issue 27): one exchange right after init
 # --------------------------------------------------------------------------------------------------
-PER_NODE_KEYS = ("output_dir",)  # each node may write to its own disk (only rank 0 writes); values under it too
+# Each node may write to its own disk: output_dir (only rank 0 writes; values under it too) and the teacher cache's
+# dir (every node keeps its own copy of the cache, docs/teacher_cache.md).
+PER_NODE_KEYS = ("output_dir", "teacher_cache.dir")
 
 
 def package_versions() -> dict:
@@ -244,7 +246,8 @@ def flatten(obj, prefix: str = "") -> dict:
 
 def run_fingerprint(cfg) -> dict:
     """{"config <key>": value, ..., "version <package>": version} of the resolved config and the software;
-    ``output_dir`` and every value under it are left out (each node may use its own disk)."""
+    the per-node paths (:data:`PER_NODE_KEYS`: ``output_dir`` and every value under it, ``teacher_cache.dir``) are left
+    out (each node may use its own disk)."""
     from omegaconf import OmegaConf
 
     conf = flatten(OmegaConf.to_container(cfg, resolve=True))
