@@ -4,6 +4,8 @@ adds the quantized copy; another adapter's export there is still refused."""
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from recipe_utils import tune_run
@@ -14,6 +16,7 @@ def _export(testbed, adapter, out, *extra):
                     config="configs/tiny/export.yaml", check=False)
 
 
+@pytest.mark.slow  # two exports with GPTQ calibration (~22 s)
 def test_quantized_export_after_the_plain_one_reuses_merged(testbed, tmp_path):
     run = tmp_path / "run"
     tune_run(testbed, [f"output_dir={run}", "epochs=1", "max_steps_per_epoch=2", "~eval_every_n_steps",

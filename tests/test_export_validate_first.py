@@ -24,10 +24,12 @@ def _export(testbed, adapter, out, *extra):
 
 @pytest.mark.parametrize("bad, names", [
     (["quantize=fp9_magic"], "quantize='fp9_magic'"),
-    (["quantize=[fp8_dynamic,nope]"], "quantize='nope'"),
-    (["quantize=w4a16", "~calibration.source"], "calibration.source"),
-    (["quantize=w4a16", "calibration.source=/nonexistent/train.json"], "/nonexistent/train.json"),
-    (["quantize=fp8_dynamic", "calibration.num_sampels=4"], "num_sampels"),
+    # the others are `slow`: each is two tune runs (~11 s); the first case runs in the default suite
+    pytest.param(["quantize=[fp8_dynamic,nope]"], "quantize='nope'", marks=pytest.mark.slow),
+    pytest.param(["quantize=w4a16", "~calibration.source"], "calibration.source", marks=pytest.mark.slow),
+    pytest.param(["quantize=w4a16", "calibration.source=/nonexistent/train.json"], "/nonexistent/train.json",
+                 marks=pytest.mark.slow),
+    pytest.param(["quantize=fp8_dynamic", "calibration.num_sampels=4"], "num_sampels", marks=pytest.mark.slow),
 ])
 def test_bad_quantize_writes_nothing_and_the_corrected_rerun_runs(testbed, adapter, tmp_path, bad, names):
     out = tmp_path / "export"

@@ -103,6 +103,7 @@ def _two_nodes(testbed, dirs, *extra):
     return [(p, p.communicate(timeout=600)[0]) for p in procs]
 
 
+@pytest.mark.slow  # two two-process launches (~25 s); the one-node lock tests run in the default suite
 def test_two_nodes_each_nodes_own_dir_is_locked_and_a_shared_dir_runs(testbed, tmp_path):
     """Without a shared file system node 1 writes to its own disk: a live run there refuses the whole job (every
     rank, one line naming the holder); on a shared directory node 1 finds rank 0's own lock and runs."""
