@@ -1,6 +1,6 @@
 """``kd`` console command.
 
-    kd preflight --config CFG [key=value ...] [--nominal-gbps 25] [--bw-mb N]
+    kd preflight --config CFG [key=value ...] [--nominal-gbps 24] [--bw-mb N]
         Checks of this node (or, under torchrun, of every node): versions, code/config hashes, checkpoints,
         memory vs the plan, disk, all-reduce bandwidth. Exit 0 = OK, 1 = a check failed, 2 = config error.
     kd plan --config CFG [key=value ...] [--world-size N] [--nproc-per-node M] [--batch-size B]
