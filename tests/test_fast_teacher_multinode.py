@@ -8,7 +8,9 @@ tests/test_precision.py):
 - ``lora_shard``: the sharded-teacher layout of configs/qwen2_5/72B_to_7B_kd_lora_bf16_2node.yaml (student and
   teacher FSDP2-sharded over both nodes; nf4_fp8's NF4 storage shards like nf4);
 - ``full``: configs/qwen2_5/72B_to_7B_kd_full_2node.yaml's layout (full fine-tune, student sharded, teacher
-  replicated).
+  replicated);
+- ``bf16_shard_selective_ac``: the bf16 two-node config's own settings (bf16 teacher sharded, compile, selective
+  activation checkpointing on every 2nd student layer).
 
 Each: two nodes x batch N log the losses of one process x batch 2N (the tolerance of the one-process
 equivalence tests, tests/test_recipe_kd.py) and save the same adapter; kill -9 of both nodes and a resume continue
@@ -35,6 +37,10 @@ LAYOUTS = {
     "lora_hybrid": ("configs/tiny/kd_lora.yaml", ["fsdp_strategy=hybrid", "teacher_sharding=replicate"]),
     "lora_shard": ("configs/tiny/kd_lora.yaml", ["fsdp_strategy=shard", "teacher_sharding=shard"]),
     "full": ("configs/tiny/kd_full.yaml", ["fsdp_strategy=shard", "teacher_sharding=replicate"]),
+    # the bf16 two-node config as shipped: bf16 teacher sharded, compile, selective AC on every 2nd student layer
+    "bf16_shard_selective_ac": ("configs/tiny/kd_lora.yaml", [
+        "fsdp_strategy=shard", "teacher_sharding=shard", "teacher_quantization=null",
+        "enable_activation_checkpointing=False", "ac_mode=selective", "ac_option=2"]),
 }
 KEYS = ("loss", "ce_loss", "kd_loss", "kl", "top1_agreement", "grad_norm", "lr", "valid_tokens")
 # torch.compile on 2 CPU cores costs ~40 s per process per run, so only the equivalence test of the shipped LoRA
@@ -77,9 +83,10 @@ def test_two_nodes_batch_n_match_one_process_batch_2n(testbed, tmp_path, layout)
     common = [*BASE, *lay, "max_steps_per_epoch=3", "save_every_n_steps=null"]
     one = tmp_path / "one"
     p = tune_run(testbed, [*common, "batch_size=2", f"output_dir={one}"], config=config)
-    assert "teacher precision: nf4_fp8" in p.stdout + p.stderr
+    prec = "bf16" if "teacher_quantization=null" in lay else "nf4_fp8"
+    assert f"teacher precision: {prec}" in p.stdout + p.stderr
     outs = _wait(_nodes(testbed, config, [*common, "batch_size=1"], [tmp_path / "n0", tmp_path / "n1"]))
-    assert "teacher ready (nf4_fp8" in outs[0] and "Compiling model layers" in outs[0], outs[0][-3000:]
+    assert f"teacher ready ({prec}" in outs[0] and "Compiling model layers" in outs[0], outs[0][-3000:]
     a, b = metrics(one), metrics(tmp_path / "n0")
     assert [r["step"] for r in b] == [1, 2, 3]
     for x, y in zip(a, b):
