@@ -264,12 +264,16 @@ class AlpacaKDDataset(Dataset):
         train_on_input: bool = False,
         on_bad_record: str = "error",
         output_field: str = "output",
+        train_on_header: bool = False,
     ):
         check_local_source(source)
         self.source = Path(source)
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.train_on_input = train_on_input
+        # True: the assistant header ("<|im_start|>assistant\n") keeps its labels, as torchtune's own datasets
+        # leave it (stock torchtune KD trains on it); False (default): the loss is on the answer only
+        self.train_on_header = bool(train_on_header)
         self.output_field = output_field
         self.max_seq_len = max_seq_len if max_seq_len is not None else getattr(tokenizer, "max_seq_len", None)
         self.records, self.n_bad = load_alpaca_records(
@@ -321,7 +325,7 @@ class AlpacaKDDataset(Dataset):
         with plain_text(self.tokenizer):  # data text never becomes a chat-template token (kd.data.special_text)
             tokens, mask = self.tokenizer.tokenize_messages(msgs, add_eos=True)
         mask = list(mask)
-        if not self.train_on_input:
+        if not self.train_on_input and not self.train_on_header:
             # torchtune leaves the assistant header ("<|im_start|>assistant\n") unmasked: mask it
             # too, so the loss is only on the answer (+ the closing <|im_end|>).
             first = next((j for j, m in enumerate(mask) if not m), None)
