@@ -26,6 +26,7 @@ import logging
 import shutil
 import sys
 from pathlib import Path
+from typing import Optional
 
 from omegaconf import DictConfig
 
@@ -34,7 +35,7 @@ from kd.core import run_lock
 from kd.core.config import ConfigError, check_keys, number, require_component, to_container
 from kd.core.progress import configure_logging
 from kd.ops import schema
-from kd.train import quantize as kq, run_checks as checks
+from kd.train import qad as kqad, quantize as kq, run_checks as checks
 from kd.train.full import SHARDS, assemble_full_state_dict
 from kd.train.hf_export import save_merged_hf, write_hf_checkpoint
 from kd.train.models import build_on_meta, load_adapter_dir, load_frozen_model, model_dims
@@ -106,7 +107,7 @@ def recipe_main(cfg: DictConfig) -> None:
     dtype = training.get_dtype(checks.check_dtype(cfg), device=device)
     checks.writable_dir(cfg.output_dir)
     shard = schema.EXPORT.get(cfg, "max_shard_size_gb")
-    qplan = _quantize_plan(cfg)  # every key checked before anything is written
+    qplan = _quantize_plan(cfg, kqad.read_meta(adapter_dir))  # every key checked before anything is written
     run_lock.acquire(cfg.output_dir, "an export")  # no other run / export writes here until this one ends
     out = Path(cfg.output_dir)
     prov = _provenance(cfg, adapter_dir, dtype)
@@ -150,7 +151,7 @@ def _export_full(cfg: DictConfig) -> None:
     dtype = training.get_dtype(cfg.get("dtype", "bf16"), device=device)
     dims = model_dims(build_on_meta(cfg.model, dtype))
     shard = schema.EXPORT.get(cfg, "max_shard_size_gb")
-    qplan = _quantize_plan(cfg)  # every key checked before anything is written
+    qplan = _quantize_plan(cfg, kqad.read_meta(src) or kqad.read_meta(shard_dir))  # checked before any write
     run_lock.acquire(cfg.output_dir, "an export")
     _check_targets(Path(cfg.output_dir), Path(cfg.output_dir) / "adapter", schema.EXPORT.get(cfg, "overwrite"),
                    qplan["schemes"])
@@ -163,14 +164,22 @@ def _export_full(cfg: DictConfig) -> None:
     _quantize(cfg, out / "merged", out, device, qplan)
 
 
-def _quantize_plan(cfg: DictConfig) -> dict:
+def _quantize_plan(cfg: DictConfig, trained_for: Optional[str] = None) -> dict:
     """Every quantize= / calibration.* value checked (and the calibration prompts read) *before* anything is
-    written: a mistake there must not leave a merged/ that the corrected re-run's overwrite rail refuses."""
+    written: a mistake there must not leave a merged/ that the corrected re-run's overwrite rail refuses.
+    ``trained_for``: the qad format the student was trained in (kd.train.qad, from ``kd_qad.json``): that format's
+    scheme is written (first) whether or not quantize= names it."""
     q = cfg.get("quantize", None)
     if q is not None and not isinstance(q, str) and not hasattr(q, "__iter__"):
         raise ConfigError(f"quantize={q!r}: use a scheme name or a list of them, e.g. quantize=[fp8_dynamic,w4a16].")
     schemes = [] if q is None else ([q] if isinstance(q, str) else list(to_container(q)))
     schemes = list(dict.fromkeys(kq.check_scheme(x) for x in schemes))
+    if trained_for is not None:
+        own = kqad.export_scheme(trained_for)
+        log.info(f"the student was trained for {trained_for} (qad, kd_qad.json): writing quantized-{own}"
+                 + (f"; the other schemes asked for ({', '.join(x for x in schemes if x != own)}) are post-training "
+                    "quantizations of a student trained for another format" if any(x != own for x in schemes) else ""))
+        schemes = [own, *(x for x in schemes if x != own)]
     cal = cfg.get("calibration", None) or {}
     if cal:
         check_keys(cal, CALIBRATION_KEYS, where="'calibration'")

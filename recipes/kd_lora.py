@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from kd.train import dist as kdist
 from kd.train import full
+from kd.train import qad as kqad
 from kd.losses import components as loss_components
 from kd.ops import schema
 from kd.train import run_checks as checks
@@ -148,6 +149,9 @@ class KDLoRARecipe:
                 f"needs kd_ratio=0 (got kd_ratio={kd_ratio})."
             )
         parse_precision(cfg.get("teacher_quantization", None))  # a bad value fails before anything is built
+        if kqad.check_format(cfg.get("qad", None)) is not None and cfg.get("student_quantization", None):
+            raise ConfigError("qad fake-quantises the student's own weights; it cannot run on an NF4 student base "
+                              "(student_quantization=nf4): remove one of the two.")
         if has_teacher and cfg.get("teacher_checkpointer", None) is None:
             raise ConfigError("teacher_model is set but teacher_checkpointer is missing.")
         for key in ("model", "teacher_model", "tokenizer", "dataset", "optimizer"):
@@ -339,6 +343,11 @@ class KDLoRARecipe:
             progress=self._is_rank_zero,
             init_seed=self.seed or 0,
         )
+        self._qad = kqad.check_format(cfg.get("qad", None))
+        if self._qad is not None:  # before compile: the patched forwards are what gets compiled
+            n = kqad.apply_qad_(model, self._qad)
+            self._log(f"qad: {n} student linears run in {self._qad}'s fake-quantised numerics (kd.train.qad); "
+                      f"export writes quantized-{kqad.export_scheme(self._qad)}")
         if cfg.get("compile", False):
             training.compile_model(model, verbose=self._is_rank_zero)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -1019,6 +1028,8 @@ class KDLoRARecipe:
                 self._recipe_state(None, rng) if self._is_rank_zero else None,
                 rank=self.rank, world_size=self.world_size, mesh_shape=self._mesh_shape(),
             )
+            if self._qad is not None and self._is_rank_zero:
+                kqad.write_meta(Path(path), self._qad)  # the format the export writes
             self._log(f"checkpoint saved: {path} (+ {self.world_size} rank shard(s) under checkpoints/shards)")
             return
         if self._is_rank_zero:
@@ -1027,6 +1038,8 @@ class KDLoRARecipe:
                 self.global_step, self.epochs_run, adapter_sd=adapter, adapter_meta=self._adapter_meta(),
                 recipe_state=state, run_info={**self._run_info, "step_in_epoch": self._step_in_epoch},
             )
+            if self._qad is not None:
+                kqad.write_meta(Path(path) / "adapter", self._qad)  # the format the export writes
             self._log(f"checkpoint saved: {path}")
         kdist.barrier()
         if self._is_rank_zero:

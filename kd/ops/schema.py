@@ -106,6 +106,9 @@ KD_LORA = Schema("recipes/kd_lora.py", "the kd_lora config", [
        "section"),
     _k("on_policy", "on-policy (student-generated) distillation: lmbda, temperature, ... (kd.train.on_policy)",
        "section"),
+    _k("qad", "quantization-aware distillation: fp8_dynamic | w4a16 | nvfp4 | null; the student's decoder linears "
+       "run fake-quantised in that deployment format (LoRA: the merged weight), export writes it (kd.train.qad)",
+       default=None),
 ], doc="Online KD (and, without a teacher, LoRA SFT): `tune run recipes/kd_lora.py --config ...`.")
 
 def _head(output_dir: str, model: str, checkpointer: str, *, checkpointer_required: bool = True) -> List[Key]:

@@ -58,6 +58,11 @@ SCHEMES = {
     "fp8_dynamic": ("FP8_DYNAMIC", False, "minmax"),
     "w4a16": ("W4A16", True, "gptq"),
     "w4a16_rtn": ("W4A16", False, "minmax"),
+    # NVFP4 (W4A4): FP4 E2M1 weights and activations in groups of 16, each group's scale in FP8 E4M3, one fp32
+    # global scale per tensor (weights: from the weight; activations: from the calibration prompts' absmax, the
+    # 16-groups' scales dynamic). The GB10's (Blackwell) FP4 tensor cores run it; "calibrated" here means only the
+    # activation global scales (no GPTQ).
+    "nvfp4": ("NVFP4", True, "minmax"),
 }
 IGNORE = ["lm_head"]  # the output projection stays bf16, as in llmcompressor's recipes
 DEPLOY_EXTRA_HINT = 'pip install -e ".[deploy]"  (installs compressed-tensors)'
@@ -138,6 +143,42 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args, *, blocksize: int = 12
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return GPTQResult(Q, scales, zps)
+
+
+def weight_qparams(W: torch.Tensor, args, store_dtype: torch.dtype = torch.bfloat16):
+    """(scale, zero_point, global_scale or None) of ``W [out, in]`` for compressed-tensors weight ``args``,
+    round-to-nearest (min-max): per channel (FP8), per group of ``group_size`` input columns (int4), or per group of
+    16 with an fp32 per-tensor global scale (NVFP4, ``tensor_group``: compressed-tensors' ``generate_gparam`` over the
+    whole weight, then each group's FP8 E4M3 scale). The one place the export (:func:`quantize_checkpoint`) and
+    quantization-aware distillation (kd.train.qad) compute a weight's quantization parameters. Scales without a
+    format dtype of their own (FP8 per channel, int4 per group) are rounded to ``store_dtype``: the checkpoint stores
+    them in the model's dtype (bf16), and the deployed model quantizes and dequantizes with the stored values."""
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
+    W = W.detach().float()
+    if str(getattr(args.strategy, "value", args.strategy)) == "tensor_group":
+        gs = generate_gparam(W.amin(), W.amax())
+        g = W.reshape(W.shape[0], -1, int(args.group_size))
+        s, z = calculate_qparams(g.amin(dim=2), g.amax(dim=2), args, global_scale=gs)
+        return s, z, gs
+    s, z = minmax_qparams(W, args)
+    if args.scale_dtype is None and store_dtype is not None:
+        s = s.to(store_dtype).to(torch.float32)
+    return s, z, None
+
+
+def fake_quantize_weight(W: torch.Tensor, args, store_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``W`` as the exported checkpoint decompresses it: cast to ``store_dtype`` (the export writes and quantizes the
+    merged model in bf16), quantized and dequantized by compressed-tensors' own ``fake_quantize`` at
+    :func:`weight_qparams`, with the scale in the dtype the checkpoint stores it in (compressed-tensors' compressor
+    divides in that dtype too); returned in ``store_dtype``, no gradient (kd.train.qad adds the STE)."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    W = W.detach().to(store_dtype)
+    s, z, gs = weight_qparams(W, args, store_dtype)
+    if args.scale_dtype is None:
+        s = s.to(store_dtype)
+    return fake_quantize(W, s, z, args, global_scale=gs).to(store_dtype)
 
 
 def minmax_qparams(W: torch.Tensor, args):
@@ -239,6 +280,28 @@ def gptq_model(model: nn.Module, samples: Sequence[torch.Tensor], args, *, dampe
     return results
 
 
+@torch.no_grad()
+def linear_input_absmax(model: nn.Module, samples: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Module name -> absmax of its input over ``samples`` (one forward each), for every ``nn.Linear`` of the
+    decoder layers (what NVFP4's static activation global scale is computed from)."""
+    device = next(model.parameters()).device
+    amax: Dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and ".layers." in f".{name}":
+            def hook(mod, inp, out, name=name):
+                a = inp[0].detach().abs().amax().float()
+                amax[name] = torch.maximum(amax[name], a) if name in amax else a
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        for ids in samples:
+            model(input_ids=ids.unsqueeze(0).to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return amax
+
+
 # --------------------------------------------------------------------------------------------------
 # End to end: merged HF checkpoint -> compressed-tensors checkpoint
 # --------------------------------------------------------------------------------------------------
@@ -273,9 +336,14 @@ def _weight_bytes(d: Path) -> int:
     return total
 
 
-def _set_qparams(model, gptq: Dict[str, "GPTQResult"], args, solver: str) -> int:
-    """Write each quantized module's ``weight_scale`` / ``weight_zero_point``: GPTQ's where it ran, min-max
-    otherwise (fp8_dynamic). Returns the number of modules set."""
+def _set_qparams(model, gptq: Dict[str, "GPTQResult"], args, solver: str,
+                 input_amax: Optional[Dict[str, torch.Tensor]] = None) -> int:
+    """Write each quantized module's ``weight_scale`` / ``weight_zero_point`` (and NVFP4's ``weight_global_scale``):
+    GPTQ's where it ran, min-max otherwise (:func:`weight_qparams`); NVFP4's static ``input_global_scale`` from
+    ``input_amax`` (module name -> absmax of its input over the calibration prompts). Returns the number of modules
+    set."""
+    from compressed_tensors.quantization.utils import generate_gparam
+
     n_mod = 0
     with torch.no_grad():
         for name, mod in model.named_modules():
@@ -286,7 +354,14 @@ def _set_qparams(model, gptq: Dict[str, "GPTQResult"], args, solver: str) -> int
             else:
                 if solver == "gptq":
                     raise RuntimeError(f"{name} is quantized but GPTQ did not see it")
-                s, z = minmax_qparams(mod.weight.data, args)
+                s, z, gs = weight_qparams(mod.weight.data, args)
+                if gs is not None:
+                    mod.weight_global_scale.data.copy_(gs.reshape(mod.weight_global_scale.shape))
+            if hasattr(mod, "input_global_scale"):
+                if not input_amax or name not in input_amax:
+                    raise RuntimeError(f"{name}: its activations' global scale needs calibration inputs")
+                a = input_amax[name]
+                mod.input_global_scale.data.copy_(generate_gparam(-a, a).reshape(mod.input_global_scale.shape))
             mod.weight_scale.data.copy_(s.reshape(mod.weight_scale.shape).to(mod.weight_scale.dtype))
             if hasattr(mod, "weight_zero_point"):
                 mod.weight_zero_point.data.copy_(z.reshape(mod.weight_zero_point.shape).to(mod.weight_zero_point.dtype))
@@ -337,10 +412,16 @@ def quantize_checkpoint(
         n_tok = sum(int(s.numel()) for s in samples)
         log.info(f"GPTQ {preset} on {len(samples)} calibration samples ({n_tok} tokens)")
         gptq = gptq_model(model, samples, args, dampening=dampening)
+    input_amax = None
+    if qscheme.input_activations is not None and qscheme.input_activations.dynamic is not True:
+        samples = [torch.as_tensor(list(s), dtype=torch.long) for s in calibration]
+        n_tok = sum(int(s.numel()) for s in samples)
+        input_amax = linear_input_absmax(model, samples)
+        log.info(f"{preset}: activation global scales from {len(samples)} calibration samples ({n_tok} tokens)")
     qc = QuantizationConfig(config_groups={"group_0": qscheme}, ignore=list(IGNORE),
                             quantization_status=QuantizationStatus.FROZEN)
     apply_quantization_config(model, qc)
-    n_mod = _set_qparams(model, gptq, args, solver)
+    n_mod = _set_qparams(model, gptq, args, solver, input_amax)
     if n_mod == 0:
         raise RuntimeError("no module was quantized (no nn.Linear outside lm_head?)")
     compressor = ModelCompressor.from_pretrained_model(model)
@@ -354,7 +435,7 @@ def quantize_checkpoint(
         fmt = json.loads((tmp / "config.json").read_text())["quantization_config"].get("format")
         res = QuantizeResult(
             path=out_dir, scheme=scheme, preset=preset, format=str(fmt), modules=n_mod,
-            calibration_samples=len(calibration or []) if solver == "gptq" else 0, calibration_tokens=n_tok,
+            calibration_samples=len(calibration or []) if n_tok else 0, calibration_tokens=n_tok,
             weight_bytes_before=_weight_bytes(src_dir), weight_bytes_after=_weight_bytes(tmp),
             seconds=time.perf_counter() - t0,
         )
