@@ -759,6 +759,11 @@ def write_doc(path: Path, res: Dict[str, Any], command: str) -> None:
                      f"ce {r['ce']:.4f} top1 {r['top1']:.4f} kl_own {r.get('kl_own', float('nan')):.4f} "
                      f"wall {r['wall_s']:.0f}s")
     lines += ["```", ""]
+    # bench/qad.py's section (QAD against KD-then-PTQ) is its own run's: kept as it is
+    old = path.read_text() if path.is_file() else ""
+    b, e = "<!-- qad:begin", "<!-- qad:end -->"
+    if b in old and e in old:
+        lines += [old[old.index(b):old.index(e) + len(e)], ""]
     atomic_write_text(path, "\n".join(lines))
 
 

@@ -109,3 +109,54 @@ def test_qad_key_is_validated():
         kqad.check_format("nvfp")
     with pytest.raises(ConfigError, match="use one of"):
         kqad.check_format(4)
+
+
+def test_nvfp4_export_layout_and_round_trip(testbed, calib, tmp_path):
+    """quantize=nvfp4: compressed-tensors' nvfp4-pack-quantized layout (FP4 packed two a byte, FP8 E4M3 scales per 16
+    input columns, fp32 per-tensor global scales for weight and input), lm_head kept; loading it back with
+    compressed-tensors' decompression gives logits close to the unquantized model (the export's logits check)."""
+    from safetensors import safe_open
+
+    out = tmp_path / "nv"
+    res = kq.quantize_checkpoint(testbed.student_dir, out, "nvfp4", calibration=calib)
+    assert res.format == "nvfp4-pack-quantized" and res.modules == 14
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["ignore"] == ["lm_head"]
+    w, i = qc["config_groups"]["group_0"]["weights"], qc["config_groups"]["group_0"]["input_activations"]
+    assert (w["num_bits"], w["type"], w["group_size"], w["strategy"]) == (4, "float", 16, "tensor_group")
+    assert (i["num_bits"], i["type"], i["group_size"], i["dynamic"]) == (4, "float", 16, "local")
+    with safe_open(str(out / "model.safetensors"), framework="pt") as h:
+        k = "model.layers.0.mlp.down_proj"  # [128, 256] in the test bed
+        assert h.get_slice(f"{k}.weight_packed").get_dtype() == "U8"
+        assert h.get_slice(f"{k}.weight_packed").get_shape() == [128, 128]
+        assert h.get_slice(f"{k}.weight_scale").get_dtype() == "F8_E4M3"
+        assert h.get_slice(f"{k}.weight_scale").get_shape() == [128, 16]
+        for g in ("weight_global_scale", "input_global_scale"):
+            assert h.get_slice(f"{k}.{g}").get_dtype() == "F32" and h.get_slice(f"{k}.{g}").get_shape() == [1]
+        assert f"{k}.weight" not in h.keys() and h.get_slice("lm_head.weight").get_dtype() in ("BF16", "F32")
+    assert res.weight_bytes_after < 0.4 * res.weight_bytes_before
+    chk = kq.compare_logits(testbed.student_dir, out, calib)
+    assert 0 < chk.mean_kl < 0.05 and chk.top1_agreement > 0.9, chk
+    assert "quantized-nvfp4" in kq.vllm_serve_command(out.parent / "quantized-nvfp4", "nvfp4")
+
+
+@pytest.mark.slow
+def test_qad_run_then_export_writes_its_format(testbed, tmp_path):
+    """A 4-step LoRA KD run with qad=w4a16 records its format next to the adapter; the export (no quantize=) then
+    writes quantized-w4a16_rtn. A bad qad value is one line with a suggestion."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from recipe_utils import tune_run
+
+    run = tmp_path / "run"
+    tune_run(testbed, [f"output_dir={run}", "qad=w4a16", "kd_ratio=1", "epochs=1", "max_steps_per_epoch=4",
+                       "~eval_every_n_steps", "progress_bar=False"])
+    adapter = next(run.glob("checkpoints/step_*/adapter"))
+    assert json.loads((adapter / kqad.META_FILE).read_text())["qad"] == "w4a16"
+    out = tmp_path / "exp"
+    p = tune_run(testbed, [f"output_dir={out}", f"adapter_dir={adapter}"], recipe="recipes/export.py",
+                 config="configs/tiny/export.yaml")
+    assert (out / "quantized-w4a16_rtn" / "config.json").is_file() and "trained for w4a16" in p.stderr + p.stdout
+    bad = tune_run(testbed, [f"output_dir={tmp_path / 'bad'}", "qad=nvfp5"], check=False)
+    assert bad.returncode != 0 and "did you mean 'nvfp4'" in bad.stderr + bad.stdout

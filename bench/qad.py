@@ -1,0 +1,198 @@
+"""Quantization-aware distillation (QAD) against KD-then-PTQ, per deployment format (CPU, the quality test bed).
+
+    python bench/qad.py --jobs 2                 # bed a, 3 seeds, fp8_dynamic / w4a16 / nvfp4; writes docs/quality.md's
+                                                 # QAD section and bench/results_qad.json
+
+For each seed:
+1. plain KD, the shipped setting (bench/quality.py's ``cache`` method: forward KL, kd_ratio 1, online_then_cache
+   K=12, 3 epochs, LoRA r64), and the same run with ``qad=<format>`` for every format (``recipes/kd_lora.py``);
+   the runs live under bench/quality.py's work dir (the plain KD runs are the quality benchmark's own);
+2. ``recipes/export.py``: the plain KD adapter with ``quantize=[fp8_dynamic,w4a16,w4a16_rtn,nvfp4]`` (today's export:
+   post-training quantization; w4a16 is GPTQ on 32 training prompts), each QAD adapter with no ``quantize`` (it
+   writes the format it was trained for);
+3. held-out KL(teacher ‖ deployed quantized student): each quantized checkpoint loaded with transformers, which
+   decompresses it with compressed-tensors' own code and fake-quantises activations as the format says (bf16),
+   against the fp32 teacher, on the bed's held-out split (bench/quality.py's measure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality as Q  # noqa: E402
+
+REPO = Q.REPO
+FORMATS = ("fp8_dynamic", "w4a16", "nvfp4")
+PTQ = {"fp8_dynamic": "fp8_dynamic", "w4a16": "w4a16", "nvfp4": "nvfp4"}  # today's export of each format
+BEGIN, END = "<!-- qad:begin (bench/qad.py) -->", "<!-- qad:end -->"
+
+for _f in FORMATS:
+    Q.METHODS[f"qad_{_f}"] = (f"the shipped setting with qad={_f}", [*Q.FKL, *Q.CACHE, f"qad={_f}"])
+
+
+def export(adapter: Path, warm: Path, out: Path, tb, quantize: Optional[List[str]]) -> float:
+    if (out / "DONE").is_file():
+        return float((out / "DONE").read_text())
+    cmd = [Q.TUNE, "run", "recipes/export.py", "--config", "configs/tiny/export.yaml", f"adapter_dir={adapter}",
+           f"output_dir={out}", f"checkpointer.checkpoint_dir={warm}", *(f"model.{k}={v}" for k, v in Q.LORA.items()),
+           f"calibration.source={tb.data_json}", "overwrite=True",
+           f"quantize=[{','.join(quantize)}]" if quantize else "quantize=null"]
+    t0 = time.time()
+    p = subprocess.run(cmd, cwd=REPO, env=Q._env(tb), capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"export of {adapter} failed:\n{p.stderr[-3000:]}")
+    (out / "export.log").write_text(p.stdout[-20000:] + "\n--- stderr ---\n" + p.stderr[-20000:])
+    (out / "DONE").write_text(str(time.time() - t0))
+    return time.time() - t0
+
+
+def step_seconds(run_out: Path) -> float:
+    rows = [json.loads(l) for l in (run_out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    xs = [r["step_seconds"] for r in rows if r.get("kind") == "train" and "step_seconds" in r]
+    return statistics.median(xs)
+
+
+@torch.no_grad()
+def deployed_kl(qdir: Path, t_logits, batches) -> Dict[str, float]:
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(qdir), dtype=torch.bfloat16).eval()
+    return Q.compare(t_logits, Q.logits_of(m, batches), batches)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(REPO / ".cache" / "quality"), help="bench/quality.py's work dir")
+    ap.add_argument("--testbed", default=os.environ.get("KD_TESTBED_DIR", str(REPO / ".cache" / "testbed")))
+    ap.add_argument("--bed", default="a", choices=("a", "b"))
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--doc", default=str(REPO / "docs" / "quality.md"))
+    ap.add_argument("--results", default=str(REPO / "bench" / "results_qad.json"))
+    a = ap.parse_args(argv)
+    from kd.testing.testbed import build_testbed
+    from transformers import AutoModelForCausalLM
+
+    t_start = time.time()
+    torch.set_num_threads(1)
+    formats = [f for f in a.formats.split(",") if f]
+    root = Path(a.out)
+    tb, broot = Q._bed(a.bed, a, root, build_testbed(a.testbed))
+    warm = Q.warm_student(tb, broot, 120, 1e-3, Q.WARM_SEED[a.bed])
+    batches = Q.heldout_batches(tb)
+    teacher = AutoModelForCausalLM.from_pretrained(tb.teacher_dir, dtype=torch.float32).eval()
+    t_logits = Q.logits_of(teacher, batches)
+    seeds = list(range(a.first_seed, a.first_seed + a.seeds))
+    methods = ["cache", *(f"qad_{f}" for f in formats)]
+    jobs = [(m, s) for s in seeds for m in methods]
+
+    def work(job):
+        m, s = job
+        rec = Q.train_one(m, s, warm, broot, Q.EPOCHS, a.lr, tb)
+        out = Path(rec["out"]) / "export"
+        qs = [PTQ[f] for f in formats] + (["w4a16_rtn"] if "w4a16" in formats else []) if m == "cache" else None
+        ex_s = export(Path(rec["adapter"]), warm, out, tb, qs)
+        r = {"method": m, "seed": s, "wall_s": rec["wall_s"], "step_s": step_seconds(Path(rec["out"])),
+             "export_s": ex_s, "kl": {}}
+        for d in sorted(out.glob("quantized-*")):
+            r["kl"][d.name[len("quantized-"):]] = deployed_kl(d, t_logits, batches)
+            meta = json.loads((d / "kd_quantize.json").read_text())
+            r.setdefault("check", {})[d.name[len("quantized-"):]] = meta.get("check")
+        r["kl"]["bf16"] = deployed_kl(out / "merged", t_logits, batches)
+        print(f"[qad] {m} seed {s}: " + ", ".join(f"{k} {v['kl']:.4f}" for k, v in r["kl"].items())
+              + f" ({rec['wall_s']:.0f}s, step {r['step_s'] * 1e3:.0f} ms) [{time.time() - t_start:.0f}s]", flush=True)
+        return r
+
+    with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as ex:
+        runs = list(ex.map(work, jobs))
+    res = {"bed": a.bed, "seeds": seeds, "lr": a.lr, "formats": formats, "runs": runs, "cpus": os.cpu_count(),
+           "jobs": a.jobs, "wall_s": time.time() - t_start,
+           "command": "python bench/qad.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    Path(a.results).write_text(json.dumps(res, indent=1))
+    write_section(Path(a.doc), res)
+    print(f"[qad] wrote {a.results} and the QAD section of {a.doc} in {res['wall_s'] / 60:.1f} min", flush=True)
+    return res
+
+
+def section(res: Dict[str, Any]) -> List[str]:
+    runs = res["runs"]
+    kd = [r for r in runs if r["method"] == "cache"]
+    lines = [BEGIN, "## Quantization-aware distillation (QAD) against KD-then-PTQ", "",
+             f"Generated by `bench/qad.py` (`{res['command'].strip()}`; bench/results_qad.json): bed {res['bed']}, "
+             f"seeds {', '.join(map(str, res['seeds']))}, the shipped setting (forward KL, kd_ratio 1, online_then_cache "
+             f"K=12, 3 epochs, LoRA r64, lr {res['lr']:g}), plain or with `qad=<format>`. Held-out KL(fp32 teacher ‖ "
+             "deployed quantized student): the checkpoint `recipes/export.py` wrote, loaded with transformers (which "
+             "decompresses it with compressed-tensors' own code and fake-quantises the activations as the format "
+             "says), bf16. KD-then-PTQ is today's export of the plain KD adapter (`w4a16`: GPTQ on 32 training "
+             "prompts); QAD's export writes the format it trained for (`w4a16`: round-to-nearest int4, the rounding "
+             "it trained with).", "",
+             "| format | KD, unquantized bf16 | KD-then-PTQ | KD-then-RTN | QAD (deployed) | QAD vs KD-then-PTQ | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for f in res["formats"]:
+        q = [r for r in runs if r["method"] == f"qad_{f}"]
+        ptq = [r["kl"][PTQ[f]]["kl"] for r in kd]
+        qad = [r["kl"][next(k for k in r["kl"] if k != "bf16")]["kl"] for r in q]
+        rtn = [r["kl"]["w4a16_rtn"]["kl"] for r in kd] if f == "w4a16" else []
+        lines.append(f"| {f} | {Q._ms([r['kl']['bf16']['kl'] for r in kd])} | {Q._ms(ptq)} "
+                     f"| {Q._ms(rtn) if rtn else '—'} | {Q._ms(qad)} "
+                     f"| {(statistics.mean(qad) - statistics.mean(ptq)) / statistics.mean(ptq):+.1%} "
+                     f"| {Q.verdict(qad, ptq)} |")
+    st_kd = statistics.mean(r["step_s"] for r in kd)
+    lines += ["", "Cost on CPU (median optimizer-step time of each run's logged steps, both under the same "
+              f"`--jobs {res['jobs']}` load on {res['cpus']} cores; whole-run wall time beside it):", "",
+              "| run | step ms | × plain KD | wall s / run |", "|---|---|---|---|",
+              f"| plain KD | {Q._ms([1e3 * r['step_s'] for r in kd], '{:.0f}')} | 1.00 "
+              f"| {Q._ms([r['wall_s'] for r in kd], '{:.0f}')} |"]
+    for f in res["formats"]:
+        q = [r for r in runs if r["method"] == f"qad_{f}"]
+        lines.append(f"| QAD {f} | {Q._ms([1e3 * r['step_s'] for r in q], '{:.0f}')} "
+                     f"| {statistics.mean(r['step_s'] for r in q) / st_kd:.2f} "
+                     f"| {Q._ms([r['wall_s'] for r in q], '{:.0f}')} |")
+    lines += ["", "Export round trip (each quantized copy loaded back with transformers + compressed-tensors against "
+              "the merged bf16 model on 8 training prompts, `kd_quantize.json` `check`; mean over seeds):", "",
+              "| copy | max \\|logit diff\\| | KL(merged ‖ quantized) | top-1 agreement |", "|---|---|---|---|"]
+    for name, rs in (("KD-then-PTQ", kd), *((f"QAD {f}", [r for r in runs if r["method"] == f"qad_{f}"])
+                                             for f in res["formats"])):
+        for scheme in sorted(rs[0].get("check", {})):
+            cs = [r["check"][scheme] for r in rs if r.get("check", {}).get(scheme)]
+            if cs:
+                lines.append(f"| {name}: {scheme} | {statistics.mean(c['max_abs_diff'] for c in cs):.3f} "
+                             f"| {statistics.mean(c['mean_kl'] for c in cs):.2e} "
+                             f"| {statistics.mean(c['top1_agreement'] for c in cs):.1%} |")
+    lines += ["", "Per run (held-out KL to the teacher per deployed copy):", "", "```"]
+    for r in runs:
+        lines.append(f"{r['method']:16s} seed {r['seed']}: " + ", ".join(f"{k} {v['kl']:.4f}" for k, v in r["kl"].items())
+                     + f"; step {1e3 * r['step_s']:.0f} ms, wall {r['wall_s']:.0f}s")
+    lines += ["```", END]
+    return lines
+
+
+def write_section(doc: Path, res: Dict[str, Any]) -> None:
+    from kd.core.atomic import atomic_write_text
+
+    text = doc.read_text() if doc.is_file() else ""
+    block = "\n".join(section(res))
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    atomic_write_text(doc, text)
+
+
+if __name__ == "__main__":
+    main()
