@@ -264,7 +264,9 @@ def run_ours(args, S, dev, T, model, B, n_new, engine, choice):
     else:
         c = (choice or {}).get(B) or (choice or {}).get(str(B))
         base, _, ahead = engine.partition("_ahead")  # ours_ahead16: the same with StaticDecoder(dequant_ahead=16)
-        if base == "ours_fp8":  # NF4 storage, NF4 -> e4m3 per call + FP8 GEMM (kd.teacher.precision nf4_fp8): as built
+        if base in ("fused", "next"):  # the read-once kernel at every batch; next: CUDA GEMV <= 8, fused, dequant
+            kw_dec = dict(nf4_kernel=base, nf4_fused_max_batch=B)
+        elif base == "ours_fp8":  # NF4 storage, NF4 -> e4m3 per call + FP8 GEMM (kd.teacher.precision nf4_fp8): as built
             kw_dec = dict(nf4_kernel=None)
         elif c is None:  # no kernel measurement for this batch: the library's defaults
             kw_dec = {}
@@ -459,7 +461,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=None, help="answer length at batch > 1 (default 64)")
     ap.add_argument("--new-tokens-b1", type=int, default=None, help="answer length at batch 1 (default 32)")
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--skip", default="", help="comma list of: kernels,today,ours,ours_fp8,hf,breakdown")
+    ap.add_argument("--skip", default="", help="comma list of: kernels,today,ours,ours_fp8,fused,hf,breakdown")
     ap.add_argument("--ahead", default="", help="comma list of SM carve-outs: also run ours / ours_fp8 with "
                     "StaticDecoder(dequant_ahead=c) at batches > 64 (paths ours_ahead<c>, ours_fp8_ahead<c>; "
                     "<c>cb: with dequant_ahead_blas='cublas')")
@@ -528,7 +530,7 @@ def main():
 
     aheads = [f"_ahead{int(c.removesuffix('cb'))}{'cb' if c.endswith('cb') else ''}"
               for c in filter(None, args.ahead.split(","))]
-    for path in ["today", "ours"] + ["ours" + a for a in aheads]:
+    for path in ["today", "ours"] + ["ours" + a for a in aheads] + ["fused", "next"]:
         if path not in skip and path.split("_ahead")[0] not in skip:
             gen_runs(model, path)
     del model

@@ -504,6 +504,19 @@ def nf4_matmul(x: torch.Tensor, w, *, impl: str = "auto", bias: Optional[torch.T
     (the CUDA dequantisation where NVRTC works); the eager math on CPU. ``gemv`` with
     more than one row (or non-bf16) uses the tiled kernel; ``cuda`` with more than 8 rows is the CUDA
     dequantisation + cuBLAS, and falls back to ``auto``'s next choice where NVRTC does not work."""
+    if impl == "fused":
+        from kd.generate.nf4_matmul import nf4_matmul_fused
+
+        return nf4_matmul_fused(x, w, bias)
+    if impl == "next":  # the proposed auto: CUDA GEMV <= 8 rows, fused read-once kernel <= FUSED_MAX_ROWS, else dequant
+        from kd.generate.nf4_matmul import FUSED_MAX_ROWS, nf4_matmul_fused
+
+        rows = x.numel() // x.shape[-1]
+        if rows > 8 and rows <= FUSED_MAX_ROWS:
+            return nf4_matmul_fused(x, w, bias)
+        if _cuda_ok(x, w):
+            return _nf4_matmul_cuda(x, w, bias)
+        return F.linear(x, dequantize_nf4(w).to(x.dtype), bias)
     rows = x.numel() // x.shape[-1]
     if impl in ("auto", "cuda") and _cuda_ok(x, w) and (
             impl == "cuda" or (rows <= 8 and x.dtype == torch.bfloat16) or rows > _TILED_MAX_ROWS):
