@@ -82,6 +82,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--timing", type=int, default=0, metavar="REPS",
+                    help="also time plain KD and each QAD run alone, REPS times interleaved (fresh runs)")
     ap.add_argument("--doc", default=str(REPO / "docs" / "quality.md"))
     ap.add_argument("--results", default=str(REPO / "bench" / "results_qad.json"))
     a = ap.parse_args(argv)
@@ -121,8 +123,20 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as ex:
         runs = list(ex.map(work, jobs))
     res = {"bed": a.bed, "seeds": seeds, "lr": a.lr, "formats": formats, "runs": runs, "cpus": os.cpu_count(),
-           "jobs": a.jobs, "wall_s": time.time() - t_start,
-           "command": "python bench/qad.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+           "jobs": a.jobs, "command": "python bench/qad.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    if a.timing:  # cost: each run alone, interleaved, fresh dirs (not the quality runs, which ran beside others)
+        tm: Dict[str, Any] = {"reps": a.timing}
+        for rep in range(a.timing):
+            for m in methods:
+                troot = root / "qad_timing" / f"rep{rep}"
+                rec = Q.train_one(m, seeds[0], warm, troot, Q.EPOCHS, a.lr, tb)
+                d = tm.setdefault(m, {"wall_s": [], "step_s": []})
+                d["wall_s"].append(rec["wall_s"])
+                d["step_s"].append(step_seconds(Path(rec["out"])))
+                print(f"[qad] timing rep {rep} {m}: wall {rec['wall_s']:.1f}s step "
+                      f"{1e3 * d['step_s'][-1]:.1f} ms", flush=True)
+        res["timing"] = tm
+    res["wall_s"] = time.time() - t_start
     Path(a.results).write_text(json.dumps(res, indent=1))
     write_section(Path(a.doc), res)
     print(f"[qad] wrote {a.results} and the QAD section of {a.doc} in {res['wall_s'] / 60:.1f} min", flush=True)
@@ -141,28 +155,59 @@ def section(res: Dict[str, Any]) -> List[str]:
              "says), bf16. KD-then-PTQ is today's export of the plain KD adapter (`w4a16`: GPTQ on 32 training "
              "prompts); QAD's export writes the format it trained for (`w4a16`: round-to-nearest int4, the rounding "
              "it trained with).", "",
-             "| format | KD, unquantized bf16 | KD-then-PTQ | KD-then-RTN | QAD (deployed) | QAD vs KD-then-PTQ | verdict |",
-             "|---|---|---|---|---|---|---|"]
+             "| format | KD, unquantized bf16 | KD-then-PTQ | KD-then-RTN | QAD (deployed) | QAD vs KD-then-PTQ | verdict "
+             "| KL the quantization adds over KD bf16: PTQ → QAD |",
+             "|---|---|---|---|---|---|---|---|"]
     for f in res["formats"]:
         q = [r for r in runs if r["method"] == f"qad_{f}"]
         ptq = [r["kl"][PTQ[f]]["kl"] for r in kd]
         qad = [r["kl"][next(k for k in r["kl"] if k != "bf16")]["kl"] for r in q]
         rtn = [r["kl"]["w4a16_rtn"]["kl"] for r in kd] if f == "w4a16" else []
+        bf = statistics.mean(r["kl"]["bf16"]["kl"] for r in kd)
         lines.append(f"| {f} | {Q._ms([r['kl']['bf16']['kl'] for r in kd])} | {Q._ms(ptq)} "
                      f"| {Q._ms(rtn) if rtn else '—'} | {Q._ms(qad)} "
                      f"| {(statistics.mean(qad) - statistics.mean(ptq)) / statistics.mean(ptq):+.1%} "
-                     f"| {Q.verdict(qad, ptq)} |")
-    st_kd = statistics.mean(r["step_s"] for r in kd)
-    lines += ["", "Cost on CPU (median optimizer-step time of each run's logged steps, both under the same "
-              f"`--jobs {res['jobs']}` load on {res['cpus']} cores; whole-run wall time beside it):", "",
-              "| run | step ms | × plain KD | wall s / run |", "|---|---|---|---|",
-              f"| plain KD | {Q._ms([1e3 * r['step_s'] for r in kd], '{:.0f}')} | 1.00 "
-              f"| {Q._ms([r['wall_s'] for r in kd], '{:.0f}')} |"]
+                     f"| {Q.verdict(qad, ptq)} | {statistics.mean(ptq) - bf:+.4f} → {statistics.mean(qad) - bf:+.4f} |")
+    lines += ["", "Targets (issue 32): QAD ≥ 30% lower than KD-then-PTQ for w4a16 and nvfp4, no worse for fp8_dynamic:"]
     for f in res["formats"]:
-        q = [r for r in runs if r["method"] == f"qad_{f}"]
-        lines.append(f"| QAD {f} | {Q._ms([1e3 * r['step_s'] for r in q], '{:.0f}')} "
-                     f"| {statistics.mean(r['step_s'] for r in q) / st_kd:.2f} "
-                     f"| {Q._ms([r['wall_s'] for r in q], '{:.0f}')} |")
+        q = [r["kl"][next(k for k in r["kl"] if k != "bf16")]["kl"] for r in runs if r["method"] == f"qad_{f}"]
+        ptq = [r["kl"][PTQ[f]]["kl"] for r in kd]
+        d = (statistics.mean(q) - statistics.mean(ptq)) / statistics.mean(ptq)
+        ok = (d <= -0.30) if f != "fp8_dynamic" else (Q.verdict(q, ptq) != "higher")
+        lines.append(f"- {f}: {d:+.1%} ({Q.verdict(q, ptq)}): **{'met' if ok else 'NOT met'}**.")
+    bf = statistics.mean(r["kl"]["bf16"]["kl"] for r in kd)
+    worst = max(statistics.mean(r["kl"][PTQ[f]]["kl"] for r in kd) for f in res["formats"])
+    lines += ["", f"On this bed the formats cost little: the unquantized KD student is at {bf:.3f}, and the worst "
+              f"post-training copy adds {worst - bf:+.4f} nats ({(worst - bf) / worst:.1%} of its deployed KL). A deployed "
+              "KL 30% below KD-then-PTQ would need the quantized student to be far better than the unquantized one; "
+              "no training in the deployment format can give that here, so the 30% target cannot be tested on this "
+              "bed (the tiny student's linears are 128-256 wide, and its KL to the teacher is dominated by what "
+              "distillation has not closed). What can be read: QAD's deployed student is at parity with the "
+              "post-training copies for w4a16 and nvfp4, and the KL its format adds over the plain KD student "
+              "(last column) is within the seeds' spread."]
+    tm = res.get("timing")
+    if tm:
+        base = statistics.median(tm["cache"]["wall_s"])
+        base_st = statistics.median(tm["cache"]["step_s"])
+        lines += ["", f"Cost on CPU (`--timing {tm['reps']}`: one run at a time, {tm['reps']} times interleaved, 1 "
+                  "thread, the same 81-step job, fresh run folders; medians; other sessions' work may have shared the "
+                  "2 cores). Wall time is the whole `tune run` (start-up, "
+                  "3 epochs, saving); step time the median of the logged optimizer steps. No GPU cost was measured "
+                  "(this work had no GPU).", "",
+                  "| run | wall s | × plain KD | step ms | × plain KD |", "|---|---|---|---|---|",
+                  f"| plain KD | {base:.1f} | 1.00 | {1e3 * base_st:.1f} | 1.00 |"]
+        for f in res["formats"]:
+            w, st = statistics.median(tm[f"qad_{f}"]["wall_s"]), statistics.median(tm[f"qad_{f}"]["step_s"])
+            lines.append(f"| QAD {f} | {w:.1f} | {w / base:.2f} | {1e3 * st:.1f} | {st / base_st:.2f} |")
+        over = [f for f in res["formats"]
+                if statistics.median(tm[f"qad_{f}"]["wall_s"]) / base > 1.25]
+        lines += ["", "Target ≤ 1.25× plain KD's time on CPU (whole run): "
+                  + ("met for every format." if not over else
+                     f"met for {', '.join(f for f in res['formats'] if f not in over) or 'none'}, **NOT met** for "
+                     f"{', '.join(over)}.")
+                  + (" NVFP4's extra time is compressed-tensors' FP4 rounding, which on CPU is an eager chain of "
+                     "masked writes over every weight and activation (on CUDA the same function dispatches to a "
+                     "Triton kernel); the tiny model's GEMMs are too small to hide it." if "nvfp4" in over else "")]
     lines += ["", "Export round trip (each quantized copy loaded back with transformers + compressed-tensors against "
               "the merged bf16 model on 8 training prompts, `kd_quantize.json` `check`; mean over seeds):", "",
               "| copy | max \\|logit diff\\| | KL(merged ‖ quantized) | top-1 agreement |", "|---|---|---|---|"]
@@ -174,7 +219,8 @@ def section(res: Dict[str, Any]) -> List[str]:
                 lines.append(f"| {name}: {scheme} | {statistics.mean(c['max_abs_diff'] for c in cs):.3f} "
                              f"| {statistics.mean(c['mean_kl'] for c in cs):.2e} "
                              f"| {statistics.mean(c['top1_agreement'] for c in cs):.1%} |")
-    lines += ["", "Per run (held-out KL to the teacher per deployed copy):", "", "```"]
+    lines += ["", "Per run (held-out KL to the teacher per deployed copy; step / wall of the training run as it ran, "
+              "under `--jobs` load, not the timing above):", "", "```"]
     for r in runs:
         lines.append(f"{r['method']:16s} seed {r['seed']}: " + ", ".join(f"{k} {v['kl']:.4f}" for k, v in r["kl"].items())
                      + f"; step {1e3 * r['step_s']:.0f} ms, wall {r['wall_s']:.0f}s")
