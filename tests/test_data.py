@@ -77,6 +77,18 @@ def test_train_on_input(tok):
     assert item["labels"] == item["tokens"]
 
 
+def test_train_on_header(tok):
+    """train_on_header=True: the assistant header keeps its labels (torchtune's own masking), the prompt stays masked;
+    the default masks it."""
+    masked = alpaca_kd_dataset(tok, str(DEMO_DATA_PATH), split="all")[4]
+    hdr = alpaca_kd_dataset(tok, str(DEMO_DATA_PATH), split="all", train_on_header=True)[4]
+    assert hdr["tokens"] == masked["tokens"]
+    first = next(i for i, lab in enumerate(masked["labels"]) if lab != -100)
+    first_h = next(i for i, lab in enumerate(hdr["labels"]) if lab != -100)
+    assert first_h < first and tok.decode(hdr["tokens"][first_h:first]) == "<|im_start|>assistant\n"
+    assert hdr["labels"][first_h:] == hdr["tokens"][first_h:] and hdr["labels"][first:] == masked["labels"][first:]
+
+
 def test_truncation(tok):
     ds = alpaca_kd_dataset(tok, str(DEMO_DATA_PATH), split="all", max_seq_len=40)
     for i in range(5):

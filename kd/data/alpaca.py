@@ -352,7 +352,8 @@ def alpaca_kd_dataset(tokenizer, source: str, *, packed: bool = False, packing: 
     """torchtune dataset builder: ``_component_: kd.data.alpaca.alpaca_kd_dataset``.
 
     ``options`` are the keyword arguments of :class:`AlpacaKDDataset` (``system_prompt``, ``split``, ``val_size``,
-    ``seed``, ``max_seq_len``, ``train_on_input``, ``on_bad_record``, ``output_field``), written once there.
+    ``seed``, ``max_seq_len``, ``train_on_input``, ``on_bad_record``, ``output_field``, ``train_on_header``),
+    written once there.
     Returns an ``AlpacaKDDataset`` (attributes ``ids``, ``n_bad``, ``records``), or a torchtune
     ``PackedDataset`` around it when ``packed=True`` (the unpacked dataset is at ``.ds``).
     """
