@@ -9,7 +9,8 @@
 - ``tune run ... configs/qwen2_5/...``: the models are not here, so the command (with ``device=cpu``) must get
   through parsing and key validation and stop with a one-line error about the missing model/data file; the
   kd_lora ones are also planned with ``kd plan`` (exit 0), and torchrun flags are parsed by torchrun's parser;
-- ``huggingface-cli download``: needs the network; only checked to target the config's checkpoint_dir.
+- ``huggingface-cli download``: needs the network; only checked to target the config's checkpoint_dir;
+- ``vllm serve <dir>``: vLLM is not here; the folder must be a ``quantized-<scheme>`` the export writes.
 """
 
 from __future__ import annotations
@@ -184,6 +185,14 @@ def test_every_documented_command_runs(testbed, tmp_path):
             assert r.returncode == 0 and r.stdout.strip(), (src, c, r.stderr[-2000:])
             if "--time" in toks:
                 assert r.stdout.startswith("tokens counted with: "), (src, c, r.stdout[:500])
+            checked.append(c)
+        elif toks[:2] == ["vllm", "serve"]:
+            # vLLM is not installed here (and NVFP4 needs a Blackwell GPU): the folder served must be one the export
+            # writes, quantized-<a scheme of kd.train.quantize.SCHEMES>
+            from kd.train.quantize import SCHEMES
+
+            folder = Path(toks[2]).name
+            assert folder.startswith("quantized-") and folder[len("quantized-"):] in SCHEMES, (src, c)
             checked.append(c)
         else:
             pytest.fail(f"{src}: no way to check {c!r}")
