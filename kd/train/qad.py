@@ -125,6 +125,8 @@ def apply_qad_(model: nn.Module, fmt: str, layers=None) -> int:
             if getattr(m, "_quantize_base", False):
                 raise ConfigError("qad cannot fake-quantise an NF4 student base (student_quantization=nf4): "
                                   "remove one of the two.")
+            if is_lora and hasattr(m, "magnitude"):
+                raise ConfigError("qad does not support DoRA (model.use_dora): its merged weight is not W0 + s B A.")
             if is_lora and float(getattr(m.dropout, "p", 0.0)) > 0.0:
                 raise ConfigError("qad needs model.lora_dropout=0.0 (the merged weight is what is quantized).")
             w = m.weight
