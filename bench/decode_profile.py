@@ -66,8 +66,8 @@ def kernel_times(fn, dev):
 
 
 def step_profile(model, S, dev, B, n, d, kernel, plen):
-    from kd.teacher.generation import SamplingParams, sample_seed
-    from kd.teacher.static_decode import StaticDecoder
+    from kd.generate.generation import SamplingParams, sample_seed
+    from kd.generate.static_decode import StaticDecoder
 
     V = S["vocab_size"]
     ps = db.prompts_for(B, plen, V, seed=B)

@@ -1,4 +1,4 @@
-"""Generated tokens/s of kd.teacher.generation.generate_batch for a Qwen2.5-72B-shaped NF4 teacher on one GPU.
+"""Generated tokens/s of kd.generate.generation.generate_batch for a Qwen2.5-72B-shaped NF4 teacher on one GPU.
 
 Random weights built directly on the GPU (80 layers, quantised layer by layer with kd.teacher.nf4, fast NF4 linear),
 no checkpoint. Prompts are random ids with lengths prompt_len +- 25% (so batches are really left-padded),
@@ -36,7 +36,7 @@ def main():
     import kd_step  # bench/kd_step.py: torchtune import guard, random init, 72B NF4 teacher builder
 
     kd_step.import_torchtune()
-    from kd.teacher.generation import SamplingParams, generate_batch, install_last_token_head, sample_seed
+    from kd.generate.generation import SamplingParams, generate_batch, install_last_token_head, sample_seed
 
     props = torch.cuda.get_device_properties(0)
     res = {"gpu": props.name, "torch": torch.__version__, "prompt_len": args.prompt_len, "runs": []}

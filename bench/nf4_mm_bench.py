@@ -1,8 +1,9 @@
-"""The read-once NF4 product (kd.generate.nf4_matmul) against bf16 cuBLAS, dequantise + cuBLAS and today's decode
-route, one 72B layer's projections at M = 1, 16, 128, 512; then greedy tokens of the fused path against the
+"""The read-once NF4 product (kd.generate.nf4_matmul) against bf16 cuBLAS and dequantise + cuBLAS, one 72B layer's
+projections at M = 1, 16, 128, 512; then greedy tokens of the fused path against the
 reference path at real shapes.
 
-  1. per product (q, k, v, o, gate, up, down; and q|k|v, gate|up stacked as one product): GPU ms per call as the
+  1. per product (q, k, v, o, gate, up, down; and q|k|v, gate|up stacked as one product): fused kernel (tuned), auto
+     (what the decoder runs), dequantise + cuBLAS, bf16 cuBLAS; GPU ms per call as the
      decode step runs it (CUDA-graph replays), cycling through enough copies of the weight that none is read from
      L2 (a real step streams 80 layers), against the memory floor ``(packed bytes + scalers + x + y) / copy
      bandwidth`` and the compute floor ``2 M N K / bf16 GEMM rate``, both measured in this call. Per layer: the
@@ -89,12 +90,6 @@ def product_rows(args, dev, ceil, ms_of):
     from kd.generate import nf4_matmul as NM
     from kd.teacher.nf4 import dequantize_nf4
 
-    old = None
-    if not args.no_today:
-        try:
-            from kd.teacher import nf4_decode as old  # today's route, while it exists
-        except ImportError:
-            old = None
     sep, stacked = shapes(args.small)
     table = {}
     l2_bytes = 0 if dev.type != "cuda" else 4 * torch.cuda.get_device_properties(dev).L2_cache_size
@@ -116,8 +111,9 @@ def product_rows(args, dev, ceil, ms_of):
                      "dequant_cublas": [lambda w_=w_: F.linear(x, dequantize_nf4(w_)) for w_ in w4s]}
             if NM.fused_available(dev):
                 impls["fused"] = [lambda w_=w_: NM.nf4_matmul_fused(x, w_) for w_ in w4s]
-            if old is not None:
-                impls["today"] = [lambda w_=w_: old.nf4_matmul(x, w_, impl="auto") for w_ in w4s]
+            if dev.type == "cuda":  # what the decoder runs: kd's CUDA GEMV up to 8 rows, then the fused kernel
+                impls["auto"] = [lambda w_=w_: NM.nf4_matmul(x, w_, impl="auto") for w_ in w4s]
+                row["auto_route"] = NM.route(x, w4, "auto")
             for k, fns in impls.items():
                 try:
                     y = fns[0]()
@@ -141,7 +137,7 @@ def product_rows(args, dev, ceil, ms_of):
         del W, w4, w4s, Ws
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    keys = ("bf16_cublas", "dequant_cublas", "fused", "today", "floor_mem", "floor_flops")
+    keys = ("bf16_cublas", "dequant_cublas", "fused", "auto", "floor_mem", "floor_flops")
     for M in args.rows:
         for layout, names in (("sep", list(sep)), ("stacked", ["qkv*", "o", "gate_up*", "down"])):
             lay = {"M": M, "layout": layout}
@@ -159,8 +155,8 @@ def greedy_check(args, dev):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import decode_bench as DB
 
-    from kd.teacher.generation import SamplingParams
-    from kd.teacher.static_decode import StaticDecoder
+    from kd.generate.generation import SamplingParams
+    from kd.generate.static_decode import StaticDecoder
 
     P, T = args.greedy
     S = DB.shape_of(args.small)
@@ -199,7 +195,7 @@ def ncu_launches(args, dev):
 
     rows = json.load(open(args.ncu_configs))["products"]
     for r in rows:
-        if "fused_config" not in r:
+        if "fused_config" not in r or (args.ncu_only and f"{r['name']}:{r['M']}" not in args.ncu_only.split(",")):
             continue
         w4 = to_nf4(torch.randn(r["N"], r["K"], device=dev, dtype=torch.bfloat16) * 0.02, 64, 256)
         x = torch.randn(r["M"], r["K"], device=dev, dtype=torch.bfloat16)
@@ -216,10 +212,10 @@ def main():
     ap.add_argument("--rows", default="1,16,128,512")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-products", action="store_true")
-    ap.add_argument("--no-today", action="store_true")
     ap.add_argument("--greedy", default=None, help="P,T: P prompts, T tokens")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--ncu-configs", default=None)
+    ap.add_argument("--ncu-only", default=None, help="NAME:M,... products to launch (default all)")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
     args.rows = [int(v) for v in args.rows.split(",")]

@@ -38,7 +38,7 @@ from kd.core.progress import configure_logging, progress
 from kd.data.alpaca import DEFAULT_SYSTEM_PROMPT, AlpacaKDDataset
 from kd.losses.distillation import DistillationLoss, cross_entropy_sum
 from kd.ops import schema
-from kd.teacher.generation import (
+from kd.generate.generation import (
     SamplingParams,
     generate_batch,
     install_last_token_head,
@@ -124,7 +124,7 @@ def teacher_vocab(model) -> int:
 
 def _generate(model, tokenizer, records, system_prompt, *, max_new_tokens, params, seed, device, dtype,
               batch_size: int = 8, desc: str = "generate"):
-    """Answers (kd.teacher.generation.Generation) of ``model`` to alpaca ``records``, in batches of ``batch_size``."""
+    """Answers (kd.generate.generation.Generation) of ``model`` to alpaca ``records``, in batches of ``batch_size``."""
 
     prompts = [prompt_tokens(tokenizer, r, system_prompt) for r in records]
     gens = []

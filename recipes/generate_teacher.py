@@ -5,7 +5,7 @@
 
 Loads the teacher exactly as the KD recipe does (``kd.train.models.load_frozen_model``,
 ``teacher_quantization: bf16 | nf4 | fp8 | nf4_fp8`` as in ``kd.teacher.precision``), generates left-padded batches of
-length-sorted prompts with a KV cache (``kd.teacher.generation.generate_batch``), appends one JSON line per sample to
+length-sorted prompts with a KV cache (``kd.generate.generation.generate_batch``), appends one JSON line per sample to
 ``<output_dir>/parts/rank-XXXXX.jsonl`` (fsync per batch), and finally (rank 0) merges everything into
 ``<output_dir>/<dataset_name>.json`` + ``dataset_info.json`` + ``summary.json``. Re-running the same command
 resumes: done ids are skipped; a torn last line from a ``kill -9`` is dropped. See docs/offline.md.
@@ -31,7 +31,7 @@ from kd.core.progress import configure_logging
 from kd.data.alpaca import DEFAULT_SYSTEM_PROMPT, load_alpaca_records
 from kd.data.special_text import report_special_text
 from kd.ops import schema
-from kd.teacher.generation import (
+from kd.generate.generation import (
     ResultStore,
     SamplingParams,
     generate_batch,
@@ -44,7 +44,6 @@ from kd.teacher.generation import (
     stop_token_ids,
     summarize,
 )
-from kd.teacher.linear_groups import check_dequant_ahead
 from kd.teacher.precision import parse_precision, resolve_precision
 from kd.train import dist as kdist, run_checks as checks
 from kd.train.models import load_frozen_model
@@ -112,13 +111,12 @@ def _generate_mine(cfg: DictConfig, s: Dict, mine, n_mine: int, prompts, hashes,
     params = SamplingParams(temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"])
     decoder = None
     if s["decode_engine"] == "static":
-        from kd.teacher.static_decode import StaticDecoder
+        from kd.generate.static_decode import StaticDecoder
 
         decoder = StaticDecoder(
             model, device=device, cache_dtype=dtype, cuda_graphs=s["cuda_graphs"] and device.type == "cuda",
             nf4_kernel=s["nf4_decode_kernel"] if s["teacher_quantization"] == "nf4" else None,
-            nf4_fused_max_batch=s["nf4_fused_max_batch"], dequant_ahead=s["dequant_ahead"],
-            dequant_ahead_blas=s["dequant_ahead_blas"])
+            nf4_fused_max_batch=s["nf4_fused_max_batch"])
     store.open_for_append(info.rank)
     kill_after = int(os.environ.get("KD_GEN_KILL_AFTER_BATCHES", "0"))  # crash test hook
     pbar = tqdm(total=n_mine, disable=not (info.is_rank_zero and s["progress_bar"]), desc="teacher",
@@ -150,15 +148,11 @@ def _generate_mine(cfg: DictConfig, s: Dict, mine, n_mine: int, prompts, hashes,
     finally:
         pbar.close()
         store.close()
-        ahead = decoder.groups.ahead if decoder is not None and decoder.groups is not None else None
         if decoder is not None:
             decoder.close()
     dt = time.perf_counter() - t0
     log.info(f"rank {info.rank}: {n_mine} samples, {n_tok} tokens in {dt:.1f}s "
              f"({n_tok / max(dt, 1e-9):.1f} generated tokens/s on this rank); truncated {n_trunc}, empty {n_empty}")
-    if ahead is not None:  # says whether the configured dequant_ahead ran (only NF4 batches past 64 rows use it)
-        log.info(f"rank {info.rank}: dequant_ahead {ahead.carveout} SMs ({ahead.blas}): "
-                 f"{ahead.n_passes} steps dequantised a layer ahead (eager or captured; replays not counted)")
 
 
 def _merge(s: Dict, store, records, hashes, out: Path) -> None:
@@ -183,10 +177,6 @@ def recipe_main(cfg: DictConfig) -> None:
     configure_logging(schema.GENERATE_TEACHER.get(cfg, "log_level"))
     s = _settings(cfg)
     device = checks.check_device(cfg, "auto")
-    try:  # before the teacher loads (minutes), not after
-        check_dequant_ahead(s["dequant_ahead"], device)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     info = kdist.init_distributed(device)
     dtype = training.get_dtype(checks.check_dtype(cfg, default=s["dtype"]), device=device)
     out = Path(cfg.output_dir)

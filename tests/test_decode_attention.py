@@ -1,4 +1,4 @@
-"""kd.teacher.decode_attention: the fused decode attention against float64 (odd shapes, left padding, the slot
+"""kd.generate.decode_attention: the fused decode attention against float64 (odd shapes, left padding, the slot
 range), in the Triton interpreter on CPU (a subprocess: TRITON_INTERPRET is read when kernels are defined), through
 StaticDecoder (same greedy tokens as generate_batch, fp32), and on CUDA."""
 from __future__ import annotations
@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton")
 
 KERNEL_CHECK = r"""
 import torch
-from kd.teacher import decode_attention as DA
+from kd.generate import decode_attention as DA
 
 torch.manual_seed(0)
 for B, H, nkv, d, L, Lmax, bl, dt in [(3, 12, 4, 32, 37, 50, 16, torch.bfloat16), (2, 14, 2, 64, 130, 131, 32,
@@ -55,9 +55,9 @@ DECODER_CHECK = r"""
 import sys
 import torch
 from kd.testing.testbed import build_testbed
-from kd.teacher import decode_attention as DA
-from kd.teacher.generation import generate_batch, stop_token_ids
-from kd.teacher.static_decode import StaticDecoder
+from kd.generate import decode_attention as DA
+from kd.generate.generation import generate_batch, stop_token_ids
+from kd.generate.static_decode import StaticDecoder
 sys.path.insert(0, "tests")
 from test_generation import _prompts, _teacher
 
@@ -100,7 +100,7 @@ def test_static_decoder_with_fused_attention_equals_generate_batch(testbed):
 
 
 def test_rejects_what_it_cannot_do():
-    from kd.teacher.decode_attention import decode_attention
+    from kd.generate.decode_attention import decode_attention
 
     q = torch.zeros(2, 6, 32)
     k = torch.zeros(2, 4, 8, 32)
@@ -116,7 +116,7 @@ def test_rejects_what_it_cannot_do():
 
 @pytest.mark.gpu
 def test_gpu_kernel_matches_float64():
-    from kd.teacher import decode_attention as DA
+    from kd.generate import decode_attention as DA
 
     g = torch.Generator(device="cuda").manual_seed(0)
     for B, H, nkv, d, L, dt in [(33, 64, 8, 128, 300, torch.bfloat16), (5, 12, 4, 64, 77, torch.float32)]:

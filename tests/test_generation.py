@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd.teacher.generation import (
+from kd.generate.generation import (
     ResultStore, SamplingParams, counter_uniform, generate_batch, install_last_token_head, merge_results,
     plan_batches, prompt_tokens, sample_next, sample_seed, stop_token_ids,
 )
@@ -209,7 +209,7 @@ def test_user_errors_are_one_line(testbed, tmp_path):
 
 def test_grouped_decode_attention_matches_torchtune(testbed, teacher, tiny_tokenizer):
     """The copy-free GQA decode path (teacher: 4 query heads on 2 KV heads) gives torchtune's results."""
-    from kd.teacher.generation import grouped_decode_attention, setup_kv_caches, teardown_kv_caches
+    from kd.generate.generation import grouped_decode_attention, setup_kv_caches, teardown_kv_caches
 
     tok = tiny_tokenizer
     ps = _prompts(testbed, tok, [1, 7, 30])
@@ -282,47 +282,3 @@ def test_scan_prefers_current_prompt_hash(tmp_path):
     assert st.scan({1: "new"})[0][1]["output"] == "fresh"
 
 
-def _dequant_ahead_lines(text: str) -> list:
-    """generate_teacher's "rank R: dequant_ahead N SMs (blas): ..." log lines in a command's output."""
-    import re
-
-    return re.findall(r"(?m)^.*\brank \d+: dequant_ahead \d+ SMs \(\w+\): .*$", text)
-
-
-def test_dequant_ahead_check_reads_the_log_line_not_the_path():
-    """Issue 31 item 13: the GPU test below judged "dequant_ahead did not run" by the word's absence from the
-    output, which names pytest's tmp path (test_gpu_recipe_dequant_ahead_0/...): it could never pass."""
-    path = "/tmp/pytest-of-ci/pytest-3/test_gpu_recipe_dequant_ahead_0/off"
-    off = f"INFO kd.generate: teacher answers -> {path}/teacher_distill.json (96 samples)\n"
-    on = off + ("INFO kd.generate: rank 0: dequant_ahead 24 SMs (cublaslt): 15 steps dequantised a layer ahead "
-                "(eager or captured; replays not counted)\n")
-    assert "dequant_ahead" in off  # what the old check tripped on
-    assert not _dequant_ahead_lines(off)
-    assert len(_dequant_ahead_lines(on)) == 1
-
-
-@pytest.mark.gpu
-def test_gpu_recipe_dequant_ahead_same_file_and_sm_check(testbed, tmp_path):
-    """Through `tune run` on CUDA with the NF4 teacher at 96 rows (the dequantise + GEMM route): the generate
-    config's dequant_ahead (on, side stream + SM carve-out + CUDA graphs) writes the same bytes as dequant_ahead=null,
-    its pass ran, and a carve-out of at least the GPU's SMs is one ConfigError line before the teacher loads."""
-    from kd.teacher import nf4_cuda
-
-    if not nf4_cuda.available(torch.device("cuda")):
-        pytest.skip(nf4_cuda.why_unavailable(torch.device("cuda")))
-    opts = ("device=cuda", "teacher_quantization=nf4", "dtype=bf16", "temperature=0", "max_samples=96",
-            "batch_size=96", "max_new_tokens=16")
-    on = _run(testbed, tmp_path / "on", *opts, "dequant_ahead=24")
-    assert on.returncode == 0, on.stdout + on.stderr
-    txt = on.stdout + on.stderr
-    assert "dequant_ahead 24 SMs (cublaslt): " in txt and "(cublaslt): 0 steps" not in txt
-    assert _dequant_ahead_lines(txt)
-    off = _run(testbed, tmp_path / "off", *opts, "dequant_ahead=null")
-    assert off.returncode == 0, off.stdout + off.stderr
-    # the log line, not the word: pytest's tmp path (.../test_gpu_recipe_dequant_ahead_0/off/...) holds it too
-    assert not _dequant_ahead_lines(off.stdout + off.stderr), off.stdout + off.stderr
-    a, b = ((tmp_path / d / "teacher_distill.json").read_bytes() for d in ("on", "off"))
-    assert a == b
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    bad = _run(testbed, tmp_path / "bad", *opts, f"dequant_ahead={sms}")
-    assert bad.returncode == 2 and f"dequant_ahead: {sms} SMs" in bad.stderr and "Traceback" not in bad.stderr

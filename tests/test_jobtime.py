@@ -152,7 +152,7 @@ def test_static_decode_model_reproduces_the_h200_measurements():
     calibrated on (bench/logs/decode_bench_h200_s5.json: 23.4 ms at batch 1, context ~112;
     bench/logs/decode_bench_h200_s6_call3.json: 171.4 ms at batch 512, context ~128), and the GB10 profile (273 GB/s)
     far slower at batch 1, where the weights' bytes dominate."""
-    from kd.teacher.static_decode import QWEN2_5_72B_SHAPE
+    from kd.generate.static_decode import QWEN2_5_72B_SHAPE
 
     dims = dict(QWEN2_5_72B_SHAPE)
     assert jobtime.static_step_ms(jobtime.H200, 1, 112, dims) == pytest.approx(23.4, rel=0.03)
@@ -161,34 +161,60 @@ def test_static_decode_model_reproduces_the_h200_measurements():
     assert g1 > 10 * jobtime.static_step_ms(jobtime.H200, 1, 112, dims) * 0.9 and g1 > 250
 
 
-def test_dequant_ahead_hides_a_share_of_the_shorter_stream_past_64_rows():
-    """dequant_ahead saves ahead_hidden_frac of min(dequantisation, GEMMs): at batch 512 the dequantisation is the
-    shorter (H200: 0.115 of it, sessions 10's calls 3 and 4), at batch 128 the GEMMs (the H100's 4.4 of ~25 ms showed
-    the min); nothing at <= 64 rows, where the decoder does not dequantise; and the generation estimate follows the
-    config's key (the schema's default on)."""
+def test_static_decode_model_reproduces_the_h100_call_of_the_read_once_kernel():
+    """The H100 call that measured the read-once kernel (bench/logs/nf4_mm_h100_s12_call2: copy 2.996 TB/s, bf16
+    GEMM 798 TFLOP/s; 80-layer decode steps extrapolated from 2 and 6 layers at context ~128: 32.9, 117.6, 184.9 ms
+    at batches 1 (GEMV), 128 (read-once kernel) and 512 (dequantise + cuBLAS)): the planner's step with the H200's
+    efficiencies and that call's two rates lands within 10% of each."""
+    import dataclasses
+
+    from kd.generate.static_decode import QWEN2_5_72B_SHAPE
+
+    h100 = dataclasses.replace(jobtime.H200, name="h100", mem_gbps=2996.0, bf16_tflops=798.0)
+    for B, measured in ((1, 32.9), (128, 117.6), (512, 184.9)):
+        assert jobtime.static_step_ms(h100, B, 128, dict(QWEN2_5_72B_SHAPE)) == pytest.approx(measured, rel=0.10), B
+
+
+def test_decode_routes_and_the_read_once_kernel_cost():
+    """The planner takes the decoder's route (kd.generate.nf4_matmul.route on CUDA): kd's GEMV up to 8 rows under
+    auto, the read-once kernel up to nf4_fused_max_batch, dequantise + cuBLAS above; the read-once kernel costs the
+    longer of its 0.53 B/weight and its measured work per weight at the profile's CUDA-core rate; the generation
+    estimate follows the config's two keys."""
     from omegaconf import OmegaConf
 
-    from kd.teacher.static_decode import QWEN2_5_72B_SHAPE
+    from kd.generate.static_decode import QWEN2_5_72B_SHAPE
 
     dims = dict(QWEN2_5_72B_SHAPE)
+    assert [jobtime.decode_route(B) for B in (1, 8, 9, 128, 129, 512)] == \
+        ["gemv", "gemv", "fused", "fused", "dequant", "dequant"]
+    assert jobtime.decode_route(1, "fused") == "fused" and jobtime.decode_route(16, "dequant") == "dequant"
+    assert jobtime.decode_route(300, "auto", fused_max_rows=512) == "fused"
     hw = jobtime.H200
+    pts = {int(k): v for k, v in hw.fused_ops_per_weight.items()}
+    assert jobtime.fused_ops(hw, 16) == pts[16] and jobtime.fused_ops(hw, 4096) == pts[max(pts)]
+    assert pts[16] < jobtime.fused_ops(hw, 64) < pts[128]  # linear between the measured points
     n_lin = 80 * (2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 29568)
-    dq_ms = 1e3 * n_lin * 2.5 / (hw.mem_gbps * 1e9 * hw.dequant_bw_eff)
-    for B in (512, 128):
-        gemm_ms = 1e3 * 2 * n_lin * B / (hw.bf16_tflops * 1e12 * hw.decode_gemm_eff)
-        off, on = (jobtime.static_step_ms(hw, B, 128, dims, dequant_ahead=a) for a in (False, True))
-        assert off - on == pytest.approx(0.115 * min(dq_ms, gemm_ms), rel=1e-6)
-        assert (dq_ms < gemm_ms) == (B == 512)  # each batch exercises the other branch of the min
-    assert 2 < jobtime.static_step_ms(hw, 128, 128, dims) - jobtime.static_step_ms(hw, 128, 128, dims, True) < 4
-    assert jobtime.static_step_ms(hw, 64, 128, dims, dequant_ahead=True) == jobtime.static_step_ms(hw, 64, 128, dims)
+    for prof in (jobtime.H200, jobtime.GB10):
+        rest = jobtime.static_step_ms(prof, 64, 128, dims) - 1e3 * max(
+            n_lin * (0.5 + 2 / 64) / (prof.mem_gbps * 1e9), n_lin * jobtime.fused_ops(prof, 64) / (prof.fp32_tflops * 1e12))
+        kv = 1e3 * jobtime.decode_step_cost(64, 128, weight_format="nf4", **dims).kv_bytes / (prof.mem_gbps * 1e9)
+        assert rest == pytest.approx(kv + prof.static_overhead_ms + prof.static_overhead_ms_per_row * 63, rel=1e-9)
+    # on the GB10 (273 GB/s) reading 4 bits once beats dequantise + cuBLAS by far at the config's batch; on the H200
+    # at 512 rows dequantise + cuBLAS is the cheaper, which is why auto stops at 128
+    g = {k: jobtime.static_step_ms(jobtime.GB10, 128, 300, dims, kernel=k) for k in ("auto", "dequant")}
+    assert g["dequant"] > 2.5 * g["auto"]
+    h = {k: jobtime.static_step_ms(hw, 512, 128, dims, kernel=k, fused_max_rows=512) for k in ("fused", "dequant")}
+    assert h["dequant"] < h["fused"]
     base = dict(model={"_component_": "torchtune.models.qwen2_5.qwen2_5_72b_instruct"}, max_new_tokens=100,
                 batch_size=128)
-    est = {k: jobtime.estimate_generation(OmegaConf.create({**base, "dequant_ahead": k}), hw,
-                                          expected_new_tokens=[100] * 256) for k in (None, 16)}
-    default = jobtime.estimate_generation(OmegaConf.create(base), hw, expected_new_tokens=[100] * 256)
-    assert est[16].fused_step_ms < est[None].fused_step_ms
-    assert default.fused_step_ms == est[16].fused_step_ms  # no key: the schema's default, on
-    assert "dequant_ahead" in est[16].table() and "dequant_ahead" not in est[None].table()
+
+    def est(**kw):
+        return jobtime.estimate_generation(OmegaConf.create({**base, **kw}), jobtime.GB10,
+                                           expected_new_tokens=[100] * 256)
+    assert est().route == "fused" and est(nf4_decode_kernel="dequant").route == "dequant"
+    assert est(nf4_fused_max_batch=64).route == "dequant"
+    assert est(nf4_decode_kernel="dequant").fused_step_ms > 2.5 * est().fused_step_ms
+    assert "NF4 route at batch 128: fused" in est().table()
 
 
 def test_dequant_traffic_link_and_full_finetune_terms(tmp_path, monkeypatch):

@@ -10,10 +10,11 @@ ALLOWED = {
     "core": set(),
     "data": {"core"},
     "teacher": {"core", "data"},
+    "generate": {"core", "data", "teacher"},
     "losses": {"core", "teacher"},
-    "train": {"core", "data", "teacher", "losses"},
-    "ops": {"core", "data", "teacher", "losses", "train"},
-    "testing": {"core", "data", "teacher", "losses", "train", "ops"},
+    "train": {"core", "data", "teacher", "generate", "losses"},
+    "ops": {"core", "data", "teacher", "generate", "losses", "train"},
+    "testing": {"core", "data", "teacher", "generate", "losses", "train", "ops"},
 }
 
 

@@ -48,7 +48,7 @@ def llamafactory_alpaca_view(dataset_dir: Path, name: str):
 
 def test_generation_output_keeps_the_system_prompt_in_llamafactory(tmp_path):
     from kd.data.alpaca import DEFAULT_SYSTEM_PROMPT, prompt_messages
-    from kd.teacher.generation import merge_results
+    from kd.generate.generation import merge_results
 
     records = {0: {"instruction": "什么是四圣谛？", "input": "", "output": "苦集灭道。"},
                1: {"instruction": "解释这句话", "input": "色即是空", "output": "原答案"}}
@@ -70,7 +70,7 @@ def test_generation_output_keeps_the_system_prompt_in_llamafactory(tmp_path):
 def test_reader_is_strict_about_the_schema(tmp_path):
     """The reader can fail: without a system column the prompt is lost (the old dataset_info.json), and an
     undocumented column is rejected."""
-    from kd.teacher.generation import merge_results
+    from kd.generate.generation import merge_results
 
     records = {0: {"instruction": "q", "input": "", "output": "o"}}
     merge_results(records, {0: {"id": 0, "output": "t", "finish": "stop"}}, tmp_path, dataset_name="d")

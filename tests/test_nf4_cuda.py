@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torchao.dtypes.nf4tensor import to_nf4
 
 from kd.teacher import nf4_cuda as nc
-from kd.teacher import nf4_decode as nd
+from kd.generate import nf4_matmul as NM
+from kd.teacher.nf4 import cached_scalers
 
 
 def _w4(n, k, seed, device="cpu"):
@@ -57,14 +58,14 @@ def test_code_book_tables():
 def test_gemv_rejects_what_it_cannot_do():
     w = _w4(64, 512, seed=1)
     with pytest.raises(ValueError, match="bf16 x"):
-        nc.gemv(torch.zeros(1, 512), w, nd.decode_scalers(w), nc.CudaGemvConfig())
+        nc.gemv(torch.zeros(1, 512), w, cached_scalers(w), nc.CudaGemvConfig())
     with pytest.raises(ValueError, match="at most 8 rows"):
-        nc.gemv(torch.zeros(9, 512, dtype=torch.bfloat16), w, nd.decode_scalers(w), nc.CudaGemvConfig())
+        nc.gemv(torch.zeros(9, 512, dtype=torch.bfloat16), w, cached_scalers(w), nc.CudaGemvConfig())
     with pytest.raises(ValueError, match="at most 1 rows"):
-        nc.gemv(torch.zeros(2, 512, dtype=torch.bfloat16), w, nd.decode_scalers(w), nc.CudaGemvConfig("lut16"))
+        nc.gemv(torch.zeros(2, 512, dtype=torch.bfloat16), w, cached_scalers(w), nc.CudaGemvConfig("lut16"))
     with pytest.raises(ValueError, match="K % 128"):
         w2 = _w4(64, 576, seed=2)
-        nc.gemv(torch.zeros(1, 576, dtype=torch.bfloat16), w2, nd.decode_scalers(w2), nc.CudaGemvConfig("mma_a", 8, 2))
+        nc.gemv(torch.zeros(1, 576, dtype=torch.bfloat16), w2, cached_scalers(w2), nc.CudaGemvConfig("mma_a", 8, 2))
     assert nc.why_unavailable(torch.device("cpu")) == "not a CUDA device"
 
 
@@ -78,7 +79,7 @@ def test_gpu_kernels_compile():
 def test_gpu_gemv_every_kind(N, K):
     w4 = _w4(N, K, seed=N, device="cuda")
     wd = w4.get_original_weight()
-    s = nd.decode_scalers(w4)
+    s = cached_scalers(w4)
     cands = list(nc.gemv_candidates(N, K, 1))
     assert {c.kind for c in cands} == ({"mma_a", "mma", "lut16"} if K % 128 == 0 else {"mma", "lut16"})
     for cfg in cands:
@@ -106,9 +107,10 @@ def test_gpu_dequant_bit_exact_and_matmul_paths():
     for N, K in ((1024, 8192), (40, 576), (29568, 512)):
         w4 = _w4(N, K, seed=K, device="cuda")
         wd = w4.get_original_weight()
-        assert torch.equal(nc.dequant(w4, nd.decode_scalers(w4)), wd)
+        assert torch.equal(nc.dequant(w4, cached_scalers(w4)), wd)
         for M in (1, 5, 16, 300):
             x = torch.randn(2, M, K, device="cuda", dtype=torch.bfloat16)[1]  # a view: the wrapper copies it
             ref = F.linear(x.double(), wd.double())
-            y = nd.nf4_matmul(x, w4, impl="cuda")
+            y = NM.nf4_matmul(x, w4, impl="auto", max_fused_rows=0 if M > 8 else 128)  # GEMV / dequant + cuBLAS
+            assert NM.route(x, w4, "auto", 0 if M > 8 else 128) == ("gemv" if M <= 8 else "dequant")
             assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2, (N, K, M)

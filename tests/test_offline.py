@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd.teacher.generation import merge_results
+from kd.generate.generation import merge_results
 from kd.data.offline import choose_targets, mixed_sft_dataset
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,11 +1,11 @@
-"""kd.teacher.static_decode: same tokens as today's generate_batch (CPU, fp32 and NF4), buckets reused, cost model."""
+"""kd.generate.static_decode: same tokens as today's generate_batch (CPU, fp32 and NF4), buckets reused, cost model."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kd.teacher.generation import SamplingParams, generate_batch, sample_next, sample_seed, stop_token_ids, counter_uniform
-from kd.teacher.static_decode import StaticDecoder, decode_step_cost
+from kd.generate.generation import SamplingParams, generate_batch, sample_next, sample_seed, stop_token_ids, counter_uniform
+from kd.generate.static_decode import StaticDecoder, decode_step_cost
 
 from test_generation import _prompts, _teacher
 
@@ -68,7 +68,7 @@ def test_static_decoder_nf4_equals_generate_batch(testbed, tiny_tokenizer):
     """NF4 teacher (bf16): the decode hook (auto -> eager dequant on CPU) gives today's tokens."""
     from omegaconf import OmegaConf
 
-    from kd.teacher.generation import install_last_token_head
+    from kd.generate.generation import install_last_token_head
     from kd.teacher.nf4 import use_fast_nf4
     from kd.train.models import build_on_meta, load_hf_into_model
 
@@ -82,7 +82,7 @@ def test_static_decoder_nf4_equals_generate_batch(testbed, tiny_tokenizer):
     ref = generate_batch(m, ps, cache_dtype=torch.bfloat16, **kw)
     got = StaticDecoder(m, device=torch.device("cpu"), cache_dtype=torch.bfloat16, attn_bucket=16).generate(ps, **kw)
     assert [g.tokens for g in got] == [g.tokens for g in ref]
-    assert all(mod.decode_impl is None for mod in m.modules() if hasattr(mod, "decode_impl"))  # switched off again
+    assert all(mod.decode_fn is None for mod in m.modules() if hasattr(mod, "decode_fn"))  # switched off again
 
 
 def test_decode_step_cost_72b():
@@ -106,7 +106,7 @@ def test_cuda_graphs_equal_eager_static_step(testbed, tiny_tokenizer):
     fused decode kernels; fp32 teacher: same greedy tokens as generate_batch."""
     from omegaconf import OmegaConf
 
-    from kd.teacher.generation import install_last_token_head
+    from kd.generate.generation import install_last_token_head
     from kd.teacher.nf4 import use_fast_nf4
     from kd.train.models import build_on_meta, load_hf_into_model
 
@@ -135,7 +135,7 @@ def test_cuda_graphs_equal_eager_static_step(testbed, tiny_tokenizer):
     ref = generate_batch(t, ps, device=dev, **kw)
     got = StaticDecoder(t, device=dev, attn_bucket=16).generate(ps, **kw)  # fp32, compiled glue (fuse_glue)
     assert [x.tokens for x in got] == [x.tokens for x in ref]
-    from kd.teacher.static_decode import _Glue
+    from kd.generate.static_decode import _Glue
 
     assert _Glue.failed is None and _Glue.fns is not None
 
@@ -146,7 +146,7 @@ def test_fused_glue_formulas_and_patching(testbed, teacher, monkeypatch):
     failure warns once and falls back to the eager modules."""
     from torchtune.modules import FeedForward, RMSNorm
 
-    from kd.teacher import static_decode as sd
+    from kd.generate import static_decode as sd
 
     rms, rope, silu_mul = sd._Glue.raw()
     layer = teacher.layers[0]

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Dict, List, Tuple, TypeVar
+from typing import Callable, Dict, TypeVar
 
 log = logging.getLogger("kd.core.kernels")
 T = TypeVar("T")
 _BROKEN: Dict[str, str] = {}
 
-__all__ = ["forced_eager", "broken", "with_fallback"]
+__all__ = ["forced_eager", "broken", "with_fallback", "can_time", "fastest"]
 
 
 def forced_eager() -> bool:
@@ -41,3 +41,52 @@ def with_fallback(name: str, fast: Callable[[], T], eager: Callable[[], T]) -> T
         log.warning(f"kd: the {name} kernel failed on this GPU ({_BROKEN[name]}); using the eager PyTorch path "
                     "from now on (same results, slower). Set KD_TRITON=0 to skip the kernels.")
         return eager()
+
+
+def can_time(x) -> bool:
+    """Whether a kernel choice may be timed now: ``x`` on CUDA, no CUDA graph being captured, ``KD_NF4_TUNE`` not 0."""
+    import torch
+
+    return (x is not None and x.is_cuda and not torch.cuda.is_current_stream_capturing()
+            and os.environ.get("KD_NF4_TUNE", "1") != "0")
+
+
+def fastest(options, run: Callable[[object], object], iters: int = 10, graph: bool = False):
+    """The option whose ``run(option)`` takes the least GPU time (2 eager warm-up calls, then ``iters`` calls between
+    CUDA events); options that fail to compile or launch (shared memory, registers) are skipped; None if all fail.
+    ``graph=True`` times the ``iters`` calls captured in one CUDA graph (replayed 3 times), as a decode step runs
+    them: for kernels launched from Python (NVRTC) eager timing would measure the launch, not the kernel."""
+    import torch
+
+    best, best_t = None, float("inf")
+    for opt in options:
+        try:
+            for _ in range(2):
+                run(opt)
+            st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if graph:
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    for _ in range(iters):
+                        run(opt)
+                g.replay()
+                st.record()
+                for _ in range(3):
+                    g.replay()
+                en.record()
+                en.synchronize()
+                t = st.elapsed_time(en) / (3 * iters)
+                del g
+            else:
+                st.record()
+                for _ in range(iters):
+                    run(opt)
+                en.record()
+                en.synchronize()
+                t = st.elapsed_time(en) / iters
+        except Exception:  # an option that does not compile or fit is skipped
+            continue
+        if t < best_t:
+            best, best_t = opt, t
+    return best

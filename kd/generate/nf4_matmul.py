@@ -2,42 +2,46 @@
 
 During generation every step multiplies a few rows (``M`` = batch size, 1..512) by every teacher weight. The
 training path dequantises each weight to a transient bf16 copy and runs cuBLAS: 0.5 B read + 2 B written + 2 B read
-per weight and step, ~9x the bytes of the 4-bit weight. Here there are three routes and no more:
+per weight and step, ~9x the bytes of the 4-bit weight. The routes, and no more (the measurements that chose them:
+docs/offline.md, "Decode routes"):
 
 - ``fused`` (CUDA, and the Triton interpreter on CPU for tests): one Triton kernel for every ``M``. A program owns a
   ``BLOCK_N x BLOCK_M`` tile of ``y.T`` and walks its share of ``K`` in ``BLOCK_K`` steps. Each step loads
-  ``BLOCK_N x BLOCK_K/2`` packed bytes, looks both nibbles up in the 16-entry NF4 code book (high nibble = even
-  column, torchao's layout), multiplies by the 64-weight block's scaler and rounds once to bf16 -- the value
-  ``NF4Tensor.get_original_weight()`` gives, because a product of two bf16 numbers is exact in fp32 -- interleaves
-  the two nibbles back into column order in registers and feeds the tile to the tensor cores as the *first*
-  operand of ``tl.dot`` against ``x.T`` (the weight is the large side of a decode product, so it takes the
-  MMA's row dimension and ``M`` the narrow column dimension; on Hopper the first operand may come straight from
-  registers, so the dequantised weight never goes through memory). ``SPLIT_K > 1`` gives small-``M`` products
-  enough programs to fill the GPU; the fp32 partial sums are added by ``sum(0)``, never by atomics, so the result
-  is the same run to run. The tile is chosen by timing a few candidates once per (row bucket, N, K) on CUDA.
-- ``dequant``: dequantise to bf16 (:func:`kd.teacher.nf4.dequantize_nf4`, bit-identical to torchao) + cuBLAS: the
-  reference, and ``auto``'s route for more rows than :data:`FUSED_MAX_ROWS` (prefill, scoring passes), where the
-  product is compute-bound and cuBLAS's GEMM is worth its 4 B per weight of extra traffic.
-- ``torch``: the same dequantise + matmul in eager PyTorch, ``auto``'s route on CPU.
-
-``nf4_matmul(x, w, impl="auto")`` picks: ``fused`` on CUDA up to :data:`FUSED_MAX_ROWS` rows, ``dequant`` above,
-``torch`` on CPU. Measurements behind the choice: docs/offline.md ("Read-once NF4 kernel").
+  ``BLOCK_N x BLOCK_K/2`` packed bytes and looks both nibbles up in the 16-entry NF4 code book (high nibble = even
+  column, torchao's layout). Exact scaling (``scale_after=False``) multiplies each code by its 64-weight block's
+  scaler and rounds once to bf16 -- the value ``NF4Tensor.get_original_weight()`` gives, because a product of two
+  bf16 numbers is exact in fp32 -- so the product equals dequantise + matmul up to the order of the fp32 sums;
+  ``scale_after=True`` multiplies each block's fp32 partial product by the scaler instead (less arithmetic per
+  weight; differs by about the bf16 rounding of the weights). The weight tile is the *first* operand of
+  ``tl.dot`` against ``x.T``: the weight is the large side of a decode product, so it takes the MMA's row
+  dimension and ``M`` the narrow column dimension. ``SPLIT_K > 1`` gives small-``M`` products enough programs; the
+  fp32 partial sums are added by ``sum(0)``, never by atomics, so the result is the same run to run. The tile is
+  chosen by timing the :func:`candidates` once per (row bucket, N, K) on CUDA.
+- ``gemv`` (``auto`` only, up to :data:`GEMV_MAX_ROWS` bf16 rows where NVRTC works): kd's CUDA tensor-core GEMV
+  (:mod:`kd.teacher.nf4_cuda`), kept because it reads the weights ~3x faster than ``fused`` at one row.
+- ``dequant``: dequantise to bf16 (bit-identical to torchao; kd's CUDA kernel where NVRTC works) + cuBLAS: the
+  reference, and ``auto``'s route for more rows than ``max_fused_rows`` (prefill, scoring passes, large batches),
+  where the product is compute-bound and cuBLAS's GEMM is worth its 4 B per weight of extra traffic.
+- ``torch``: the same dequantise + matmul in eager PyTorch: ``auto``'s route on CPU.
 
 Public API:
-- ``nf4_matmul(x [..., K], w: NF4Tensor [N, K], *, impl="auto"|"fused"|"dequant"|"torch", bias=None) -> [..., N]``
-- ``nf4_matmul_fused(x, w, bias=None, cfg=None)``, ``TileConfig``, ``tune(M, N, K, ...)``
-- ``packed(w) -> PackedNF4`` (the kernel's view of a weight: bytes, bf16 scalers, code book; cached),
-  ``PackedNF4.cat([...])`` (several weights of one input as one product: q/k/v, gate/up)
+- ``nf4_matmul(x [..., K], w: NF4Tensor [N, K], *, impl="auto"|"fused"|"dequant", bias=None,
+  max_fused_rows=FUSED_MAX_ROWS) -> [..., N]``; ``route(x, w, impl, max_fused_rows) -> str``
+- ``DecodeRoute(impl, max_fused_rows)``: that product as a ``fn(x, w, bias)`` for
+  :func:`kd.teacher.nf4.set_decode_`
+- ``nf4_matmul_fused(x, w, bias=None, cfg=None)``, ``TileConfig``, ``candidates``, ``tune(M, N, K, ...)``
+- ``packed(w) -> PackedNF4`` (the kernel's view of a weight: bytes, bf16 scalers, code book)
 """
 from __future__ import annotations
 
 import os
-import weakref
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from kd.core.kernels import can_time, fastest
 
 try:
     import triton
@@ -49,13 +53,15 @@ except Exception:  # pragma: no cover - environments without triton
     tl = None
     _HAS_TRITON = False
 
-__all__ = ["nf4_matmul", "nf4_matmul_fused", "PackedNF4", "packed", "TileConfig", "tune", "fused_available",
-           "FUSED_MAX_ROWS", "IMPLS", "clear_cache"]
+__all__ = ["nf4_matmul", "route", "DecodeRoute", "nf4_matmul_fused", "PackedNF4", "packed", "TileConfig",
+           "candidates", "tune", "fused_available", "FUSED_MAX_ROWS", "GEMV_MAX_ROWS", "IMPLS"]
 
-#: the ``impl`` values :func:`nf4_matmul` accepts
-IMPLS = ("auto", "fused", "dequant", "torch")
-#: ``auto`` sends more rows than this to dequantise + cuBLAS (compute-bound there)
+#: the kernels a user may name (``nf4_decode_kernel``); ``torch`` (the CPU reference) is what any of them runs on CPU
+IMPLS = ("auto", "fused", "dequant")
+#: ``auto`` sends more rows than this to dequantise + cuBLAS (compute-bound there; docs/offline.md)
 FUSED_MAX_ROWS = 128
+#: ``auto`` sends at most this many bf16 rows to kd's CUDA GEMV where NVRTC works
+GEMV_MAX_ROWS = 8
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -95,30 +101,16 @@ class PackedNF4:
         return PackedNF4(torch.cat([p.data for p in parts]), torch.cat([p.scalers for p in parts]), p0.code, p0.block)
 
 
-_PACKED: Dict[int, Tuple["weakref.ref", PackedNF4]] = {}
-
-
-def clear_cache() -> None:
-    _PACKED.clear()
-
-
 def packed(w) -> PackedNF4:
-    """The kernel's view of torchao ``NF4Tensor`` ``w`` (scalers decoded once, bit-identical to torchao's
-    ``dequantize_scalers``), cached per weight object (by id, dropped when the weight is collected: ``NF4Tensor``
-    supports no ``==`` for a WeakKeyDictionary)."""
-    hit = _PACKED.get(id(w))
-    if hit is not None and hit[0]() is w:
-        return hit[1]
-    from kd.teacher.nf4 import dequantize_scalers
+    """The kernel's view of torchao ``NF4Tensor`` ``w`` (views of its bytes; scalers decoded once per weight,
+    bit-identical to torchao's ``dequantize_scalers``)."""
+    from kd.teacher.nf4 import cached_scalers
 
     n, k = w.shape
     if k % w.block_size or w.block_size % 2:
         raise ValueError(f"kd: NF4 weight {tuple(w.shape)} with block {w.block_size}: K must be a multiple of it")
-    p = PackedNF4(w.quantized_data.view(n, k // 2), dequantize_scalers(w).reshape(n, k // w.block_size).contiguous(),
-                  w.nf4.contiguous(), w.block_size)
-    key = id(w)
-    _PACKED[key] = (weakref.ref(w, lambda _r, k=key: _PACKED.pop(k, None)), p)
-    return p
+    return PackedNF4(w.quantized_data.view(n, k // 2), cached_scalers(w).view(n, k // w.block_size), w.nf4,
+                     w.block_size)
 
 
 # ------------------------------------------------------------------------------------------------ the kernel
@@ -134,11 +126,13 @@ if _HAS_TRITON:
             return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)  # exact now: the low 16 bits are zero
         return v.to(dtype)
 
+    # one kernel body for both scaling orders and both nibble layouts: the variants share the tile walk, the masks
+    # and the epilogue, and the tuner picks among them per shape, so splitting them would copy all of that
     @triton.jit
     def _nf4_mm_tile(x_ptr, q_ptr, s_ptr, code_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om, stride_os,
                        K_ITERS, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
-                       INTERPRET: tl.constexpr, SCALE_AFTER: tl.constexpr):
+                       INTERPRET: tl.constexpr, SCALE_AFTER: tl.constexpr, TWO_DOT: tl.constexpr):
         """One program's tile (the kernels below differ only in whether the K trip count is a compile-time constant)."""
         HALF: tl.constexpr = BLOCK_K // 2
         NG: tl.constexpr = BLOCK_K // QBLOCK  # scaler blocks per row and step
@@ -172,14 +166,28 @@ if _HAS_TRITON:
                     bg = tl.load(q_ptr + rows[:, None] * (K // 2) + kg // 2 + offs_j[None, :], mask=g_ok,
                                  other=0).to(tl.int32)
                     sg = tl.load(s_ptr + rows * (K // QBLOCK) + kg // QBLOCK, mask=g_ok, other=0.0).to(tl.float32)
-                    xg = tl.load(x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + (kg + offs_q)[:, None],
-                                 mask=m_ok[None, :] & g_ok, other=0.0)
-                    c = tl.reshape(tl.join(tl.load(code_ptr + (bg >> 4)), tl.load(code_ptr + (bg & 15))),
-                                   (BLOCK_N, QBLOCK))
-                    if IEEE:
-                        part = tl.dot(c.to(tl.float32), xg.to(tl.float32), input_precision="ieee")
+                    if TWO_DOT:  # no interleave: high nibbles times the even columns of x, low times the odd
+                        xe = tl.load(x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + (kg + 2 * offs_j)[:, None],
+                                     mask=m_ok[None, :] & g_ok, other=0.0)
+                        xo = tl.load(x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + (kg + 2 * offs_j + 1)[:, None],
+                                     mask=m_ok[None, :] & g_ok, other=0.0)
+                        c_hi = tl.load(code_ptr + (bg >> 4))
+                        c_lo = tl.load(code_ptr + (bg & 15))
+                        if IEEE:
+                            part = tl.dot(c_hi.to(tl.float32), xe.to(tl.float32), input_precision="ieee")
+                            part = tl.dot(c_lo.to(tl.float32), xo.to(tl.float32), part, input_precision="ieee")
+                        else:
+                            part = tl.dot(c_hi, xe.to(c_hi.dtype))
+                            part = tl.dot(c_lo, xo.to(c_lo.dtype), part)
                     else:
-                        part = tl.dot(c, xg.to(c.dtype))
+                        xg = tl.load(x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + (kg + offs_q)[:, None],
+                                     mask=m_ok[None, :] & g_ok, other=0.0)
+                        c = tl.reshape(tl.join(tl.load(code_ptr + (bg >> 4)), tl.load(code_ptr + (bg & 15))),
+                                       (BLOCK_N, QBLOCK))
+                        if IEEE:
+                            part = tl.dot(c.to(tl.float32), xg.to(tl.float32), input_precision="ieee")
+                        else:
+                            part = tl.dot(c, xg.to(c.dtype))
                     acc += part * sg[:, None]
             else:
                 if EVEN_K:
@@ -212,20 +220,20 @@ if _HAS_TRITON:
     def _nf4_mm_kernel(x_ptr, q_ptr, s_ptr, code_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om, stride_os,
                        K_ITERS, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
-                       INTERPRET: tl.constexpr, SCALE_AFTER: tl.constexpr):
+                       INTERPRET: tl.constexpr, SCALE_AFTER: tl.constexpr, TWO_DOT: tl.constexpr):
         """The GPU kernel: the K trip count is a runtime argument (one compile serves every K and split)."""
         _nf4_mm_tile(x_ptr, q_ptr, s_ptr, code_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om, stride_os,
-                     K_ITERS, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, EVEN_K, IEEE, INTERPRET, SCALE_AFTER)
+                     K_ITERS, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, EVEN_K, IEEE, INTERPRET, SCALE_AFTER, TWO_DOT)
 
 
     @triton.jit
     def _nf4_mm_kernel_interp(x_ptr, q_ptr, s_ptr, code_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om, stride_os,
                               K_ITERS: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
-                       INTERPRET: tl.constexpr, SCALE_AFTER: tl.constexpr):
+                       INTERPRET: tl.constexpr, SCALE_AFTER: tl.constexpr, TWO_DOT: tl.constexpr):
         """The same for the Triton interpreter, which cannot loop over a runtime trip count."""
         _nf4_mm_tile(x_ptr, q_ptr, s_ptr, code_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om, stride_os,
-                     K_ITERS, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, EVEN_K, IEEE, INTERPRET, SCALE_AFTER)
+                     K_ITERS, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, EVEN_K, IEEE, INTERPRET, SCALE_AFTER, TWO_DOT)
 
 
 @dataclass(frozen=True)
@@ -240,6 +248,7 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 3
     scale_after: bool = False  # scale each 64-weight block's product instead of each weight
+    two_dot: bool = False  # (with scale_after) high and low nibbles as two products, no interleave in registers
 
 
 def row_bucket(M: int) -> int:
@@ -270,8 +279,8 @@ def candidates(M: int, N: int, K: int, sm_count: int = 132) -> List[TileConfig]:
             sk = 1
             while tiles * sk * 2 <= waves * sm_count and K % (bk * sk * 2) == 0:
                 sk *= 2
-            for after in ((False, True) if bm <= 128 else (False,)):
-                cfg = TileConfig(bm, bn, bk, sk, warps, stages, after)
+            for after, two in (((False, False), (True, False), (True, True)) if bm <= 128 else ((False, False),)):
+                cfg = TileConfig(bm, bn, bk, sk, warps, stages, after, two)
                 if cfg not in out:
                     out.append(cfg)
     return out
@@ -283,33 +292,6 @@ def default_config(M: int, N: int, K: int, sm_count: int = 132) -> TileConfig:
 
 
 _TUNED: Dict[Tuple[int, int, int, torch.dtype, str], TileConfig] = {}
-
-
-def _can_time(x: torch.Tensor) -> bool:
-    """Timing runs on CUDA only, never while a CUDA graph is being captured, and not with KD_NF4_TUNE=0."""
-    return x.is_cuda and not torch.cuda.is_current_stream_capturing() and os.environ.get("KD_NF4_TUNE", "1") != "0"
-
-
-def fastest(options: Iterable, run, iters: int = 10):
-    """The option whose ``run(option)`` takes the least GPU time (2 warm-up calls, then ``iters`` calls between CUDA
-    events); options that fail to compile or launch (shared memory, registers) are skipped. None if all fail."""
-    best, best_t = None, float("inf")
-    for opt in options:
-        try:
-            for _ in range(2):
-                run(opt)
-            st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            st.record()
-            for _ in range(iters):
-                run(opt)
-            en.record()
-            en.synchronize()
-            t = st.elapsed_time(en) / iters
-        except Exception:  # a tile that does not compile or fit is skipped
-            continue
-        if t < best_t:
-            best, best_t = opt, t
-    return best
 
 
 def _sm_count(device: torch.device) -> int:
@@ -325,7 +307,7 @@ def tune(M: int, N: int, K: int, p: Optional[PackedNF4] = None, x2: Optional[tor
     if cfg is not None:
         return cfg
     sms = _sm_count(dev)
-    if p is None or x2 is None or not _can_time(x2):
+    if p is None or x2 is None or not can_time(x2):
         return default_config(M, N, K, sms)
     xb = torch.randn(row_bucket(M), K, device=dev, dtype=x2.dtype)  # time the bucket's largest M
     best = fastest(candidates(M, N, K, sms), lambda c: _launch(xb, p, None, c), iters=10)
@@ -349,7 +331,8 @@ def _launch(x2: torch.Tensor, p: PackedNF4, bias: Optional[torch.Tensor], cfg: T
                  N, M * N, K_ITERS=k_iters, QBLOCK=p.block, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                          BLOCK_K=cfg.block_k, HAS_BIAS=in_kernel_bias, EVEN_K=K % (sk * cfg.block_k) == 0,
                          IEEE=p.code.dtype == torch.float32 or _INTERPRET,
-                         INTERPRET=_INTERPRET, SCALE_AFTER=cfg.scale_after, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                         INTERPRET=_INTERPRET, SCALE_AFTER=cfg.scale_after,
+                 TWO_DOT=cfg.two_dot, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if sk > 1:
         out = out.sum(0)
         if bias is not None:
@@ -378,27 +361,78 @@ def nf4_matmul_fused(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None,
     return _launch(x2, p, bias, cfg).reshape(*x.shape[:-1], N)
 
 
-def _dequantized(w) -> torch.Tensor:
+def _gemv_ok(x: torch.Tensor, w) -> bool:
+    if not x.is_cuda or x.dtype != torch.bfloat16 or w.block_size != 64 or w.nf4.dtype != torch.bfloat16:
+        return False
+    from kd.teacher import nf4_cuda
+
+    return nf4_cuda.available(x.device)
+
+
+def route(x: torch.Tensor, w, impl: str = "auto", max_fused_rows: int = FUSED_MAX_ROWS) -> str:
+    """The route :func:`nf4_matmul` takes for ``x`` and ``w``: ``gemv``, ``fused``, ``dequant`` or ``torch``."""
+    if impl not in IMPLS:
+        raise ValueError(f"kd: unknown NF4 decode kernel {impl!r} (choose from {', '.join(IMPLS)})")
+    if not x.is_cuda:
+        return "fused" if impl == "fused" and fused_available(x.device) else "torch"
+    rows = x.numel() // x.shape[-1]
+    if impl == "dequant" or rows > max_fused_rows:
+        return "dequant"
+    if impl == "auto" and rows <= GEMV_MAX_ROWS and _gemv_ok(x, w):
+        return "gemv"
+    return "fused" if fused_available(x.device) and x.dtype == w.nf4.dtype else "dequant"
+
+
+def dequantized(w) -> torch.Tensor:
+    """``w`` as a bf16 (its dtype) tensor, bit-identical to torchao: kd's CUDA kernel where NVRTC works, else the
+    Triton / eager dequantisation of :mod:`kd.teacher.nf4`."""
+    if w.quantized_data.is_cuda and w.block_size == 64 and w.nf4.dtype == torch.bfloat16:
+        from kd.teacher import nf4_cuda
+        from kd.teacher.nf4 import cached_scalers
+
+        if nf4_cuda.available(w.quantized_data.device):
+            return nf4_cuda.dequant(w, cached_scalers(w))
     from kd.teacher.nf4 import dequantize_nf4
 
     return dequantize_nf4(w)
 
 
-def nf4_matmul(x: torch.Tensor, w, *, impl: str = "auto", bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(x, dequant(w), bias)`` for decode-sized ``x`` (``w`` an ``NF4Tensor``). ``auto``: the fused
-    kernel on CUDA up to :data:`FUSED_MAX_ROWS` rows, dequantise + cuBLAS above, the eager math on CPU."""
-    if impl not in IMPLS:
-        raise ValueError(f"kd: unknown NF4 decode kernel {impl!r} (choose from {', '.join(IMPLS)})")
-    if impl == "auto":
-        rows = x.numel() // x.shape[-1]
-        if x.is_cuda and fused_available(x.device) and rows <= FUSED_MAX_ROWS and x.dtype == w.nf4.dtype:
-            impl = "fused"
-        else:
-            impl = "dequant" if x.is_cuda else "torch"
-    if impl == "fused":
+def nf4_matmul(x: torch.Tensor, w, *, impl: str = "auto", bias: Optional[torch.Tensor] = None,
+               max_fused_rows: int = FUSED_MAX_ROWS) -> torch.Tensor:
+    """``F.linear(x, dequant(w), bias)`` for decode-sized ``x`` (``w`` an ``NF4Tensor``), by :func:`route`: ``auto``
+    on CUDA is kd's CUDA GEMV up to :data:`GEMV_MAX_ROWS` bf16 rows, the fused kernel up to ``max_fused_rows``,
+    dequantise + cuBLAS above; ``fused`` skips the GEMV; ``dequant`` is the reference; CPU runs the eager math."""
+    r = route(x, w, impl, max_fused_rows)
+    if r == "fused":
         return nf4_matmul_fused(x, w, bias)
-    if impl == "dequant":
-        return F.linear(x, _dequantized(w).to(x.dtype), bias)
+    if r == "gemv":
+        from kd.teacher import nf4_cuda
+        from kd.teacher.nf4 import cached_scalers
+
+        K, N = x.shape[-1], w.shape[0]
+        x2 = x.reshape(-1, K)
+        cfg = nf4_cuda.tune(N, K, x2.shape[0], w, x2)
+        return nf4_cuda.gemv(x2, w, cached_scalers(w), cfg, bias).reshape(*x.shape[:-1], N)
+    if r == "dequant":
+        return F.linear(x, dequantized(w).to(x.dtype), bias)
     from kd.teacher.nf4 import dequantize_nf4
 
     return F.linear(x, dequantize_nf4(w, impl="torch").to(x.dtype), bias)
+
+
+@dataclass(frozen=True)
+class DecodeRoute:
+    """:func:`nf4_matmul` with its choice fixed, as the ``fn(x, w, bias)`` :func:`kd.teacher.nf4.set_decode_` takes."""
+
+    impl: str = "auto"
+    max_fused_rows: int = FUSED_MAX_ROWS
+
+    def __post_init__(self):
+        if self.impl not in IMPLS:
+            raise ValueError(f"kd: unknown NF4 decode kernel {self.impl!r} (choose from {', '.join(IMPLS)})")
+
+    def __call__(self, x: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return nf4_matmul(x, w, impl=self.impl, bias=bias, max_fused_rows=self.max_fused_rows)
+
+    def route(self, x: torch.Tensor, w) -> str:
+        return route(x, w, self.impl, self.max_fused_rows)

@@ -23,6 +23,8 @@ measurement that fails records its error in ``sources`` and the field keeps the 
   (``fp8_tflops``; CUDA sm_89+ only, elsewhere "not available" and the base value);
 - NF4 dequantisation of the teacher's largest linear by :func:`kd.teacher.nf4.dequantize_nf4` (reported in ``sources``;
   the decode field ``dequant_bw_eff`` describes the static decode engine's CUDA kernel and keeps the base value);
+- the read-once NF4 decode kernel (:mod:`kd.generate.nf4_matmul`, CUDA with Triton) over one teacher layer's
+  projections at 1, 16, 128 and 512 rows (``fused_ops_per_weight``: what ``kd plan --time`` costs generation with);
 - device-to-device copy (``mem_gbps``: bytes read + written per second, bounded buffer);
 - one teacher decoder layer forward in the config's ``teacher_quantization`` (converted by
   :func:`kd.teacher.precision.quantize_layer_` after :func:`~kd.teacher.precision.resolve_precision`, so a device that
@@ -73,7 +75,7 @@ MAX_DISK_MB = 256
 MAX_ALLREDUCE_MB = 256  # never more: a 16 GB all-reduce test froze a DGX Spark (unified memory)
 DEFAULT_DOC_LEN = 512
 DECODE_FIELDS = ("decode_overhead_ms", "decode_bw_eff", "gemv_bw_eff", "decode_gemm_eff", "static_overhead_ms",
-                 "static_overhead_ms_per_row", "ahead_hidden_frac")
+                 "static_overhead_ms_per_row", "fp32_tflops", "fused_ops_per_weight")
 
 
 @dataclass
@@ -411,6 +413,31 @@ def _nf4_dequant(run: _Run, counts) -> Tuple[float, int, str]:
     return s, n * k, ("triton" if _use_triton(w4) else "torch") + f" {n}x{k}"
 
 
+#: decode batches the read-once NF4 kernel is timed at (kd.ops.jobtime.fused_ops interpolates between them)
+FUSED_ROWS = (1, 16, 128, 512)
+
+
+def _nf4_read_once(run: _Run, counts, fp32_tflops: float) -> Dict[str, float]:
+    """``fused_ops_per_weight`` for :func:`kd.ops.jobtime.fused_ops`: the read-once kernel
+    (:func:`kd.generate.nf4_matmul.nf4_matmul_fused`, tiles tuned on the first call) over one teacher layer's seven
+    projections at each of :data:`FUSED_ROWS` rows, as seconds x ``fp32_tflops`` / weights, so the planner gives back
+    the measured time on this machine."""
+    from torchao.dtypes.nf4tensor import to_nf4
+
+    from kd.generate.nf4_matmul import nf4_matmul_fused
+
+    ws = []
+    for n, k, m in linear_shapes(counts):
+        ws.append((to_nf4(torch.randn(n, k, device=run.dev, dtype=torch.bfloat16) * 0.02, 64, 256), m))
+    n_layer = sum(w.shape[0] * w.shape[1] * m for w, m in ws)
+    out = {}
+    for rows in FUSED_ROWS:
+        xs = [torch.randn(rows, w.shape[1], device=run.dev, dtype=torch.bfloat16) for w, _ in ws]
+        s = run.t(lambda: [nf4_matmul_fused(x, w) for x, (w, m) in zip(xs, ws) for _ in range(m)])
+        out[str(rows)] = s * fp32_tflops * 1e12 / n_layer
+    return out
+
+
 def _teacher_layer(run: _Run, cfg, batch: Batch, inputs) -> Tuple[float, str]:
     """Seconds of one teacher decoder layer forward (no grad), in the config's precision and compile setting."""
     from torchtune import training
@@ -664,6 +691,8 @@ def derive(cfg, base: Hardware, batch: Batch, m: Dict[str, float], *, name: str,
     for k in ("bf16_tflops", "fp8_tflops", "mem_gbps", "disk_gbps", "interconnect_gbps"):
         if k in m:
             setattr(hw, k, _sig(m[k]))
+    if "fused_ops_per_weight" in m:
+        hw.fused_ops_per_weight = {r: _sig(v) for r, v in m["fused_ops_per_weight"].items()}
     one = replace(hw, teacher_eff=1.0, student_eff=1.0, head_eff=1.0)
     comps = model_components(cfg, one, batch)
     s = build_and_count(cfg.model)
@@ -803,6 +832,21 @@ def calibrate(cfg, *, name: Optional[str] = None, base: Hardware = jobtime.H200,
 
         run.attempt("NF4 dequantisation", nf4)
 
+        from kd.generate.nf4_matmul import fused_available
+
+        if fused_available(run.dev):
+            def read_once():
+                ops = _nf4_read_once(run, t_cnt, base.fp32_tflops)
+                run.values["fused_ops_per_weight"] = ops
+                run.sources["fused_ops_per_weight"] = (
+                    f"measured: kd.generate.nf4_matmul's read-once kernel over one teacher layer's projections at "
+                    f"{', '.join(map(str, FUSED_ROWS))} rows, as s x {base.fp32_tflops:g} TFLOP/s (the base's fp32 "
+                    f"rate) / weights, {tag}")
+                run.rows.append(Row("read-once NF4 kernel", " / ".join(f"{v:.0f}" for v in ops.values()),
+                                    f"fp32-op equivalents per weight at {'/'.join(map(str, FUSED_ROWS))} rows"))
+
+            run.attempt("read-once NF4 kernel", read_once)
+
     inputs: Dict[str, Any] = {}
 
     def mk_inputs():
@@ -876,8 +920,8 @@ def calibrate(cfg, *, name: Optional[str] = None, base: Hardware = jobtime.H200,
         run.sources.setdefault("fp8_tflops", f"base {base.name}'s value (FP8 measurement failed)")
     if "dequant_bw_eff" not in run.sources:
         run.sources["dequant_bw_eff"] = f"base {base.name}'s value (no teacher / not measured)"
-    run.sources["decode"] = (f"{', '.join(DECODE_FIELDS)}, dequant_bw_eff: base {base.name}'s values (decode is "
-                             "not measured by kd calibrate)")
+    run.sources["decode"] = (f"{', '.join(f for f in DECODE_FIELDS if f not in run.values)}, dequant_bw_eff: base "
+                             f"{base.name}'s values (not measured by kd calibrate)")
     name = name or _slug(dname)
     try:
         hw, check = derive(cfg, base, batch, run.values, name=name, sources=run.sources)
@@ -889,6 +933,8 @@ def calibrate(cfg, *, name: Optional[str] = None, base: Hardware = jobtime.H200,
         for k in ("bf16_tflops", "fp8_tflops", "mem_gbps", "disk_gbps", "interconnect_gbps"):
             if k in run.values:
                 setattr(hw, k, _sig(run.values[k]))
+        if "fused_ops_per_weight" in run.values:
+            hw.fused_ops_per_weight = dict(run.values["fused_ops_per_weight"])
         check = {}
     prec = teacher_calibration(cfg) if has_teacher else "-"
     for k, src in (("teacher_eff", f"teacher_layer: teacher forward calibrated for {prec}"),

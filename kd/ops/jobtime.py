@@ -39,8 +39,8 @@ from kd.core.config import ConfigError, activation_checkpoint_layers
 from kd.data.alpaca import best_fit_bins, greedy_bins
 from kd.ops.planner import _cache_mode, build_and_count, teacher_forward_epochs
 from kd.ops.schema import GENERATE_TEACHER
-from kd.teacher.generation import plan_batches
-from kd.teacher.static_decode import decode_step_cost
+from kd.data.batching import plan_batches
+from kd.generate.static_decode import decode_step_cost
 
 TFLOP = 1e12
 
@@ -67,13 +67,23 @@ class Hardware:
     dequant_bw_eff: float = 0.85  # > 8 rows: NF4 -> bf16 copy, 2.5 B/weight, 0.617 ms per layer = 3.56 TB/s
     static_overhead_ms: float = 4.8  # per step beyond the linears and the KV cache: head, sampler, glue (batch 1)
     static_overhead_ms_per_row: float = 0.0306  # ... growing with the rows (attention, glue): batch 512
-    ahead_hidden_frac: float = 0.115  # dequant_ahead on (> 64 rows): share of min(dequantisation, GEMM time) saved
+    # the read-once NF4 kernel (kd.generate.nf4_matmul, "fused"): ALU-bound on Hopper (ncu: ~1.0x the packed bytes
+    # read, at a fraction of the bandwidth), so its time is costed as work per weight at the CUDA-core rate:
+    # fp32-TFLOP/s-normalised operations per weight and product, by row count (interpolated between the points)
+    fp32_tflops: float = 67.0
+    fused_ops_per_weight: Dict[str, float] = field(default_factory=lambda: dict(FUSED_OPS_PER_WEIGHT))
     measured: bool = True
     # kd calibrate: the teacher precision (+ "+compile") teacher_eff was measured for ("" = not calibrated; the
     # built-in profiles); kd plan --time warns when a config's teacher differs (teacher_profile_warning)
     teacher_calibrated_for: str = ""
     sources: Dict[str, str] = field(default_factory=dict)
 
+
+# The read-once NF4 kernel's cost per weight (fp32-op equivalents at the CUDA-core rate) by rows, from one H100
+# call (bench/logs/nf4_mm_h100_s12_call2/nf4_mm_bench.json, the seven projections of a 72B layer, L2-cold weights,
+# 0.867 / 0.874 / 1.354 / 3.882 ms per layer): per-layer ms x 67 TFLOP/s (H100/H200 SXM fp32) / 877.7 M weights.
+# The H200 has the same SMs and clocks; ncu there (gate, 16 rows): 44% issue slots busy, 20% occupancy, DRAM 19%.
+FUSED_OPS_PER_WEIGHT = {"1": 66.2, "16": 66.7, "128": 103.4, "512": 296.3}
 
 # H200 constants. Rates: measured on the H200 of this workplace (shared/reference/gpu-baseline.md, turn 2):
 # bf16 8192^3 GEMM 735-755 TFLOP/s, fp8 rowwise 1,336-1,429, device copy 4.18-4.20 TB/s. Efficiencies: from the
@@ -88,15 +98,6 @@ class Hardware:
 #    (1.1385 ms of grouped GEMMs, 789 TFLOP/s, above the 745 reference: efficiency capped at 1.0, + 0.617 ms of
 #    CUDA dequantisation, 3.56 TB/s; bench/logs/decode_profile_h200_s6_call2_b512_nf4.log) + 5.2 ms of KV cache +
 #    4.8 + 15.6 ms (0.0306 per row) -> the static_* and *_eff fields (two points, a line in the rows);
-#  - dequant_ahead (kd.teacher.linear_groups.DequantAhead): the pass runs the dequantisation beside the GEMMs, so it
-#    can hide at most the shorter of the two; the saving is a share of min(dequantisation, GEMM time).
-#    H200 (24 SMs, the config's default; session 10, bench/logs/decode_bench_h200_s10_call{3,4}.json), batch 512,
-#    where the dequantisation is the shorter (80 x 0.564 ms = 45.2 ms, overlap_probe_h200_s10_call3.json):
-#    172.7 -> 168.8 and 174.7 -> 168.2 ms, 0.086 and 0.144 of it: 0.115, the value used.
-#    The min() form comes from the H100 (16 SMs, its best): batch 512 (dequantisation 62.0 ms the shorter) 181.8 ->
-#    171.1 (session 9) and 182.2 -> 172.2 ms (session 10): 0.173, 0.161; batch 128 (GEMMs the shorter, ~25 ms = the
-#    batch-512 GEMMs' 99.8 ms / 4) 122.6 -> 118.2 ms: 0.176. A share of the dequantisation alone would give 0.071 at
-#    batch 128. Batch 128 on the H200 and any GB10 figure are unmeasured.
 H200 = Hardware(
     name="h200", bf16_tflops=745.0, fp8_tflops=1380.0, mem_gbps=4190.0, interconnect_gbps=25.0,
     teacher_eff=0.84, student_eff=0.54, head_eff=0.70, disk_gbps=1.0, decode_overhead_ms=86.0,
@@ -118,12 +119,14 @@ H200 = Hardware(
 #  - decode overhead: the H200's measured 86 ms per step (same kernel count; a Grace CPU launches them).
 GB10 = dataclasses.replace(
     H200,  # efficiencies, disk, interconnect and decode overhead: the H200's, as said above
-    name="gb10", bf16_tflops=125.0, fp8_tflops=250.0, mem_gbps=273.0,
+    name="gb10", bf16_tflops=125.0, fp8_tflops=250.0, mem_gbps=273.0, fp32_tflops=31.0,
     measured=False,
     sources={
         "bf16_tflops": "derived from NVIDIA's 1 PFLOP FP4 (sparse) DGX Spark figure: /2 dense, /2 per dtype width",
         "fp8_tflops": "same derivation",
         "mem_gbps": "NVIDIA DGX Spark specification: 273 GB/s LPDDR5x unified memory",
+        "fp32_tflops": "GB10's 31 TFLOP/s single precision (NVIDIA at Hot Chips 2025); the read-once NF4 kernel's "
+                       "work per weight is the H100's, assumed to run at the same rate per CUDA-core FLOP",
         "interconnect_gbps": "ConnectX-7 200 Gb/s RoCE",
         "efficiencies": "assumed equal to the H200's measured fractions (not measured on a GB10)",
     },
@@ -851,7 +854,7 @@ class GenerationEstimate:
     hours: Dict[int, float]  # nodes -> hours
     fused_step_ms: float
     fused_hours: Dict[int, float]
-    dequant_ahead: bool = False
+    route: str = "dequant"
 
     def table(self) -> str:
         hw = self.hardware
@@ -861,41 +864,59 @@ class GenerationEstimate:
             f"  {self.prompts:,} prompts, ~{self.generated_tokens:,} generated tokens, batch {self.batch_size}",
             f"  today's NF4 decode (bf16 dequant per step): {self.step_ms:.0f} ms/step, {self.tokens_per_s:,.0f} tokens/s: "
             + ", ".join(f"{n} node(s) {_hms(h * 3600)}" for n, h in self.hours.items()),
-            f"  static decode as built (kd NF4 kernels, CUDA graphs; H200-calibrated"
-            + (", dequant_ahead: H200-measured share at batch 512" if self.dequant_ahead and self.batch_size > 64
-               else "")
+            f"  static decode as built (CUDA graphs; NF4 route at batch {self.batch_size}: {self.route}; "
+            + ("read-once kernel costed from the H100's CUDA-core work per weight"
+               if self.route == "fused" else "H200-calibrated")
             + f"): {self.fused_step_ms:.0f} ms/step: "
             + ", ".join(f"{n} node(s) {_hms(h * 3600)}" for n, h in self.fused_hours.items()),
         ])
 
 
-def static_step_ms(hw: Hardware, B: int, context: int, dims: Dict[str, int], dequant_ahead: bool = False) -> float:
-    """One decode step of ``kd.teacher.static_decode`` with the NF4 teacher as built, ms: the linears (up to 8 rows
-    kd's 4-bit GEMV, reading 0.53 B/weight at ``gemv_bw_eff`` of the bandwidth; more rows dequantise to bf16, 2.5
-    B/weight at ``dequant_bw_eff``, then bf16 GEMMs at ``decode_gemm_eff``), the KV cache read, and the measured
-    rest (head, sampler, attention matmuls, glue: ``static_overhead_ms`` + ``static_overhead_ms_per_row`` per row).
-    ``dequant_ahead`` (the generate config's key set): past 64 rows ``ahead_hidden_frac`` of the shorter of the
-    dequantisation and the GEMMs is hidden (the two run side by side; neither can hide more than the other lasts).
-    Calibrated on the H200 (the fields' comments); other profiles reuse the efficiencies, unmeasured."""
+def fused_ops(hw: Hardware, rows: int) -> float:
+    """The read-once kernel's cost per weight at ``rows`` (``hw.fused_ops_per_weight``, linear between its points,
+    flat past the ends)."""
+    pts = sorted((int(k), float(v)) for k, v in hw.fused_ops_per_weight.items())
+    if rows <= pts[0][0]:
+        return pts[0][1]
+    for (r0, v0), (r1, v1) in zip(pts, pts[1:]):
+        if rows <= r1:
+            return v0 + (v1 - v0) * (rows - r0) / (r1 - r0)
+    return pts[-1][1]
+
+
+def decode_route(B: int, kernel: str = "auto", fused_max_rows: int = 128) -> str:
+    """The route a decode step of ``B`` rows takes (kd.generate.nf4_matmul.route on CUDA with NVRTC working)."""
+    if kernel == "dequant" or B > fused_max_rows:
+        return "dequant"
+    return "gemv" if kernel == "auto" and B <= 8 else "fused"
+
+
+def static_step_ms(hw: Hardware, B: int, context: int, dims: Dict[str, int], kernel: str = "auto",
+                   fused_max_rows: int = 128) -> float:
+    """One decode step of ``kd.generate.static_decode`` with the NF4 teacher, ms: the linears by their route
+    (:func:`decode_route`: kd's 4-bit GEMV up to 8 rows, reading 0.53 B/weight at ``gemv_bw_eff`` of the bandwidth;
+    the read-once kernel up to ``fused_max_rows``, the longer of reading 0.53 B/weight and its work per weight
+    (:func:`fused_ops`) at the CUDA-core rate; above, dequantisation to bf16, 2.5 B/weight at ``dequant_bw_eff``,
+    then bf16 GEMMs at ``decode_gemm_eff``), the KV cache read, and the measured rest (head, sampler, attention
+    matmuls, glue: ``static_overhead_ms`` + ``static_overhead_ms_per_row`` per row)."""
     H, I, L = dims["embed_dim"], dims["intermediate_dim"], dims["num_layers"]
     q_out, kvd = dims["num_heads"] * dims["head_dim"], dims["num_kv_heads"] * dims["head_dim"]
     n_lin = L * (2 * H * q_out + 2 * H * kvd + 3 * H * I)
     bw = hw.mem_gbps * 1e9
-    if B <= 8:
+    route = decode_route(B, kernel, fused_max_rows)
+    if route == "gemv":
         lin = n_lin * (0.5 + 2 / 64) / (bw * hw.gemv_bw_eff)
+    elif route == "fused":
+        lin = max(n_lin * (0.5 + 2 / 64) / bw, n_lin * fused_ops(hw, B) / (hw.fp32_tflops * TFLOP))
     else:
-        dq = n_lin * 2.5 / (bw * hw.dequant_bw_eff)
-        gemm = 2 * n_lin * B / (hw.bf16_tflops * TFLOP * hw.decode_gemm_eff)
-        lin = gemm + dq
-        if dequant_ahead and B > 64:  # DequantAhead acts where the decoder takes the dequantise + GEMM route
-            lin -= hw.ahead_hidden_frac * min(dq, gemm)
+        lin = n_lin * 2.5 / (bw * hw.dequant_bw_eff) + 2 * n_lin * B / (hw.bf16_tflops * TFLOP * hw.decode_gemm_eff)
     kv = decode_step_cost(B, context, weight_format="nf4", **dims).kv_bytes / bw
     return 1e3 * (lin + kv) + hw.static_overhead_ms + hw.static_overhead_ms_per_row * (B - 1)
 
 
 def estimate_generation(gen_cfg, hw: Hardware, expected_new_tokens: Optional[List[int]] = None,
                         n_prompts: Optional[int] = None) -> GenerationEstimate:
-    """Decode time of plan A. "today" (the eager path) from :func:`kd.teacher.static_decode.decode_step_cost`: every
+    """Decode time of plan A. "today" (the eager path) from :func:`kd.generate.static_decode.decode_step_cost`: every
     step reads the weights (4.53 B/weight: NF4 read + bf16 copy written and read) and the KV cache, and does the
     matrix and attention FLOPs; the roofline of the two at the profile's rates, plus its measured per-step overhead.
     The static engine as built: :func:`static_step_ms`. Generated length per prompt: the expected answer length (capped at
@@ -914,7 +935,7 @@ def estimate_generation(gen_cfg, hw: Hardware, expected_new_tokens: Optional[Lis
                 num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, vocab_size=m.vocab_size)
 
     def step_ms(weight_format: str) -> float:
-        # the same bytes/FLOPs model as kd.teacher.static_decode (one cost model for the decoder and the planner)
+        # the same bytes/FLOPs model as kd.generate.static_decode (one cost model for the decoder and the planner)
         cost = decode_step_cost(B, int(mean_ctx), weight_format=weight_format, **dims)
         return 1e3 * cost.seconds(hw.mem_gbps * 1e9 * hw.decode_bw_eff,
                                   hw.bf16_tflops * TFLOP * hw.teacher_eff) + hw.decode_overhead_ms
@@ -924,9 +945,11 @@ def estimate_generation(gen_cfg, hw: Hardware, expected_new_tokens: Optional[Lis
     srt = sorted(gen)
     for i in range(0, n, B):
         steps += max(srt[i:i + B])
-    ahead = GENERATE_TEACHER.get(gen_cfg, "dequant_ahead") is not None  # the recipe's own default and check
-    today, fused = step_ms("nf4_dequant"), static_step_ms(hw, B, int(mean_ctx), dims, dequant_ahead=ahead)
+    kernel = GENERATE_TEACHER.get(gen_cfg, "nf4_decode_kernel")  # the recipe's own defaults and checks
+    fmax = GENERATE_TEACHER.get(gen_cfg, "nf4_fused_max_batch")
+    today = step_ms("nf4_dequant")
+    fused = static_step_ms(hw, B, int(mean_ctx), dims, kernel=kernel, fused_max_rows=fmax)
     hours = {k: steps * today / 1e3 / 3600 / k for k in (1, 2)}
     fhours = {k: steps * fused / 1e3 / 3600 / k for k in (1, 2)}
     return GenerationEstimate(hw, n, total, B, today, total / max(1e-9, steps * today / 1e3), hours, fused, fhours,
-                              dequant_ahead=ahead)
+                              route=decode_route(B, kernel, fmax))

@@ -185,15 +185,12 @@ GENERATE_TEACHER = Schema("recipes/generate_teacher.py", "the generate_teacher c
     _k("decode_engine", "static (KV cache per bucket, CUDA graphs) | eager (same tokens)", "choice", "static",
        choices=("static", "eager")),
     _k("cuda_graphs", "capture the decode step in CUDA graphs", "bool", True),
-    _k("nf4_decode_kernel", "NF4 decode kernel (auto: kd's CUDA GEMV up to 8 rows, Triton tiles to 64, CUDA "
-       "dequantisation + cuBLAS above)", "choice", "auto", choices=("auto", "cuda", "gemv", "triton", "bnb", "dequant")),
-    _k("nf4_fused_max_batch", "largest batch of a non-auto NF4 decode kernel (larger: dequantise + cuBLAS)", "int",
-       64, lo=0),
-    _k("dequant_ahead", "SMs the GEMMs of batches on the dequantise + GEMM route leave to dequantising the next "
-       "layer's weights on a side stream (null = off; CUDA only; measured best: 24 of an H200's 132 SMs, 16 on an "
-       "H100; other GPUs unmeasured)", "int", 24, lo=0, nullable=True),
-    _k("dequant_ahead_blas", "how those GEMMs leave the SMs free: cublas (cublasSetSmCountTarget) or cublaslt "
-       "(PyTorch's carve-out)", "choice", "cublaslt", choices=("cublaslt", "cublas")),
+    _k("nf4_decode_kernel", "NF4 decode kernel (kd.generate.nf4_matmul): auto (kd's CUDA GEMV up to 8 rows, the "
+       "read-once Triton kernel up to nf4_fused_max_batch, dequantise + cuBLAS above), fused (the Triton kernel up "
+       "to nf4_fused_max_batch) or dequant (the reference: dequantise + cuBLAS)", "choice", "auto",
+       choices=("auto", "fused", "dequant")),
+    _k("nf4_fused_max_batch", "largest batch the read-once NF4 kernels take (larger: dequantise + cuBLAS, "
+       "compute-bound there; docs/offline.md)", "int", 128, lo=0),
 ], doc="Offline teacher generation: `tune run recipes/generate_teacher.py --config ...`.")
 
 SCHEMAS = (KD_LORA, HF_CHECKPOINTER, TEACHER_CACHE, ON_POLICY, EVALUATE, EXPORT, GENERATE_TEACHER)

@@ -1,6 +1,6 @@
 """kd.teacher: the teacher model at inference time.
 
-Owns teacher precision (bf16, NF4, FP8: precision, nf4, nf4_decode), generation and static decoding (generation,
-static_decode) and the on-disk teacher-logit cache (cache).
+Owns what a run loads of the teacher: precision (bf16, NF4, FP8: precision, nf4, nf4_cuda) and the on-disk
+teacher-logit cache (cache). Offline generation (decoding the teacher) is kd.generate's.
 May import: kd.core, kd.data, torchao; never kd.losses, kd.train, kd.ops, kd.testing.
 """

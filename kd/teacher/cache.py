@@ -61,7 +61,8 @@ import torch
 import torch.nn.functional as F
 
 from kd.core.atomic import atomic_write_text
-from kd.teacher.generation import counter_uniform, plan_batches
+from kd.core.rng import counter_uniform
+from kd.data.batching import plan_batches
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ assert _HDR.size == 48
 SAMPLINGS = ("random", "topk")
 MODES = ("online_then_cache", "build", "use")
 
-# splitmix increment per position (odd, distinct from kd.teacher.generation's per-step golden constant)
+# splitmix increment per position (odd, distinct from kd.generate.generation's per-step golden constant)
 _C_POS = 0xD1B54A32D192ED03 - (1 << 64)
 
 
@@ -142,7 +143,7 @@ def sample_teacher_rows(t: torch.Tensor, seeds: torch.Tensor, k: int, temperatur
     """Draw from teacher logits ``t`` [n, V] (any float dtype) at temperature T.
 
     random: ``k`` i.i.d. draws from ``p = softmax(t / T)`` by inverse CDF: one uniform per (row, draw) from
-    :func:`kd.teacher.generation.counter_uniform` (``seeds`` [n] int64, draw j = step j), CDF accumulated in float64
+    :func:`kd.core.rng.counter_uniform` (``seeds`` [n] int64, draw j = step j), CDF accumulated in float64
     (a float32 cumsum over 152k entries perturbs tail intervals by ~1e-7 each, ~1e-2 in total variation).
     topk: the ``k`` largest probabilities renormalised to sum 1 (biased; comparison only).
     Returns ``(ids [n, k] int32, probs [n, k] float32 or empty, entropy [n] float32, top1 [n] int32)``.

@@ -21,12 +21,15 @@ Public API:
   (the teacher gets them from ``kd.train.models.load_hf_into_model(nf4=True)`` + ``kd.teacher.nf4.use_fast_nf4``; a module
   already in memory from ``kd.train.models.nf4_linears_``)
 - ``set_fast_(model, fast: bool)`` toggles all ``FastNF4Linear`` modules of a model.
-- ``set_decode_(model, impl="auto", max_tokens=1)``: inputs of at most ``max_tokens`` rows (generation decode
-  steps) go through ``kd.teacher.nf4_decode.nf4_matmul`` (fused 4-bit matmul, weights read once), without autograd.
+- ``set_decode_(model, fn, max_tokens=1)``: inputs of at most ``max_tokens`` rows (generation decode steps) go to
+  ``fn(x, weight, bias)`` without autograd (the generation engine passes its read-once kernel,
+  :class:`kd.generate.nf4_matmul.DecodeRoute`); ``fn=None`` switches it off.
+- ``cached_scalers(w)``: the per-block scalers, computed once per weight (the decode kernels read them every step).
 """
 from __future__ import annotations
 
-from typing import Optional
+import weakref
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -43,6 +46,7 @@ __all__ = [
     "use_fast_nf4",
     "set_fast_",
     "set_decode_",
+    "cached_scalers",
     "triton_available",
 ]
 
@@ -67,6 +71,22 @@ def dequantize_scalers(w: NF4Tensor) -> torch.Tensor:
     n_sb = qs.numel() // w.scaler_block_size
     s = (qs.view(n_sb, w.scaler_block_size) / w.quantization_factor.unsqueeze(-1)).flatten().to(w.dtype)
     return s + w.scaler_mean
+
+
+_SCALERS: Dict[int, Tuple["weakref.ref", torch.Tensor]] = {}
+
+
+def cached_scalers(w: NF4Tensor) -> torch.Tensor:
+    """:func:`dequantize_scalers` of ``w`` computed once per weight object and kept while it lives (keyed by id:
+    ``NF4Tensor`` supports no ``==`` for a WeakKeyDictionary; the entry goes when the weight is collected). The
+    decode kernels read them every step."""
+    hit = _SCALERS.get(id(w))
+    if hit is not None and hit[0]() is w:
+        return hit[1]
+    val = dequantize_scalers(w).contiguous()
+    key = id(w)
+    _SCALERS[key] = (weakref.ref(w, lambda _r, k=key: _SCALERS.pop(k, None)), val)
+    return val
 
 
 def _dequant_torch(w: NF4Tensor, scalers: torch.Tensor) -> torch.Tensor:
@@ -202,17 +222,15 @@ class FastNF4Linear(nn.Module):
         w = to_nf4(lin.weight.detach().contiguous(), block_size, scaler_block_size)
         return cls(w, lin.bias, fast=fast)
 
-    #: decode path (``kd.teacher.nf4_decode``): set by :func:`set_decode_`; used without autograd for inputs of at most
-    #: ``decode_max_tokens`` rows (the generation batch), so the 4-bit weight is read once and never dequantised
-    decode_impl: Optional[str] = None
+    #: decode path: set by :func:`set_decode_` (a callable ``fn(x, weight, bias)``); used without autograd for inputs
+    #: of at most ``decode_max_tokens`` rows (the generation batch), so the 4-bit weight is never dequantised
+    decode_fn: Optional[Callable] = None
     decode_max_tokens: int = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.decode_impl is not None and not torch.is_grad_enabled() and isinstance(self.weight, NF4Tensor) \
+        if self.decode_fn is not None and not torch.is_grad_enabled() and isinstance(self.weight, NF4Tensor) \
                 and x.numel() <= self.decode_max_tokens * x.shape[-1]:
-            from kd.teacher.nf4_decode import nf4_matmul
-
-            return nf4_matmul(x, self.weight, impl=self.decode_impl, bias=self.bias)
+            return self.decode_fn(x, self.weight, self.bias)
         if self.fast:
             return linear_nf4_fast(x, self.weight, self.bias)
         y = linear_nf4(x, self.weight)  # stock torchao path
@@ -230,15 +248,15 @@ def set_fast_(model: nn.Module, fast: bool) -> nn.Module:
     return model
 
 
-def set_decode_(model: nn.Module, impl: Optional[str] = "auto", max_tokens: int = 1) -> int:
-    """Route every ``FastNF4Linear`` of ``model`` through the decode kernels of :mod:`kd.teacher.nf4_decode` for inputs of
-    at most ``max_tokens`` rows (``impl`` ``auto|triton|bnb|dequant|torch``; ``None`` switches it off). Prefill
-    (many rows) keeps the dequantise + GEMM path. Returns the number of modules set."""
+def set_decode_(model: nn.Module, fn: Optional[Callable] = None, max_tokens: int = 1) -> int:
+    """Route every ``FastNF4Linear`` of ``model`` through ``fn(x, weight, bias)`` for inputs of at most ``max_tokens``
+    rows without autograd (``None`` switches it off). Prefill (many rows) keeps the dequantise + GEMM path. Returns
+    the number of modules set."""
     n = 0
     for m in model.modules():
         if isinstance(m, FastNF4Linear):
-            m.decode_impl = impl
-            m.decode_max_tokens = int(max_tokens) if impl is not None else 0
+            m.decode_fn = fn
+            m.decode_max_tokens = int(max_tokens) if fn is not None else 0
             n += 1
     return n
 

@@ -30,7 +30,7 @@ tests/test_nf4_cuda.py). The linear's bias is added in the kernel before the one
   (which also recomputes the double-quantised scalers per call) and 1.23 for bf16 cuBLAS alone.
 
 Everything here needs CUDA; :func:`why_unavailable` says whether NVRTC built the kernels on this device (and why not);
-``kd.teacher.nf4_decode`` falls back to bitsandbytes / Triton where it did not.
+``kd.generate.nf4_matmul`` uses its Triton kernel and kd.teacher.nf4's dequantisation where it did not.
 """
 from __future__ import annotations
 
@@ -527,7 +527,7 @@ def _aligned(t: torch.Tensor) -> bool:
 def gemv(x: torch.Tensor, w, scalers: torch.Tensor, cfg: CudaGemvConfig,
          bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x [M, K] (bf16, M <= 8; M = 1 for lut16) @ dequant(w).T + bias -> [M, N] (bf16)``; ``scalers``: the bf16
-    per-64 scalers of ``w`` (:func:`kd.teacher.nf4_decode.decode_scalers`); ``bias`` [N] (bf16) is added inside the
+    per-64 scalers of ``w`` (:func:`kd.teacher.nf4.cached_scalers`); ``bias`` [N] (bf16) is added inside the
     kernel, before the one rounding to bf16 (a launch less per biased projection)."""
     N, K = w.shape
     M = x.shape[0] if x.dim() == 2 else 1
@@ -656,16 +656,17 @@ _TUNED: Dict[Tuple[int, int, int], CudaGemvConfig] = {}
 def tune(N: int, K: int, M: int, w=None, x: Optional[torch.Tensor] = None) -> CudaGemvConfig:
     """The fastest :func:`gemv_candidates` entry for an ``M x K @ K x N`` product, timed once per shape on CUDA
     (never during CUDA-graph capture; ``KD_NF4_TUNE=0`` skips the timing), the default elsewhere."""
-    from kd.teacher.nf4_decode import _can_time, _fastest, decode_scalers
+    from kd.core.kernels import can_time, fastest
+    from kd.teacher.nf4 import cached_scalers
 
     key = (N, K, M)
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg
-    if not _can_time(w, x):
+    if w is None or not can_time(x):
         return CudaGemvConfig()
-    s = decode_scalers(w)
+    s = cached_scalers(w)
     cands = list(gemv_candidates(N, K, M))
-    best = _fastest(cands, lambda c: gemv(x, w, s, c), iters=10, graph=True) or CudaGemvConfig()
+    best = fastest(cands, lambda c: gemv(x, w, s, c), iters=10, graph=True) or CudaGemvConfig()
     _TUNED[key] = best
     return best

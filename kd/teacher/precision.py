@@ -540,14 +540,14 @@ def nf4_to_fp8(w, inv: torch.Tensor, *, impl: str = "auto", out: Optional[torch.
     (:func:`kd.teacher.nf4_cuda.dequant_fp8`, 0.5 B read + 1 B written per weight at ~3.6 TB/s on the H200, where the
     Triton kernel ran at ~2 TB/s: bench/logs/decode_b512_probe_h200_s6.log) where NVRTC works, else Triton.
     Outside ``torch.compile`` the CUDA kernel reads the scalers cached per weight
-    (:func:`kd.teacher.nf4_decode.decode_scalers`) and writes into ``out`` when given (contiguous e4m3 [N, K]);
+    (:func:`kd.teacher.nf4.cached_scalers`) and writes into ``out`` when given (contiguous e4m3 [N, K]);
     under compile it runs inside the ``kd::nf4_to_fp8`` custom op."""
     if impl in ("auto", "cuda") and not torch.compiler.is_compiling() and _cuda_fp8_ok(w.quantized_data,
                                                                                         w.block_size):
         from kd.teacher import nf4_cuda
-        from kd.teacher.nf4_decode import decode_scalers
+        from kd.teacher.nf4 import cached_scalers
 
-        return nf4_cuda.dequant_fp8(w, decode_scalers(w), inv.to(torch.float32).contiguous(), out)
+        return nf4_cuda.dequant_fp8(w, cached_scalers(w), inv.to(torch.float32).contiguous(), out)
     if out is not None:
         raise ValueError("kd: nf4_to_fp8(out=...) needs the CUDA kernel")
     return _nf4_to_fp8_op(w.quantized_data, dequantize_scalers(w), w.nf4, inv.to(torch.float32),

@@ -20,7 +20,7 @@ Pieces used by ``recipes/kd_lora.py`` (``on_policy:`` config section):
 - :func:`build_on_policy_batch`: prompt + generated answer (+ the stop token the student emitted, so it learns
   where the teacher would stop), right-padded, labels on the generated tokens only, in the dataset's convention.
 - :func:`student_generation`: context manager that makes a (possibly FSDP2-sharded, fused-head, chunked-output)
-  training student a generator: eval mode, :class:`kd.teacher.generation.LastTokenHead`, no output chunking, and under
+  training student a generator: eval mode, :class:`kd.generate.generation.LastTokenHead`, no output chunking, and under
   FSDP2 the parameters gathered ONCE for the whole generation (``unshard`` + ``reshard_after_forward=False``)
   instead of one all-gather per generated token.
 - :func:`generate_on_policy`: all of the above for the micro-batches of one optimizer step; returns
@@ -41,7 +41,7 @@ from torch import nn
 
 from kd.core.config import ConfigError
 from kd.core.keys import Schema, _k
-from kd.teacher.generation import (
+from kd.generate.generation import (
     SamplingParams,
     generate_batch,
     install_last_token_head,
@@ -200,7 +200,7 @@ def student_generation(model: nn.Module, *, reshard_after_forward: bool = True) 
     """Turn the training student into a generator for the duration of the block.
 
     - eval mode (LoRA dropout off), restored afterwards;
-    - ``model.output`` wrapped in :class:`kd.teacher.generation.LastTokenHead` (works for :class:`kd.losses.heads.FusedKDHead`,
+    - ``model.output`` wrapped in :class:`kd.generate.generation.LastTokenHead` (works for :class:`kd.losses.heads.FusedKDHead`,
       whose forward without targets returns logits, and for a plain/LoRA linear); ``num_output_chunks`` set to 0
       (the chunked loss form's chunked output would hand the head a list);
     - FSDP2: every FSDP unit is all-gathered once (``unshard``) and kept gathered across the decode steps
@@ -263,7 +263,7 @@ def generate_on_policy(
     reshard_after_forward: bool = True,
 ) -> OnPolicyBatches:
     """Sample the student's answer to every prompt of the step's micro-batches (the project's batched KV-cache
-    generation, :func:`kd.teacher.generation.generate_batch`, all rows of the step in one call), with the student's CURRENT
+    generation, :func:`kd.generate.generation.generate_batch`, all rows of the step in one call), with the student's CURRENT
     weights (LoRA included); one on-policy batch per micro-batch. The result never carries gradients (GKD's
     stop-gradient on the samples)."""
 

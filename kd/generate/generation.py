@@ -19,7 +19,7 @@ Pieces (used by ``recipes/generate_teacher.py`` and ``recipes/evaluate.py``):
   (``batch_size`` and ``max_batch_tokens`` = B x (prompt + max_new_tokens) limits); batch ``b`` belongs to rank
   ``b % world_size``. The plan depends on the data only, so after a resume (any world size) a batch is the
   same group of samples as before, minus the ones already done.
-- The recipe's default decoder is :class:`kd.teacher.static_decode.StaticDecoder` (static KV cache per bucket, CUDA graphs,
+- The recipe's default decoder is :class:`kd.generate.static_decode.StaticDecoder` (static KV cache per bucket, CUDA graphs,
   NF4 weights read once per step); :func:`generate_batch` is the eager reference it is tested against.
 - :func:`merge_results`: the alpaca JSON in source order (``instruction``, ``input``, ``output`` = teacher
   answer, ``original_output``, plus ``id`` and flags) and LLaMA-Factory's ``dataset_info.json``.
@@ -39,50 +39,18 @@ from torch import nn
 
 from kd.core.atomic import append_durably, atomic_write_text, truncate_durably
 from kd.core.config import DataError
+from kd.core.rng import counter_uniform, sample_seed, signed64
+from kd.data.batching import plan_batches
+
+# the seeds and batching the engine uses, importable with it (they live in kd.core.rng / kd.data.batching because the
+# teacher cache samples and batches with them too)
+REEXPORTED = (sample_seed, plan_batches)
 from kd.data.alpaca import prompt_messages
 from kd.data.special_text import plain_text
 
 log = logging.getLogger(__name__)
 
-_M64 = (1 << 64) - 1
-
-
-def _signed64(x: int) -> int:
-    x &= _M64
-    return x - (1 << 64) if x >= (1 << 63) else x
-
-
-# --------------------------------------------------------------------------------------------------
-# Seeds and counter-based random numbers
-# --------------------------------------------------------------------------------------------------
-def sample_seed(seed: int, sample_id: int) -> int:
-    """Deterministic 63-bit seed of one sample: sha256 of ``"seed:sample_id"``."""
-    h = hashlib.sha256(f"{int(seed)}:{int(sample_id)}".encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
-
-
-_C_GOLDEN = _signed64(0x9E3779B97F4A7C15)
-_C_MIX1 = _signed64(0xBF58476D1CE4E5B9)
-_C_MIX2 = _signed64(0x94D049BB133111EB)
-
-
-def _srl(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
-    return (x >> k) & ((1 << (64 - k)) - 1)
-
-
-def counter_uniform(seeds: torch.Tensor, step) -> torch.Tensor:
-    """U(0, 1) float64 per row from splitmix64(seed + (step + 1) * golden): exact integer math, so the same
-    on every device and batch composition. ``step`` is an int or an int64 tensor (shape [] or [1], on the
-    seeds' device: the CUDA-graph decode step keeps it on the GPU); int64 products wrap like the int path."""
-    if isinstance(step, torch.Tensor):
-        z = seeds.to(torch.int64) + (step.to(torch.int64) + 1) * _C_GOLDEN
-    else:
-        z = seeds.to(torch.int64) + _signed64((step + 1) * (_C_GOLDEN & _M64))
-    z = (z ^ _srl(z, 30)) * _C_MIX1
-    z = (z ^ _srl(z, 27)) * _C_MIX2
-    z = z ^ _srl(z, 31)
-    return (_srl(z, 11).to(torch.float64) + 0.5) / float(1 << 53)
+# seeds and counter-based random numbers live in kd.core.rng (the cache samples with them too)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,9 +149,9 @@ def setup_kv_caches(model: nn.Module, batch_size: int, max_len: int, dtype: torc
 def decode_qkv(attn, x: torch.Tensor, y: torch.Tensor, input_pos, qkv=None
                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [b, H, 1, d], k and v [b, H_kv, 1, d] of one decode token through a torchtune attention module's
-    projections, RoPE and q/k norms (shared by the eager grouped decode and kd.teacher.static_decode).
+    projections, RoPE and q/k norms (shared by the eager grouped decode and kd.generate.static_decode).
     ``qkv``: optional callable ``x -> (q_proj(x), k_proj(x), v_proj(x))`` for self-attention (``y is x``), e.g. a
-    :class:`kd.teacher.linear_groups.LinearGroup` running the three as one GEMM."""
+    :class:`kd.generate.linear_groups.LinearGroup` running the three as one GEMM."""
     b = x.shape[0]
     if qkv is not None and y is x:
         qp, kp, vp = qkv(x)
@@ -338,7 +306,7 @@ def generate_batch(
     tok, pad_mask = left_pad(prompts, pad_id, L)
     tok, pad_mask = tok.to(device), pad_mask.to(device)
     input_pos = get_position_ids_from_padding_mask(pad_mask)  # [B, L]
-    seeds_t = torch.tensor([_signed64(s) for s in seeds], dtype=torch.int64, device=device) if seeds is not None else None
+    seeds_t = torch.tensor([signed64(s) for s in seeds], dtype=torch.int64, device=device) if seeds is not None else None
     stop_t = torch.tensor(sorted(set(int(s) for s in stop_ids)), dtype=torch.long, device=device)
     key_pos = torch.arange(L, device=device)
 
@@ -408,26 +376,6 @@ def stop_token_ids(tokenizer) -> List[int]:
     if not ids:
         raise ValueError("the tokenizer has no <|im_end|> / <|endoftext|> / eos token to stop on")
     return sorted(set(ids))
-
-
-def plan_batches(
-    lengths: Dict[int, int], *, batch_size: int, max_new_tokens: int, max_batch_tokens: Optional[int] = None
-) -> List[List[int]]:
-    """Sample ids grouped into batches: longest prompts first, ties by id; each batch has at most
-    ``batch_size`` rows and (if given) ``rows * (longest prompt + max_new_tokens) <= max_batch_tokens``."""
-    order = sorted(lengths, key=lambda i: (-lengths[i], i))
-    batches: List[List[int]] = []
-    cur: List[int] = []
-    for sid in order:
-        if cur:
-            width = lengths[cur[0]] + max_new_tokens
-            if len(cur) >= batch_size or (max_batch_tokens and (len(cur) + 1) * width > max_batch_tokens):
-                batches.append(cur)
-                cur = []
-        cur.append(sid)
-    if cur:
-        batches.append(cur)
-    return batches
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """One fused kernel for a decode step's grouped-query attention (one new token per row, KV cache read once).
 
-:func:`kd.teacher.generation.grouped_decode_attend` does the same maths in eight launches (QK^T batched GEMM, fp32
+:func:`kd.generate.generation.grouped_decode_attend` does the same maths in eight launches (QK^T batched GEMM, fp32
 cast, scale, mask, softmax, bf16 cast, PV batched GEMM, head transpose): at batch 512 every one of them passes over
 ``[B, n_kv, g, L]`` fp32 scores, 0.18 ms per 72B layer on the H200 against ~0.07 ms for reading the cache once
 (bench/logs/decode_bench_h200_s5_call3.log). :func:`decode_attention` is one Triton program per (row, KV head):

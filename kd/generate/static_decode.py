@@ -1,5 +1,5 @@
 """Static-shape decoding for teacher generation: one KV cache per (batch, length) bucket, the decode step captured
-as CUDA graphs, sampling on the GPU, no per-step host sync. Same tokens as :func:`kd.teacher.generation.generate_batch`.
+as CUDA graphs, sampling on the GPU, no per-step host sync. Same tokens as :func:`kd.generate.generation.generate_batch`.
 
 Why: a Qwen2.5-72B decode step is ~2,000 small kernels (80 layers x projections, norms, RoPE, attention, plus
 the sampler); launched from Python that alone is tens of ms per token at batch 1. :class:`StaticDecoder` keeps
@@ -13,7 +13,7 @@ every tensor a step touches at a fixed address, so the step can be captured once
   ``q`` with ``index_copy_`` (a device index; torchtune's ``KVCache.update`` asserts on a device value, a host
   sync) and attends to the first ``Lc`` slots only (``Lc`` = ``q + 1`` rounded up to ``attn_bucket``: one graph
   per ``Lc``, so a step reads the filled part of the cache, not all of ``L``), grouped-query attention without
-  expanding KV heads, last-token head, :func:`kd.teacher.generation.sample_next` with the step as a device tensor
+  expanding KV heads, last-token head, :func:`kd.generate.generation.sample_next` with the step as a device tensor
   (counter-based random numbers: same stream as the eager path), the token written into the answer buffer;
 - **stop check**: every ``check_every`` steps ``done.all()`` is copied to pinned host memory without blocking and
   read when that copy has landed (``torch.cuda.Event.query``); the host waits only when it runs more than two
@@ -26,8 +26,9 @@ every tensor a step touches at a fixed address, so the step can be captured once
 
 Prefill stays eager (torchtune's attention over the whole prompt; NF4 linears dequantise + GEMM), and so does the
 first decode step of each ``Lc`` bucket: it is the warm-up (Triton tuning, bitsandbytes' first call) before the
-capture. Decode steps route the NF4 linears through :mod:`kd.teacher.nf4_decode` (``nf4_kernel``; batches of at most
-``nf4_fused_max_batch`` rows; larger ones keep dequantise + cuBLAS, which wins once the GEMM is compute-bound).
+capture. Decode steps route the NF4 linears through :func:`kd.generate.nf4_matmul.nf4_matmul` (``nf4_kernel``:
+the read-once kernels up to ``nf4_fused_max_batch`` rows; larger batches dequantise + cuBLAS, which wins once the
+GEMM is compute-bound).
 
 :func:`decode_step_cost` gives the bytes and FLOPs of one decode step for a model shape and batch (the planner's
 estimate of generation time on other hardware: ``max(bytes / bandwidth, flops / peak)``).
@@ -35,7 +36,6 @@ estimate of generation time on other hardware: ``max(bytes / bandwidth, flops / 
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -43,11 +43,10 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from kd.teacher.generation import (
+from kd.generate.generation import (
     Generation,
     LastTokenHead,
     SamplingParams,
-    _signed64,
     check_batch,
     decode_qkv,
     grouped_decode_attend,
@@ -59,7 +58,9 @@ from kd.teacher.generation import (
     teardown_kv_caches,
     to_generations,
 )
-from kd.teacher.linear_groups import LinearGroups, carveout_supported, check_dequant_ahead
+from kd.core.rng import signed64
+from kd.generate.linear_groups import LinearGroups
+from kd.generate.nf4_matmul import FUSED_MAX_ROWS, DecodeRoute
 from kd.teacher.nf4 import set_decode_
 
 __all__ = ["StaticDecoder", "DecodeStepCost", "decode_step_cost", "QWEN2_5_72B_SHAPE"]
@@ -130,7 +131,7 @@ class _StepKernels:
     slot: torch.Tensor  # [1] int64: the cache slot of this step's token
     first: Optional[torch.Tensor] = None  # [B] int64: each row's first prompt slot (fused attention reads from it)
     groups: Optional[LinearGroups] = None  # q/k/v as one GEMM where that pays (large batches on CUDA)
-    fused_attention: bool = False  # kd.teacher.decode_attention (one Triton kernel) instead of the eager maths
+    fused_attention: bool = False  # kd.generate.decode_attention (one Triton kernel) instead of the eager maths
 
 
 def _static_decode_forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, mask=None, input_pos=None,
@@ -138,19 +139,19 @@ def _static_decode_forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = No
     """torchtune ``MultiHeadAttention.forward`` for one new token per row at cache slot ``step.slot``.
 
     Writes K/V with ``index_copy_`` (no host value needed) and attends to the first ``mask.shape[-1]`` slots,
-    the query heads of a group batched against their shared K/V (as :func:`kd.teacher.generation._grouped_decode_forward`),
+    the query heads of a group batched against their shared K/V (as :func:`kd.generate.generation._grouped_decode_forward`),
     or, with ``step.fused_attention``, in one kernel that reads only slots ``step.first[row] .. step.slot``.
     Prefill (more than one token) goes to the stock forward."""
     if x.shape[1] != 1 or mask is None or self.kv_cache is None:
         return type(self).forward(self, x, y, mask=mask, input_pos=input_pos)
     grp = step.groups.attn.get(id(self)) if step.groups is not None else None
-    q, k, v = decode_qkv(self, x, y, input_pos, qkv=partial(step.groups.call, grp) if grp is not None else None)
+    q, k, v = decode_qkv(self, x, y, input_pos, qkv=grp)
     kc, vc = self.kv_cache.k_cache, self.kv_cache.v_cache
     kc.index_copy_(2, step.slot, k.to(kc.dtype))
     vc.index_copy_(2, step.slot, v.to(vc.dtype))
     Lc = mask.shape[-1]
     if step.fused_attention and q.dtype == kc.dtype:
-        from kd.teacher.decode_attention import decode_attention
+        from kd.generate.decode_attention import decode_attention
 
         b = q.shape[0]
         out = decode_attention(q[:, :, 0], kc, vc, mask, scale=self.head_dim ** -0.5, first=step.first,
@@ -220,8 +221,7 @@ class _Glue:
 class fused_glue(patched_forwards):
     """Context manager: the decode step's RMSNorms, Qwen2 RoPEs and SiLU feed-forwards run :class:`_Glue`'s
     compiled functions (``enabled=False``: none of that), feed-forwards in ``groups`` run w1 and w3 through
-    their :class:`kd.teacher.linear_groups.LinearGroup` (one GEMM where that pays), and with ``groups.ahead`` the
-    output projections and w2 go through that :class:`kd.teacher.linear_groups.DequantAhead` too."""
+    their :class:`kd.generate.linear_groups.LinearGroup` (one GEMM where that pays)."""
 
     def __init__(self, model: nn.Module, enabled: bool = True, groups: Optional[LinearGroups] = None):
         self.mods = []
@@ -236,11 +236,7 @@ class fused_glue(patched_forwards):
             elif type(m) is FeedForward and isinstance(m.activation, nn.SiLU) and m.w3 is not None:
                 grp = groups.ffn.get(id(m)) if groups is not None else None
                 if enabled or grp is not None:  # the gate compiled, and/or w1 and w3 as one GEMM
-                    run = partial(groups.call, grp) if grp is not None else None
-                    self.mods.append((m, partial(self._ffn, m, run, enabled)))
-        ahead = groups.ahead if groups is not None else None
-        for m, grp in (ahead.singles if ahead is not None else ()):  # output_proj, w2: through the pass too
-            self.mods.append((m, partial(self._single, m, grp, ahead)))
+                    self.mods.append((m, partial(self._ffn, m, grp, enabled)))
 
     @staticmethod
     def _rms(m, x):
@@ -251,10 +247,6 @@ class fused_glue(patched_forwards):
         if input_pos is None:
             return type(m).forward(m, x, input_pos=input_pos)
         return _Glue.call(1, lambda: type(m).forward(m, x, input_pos=input_pos), x, m.cache, input_pos)
-
-    @staticmethod
-    def _single(m, grp, ahead, x):
-        return ahead.run(grp, x, fallback=lambda: (type(m).forward(m, x),))[0]
 
     @staticmethod
     def _ffn(m, run, glue: bool, x):
@@ -319,34 +311,29 @@ class DecodeTiming:
 
 class StaticDecoder:
     """Generate with static per-bucket state and (on CUDA) CUDA-graph decode steps. Create once per model and call
-    :meth:`generate` per batch (same arguments and results as :func:`kd.teacher.generation.generate_batch`).
+    :meth:`generate` per batch (same arguments and results as :func:`kd.generate.generation.generate_batch`).
 
     Args:
-        model: torchtune ``TransformerDecoder`` with a :class:`kd.teacher.generation.LastTokenHead`.
+        model: torchtune ``TransformerDecoder`` with a :class:`kd.generate.generation.LastTokenHead`.
         device, cache_dtype: where the caches live and their dtype (default: the model's float dtype).
         cuda_graphs: capture decode steps (default: on CUDA).
         attn_bucket: cache length granularity (``L`` and the per-graph attention length ``Lc``).
         check_every: steps between stop checks.
-        nf4_kernel / nf4_fused_max_batch: decode kernel of NF4 linears (:func:`kd.teacher.nf4.set_decode_`) and the largest
-            batch that uses it (bigger batches: dequantise + cuBLAS; with ``auto`` every batch goes through
-            :func:`kd.teacher.nf4_decode.nf4_matmul`, which picks that itself). ``nf4_kernel=None`` leaves the linears alone.
+        nf4_kernel / nf4_fused_max_batch: decode kernel of NF4 linears (``auto``, ``fused`` or ``dequant``:
+            :class:`kd.generate.nf4_matmul.DecodeRoute`) and the largest batch the read-once kernels take (bigger
+            batches: dequantise + cuBLAS). ``nf4_kernel=None`` leaves the linears alone (training's dequantise + GEMM).
         fuse_glue: on CUDA, run norms, RoPE and the SiLU gate of decode steps as compiled kernels (:class:`fused_glue`).
         fuse_linears: on CUDA, q/k/v and w1/w3 of NF4 / nf4_fp8 teachers as one GEMM each at batches that take the
-            dequantise + GEMM route (:mod:`kd.teacher.linear_groups`).
+            dequantise + GEMM route (:mod:`kd.generate.linear_groups`).
         fused_attention: on CUDA with Triton, a decode step's attention is one kernel reading only the filled slots
-            (:mod:`kd.teacher.decode_attention`), for batches with at least one (row, KV head) per SM (smaller ones
+            (:mod:`kd.generate.decode_attention`), for batches with at least one (row, KV head) per SM (smaller ones
             keep the batched-GEMM path, which spreads a row's work over more SMs).
-        dequant_ahead: with ``fuse_linears``, the number of SMs the GEMMs leave to dequantising the next layer's
-            weights on a side stream (:class:`kd.teacher.linear_groups.DequantAhead`; steps then run on a
-            high-priority stream); ``None``: off. ``dequant_ahead_blas``: which library's SM-count target the
-            bf16 GEMMs use (:func:`kd.teacher.linear_groups.sm_carveout`).
     """
 
     def __init__(self, model: nn.Module, *, device: torch.device, cache_dtype: Optional[torch.dtype] = None,
                  cuda_graphs: Optional[bool] = None, attn_bucket: int = 256, check_every: int = 16,
-                 nf4_kernel: Optional[str] = "auto", nf4_fused_max_batch: int = 64, fuse_glue: bool = True,
-                 fuse_linears: bool = True, fused_attention: bool = True, dequant_ahead: Optional[int] = None,
-                 dequant_ahead_blas: str = "cublaslt"):
+                 nf4_kernel: Optional[str] = "auto", nf4_fused_max_batch: int = FUSED_MAX_ROWS,
+                 fuse_glue: bool = True, fuse_linears: bool = True, fused_attention: bool = True):
         if not isinstance(model.output, LastTokenHead):
             raise ValueError("StaticDecoder needs install_last_token_head(model) first")
         self.model = model
@@ -362,14 +349,9 @@ class StaticDecoder:
         self.nf4_fused_max_batch = int(nf4_fused_max_batch)
         self.fuse_glue = bool(fuse_glue) and self.device.type == "cuda"
         cuda = self.device.type == "cuda"
-        check_dequant_ahead(dequant_ahead, self.device)
-        ahead = dequant_ahead if cuda and carveout_supported() else None
-        self.groups = LinearGroups(model, ahead_carveout=ahead, device=self.device, ahead_blas=dequant_ahead_blas) \
-            if fuse_linears and cuda else None
-        # the decode steps' stream when a DequantAhead runs: high priority, above its side stream's
-        self._stream = (torch.cuda.Stream(self.device, priority=-100)
-                        if self.groups is not None and self.groups.ahead is not None else None)
-        from kd.teacher import decode_attention
+        self.route = DecodeRoute(nf4_kernel, self.nf4_fused_max_batch) if nf4_kernel is not None else None
+        self.groups = LinearGroups(model) if fuse_linears and cuda else None
+        from kd.generate import decode_attention
 
         self.fused_attention = bool(fused_attention) and decode_attention.available(self.device)
         self._bucket: Optional[_Bucket] = None
@@ -407,8 +389,6 @@ class StaticDecoder:
             self._bucket.graphs.clear()
             self._bucket = None
             teardown_kv_caches(self.model)
-            if self.groups is not None and self.groups.ahead is not None:
-                self.groups.ahead.close()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -441,7 +421,7 @@ class StaticDecoder:
             self._pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
-        with torch.cuda.graph(g, pool=self._pool, stream=self._stream):
+        with torch.cuda.graph(g, pool=self._pool, ):
             self._step(bk, Lc, params, pad_id)  # recorded, not run
         bk.graphs[Lc] = g
         self.n_captures += 1
@@ -477,18 +457,16 @@ class StaticDecoder:
         bk.pad_mask.copy_(pad_mask)
         bk.input_pos.copy_(get_position_ids_from_padding_mask(pad_mask))
         if seeds is not None:
-            bk.seeds.copy_(torch.tensor([_signed64(s) for s in seeds], dtype=torch.int64))
+            bk.seeds.copy_(torch.tensor([signed64(s) for s in seeds], dtype=torch.int64))
         bk.stop.copy_(torch.tensor(stops, dtype=torch.long))
         bk.first.copy_(torch.tensor([P - len(p) for p in prompts], dtype=torch.long))
         tok = tok.to(self.device)
 
         n_dec = 0
-        if self.nf4_kernel is not None:
-            # auto picks dequantise + cuBLAS itself for large batches (with the faster CUDA dequantisation and
-            # cached scalers where NVRTC works), so every batch goes through the decode kernels
-            n_dec = set_decode_(self.model, self.nf4_kernel,
-                                max(B, self.nf4_fused_max_batch) if self.nf4_kernel == "auto" and self.device.type == "cuda"
-                                else self.nf4_fused_max_batch)
+        if self.route is not None:
+            # every decode batch goes through the route, which sends batches past nf4_fused_max_batch rows to
+            # dequantise + cuBLAS itself (prefill has more rows than B: training's dequantise + GEMM)
+            n_dec = set_decode_(self.model, self.route, B)
         try:
             # prefill (eager, torchtune attention; fills cache slots [0, P))
             prefill_mask = get_causal_mask_from_padding_mask(bk.pad_mask[:, :P], target_seq_len=L)
@@ -506,10 +484,8 @@ class StaticDecoder:
             pending: List[Tuple[object, torch.Tensor]] = []
             step = _StepKernels(slot=bk.q, first=bk.first, groups=self.groups,
                                 fused_attention=self.fused_attention and self._attention_fills_gpu(B))
-            if self._stream is not None:
-                self._stream.wait_stream(torch.cuda.current_stream(self.device))
             with patched_attention(self.model, partial(_static_decode_forward, step=step)), \
-                    fused_glue(self.model, self.fuse_glue, self.groups), self._steps_stream():
+                    fused_glue(self.model, self.fuse_glue, self.groups):
                 timing = self.last_timing = DecodeTiming(self.device)
                 timing.mark()
                 for s in range(max_new_tokens - 1):
@@ -520,16 +496,10 @@ class StaticDecoder:
                     n_steps = s + 2
                 timing.mark()
                 timing.steps = n_steps - 1
-            if self._stream is not None:
-                torch.cuda.current_stream(self.device).wait_stream(self._stream)
         finally:
             if n_dec:
                 set_decode_(self.model, None)
         return to_generations(bk.out[:n_real, :n_steps].cpu().tolist(), stops, max_new_tokens)
-
-    def _steps_stream(self):
-        """Where decode steps run: :attr:`_stream` when set (a :class:`DequantAhead` pass), else the current one."""
-        return torch.cuda.stream(self._stream) if self._stream is not None else nullcontext()
 
     def _attention_fills_gpu(self, B: int) -> bool:
         from torchtune.modules import MultiHeadAttention
