@@ -11,7 +11,7 @@ Pieces (``--pieces``, comma separated):
            --batch x --seq tokens: stock (torchao linear_nf4, chunked logits, stock losses) vs kd (fast NF4,
            hidden states only, fused loss; variant syntax kd[:cCHUNK][:acK] = loss chunk_size, activation
            checkpointing on the first K of 28 student layers). Recommended config: kd:c256:ac8.
-           Teacher-cache variants (kd.teacher.cache, same syntax): kdw = kd + drawing K=12 cache samples in the
+           Teacher-cache variants (kd.cache.store, same syntax): kdw = kd + drawing K=12 cache samples in the
            fused head and copying them to the host (epoch 1 of teacher_cache.mode=online_then_cache); cache = no
            teacher forward, sparse cached targets [N, 12] (epochs 2+ / mode=use); build = teacher forward +
            sampling only, no student (mode=build). With kd, kdw and cache in one run it prints the 3-epoch cost
@@ -447,7 +447,7 @@ def piece_step(args):
 
     step_chunk = [1024]
 
-    from kd.teacher.cache import SparseTargets, TeacherSampler, sample_teacher_rows
+    from kd.losses.sparse import SparseTargets, TeacherSampler, sample_teacher_rows
     Kc = 12
     cache_t = []
     for _ in batches:  # cached targets: K slots of weight 1/K (the worst case: all draws distinct)

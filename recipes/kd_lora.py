@@ -81,7 +81,7 @@ from kd.ops.planner import chunked_extra_gib, plan_from_config
 from kd.teacher.precision import check_sharding, parse_precision, resolve_precision
 from kd.core.progress import configure_logging, progress
 from kd.train.step_checkpoint import CheckpointManager
-from kd.train.cache_session import CacheSession, parse_options, resume_epoch
+from kd.cache.session import CacheSession, parse_options, resume_epoch
 from kd.train.timing import PhaseTimer
 
 log = logging.getLogger("kd.recipe")
@@ -599,7 +599,7 @@ class KDLoRARecipe:
         return profiler
 
     # ----------------------------------------------------------------------------------------------
-    # Teacher cache (kd.train.cache_session): Random-Sampling KD targets computed once, read every epoch
+    # Teacher cache (kd.cache.session): Random-Sampling KD targets computed once, read every epoch
     # ----------------------------------------------------------------------------------------------
     def _setup_teacher_cache(self, cfg: DictConfig) -> None:
         """Parse ``teacher_cache`` and decide whether the teacher is loaded in step 5: always without a

@@ -11,10 +11,11 @@ ALLOWED = {
     "data": {"core"},
     "teacher": {"core", "data"},
     "generate": {"core", "data", "teacher"},
-    "losses": {"core", "teacher"},
+    "losses": {"core"},
     "train": {"core", "data", "teacher", "generate", "losses"},
-    "ops": {"core", "data", "teacher", "generate", "losses", "train"},
-    "testing": {"core", "data", "teacher", "generate", "losses", "train", "ops"},
+    "cache": {"core", "data", "teacher", "losses", "train"},
+    "ops": {"core", "data", "teacher", "generate", "losses", "train", "cache"},
+    "testing": {"core", "data", "teacher", "generate", "losses", "train", "cache", "ops"},
 }
 
 

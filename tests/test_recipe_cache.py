@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from kd.teacher.cache import CacheKey, TeacherCacheStore
+from kd.cache.store import CacheKey, TeacherCacheStore
 from recipe_utils import REPO, TUNE, env_for, free_port, metrics, tune_run
 
 BASE = ["log_every_n_steps=1", "~eval_every_n_steps", "save_every_n_steps=100", "progress_bar=False", "kd_ratio=1"]
@@ -98,7 +98,7 @@ def test_cache_training_counts_and_matches_online(testbed, tmp_path, built_cache
     _assert_cache_run_tracks_online(on, ca, 6)
     import json
 
-    from kd.teacher.cache import CacheKey, TeacherCacheStore
+    from kd.cache.store import CacheKey, TeacherCacheStore
 
     s = TeacherCacheStore(built_cache, CacheKey(**json.loads((built_cache / "cache.json").read_text())))
     s.scan()

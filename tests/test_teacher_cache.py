@@ -1,4 +1,4 @@
-"""kd.teacher.cache and the sparse (Random-Sampling KD) fused loss, against float64 references written here."""
+"""kd.cache.store, kd.losses.sparse and the sparse (Random-Sampling KD) fused loss, against float64 references written here."""
 
 from __future__ import annotations
 
@@ -9,19 +9,17 @@ import torch
 import torch.nn.functional as F
 
 from kd.losses.distillation import DistillationLoss, fused_linear_kd_ce, sparse_soft_ce_sum
-from kd.teacher.cache import (
+from kd.cache.store import (
     FORMAT,
     CacheError,
     CacheKey,
-    SparseTargets,
     TeacherCacheStore,
-    TeacherSampler,
     records_from_samples,
     row_seeds,
     sample_hash,
-    sample_teacher_rows,
     sparse_targets_for_batch,
 )
+from kd.losses.sparse import SparseTargets, TeacherSampler, sample_teacher_rows
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -234,7 +232,7 @@ def _samples_for(labels, K=12, V=50, sampling="random", seed=0):
     B, S = labels.shape
     t = torch.randn(B * S, V, generator=torch.Generator().manual_seed(seed)) * 2
     ids, probs, ent, top1 = sample_teacher_rows(t, row_seeds(list(range(B)), S, 0), K, 1.0, sampling)
-    from kd.teacher.cache import TeacherSamples
+    from kd.losses.sparse import TeacherSamples
 
     return TeacherSamples(ids, probs, ent, top1), t
 
@@ -345,7 +343,7 @@ def test_fingerprints_see_changes(tmp_path, testbed, tiny_tokenizer):
     import shutil
 
     from kd.data.alpaca import AlpacaKDDataset
-    from kd.teacher.cache import checkpoint_fingerprint, template_fingerprint, tokenizer_fingerprint
+    from kd.cache.store import checkpoint_fingerprint, template_fingerprint, tokenizer_fingerprint
 
     tdir = tmp_path / "teacher"
     shutil.copytree(testbed.teacher_dir, tdir)
@@ -403,7 +401,7 @@ def test_planner_knows_the_cache():
 
 def _complete_prefix(blob: bytes, n: int) -> int:
     """Bytes of whole records in blob[:n]."""
-    from kd.teacher.cache import _parse
+    from kd.cache.store import _parse
 
     return _parse(blob[:n], 0)[1]
 
@@ -411,7 +409,7 @@ def _complete_prefix(blob: bytes, n: int) -> int:
 def _sync_worker(rank, dirs, port, results):
     import torch.distributed as dist
 
-    from kd.teacher.cache import sync_shards
+    from kd.cache.store import sync_shards
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -479,7 +477,7 @@ def test_packed_batches_write_and_read_the_records_of_unpacked_ones(tiny_tokeniz
     from torchtune.data import padded_collate_packed, padded_collate_sft
 
     from kd.data.alpaca import DEMO_DATA_PATH, alpaca_kd_dataset
-    from kd.teacher.cache import (
+    from kd.cache.store import (
         CacheCollate, Segments, TeacherSamples, index_dataset, item_segments, unpacked_view)
 
     kw = dict(split="all", max_seq_len=256, train_on_input=train_on_input)

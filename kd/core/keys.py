@@ -3,7 +3,7 @@ default and range, ``kd plan``'s validation and ``docs/config_keys.md``.
 
 Owns: the table types. May import: :mod:`kd.core.config` only. The tables themselves live with their owners: the
 recipes' in :mod:`kd.ops.schema`, the ``teacher_cache`` and ``on_policy`` sections' in
-:mod:`kd.train.cache_session` and :mod:`kd.train.on_policy`.
+:mod:`kd.cache.session` and :mod:`kd.train.on_policy`.
 """
 
 from __future__ import annotations

@@ -2,5 +2,6 @@
 
 Owns the divergences and the fused chunked KD+CE loss (distillation), the config components that name them
 (components) and the output-projection heads that call them per forward (heads).
-May import: kd.core, kd.teacher (sparse teacher targets); never kd.train, kd.ops, kd.testing.
+May import: kd.core; never kd.teacher, kd.cache, kd.train, kd.ops, kd.testing (the sparse-target types the cache
+shares are here, in sparse).
 """

@@ -70,7 +70,7 @@ import torch
 import torch.nn.functional as F
 
 from kd.core import kernels
-from kd.teacher.cache import SparseTargets, TeacherSampler, TeacherSamples, sample_teacher_rows
+from kd.losses.sparse import SparseTargets, TeacherSampler, TeacherSamples, sample_teacher_rows
 
 __all__ = [
     "KINDS",
@@ -115,7 +115,7 @@ class KDCEResult(NamedTuple):
               whatever the training divergence is (float32, detached; 0 if no teacher given).
     n_valid:  number of valid tokens (int64).
     n_agree:  valid tokens where ``argmax(teacher) == argmax(student)`` (int64; 0 if no teacher given).
-    samples:  :class:`kd.teacher.cache.TeacherSamples` drawn from the teacher logits when a
+    samples:  :class:`kd.losses.sparse.TeacherSamples` drawn from the teacher logits when a
               ``teacher_sampler`` was given (for the teacher cache), else None.
 
     With sparse cached targets (``teacher_sparse``) ``kd_sum`` and ``kl_sum`` are the Random-Sampling KD
@@ -1074,11 +1074,11 @@ def fused_linear_kd_ce(
         chunk_size: tokens per chunk (N need not be divisible).
         student_lora: ``(A [r, Hs], B [V, r], scale)`` when the output projection is a torchtune LoRALinear
             (dropout on the LoRA path must be 0 / eval); A and B get grads if they require grad.
-        teacher_sparse: alternative teacher: cached sparse targets (:class:`kd.teacher.cache.SparseTargets`,
+        teacher_sparse: alternative teacher: cached sparse targets (:class:`kd.losses.sparse.SparseTargets`,
             N rows) -- the Random-Sampling KD loss (see :func:`_sparse_chunk_math_eager`); forward KL only,
             since the other divergences need the full teacher distribution.
         teacher_sampler: with a live teacher, also draw cache samples from its per-chunk logits
-            (:class:`kd.teacher.cache.TeacherSampler`); returned as ``samples``.
+            (:class:`kd.losses.sparse.TeacherSampler`); returned as ``samples``.
 
     Returns:
         :class:`KDCEResult`; ``loss_sum`` differentiable, the rest detached.

@@ -27,7 +27,7 @@ from torch import nn
 from torchtune.modules.peft.lora import _lora_a_init_params, _lora_b_init_params
 
 from kd.losses.distillation import DistillationLoss, FusedKDCELoss, KDCEResult
-from kd.teacher.cache import SparseTargets, TeacherSampler
+from kd.losses.sparse import SparseTargets, TeacherSampler
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class FusedTargets:
     (``kd_loss:``, a :class:`kd.losses.distillation.DistillationLoss`); kd_ratio: weight of the KD term.
     Teacher (at most one kind): ``teacher_hidden`` [b, s, Ht] + ``teacher_weight`` [V, Ht] (live teacher),
     ``teacher_logits`` ([N, V] or row chunks), or ``teacher_sparse`` (cached targets,
-    :class:`kd.teacher.cache.SparseTargets`, N = b*s rows); ``teacher_sampler`` draws cache samples from the
+    :class:`kd.losses.sparse.SparseTargets`, N = b*s rows); ``teacher_sampler`` draws cache samples from the
     live teacher (returned in ``result.samples``). None everywhere: CE only (kd_ratio must be 0).
     """
 

@@ -590,7 +590,7 @@ def _attn_flops(doc_lens: Sequence[int], n_layers: int, n_heads: int, head_dim: 
 
 
 # Teacher cache costs (modelled from bytes moved, not measured; bench/recipe_bench.py measures the real step):
-# drawing K samples from one teacher row (kd.teacher.cache.sample_teacher_rows) reads/writes ~60 B per vocab
+# drawing K samples from one teacher row (kd.losses.sparse.sample_teacher_rows) reads/writes ~60 B per vocab
 # entry (fp32 upcast, log-softmax, exp, entropy, argmax, fp64 CDF + cumsum, searchsorted); reading a cached
 # micro-batch moves its records (<= 5K+7 B per answer token, from disk the first time) and ships the dense
 # sparse targets to the device (ids int64 [K] + weights fp32 [K] + top1 + entropy = 12K + 12 B per position).
@@ -718,7 +718,7 @@ def _epoch(m: "_JobModel", teacher: bool, write: bool, read: bool) -> List[Compo
 
 
 def _teacher_only_pass(m: "_JobModel", fraction: float) -> List[Component]:
-    """The build / fill pass (kd.train.cache_session.CacheSession.fill): the samples (and the validation
+    """The build / fill pass (kd.cache.session.CacheSession.fill): the samples (and the validation
     split if validation is on, at the training samples' mean length), right-padded, longest first,
     data-parallel (batch b to rank b % world_size); the teacher head projects the answer rows only.
     ``fraction``: the share of the samples the pass must compute (the fill after epoch 1)."""

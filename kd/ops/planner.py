@@ -582,7 +582,7 @@ def plan_from_config(
 
 
 # --------------------------------------------------------------------------------------------------
-# Teacher cache (kd.teacher.cache)
+# Teacher cache (kd.cache.store)
 # --------------------------------------------------------------------------------------------------
 def _cache_mode(cfg) -> Optional[str]:
     sec = cfg.get("teacher_cache", None)
@@ -626,7 +626,7 @@ def cache_summary(cfg, world_size: int = 1, **kw) -> Optional[str]:
     if os.path.isfile(os.path.join(d, "cache.json")):
         import json
 
-        from kd.teacher.cache import CacheKey, TeacherCacheStore
+        from kd.cache.store import CacheKey, TeacherCacheStore
 
         try:
             s = TeacherCacheStore(d, CacheKey(**json.loads(open(os.path.join(d, "cache.json")).read())))

@@ -12,7 +12,7 @@ From each :class:`Schema` come
 torchtune's ``config.parse`` accepts any key, so without this a typo such as ``kd_ration=0.7`` would
 silently train with the default. Sections whose keys belong to a component (``loss``, ``kd_loss``,
 ``optimizer``, ``model``, ...) are checked by instantiating that component as written; the ``teacher_cache`` and
-``on_policy`` sections have their tables beside the code that reads them (:mod:`kd.train.cache_session`,
+``on_policy`` sections have their tables beside the code that reads them (:mod:`kd.cache.session`,
 :mod:`kd.train.on_policy`, same :class:`kd.core.keys.Schema` type) and are listed here for the docs.
 """
 
@@ -26,7 +26,7 @@ from typing import List, Optional, Sequence
 from kd.core.keys import Key, Schema, _k, _tt, top_p_value
 from kd.data.alpaca import DEFAULT_SYSTEM_PROMPT
 from kd.losses.distillation import check_kd_ratio
-from kd.train.cache_session import TEACHER_CACHE
+from kd.cache.session import TEACHER_CACHE
 from kd.train.on_policy import ON_POLICY
 
 HF_CHECKPOINTER = Schema("checkpointer / teacher_checkpointer (kd_lora)", "'checkpointer'", [
@@ -102,7 +102,7 @@ KD_LORA = Schema("recipes/kd_lora.py", "the kd_lora config", [
     _k("num_workers", "dataloader workers", "int", 0, lo=0),
     _k("progress_bar", "tqdm progress bars (rank 0)", "bool", True),
     _k("overwrite", "a fresh run may replace the checkpoints already in output_dir", "bool", False),
-    _k("teacher_cache", "online_then_cache | build | use (kd.train.cache_session; docs/teacher_cache.md)",
+    _k("teacher_cache", "online_then_cache | build | use (kd.cache.session; docs/teacher_cache.md)",
        "section"),
     _k("on_policy", "on-policy (student-generated) distillation: lmbda, temperature, ... (kd.train.on_policy)",
        "section"),

@@ -14,7 +14,7 @@ Caching the top-k renormalised probabilities instead (DistillKit, EasyDistill) i
 
 Pieces:
 
-- :func:`sample_teacher_rows`: the per-chunk sampler (inverse CDF in float64 on a counter-based uniform per
+- :func:`kd.losses.sparse.sample_teacher_rows`: the per-chunk sampler (inverse CDF in float64 on a counter-based uniform per
   (sample, position, draw), so a sample's draws do not depend on its batch, rank or world size), plus the
   teacher's entropy ``H(p)`` (so the true KL can still be logged: ``KL = H(p, q) - H(p)``) and top-1 id.
 - :class:`CacheKey`: what the cache is valid for (teacher checkpoint fingerprint, precision, temperature, K,
@@ -58,10 +58,9 @@ from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tu
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from kd.core.atomic import atomic_write_text
-from kd.core.rng import counter_uniform
+from kd.losses.sparse import SparseTargets, TeacherSamples
 from kd.data.batching import plan_batches
 
 log = logging.getLogger(__name__)
@@ -72,7 +71,6 @@ VERSION = 1
 KIND_COUNTS, KIND_TOPK = 0, 1
 _HDR = struct.Struct("<4sHHq16sIIII")  # 48 bytes
 assert _HDR.size == 48
-SAMPLINGS = ("random", "topk")
 MODES = ("online_then_cache", "build", "use")
 
 # splitmix increment per position (odd, distinct from kd.generate.generation's per-step golden constant)
@@ -81,47 +79,6 @@ _C_POS = 0xD1B54A32D192ED03 - (1 << 64)
 
 class CacheError(ValueError):
     """A user-facing teacher-cache problem (mismatched key, missing entries)."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Sampling (one [n, V] chunk of teacher logits at a time)
-# --------------------------------------------------------------------------------------------------
-class TeacherSampler(NamedTuple):
-    """What to draw from the teacher inside the fused head.
-
-    k: draws per position (random) or kept tokens (topk); temperature: the loss temperature T;
-    sampling: "random" | "topk"; row_seeds: [N] int64 per-row seeds (:func:`row_seeds`)."""
-
-    k: int
-    temperature: float
-    sampling: str
-    row_seeds: torch.Tensor
-
-
-class TeacherSamples(NamedTuple):
-    """Per-row teacher samples for N rows (all rows, invalid ones hold garbage):
-    ids [N, k] int32 (random: the k draws, with repeats; topk: the k most likely ids),
-    probs [N, k] float32 (topk: renormalised probabilities; random: empty [0]),
-    entropy [N] float32 (H(p_T) in nats), top1 [N] int32 (argmax of the teacher logits)."""
-
-    ids: torch.Tensor
-    probs: torch.Tensor
-    entropy: torch.Tensor
-    top1: torch.Tensor
-
-
-class SparseTargets(NamedTuple):
-    """Sparse teacher targets for N flattened rows, gathered from the cache:
-    ids [N, K] int64 (unused slots: id 0), weights [N, K] float32 (p_hat = counts / K, or renormalised top-k
-    probabilities; 0 in unused slots and on rows without an entry), top1 [N] int64, entropy [N] float32."""
-
-    ids: torch.Tensor
-    weights: torch.Tensor
-    top1: torch.Tensor
-    entropy: torch.Tensor
-
-    def to(self, device) -> "SparseTargets":
-        return SparseTargets(*(x.to(device, non_blocking=True) for x in self))
 
 
 def sample_seed(seed: int, sample_id: int) -> int:
@@ -136,40 +93,6 @@ def row_seeds(sample_ids: Sequence[int], seq_len: int, seed: int, device=None) -
     base = torch.tensor([sample_seed(seed, s) for s in sample_ids], dtype=torch.int64)
     pos = torch.arange(seq_len, dtype=torch.int64) * _C_POS  # wraps mod 2**64, as intended
     return (base[:, None] + pos[None, :]).reshape(-1).to(device)
-
-
-@torch.no_grad()
-def sample_teacher_rows(t: torch.Tensor, seeds: torch.Tensor, k: int, temperature: float, sampling: str):
-    """Draw from teacher logits ``t`` [n, V] (any float dtype) at temperature T.
-
-    random: ``k`` i.i.d. draws from ``p = softmax(t / T)`` by inverse CDF: one uniform per (row, draw) from
-    :func:`kd.core.rng.counter_uniform` (``seeds`` [n] int64, draw j = step j), CDF accumulated in float64
-    (a float32 cumsum over 152k entries perturbs tail intervals by ~1e-7 each, ~1e-2 in total variation).
-    topk: the ``k`` largest probabilities renormalised to sum 1 (biased; comparison only).
-    Returns ``(ids [n, k] int32, probs [n, k] float32 or empty, entropy [n] float32, top1 [n] int32)``.
-    """
-
-    x = t.float()
-    if temperature != 1.0:
-        x = x / temperature
-    lp = F.log_softmax(x, dim=-1)
-    p = lp.exp()
-    ent = -(p * torch.where(p > 0, lp, torch.zeros((), device=p.device))).sum(-1)
-    top1 = x.argmax(-1).to(torch.int32)
-    V = x.shape[-1]
-    if sampling == "random":
-        cdf = p.to(torch.float64).cumsum_(-1)
-        u = torch.stack([counter_uniform(seeds, j) for j in range(k)], dim=1).to(cdf.device)  # [n, k] in (0, 1)
-        target = u * cdf[:, -1:]
-        ids = torch.searchsorted(cdf, target, right=True).clamp_max_(V - 1).to(torch.int32)
-        probs = torch.empty(0, device=x.device)
-    elif sampling == "topk":
-        pv, ids = torch.topk(p, k, dim=-1)
-        probs = pv / pv.sum(-1, keepdim=True)
-        ids = ids.to(torch.int32)
-    else:  # pragma: no cover - validated by the caller
-        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
-    return ids, probs, ent, top1
 
 
 # --------------------------------------------------------------------------------------------------

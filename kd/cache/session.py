@@ -31,33 +31,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from kd.core.config import ConfigError, to_container
 from kd.core.keys import Schema, _k
-from kd.teacher.cache import (
-    _C_POS,
+from kd.losses.sparse import SAMPLINGS, SparseTargets, TeacherSampler, TeacherSamples, sample_teacher_rows
+from kd.cache.store import (
     FORMAT,
     MODES,
-    SAMPLINGS,
     CacheCollate,
     CacheError,
     CacheKey,
     CacheWriter,
     DatasetIndex,
     Segments,
-    SparseTargets,
     TeacherCacheStore,
-    TeacherSampler,
-    TeacherSamples,
     build_batches,
     checkpoint_fingerprint,
     index_dataset,
     item_segments,
     row_seeds,
-    sample_teacher_rows,
     segments_tensors,
     sync_shards,
     template_fingerprint,
@@ -67,7 +61,7 @@ from kd.teacher.cache import (
 from kd.train import dist as kdist
 from kd.train.step_checkpoint import CheckpointManager
 
-log = logging.getLogger("kd.teacher.cache")
+log = logging.getLogger("kd.cache")
 
 TEACHER_CACHE = Schema("teacher_cache (section of kd_lora)", "'teacher_cache'", [
     _k("mode", "online_then_cache | build | use (docs/teacher_cache.md)", "choice", choices=tuple(MODES),
