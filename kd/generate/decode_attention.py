@@ -2,8 +2,7 @@
 
 :func:`kd.generate.generation.grouped_decode_attend` does the same maths in eight launches (QK^T batched GEMM, fp32
 cast, scale, mask, softmax, bf16 cast, PV batched GEMM, head transpose): at batch 512 every one of them passes over
-``[B, n_kv, g, L]`` fp32 scores, 0.18 ms per 72B layer on the H200 against ~0.07 ms for reading the cache once
-(bench/logs/decode_bench_h200_s5_call3.log). :func:`decode_attention` is one Triton program per (row, KV head):
+``[B, n_kv, g, L]`` fp32 scores, more than twice the time of reading the cache once (docs/offline.md). :func:`decode_attention` is one Triton program per (row, KV head):
 the ``g`` query heads of the group against their shared K/V in blocks of ``BLOCK_L`` cache slots, online softmax
 in fp32 (FlashAttention's recurrence, Dao et al. 2022, eq. in Alg. 1: ``m' = max(m, max_j s_j)``,
 ``l' = e^(m - m') l + sum_j e^(s_j - m')``, ``acc' = e^(m - m') acc + sum_j e^(s_j - m') v_j``), written straight

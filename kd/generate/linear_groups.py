@@ -2,10 +2,10 @@
 w1/w3 of every SiLU feed-forward.
 
 Why: past the read-once kernels' rows (``nf4_fused_max_batch``) a 72B layer's NF4 projections are dequantised to
-bf16 (or e4m3) and multiplied by cuBLAS, which is compute-bound there. Separately, k and v (N = 1024) fill a quarter of the H200's SMs and w1/w3 pay two GEMM tails;
-over the concatenated weight one GEMM does all of them (bf16: q/k/v 0.113 ms against 0.125, w1/w3 0.711 against
-0.769 per layer, bench/logs/decode_b512_probe_h200_s6.log), and the nf4_fp8 teacher quantises the shared
-activations once instead of per projection.
+bf16 (or e4m3) and multiplied by cuBLAS, which is compute-bound there. Separately, k and v (N = 1024) fill a
+quarter of a Hopper GPU's SMs and w1/w3 pay two GEMM tails; over the concatenated weight one GEMM does all of them
+(~8% less GEMM time per layer, docs/offline.md), and the nf4_fp8 teacher quantises the shared activations once
+instead of per projection.
 
 :class:`LinearGroup` dequantises every member straight into its rows of one buffer (kd's CUDA kernels,
 :func:`kd.teacher.nf4_cuda.dequant` / :func:`~kd.teacher.nf4_cuda.dequant_fp8`, bit-identical per weight) and

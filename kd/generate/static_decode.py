@@ -168,8 +168,8 @@ class _Glue:
     cast back), Qwen2's RoPE (the inference branch: cache rows at ``input_pos``, rotate-half) and ``silu(w1 x) * w3 x``.
 
     Why: at batch 1 a 72B layer's 4-bit linears take ~0.23 ms, and eagerly its two norms, two RoPEs and the gate are
-    ~28 small kernels of a few us each in a CUDA graph; Inductor fuses each into one kernel (with them, all of a
-    layer's non-linear kernels take 0.034 ms on the H200: bench/logs/decode_profile_h200_s5_b1.log). Shapes
+    ~28 small kernels of a few us each in a CUDA graph; Inductor fuses each into one kernel (docs/offline.md has the
+    profile). Shapes
     are static per batch bucket (``dynamic=False``), so there is one compile per shape, done in the eager warm-up
     step before capture. The math is the modules' own (fp32 where they use fp32), rounded once instead of per op:
     GPU decode only; CPU decoding never uses it, so it stays bit-identical to ``generate_batch``. If compiling

@@ -2,15 +2,15 @@
 
 The estimate is built per component from the work it must do (FLOPs and bytes per token, from the models the
 config names, built on the meta device) against a hardware profile (tensor rate per dtype, memory bandwidth),
-times an efficiency per component that was *measured* on one H200 by the per-piece benchmarks (sources beside
-each constant in :data:`H200`). Token counts come from the data set the config names, tokenized by the config's
+times an efficiency per component measured by the per-piece benchmarks (each profile's ``sources``; where the
+built-in profiles' numbers come from: docs/benchmarks.md, "The planner's built-in profiles"). Token counts come from the data set the config names, tokenized by the config's
 tokenizer through the recipe's own dataset code, packed or padded as the recipe's loader does.
 
 Per micro-batch of ``T`` processed positions (padding included: the GPU computes it):
 
 - teacher forward: ``L_t * (2 * P_layer * T + attention) / (R * eff_teacher)`` plus, for an NF4 teacher, the
   dequantisation traffic ``b * P_linear / BW`` (b = 4.5 B for nf4: read 0.5 B, write and read back a 2 B copy;
-  2.5 B for nf4_fp8 with a 1 B e4m3 copy; :data:`DEQUANT_BYTES_PER_WEIGHT`);
+  2.5 B for nf4_fp8 with a 1 B e4m3 copy; the precision's ``PrecisionSpec.dequant_bytes_per_weight``);
 - student forward + backward (LoRA: activation gradients, no base weight gradients):
   ``(2 + 2) * P_layer * T * L_s / (R * eff_student)`` plus one extra forward per checkpointed layer;
 - loss head (fused): teacher and student projections ``2 * V * d * T`` each, student backward ``2 * V * d_s * T``,
@@ -61,15 +61,15 @@ class Hardware:
     optimizer_eff: float = 1.0  # achieved share of mem_gbps by the optimizer step (16 B/param; kd calibrate measures it)
     decode_overhead_ms: float = 0.0  # fixed cost per decode step (launches), eager generation ("today")
     decode_bw_eff: float = 1.0
-    # the static decode engine as built (kd's CUDA NF4 kernels, CUDA graphs, fused glue), calibrated on the H200:
-    gemv_bw_eff: float = 0.48  # <= 8 rows: the 4-bit GEMV's share of the memory bandwidth (0.111 / 0.233 ms per layer)
-    decode_gemm_eff: float = 1.0  # > 8 rows: grouped bf16 GEMMs at M = 512, 1.1385 ms per 72B layer = 789 TFLOP/s
-    dequant_bw_eff: float = 0.85  # > 8 rows: NF4 -> bf16 copy, 2.5 B/weight, 0.617 ms per layer = 3.56 TB/s
+    # the static decode engine (CUDA graphs, fused glue), per route:
+    gemv_bw_eff: float = 0.48  # <= 8 rows: the 4-bit GEMV's share of the memory bandwidth
+    decode_gemm_eff: float = 1.0  # dequantise + cuBLAS route: the grouped bf16 GEMMs' share of bf16_tflops
+    dequant_bw_eff: float = 0.85  # ... and the NF4 -> bf16 copy's share of the bandwidth (2.5 B/weight)
     static_overhead_ms: float = 4.8  # per step beyond the linears and the KV cache: head, sampler, glue (batch 1)
     static_overhead_ms_per_row: float = 0.0306  # ... growing with the rows (attention, glue): batch 512
-    # the read-once NF4 kernel (kd.generate.nf4_matmul, "fused"): ALU-bound on Hopper (ncu: ~1.0x the packed bytes
-    # read, at a fraction of the bandwidth), so its time is costed as work per weight at the CUDA-core rate:
-    # fp32-TFLOP/s-normalised operations per weight and product, by row count (interpolated between the points)
+    # the read-once NF4 kernel (kd.generate.nf4_matmul, "fused") reads the packed bytes once but is issue-bound on
+    # its look-up and scaling, not bandwidth-bound: its time is the longer of its bytes and its work per weight at
+    # the CUDA-core rate (fp32-TFLOP/s-normalised operations per weight, by rows, interpolated between the points)
     fp32_tflops: float = 67.0
     fused_ops_per_weight: Dict[str, float] = field(default_factory=lambda: dict(FUSED_OPS_PER_WEIGHT))
     measured: bool = True
@@ -79,25 +79,11 @@ class Hardware:
     sources: Dict[str, str] = field(default_factory=dict)
 
 
-# The read-once NF4 kernel's cost per weight (fp32-op equivalents at the CUDA-core rate) by rows, from one H100
-# call (bench/logs/nf4_mm_h100_s12_call2/nf4_mm_bench.json, the seven projections of a 72B layer, L2-cold weights,
-# 0.867 / 0.874 / 1.354 / 3.882 ms per layer): per-layer ms x 67 TFLOP/s (H100/H200 SXM fp32) / 877.7 M weights.
-# The H200 has the same SMs and clocks; ncu there (gate, 16 rows): 44% issue slots busy, 20% occupancy, DRAM 19%.
+# The read-once NF4 kernel's cost per weight (fp32-op equivalents at the CUDA-core rate: per-layer time x fp32 rate /
+# weights) by rows; where these numbers and the H200 constants below come from: docs/benchmarks.md, "The planner's
+# built-in profiles"
 FUSED_OPS_PER_WEIGHT = {"1": 66.2, "16": 66.7, "128": 103.4, "512": 296.3}
 
-# H200 constants. Rates: measured on the H200 of this workplace (shared/reference/gpu-baseline.md, turn 2):
-# bf16 8192^3 GEMM 735-755 TFLOP/s, fp8 rowwise 1,336-1,429, device copy 4.18-4.20 TB/s. Efficiencies: from the
-# per-piece measurements of the same file (not from the recipe benchmark they are checked against):
-#  - teacher: one 72B layer, bf16, 8,192 tokens, forward 23.9 ms = 14.9 TFLOP -> 625 TFLOP/s = 0.84 of 745;
-#  - student: one 7B LoRA r64 layer, fwd+bwd, 8,192 tokens, 19.7 ms = 7.9 TFLOP -> 400 TFLOP/s = 0.54;
-#  - head: fused KD+CE head fwd+bwd, 8,192 tokens, V=152,064, 73.8 ms = 38.3 TFLOP -> 519 TFLOP/s = 0.70;
-#  - decode: batch-1 NF4 generation 6.2 tokens/s = 161 ms per step against 75 ms of weight traffic
-#    (4.5 B x 70 B weights at 4.19 TB/s) -> 86 ms of fixed per-step overhead (the eager path, "today");
-#  - static decode: 23.4 ms per step at batch 1 (bench/logs/decode_bench_h200_s5.json) = 80 x 0.233 ms of kd CUDA
-#    GEMV + 4.8 ms; 171.4 ms at batch 512 (bench/logs/decode_bench_h200_s6_call3.json; 171.6 in session 7) = 80 x
-#    (1.1385 ms of grouped GEMMs, 789 TFLOP/s, above the 745 reference: efficiency capped at 1.0, + 0.617 ms of
-#    CUDA dequantisation, 3.56 TB/s; bench/logs/decode_profile_h200_s6_call2_b512_nf4.log) + 5.2 ms of KV cache +
-#    4.8 + 15.6 ms (0.0306 per row) -> the static_* and *_eff fields (two points, a line in the rows);
 H200 = Hardware(
     name="h200", bf16_tflops=745.0, fp8_tflops=1380.0, mem_gbps=4190.0, interconnect_gbps=25.0,
     teacher_eff=0.84, student_eff=0.54, head_eff=0.70, disk_gbps=1.0, decode_overhead_ms=86.0,
@@ -110,13 +96,7 @@ H200 = Hardware(
     },
 )
 
-# GB10 (DGX Spark). NOT MEASURED: no GB10 was available. Each constant and where it comes from:
-#  - fp4 1,000 TFLOP/s *sparse* is NVIDIA's DGX Spark headline figure; dense is half (500); each wider dtype
-#    halves again on Blackwell tensor cores: fp8 250, bf16 125 TFLOP/s dense (derived, not published per dtype);
-#  - memory: 273 GB/s LPDDR5x (NVIDIA DGX Spark specification), shared by CPU and GPU;
-#  - interconnect: ConnectX-7 200 Gb/s = 25 GB/s per direction;
-#  - efficiencies: the H200's measured fractions, assumed to carry over (unverified);
-#  - decode overhead: the H200's measured 86 ms per step (same kernel count; a Grace CPU launches them).
+# GB10 (DGX Spark): data-sheet constants and the H200's efficiencies, NOT measured (docs/benchmarks.md)
 GB10 = dataclasses.replace(
     H200,  # efficiencies, disk, interconnect and decode overhead: the H200's, as said above
     name="gb10", bf16_tflops=125.0, fp8_tflops=250.0, mem_gbps=273.0, fp32_tflops=31.0,
@@ -627,16 +607,20 @@ class _JobModel:
         return f / (self.R_t * self.hw.teacher_eff)
 
 
-# Memory traffic of a teacher that stores 4-bit weights and dequantises them on every forward, per linear weight
-# and micro-batch: nf4 reads 0.5 B, writes a 2 B bf16 copy and the GEMM reads it back (4.5 B); nf4_fp8 reads 0.5 B,
-# writes a 1 B e4m3 copy and the FP8 GEMM reads it back (2.5 B). bf16 and fp8 weights are read by the GEMM itself,
-# inside its measured efficiency. On a 273 GB/s GB10 this traffic is a quarter of an FP8 teacher forward.
-DEQUANT_BYTES_PER_WEIGHT = {"nf4": 4.5, "nf4_fp8": 2.5}
-
-
 def dequant_bytes_per_weight(teacher_quantization) -> float:
-    """Bytes moved per teacher linear weight per micro-batch by the dequantisation (0 for bf16 / fp8)."""
-    return DEQUANT_BYTES_PER_WEIGHT.get(str(teacher_quantization or ""), 0.0)
+    """Bytes moved per teacher linear weight per micro-batch by a per-call dequantisation (the precision's own
+    ``PrecisionSpec.dequant_bytes_per_weight``: 4.5 for nf4, 2.5 for nf4_fp8, 0 where the GEMM reads the stored weight
+    and the traffic is inside its measured efficiency). On a 273 GB/s GB10 nf4_fp8's is a quarter of an FP8 forward."""
+    from kd.teacher.precision import REGISTRY, parse_precision
+
+    return REGISTRY[parse_precision(teacher_quantization)].dequant_bytes_per_weight
+
+
+def teacher_gemm_fp8(teacher_quantization) -> bool:
+    """Whether the precision's GEMM runs in FP8 (the teacher is then costed at ``fp8_tflops``)."""
+    from kd.teacher.precision import REGISTRY, parse_precision
+
+    return REGISTRY[parse_precision(teacher_quantization)].gemm == "fp8"
 
 
 def _total(cs: List[Component]) -> float:
@@ -781,7 +765,7 @@ def estimate_job(cfg, hw: Hardware, stats: Optional[DataStats] = None, world_siz
         steps = min(steps, int(cfg.max_steps_per_epoch))
     batches = batches[: steps * ga]
     R = hw.bf16_tflops * TFLOP
-    if has_teacher and str(cfg.get("teacher_quantization", "") or "") in ("fp8", "nf4_fp8"):
+    if has_teacher and teacher_gemm_fp8(cfg.get("teacher_quantization", None)):
         R_t = hw.fp8_tflops * TFLOP
     else:
         R_t = R

@@ -2,10 +2,9 @@
 package (NVRTC ships with PyTorch's CUDA wheels, also the aarch64 CUDA 13 builds the DGX Spark runs).
 
 Why CUDA and not Triton: at 4 bits every weight needs a code-book look-up, and Triton can only gather it through L1
-(``tl.load(table + code)``); kd's Triton GEMV stayed at 0.69 ms per 72B layer, bitsandbytes' ``gemv_4bit`` at 0.43.
-Here the code book lives in shared memory, laid out for the look-ups. Per 72B layer at batch 1 (the seven
-projections, CUDA-graph replays, H200, bench/logs/decode_bench_h200_s5.json): **0.233 ms**, against bitsandbytes'
-0.434, bf16 cuBLAS's 0.420 (4x the bytes) and a 0.111 ms byte floor.
+(``tl.load(table + code)``), and at one row that look-up, not the bytes, sets the time. Here the code book lives in
+shared memory, laid out for the look-ups: at batch 1 this GEMV reads a 72B layer about twice as fast as bitsandbytes'
+``gemv_4bit`` and 3x as fast as kd's read-once Triton kernel (docs/offline.md, "Decode routes").
 
 Kernels (``CudaGemvConfig.kind``; the fastest is timed once per weight shape, :func:`tune`):
 
@@ -587,9 +586,8 @@ def _check_dequant(w, out: Optional[torch.Tensor], dtype: torch.dtype) -> torch.
 
 def _dequant_grid(n_words: int) -> int:
     """Blocks for the dequantisation kernels: one per 1,024 packed words (each lane 4), so every lane runs the
-    grid-stride loop once. Why: on the H200 that ran 0.156 ms for a 72B w1 (3.93 TB/s of 0.5 B read + 2 B written
-    per weight; a bf16 copy runs at 4.25) against 0.170 ms with 8 blocks per SM looping (3.62 TB/s), and 0.045
-    against 0.051 ms for q (bench/logs/dequant_probe_h200_s7_call1.json)."""
+    grid-stride loop once. Why: measured faster than a fixed number of blocks per SM looping over the weight
+    (within ~8% of a plain bf16 copy's bandwidth; docs/offline.md)."""
     return max(1, -(-n_words // 1024))
 
 

@@ -93,6 +93,9 @@ class PrecisionSpec:
     fsdp_shard: bool  # FSDP2 (teacher_sharding=shard) can shard its stored weights
     summary: str
     probe: Callable[[torch.device, torch.dtype], Tuple[Optional[str], str]] = field(compare=False, repr=False)
+    # bytes moved per linear weight and forward by a per-call dequantisation (read the stored weight, write a copy,
+    # the GEMM reads it back); 0 where the GEMM reads the stored weight itself. The planner costs the teacher with it.
+    dequant_bytes_per_weight: float = 0.0
 
 
 REGISTRY: Dict[str, PrecisionSpec] = {}
@@ -286,13 +289,15 @@ def _probe_nf4_fp8(device, dtype):
 register(PrecisionSpec("bf16", "dense", "dense", None, True,
                        "dense linears in the run's dtype (bf16; fp32 if dtype=fp32), dense GEMM", _probe_dense))
 register(PrecisionSpec("nf4", "nf4", "dense", None, True,
-                       "NF4 linears (~0.53 B/weight), fast dequant to the run's dtype + dense GEMM", _probe_nf4))
+                       "NF4 linears (~0.53 B/weight), fast dequant to the run's dtype + dense GEMM", _probe_nf4,
+                       dequant_bytes_per_weight=4.5))  # read 0.5 B, write a 2 B bf16 copy, the GEMM reads it
 register(PrecisionSpec("fp8", "fp8", "fp8", "bf16", False,
                        "e4m3 linears with fp32 row scales (~1 B/weight), per-token FP8 activations, FP8 GEMM",
                        _probe_fp8))
 register(PrecisionSpec("nf4_fp8", "nf4", "fp8", "nf4", True,
                        "NF4 linears (~0.53 B/weight) dequantised straight to e4m3 per call, per-token FP8 "
-                       "activations, FP8 GEMM", _probe_nf4_fp8))
+                       "activations, FP8 GEMM", _probe_nf4_fp8,
+                       dequant_bytes_per_weight=2.5))  # read 0.5 B, write a 1 B e4m3 copy, the FP8 GEMM reads it
 
 
 # --------------------------------------------------------------------------------------------------
@@ -537,8 +542,8 @@ def _cuda_fp8_ok(qdata: torch.Tensor, block_size: int) -> bool:
 def nf4_to_fp8(w, inv: torch.Tensor, *, impl: str = "auto", out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """NF4Tensor [N, K] -> e4m3 [N, K] with row reciprocals ``inv`` [N] (from :func:`nf4_fp8_scales`), one pass;
     impl: auto | cuda | triton | torch (bit-identical). ``auto`` on CUDA: kd's NVRTC kernel
-    (:func:`kd.teacher.nf4_cuda.dequant_fp8`, 0.5 B read + 1 B written per weight at ~3.6 TB/s on the H200, where the
-    Triton kernel ran at ~2 TB/s: bench/logs/decode_b512_probe_h200_s6.log) where NVRTC works, else Triton.
+    (:func:`kd.teacher.nf4_cuda.dequant_fp8`, 0.5 B read + 1 B written per weight, measured ~1.8x the Triton kernel's
+    bandwidth: docs/offline.md) where NVRTC works, else Triton.
     Outside ``torch.compile`` the CUDA kernel reads the scalers cached per weight
     (:func:`kd.teacher.nf4.cached_scalers`) and writes into ``out`` when given (contiguous e4m3 [N, K]);
     under compile it runs inside the ``kd::nf4_to_fp8`` custom op."""
