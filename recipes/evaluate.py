@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 
 from kd.core.atomic import atomic_write_text
 from kd.core.config import ConfigError, DataError, check_keys, number, require_component, to_container
+from kd.core.layout import RunLayout
 from kd.core.progress import configure_logging, progress
 from kd.data.alpaca import DEFAULT_SYSTEM_PROMPT, AlpacaKDDataset
 from kd.losses.distillation import DistillationLoss, cross_entropy_sum
@@ -178,7 +179,7 @@ def _report(path: Path, metrics, answers, questions, meta, figures=None) -> None
 
 def _metrics_path(p) -> Path:
     p = Path(p)
-    return p / "metrics.jsonl" if p.is_dir() else p
+    return RunLayout(p).metrics if p.is_dir() else p
 
 
 def _figures(out: Path, cfg, metrics, lengths, adapters, max_new: int):

@@ -98,8 +98,10 @@ def _check_run_meta(out: Path, meta: Dict, is_rank_zero: bool) -> None:
 
 
 def load_teacher(cfg: DictConfig, s: Dict, device: torch.device, dtype: torch.dtype):
+    """``(model, precision)``: the teacher and the precision it runs (after any fall-back)."""
     prec = resolve_precision(s["teacher_quantization"], device, dtype)
-    return install_last_token_head(load_frozen_model(cfg.model, s["ck"], device=device, dtype=dtype, precision=prec))
+    model = load_frozen_model(cfg.model, s["ck"], device=device, dtype=dtype, precision=prec)
+    return install_last_token_head(model), prec
 
 
 def _generate_mine(cfg: DictConfig, s: Dict, mine, n_mine: int, prompts, hashes, tokenizer, store, *, device, dtype,
@@ -107,7 +109,7 @@ def _generate_mine(cfg: DictConfig, s: Dict, mine, n_mine: int, prompts, hashes,
     """Generate this rank's batches ``mine`` (lists of sample ids), appending each batch's rows to ``store``."""
     from tqdm import tqdm
 
-    model = load_teacher(cfg, s, device, dtype)
+    model, prec = load_teacher(cfg, s, device, dtype)
     params = SamplingParams(temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"])
     decoder = None
     if s["decode_engine"] == "static":
@@ -115,7 +117,7 @@ def _generate_mine(cfg: DictConfig, s: Dict, mine, n_mine: int, prompts, hashes,
 
         decoder = StaticDecoder(
             model, device=device, cache_dtype=dtype, cuda_graphs=s["cuda_graphs"] and device.type == "cuda",
-            nf4_kernel=s["nf4_decode_kernel"] if s["teacher_quantization"] == "nf4" else None,
+            nf4_kernel=s["nf4_decode_kernel"] if prec.name == "nf4" else None,  # the precision that runs
             nf4_fused_max_batch=s["nf4_fused_max_batch"])
     store.open_for_append(info.rank)
     kill_after = int(os.environ.get("KD_GEN_KILL_AFTER_BATCHES", "0"))  # crash test hook

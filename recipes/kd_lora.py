@@ -54,14 +54,13 @@ from kd.train import dist as kdist
 from kd.train import full
 from kd.train import qad as kqad
 from kd.losses import components as loss_components
-from kd.ops import schema
 from kd.train import run_checks as checks
 from kd.train.adapter_io import lora_state_dict
 from kd.train.cli_util import run_recipe
-from kd.core.config import ConfigError, DataError, activation_checkpoint_layers, require_component
+from kd.core.config import ConfigError, DataError, activation_checkpoint_layers
 from kd.core import run_lock
 from kd.data.alpaca import check_truncation
-from kd.train.full import all_trainable, check_config, is_full_finetune
+from kd.train.full import all_trainable
 from kd.train.guard import NonFiniteGuard
 from kd.losses.heads import FusedKDHead, FusedTargets, HiddenStatesHead
 from kd.train.hf_export import save_merged_hf
@@ -76,27 +75,27 @@ from kd.train.models import (
     load_hf_into_model,
     shift_labels,
 )
-from kd.train.on_policy import count_on_policy_steps, generate_on_policy, is_on_policy_step, parse_on_policy
+from kd.train.on_policy import count_on_policy_steps, generate_on_policy, is_on_policy_step
 from kd.ops.planner import chunked_extra_gib, plan_from_config
-from kd.teacher.precision import check_sharding, parse_precision, resolve_precision
+from kd.teacher.precision import check_sharding
+from kd.train.settings import kd_lora_settings
 from kd.core.progress import configure_logging, progress
 from kd.train.step_checkpoint import CheckpointManager
-from kd.cache.session import CacheSession, parse_options, resume_epoch
+from kd.cache.session import CacheSession, resume_epoch
 from kd.train.timing import PhaseTimer
 
 log = logging.getLogger("kd.recipe")
 _M = KDCEResult.METRICS  # the order of the summed metric vector (read by name, never by position)
 
-# The keys this recipe accepts, their defaults and ranges: one table (kd.ops.schema.KD_LORA), also behind `kd plan`
-# and docs/config_keys.md.
-SCHEMA = schema.KD_LORA
+# The keys this recipe accepts, their defaults and ranges: one table (kd.train.schema.KD_LORA), read once into
+# kd.train.settings.KDLoRASettings (also behind `kd plan` and docs/config_keys.md).
 
 
 class KDLoRARecipe:
     """LoRA student + frozen teacher, fused or chunked KD+CE loss, FSDP2 for world_size > 1."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        self._validate(cfg)
+        st = kd_lora_settings(cfg)  # the config, checked and parsed once (kd.train.settings; kd plan runs the same)
         self._device = kdist.resolve_device(cfg.get("device", "auto"))
         self._dist = kdist.init_distributed(self._device)
         self._dtype = training.get_dtype(cfg.get("dtype", "bf16"), device=self._device)
@@ -110,100 +109,31 @@ class KDLoRARecipe:
                 "fsdp_cpu_offload=True offloads GPU memory to the host; it needs device=cuda "
                 "(on CPU, and on GB10's unified memory, it buys nothing)."
             )
-
-        self._output_dir = Path(cfg.output_dir)
-        self._log_every_n_steps = SCHEMA.get(cfg, "log_every_n_steps")
-        self._log_peak_memory_stats = bool(cfg.get("log_peak_memory_stats", True))
-        self._kd_ratio = SCHEMA.get(cfg, "kd_ratio")
-        self._grad_accum = SCHEMA.get(cfg, "gradient_accumulation_steps")
-        self._clip_grad_norm = SCHEMA.get(cfg, "clip_grad_norm")
-        # torchtune's chunked losses named with loss_form=fused run chunked (kd.losses.components.effective_loss_form)
-        self._loss_form, self._loss_form_note = loss_components.effective_loss_form(cfg, SCHEMA.get(cfg, "loss_form"))
-        self._fused_chunk_size = SCHEMA.get(cfg, "fused_chunk_size")
-        self.total_epochs = SCHEMA.get(cfg, "epochs")
-        self.max_steps_per_epoch = SCHEMA.get(cfg, "max_steps_per_epoch")
-        self._save_every = SCHEMA.get(cfg, "save_every_n_steps")
-        self._eval_every = SCHEMA.get(cfg, "eval_every_n_steps")
-        self._max_eval_batches = SCHEMA.get(cfg, "max_eval_batches")
-        self._resume = bool(cfg.get("resume_from_checkpoint", False))
         self.seed = training.set_seed(
             seed=cfg.get("seed", None), debug_mode=cfg.get("cudnn_deterministic_mode", None)
         )
+        # the teacher precision this device runs (one warning per fall-back); the cache key records it
+        self._settings = st = st.resolve_teacher(self._device, self._dtype).with_run_seed(self.seed)
+        self._layout = st.layout
+        self._output_dir = st.layout.root
+        self._log_every_n_steps = st.log_every_n_steps
+        self._log_peak_memory_stats = bool(cfg.get("log_peak_memory_stats", True))
+        self._kd_ratio = st.kd_ratio
+        self._grad_accum = st.gradient_accumulation_steps
+        self._clip_grad_norm = st.clip_grad_norm
+        # torchtune's chunked losses named with loss_form=fused run chunked (kd.losses.components.effective_loss_form)
+        self._loss_form, self._loss_form_note = st.loss_form, st.loss_form_note
+        self._fused_chunk_size = st.fused_chunk_size
+        self.total_epochs = st.epochs
+        self.max_steps_per_epoch = st.max_steps_per_epoch
+        self._save_every = st.save_every_n_steps
+        self._eval_every = st.eval_every_n_steps
+        self._max_eval_batches = st.max_eval_batches
+        self._resume = st.resume
         self.epochs_run = 0
         self.global_step = 0
         self._step_in_epoch = 0
         self._stop_requested = False
-
-    # ----------------------------------------------------------------------------------------------
-    # Config validation
-    # ----------------------------------------------------------------------------------------------
-    @staticmethod
-    def _validate(cfg: DictConfig) -> None:
-        SCHEMA.check(cfg)
-        # No teacher = plain LoRA SFT (the offline-distillation path): only valid with kd_ratio=0.
-        has_teacher = cfg.get("teacher_model", None) is not None
-        kd_ratio = SCHEMA.get(cfg, "kd_ratio")
-        if not has_teacher and kd_ratio != 0.0:
-            raise ConfigError(
-                "teacher_model is not set: without a teacher this recipe trains plain LoRA SFT, which "
-                f"needs kd_ratio=0 (got kd_ratio={kd_ratio})."
-            )
-        parse_precision(cfg.get("teacher_quantization", None))  # a bad value fails before anything is built
-        if kqad.check_format(cfg.get("qad", None)) is not None and cfg.get("student_quantization", None):
-            raise ConfigError("qad fake-quantises the student's own weights; it cannot run on an NF4 student base "
-                              "(student_quantization=nf4): remove one of the two.")
-        if has_teacher and cfg.get("teacher_checkpointer", None) is None:
-            raise ConfigError("teacher_model is set but teacher_checkpointer is missing.")
-        for key in ("model", "teacher_model", "tokenizer", "dataset", "optimizer"):
-            if key == "dataset" and isinstance(cfg.dataset, ListConfig):
-                continue
-            if key == "teacher_model" and not has_teacher:
-                continue
-            require_component(cfg, key)
-        for key in ("checkpointer", "teacher_checkpointer"):
-            if cfg.get(key, None) is None:
-                continue
-            section = cfg[key]
-            schema.HF_CHECKPOINTER.check(section, where=f"'{key}'")
-            mt = str(section.get("model_type", "QWEN2")).upper()
-            if mt not in ("QWEN2", "QWEN2_5"):
-                raise ConfigError(
-                    f"{key}.model_type={mt!r}: this recipe loads Qwen2/Qwen2.5 HF checkpoints (model_type: QWEN2)."
-                )
-            comp = section.get("_component_", "torchtune.training.FullModelHFCheckpointer")
-            if comp != "torchtune.training.FullModelHFCheckpointer":
-                raise ConfigError(
-                    f"{key}._component_={comp!r}: this recipe streams HF safetensors checkpoints "
-                    "(torchtune.training.FullModelHFCheckpointer layout)."
-                )
-            if section.get("recipe_checkpoint") or section.get("adapter_checkpoint"):
-                raise ConfigError(
-                    f"{key}.recipe_checkpoint/adapter_checkpoint are not used: resuming reads the latest "
-                    "checkpoint under output_dir. Set resume_from_checkpoint=True instead."
-                )
-        if cfg.get("custom_sharded_layers", None):
-            raise ConfigError(
-                "custom_sharded_layers is not needed: every decoder layer and the root are FSDP2 units, and "
-                "the fused head never materialises the output logits. Remove the key."
-            )
-        if cfg.get("enable_activation_offloading", False):
-            raise ConfigError(
-                "enable_activation_offloading=True is not supported by this recipe; use "
-                "enable_activation_checkpointing=True to save activation memory."
-            )
-        if "lora_rank" not in cfg.model:  # a plain builder: full fine-tune (kd.train.full)
-
-            check_config(cfg)
-        else:
-            checks.check_lora(cfg.model)
-        # values torch/torchtune would reject later with a traceback, checked before any model is loaded
-        checks.check_dtype(cfg)
-        checks.check_tokenizer_section(cfg, files=False)  # the files are checked when it is built (setup)
-        checks.check_optimizer(cfg)
-        checks.check_lr_scheduler(cfg)  # num_warmup_steps >= 0, arguments it takes
-        checks.check_kd_loss(cfg)
-        loss_components.check_loss_components(cfg, loss_components.effective_loss_form(cfg, SCHEMA.get(cfg, "loss_form"))[0])
-        checks.check_ignore_index(cfg)
 
     # ----------------------------------------------------------------------------------------------
     # Setup
@@ -288,7 +218,7 @@ class KDLoRARecipe:
             self._output_dir.mkdir(parents=True, exist_ok=True)
             if cfg.get("metric_logger") is not None:
                 self._metric_logger = tt_config.instantiate(kd_logging_cfg(cfg.metric_logger))
-            self._metrics_file = open(self._output_dir / "metrics.jsonl", "a", buffering=1)
+            self._metrics_file = open(self._layout.metrics, "a", buffering=1)
         self._progress_bar = bool(cfg.get("progress_bar", True))
 
     def _log_memory_plan(self, cfg: DictConfig) -> None:
@@ -306,7 +236,7 @@ class KDLoRARecipe:
 
     def _lora_info(self, cfg_model: DictConfig) -> None:
         # A plain (non-LoRA) builder trains the full student: same loop, sharded checkpoints (kd.train.full).
-        self._full = is_full_finetune(cfg_model)
+        self._full = self._settings.full_finetune
         if self._full:
             self._lora_rank, self._lora_alpha = 0, 1.0
             return
@@ -343,7 +273,7 @@ class KDLoRARecipe:
             progress=self._is_rank_zero,
             init_seed=self.seed or 0,
         )
-        self._qad = kqad.check_format(cfg.get("qad", None))
+        self._qad = self._settings.qad
         if self._qad is not None:  # before compile: the patched forwards are what gets compiled
             n = kqad.apply_qad_(model, self._qad)
             self._log(f"qad: {n} student linears run in {self._qad}'s fake-quantised numerics (kd.train.qad); "
@@ -360,8 +290,8 @@ class KDLoRARecipe:
             self._log("no teacher_model: plain LoRA SFT (kd_ratio=0)")
             return None, None
         # precision (bf16 | nf4 | fp8 | nf4_fp8): one warning and the next precision if this device cannot run it
-        prec = resolve_precision(cfg.get("teacher_quantization", None), self._device, self._dtype)
-        sharding = SCHEMA.get(cfg, "teacher_sharding")
+        prec = self._settings.teacher_precision  # resolved in __init__ (fall-back warned there)
+        sharding = self._settings.teacher_sharding
         check_sharding(prec, sharding, self._fsdp)
         head_weight = None
         fused = self._loss_form == "fused"
@@ -418,15 +348,10 @@ class KDLoRARecipe:
         """``on_policy:`` section (kd.train.on_policy): with probability lmbda per optimizer step the student answers the
         step's prompts and the teacher scores those answers (GKD); None when the section is absent."""
 
-        self._on_policy = parse_on_policy(cfg.get("on_policy", None), self.seed)
+        self._on_policy = self._settings.on_policy  # checked with the config (kd.train.settings)
         self._on_policy_stats: Dict[str, float] = {}
         if self._on_policy is None:
             return
-        if self._teacher is None:
-            raise ConfigError("on_policy needs a teacher (teacher_model): the teacher scores the student's answers.")
-        ds = cfg.dataset
-        if any(bool(c.get("packed", False)) for c in (ds if isinstance(ds, ListConfig) else [ds])):
-            raise ConfigError("on_policy needs unpacked data (dataset.packed=False): the prompts are re-answered per row.")
         self._on_policy_count = None  # steps taken on-policy so far (recomputed from the seed after a resume)
         self._log(f"on-policy distillation: {self._on_policy}")
 
@@ -501,7 +426,7 @@ class KDLoRARecipe:
         )
 
     def _setup_data(self, cfg_dataset, shuffle: bool, split: str):
-        bs = SCHEMA.get(self._cfg, "batch_size")
+        bs = self._settings.batch_size
         ds, packed = self._build_dataset(cfg_dataset, split)
         self._check_lengths(ds, split)
         self._packed = packed
@@ -528,15 +453,12 @@ class KDLoRARecipe:
         ds, packed = self._build_dataset(src, "val" if cfg.get("val_dataset") is None else None)
         if len(ds) == 0:
             raise ConfigError("eval_every_n_steps is set but the validation split is empty: set dataset.val_size > 0.")
-        bs = SCHEMA.get(cfg, "batch_size")
+        bs = self._settings.batch_size
         self._log(f"validation data: {len(ds)} samples")
         return self._make_loader(ds, packed, shuffle=False, batch_size=bs, drop_last=False)
 
     def _setup_checkpointing(self, cfg: DictConfig) -> None:
-        self._ckpt = CheckpointManager(
-            self._output_dir / "checkpoints",
-            keep_last_n=SCHEMA.get(cfg, "keep_last_n_checkpoints"),
-        )
+        self._ckpt = CheckpointManager(self._layout.checkpoints, keep_last_n=self._settings.keep_last_n_checkpoints)
         merged = cfg.get("save_merged_model", None)
         if merged is None:  # torchtune's key: save_adapter_weights_only=False also writes merged weights
             merged = cfg.get("save_adapter_weights_only", True) is False
@@ -584,7 +506,7 @@ class KDLoRARecipe:
         return tuple(self._mesh.mesh.shape) if self._mesh is not None else (1,)
 
     def _ckpt_dir_str(self) -> str:
-        return str(self._output_dir / "checkpoints")
+        return str(self._layout.checkpoints)
 
     def _last_checkpoint_str(self) -> Optional[str]:
         latest = self._ckpt.latest() if self._is_rank_zero else None
@@ -609,16 +531,16 @@ class KDLoRARecipe:
         self._model = None
         self._cache = None
         self._teacher_at_start = True
-        opts = parse_options(cfg)
+        opts = self._settings.cache
         if opts is None:
             return
-        self._cache = CacheSession(opts, rank=self.rank, world_size=self.world_size,
+        self._cache = CacheSession(self._settings, rank=self.rank, world_size=self.world_size,
                                    local_rank=self._dist.local_rank, device=self._device,
                                    ignore_index=-100, progress=self._progress_bar)
         if opts.mode == "use":
             self._teacher_at_start = False
         elif opts.mode == "online_then_cache":
-            self._teacher_at_start = resume_epoch(self._output_dir, self._resume) == 0
+            self._teacher_at_start = resume_epoch(self._layout, self._resume) == 0
         self._log(f"teacher cache: mode={opts.mode}, dir={opts.dir}, K={opts.k}, sampling={opts.sampling}"
                   + ("" if self._teacher_at_start else " (teacher not loaded)"))
 
@@ -632,7 +554,7 @@ class KDLoRARecipe:
             return None
         ds = self._cache.datasets[0] if self._cache.datasets else None
         seq = getattr(ds, "max_seq_len", None)
-        return None if seq is None else SCHEMA.get(self._cfg, "batch_size") * int(seq)
+        return None if seq is None else self._settings.batch_size * int(seq)
 
     def _attach_teacher_cache(self, cfg: DictConfig) -> None:
         if self._cache is None:
@@ -660,9 +582,9 @@ class KDLoRARecipe:
 
         stats = self._cache.fill(
             self._teacher, self._teacher_head_weight, self._cache_collate(),
-            batch_size=SCHEMA.get(self._cfg, "batch_size"),
+            batch_size=self._settings.batch_size,
             chunk_size=self._fused_chunk_size, dtype=self._dtype,
-            teacher_sharded=self._fsdp and self._cfg.get("teacher_sharding", "shard") == "shard",
+            teacher_sharded=self._fsdp and self._settings.teacher_sharding == "shard",
             batch_tokens=self._cache_batch_tokens,  # packed data: as many tokens per forward as a step
         )
         if self._is_rank_zero and stats["samples"]:  # the pass's throughput (rank 0's share), e.g. for bench/
@@ -1059,7 +981,7 @@ class KDLoRARecipe:
         }
 
     def _save_merged_model(self) -> None:
-        out = self._output_dir / "merged"
+        out = self._layout.merged
         # FusedKDHead keeps torchtune's parameter names (output.weight, output.lora_*), so the state dict
         # merges exactly like the stock model's.
         save_merged_hf(

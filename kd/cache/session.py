@@ -23,23 +23,19 @@ re-running exactly the planned batches that still miss samples.
 from __future__ import annotations
 
 import json
-from functools import partial
 import logging
 import math
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from kd.core.config import ConfigError, to_container
-from kd.core.keys import Schema, _k
-from kd.losses.sparse import SAMPLINGS, SparseTargets, TeacherSampler, TeacherSamples, sample_teacher_rows
+from kd.core.layout import RunLayout
+from kd.losses.sparse import SparseTargets, TeacherSampler, TeacherSamples, sample_teacher_rows
 from kd.cache.store import (
     FORMAT,
-    MODES,
     CacheCollate,
     CacheError,
     CacheKey,
@@ -59,71 +55,27 @@ from kd.cache.store import (
     unpacked_view,
 )
 from kd.train import dist as kdist
+from kd.train.settings import CacheOptions, KDLoRASettings
 from kd.train.step_checkpoint import CheckpointManager
 
 log = logging.getLogger("kd.cache")
 
-TEACHER_CACHE = Schema("teacher_cache (section of kd_lora)", "'teacher_cache'", [
-    _k("mode", "online_then_cache | build | use (docs/teacher_cache.md)", "choice", choices=tuple(MODES),
-       required=True),
-    _k("dir", "cache directory, one per node (default ${output_dir}/teacher_cache)"),
-    _k("k", "sampled teacher tokens per answer token", "int", 12, lo=1, hi=255),
-    _k("sampling", "random (Random-Sampling KD, unbiased) | topk (renormalised top-k: biased, for comparison)",
-       "choice", "random", choices=tuple(SAMPLINGS)),
-    _k("seed", "seed of the teacher draws", "int", 0, lo=0),
-    _k("build_batch_size", "samples per teacher-only batch (default: batch_size)", "int", None, lo=1, nullable=True),
-    _k("build_max_tokens", "token budget of a teacher-only batch", "int", None, lo=1, nullable=True),
-    _k("rebuild", "discard a cache whose key no longer matches and build again", "bool", False),
-])
-CACHE_KEYS = TEACHER_CACHE.names
-
-
-@dataclass(frozen=True)
-class CacheOptions:
-    mode: str
-    dir: Path
-    k: int
-    sampling: str
-    seed: int
-    build_batch_size: Optional[int]
-    build_max_tokens: Optional[int]
-    rebuild: bool
-
-
-def parse_options(cfg) -> Optional[CacheOptions]:
-    """The ``teacher_cache`` section (None when absent), validated against the rest of the config."""
-    sec = cfg.get("teacher_cache", None)
-    if sec is None:
-        return None
-    TEACHER_CACHE.check(sec)
-    mode = TEACHER_CACHE.get(sec, "mode")
-    if cfg.get("teacher_model", None) is None:
-        raise ConfigError("teacher_cache needs teacher_model and teacher_checkpointer (the cache is built from, "
-                          "and checked against, that teacher).")
-    if str(cfg.get("loss_form", "fused")) != "fused":
-        raise ConfigError("teacher_cache needs loss_form=fused (the sparse targets are gathered per chunk in the "
-                          "fused head).")
-    d = sec.get("dir", None) or str(Path(cfg.output_dir) / "teacher_cache")
-    get = partial(TEACHER_CACHE.get, sec)
-    return CacheOptions(
-        mode=mode, dir=Path(d), k=get("k"), sampling=get("sampling"), seed=get("seed"),
-        build_batch_size=get("build_batch_size"), build_max_tokens=get("build_max_tokens"), rebuild=get("rebuild"),
-    )
-
-
-def resume_epoch(output_dir: Path, resume: bool) -> int:
+def resume_epoch(layout: RunLayout, resume: bool) -> int:
     """Epochs completed by the checkpoint a resume will load (0 if not resuming or none): read from its
     meta.json only, so the recipe can decide whether to load the teacher before restoring anything."""
     if not resume:
         return 0
 
-    latest = CheckpointManager(Path(output_dir) / "checkpoints").latest()
+    latest = CheckpointManager(layout.checkpoints).latest()
     if latest is None:
         return 0
     return int(json.loads((latest / "meta.json").read_text()).get("epoch", 0))
 
 
-def make_key(cfg, opts: CacheOptions, *, temperature: float, tokenizer, dataset) -> CacheKey:
+def make_key(cfg, settings: KDLoRASettings, *, temperature: float, tokenizer, dataset) -> CacheKey:
+    """The key of the cache this run reads or writes. ``precision`` is the teacher precision that runs (after
+    any fall-back: null and bf16 are one key; an nf4_fp8 run that fell back to nf4 writes nf4's key)."""
+    opts = settings.cache
     ck = cfg.teacher_checkpointer
     files = ck.get("checkpoint_files", None)
     files = list(files) if files is not None and not isinstance(files, (str, dict)) and not hasattr(files, "keys") \
@@ -132,7 +84,7 @@ def make_key(cfg, opts: CacheOptions, *, temperature: float, tokenizer, dataset)
     return CacheKey(
         format=FORMAT,
         teacher=checkpoint_fingerprint(ck.checkpoint_dir, files, to_container(cfg.teacher_model)),
-        precision=f"{cfg.get('teacher_quantization', None) or 'none'}/{cfg.get('dtype', 'bf16')}",
+        precision=settings.precision_key,
         temperature=float(temperature), k=opts.k, sampling=opts.sampling, seed=opts.seed,
         tokenizer=tokenizer_fingerprint(to_container(cfg.tokenizer), tokenizer),
         template=template_fingerprint(to_container(cfg.dataset), dataset, tokenizer),
@@ -153,9 +105,10 @@ def _data_hash(samples: Dict[int, bytes]) -> str:
 class CacheSession:
     """State of the teacher cache during one recipe run (see the module docstring)."""
 
-    def __init__(self, opts: CacheOptions, *, rank: int, world_size: int, local_rank: int, device,
+    def __init__(self, settings: KDLoRASettings, *, rank: int, world_size: int, local_rank: int, device,
                  ignore_index: int, progress: bool):
-        self.opts = opts
+        self.settings = settings
+        self.opts: CacheOptions = settings.cache
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.device = device
         self.ignore_index = ignore_index
@@ -188,7 +141,7 @@ class CacheSession:
         # loader's packs name their samples and spans (CacheCollate), so records line up either way
         self.datasets = [unpacked_view(d) for d in datasets if d is not None]
         self.indexes = [index_dataset(d, progress=self.progress) for d in self.datasets]
-        key = make_key(cfg, self.opts, temperature=loss.temperature, tokenizer=tokenizer, dataset=self.datasets[0])
+        key = make_key(cfg, self.settings, temperature=loss.temperature, tokenizer=tokenizer, dataset=self.datasets[0])
         self.store = TeacherCacheStore(self.opts.dir, key)
         writes = self.mode != "use"
 

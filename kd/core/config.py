@@ -98,12 +98,13 @@ def require_component(cfg: DictConfig, key: str) -> DictConfig:
     return section
 
 
-def choice(cfg: DictConfig, key: str, options: Iterable[Any], default: Any) -> Any:
-    """Read ``cfg[key]`` (or ``default``) and check it is one of ``options``."""
+def choice(cfg: DictConfig, key: str, options: Iterable[Any], default: Any, *, name: Optional[str] = None) -> Any:
+    """Read ``cfg[key]`` (or ``default``) and check it is one of ``options`` (``name``: how to call the key in the
+    message, e.g. ``teacher_cache.mode``)."""
     options = list(options)
     value = cfg.get(key, default)
     if value not in options:
-        raise ConfigError(f"'{key}' must be one of {options}, got {value!r}.")
+        raise ConfigError(f"'{name or key}' must be one of {options}, got {value!r}{_suggest(str(value), map(str, options))}.")
     return value
 
 

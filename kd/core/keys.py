@@ -2,8 +2,8 @@
 default and range, ``kd plan``'s validation and ``docs/config_keys.md``.
 
 Owns: the table types. May import: :mod:`kd.core.config` only. The tables themselves live with their owners: the
-recipes' in :mod:`kd.ops.schema`, the ``teacher_cache`` and ``on_policy`` sections' in
-:mod:`kd.cache.session` and :mod:`kd.train.on_policy`.
+recipes' in :mod:`kd.ops.schema` (kd_lora's in
+:mod:`kd.train.schema`, with its ``teacher_cache`` section), the ``on_policy`` section's in :mod:`kd.train.on_policy`.
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ class Key:
 class Schema:
     """The keys of one recipe's config (or of one section of it)."""
 
-    def __init__(self, name: str, where: str, keys: Sequence[Key], doc: str = ""):
-        self.name, self.where, self.doc = name, where, doc
+    def __init__(self, name: str, where: str, keys: Sequence[Key], doc: str = "", prefix: str = ""):
+        """``prefix``: how messages name this table's keys in the config (``"teacher_cache."`` for a section)."""
+        self.name, self.where, self.doc, self.prefix = name, where, doc, prefix
         self.keys: Dict[str, Key] = {}
         for k in keys:
             if k.name in self.keys:
@@ -86,12 +87,12 @@ class Schema:
             try:
                 return k.check(value)
             except ValueError as e:
-                raise ConfigError(f"{e} (config key '{name}').") from None
+                raise ConfigError(f"{e} (config key '{self.prefix}{name}').") from None
         if k.kind in ("int", "float"):
             return number(cfg, name, k.default, kind=int if k.kind == "int" else float, min_value=k.lo,
-                          max_value=k.hi, allow_none=k.nullable)
+                          max_value=k.hi, allow_none=k.nullable, name=self.prefix + name)
         if k.kind == "choice":
-            return choice(cfg, name, k.choices, k.default)
+            return choice(cfg, name, k.choices, k.default, name=self.prefix + name)
         if k.kind == "bool":
             return bool(cfg.get(name, k.default))
         return cfg.get(name, k.default)
@@ -104,12 +105,17 @@ class Schema:
         return "\n".join(rows) + "\n"
 
 
-def _k(name, doc, kind="value", default=None, **kw) -> Key:
+def kd_key(name, doc, kind="value", default=None, **kw) -> Key:
+    """A key of kd's own."""
     return Key(name, doc, kind, default, **kw)
 
 
-def _tt(name, doc, kind="value", default=None, **kw) -> Key:
+def tt_key(name, doc, kind="value", default=None, **kw) -> Key:
+    """A key of torchtune's recipes, read with the same meaning."""
     return Key(name, doc, kind, default, origin=TORCHTUNE, **kw)
+
+
+_k, _tt = kd_key, tt_key  # the short names the tables use inside kd.core (other modules import the public ones)
 
 
 def top_p_value(v) -> float:

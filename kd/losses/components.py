@@ -25,7 +25,9 @@ from typing import Any, Dict, Optional, Tuple
 from omegaconf import DictConfig
 from torchtune import config as tt_config
 
-from kd.core.config import ConfigError
+import inspect
+
+from kd.core.config import ConfigError, check_keys, to_container
 from kd.losses.distillation import ChunkedCrossEntropyLoss, DistillationLoss, FusedKDCELoss
 
 FUSED_CE = "kd.losses.distillation.FusedKDCELoss"
@@ -115,9 +117,26 @@ def check_loss_components(cfg: DictConfig, loss_form: str) -> Tuple[str, str]:
     return ce, kd
 
 
+def check_kd_loss(cfg: DictConfig, key: str = "kd_loss") -> None:
+    """The one config check of kd's divergence (``kd_loss: kd.losses.distillation.DistillationLoss``): unknown
+    options fail with "did you mean", bad values with the constructor's own check, one line naming the key.
+    torchtune's losses are checked by instantiating them (:func:`build_losses`)."""
+    section = cfg.get(key, None)
+    if section is None or _component(section) != KD_LOSS:
+        return
+    params = [n for n in inspect.signature(DistillationLoss.__init__).parameters if n != "self"]
+    check_keys(section, ["_component_", *params], where=f"'{key}'")
+    try:
+        DistillationLoss(**{k: v for k, v in to_container(section).items() if k != "_component_"})
+    except ValueError as e:
+        raise ConfigError(f"{key}.{e}.") from None
+
+
 def _instantiate(section: Optional[DictConfig], default: Any, key: str) -> Any:
     if section is None:
         return default()
+    if key == "kd_loss":
+        check_kd_loss({key: section}, key)
     try:
         return tt_config.instantiate(section)
     except (TypeError, ValueError) as e:

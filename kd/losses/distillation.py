@@ -60,6 +60,7 @@ torchtune's ``CEWithChunkedOutputLoss`` (chunked form); ``kd_loss: kd.losses.dis
 
 from __future__ import annotations
 
+import difflib
 import math
 import functools
 import logging
@@ -144,6 +145,12 @@ class KDCEResult(NamedTuple):
     def read_metrics(cls, vec: torch.Tensor) -> Dict[str, float]:
         """``{name: float}`` from a (summed) :meth:`metric_vector` (one device-to-host copy)."""
         return dict(zip(cls.METRICS, vec.tolist()))
+
+
+def _option_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
 
 
 def check_kd_ratio(kd_ratio: Any) -> float:
@@ -308,17 +315,21 @@ class DistillationLoss(torch.nn.Module):
         ignore_index: int = -100,
     ):
         super().__init__()
+        # the one check of the options (kd.losses.components.check_kd_loss turns its ValueError into the config's
+        # one-line error): every message starts with the option's name
         if kind not in KINDS:
-            raise ValueError(f"unknown distillation kind {kind!r}; valid kinds are: {', '.join(KINDS)}")
-        temperature = float(temperature)
+            close = difflib.get_close_matches(str(kind), KINDS, n=1, cutoff=0.5)
+            raise ValueError(f"kind={kind!r} is not a distillation kind"
+                             f"{' (did you mean ' + repr(close[0]) + '?)' if close else ''}; valid: {', '.join(KINDS)}")
+        temperature = _option_float("temperature", temperature)
         if not (temperature > 0 and math.isfinite(temperature)):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-        beta = float(beta)
+        beta = _option_float("beta", beta)
         if not (0.0 <= beta <= 1.0):
-            raise ValueError(f"beta must be in [0, 1], got {beta}")
-        alpha = float(alpha)
+            raise ValueError(f"beta must be >= 0 and <= 1, got {beta}")
+        alpha = _option_float("alpha", alpha)
         if not (0.0 <= alpha < 1.0):
-            raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+            raise ValueError(f"alpha must be >= 0 and < 1, got {alpha}")
         if soft_ce and kind != "forward_kl":
             raise ValueError(f"soft_ce=True only applies to kind='forward_kl', got kind={kind!r}")
         self.kind = kind

@@ -32,13 +32,16 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from kd.core.config import ConfigError, activation_checkpoint_layers, number
-from kd.ops.schema import KD_LORA  # the recipe's keys, defaults and ranges: the plan reads what the recipe reads
+from kd.core.layout import RunLayout
+from kd.train.schema import KD_LORA, TEACHER_CACHE  # the recipe's keys, defaults, ranges: the plan reads what it reads
+from kd.train.settings import KDLoRASettings, kd_lora_settings, parse_cache
 from kd.losses.components import effective_loss_form
 from kd.teacher.precision import parse_precision
 from kd.train.models import build_on_meta, model_dims
@@ -476,19 +479,11 @@ def check_plan_args(**kw) -> None:
                           "(--nproc-per-node).")
 
 
-def validate_recipe_config(cfg) -> None:
-    """The exact validation ``recipes/kd_lora.py`` runs at start-up (unknown / misspelled keys, bad values), so
-    ``kd plan`` and ``kd preflight`` reject what the recipe rejects, with the same messages."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "recipes" / "kd_lora.py"
-    if not path.is_file():  # kd installed without its recipes: nothing to share
-        return
-    spec = importlib.util.spec_from_file_location("_kd_lora_recipe_for_validation", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    mod.KDLoRARecipe._validate(cfg)
+def validate_recipe_config(cfg) -> KDLoRASettings:
+    """The recipe's own start-up validation (:func:`kd.train.settings.kd_lora_settings`, which
+    ``recipes/kd_lora.py`` runs first), so ``kd plan``, ``kd preflight`` and ``kd calibrate`` reject what the recipe
+    rejects, with the same line; returns the parsed settings."""
+    return kd_lora_settings(cfg)
 
 
 def chunked_extra_gib(cfg, world_size: int = 1) -> Optional[float]:
@@ -553,6 +548,7 @@ def plan_from_config(
         device_memory_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GiB
     if reserve_gib is None:
         reserve_gib = 0.0 if device_type == "cpu" else 8.0
+    cache = parse_cache(cfg, RunLayout(Path(str(cfg.get("output_dir", ".")))))
     opt = cfg.get("optimizer", None)
     opt_name = str(opt.get("_component_", "torch.optim.AdamW")).rsplit(".", 1)[-1] if opt is not None else "AdamW"
     inputs = PlanInputs(
@@ -576,7 +572,7 @@ def plan_from_config(
         device_memory_bytes=None if device_memory_gib is None else device_memory_gib * GiB,
         reserve_bytes=reserve_gib * GiB,
         teacher_resident=(_cache_mode(cfg) != "use") if teacher_resident is None else bool(teacher_resident),
-        cache_k=int((cfg.get("teacher_cache", None) or {}).get("k", 12)) if _cache_mode(cfg) else 0,
+        cache_k=cache.k if cache is not None else 0,
     )
     return estimate(inputs)
 
@@ -585,8 +581,9 @@ def plan_from_config(
 # Teacher cache (kd.cache.store)
 # --------------------------------------------------------------------------------------------------
 def _cache_mode(cfg) -> Optional[str]:
+    """``teacher_cache.mode`` (None: no cache), checked as the recipe checks it."""
     sec = cfg.get("teacher_cache", None)
-    return None if sec is None else sec.get("mode", None)
+    return None if sec is None else TEACHER_CACHE.get(sec, "mode")
 
 
 def cache_bytes_per_token_bound(k: int, sampling: str = "random") -> int:
@@ -617,12 +614,11 @@ def cache_summary(cfg, world_size: int = 1, **kw) -> Optional[str]:
     mode = _cache_mode(cfg)
     if mode is None:
         return None
-    sec = cfg.teacher_cache
-    k = int(sec.get("k", 12))
-    sampling = str(sec.get("sampling", "random"))
+    opts = parse_cache(cfg, RunLayout(Path(str(cfg.get("output_dir", ".")))))
+    k, sampling = opts.k, opts.sampling
     lines = [f"teacher cache: mode={mode}, K={k}, sampling={sampling}; size <= "
              f"{cache_bytes_per_token_bound(k, sampling)} B per answer token"]
-    d = sec.get("dir", None) or os.path.join(str(cfg.get("output_dir", ".")), "teacher_cache")
+    d = str(opts.dir)
     if os.path.isfile(os.path.join(d, "cache.json")):
         import json
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from kd.core.config import ConfigError
+from kd.core.layout import RunLayout
 from kd.train.report import read_metrics_jsonl
 from kd.train.step_checkpoint import CheckpointManager
 
@@ -37,14 +38,15 @@ class RunSummary:
 
 def summarize_run(output_dir: str | Path) -> RunSummary:
     out = Path(output_dir)
-    mf = out / "metrics.jsonl"
+    layout = RunLayout(out)
+    mf = layout.metrics
     if not mf.is_file():
         raise ConfigError(f"{str(mf)!r} not found: is {str(out)!r} the output_dir of a training run?")
     rows = read_metrics_jsonl(mf)
     kind = "validation" if any(r["kind"] == "val" for r in rows) else "training"
     pts = [r for r in rows if r["kind"] == ("val" if kind == "validation" else "train") and "kl" in r]
     first, last = (pts[0], pts[-1]) if pts else (None, None)
-    latest = CheckpointManager(out / "checkpoints").latest()
+    latest = CheckpointManager(layout.checkpoints).latest()
     ckpt, full = None, False
     if latest is not None:
         if (latest / "adapter").is_dir():
@@ -56,7 +58,7 @@ def summarize_run(output_dir: str | Path) -> RunSummary:
 
             if json.loads((latest / "meta.json").read_text()).get("format") == FORMAT:
                 full = True
-                ckpt = out / "merged" if (out / "merged" / "config.json").is_file() else latest
+                ckpt = layout.merged if (layout.merged / "config.json").is_file() else latest
     return RunSummary(kind, first and first["kl"], last and last["kl"], first and first["step"],
                       last and last["step"], ckpt, full, latest)
 
@@ -68,7 +70,7 @@ def run_eval_data(output_dir: str | Path) -> str:
     from omegaconf import OmegaConf
 
     try:
-        cfg = OmegaConf.load(Path(output_dir) / "torchtune_config.yaml")
+        cfg = OmegaConf.load(RunLayout(Path(output_dir)).config)
         ds = cfg.get("dataset", None)
         key = "dataset" if ds is not None and hasattr(ds, "keys") else "dataset[0]"
         if key != "dataset":

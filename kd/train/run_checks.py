@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 from kd.core.atomic import delete_dir
 from kd.core.config import ConfigError, number, to_container
-from kd.losses.distillation import KINDS, DistillationLoss
+from kd.core.layout import CHECKPOINTS
 from kd.train import dist as kdist
 from kd.train.models import build_on_meta
 from kd.train.step_checkpoint import CheckpointManager
@@ -127,7 +127,7 @@ def _diff(a: Any, b: Any, path: str) -> List[str]:
 
 
 def check_run_dir(output_dir: Any, *, resume: bool, overwrite: bool, info: Mapping[str, Any],
-                  ckpt_subdir: str = "checkpoints") -> None:
+                  ckpt_subdir: str = CHECKPOINTS) -> None:
     """Rank 0, before anything is written to ``output_dir`` (so a refused run changes nothing there)."""
 
     mgr = CheckpointManager(Path(str(output_dir)) / ckpt_subdir)
@@ -398,31 +398,6 @@ def free_bytes(path: Any) -> int:
     while not p.exists() and p != p.parent:
         p = p.parent
     return shutil.disk_usage(p).free
-
-
-def check_kd_loss(cfg, key: str = "kd_loss") -> None:
-    """kd.losses.distillation.DistillationLoss options (kind, temperature, beta, alpha, ...) named by key."""
-    section = cfg.get(key, None)
-    if section is None or not str(section.get("_component_", "")).startswith("kd.losses.distillation."):
-        return
-
-    kind = section.get("kind", "forward_kl")
-    if kind not in KINDS:
-        sugg = difflib.get_close_matches(str(kind), KINDS, n=1, cutoff=0.5)
-        raise ConfigError(f"{key}.kind={kind!r} is not a distillation kind"
-                          f"{' (did you mean ' + repr(sugg[0]) + '?)' if sugg else ''}; valid: {', '.join(KINDS)}.")
-    t = number(section, "temperature", 1.0, name=f"{key}.temperature")
-    if t <= 0:
-        raise ConfigError(f"'{key}.temperature' must be > 0, got {t}.")
-    number(section, "beta", 0.5, min_value=0.0, max_value=1.0, name=f"{key}.beta")
-    a = number(section, "alpha", 0.1, min_value=0.0, name=f"{key}.alpha")
-    if a >= 1.0:
-        raise ConfigError(f"'{key}.alpha' must be < 1, got {a}.")
-    kwargs = {k: v for k, v in to_container(section).items() if k != "_component_"}
-    try:
-        DistillationLoss(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"bad {key} options: {e}") from None
 
 
 def check_ignore_index(cfg) -> int:
