@@ -79,10 +79,10 @@ def shape_of(small: bool):
 def build_teacher(S, n_layers, dev, precision="nf4"):
     """torchtune Qwen2 at shape S with n_layers random layers, decoder linears NF4 (kd.teacher.nf4.FastNF4Linear), or
     ``precision="nf4_fp8"``: NF4 storage with kd.teacher.precision's FP8 GEMM (same seeded weights)."""
-    from kd.teacher import precision as P
     from torchtune.models.qwen2 import qwen2
 
     from kd.generate.generation import install_last_token_head
+    from kd.teacher import precision as P
 
     with torch.device("meta"):
         m = qwen2(vocab_size=S["vocab_size"], num_layers=n_layers, num_heads=S["num_heads"],
@@ -272,7 +272,7 @@ def ceiling(dev, T, small):
     cp = T.ms(lambda: y.copy_(x), n=10)
     RES["ceiling"] = {"copy_bytes_per_s": 2 * x.numel() * 2 / (cp / 1e3), "matmul_flops_per_s": 2 * n ** 3 / (mm / 1e3)}
     emit("ceiling", **RES["ceiling"])
-    del a, x, y
+    a = x = y = None  # freed (the timed lambdas above hold these names)
     torch.cuda.empty_cache()
 
 

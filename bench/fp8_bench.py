@@ -35,8 +35,8 @@ import traceback
 from pathlib import Path
 
 import torch
-from _common import call_times_ms, random_init_  # bench/ is on sys.path when run as a script
 import torch.nn as nn
+from _common import call_times_ms, random_init_  # bench/ is on sys.path when run as a script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -305,7 +305,7 @@ def part_pieces(dev, dims, T):
         t = time_ms(lambda: m8(x), dev, it, wu)[0]
         out["fp8_kd_projection_ms"] = t
         row("pieces", "fp8 (kd) projection (act quant + GEMM)", f"{t:.3f} ms")
-    del W, x, w4, w8, x8, m, m8, lin
+    W = x = w4 = w8 = x8 = m = m8 = lin = None  # freed (the timed lambdas above hold these names)
 
 
 def part_layer(dev, dims, B, S):
@@ -369,7 +369,7 @@ def part_layer(dev, dims, B, S):
                         f"{r['compiled_rel_err_vs_bf16']:.2e}; compile: first layer {r['compile_first_layer_s']:.1f} s, "
                         f"second {r['compile_second_layer_s']:.2f} s (incl. one forward) -> 80 layers ~{r['projected_warmup_80_layers_s']:.0f} s")
                     del c, c2, layer2, yc
-                del layer, y
+                layer = y = None  # freed (the timed lambdas above hold these names)
             except Exception as e:
                 r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 row("layer", variant, f"FAILED {r['error']}")

@@ -9,7 +9,6 @@ Builds the same small Qwen2 teacher on every rank, quantises it with kd.train.mo
 output as reference, then fully_shard()s every layer + the root and checks the sharded forward (fast and stock NF4
 paths) against it, and that the weights are DTensors wrapping NF4Tensor shards.
 """
-import os
 
 import torch
 import torch.distributed as dist

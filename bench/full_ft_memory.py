@@ -94,12 +94,12 @@ def main() -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
         m = build(a.tiny, dev, dtype)
-        vocab, H = m.tok_embeddings.num_embeddings, m.tok_embeddings.embedding_dim
+        vocab = m.tok_embeddings.num_embeddings
         Ht = 256 if a.tiny else 8192
         t_w = torch.randn(vocab, Ht, device=dev, dtype=dtype) * 0.02
         opt = make_optimizer(opt_name, [p for p in m.parameters()])
-        from kd.losses.heads import FusedTargets
         from kd.losses.distillation import DistillationLoss, FusedKDCELoss
+        from kd.losses.heads import FusedTargets
 
         loss_fn = DistillationLoss(kind="forward_kl")
         times = []

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -33,9 +32,8 @@ import traceback
 import types
 
 import torch
-from _common import call_times_ms  # bench/ is on sys.path when run as a script
-import torch.nn as nn
 import torch.nn.functional as F
+from _common import call_times_ms  # bench/ is on sys.path when run as a script
 
 GiB = 2 ** 30
 DEV = "cuda"
@@ -115,7 +113,7 @@ def piece_ceiling(args):
     ROWS.append(("ceiling", "bf16 matmul 8192^3", f"{tf:.0f} TFLOP/s ({med:.3f} ms)"))
     ROWS.append(("ceiling", "d2d copy 2 GiB", f"{bw:.2f} TB/s read+write"))
     log(f"[ceiling] bf16 matmul {tf:.0f} TFLOP/s; copy {bw:.2f} TB/s")
-    del a, b, x, y
+    a = b = x = y = None  # freed (the timed lambdas above hold these names)
     torch.cuda.empty_cache()
 
 
@@ -129,7 +127,8 @@ def ceiling_bw():
 
 # ------------------------------------------------------------------------------------------------- nf4
 def piece_nf4(args):
-    from torchao.dtypes.nf4tensor import to_nf4, linear_nf4
+    from torchao.dtypes.nf4tensor import linear_nf4, to_nf4
+
     from kd.teacher import nf4 as knf4
     O, I, T = 29568, 8192, args.tokens
     W = torch.randn(O, I, device=DEV, dtype=torch.bfloat16) * 0.02
@@ -200,13 +199,14 @@ def piece_nf4(args):
             ROWS.append((f"nf4 linear {T}x8192->29568", k, f"{m:.2f} ms, {m / base:.2f}x bf16, {tf:.0f} TFLOP/s"))
     RESULTS["nf4"] = out
     log(f"[nf4] {json.dumps(out)}")
-    del W, w4, ref, x
+    W = w4 = ref = x = None  # freed (the timed lambdas above hold these names)
     torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------------------------------------- layer
 def piece_layer(args):
     from torchtune.models.qwen2._component_builders import qwen2
+
     from kd.teacher import nf4 as knf4
     from kd.train.models import nf4_linears_
     B, S = args.tokens // args.seq, args.seq
@@ -239,19 +239,19 @@ def piece_layer(args):
                                                   f"({tf / ceiling_tflops() * 100:.0f}% of matmul ceiling)"))
     RESULTS["layer"] = dict(ms=res, rel_err=errs, params=nparam, flop=flop)
     log(f"[layer] {json.dumps(RESULTS['layer'])}")
-    del layer, m, x
+    layer = m = x = None  # freed (the timed lambdas above hold these names)
     torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------------------------------------- head
 def _stock_losses(C):
-    from torchtune.modules.loss import ForwardKLWithChunkedOutputLoss, CEWithChunkedOutputLoss
+    from torchtune.modules.loss import CEWithChunkedOutputLoss, ForwardKLWithChunkedOutputLoss
     return CEWithChunkedOutputLoss(num_output_chunks=C), ForwardKLWithChunkedOutputLoss(num_output_chunks=C)
 
 
 def _fused_available():
     try:
-        from kd.losses.distillation import fused_linear_kd_ce, DistillationLoss  # noqa: F401
+        from kd.losses.distillation import DistillationLoss, fused_linear_kd_ce  # noqa: F401
         return True
     except Exception as e:
         log(f"kd.losses.distillation.fused_linear_kd_ce unavailable: {type(e).__name__}: {str(e)[:200]}")
@@ -283,7 +283,7 @@ def piece_head(args):
 
     variants = {"stock chunked CE+FKL (8 chunks)": stock}
     if _fused_available():
-        from kd.losses.distillation import fused_linear_kd_ce, DistillationLoss
+        from kd.losses.distillation import DistillationLoss, fused_linear_kd_ce
         dl = DistillationLoss(kind="forward_kl", soft_ce=True)  # torchtune FKL value parity
 
         def make_fused(cs):
@@ -336,13 +336,14 @@ def piece_head(args):
         RESULTS["auto_loss_chunk"] = int(pick.rsplit(" ", 1)[1])
     RESULTS["head"] = res
     log(f"[head] {json.dumps(res)}")
-    del hs0, ht, Ws, Wt, outs
+    hs0 = ht = Ws = Wt = outs = None  # freed (the timed lambdas above hold these names)
     torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------------------------------------- step
 def build_teacher(fast):
     from torchtune.models.qwen2_5 import qwen2_5_72b_instruct
+
     from kd.train.models import nf4_linears_
     t0 = time.perf_counter()
     with torch.device("meta"):
@@ -440,7 +441,7 @@ def piece_step(args):
             student.unembed = lambda h: student.norm(h)
 
     if _fused_available():
-        from kd.losses.distillation import fused_linear_kd_ce, DistillationLoss
+        from kd.losses.distillation import DistillationLoss, fused_linear_kd_ce
         dl = DistillationLoss(kind="forward_kl", soft_ce=True)  # torchtune FKL value parity
     else:
         fused_linear_kd_ce = None

@@ -43,9 +43,9 @@ def main() -> None:
     dist.init_process_group("nccl", device_id=torch.device("cuda", local))
     rank, world = dist.get_rank(), dist.get_world_size()
 
-    import bench.kd_step as ks
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+    import bench.kd_step as ks
     from kd.losses.distillation import DistillationLoss, fused_linear_kd_ce
 
     ks.DEV = torch.device("cuda", local)

@@ -124,8 +124,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--doc", default=str(REPO / "docs" / "quality.md"))
     ap.add_argument("--results", default=str(REPO / "bench" / "results_qad.json"))
     a = ap.parse_args(argv)
-    from kd.testing.testbed import build_testbed
     from transformers import AutoModelForCausalLM
+
+    from kd.testing.testbed import build_testbed
 
     t_start = time.time()
     torch.set_num_threads(1)

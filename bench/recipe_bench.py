@@ -156,8 +156,9 @@ class _FastCounter:
 
 
 def data_cmd(a) -> None:
-    from kd.data.qwen_tokenizer import qwen2_5_tokenizer_files
     from torchtune.models.qwen2_5 import qwen2_5_tokenizer
+
+    from kd.data.qwen_tokenizer import qwen2_5_tokenizer_files
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -191,7 +192,7 @@ def hf_config(dims: dict) -> dict:
     }
 
 
-def _layer_tensors(i: int, d: dict, dev, dtype, gen) -> Dict[str, "torch.Tensor"]:
+def _layer_tensors(i: int, d: dict, dev, dtype, gen) -> Dict[str, object]:
     import torch
 
     h, f = d["hidden_size"], d["intermediate_size"]

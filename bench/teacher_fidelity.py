@@ -32,8 +32,8 @@ sys.path.insert(0, str(REPO))
 def load_teacher(testbed, quant, dtype):
     from omegaconf import OmegaConf
 
-    from kd.train.models import build_on_meta, load_hf_into_model
     from kd.teacher.precision import apply_precision, resolve_precision
+    from kd.train.models import build_on_meta, load_hf_into_model
 
     cfg = OmegaConf.load(REPO / "configs/tiny/kd_lora.yaml")
     prec = resolve_precision(quant, torch.device("cpu"), dtype)

@@ -30,12 +30,14 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
-from kd.core.atomic import atomic_write_dir, atomic_write_text
 from kd.core import run_lock
+from kd.core.atomic import atomic_write_dir, atomic_write_text
 from kd.core.config import ConfigError, check_keys, number, require_component, to_container
 from kd.core.progress import configure_logging
 from kd.ops import schema
-from kd.train import qad as kqad, quantize as kq, run_checks as checks
+from kd.train import qad as kqad
+from kd.train import quantize as kq
+from kd.train import run_checks as checks
 from kd.train.full import SHARDS, assemble_full_state_dict
 from kd.train.hf_export import save_merged_hf, write_hf_checkpoint
 from kd.train.models import build_on_meta, load_adapter_dir, load_frozen_model, model_dims

@@ -13,8 +13,8 @@ import torch
 from omegaconf import OmegaConf
 
 from kd.core.config import ConfigError, activation_checkpoint_layers
-from kd.train.models import apply_activation_checkpointing, build_on_meta, is_adapter_param, load_hf_into_model
 from kd.ops.planner import activation_elems_per_token, count_model
+from kd.train.models import apply_activation_checkpointing, build_on_meta, is_adapter_param, load_hf_into_model
 
 
 @pytest.mark.parametrize("ov,want", [

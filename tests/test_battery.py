@@ -25,7 +25,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from recipe_utils import REPO
 
 DRIVER = REPO / "tests" / "cli_driver.py"

@@ -12,11 +12,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
+from recipe_utils import REPO, env_for, metrics, tune_run
 
 from kd.ops import calibrate as cal
 from kd.ops import jobtime
 from kd.ops.preflight import load_config
-from recipe_utils import REPO, env_for, metrics, tune_run
 
 KD = str(Path(sys.executable).parent / "kd")
 TINY = str(REPO / "configs/tiny/kd_lora.yaml")

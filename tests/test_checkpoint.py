@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd.train import adapter_io, hf_export, step_checkpoint
 from kd.core import atomic, errors
+from kd.train import adapter_io, hf_export, step_checkpoint
 
 
 def _save_adapter(adapter_sd, out_dir, **kw) -> Path:

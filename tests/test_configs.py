@@ -20,8 +20,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchtune import config as tt_config
 from torchtune.config._utils import _get_component_from_path
 
-from kd.losses import components as loss_components
 from kd.core.config import ConfigError
+from kd.losses import components as loss_components
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))

@@ -7,7 +7,6 @@ import os
 import subprocess
 
 import pytest
-
 from recipe_utils import REPO, env_for
 
 SHORT = ["epochs=1", "max_steps_per_epoch=2", "progress_bar=False"]

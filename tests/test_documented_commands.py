@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from recipe_utils import REPO, free_port
 
 DRIVER = REPO / "tests" / "cli_driver.py"

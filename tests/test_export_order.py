@@ -4,10 +4,9 @@ adds the quantized copy; another adapter's export there is still refused."""
 
 from __future__ import annotations
 
-import pytest
-
 import json
 
+import pytest
 from recipe_utils import tune_run
 
 

@@ -4,7 +4,6 @@ so a mistake there leaves no merged/ behind and the corrected re-run is not refu
 from __future__ import annotations
 
 import pytest
-
 from recipe_utils import tune_run
 
 

@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from recipe_utils import REPO, TUNE, env_for, free_port, metrics, tune_run
 
 FAST = ["teacher_quantization=nf4_fp8", "compile=True", "dataset.packed=True"]

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from recipe_utils import REPO, TUNE, env_for, metrics, tune_run
 
 CFG = "configs/tiny/kd_full.yaml"

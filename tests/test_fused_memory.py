@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 
-
 V, H, CHUNK = 32768, 64, 512
 MIB = 1024 * 1024
 

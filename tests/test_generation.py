@@ -11,8 +11,17 @@ import pytest
 import torch
 
 from kd.generate.generation import (
-    ResultStore, SamplingParams, counter_uniform, generate_batch, install_last_token_head, merge_results,
-    plan_batches, prompt_tokens, sample_next, sample_seed, stop_token_ids,
+    ResultStore,
+    SamplingParams,
+    counter_uniform,
+    generate_batch,
+    install_last_token_head,
+    merge_results,
+    plan_batches,
+    prompt_tokens,
+    sample_next,
+    sample_seed,
+    stop_token_ids,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,8 +173,9 @@ def test_kill9_resume_is_byte_identical(testbed, tmp_path):
     rows = json.loads(a)
     assert [r["id"] for r in rows] == list(range(40)) and all(r["original_output"] for r in rows)
     # LLaMA-Factory (plan A) sees the system prompt the teacher answered under
-    from kd.data.alpaca import DEFAULT_SYSTEM_PROMPT
     from test_llamafactory_schema import llamafactory_alpaca_view
+
+    from kd.data.alpaca import DEFAULT_SYSTEM_PROMPT
 
     view = llamafactory_alpaca_view(tmp_path / "run", "teacher_distill")
     assert len(view) == 40 and {v[0] for v in view} == {DEFAULT_SYSTEM_PROMPT}
@@ -238,9 +248,8 @@ def test_nf4_teacher_generates(testbed, tiny_tokenizer):
     """quantization=nf4 path: NF4 weights while loading + kd.teacher.nf4 fast linear, bf16, batched generation."""
     from omegaconf import OmegaConf
 
-    from kd.teacher.nf4 import use_fast_nf4
+    from kd.teacher.nf4 import FastNF4Linear, use_fast_nf4
     from kd.train.models import build_on_meta, load_hf_into_model
-    from kd.teacher.nf4 import FastNF4Linear
 
     cfg = OmegaConf.create({"_component_": "torchtune.models.qwen2.qwen2", **testbed.teacher_dims})
     m = build_on_meta(cfg, torch.bfloat16)

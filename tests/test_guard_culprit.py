@@ -9,9 +9,9 @@ import shutil
 
 import pytest
 import torch
+from recipe_utils import tune_run
 
 from kd.train.guard import NonFiniteError, NonFiniteGuard
-from recipe_utils import tune_run
 
 NAN, FIN = torch.tensor(float("nan")), torch.tensor(1.0)
 

@@ -11,12 +11,12 @@ import tempfile
 
 import pytest
 from omegaconf import OmegaConf
+from recipe_utils import REPO, env_for, tune_run
 
 from kd.core.config import ConfigError
 from kd.data.alpaca import load_alpaca_records
 from kd.train import run_checks as checks
 from kd.train.cli_util import load_yaml_file
-from recipe_utils import REPO, env_for, tune_run
 
 
 def _last(p: subprocess.CompletedProcess) -> str:

@@ -14,12 +14,11 @@ import select
 import shutil
 import socket
 import subprocess
-
-import pytest
 import sys
 import time
 from pathlib import Path
 
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "run_node.sh"

@@ -17,7 +17,6 @@ from kd.losses.distillation import (
 )
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # tiny tensors: intra-op threading only adds overhead (5x slower on a shared 2-core box)

@@ -96,11 +96,10 @@ def test_nf4_linears_swaps_only_decoder_linears():
 def test_fsdp2_two_ranks_cpu():
     """FastNF4Linear under FSDP2 (2 gloo ranks): weights are DTensor(NF4Tensor) shards, output == unsharded."""
     import os
+    import socket
     import subprocess
     import sys
     from pathlib import Path
-
-    import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torchao.dtypes.nf4tensor import to_nf4
 
-from kd.teacher import nf4_cuda as nc
 from kd.generate import nf4_matmul as NM
+from kd.teacher import nf4_cuda as nc
 from kd.teacher.nf4 import cached_scalers
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd.generate.generation import merge_results
 from kd.data.offline import choose_targets, mixed_sft_dataset
+from kd.generate.generation import merge_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def test_mixed_sft_dataset(testbed, tiny_tokenizer, tmp_path):
 def test_sft_run_through_kd_recipe(testbed, tmp_path):
     src = _merged(testbed, tmp_path)
     out = tmp_path / "sft"
-    r = _tune(testbed, "recipes/kd_lora.py", "configs/tiny/sft_lora.yaml", f"dataset.source={src}",
+    _tune(testbed, "recipes/kd_lora.py", "configs/tiny/sft_lora.yaml", f"dataset.source={src}",
               f"output_dir={out}", "max_steps_per_epoch=6", "eval_every_n_steps=3", "save_every_n_steps=null",
               "progress_bar=False")
     assert (out / "checkpoints" / "step_0000006" / "adapter" / "adapter_config.json").is_file()

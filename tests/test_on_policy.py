@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from recipe_utils import REPO, TUNE, env_for, metrics, tune_run
 
 from kd.train.on_policy import (

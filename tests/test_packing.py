@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from kd.data.alpaca import alpaca_kd_dataset
-from kd.losses.heads import FusedKDHead, FusedTargets, HiddenStatesHead
 from kd.losses.distillation import DistillationLoss, FusedKDCELoss
+from kd.losses.heads import FusedKDHead, FusedTargets, HiddenStatesHead
 from kd.train.models import build_on_meta, is_adapter_param, load_hf_into_model
 
 
@@ -119,8 +119,9 @@ def test_packed_positions_restart(testbed, tiny_tokenizer):
 
 def test_user_configs_pack():
     """The shipped 72B->7B configs pack by default (issue 9), on both models (one batch feeds both)."""
-    from omegaconf import OmegaConf
     import glob
+
+    from omegaconf import OmegaConf
 
     for path in glob.glob("configs/qwen2_5/72B_to_7B_kd_*.yaml"):
         cfg = OmegaConf.load(path)

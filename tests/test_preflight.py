@@ -206,9 +206,9 @@ def test_local_checks_report_the_nccl_environment(cfg, tmp_path, monkeypatch):
     """kd preflight on one node with RDMA devices (a fake DGX Spark sysfs tree): the NCCL environment is in the
     report, with the MTU warning and its fix."""
     import torch
+    from test_netcheck import fake_sys
 
     from kd.ops.preflight import local_checks
-    from test_netcheck import fake_sys
 
     monkeypatch.setenv("KD_SYSFS_ROOT", str(fake_sys(tmp_path / "sys", mtu=1500)))
     monkeypatch.setenv("KD_PROCFS_ROOT", str(tmp_path / "proc"))

@@ -5,7 +5,6 @@ of the trained format."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from recipe_utils import tune_run
 
 ct = pytest.importorskip("compressed_tensors", reason="the deploy extra (compressed-tensors) is not installed")

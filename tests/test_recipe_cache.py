@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from recipe_utils import REPO, TUNE, env_for, free_port, metrics, tune_run
 
 from kd.cache.store import CacheKey, TeacherCacheStore
-from recipe_utils import REPO, TUNE, env_for, free_port, metrics, tune_run
 
 BASE = ["log_every_n_steps=1", "~eval_every_n_steps", "save_every_n_steps=100", "progress_bar=False", "kd_ratio=1"]
 TRAIN = ["epochs=1", "max_steps_per_epoch=6"]
@@ -288,7 +288,7 @@ def test_packed_online_then_cache_writes_the_records_of_an_unpacked_build(testbe
         n_diff += int((ia != ib).sum())
     assert n_draw > 2000 and n_diff <= 0.01 * n_draw, (n_diff, n_draw)
     # the part of the cache epoch 1 wrote from packs is not empty (and the fill wrote the rest)
-    p = tune_run(testbed, [*BASE, *PACKED, "epochs=1", "max_steps_per_epoch=2", f"output_dir={tmp_path}/use",
+    tune_run(testbed, [*BASE, *PACKED, "epochs=1", "max_steps_per_epoch=2", f"output_dir={tmp_path}/use",
                            "teacher_cache.mode=use", f"teacher_cache.dir={tmp_path}/otc/teacher_cache"])
     assert len(metrics(tmp_path / "use")) == 2
 

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from recipe_utils import REPO, TUNE, env_for, free_port, metrics, tune_run
 
 BASE = ["epochs=1", "max_steps_per_epoch=4", "log_every_n_steps=1", "~eval_every_n_steps", "save_every_n_steps=100",

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from recipe_utils import metrics, tune_run
 
 FAST = ["epochs=1", "max_steps_per_epoch=3", "log_every_n_steps=1", "~eval_every_n_steps", "progress_bar=False", "save_every_n_steps=100"]
@@ -88,8 +87,9 @@ def _teacher_logits(testbed, nf4: bool, tokens):
 def test_nf4_teacher_close_to_bf16(testbed):
     data = json.loads(Path(testbed.data_json).read_text())[:8]
     tok = testbed.tokenizer(max_seq_len=128)
-    from kd.data.alpaca import prompt_messages
     from torchtune.data import Message
+
+    from kd.data.alpaca import prompt_messages
 
     seqs = []
     for rec in data:

@@ -103,9 +103,9 @@ def test_bars_only_on_rank_zero(monkeypatch):
 def test_run_summary_three_lines(tmp_path):
     """`kd summary` (the end of launch/demo.sh): KL before -> after from the validation points, the latest
     checkpoint's adapter, and runnable next commands."""
-    from kd.train.step_checkpoint import CheckpointManager
     from kd.ops.cli import main as kd_main
     from kd.ops.summary import summarize_run, summary_lines
+    from kd.train.step_checkpoint import CheckpointManager
 
     run = tmp_path / "run"
     run.mkdir()

@@ -11,14 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from recipe_utils import REPO, tune_run
 
 from kd.core import run_lock
 from kd.core.config import ConfigError
-from recipe_utils import REPO, tune_run
 
 HOLD = ("import sys, time; from kd.core import run_lock; run_lock.acquire(sys.argv[1], 'a kd_lora run'); "
         "print('held', flush=True); time.sleep(600)")

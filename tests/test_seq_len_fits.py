@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 from omegaconf import OmegaConf
+from recipe_utils import REPO, tune_run
 
 from kd.core.config import ConfigError
 from kd.train import run_checks as checks
-from recipe_utils import REPO, tune_run
 
 
 def test_recipe_refuses_tokenizer_longer_than_model_naming_both(testbed, tmp_path):

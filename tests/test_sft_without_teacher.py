@@ -5,10 +5,9 @@ does ~teacher_model."""
 from __future__ import annotations
 
 import pytest
-from omegaconf import OmegaConf
+from recipe_utils import REPO, metrics, tune_run
 
 from kd.train.cli_util import load_yaml_file, merge_overrides
-from recipe_utils import REPO, metrics, tune_run
 
 
 def test_section_null_override_nulls_the_section():

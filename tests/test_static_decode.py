@@ -3,11 +3,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kd.generate.generation import SamplingParams, generate_batch, sample_next, sample_seed, stop_token_ids, counter_uniform
-from kd.generate.static_decode import StaticDecoder, decode_step_cost
-
 from test_generation import _prompts, _teacher
+
+from kd.generate.generation import (
+    SamplingParams,
+    counter_uniform,
+    generate_batch,
+    sample_next,
+    sample_seed,
+    stop_token_ids,
+)
+from kd.generate.static_decode import StaticDecoder, decode_step_cost
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd.losses.distillation import DistillationLoss, fused_linear_kd_ce, sparse_soft_ce_sum
 from kd.cache.store import (
     FORMAT,
     CacheError,
@@ -19,6 +18,7 @@ from kd.cache.store import (
     sample_hash,
     sparse_targets_for_batch,
 )
+from kd.losses.distillation import DistillationLoss, fused_linear_kd_ce, sparse_soft_ce_sum
 from kd.losses.sparse import SparseTargets, TeacherSampler, sample_teacher_rows
 
 
@@ -342,8 +342,8 @@ def test_fingerprints_see_changes(tmp_path, testbed, tiny_tokenizer):
     prompt or the masking rule change (and not otherwise)."""
     import shutil
 
-    from kd.data.alpaca import AlpacaKDDataset
     from kd.cache.store import checkpoint_fingerprint, template_fingerprint, tokenizer_fingerprint
+    from kd.data.alpaca import AlpacaKDDataset
 
     tdir = tmp_path / "teacher"
     shutil.copytree(testbed.teacher_dir, tdir)
@@ -476,9 +476,8 @@ def test_packed_batches_write_and_read_the_records_of_unpacked_ones(tiny_tokeniz
     from torch.utils.data import ConcatDataset
     from torchtune.data import padded_collate_packed, padded_collate_sft
 
+    from kd.cache.store import CacheCollate, Segments, TeacherSamples, index_dataset, item_segments, unpacked_view
     from kd.data.alpaca import DEMO_DATA_PATH, alpaca_kd_dataset
-    from kd.cache.store import (
-        CacheCollate, Segments, TeacherSamples, index_dataset, item_segments, unpacked_view)
 
     kw = dict(split="all", max_seq_len=256, train_on_input=train_on_input)
     if train_on_input:

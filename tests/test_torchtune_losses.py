@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 from omegaconf import OmegaConf
+from recipe_utils import metrics, tune_run
 
 from kd.core.config import ConfigError
 from kd.losses import components as lc
-from recipe_utils import metrics, tune_run
 
 TT_CE = "torchtune.modules.loss.CEWithChunkedOutputLoss"
 TT_KD = "torchtune.modules.loss.ForwardKLWithChunkedOutputLoss"

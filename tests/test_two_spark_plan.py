@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import pytest
-
 from recipe_utils import REPO
 
 ONE = "configs/qwen2_5/72B_to_7B_kd_lora_1node.yaml"

@@ -43,6 +43,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from kd.core.rng import signed64
 from kd.generate.generation import (
     Generation,
     LastTokenHead,
@@ -58,7 +59,6 @@ from kd.generate.generation import (
     teardown_kv_caches,
     to_generations,
 )
-from kd.core.rng import signed64
 from kd.generate.linear_groups import LinearGroups
 from kd.generate.nf4_matmul import FUSED_MAX_ROWS, DecodeRoute
 from kd.teacher.nf4 import set_decode_

@@ -37,10 +37,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from kd.core.config import ConfigError, activation_checkpoint_layers
 from kd.data.alpaca import best_fit_bins, greedy_bins
-from kd.ops.planner import _cache_mode, build_and_count, teacher_forward_epochs
-from kd.ops.schema import GENERATE_TEACHER
 from kd.data.batching import plan_batches
 from kd.generate.static_decode import decode_step_cost
+from kd.ops.planner import _cache_mode, build_and_count, teacher_forward_epochs
+from kd.ops.schema import GENERATE_TEACHER
 
 TFLOP = 1e12
 
@@ -630,7 +630,7 @@ def _total(cs: List[Component]) -> float:
 def _epoch(m: "_JobModel", teacher: bool, write: bool, read: bool) -> List[Component]:
     """One epoch's components: online (``teacher``), writing the cache (``write``) or reading it (``read``)."""
     cfg, hw, stats, s, t, batches, steps, k = m.cfg, m.hw, m.stats, m.s, m.t, m.batches, m.steps, m.k
-    L, A, R, R_t, world_size = stats.lengths, stats.answers, m.R, m.R_t, m.world_size
+    L, A, R, R_t = stats.lengths, stats.answers, m.R, m.R_t
     n_pos = 0
     t_teacher = t_student = t_head = t_dequant = t_write = t_read = 0.0
     for ids in batches:

@@ -49,8 +49,8 @@ from kd.ops.planner import GiB, checkpoint_bytes, cross_node_bytes_per_step, pla
 from kd.teacher.precision import check_sharding, resolve_precision
 from kd.train import dist as kdist
 from kd.train.cli_util import load_yaml_file, merge_overrides, user_error_types
-from kd.train.run_checks import unwritable_reason
 from kd.train.models import check_matches_hf_config, read_hf_config, resolve_checkpoint_files
+from kd.train.run_checks import unwritable_reason
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # What NCCL reaches between two DGX Sparks over one 200 Gb/s RoCE port (ConnectX-7, line rate 25 GB/s) with both

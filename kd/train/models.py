@@ -374,7 +374,8 @@ def _load_hf_into_model(
 
 def build_on_meta(model_cfg, dtype: torch.dtype) -> nn.Module:
     """Instantiate a torchtune model component on the meta device in ``dtype``."""
-    from torchtune import config as tt_config, training
+    from torchtune import config as tt_config
+    from torchtune import training
 
     with training.set_default_dtype(dtype), torch.device("meta"):
         return tt_config.instantiate(model_cfg)

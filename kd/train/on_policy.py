@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from functools import partial
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence
 
 import torch

@@ -274,7 +274,7 @@ def gptq_model(model: nn.Module, samples: Sequence[torch.Tensor], args, *, dampe
             r = gptq_quantize(m.weight.data, H[n], args, dampening=dampening)
             m.weight.data.copy_(r.weight.to(m.weight.dtype))
             results[f"model.layers.{li}.{n}"] = r
-        del H
+        H = None  # freed (the timed lambdas above hold these names)
         # the next layer sees what this (now quantized) layer produces
         inputs = [_next_inputs(a, kw, _layer_out(layer(*a, **kw))) for a, kw in inputs]
     return results
