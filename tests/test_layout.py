@@ -64,3 +64,43 @@ def test_long_functions_say_why():
                 if not lines[first - 2].lstrip().startswith("#"):
                     bad.append(f"{path.relative_to(KD.parent)}:{node.lineno} {node.name}")
     assert not bad, "functions of 80+ lines without a comment above saying why:\n" + "\n".join(bad)
+
+
+def _module_graph():
+    """kd module -> the kd modules it imports (function-local imports included)."""
+    mods = {".".join(p.relative_to(KD.parent).with_suffix("").parts).removesuffix(".__init__"): p
+            for p in KD.rglob("*.py")}
+    graph = {}
+    for name, path in mods.items():
+        deps = set()
+        for mod in _kd_imports(path):
+            deps.add(mod if mod in mods else mod.rsplit(".", 1)[0])
+        for node in ast.walk(ast.parse(path.read_text())):  # `from kd.x import module` names a module
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                deps.update(f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in mods)
+        graph[name] = {d for d in deps if d in mods and d != name}
+    return graph
+
+
+def test_no_import_circle_between_modules():
+    """No kd module reaches itself through imports, function-local ones included (the packages' order alone would
+    allow a circle inside one package, as nf4 <-> nf4_decode <-> nf4_cuda once was)."""
+    graph = _module_graph()
+    state, path, cycles = {}, [], []
+
+    def visit(u):
+        state[u] = 1
+        path.append(u)
+        for v in sorted(graph[u]):
+            if state.get(v) == 1:
+                cycles.append(" -> ".join(path[path.index(v):] + [v]))
+            elif v not in state:
+                visit(v)
+        path.pop()
+        state[u] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    assert not cycles, "\n".join(cycles)
+    assert "kd.generate.nf4_matmul" in graph and "kd.teacher.nf4" in graph["kd.generate.nf4_matmul"]  # the walk sees
