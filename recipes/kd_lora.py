@@ -20,7 +20,6 @@ import contextlib
 import gc
 import json
 import logging
-import os
 import random
 import resource
 import signal
@@ -65,7 +64,7 @@ from kd.train.guard import NonFiniteGuard
 from kd.losses.heads import FusedKDHead, FusedTargets, HiddenStatesHead
 from kd.train.hf_export import save_merged_hf
 from kd.losses.distillation import KDCEResult, chunked_kd_ce, kd_ce_mix
-from kd.train.metric_logging import kd_logging_cfg
+from kd.train.metric_logging import NamedVector, kd_logging_cfg
 from kd.train.models import (
     apply_activation_checkpointing,
     build_on_meta,
@@ -81,11 +80,10 @@ from kd.teacher.precision import check_sharding
 from kd.train.settings import kd_lora_settings
 from kd.core.progress import configure_logging, progress
 from kd.train.step_checkpoint import CheckpointManager
-from kd.cache.session import CacheSession, resume_epoch
+from kd.cache.session import teacher_cache_for
 from kd.train.timing import PhaseTimer
 
 log = logging.getLogger("kd.recipe")
-_M = KDCEResult.METRICS  # the order of the summed metric vector (read by name, never by position)
 
 # The keys this recipe accepts, their defaults and ranges: one table (kd.train.schema.KD_LORA), read once into
 # kd.train.settings.KDLoRASettings (also behind `kd plan` and docs/config_keys.md).
@@ -153,9 +151,9 @@ class KDLoRARecipe:
         # 3. memory plan (rank 0), then the FSDP2 device mesh (None for one process)
         self._log_memory_plan(cfg)
         self._mesh = kdist.build_mesh(self._dist, self._device, cfg.get("fsdp_strategy", "shard")) if self._fsdp else None
-        # 3b. teacher cache (mode=build: a teacher-only pass, set up and run by _setup_cache_build)
+        # 3b. teacher cache (kd.cache.session; NoCache without the section); a teacher-only build needs no student
         self._setup_teacher_cache(cfg)
-        if self._cache is not None and self._cache.mode == "build":
+        if self._cache.builds_only:
             return self._setup_cache_build(cfg)
         # 4. student: LoRA on a frozen base, weights streamed from the HF checkpoint
         self._model = self._setup_student(cfg)
@@ -191,7 +189,10 @@ class KDLoRARecipe:
         # 11. profiler
         self._profiler = self._setup_profiler(cfg.get("profiler", None))
         # 12. teacher cache: index the data, check the cache key, fill or switch phases as the mode says
-        self._attach_teacher_cache(cfg)
+        val_ds = self._val_loader.dataset if self._val_loader is not None else None
+        self._cache.begin(cfg, loss=self._kd_loss, tokenizer=self._tokenizer, ignore_index=self._ignore_index,
+                          datasets=[self._train_loader.dataset, val_ds], loaders=[self._train_loader, self._val_loader],
+                          teacher=self)
         # 13. the config file of the run, written only once setup has succeeded (a failed start must not
         # replace the torchtune_config.yaml of the run whose checkpoints are in output_dir)
         if self._metric_logger is not None:
@@ -524,25 +525,16 @@ class KDLoRARecipe:
     # Teacher cache (kd.cache.session): Random-Sampling KD targets computed once, read every epoch
     # ----------------------------------------------------------------------------------------------
     def _setup_teacher_cache(self, cfg: DictConfig) -> None:
-        """Parse ``teacher_cache`` and decide whether the teacher is loaded in step 5: always without a
-        cache and for build; never for use; for online_then_cache only while epoch 1 is not finished
-        (a resume after it loads the teacher later only if the cache lacks samples)."""
+        """The run's teacher cache (kd.cache.session.teacher_cache_for: NoCache without the section), and whether
+        the teacher is loaded in step 5 (the cache decides)."""
 
         self._model = None
-        self._cache = None
-        self._teacher_at_start = True
-        opts = self._settings.cache
-        if opts is None:
-            return
-        self._cache = CacheSession(self._settings, rank=self.rank, world_size=self.world_size,
-                                   local_rank=self._dist.local_rank, device=self._device,
-                                   ignore_index=-100, progress=self._progress_bar)
-        if opts.mode == "use":
-            self._teacher_at_start = False
-        elif opts.mode == "online_then_cache":
-            self._teacher_at_start = resume_epoch(self._layout, self._resume) == 0
-        self._log(f"teacher cache: mode={opts.mode}, dir={opts.dir}, K={opts.k}, sampling={opts.sampling}"
-                  + ("" if self._teacher_at_start else " (teacher not loaded)"))
+        self._cache = teacher_cache_for(self._settings, rank=self.rank, world_size=self.world_size,
+                                        local_rank=self._dist.local_rank, device=self._device,
+                                        progress=self._progress_bar)
+        self._teacher_at_start = self._cache.loads_teacher_at_start()
+        if self._cache.describe_options():
+            self._log(self._cache.describe_options() + ("" if self._teacher_at_start else " (teacher not loaded)"))
 
     def _cache_collate(self):
         return partial(padded_collate_sft, padding_idx=self._tokenizer.pad_id, ignore_idx=self._ignore_index)
@@ -556,28 +548,14 @@ class KDLoRARecipe:
         seq = getattr(ds, "max_seq_len", None)
         return None if seq is None else self._settings.batch_size * int(seq)
 
-    def _attach_teacher_cache(self, cfg: DictConfig) -> None:
-        if self._cache is None:
-            return
-        c = self._cache
-        c.ignore_index = self._ignore_index
-        val_ds = self._val_loader.dataset if self._val_loader is not None else None
-        c.attach(cfg, loss=self._kd_loss, tokenizer=self._tokenizer, datasets=[self._train_loader.dataset, val_ds])
-        c.wrap_loader(self._train_loader)
-        c.wrap_loader(self._val_loader)
-        if c.mode == "use":
-            c.require_complete()
-            c.set_reading(True)
-        elif self._teacher is not None:
-            c.start_writing()  # online_then_cache, epoch 1
-        else:  # online_then_cache resumed after epoch 1
-            if c.missing():
-                self._teacher, self._teacher_head_weight = self._setup_teacher(cfg)
-                self._fill_teacher_cache()
-            c.require_complete()
-            c.set_reading(True)
+    # kd.cache.session.TeacherHooks: what the cache asks of the teacher
+    def teacher_live(self) -> bool:
+        return self._teacher is not None
 
-    def _fill_teacher_cache(self) -> None:
+    def load_teacher(self) -> None:
+        self._teacher, self._teacher_head_weight = self._setup_teacher(self._cfg)
+
+    def fill_and_free(self) -> None:
         """Teacher-only pass over what the cache lacks, then free the teacher (its memory goes back)."""
 
         stats = self._cache.fill(
@@ -600,20 +578,6 @@ class KDLoRARecipe:
         else:
             self._log("teacher freed")
 
-    def _teacher_cache_epoch_end(self) -> None:
-        """online_then_cache: after epoch 1 (if more epochs follow), fill what epoch 1 did not see, give
-        every node every shard, free the teacher and read the cache from now on."""
-        c = self._cache
-        if c is None or c.mode != "online_then_cache" or self._teacher is None:
-            return
-        if self.epochs_run >= self.total_epochs:
-            c.flush()
-            return
-        self._fill_teacher_cache()
-        c.stop_writing()
-        c.require_complete()
-        c.set_reading(True)
-
     def _setup_cache_build(self, cfg: DictConfig) -> None:
         """mode=build: teacher + data only (no student, optimizer or checkpoints)."""
         self._teacher, self._teacher_head_weight = self._setup_teacher(cfg)
@@ -623,12 +587,8 @@ class KDLoRARecipe:
         if self._eval_every is not None:
             val, _ = self._build_dataset(cfg.get("val_dataset", None) or cfg.dataset,
                                          "val" if cfg.get("val_dataset") is None else None)
-        self._cache.ignore_index = self._ignore_index
-        self._cache.attach(cfg, loss=self._kd_loss, tokenizer=self._tokenizer, datasets=[ds, val])
-
-    def _run_cache_build(self) -> None:
-        self._fill_teacher_cache()
-        self._log(f"teacher cache built: {self._cache.describe()}")
+        self._cache.begin(cfg, loss=self._kd_loss, tokenizer=self._tokenizer, ignore_index=self._ignore_index,
+                          datasets=[ds, val], loaders=[], teacher=self)
 
     # ----------------------------------------------------------------------------------------------
     # State (optimizer, RNG) helpers
@@ -680,8 +640,8 @@ class KDLoRARecipe:
         if timer is not None:
             timer.mark("teacher_fwd")
         if self._loss_form == "fused":
-            cache_targets = {} if self._cache is None else self._cache.loss_targets(
-                batch, labels, teacher_live=teacher_out is not None, training=self._model.training)
+            cache_targets = self._cache.loss_targets(batch, labels, teacher_live=teacher_out is not None,
+                                                     training=self._model.training)
             targets = FusedTargets(
                 labels=labels, loss=self._ce_loss, kd_loss=self._kd_loss, kd_ratio=kd_ratio,
                 teacher_hidden=None if teacher_out is None else teacher_out.to(self._dtype),
@@ -689,8 +649,7 @@ class KDLoRARecipe:
             )
             with self._model.output.fused(targets) as call:
                 self._model(tokens, mask=mask, input_pos=input_pos)
-            if self._cache is not None:
-                self._cache.after_step(batch, labels, call.result.samples)
+            self._cache.after_step(batch, labels, call.result.samples)
             out = call.result
         else:  # chunked: [b, s_i, V] logits chunks from both models, the config's losses as named
             s_chunks = self._model(tokens, mask=mask, input_pos=input_pos)
@@ -713,8 +672,8 @@ class KDLoRARecipe:
         return batches
 
     def train(self) -> None:
-        if self._cache is not None and self._cache.mode == "build":
-            return self._run_cache_build()
+        if self._cache.builds_only:
+            return self._cache.run_build(self)
         training.cleanup_before_training() if self._device.type == "cuda" else None
         self._optimizer.zero_grad(set_to_none=True)
         self._install_stop_handlers()
@@ -754,16 +713,15 @@ class KDLoRARecipe:
                     # The stop request (SIGINT/SIGTERM on any rank) rides on the metrics all-reduce that
                     # logging needs anyway, so every rank agrees on it without an extra sync.
                     # The non-finite flags ride on it too: a NaN/Inf step stops the run here, before any save.
-                    n_guard = self._guard.n_flags
-                    sums = torch.cat([sums, self._guard.flags(),
-                                      torch.tensor([float(self._stop_requested)], device=sums.device)])
-                    sums = kdist.all_reduce_sum(sums)
-                    stop = bool(sums[-1] > 0)
+                    packed = NamedVector(metrics=sums, guard=self._guard.flags(),
+                                         stop=torch.tensor([float(self._stop_requested)], device=sums.device))
+                    parts = packed.unpack(kdist.all_reduce_sum(packed.vector))
+                    stop = bool(parts["stop"][0] > 0)
                     dt = time.perf_counter() - t0
                     phases = {k: v / steps_since_log for k, v in timer.collect().items()}
                     steps_since_log = 0
-                    self._log_step(sums[:-1 - n_guard], counts, grad_norm, dt, pbar, phases)
-                    self._guard.check(sums[-1 - n_guard:-1], self.global_step, world_size=self.world_size)
+                    self._log_step(parts["metrics"], counts, grad_norm, dt, pbar, phases)
+                    self._guard.check(parts["guard"], self.global_step, world_size=self.world_size)
                 t0 = time.perf_counter()
                 if stop:
                     self._log(f"stop requested: saving a checkpoint at step {self.global_step} and exiting")
@@ -777,7 +735,7 @@ class KDLoRARecipe:
             pbar.close()
             self.epochs_run = epoch + 1
             self._step_in_epoch = 0
-            self._teacher_cache_epoch_end()
+            self._cache.epoch_end(self.epochs_run, self.total_epochs, self)
             self.save_checkpoint()
         self._profiler.stop()
         if self._save_merged:
@@ -813,8 +771,8 @@ class KDLoRARecipe:
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
         # NaN/Inf bookkeeping on the device (no host sync); read with the logging all-reduce in train()
-        self._guard.observe(ce=sums[_M.index("ce_sum")],
-                            kd_terms=torch.stack([sums[_M.index("kd_sum")], sums[_M.index("kl_sum")]]),
+        named = dict(zip(KDCEResult.METRICS, sums.unbind()))  # device tensors by name (no host sync)
+        self._guard.observe(ce=named["ce_sum"], kd_terms=torch.stack([named["kd_sum"], named["kl_sum"]]),
                             grad_norm=grad_norm, step=self.global_step + 1)
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
@@ -932,8 +890,7 @@ class KDLoRARecipe:
         if getattr(self, "_guard", None) is not None:
             self._guard.check_before_save(self.global_step, world_size=self.world_size)
         t0 = time.perf_counter()
-        if self._cache is not None:
-            self._cache.flush()  # cache records of the steps this checkpoint covers are on disk
+        self._cache.before_checkpoint()  # cache records of the steps this checkpoint covers are on disk
         # LoRA: full adapter + optimizer state gathered to rank 0 (small). Full fine-tune: each rank writes its
         # own shards (kd.train.full), nothing is gathered.
         adapter = None if self._full else lora_state_dict(self._model)  # collective under FSDP (full_tensor)
@@ -991,7 +948,7 @@ class KDLoRARecipe:
 
     def cleanup(self) -> None:
         if getattr(self, "_cache", None) is not None:
-            self._cache.stop_writing()
+            self._cache.close()
         if self._is_rank_zero:
             if self._metric_logger is not None:
                 self._metric_logger.close()

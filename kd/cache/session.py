@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -102,8 +102,28 @@ def _data_hash(samples: Dict[int, bytes]) -> str:
     return h.hexdigest()[:12]
 
 
+class TeacherHooks(Protocol):
+    """What the cache asks of the recipe's teacher (the recipe implements these three)."""
+
+    def teacher_live(self) -> bool:
+        """Whether the teacher is loaded now."""
+
+    def load_teacher(self) -> None:
+        """Load the teacher (a resumed online_then_cache run whose cache still lacks samples)."""
+
+    def fill_and_free(self) -> None:
+        """Run :meth:`CacheSession.fill` with the loaded teacher, then free the teacher."""
+
+
 class CacheSession:
-    """State of the teacher cache during one recipe run (see the module docstring)."""
+    """State of the teacher cache during one recipe run (see the module docstring).
+
+    The recipe drives it at fixed points, whatever the mode: :meth:`loads_teacher_at_start` (before the teacher is
+    built), :meth:`builds_only` (a teacher-only run), :meth:`begin` (once the data and the losses exist),
+    :meth:`loss_targets` / :meth:`after_step` (every fused loss step), :meth:`before_checkpoint`, :meth:`epoch_end`,
+    :meth:`run_build` (instead of training, for ``builds_only``) and :meth:`close`. The mode's decisions are made
+    here; :class:`NoCache` answers the same calls when the config has no ``teacher_cache``.
+    """
 
     def __init__(self, settings: KDLoRASettings, *, rank: int, world_size: int, local_rank: int, device,
                  ignore_index: int, progress: bool):
@@ -123,6 +143,72 @@ class CacheSession:
     @property
     def mode(self) -> str:
         return self.opts.mode
+
+    # -- the recipe's fixed points ----------------------------------------------------------------
+    def describe_options(self) -> str:
+        o = self.opts
+        return f"teacher cache: mode={o.mode}, dir={o.dir}, K={o.k}, sampling={o.sampling}"
+
+    def loads_teacher_at_start(self) -> bool:
+        """Whether the recipe loads the teacher in setup: always for build; never for use; for online_then_cache
+        only while epoch 1 is not finished (a resume after it loads the teacher later, in :meth:`begin`, only if
+        the cache lacks samples)."""
+        if self.mode == "use":
+            return False
+        if self.mode == "online_then_cache":
+            return resume_epoch(self.settings.layout, self.settings.resume) == 0
+        return True
+
+    @property
+    def builds_only(self) -> bool:
+        """A teacher-only run (mode=build): no student, optimizer or checkpoints; :meth:`run_build` instead of training."""
+        return self.mode == "build"
+
+    def begin(self, cfg, *, loss, tokenizer, datasets: Sequence[Any], loaders: Sequence[Any], ignore_index: int,
+              teacher: TeacherHooks) -> None:
+        """Index the data, check or create the key, and start the mode's phase: read a complete cache (use),
+        write while the live teacher trains (online_then_cache, epoch 1), or fill what is missing and read
+        (online_then_cache resumed after epoch 1). ``loaders`` get the cache's collate (sample keys, cached
+        targets)."""
+        self.ignore_index = ignore_index
+        self.attach(cfg, loss=loss, tokenizer=tokenizer, datasets=datasets)
+        for loader in loaders:
+            self.wrap_loader(loader)
+        if self.builds_only:
+            return
+        if self.mode == "online_then_cache" and teacher.teacher_live():
+            self.start_writing()  # epoch 1
+            return
+        if self.mode == "online_then_cache" and self.missing():  # resumed after epoch 1, cache incomplete
+            teacher.load_teacher()
+            teacher.fill_and_free()
+        self.require_complete()
+        self.set_reading(True)
+
+    def before_checkpoint(self) -> None:
+        """The records of the steps a checkpoint covers are on disk before it is written."""
+        self.flush()
+
+    def epoch_end(self, epochs_run: int, total_epochs: int, teacher: TeacherHooks) -> None:
+        """online_then_cache after epoch 1 (if more epochs follow): fill what epoch 1 did not see, give every node
+        every shard, free the teacher and read the cache from now on."""
+        if self.mode != "online_then_cache" or not teacher.teacher_live():
+            return
+        if epochs_run >= total_epochs:
+            self.flush()
+            return
+        teacher.fill_and_free()
+        self.stop_writing()
+        self.require_complete()
+        self.set_reading(True)
+
+    def run_build(self, teacher: TeacherHooks) -> None:
+        """mode=build: the teacher-only pass over what the cache lacks."""
+        teacher.fill_and_free()
+        self.log(f"teacher cache built: {self.describe()}")
+
+    def close(self) -> None:
+        self.stop_writing()
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
@@ -339,3 +425,44 @@ class CacheSession:
                 probs[r] = p_
         self.writer.submit(TeacherSamples(ids, probs, ent, top1), batch["segments"], labels)
         return int(rows.numel())
+
+
+class NoCache:
+    """The teacher cache's fixed points when the config has none: the live teacher every step."""
+
+    builds_only = False
+    datasets: List[Any] = []
+
+    def describe_options(self) -> str:
+        return ""
+
+    def loads_teacher_at_start(self) -> bool:
+        return True
+
+    def begin(self, cfg, **kw) -> None:
+        pass
+
+    def loss_targets(self, batch, labels, *, teacher_live: bool, training: bool) -> Dict[str, Any]:
+        return {}
+
+    def after_step(self, batch, labels, samples) -> None:
+        pass
+
+    def before_checkpoint(self) -> None:
+        pass
+
+    def epoch_end(self, epochs_run: int, total_epochs: int, teacher: TeacherHooks) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def teacher_cache_for(settings: KDLoRASettings, *, rank: int, world_size: int, local_rank: int, device,
+                      progress: bool):
+    """The run's teacher cache: a :class:`CacheSession` when the config has a ``teacher_cache`` section, else
+    :class:`NoCache`."""
+    if settings.cache is None:
+        return NoCache()
+    return CacheSession(settings, rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                        ignore_index=-100, progress=progress)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from kd.core import statecodec
-from kd.core.atomic import atomic_path, atomic_write_dir, atomic_write_text, cleanup_stale_temps
+from kd.core.atomic import atomic_path, atomic_write_text
 from kd.core.config import ConfigError
 from kd.core.state_dict import strip_wrappers
 from kd.train import dist as kdist
@@ -207,18 +207,12 @@ def save_checkpoint(ckpt, step: int, epoch: int, model: nn.Module, optimizer, re
     kdist.barrier()  # every shard is on disk before the step becomes visible
     path = None
     if rank == 0:
-        ckpt.output_dir.mkdir(parents=True, exist_ok=True)
-        cleanup_stale_temps(ckpt.output_dir)
-        with atomic_write_dir(ckpt.output_dir / name) as tmp:  # fsyncs every file before the rename
-            # tensors + JSON (kd.core.statecodec), so resume loads it with weights_only=True: no pickle runs
-            torch.save(statecodec.pack(dict(recipe_state)), tmp / "recipe_state.pt")
-            (tmp / "meta.json").write_text(json.dumps({
-                **step_meta(FORMAT, step, epoch),
-                "world_size": world_size, "mesh_shape": list(mesh_shape), "shards": f"{SHARDS}/{name}",
-            }, indent=2, sort_keys=True))
-        atomic_write_text(ckpt.output_dir / ckpt.LATEST, name + "\n")
-        ckpt.apply_retention()
-        path = ckpt.output_dir / name
+        # the manager's commit: atomic step dir (every file fsynced), then ``latest``, then retention
+        meta = {**step_meta(FORMAT, step, epoch), "world_size": world_size, "mesh_shape": list(mesh_shape),
+                "shards": f"{SHARDS}/{name}"}
+        # tensors + JSON (kd.core.statecodec), so resume loads it with weights_only=True: no pickle runs
+        path = ckpt.commit(step, meta, lambda tmp: torch.save(statecodec.pack(dict(recipe_state)),
+                                                              tmp / "recipe_state.pt"))
     if ckpt.keep_last_n is not None:
         _prune_shards(ckpt.output_dir, ckpt.keep_last_n, protect=name)
     kdist.barrier()

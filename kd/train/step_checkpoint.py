@@ -19,7 +19,8 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from functools import partial
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -173,10 +174,7 @@ class CheckpointManager:
                 f"refusing to save step {step}: adapter weights hold NaN/Inf ({len(bad)} tensors, e.g. {bad[0]}); "
                 f"the previous checkpoint {self.latest() or '(none)'} is kept."
             )
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        cleanup_stale_temps(self.output_dir)
-        name = self.step_dir_name(step)
-        final = self.output_dir / name
+        final = self.output_dir / self.step_dir_name(step)
         a_meta = {
             "rank": int(adapter_meta["rank"]),
             "alpha": adapter_meta["alpha"],
@@ -190,7 +188,8 @@ class CheckpointManager:
             meta["run"] = dict(run_info)
         blob = statecodec.pack(dict(recipe_state))
         try:
-            self._write_step_dir(final, meta, blob, adapter_sd, a_meta)
+            return self.commit(step, meta, partial(self._write_adapter_files, blob=blob, adapter_sd=adapter_sd,
+                                                   a_meta=a_meta))
         except Exception as e:
             reason = no_space_reason(e)
             if reason is None:
@@ -205,26 +204,37 @@ class CheckpointManager:
                 f"{'the previous checkpoint ' + str(prev) + ' is intact' if prev else 'no earlier checkpoint exists'}. "
                 "Free space (or lower keep_last_n_checkpoints / move output_dir), then resume_from_checkpoint=True."
             ) from None
+
+    def commit(self, step: int, meta: Mapping[str, Any], write: Callable[[Path], None]) -> Path:
+        """Make step ``step`` visible, whatever its format: ``write(tmp)`` fills a temporary step dir, ``meta``
+        becomes its meta.json, the dir is renamed into place atomically (every file fsynced), ``latest`` is
+        pointed at it and retention applied. Rank 0 only. :meth:`save` (LoRA) and kd.train.full (sharded full
+        fine-tune) both commit through here. Returns the step dir."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        cleanup_stale_temps(self.output_dir)
+        name = self.step_dir_name(step)
+        with atomic_write_dir(self.output_dir / name) as tmp:
+            write(tmp)
+            (tmp / "meta.json").write_text(json.dumps(dict(meta), indent=2, sort_keys=True))
         atomic_write_text(self.output_dir / self.LATEST, name + "\n")
         self.apply_retention()
-        return final
+        return self.output_dir / name
 
-    def _write_step_dir(self, final, meta, blob, adapter_sd, a_meta) -> None:
-        with atomic_write_dir(final) as tmp:
-            adir = tmp / "adapter"
-            adir.mkdir()
-            write_peft_adapter_files(
-                adir,
-                adapter_sd,
-                rank=a_meta["rank"],
-                alpha=a_meta["alpha"],
-                target_modules=a_meta["target_modules"],
-                base_model_name_or_path=a_meta["base_model_name_or_path"],
-                use_dora=a_meta["use_dora"],
-            )
-            with open(tmp / "recipe_state.pt", "wb") as f:
-                torch.save(blob, f)  # tensors + JSON only: torch.load(weights_only=True) reads it
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    @staticmethod
+    def _write_adapter_files(tmp: Path, *, blob, adapter_sd, a_meta) -> None:
+        adir = tmp / "adapter"
+        adir.mkdir()
+        write_peft_adapter_files(
+            adir,
+            adapter_sd,
+            rank=a_meta["rank"],
+            alpha=a_meta["alpha"],
+            target_modules=a_meta["target_modules"],
+            base_model_name_or_path=a_meta["base_model_name_or_path"],
+            use_dora=a_meta["use_dora"],
+        )
+        with open(tmp / "recipe_state.pt", "wb") as f:
+            torch.save(blob, f)  # tensors + JSON only: torch.load(weights_only=True) reads it
 
     def apply_retention(self) -> None:
         """Delete step dirs beyond the newest ``keep_last_n`` (never the one ``latest`` names)."""
