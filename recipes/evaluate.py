@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import json
 import logging
-from functools import partial
 import math
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -33,12 +33,10 @@ import torch
 from omegaconf import DictConfig
 
 from kd.core.atomic import atomic_write_text
-from kd.core.config import ConfigError, DataError, check_keys, number, require_component, to_container
+from kd.core.config import ConfigError, DataError, check_keys, require_component, to_container
 from kd.core.layout import RunLayout
 from kd.core.progress import configure_logging, progress
 from kd.data.alpaca import DEFAULT_SYSTEM_PROMPT, AlpacaKDDataset
-from kd.losses.distillation import DistillationLoss, cross_entropy_sum
-from kd.ops import schema
 from kd.generate.generation import (
     SamplingParams,
     generate_batch,
@@ -48,8 +46,11 @@ from kd.generate.generation import (
     sample_seed,
     stop_token_ids,
 )
+from kd.losses.distillation import DistillationLoss, cross_entropy_sum
+from kd.ops import schema
 from kd.teacher.precision import parse_precision, resolve_precision
-from kd.train import report, run_checks as checks
+from kd.train import report
+from kd.train import run_checks as checks
 from kd.train.models import load_adapter_dir, load_frozen_model, shift_labels
 
 log = logging.getLogger("kd.evaluate")

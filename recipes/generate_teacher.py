@@ -26,11 +26,10 @@ import torch
 from omegaconf import DictConfig
 
 from kd.core.atomic import atomic_write_text
-from kd.core.config import ConfigError, DataError, check_keys, choice, number, require_component
+from kd.core.config import ConfigError, DataError, check_keys, require_component
 from kd.core.progress import configure_logging
-from kd.data.alpaca import DEFAULT_SYSTEM_PROMPT, load_alpaca_records
+from kd.data.alpaca import load_alpaca_records
 from kd.data.special_text import report_special_text
-from kd.ops import schema
 from kd.generate.generation import (
     ResultStore,
     SamplingParams,
@@ -44,8 +43,10 @@ from kd.generate.generation import (
     stop_token_ids,
     summarize,
 )
+from kd.ops import schema
 from kd.teacher.precision import parse_precision, resolve_precision
-from kd.train import dist as kdist, run_checks as checks
+from kd.train import dist as kdist
+from kd.train import run_checks as checks
 from kd.train.models import load_frozen_model
 
 log = logging.getLogger("kd.generate")

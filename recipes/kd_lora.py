@@ -49,21 +49,25 @@ from torchtune.modules.peft import get_lora_module_names
 from torchtune.training import DummyProfiler
 from tqdm import tqdm
 
+from kd.cache.session import teacher_cache_for
+from kd.core import run_lock
+from kd.core.config import ConfigError, DataError, activation_checkpoint_layers
+from kd.core.progress import configure_logging, progress
+from kd.data.alpaca import check_truncation
+from kd.losses import components as loss_components
+from kd.losses.distillation import KDCEResult, chunked_kd_ce, kd_ce_mix
+from kd.losses.heads import FusedKDHead, FusedTargets, HiddenStatesHead
+from kd.ops.planner import chunked_extra_gib, plan_from_config
+from kd.teacher.precision import check_sharding
 from kd.train import dist as kdist
 from kd.train import full
 from kd.train import qad as kqad
-from kd.losses import components as loss_components
 from kd.train import run_checks as checks
 from kd.train.adapter_io import lora_state_dict
 from kd.train.cli_util import run_recipe
-from kd.core.config import ConfigError, DataError, activation_checkpoint_layers
-from kd.core import run_lock
-from kd.data.alpaca import check_truncation
 from kd.train.full import all_trainable
 from kd.train.guard import NonFiniteGuard
-from kd.losses.heads import FusedKDHead, FusedTargets, HiddenStatesHead
 from kd.train.hf_export import save_merged_hf
-from kd.losses.distillation import KDCEResult, chunked_kd_ce, kd_ce_mix
 from kd.train.metric_logging import NamedVector, kd_logging_cfg
 from kd.train.models import (
     apply_activation_checkpointing,
@@ -75,12 +79,8 @@ from kd.train.models import (
     shift_labels,
 )
 from kd.train.on_policy import count_on_policy_steps, generate_on_policy, is_on_policy_step
-from kd.ops.planner import chunked_extra_gib, plan_from_config
-from kd.teacher.precision import check_sharding
 from kd.train.settings import kd_lora_settings
-from kd.core.progress import configure_logging, progress
 from kd.train.step_checkpoint import CheckpointManager
-from kd.cache.session import teacher_cache_for
 from kd.train.timing import PhaseTimer
 
 log = logging.getLogger("kd.recipe")

@@ -99,7 +99,7 @@ def measure(argv) -> dict:
     base = _rss()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     hwm0 = _hwm()
-    r = _run_steps(OmegaConf.merge(cfg, {"batch_size": args.batch_size}), args.batch_size, args.seq_len)
+    _recipe = _run_steps(OmegaConf.merge(cfg, {"batch_size": args.batch_size}), args.batch_size, args.seq_len)  # alive at the peak
     peak = _hwm()
     plan = plan_from_config(cfg, 1, batch_size=args.batch_size, seq_len=args.seq_len)
     return {"baseline": base, "hwm_after_reset": hwm0, "peak_rss": peak, "measured": peak - base,

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from kd.ops import schema
 from kd.core.config import ConfigError
+from kd.ops import schema
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -31,9 +31,6 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-from kd.core.config import ConfigError, to_container
-from kd.core.layout import RunLayout
-from kd.losses.sparse import SparseTargets, TeacherSampler, TeacherSamples, sample_teacher_rows
 from kd.cache.store import (
     FORMAT,
     CacheCollate,
@@ -54,6 +51,9 @@ from kd.cache.store import (
     tokenizer_fingerprint,
     unpacked_view,
 )
+from kd.core.config import ConfigError, to_container
+from kd.core.layout import RunLayout
+from kd.losses.sparse import SparseTargets, TeacherSampler, TeacherSamples, sample_teacher_rows
 from kd.train import dist as kdist
 from kd.train.settings import CacheOptions, KDLoRASettings
 from kd.train.step_checkpoint import CheckpointManager

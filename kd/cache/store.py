@@ -60,8 +60,8 @@ import numpy as np
 import torch
 
 from kd.core.atomic import atomic_write_text
-from kd.losses.sparse import SparseTargets, TeacherSamples
 from kd.data.batching import plan_batches
+from kd.losses.sparse import SparseTargets, TeacherSamples
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,11 @@ with ``loss_form=fused`` run in the chunked form, with one log line (:func:`effe
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Dict, Optional, Tuple
 
 from omegaconf import DictConfig
 from torchtune import config as tt_config
-
-import inspect
 
 from kd.core.config import ConfigError, check_keys, to_container
 from kd.losses.distillation import ChunkedCrossEntropyLoss, DistillationLoss, FusedKDCELoss

@@ -61,9 +61,9 @@ torchtune's ``CEWithChunkedOutputLoss`` (chunked form); ``kd_loss: kd.losses.dis
 from __future__ import annotations
 
 import difflib
-import math
 import functools
 import logging
+import math
 import os
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 

@@ -32,19 +32,19 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from kd.core.config import ConfigError, activation_checkpoint_layers, number
 from kd.core.layout import RunLayout
-from kd.train.schema import KD_LORA, TEACHER_CACHE  # the recipe's keys, defaults, ranges: the plan reads what it reads
-from kd.train.settings import KDLoRASettings, kd_lora_settings, parse_cache
 from kd.losses.components import effective_loss_form
 from kd.teacher.precision import parse_precision
 from kd.train.models import build_on_meta, model_dims
+from kd.train.schema import KD_LORA, TEACHER_CACHE  # the recipe's keys, defaults, ranges: the plan reads what it reads
+from kd.train.settings import KDLoRASettings, kd_lora_settings, parse_cache
 
 GiB = 2**30
 GB10_MEMORY_GIB = 128e9 / GiB  # 128 GB unified memory (CPU + GPU) per DGX Spark = 119.2 GiB

@@ -23,10 +23,13 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from kd.core.keys import Key, Schema, kd_key as _k, top_p_value, tt_key as _tt
+from kd.core.keys import Key, Schema, top_p_value
+from kd.core.keys import kd_key as _k
+from kd.core.keys import tt_key as _tt
 from kd.data.alpaca import DEFAULT_SYSTEM_PROMPT
-from kd.train.schema import HF_CHECKPOINTER, KD_LORA, TEACHER_CACHE
 from kd.train.on_policy import ON_POLICY
+from kd.train.schema import HF_CHECKPOINTER, KD_LORA, TEACHER_CACHE
+
 
 def _head(output_dir: str, model: str, checkpointer: str, *, checkpointer_required: bool = True) -> List[Key]:
     """The keys every offline recipe starts with: where it writes, the model builder and its HF checkpoint."""

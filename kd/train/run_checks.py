@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional
 
 from kd.core.atomic import delete_dir
 from kd.core.config import ConfigError, number, to_container
@@ -27,6 +27,9 @@ from kd.core.layout import CHECKPOINTS
 from kd.train import dist as kdist
 from kd.train.models import build_on_meta
 from kd.train.step_checkpoint import CheckpointManager
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("kd.checks")
 

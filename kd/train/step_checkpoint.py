@@ -18,21 +18,29 @@ import os
 import re
 import shutil
 import time
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
 from kd.core import statecodec
-from kd.train.adapter_io import load_peft_adapter, write_peft_adapter_files
 from kd.core.atomic import (
-    atomic_write_dir, atomic_write_text, cleanup_stale_temps, delete_dir, no_space_reason, recover_atomic_dir,
+    atomic_write_dir,
+    atomic_write_text,
+    cleanup_stale_temps,
+    delete_dir,
+    no_space_reason,
+    recover_atomic_dir,
 )
 from kd.core.errors import (
-    CheckpointError, CorruptCheckpointError, IncompatibleCheckpointError, NoCheckpointFoundError,
+    CheckpointError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    NoCheckpointFoundError,
     NonFiniteCheckpointError,
 )
+from kd.train.adapter_io import load_peft_adapter, write_peft_adapter_files
 
 __all__ = ["CheckpointManager", "read_recipe_state", "check_adapter_compatible", "step_meta"]
 
