@@ -18,8 +18,8 @@ def test_compiled_chunk_math_equals_eager(kind, T):
     lab[:7] = -1
     valid = lab != -1
     args = (z, t, lab, valid, 0.4, True, True)
-    eager = L._chunk_math_eager(loss, *args)
-    compiled = torch.compile(L._chunk_math_eager, dynamic=False)(loss, *args)
+    eager = L.chunk_math_eager(loss, *args)
+    compiled = torch.compile(L.chunk_math_eager, dynamic=False)(loss, *args)
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     assert eager[-1].abs().sum() > 0 and int(eager[3]) >= 0

@@ -282,7 +282,7 @@ def test_nf4_kernel_failure_falls_back_to_eager_with_one_warning(monkeypatch, ca
         calls.append(1)
         raise RuntimeError("triton: PTX for sm_121 not supported")
 
-    monkeypatch.setattr(nf4, "_use_triton", lambda w: True)
+    monkeypatch.setattr(nf4, "uses_triton", lambda w: True)
     monkeypatch.setattr(nf4, "_dequant_triton", bad_kernel)
     ref = w.get_original_weight()
     with caplog.at_level("WARNING", logger="kd.core.kernels"):
@@ -300,7 +300,7 @@ def test_kernel_switch_and_cpu_report(monkeypatch):
     from kd.teacher import nf4
 
     monkeypatch.setattr(kernels, "_BROKEN", {})
-    monkeypatch.setattr(nf4, "_use_triton", lambda w: True)
+    monkeypatch.setattr(nf4, "uses_triton", lambda w: True)
     monkeypatch.setattr(nf4, "_dequant_triton", lambda *a, **k: pytest.fail("kernel used despite KD_TRITON=0"))
     monkeypatch.setenv("KD_TRITON", "0")
     w = nf4.to_nf4(torch.randn(256, 256, dtype=torch.bfloat16))

@@ -104,3 +104,16 @@ def test_no_import_circle_between_modules():
             visit(m)
     assert not cycles, "\n".join(cycles)
     assert "kd.generate.nf4_matmul" in graph and "kd.teacher.nf4" in graph["kd.generate.nf4_matmul"]  # the walk sees
+
+
+def test_no_import_of_another_modules_private_name():
+    """``from kd.x.y import _name`` only inside kd.x.y itself: what another module needs is public API."""
+    bad = []
+    for path in sorted([*KD.rglob("*.py"), *(KD.parent / "recipes").glob("*.py")]):
+        own = ".".join(path.relative_to(KD.parent).with_suffix("").parts)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kd") \
+                    and node.module != own:
+                bad += [f"{path.relative_to(KD.parent)}: from {node.module} import {a.name}"
+                        for a in node.names if a.name.startswith("_")]
+    assert not bad, "\n".join(bad)

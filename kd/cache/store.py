@@ -71,7 +71,6 @@ VERSION = 1
 KIND_COUNTS, KIND_TOPK = 0, 1
 _HDR = struct.Struct("<4sHHq16sIIII")  # 48 bytes
 assert _HDR.size == 48
-MODES = ("online_then_cache", "build", "use")
 
 # splitmix increment per position (odd, distinct from kd.generate.generation's per-step golden constant)
 _C_POS = 0xD1B54A32D192ED03 - (1 << 64)

@@ -22,7 +22,7 @@ class DataError(ValueError):
     """A user-facing data problem (missing file, bad record), raised before training starts."""
 
 
-def _suggest(key: str, known: Iterable[str]) -> str:
+def suggest(key: str, known: Iterable[str]) -> str:
     close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
@@ -75,7 +75,7 @@ def check_keys(
         sources = interpolation_sources(cfg)
         unknown = [k for k in unknown if k not in sources]
     if unknown:
-        items = ", ".join(f"'{k}'{_suggest(str(k), known)}" for k in unknown)
+        items = ", ".join(f"'{k}'{suggest(str(k), known)}" for k in unknown)
         raise ConfigError(
             f"Unknown key(s) in {where}: {items}. Remove the key (or use '~key' on the command line) or fix "
             f"its spelling. Valid keys are: {', '.join(sorted(known))}."
@@ -104,7 +104,7 @@ def choice(cfg: DictConfig, key: str, options: Iterable[Any], default: Any, *, n
     options = list(options)
     value = cfg.get(key, default)
     if value not in options:
-        raise ConfigError(f"'{name or key}' must be one of {options}, got {value!r}{_suggest(str(value), map(str, options))}.")
+        raise ConfigError(f"'{name or key}' must be one of {options}, got {value!r}{suggest(str(value), map(str, options))}.")
     return value
 
 
@@ -169,7 +169,7 @@ def activation_checkpoint_layers(cfg: Mapping[str, Any] | DictConfig, num_layers
             raise ConfigError("ac_option is set but ac_mode is not: set ac_mode: selective (torchtune's keys).")
         return list(range(num_layers)) if enable else []
     if mode not in AC_MODES:
-        raise ConfigError(f"'ac_mode' must be one of {list(AC_MODES)}, got {mode!r}{_suggest(str(mode), AC_MODES)}.")
+        raise ConfigError(f"'ac_mode' must be one of {list(AC_MODES)}, got {mode!r}{suggest(str(mode), AC_MODES)}.")
     if mode == "none":
         return []
     if mode == "full":

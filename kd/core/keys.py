@@ -115,7 +115,6 @@ def tt_key(name, doc, kind="value", default=None, **kw) -> Key:
     return Key(name, doc, kind, default, origin=TORCHTUNE, **kw)
 
 
-_k, _tt = kd_key, tt_key  # the short names the tables use inside kd.core (other modules import the public ones)
 
 
 def top_p_value(v) -> float:

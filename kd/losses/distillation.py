@@ -693,7 +693,7 @@ def _sparse_chunk_math_eager(loss, z, ids, w, top1, ent, lab, valid, kd_ratio: f
         d kd_row/dz = T * (q * sum_j w_j - scatter(w))      (= T (q - p_hat): E = the forward-KL gradient)
 
     ``ent`` [n] is the cached teacher entropy H(p_T), ``top1`` [n] its argmax. Returns the same tuple as
-    :func:`_chunk_math_eager`."""
+    :func:`chunk_math_eager`."""
     cd = _compute_dtype(z.dtype)
     zm = _mask_rows(z, valid, cd)
     zero = torch.zeros((), dtype=cd, device=z.device)
@@ -733,7 +733,7 @@ def sparse_soft_ce_sum(student_logits: torch.Tensor, ids: torch.Tensor, weights:
     return LossSums(-(w * sel).sum(), valid.sum())
 
 
-def _chunk_math_eager(loss, z, t, lab, valid, kd_ratio: float, want_ce_grad: bool, want_kd_grad: bool):
+def chunk_math_eager(loss, z, t, lab, valid, kd_ratio: float, want_ce_grad: bool, want_kd_grad: bool):
     """Everything the fused loss computes on one [n, V] chunk, without autograd (pure function).
 
     z: student logits [n, V] (any float dtype), t: teacher logits [n, V] or None, lab/valid: [n].
@@ -769,7 +769,7 @@ def _chunk_math(loss, device: torch.device, full_chunk: bool = True, sparse: boo
     element-wise passes over [chunk, V] float32 buffers); eager elsewhere or with KD_FUSED_COMPILE=0.
     Same function either way (the CPU tests check the eager one against float64 references).
     ``sparse``: the cached-targets variant (:func:`_sparse_chunk_math_eager`)."""
-    eager = _sparse_chunk_math_eager if sparse else _chunk_math_eager
+    eager = _sparse_chunk_math_eager if sparse else chunk_math_eager
     key = "sparse_fn" if sparse else "fn"
     off = os.environ.get("KD_FUSED_COMPILE", "1") == "0" or _COMPILED["broken"] or kernels.forced_eager()
     if device.type != "cuda" or not full_chunk or off:

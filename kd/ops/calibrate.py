@@ -253,10 +253,10 @@ class Batch:
 
 def job_batch(cfg, doc_len: Optional[int] = None, use_data: bool = True) -> Batch:
     """The job's micro-batch shape (see the module docstring)."""
-    from kd.ops.planner import _seq_len
+    from kd.ops.planner import config_seq_len
 
     bs = int(cfg.get("batch_size", 1))
-    S = _seq_len(cfg)
+    S = config_seq_len(cfg)
     packed = bool(cfg.dataset.get("packed", False)) if cfg.get("dataset", None) is not None else False
     if doc_len is None and use_data:
         try:
@@ -403,14 +403,14 @@ def _nf4_dequant(run: _Run, counts) -> Tuple[float, int, str]:
     """(seconds, weights, impl) of kd's dequantisation of the teacher's largest projection."""
     from torchao.dtypes.nf4tensor import to_nf4
 
-    from kd.teacher.nf4 import _use_triton, dequantize_nf4
+    from kd.teacher.nf4 import dequantize_nf4, uses_triton
 
     n, k = max(((n, k) for n, k, _ in linear_shapes(counts)), key=lambda s: s[0] * s[1])
     w = torch.randn(n, k, device=run.dev, dtype=run.dtype) * 0.02
     w4 = to_nf4(w, 64, 256)
     del w
     s = run.t(lambda: dequantize_nf4(w4))
-    return s, n * k, ("triton" if _use_triton(w4) else "torch") + f" {n}x{k}"
+    return s, n * k, ("triton" if uses_triton(w4) else "torch") + f" {n}x{k}"
 
 
 #: decode batches the read-once NF4 kernel is timed at (kd.ops.jobtime.fused_ops interpolates between them)

@@ -39,8 +39,9 @@ from kd.core.config import ConfigError, activation_checkpoint_layers
 from kd.data.alpaca import best_fit_bins, greedy_bins
 from kd.data.batching import plan_batches
 from kd.generate.static_decode import decode_step_cost
-from kd.ops.planner import _cache_mode, build_and_count, teacher_forward_epochs
+from kd.ops.planner import build_and_count, cache_mode, teacher_forward_epochs
 from kd.ops.schema import GENERATE_TEACHER
+from kd.train.schema import DEFAULT_CACHE_K
 
 TFLOP = 1e12
 
@@ -607,6 +608,14 @@ class _JobModel:
         return f / (self.R_t * self.hw.teacher_eff)
 
 
+def cache_options(cfg):
+    """The config's ``teacher_cache`` section as the recipe parses it (:func:`kd.train.settings.parse_cache`)."""
+    from kd.core.layout import RunLayout
+    from kd.train.settings import parse_cache
+
+    return parse_cache(cfg, RunLayout(cfg.get("output_dir", None) or "."))
+
+
 def dequant_bytes_per_weight(teacher_quantization) -> float:
     """Bytes moved per teacher linear weight per micro-batch by a per-call dequantisation (the precision's own
     ``PrecisionSpec.dequant_bytes_per_weight``: 4.5 for nf4, 2.5 for nf4_fp8, 0 where the GEMM reads the stored weight
@@ -710,10 +719,10 @@ def _teacher_only_pass(m: "_JobModel", fraction: float) -> List[Component]:
     cfg, hw, stats, t, k, world_size = m.cfg, m.hw, m.stats, m.t, m.k, m.world_size
     L, A, R = stats.lengths, stats.answers, m.R
 
-    sec = cfg.teacher_cache
+    opts = cache_options(cfg)
     bt = stats.batch_size * stats.max_seq_len if stats.packed else None
-    bs = sec.get("build_batch_size", None) or (stats.batch_size if bt is None else bt)
-    max_tok = sec.get("build_max_tokens", None) or bt
+    bs = opts.build_batch_size or (stats.batch_size if bt is None else bt)
+    max_tok = opts.build_max_tokens or bt
     lens, ans = list(L), list(A)
     if cfg.get("eval_every_n_steps", None) and stats.val_samples:
         ml, ma = round(sum(L) / max(1, len(L))), round(sum(A) / max(1, len(A)))
@@ -757,7 +766,7 @@ def estimate_job(cfg, hw: Hardware, stats: Optional[DataStats] = None, world_siz
     s = build_and_count(cfg.model)
     has_teacher = cfg.get("teacher_model", None) is not None
     t = build_and_count(cfg.teacher_model) if has_teacher else None
-    mode = _cache_mode(cfg) if has_teacher else None
+    mode = cache_mode(cfg) if has_teacher else None
     batches = micro_batches(stats, world_size, int(cfg.get("seed", 0) or 0))
     ga = int(cfg.get("gradient_accumulation_steps", 1))
     steps = len(batches) // ga
@@ -771,7 +780,7 @@ def estimate_job(cfg, hw: Hardware, stats: Optional[DataStats] = None, world_siz
         R_t = R
     dq = dequant_bytes_per_weight(cfg.get("teacher_quantization", None)) if has_teacher else 0.0
     ac = len(activation_checkpoint_layers(cfg, s.num_layers))
-    k = int(cfg.teacher_cache.get("k", 12)) if mode else 12
+    k = cache_options(cfg).k if mode else DEFAULT_CACHE_K
     sampler_s_per_row = (SAMPLER_BYTES_PER_VOCAB * t.vocab_size / (hw.mem_gbps * 1e9)) if t is not None else 0.0
     full = s.adapter == 0
     link = None

@@ -52,7 +52,7 @@ def kernel_report(device) -> List[Tuple[str, str]]:
         _failed(out, "nf4 dequant (triton)", e)
     # fused-loss chunk math (torch.compile / Inductor)
     try:
-        from kd.losses.distillation import DistillationLoss, _chunk_math_eager
+        from kd.losses.distillation import DistillationLoss, chunk_math_eager
 
         if os.environ.get("KD_FUSED_COMPILE", "1") == "0":
             out.append(("fused loss (torch.compile)", "eager (KD_FUSED_COMPILE=0)"))
@@ -62,9 +62,9 @@ def kernel_report(device) -> List[Tuple[str, str]]:
             t = torch.randn(64, 1000, device=device)
             lab = torch.randint(0, 1000, (64,), device=device)
             valid = torch.ones(64, dtype=torch.bool, device=device)
-            fn = torch.compile(_chunk_math_eager, dynamic=False)
+            fn = torch.compile(chunk_math_eager, dynamic=False)
             a = fn(loss, z, t, lab, valid, 0.5, True, True)
-            b = _chunk_math_eager(loss, z, t, lab, valid, 0.5, True, True)
+            b = chunk_math_eager(loss, z, t, lab, valid, 0.5, True, True)
             ok = all(torch.allclose(x.float(), y.float(), rtol=1e-4, atol=1e-4) for x, y in zip(a, b) if x is not None)
             _checked(out, "fused loss (torch.compile)", ok, "OK (matches eager)")
     except Exception as e:

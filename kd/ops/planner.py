@@ -450,7 +450,7 @@ def estimate(i: PlanInputs) -> Plan:
 # --------------------------------------------------------------------------------------------------
 # From a recipe config
 # --------------------------------------------------------------------------------------------------
-def _seq_len(cfg) -> int:
+def config_seq_len(cfg) -> int:
     tok = cfg.get("tokenizer", None)
     v = tok.get("max_seq_len", None) if tok is not None else None
     if v is None:
@@ -558,7 +558,7 @@ def plan_from_config(
         teacher_quant=_teacher_quant(cfg),
         student_quant=cfg.get("student_quantization", None),
         batch_size=int(batch_size if batch_size is not None else KD_LORA.get(cfg, "batch_size")),
-        seq_len=int(seq_len if seq_len is not None else _seq_len(cfg)),
+        seq_len=int(seq_len if seq_len is not None else config_seq_len(cfg)),
         ac_layers=int(ac_layers),
         loss_form=effective_loss_form(cfg, KD_LORA.get(cfg, "loss_form"))[0],  # torchtune's chunked losses: chunked
         fused_chunk_size=KD_LORA.get(cfg, "fused_chunk_size"),
@@ -571,7 +571,7 @@ def plan_from_config(
         lora_dropout=float(cfg.model.get("lora_dropout", 0.0) or 0.0),
         device_memory_bytes=None if device_memory_gib is None else device_memory_gib * GiB,
         reserve_bytes=reserve_gib * GiB,
-        teacher_resident=(_cache_mode(cfg) != "use") if teacher_resident is None else bool(teacher_resident),
+        teacher_resident=(cache_mode(cfg) != "use") if teacher_resident is None else bool(teacher_resident),
         cache_k=cache.k if cache is not None else 0,
     )
     return estimate(inputs)
@@ -580,7 +580,7 @@ def plan_from_config(
 # --------------------------------------------------------------------------------------------------
 # Teacher cache (kd.cache.store)
 # --------------------------------------------------------------------------------------------------
-def _cache_mode(cfg) -> Optional[str]:
+def cache_mode(cfg) -> Optional[str]:
     """``teacher_cache.mode`` (None: no cache), checked as the recipe checks it."""
     sec = cfg.get("teacher_cache", None)
     return None if sec is None else TEACHER_CACHE.get(sec, "mode")
@@ -598,7 +598,7 @@ def teacher_forward_epochs(cfg) -> Tuple[float, float]:
     samples epoch 1 did not see: the drop_last remainder and the validation split); build -> (0, 1);
     use -> (0, 0). Every other epoch is a student-only step (no teacher forward)."""
     epochs = int(cfg.get("epochs", 1))
-    mode = _cache_mode(cfg)
+    mode = cache_mode(cfg)
     if mode is None:
         return float(epochs), 0.0
     if mode == "online_then_cache":
@@ -611,7 +611,7 @@ def teacher_forward_epochs(cfg) -> Tuple[float, float]:
 def cache_summary(cfg, world_size: int = 1, **kw) -> Optional[str]:
     """Lines for ``kd plan`` about the teacher cache: the mode, the size bound, the measured size of an
     existing cache, and the per-device peak of the cache epochs (teacher not loaded)."""
-    mode = _cache_mode(cfg)
+    mode = cache_mode(cfg)
     if mode is None:
         return None
     opts = parse_cache(cfg, RunLayout(Path(str(cfg.get("output_dir", ".")))))

@@ -141,7 +141,7 @@ def _dequant_triton(w: NF4Tensor, scalers: torch.Tensor, block: Optional[int] = 
     return out
 
 
-def _use_triton(w: NF4Tensor) -> bool:
+def uses_triton(w: NF4Tensor) -> bool:
     return _HAS_TRITON and w.quantized_data.is_cuda
 
 
@@ -153,7 +153,7 @@ def dequantize_nf4(w: NF4Tensor, *, impl: str = "auto") -> torch.Tensor:
         from kd.core import kernels
 
         scalers = dequantize_scalers(w)
-        if _use_triton(w) and not kernels.broken("nf4 dequant (triton)"):
+        if uses_triton(w) and not kernels.broken("nf4 dequant (triton)"):
             # a kernel that fails to compile on this GPU falls back to the eager math once, with one warning
             return kernels.with_fallback("nf4 dequant (triton)", lambda: _dequant_triton(w, scalers),
                                          lambda: _dequant_torch(w, scalers))

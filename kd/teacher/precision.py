@@ -56,7 +56,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kd.core.config import ConfigError, _suggest
+from kd.core.config import ConfigError, suggest
 from kd.teacher.nf4 import FastNF4Linear, dequantize_scalers, frozen_nf4_params_
 
 log = logging.getLogger("kd.teacher.precision")
@@ -144,7 +144,7 @@ def parse_precision(value, key: str = "teacher_quantization") -> str:
     if isinstance(value, str) and value.strip().lower() in REGISTRY:
         return value.strip().lower()
     names = list(REGISTRY)
-    hint = _suggest(str(value).lower(), names) if isinstance(value, str) else ""
+    hint = suggest(str(value).lower(), names) if isinstance(value, str) else ""
     raise ConfigError(f"'{key}' must be one of {' | '.join(names)} (or null = bf16), got {value!r}{hint}.")
 
 

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from kd.core.config import ConfigError
-from kd.core.keys import Schema, _k
+from kd.core.keys import Schema, kd_key
 from kd.generate.generation import (
     SamplingParams,
     generate_batch,
@@ -64,13 +64,13 @@ __all__ = [
 ]
 
 ON_POLICY = Schema("on_policy (section of kd_lora)", "'on_policy'", [
-    _k("lmbda", "probability that an optimizer step is on-policy (GKD's lambda)", "float", None, lo=0.0, hi=1.0,
+    kd_key("lmbda", "probability that an optimizer step is on-policy (GKD's lambda)", "float", None, lo=0.0, hi=1.0,
        required=True),
-    _k("temperature", "the student's sampling temperature (0 = greedy)", "float", 0.9, lo=0.0),
-    _k("top_p", "nucleus sampling", "float", 1.0, lo=1e-6, hi=1.0),
-    _k("top_k", "top-k sampling (null = off)", "int", None, lo=1, nullable=True),
-    _k("max_new_tokens", "longest student answer", "int", 128, lo=1),
-    _k("seed", "seed of the on-policy coin and the sampling (default: the run's seed)", "int", None, lo=0,
+    kd_key("temperature", "the student's sampling temperature (0 = greedy)", "float", 0.9, lo=0.0),
+    kd_key("top_p", "nucleus sampling", "float", 1.0, lo=1e-6, hi=1.0),
+    kd_key("top_k", "top-k sampling (null = off)", "int", None, lo=1, nullable=True),
+    kd_key("max_new_tokens", "longest student answer", "int", 128, lo=1),
+    kd_key("seed", "seed of the on-policy coin and the sampling (default: the run's seed)", "int", None, lo=0,
        nullable=True),
 ])
 ON_POLICY_KEYS = ON_POLICY.names

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
 from kd.core.atomic import atomic_write_bytes
+from kd.core.layout import METRICS
 
 # (metrics.jsonl key, panel title)
 CURVE_METRICS = (
@@ -183,6 +184,6 @@ def find_run_metrics(adapter_dir: str | Path) -> Optional[Path]:
     """``<run>/metrics.jsonl`` of an adapter saved by the recipe (``<run>/checkpoints/step_X/adapter``)."""
     p = Path(adapter_dir).resolve()
     for up in (p.parent.parent.parent, p.parent.parent, p.parent):
-        if (up / "metrics.jsonl").is_file():
-            return up / "metrics.jsonl"
+        if (up / METRICS).is_file():
+            return up / METRICS
     return None
